@@ -1,0 +1,158 @@
+//! What the edge needs to know about a valid key: the record stored in Workers KV under
+//! the key's hash, and returned by the control plane's `by-hash` route.
+
+use core::fmt;
+use core::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the record's meaning changes; readers refuse versions they don't know
+/// (fail closed) so an old Worker never misreads a newer record.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Metlo's key types (`keyFor` on create, `for` in responses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum KeyType {
+    Generic,
+    Onboarding,
+    Gcp,
+    Aws,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid key type: expected one of GENERIC, ONBOARDING, GCP, AWS")]
+pub struct KeyTypeError;
+
+impl KeyType {
+    pub const ALL: [KeyType; 4] = [KeyType::Generic, KeyType::Onboarding, KeyType::Gcp, KeyType::Aws];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Generic => "GENERIC",
+            KeyType::Onboarding => "ONBOARDING",
+            KeyType::Gcp => "GCP",
+            KeyType::Aws => "AWS",
+        }
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = KeyTypeError;
+
+    /// Exact, upper-case names, as Metlo's API takes them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KeyType::ALL.into_iter().find(|t| t.as_str() == s).ok_or(KeyTypeError)
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The KV record for a key, keyed by its SHA-256 hex. Field names follow Metlo's JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRecord {
+    /// Always [`RECORD_VERSION`] when written by this version.
+    pub v: u32,
+    pub name: String,
+    #[serde(rename = "for")]
+    pub key_type: KeyType,
+    pub identifier: String,
+    /// ISO 8601 creation time, as in Metlo's responses.
+    pub created: String,
+    /// Unix time in seconds after which the key is no longer valid; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("key record is not valid JSON for this version: {0}")]
+    Invalid(#[from] serde_json::Error),
+    #[error("key record version {0} is not supported")]
+    UnsupportedVersion(u32),
+}
+
+impl KeyRecord {
+    /// Decodes a record, refusing unknown versions.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
+        let record: KeyRecord = serde_json::from_slice(bytes)?;
+        if record.v != RECORD_VERSION {
+            return Err(RecordError::UnsupportedVersion(record.v));
+        }
+        Ok(record)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a KeyRecord always serializes")
+    }
+
+    /// True once `now_unix_seconds` has reached the expiry.
+    pub fn is_expired(&self, now_unix_seconds: u64) -> bool {
+        self.expires.is_some_and(|e| now_unix_seconds >= e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            name: "ingest/prod ✓".into(),
+            key_type: KeyType::Onboarding,
+            identifier: "metlo.AbCd1234".into(),
+            created: "2026-11-27T16:03:49.123Z".into(),
+            expires: Some(1_900_000_000),
+        }
+    }
+
+    #[test]
+    fn round_trips_with_metlo_field_names() {
+        let json = sample().to_json();
+        assert!(json.contains(r#""for":"ONBOARDING""#), "{json}");
+        assert!(json.contains(r#""v":1"#), "{json}");
+        assert_eq!(KeyRecord::from_json(json.as_bytes()).unwrap(), sample());
+    }
+
+    #[test]
+    fn refuses_other_versions_and_garbage() {
+        let json = sample().to_json().replace(r#""v":1"#, r#""v":2"#);
+        assert!(matches!(KeyRecord::from_json(json.as_bytes()), Err(RecordError::UnsupportedVersion(2))));
+        assert!(KeyRecord::from_json(b"{}").is_err());
+        assert!(KeyRecord::from_json(b"").is_err());
+        let bad_type = sample().to_json().replace("ONBOARDING", "onboarding");
+        assert!(KeyRecord::from_json(bad_type.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn expiry() {
+        let mut r = sample();
+        assert!(!r.is_expired(1_899_999_999));
+        assert!(r.is_expired(1_900_000_000));
+        r.expires = None;
+        assert!(!r.is_expired(u64::MAX));
+    }
+
+    #[test]
+    fn key_types_parse_exactly() {
+        for t in KeyType::ALL {
+            assert_eq!(t.as_str().parse::<KeyType>().unwrap(), t);
+        }
+        assert!("generic".parse::<KeyType>().is_err());
+        assert!("".parse::<KeyType>().is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = KeyRecord::from_json(&bytes);
+        }
+    }
+}
