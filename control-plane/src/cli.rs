@@ -1,0 +1,146 @@
+//! Command line and configuration. Every setting is an environment variable and a flag.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use metlo_shared::KeyHash;
+
+use crate::cache::VerifyCache;
+use crate::keys::{create_key, iso8601, parse_key_type, validate_name};
+use crate::store::Store;
+use crate::telemetry::{self, LogFormat};
+use crate::{server, AppState};
+
+#[derive(Debug, Parser)]
+#[command(name = "metlo-control-plane", version, about = "Metlo-compatible API-key service")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Config {
+    /// postgres://… or sqlite://…; unset: embedded SQLite under DATA_DIR.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the embedded SQLite database lives when DATABASE_URL is unset.
+    #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+    /// redis://…; unset: an in-process cache (one replica only).
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Most keys the instance may hold.
+    #[arg(long, env = "MAX_API_KEYS", default_value_t = 100, global = true)]
+    pub max_api_keys: u64,
+    /// How long a verification result is cached.
+    #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 5, global = true)]
+    pub cache_ttl_seconds: u64,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (applies migrations first).
+    Serve {
+        #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+        listen_addr: String,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage keys directly in the database (this is how the first key is made).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints the full key alone on stdout (shown only this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// GENERIC, ONBOARDING, GCP or AWS.
+        #[arg(long = "type", default_value = "GENERIC")]
+        key_type: String,
+    },
+    /// List keys (metadata only), newest first.
+    List,
+    /// Delete a key by name.
+    Delete { name: String },
+}
+
+impl Config {
+    fn cache(&self) -> anyhow::Result<VerifyCache> {
+        let ttl = Duration::from_secs(self.cache_ttl_seconds);
+        match &self.redis_url {
+            Some(url) => VerifyCache::redis(url, ttl),
+            None => Ok(VerifyCache::memory(ttl)),
+        }
+    }
+
+    async fn store(&self) -> anyhow::Result<Store> {
+        let store = Store::connect(self.database_url.as_deref(), &self.data_dir).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init_logging(cli.config.log_format);
+    let config = cli.config;
+    match cli.command {
+        Command::Serve { listen_addr } => {
+            let state = AppState {
+                metrics: telemetry::init_metrics()?,
+                store: config.store().await?,
+                cache: config.cache()?,
+                max_api_keys: config.max_api_keys,
+            };
+            server::serve(&listen_addr, state).await
+        }
+        Command::Migrate => {
+            config.store().await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Keys(cmd) => keys_command(&config, cmd).await,
+    }
+}
+
+async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
+    let store = config.store().await?;
+    let result = match cmd {
+        KeysCommand::Create { name, key_type } => {
+            let name = validate_name(Some(&name))?;
+            let key_type = parse_key_type(Some(&key_type))?;
+            let (key, stored) = create_key(&store, name, key_type, config.max_api_keys).await?;
+            eprintln!("Created {} key {:?} ({}). It is shown only this once:", stored.key_type, stored.name, stored.identifier);
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
+        KeysCommand::List => {
+            let keys = store.list_keys(None).await?;
+            println!("{:<32} {:<16} {:<11} CREATED", "NAME", "IDENTIFIER", "TYPE");
+            for k in keys {
+                println!("{:<32} {:<16} {:<11} {}", k.name, k.identifier, k.key_type.as_str(), iso8601(k.created_at_ms));
+            }
+            Ok(())
+        }
+        KeysCommand::Delete { name } => match store.delete_key(&name).await? {
+            Some(deleted) => {
+                // Evict from a shared cache; an in-process cache belongs to the server.
+                if let (Some(_), Ok(hash)) = (&config.redis_url, KeyHash::from_hex(&deleted.key_hash)) {
+                    config.cache()?.revoke(&hash).await;
+                }
+                eprintln!("Deleted key {name:?} ({})", deleted.identifier);
+                Ok(())
+            }
+            None => Err(anyhow::anyhow!("no API key named {name:?}")),
+        },
+    };
+    store.close().await;
+    result
+}

@@ -1,0 +1,23 @@
+//! The Metlo-compatible API-key control plane.
+
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod error;
+pub mod keys;
+pub mod ops;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+
+use cache::VerifyCache;
+use store::Store;
+
+/// Shared by every request handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub cache: VerifyCache,
+    pub max_api_keys: u64,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
