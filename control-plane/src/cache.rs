@@ -65,8 +65,8 @@ struct RedisCache {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     last_warning_ms: AtomicU64,
-    /// After a failure, reads skip Redis until this time (ms since `started`), so an
-    /// outage costs verification nothing. Writes always try.
+    /// After a failure, lookups skip Redis until this time (ms since `started`) or until
+    /// any command succeeds, so an outage costs verification little. Revocations always try.
     down_until_ms: AtomicU64,
     started: Instant,
 }
@@ -121,6 +121,9 @@ impl VerifyCache {
                 c.entry(*hash).or_insert((value, self.ttl)).await;
             }
             Inner::Redis(r) => {
+                if r.is_down() {
+                    return;
+                }
                 let cmd = redis::cmd("SET")
                     .arg(redis_key(hash))
                     .arg(encode(&value))
@@ -187,7 +190,10 @@ impl RedisCache {
         })
         .await;
         match result {
-            Ok(Ok(v)) => Some(v),
+            Ok(Ok(v)) => {
+                self.down_until_ms.store(0, Ordering::Relaxed);
+                Some(v)
+            }
             Ok(Err(e)) => {
                 self.warn(&format!("{e}"));
                 None

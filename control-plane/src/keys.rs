@@ -105,6 +105,10 @@ pub fn validate_name(name: Option<&str>) -> Result<&str, ApiError> {
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::BadRequest(format!("name must be at most {MAX_NAME_CHARS} characters")));
     }
+    // `.` and `..` are removed from URLs by clients, so DELETE could never address them.
+    if name == "." || name == ".." {
+        return Err(ApiError::BadRequest("name must not be \".\" or \"..\"".into()));
+    }
     if name.chars().any(char::is_control) {
         return Err(ApiError::BadRequest("name must not contain control characters".into()));
     }

@@ -1,1 +1,381 @@
-//! Harness for end-to-end tests: starts the real control-plane binary and its stores.
+//! Harness for end-to-end tests and benchmarks: starts the real control-plane binary,
+//! throwaway Redis servers and databases, and talks to them over HTTP.
+//!
+//! PostgreSQL comes from `scripts/stack.sh` (it exports `METLO_TEST_PG_URL`); every test
+//! gets its own database in it. Redis servers are started per test, so a test can stop
+//! and restart its own.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use reqwest::StatusCode;
+
+/// Which key store a control plane runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The control-plane binary, built by `make test` before the tests run.
+pub fn control_plane_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("METLO_CONTROL_PLANE_BIN") {
+        return PathBuf::from(p);
+    }
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let path = workspace_root().join("target").join(profile).join("metlo-control-plane");
+    assert!(path.exists(), "{} not built: run `make test` (it builds it first)", path.display());
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh, empty PostgreSQL database for one test; returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    let base = std::env::var("METLO_TEST_PG_URL")
+        .expect("METLO_TEST_PG_URL is not set: run the tests with `make test` (scripts/stack.sh starts PostgreSQL)");
+    let name = format!("t_{}", unique_suffix());
+    let status = Command::new("psql")
+        .args([base.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-c", &format!("CREATE DATABASE {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .expect("psql");
+    assert!(status.success(), "could not create database {name}");
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
+}
+
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A throwaway `redis-server` on its own port, stoppable and restartable on that port.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let mut r = Redis { port: free_port(), child: None, dir: tempfile::tempdir().unwrap() };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: run scripts/install-deps.sh");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Number of keys in Redis (via the RESP protocol, no client crate needed).
+    pub fn dbsize(&self) -> i64 {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"DBSIZE\r\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap();
+        let line = std::str::from_utf8(&buf[..n]).unwrap();
+        line.trim().trim_start_matches(':').parse().unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How to start a control plane.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub backend: Backend,
+    pub redis_url: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Options {
+    pub fn new(backend: Backend) -> Self {
+        Options { backend, redis_url: None, env: Vec::new() }
+    }
+    pub fn redis(mut self, url: String) -> Self {
+        self.redis_url = Some(url);
+        self
+    }
+    pub fn env(mut self, k: &str, v: impl ToString) -> Self {
+        self.env.push((k.to_owned(), v.to_string()));
+        self
+    }
+}
+
+/// A running control plane (the real binary) with its own database and an admin key.
+/// On drop it is stopped, and its log is checked: no key it handed out may appear there.
+pub struct ControlPlane {
+    pub url: String,
+    pub admin_key: String,
+    pub client: reqwest::Client,
+    child: Child,
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+    /// Every full key seen by this test, to check the logs against.
+    pub secrets: Arc<Mutex<Vec<String>>>,
+}
+
+impl ControlPlane {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(Options::new(backend)).await
+    }
+
+    pub async fn start_with(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env: Vec<(String, String)> = vec![("LOG_FORMAT".into(), "text".into()), ("RUST_LOG".into(), "info".into())];
+        match opts.backend {
+            Backend::Sqlite => env.push(("DATA_DIR".into(), dir.path().join("data").display().to_string())),
+            Backend::Postgres => env.push(("DATABASE_URL".into(), fresh_postgres_database().await)),
+        }
+        if let Some(url) = &opts.redis_url {
+            env.push(("REDIS_URL".into(), url.clone()));
+        }
+        env.extend(opts.env.iter().cloned());
+        let log_path = dir.path().join("control-plane.log");
+
+        // The first key is made the way an operator makes it: with the CLI.
+        let admin_key = run_cli(&env, &["keys", "create", "--name", "admin"], &log_path).expect("create admin key");
+        let child = spawn_server(&env, &log_path, "127.0.0.1:0");
+        let url = wait_for_listening(&log_path, Duration::from_secs(30));
+        let cp = ControlPlane {
+            url,
+            admin_key: admin_key.clone(),
+            client: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap(),
+            child,
+            log_path,
+            env,
+            _dir: dir,
+            secrets: Arc::new(Mutex::new(vec![admin_key])),
+        };
+        cp
+    }
+
+    /// Runs the CLI against this control plane's database, returning stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        run_cli(&self.env, args, &self.log_path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        unsafe_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+        let mut rb = self.client.request(method, format!("{}{}", self.url, path));
+        if let Some(k) = key {
+            rb = rb.header("Authorization", k);
+        }
+        rb
+    }
+
+    /// `POST /api/v1/keys/create` with the admin key; returns status and body.
+    pub async fn create(&self, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .request(reqwest::Method::POST, "/api/v1/keys/create", Some(&self.admin_key))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if let Some(k) = body.get("apiKey").and_then(Value::as_str) {
+            self.secrets.lock().unwrap().push(k.to_owned());
+        }
+        (status, body)
+    }
+
+    /// Creates a key and returns the full key.
+    pub async fn create_key(&self, name: &str, key_for: &str) -> String {
+        let (status, body) = self.create(serde_json::json!({"name": name, "keyFor": key_for})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["apiKey"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        let r = self.request(reqwest::Method::GET, path, key).send().await.unwrap();
+        let status = r.status();
+        let headers = r.headers().clone();
+        (status, headers, r.text().await.unwrap())
+    }
+
+    pub async fn delete(&self, name: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}/delete", encode_path_segment(name));
+        let r = self.request(reqwest::Method::DELETE, &path, key).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn verify(&self, key: &str) -> StatusCode {
+        self.get("/api/v1/verify", Some(key)).await.0
+    }
+
+    /// A Prometheus counter's value (summed over label sets matching `filter`).
+    pub async fn metric(&self, name: &str, filter: &str) -> f64 {
+        let (_, _, text) = self.get("/metrics", None).await;
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Asserts that no full key handed out during the test appears in the log.
+    pub fn assert_log_has_no_secrets(&self) {
+        let log = self.log();
+        for secret in self.secrets.lock().unwrap().iter() {
+            assert!(!log.contains(secret.as_str()), "a full API key appears in the control plane's log");
+            // Not even the secret part on its own.
+            assert!(!log.contains(&secret[14..]), "a key's secret part appears in the log");
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            self.assert_log_has_no_secrets();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args(["-s", signal, &pid.to_string()]).status();
+}
+
+pub fn encode_path_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()
+}
+
+/// Runs a CLI command; stdout on success, stderr on failure. Stderr is also appended to
+/// the log so the secret check sees it.
+pub fn run_cli(env: &[(String, String)], args: &[&str], log_path: &Path) -> Result<String, String> {
+    let out = Command::new(control_plane_bin())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env_remove("LISTEN_ADDR")
+        .output()
+        .expect("run control plane CLI");
+    std::io::Write::write_all(&mut log_file(log_path), &out.stderr).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+pub fn spawn_server(env: &[(String, String)], log_path: &Path, listen: &str) -> Child {
+    Command::new(control_plane_bin())
+        .args(["serve", "--listen-addr", listen])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(log_file(log_path))
+        .stderr(log_file(log_path))
+        .spawn()
+        .expect("spawn control plane")
+}
+
+/// Waits for the "listening on http://…" line and returns the URL.
+pub fn wait_for_listening(log_path: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        if let Some(i) = log.rfind("listening on http://") {
+            let rest = &log[i + "listening on ".len()..];
+            let end = rest.find(|c: char| c.is_whitespace() || c == '"').unwrap_or(rest.len());
+            return rest[..end].to_owned();
+        }
+        assert!(Instant::now() < deadline, "control plane did not start; log:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `f` for both backends (for use in `#[tokio::test]` functions).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}

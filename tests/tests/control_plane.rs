@@ -1,0 +1,457 @@
+//! The control plane through HTTP, on the real binary, on SQLite and PostgreSQL.
+
+use std::time::Duration;
+
+use metlo_shared::ApiKey;
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, Redis, StatusCode};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+on_both_backends!(
+    create_list_onboarding_delete,
+    names_with_spaces_slashes_and_unicode,
+    verify_and_by_hash,
+    every_api_route_refuses_bad_keys,
+    bad_requests_are_400_json,
+    limit_reached_has_metlo_message,
+    concurrent_creates_with_one_name,
+    concurrent_creates_at_the_limit,
+    deleted_key_is_refused_at_once,
+    cli_manages_keys,
+    ops_routes,
+);
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, as JavaScript's `toISOString` (Metlo's format).
+fn is_iso8601_millis(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 24
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'.',
+            23 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+async fn create_list_onboarding_delete(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+
+    let (status, created) = cp.create(json!({"name": "ingestor", "keyFor": "GENERIC"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let obj = created.as_object().unwrap();
+    let mut fields: Vec<_> = obj.keys().map(String::as_str).collect();
+    fields.sort();
+    assert_eq!(fields, ["apiKey", "created", "for", "identifier", "name"]);
+    let key = ApiKey::parse(created["apiKey"].as_str().unwrap()).expect("a well-formed key");
+    assert_eq!(created["identifier"], key.identifier());
+    assert_eq!(created["name"], "ingestor");
+    assert_eq!(created["for"], "GENERIC");
+    assert!(is_iso8601_millis(created["created"].as_str().unwrap()), "{created}");
+
+    // keyFor defaults to GENERIC; every type is accepted.
+    let (status, d) = cp.create(json!({"name": "default-type"})).await;
+    assert_eq!((status, d["for"].as_str()), (StatusCode::OK, Some("GENERIC")));
+    for t in ["GCP", "AWS"] {
+        let (status, body) = cp.create(json!({"name": format!("k-{t}"), "keyFor": t})).await;
+        assert_eq!((status, body["for"].as_str()), (StatusCode::OK, Some(t)));
+    }
+    let mut onboarding_names = vec![];
+    for i in 0..3 {
+        let name = format!("onboard-{i}");
+        cp.create_key(&name, "ONBOARDING").await;
+        onboarding_names.push(name);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let (status, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(list.len(), 8, "{text}");
+    for entry in &list {
+        let mut f: Vec<_> = entry.as_object().unwrap().keys().map(String::as_str).collect();
+        f.sort();
+        assert_eq!(f, ["created", "for", "identifier", "name"], "list never shows the key");
+    }
+    assert!(!text.contains(key.expose_secret()));
+    let ingestor = list.iter().find(|e| e["name"] == "ingestor").unwrap();
+    assert_eq!(ingestor["identifier"], created["identifier"]);
+    assert_eq!(ingestor["created"], created["created"]);
+
+    let (status, _, text) = cp.get("/api/v1/keys/onboarding", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let onboarding: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let names: Vec<&str> = onboarding.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    onboarding_names.reverse();
+    assert_eq!(names, onboarding_names, "ONBOARDING only, newest first");
+    assert!(onboarding.iter().all(|e| e["for"] == "ONBOARDING"));
+
+    assert_eq!(cp.delete("ingestor", Some(&cp.admin_key)).await, (StatusCode::OK, json!({"status": "OK"})));
+    let (status, body) = cp.delete("ingestor", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not_found");
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert!(!text.contains("\"ingestor\""));
+    // The name is free again.
+    cp.create_key("ingestor", "GENERIC").await;
+}
+
+async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let names = ["with space", "a/b/c", "ünïcödé ✓ 键", "50%?#&=+", "...", "trailing-dot.", "./x"];
+    for name in names {
+        let key = cp.create_key(name, "GENERIC").await;
+        assert_eq!(cp.verify(&key).await, StatusCode::OK);
+    }
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    for name in names {
+        assert!(list.iter().any(|e| e["name"] == name), "{name} listed");
+        assert_eq!(cp.delete(name, Some(&cp.admin_key)).await.0, StatusCode::OK, "delete {name:?}");
+    }
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), 1, "only admin left: {text}");
+}
+
+async fn verify_and_by_hash(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let (status, headers, body) = cp.get("/api/v1/verify", Some(&cp.admin_key)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "OK"));
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    // Bearer form works too.
+    assert_eq!(cp.verify(&format!("Bearer {}", cp.admin_key)).await, StatusCode::OK);
+
+    let key = cp.create_key("edge-client", "AWS").await;
+    let parsed = ApiKey::parse(&key).unwrap();
+    let hash = parsed.hash().to_hex();
+    let (status, headers, body) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    let record = metlo_shared::KeyRecord::from_json(body.as_bytes()).expect("a v1 KV record");
+    assert_eq!(record.name, "edge-client");
+    assert_eq!(record.key_type, metlo_shared::KeyType::Aws);
+    assert_eq!(record.identifier, parsed.identifier());
+    assert!(record.expires.is_none());
+    assert!(!body.contains(&key));
+
+    let unknown = ApiKey::generate().unwrap().hash().to_hex();
+    let (status, _, body) = cp.get(&format!("/api/v1/keys/by-hash/{unknown}"), Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    for bad in ["abc", &hash.to_uppercase(), &format!("{hash}0"), &"g".repeat(64)] {
+        let (status, _, body) = cp.get(&format!("/api/v1/keys/by-hash/{bad}"), Some(&cp.admin_key)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    // Deleted → 404 at once.
+    cp.delete("edge-client", Some(&cp.admin_key)).await;
+    let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+async fn every_api_route_refuses_bad_keys(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let deleted = cp.create_key("to-delete", "GENERIC").await;
+    assert_eq!(cp.verify(&deleted).await, StatusCode::OK);
+    cp.delete("to-delete", Some(&cp.admin_key)).await;
+
+    let valid = ApiKey::generate().unwrap();
+    let mut bad_checksum = valid.expose_secret().to_owned();
+    let last = bad_checksum.pop().unwrap();
+    bad_checksum.push(if last == 'a' { 'b' } else { 'a' });
+    let unknown = ApiKey::generate().unwrap().expose_secret().to_owned();
+    let candidates: Vec<Option<String>> = vec![
+        None,
+        Some(String::new()),
+        Some("Bearer".into()),
+        Some("garbage".into()),
+        Some(format!("Basic {}", cp.admin_key)),
+        Some(bad_checksum),
+        Some(unknown),
+        Some(deleted),
+        Some(format!("{} ", &cp.admin_key[..cp.admin_key.len() - 1])),
+    ];
+    let hash = "0".repeat(64);
+    let routes = [
+        (Method::POST, "/api/v1/keys/create".to_owned()),
+        (Method::GET, "/api/v1/keys/list".to_owned()),
+        (Method::GET, "/api/v1/keys/onboarding".to_owned()),
+        (Method::DELETE, "/api/v1/keys/admin/delete".to_owned()),
+        (Method::GET, "/api/v1/verify".to_owned()),
+        (Method::GET, format!("/api/v1/keys/by-hash/{hash}")),
+    ];
+    for (method, path) in &routes {
+        for key in &candidates {
+            let mut rb = cp.request(method.clone(), path, None).body(r#"{"name":"x"}"#);
+            if let Some(k) = key {
+                rb = rb.header("Authorization", k);
+            }
+            let r = rb.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "unauthorized");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+    // A non-UTF-8 header value is refused, not a crash.
+    let r = cp
+        .request(Method::GET, "/api/v1/verify", None)
+        .header("Authorization", reqwest::header::HeaderValue::from_bytes(b"metlo.\xff\xfe").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Nothing was created or deleted by refused requests.
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "admin");
+}
+
+async fn bad_requests_are_400_json(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    cp.create_key("taken", "GENERIC").await;
+    let long = "x".repeat(129);
+    let cases: Vec<(&str, String)> = vec![
+        ("duplicate", json!({"name": "taken"}).to_string()),
+        ("missing name", json!({"keyFor": "GENERIC"}).to_string()),
+        ("null name", json!({"name": null}).to_string()),
+        ("empty name", json!({"name": ""}).to_string()),
+        ("blank name", json!({"name": "   "}).to_string()),
+        ("control char", json!({"name": "a\u{0007}b"}).to_string()),
+        ("long name", json!({"name": long}).to_string()),
+        // URLs normalize these path segments away: such a key could never be deleted.
+        ("dot name", json!({"name": "."}).to_string()),
+        ("dot-dot name", json!({"name": ".."}).to_string()),
+        ("invalid type", json!({"name": "n", "keyFor": "ADMIN"}).to_string()),
+        ("lower-case type", json!({"name": "n", "keyFor": "generic"}).to_string()),
+        ("type not a string", json!({"name": "n", "keyFor": 3}).to_string()),
+        ("name not a string", json!({"name": 3}).to_string()),
+        ("malformed JSON", "{\"name\": ".to_owned()),
+        ("not an object", "[1,2]".to_owned()),
+        ("empty body", String::new()),
+    ];
+    for (what, body) in cases {
+        let r = cp
+            .request(Method::POST, "/api/v1/keys/create", Some(&cp.admin_key))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{what}");
+        let body: Value = r.json().await.expect("JSON error body");
+        assert_eq!(body["error"], "bad_request", "{what}: {body}");
+        assert!(!body["message"].as_str().unwrap().is_empty());
+    }
+    // 128 characters (not bytes) is fine.
+    let ok = "é".repeat(128);
+    assert_eq!(cp.create(json!({"name": ok})).await.0, StatusCode::OK);
+    // Oversized bodies are refused with 413 before parsing.
+    let huge = json!({"name": "x".repeat(64 * 1024)}).to_string();
+    let r = cp.request(Method::POST, "/api/v1/keys/create", Some(&cp.admin_key)).body(huge).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Nothing was stored by the bad requests.
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), 3, "{text}");
+    // Unknown routes are JSON 404s.
+    let (status, _, body) = cp.get("/api/v1/nope", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("not_found"));
+}
+
+async fn limit_reached_has_metlo_message(backend: Backend) {
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 3)).await;
+    cp.create_key("two", "GENERIC").await;
+    cp.create_key("three", "GENERIC").await;
+    let (status, body) = cp.create(json!({"name": "four"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["message"],
+        "Maximum API Key Limit Reached: 3. Consider deleting any that are not in use."
+    );
+    // Deleting frees a slot.
+    cp.delete("two", Some(&cp.admin_key)).await;
+    cp.create_key("four", "GENERIC").await;
+    assert_eq!(cp.create(json!({"name": "five"})).await.0, StatusCode::BAD_REQUEST);
+    // The CLI obeys the same limit.
+    let err = cp.cli(&["keys", "create", "--name", "cli"]).unwrap_err();
+    assert!(err.contains("Maximum API Key Limit Reached: 3"), "{err}");
+}
+
+async fn concurrent_creates_with_one_name(backend: Backend) {
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 1000)).await;
+    let results = futures::future::join_all((0..200).map(|_| cp.create(json!({"name": "same"})))).await;
+    let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let dup = results
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::BAD_REQUEST && b["message"].as_str().unwrap().contains("already exists"))
+        .count();
+    assert_eq!((ok, dup), (1, 199), "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+}
+
+async fn concurrent_creates_at_the_limit(backend: Backend) {
+    const MAX: usize = 20;
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", MAX)).await;
+    for i in 0..MAX - 2 {
+        cp.create_key(&format!("pre-{i}"), "GENERIC").await;
+    }
+    // admin + 18 = MAX − 1 keys stored.
+    let results =
+        futures::future::join_all((0..200).map(|i| cp.create(json!({"name": format!("race-{i}")})))).await;
+    let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let limited = results
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::BAD_REQUEST && b["error"] == "limit_reached")
+        .count();
+    assert_eq!((ok, limited), (1, 199));
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), MAX);
+}
+
+async fn deleted_key_is_refused_at_once(backend: Backend) {
+    let mut redis = Redis::start();
+    for opts in [Options::new(backend), Options::new(backend).redis(redis.url())] {
+        let cp = ControlPlane::start_with(opts).await;
+        for round in 0..5 {
+            let name = format!("short-lived-{round}");
+            let key = cp.create_key(&name, "GENERIC").await;
+            // Warm the cache: the key is now cached as valid for 5 s.
+            for _ in 0..3 {
+                assert_eq!(cp.verify(&key).await, StatusCode::OK);
+            }
+            assert_eq!(cp.delete(&name, Some(&cp.admin_key)).await.0, StatusCode::OK);
+            assert_eq!(cp.verify(&key).await, StatusCode::UNAUTHORIZED, "deleted key refused immediately");
+            let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
+            let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+        }
+        // A deleted caller cannot act either.
+        let key = cp.create_key("self-deleting", "GENERIC").await;
+        assert_eq!(cp.delete("self-deleting", Some(&key)).await.0, StatusCode::OK);
+        assert_eq!(cp.get("/api/v1/keys/list", Some(&key)).await.0, StatusCode::UNAUTHORIZED);
+    }
+    redis.stop();
+}
+
+async fn cli_manages_keys(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let out = cp.cli(&["keys", "create", "--name", "from cli", "--type", "ONBOARDING"]).unwrap();
+    // stdout is the key alone, on its own line.
+    assert_eq!(out.lines().count(), 1);
+    let key = ApiKey::parse(out.trim()).expect("stdout is exactly the key");
+    cp.secrets.lock().unwrap().push(out.trim().to_owned());
+    assert_eq!(cp.verify(key.expose_secret()).await, StatusCode::OK);
+    let listed = cp.cli(&["keys", "list"]).unwrap();
+    assert!(listed.contains("from cli") && listed.contains(&key.identifier()) && listed.contains("ONBOARDING"));
+    assert!(!listed.contains(key.expose_secret()));
+    assert!(cp.cli(&["keys", "create", "--name", "from cli"]).unwrap_err().contains("already exists"));
+    assert!(cp.cli(&["keys", "create", "--name", "x", "--type", "NOPE"]).is_err());
+    assert!(cp.cli(&["keys", "create", "--name", ""]).is_err());
+    cp.cli(&["keys", "delete", "from cli"]).unwrap();
+    assert!(cp.cli(&["keys", "delete", "from cli"]).unwrap_err().contains("no API key named"));
+    assert!(!cp.cli(&["keys", "list"]).unwrap().contains("from cli"));
+}
+
+async fn ops_routes(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    assert_eq!(cp.get("/healthz", None).await.0, StatusCode::OK);
+    let (status, _, body) = cp.get("/readyz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["database"], "ok");
+
+    cp.verify(&cp.admin_key).await;
+    cp.verify(&cp.admin_key).await;
+    cp.verify("nope").await;
+    let (status, _, metrics) = cp.get("/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metrics.contains(r#"http_requests_total{method="GET",route="/api/v1/verify",status="200"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"route="/api/v1/verify",status="401"} 1"#), "{metrics}");
+    assert!(metrics.contains("http_request_duration_seconds_bucket"), "{metrics}");
+    assert!(cp.metric("metlo_verify_cache_total", "hit").await >= 1.0);
+    assert!(cp.metric("metlo_verify_cache_total", "miss").await >= 1.0);
+
+    let (status, _, doc) = cp.get("/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    for path in [
+        "/api/v1/keys/create",
+        "/api/v1/keys/list",
+        "/api/v1/keys/onboarding",
+        "/api/v1/keys/{name}/delete",
+        "/api/v1/verify",
+        "/api/v1/keys/by-hash/{hash}",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+    assert!(doc["components"]["schemas"]["CreatedKey"]["properties"]["apiKey"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_the_database() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let mut redis = Redis::start();
+        let cp = ControlPlane::start_with(Options::new(backend).redis(redis.url())).await;
+        let key = cp.create_key("client", "GENERIC").await;
+        assert_eq!(cp.verify(&key).await, StatusCode::OK);
+        assert!(redis.dbsize() >= 1, "verification results are cached in Redis");
+        let (_, _, ready) = cp.get("/readyz", None).await;
+        assert!(ready.contains(r#""cache":"ok""#), "{ready}");
+
+        redis.stop();
+        let doomed = cp.create_key("doomed", "GENERIC").await;
+        let unknown = ApiKey::generate().unwrap();
+        for _ in 0..20 {
+            assert_eq!(cp.verify(&key).await, StatusCode::OK);
+            assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
+            assert_eq!(cp.verify(unknown.expose_secret()).await, StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(cp.verify(&doomed).await, StatusCode::OK);
+        assert_eq!(cp.delete("doomed", Some(&cp.admin_key)).await.0, StatusCode::OK);
+        assert_eq!(cp.verify(&doomed).await, StatusCode::UNAUTHORIZED);
+        let (status, _, ready) = cp.get("/readyz", None).await;
+        assert_eq!(status, StatusCode::OK, "Redis is optional for readiness");
+        assert!(ready.contains(r#""cache":"unreachable""#), "{ready}");
+        let log = cp.log();
+        assert!(log.contains("Redis unavailable"), "a warning is logged");
+        assert!(cp.metric("http_requests_total", "status=\"5").await == 0.0, "no 5xx during the outage");
+
+        redis.restart();
+        // The client reconnects; once it has, verifications are served from Redis again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            assert_eq!(cp.verify(&key).await, StatusCode::OK);
+            if redis.dbsize() >= 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "Redis not used again after restart");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let hits_before = cp.metric("metlo_verify_cache_total", "hit").await;
+        for _ in 0..10 {
+            assert_eq!(cp.verify(&key).await, StatusCode::OK);
+        }
+        let hits_after = cp.metric("metlo_verify_cache_total", "hit").await;
+        assert!(hits_after >= hits_before + 10.0, "{hits_before} -> {hits_after}\n{}\n{}", cp.get("/metrics", None).await.2, cp.log());
+        assert_eq!(cp.metric("http_requests_total", "status=\"5").await, 0.0);
+    }
+}
+
+#[tokio::test]
+async fn graceful_shutdown_on_sigterm() {
+    let mut cp = ControlPlane::start(Backend::Sqlite).await;
+    assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
+    assert!(cp.terminate(), "exits 0 on SIGTERM");
+    assert!(cp.log().contains("stopped"));
+}
+
+#[tokio::test]
+async fn json_logs() {
+    let cp = ControlPlane::start_with(Options::new(Backend::Sqlite).env("LOG_FORMAT", "json")).await;
+    cp.create_key("json-logged", "GENERIC").await;
+    let log = cp.log();
+    let line = log.lines().find(|l| l.contains("json-logged")).expect("creation logged");
+    let v: Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["message"], "key created");
+    assert_eq!(v["name"], "json-logged");
+}
