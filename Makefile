@@ -1,5 +1,12 @@
-# Two commands matter: `make dev` runs the system, `make test` runs every test.
+# `make dev` runs the system locally; `make test` runs every test; `make bench` measures.
 SHELL := /bin/bash
-.PHONY: test dev bench
+.PHONY: dev test bench
+
+dev:
+	./scripts/dev.sh
+
 test:
 	./scripts/test.sh
+
+bench:
+	./scripts/bench.sh

@@ -1,0 +1,149 @@
+//! `make bench`: the control plane's throughput and memory, as ratios against a bare axum
+//! handler measured in the same run (the machine is shared and noisy: absolute figures
+//! wander, ratios much less). Load comes from `wrk` in a separate process.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use metlo_tests::{free_port, wait_for_port, Backend, ControlPlane, Options, Redis};
+
+const ROUNDS: usize = 3;
+const SECONDS: u64 = 5;
+const CONNECTIONS: u32 = 32;
+
+fn wrk(url: &str, key: Option<&str>, script: Option<&str>) -> (f64, u64) {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{CONNECTIONS}"), &format!("-d{SECONDS}s")]);
+    if let Some(k) = key {
+        cmd.args(["-H", &format!("Authorization: {k}")]);
+    }
+    if let Some(s) = script {
+        cmd.args(["-s", s]);
+    }
+    let out = cmd.arg(url).stderr(Stdio::inherit()).output().expect("wrk not found: run scripts/install-deps.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected wrk output:\n{text}"));
+    let non2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    (rps, non2xx)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs `f` while sampling `pid`'s RSS; returns f's result and the peak RSS in KiB.
+fn with_peak_rss<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    };
+    let result = f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (result, sampler.join().unwrap())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let bare_port = free_port();
+    let bare_bin = std::env::current_exe().unwrap().with_file_name("bare-axum");
+    let mut bare = Command::new(bare_bin)
+        .arg(format!("127.0.0.1:{bare_port}"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bare-axum");
+    wait_for_port(bare_port, Duration::from_secs(10));
+    let bare_url = format!("http://127.0.0.1:{bare_port}/api/v1/verify");
+
+    let redis = Redis::start();
+    let memory = ControlPlane::start_with(Options::new(Backend::Sqlite)).await;
+    let shared = ControlPlane::start_with(Options::new(Backend::Sqlite).redis(redis.url())).await;
+    let idle_rss = rss_kib(memory.pid());
+    for cp in [&memory, &shared] {
+        assert_eq!(cp.verify(&cp.admin_key).await, reqwest::StatusCode::OK, "warm the cache");
+    }
+
+    println!("verify throughput: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {ROUNDS} interleaved rounds, medians");
+    let (mut floor, mut mem, mut red) = (vec![], vec![], vec![]);
+    let mut peak_rss = 0;
+    for round in 1..=ROUNDS {
+        floor.push(wrk(&bare_url, None, None).0);
+        let ((rps, bad), peak) =
+            with_peak_rss(memory.pid(), || wrk(&format!("{}/api/v1/verify", memory.url), Some(&memory.admin_key), None));
+        assert_eq!(bad, 0, "every verification must succeed");
+        peak_rss = peak_rss.max(peak);
+        mem.push(rps);
+        let (rps, bad) = wrk(&format!("{}/api/v1/verify", shared.url), Some(&shared.admin_key), None);
+        assert_eq!(bad, 0, "every verification must succeed");
+        red.push(rps);
+        println!(
+            "  round {round}: bare axum {:>9.0} req/s | in-process cache {:>9.0} | Redis cache {:>9.0}",
+            floor[round - 1],
+            mem[round - 1],
+            red[round - 1]
+        );
+    }
+    let (floor, mem, red) = (median(floor), median(mem), median(red));
+    println!("  bare axum handler (floor):      {floor:>9.0} req/s");
+    println!("  verify, in-process cache:       {mem:>9.0} req/s  ratio {:.2}  (target >= 0.60)", mem / floor);
+    println!("  verify, Redis cache:            {red:>9.0} req/s  ratio {:.2}  (target >= 0.60)", red / floor);
+    println!("server RSS (in-process cache): idle {}, peak under load {}  (targets <= 25 MiB / <= 60 MiB)", mib(idle_rss), mib(peak_rss));
+    drop(memory);
+    drop(shared);
+
+    // Creates on PostgreSQL (durable: scripts/bench.sh runs it with fsync on).
+    let pg = ControlPlane::start_with(Options::new(Backend::Postgres).env("MAX_API_KEYS", 100_000_000)).await;
+    let script = std::env::temp_dir().join(format!("metlo-create-{}.lua", std::process::id()));
+    std::fs::write(
+        &script,
+        r#"counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, '{"name":"bench-' .. counter .. '"}')
+end
+"#,
+    )
+    .unwrap();
+    let (rps, bad) = wrk(&format!("{}/api/v1/keys/create", pg.url), Some(&pg.admin_key), Some(script.to_str().unwrap()));
+    let _ = std::fs::remove_file(&script);
+    let (_, _, list) = pg.get("/api/v1/keys/list", Some(&pg.admin_key)).await;
+    let stored = serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap().len();
+    println!(
+        "key creates on PostgreSQL (fsync on): {:.0} creates/s  (target >= 1000/s); {} non-2xx, {} keys stored",
+        rps * (1.0 - bad as f64 / (rps * SECONDS as f64)).max(0.0),
+        bad,
+        stored
+    );
+    let _ = bare.kill();
+}
