@@ -6,13 +6,19 @@
 //! read the database just before a delete cannot re-cache the deleted key afterwards:
 //! a deleted key is refused at once, with no TTL window.
 //!
+//! With Redis, each replica also keeps a small near cache (≤ 1 s) so a hot key costs no
+//! network round trip. A delete publishes the hash on [`REVOKED_CHANNEL`]; every replica
+//! evicts it from its near cache. The near cache is used only while that subscription is
+//! live, so a lost subscription can never leave a revoked key valid for long.
+//!
 //! Cache failures are never errors for the caller: a Redis outage means verification
 //! goes to the database (and a warning is logged, at most every few seconds).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use metlo_shared::{KeyHash, KeyRecord};
 use moka::Expiry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -31,6 +37,18 @@ pub enum Cached {
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 /// A Redis call slower than this counts as a failure and falls back to the database.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long lookups skip Redis after a failure (any success ends it sooner).
+const REDIS_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest a near-cache entry lives, whatever the cache TTL.
+const NEAR_TTL_MAX: Duration = Duration::from_secs(1);
+/// Redis pub/sub channel carrying the hex hashes of deleted keys.
+pub const REVOKED_CHANNEL: &str = "metlo:revoked";
+
+type LocalCache = moka::future::Cache<KeyHash, (Cached, Duration)>;
+
+fn local_cache() -> LocalCache {
+    moka::future::Cache::builder().max_capacity(100_000).expire_after(PerEntryTtl).build()
+}
 
 #[derive(Clone)]
 pub struct VerifyCache {
@@ -40,10 +58,11 @@ pub struct VerifyCache {
 
 #[derive(Clone)]
 enum Inner {
-    Memory(moka::future::Cache<KeyHash, (Cached, Duration)>),
+    Memory(LocalCache),
     Redis(Arc<RedisCache>),
 }
 
+/// Each entry carries its own time to live (verifications vs tombstones).
 struct PerEntryTtl;
 
 impl Expiry<KeyHash, (Cached, Duration)> for PerEntryTtl {
@@ -69,28 +88,39 @@ struct RedisCache {
     /// any command succeeds, so an outage costs verification little. Revocations always try.
     down_until_ms: AtomicU64,
     started: Instant,
+    near: LocalCache,
+    near_ttl: Duration,
+    /// True while the revocation subscription is up: only then is `near` trusted.
+    near_live: AtomicBool,
+    /// Bumped by every revocation, so a lookup that raced one does not keep its result.
+    generation: AtomicU64,
 }
 
 impl VerifyCache {
     pub fn memory(ttl: Duration) -> Self {
-        let cache = moka::future::Cache::builder().max_capacity(100_000).expire_after(PerEntryTtl).build();
-        VerifyCache { ttl, inner: Inner::Memory(cache) }
+        VerifyCache { ttl, inner: Inner::Memory(local_cache()) }
     }
 
     /// Does not connect yet: the service must start (and verify through the database)
-    /// even when Redis is down.
-    pub fn redis(url: &str, ttl: Duration) -> anyhow::Result<Self> {
+    /// even when Redis is down. `near_cache` starts the revocation subscriber (servers);
+    /// the CLI, which only revokes, passes false.
+    pub fn redis(url: &str, ttl: Duration, near_cache: bool) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        Ok(VerifyCache {
-            ttl,
-            inner: Inner::Redis(Arc::new(RedisCache {
-                client,
-                conn: OnceCell::new(),
-                last_warning_ms: AtomicU64::new(0),
-                down_until_ms: AtomicU64::new(0),
-                started: Instant::now(),
-            })),
-        })
+        let cache = Arc::new(RedisCache {
+            client,
+            conn: OnceCell::new(),
+            last_warning_ms: AtomicU64::new(0),
+            down_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            near: local_cache(),
+            near_ttl: ttl.min(NEAR_TTL_MAX),
+            near_live: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        });
+        if near_cache && !cache.near_ttl.is_zero() {
+            tokio::spawn(follow_revocations(Arc::downgrade(&cache)));
+        }
+        Ok(VerifyCache { ttl, inner: Inner::Redis(cache) })
     }
 
     pub fn kind(&self) -> &'static str {
@@ -104,11 +134,19 @@ impl VerifyCache {
         match &self.inner {
             Inner::Memory(c) => c.get(hash).await.map(|(v, _)| v),
             Inner::Redis(r) => {
+                if r.near_usable() {
+                    if let Some((v, _)) = r.near.get(hash).await {
+                        return Some(v);
+                    }
+                }
                 if r.is_down() {
                     return None;
                 }
+                let generation = r.generation.load(Ordering::SeqCst);
                 let raw: String = r.run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash))).await.flatten()?;
-                decode(&raw)
+                let value = decode(&raw)?;
+                r.remember(hash, &value, generation).await;
+                Some(value)
             }
         }
     }
@@ -136,18 +174,22 @@ impl VerifyCache {
         }
     }
 
-    /// Marks a hash as deleted, overwriting any cached verification.
+    /// Marks a hash as deleted, overwriting any cached verification, here and (through
+    /// Redis pub/sub) in every replica's near cache.
     pub async fn revoke(&self, hash: &KeyHash) {
         match &self.inner {
             Inner::Memory(c) => c.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await,
             Inner::Redis(r) => {
-                let cmd = redis::cmd("SET")
+                r.generation.fetch_add(1, Ordering::SeqCst);
+                r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await;
+                let set = redis::cmd("SET")
                     .arg(redis_key(hash))
                     .arg(encode(&Cached::Absent))
                     .arg("PX")
                     .arg(TOMBSTONE_TTL.as_millis() as u64)
                     .to_owned();
-                let _: Option<String> = r.run(&cmd).await;
+                let _: Option<String> = r.run(&set).await;
+                let _: Option<i64> = r.run(redis::cmd("PUBLISH").arg(REVOKED_CHANNEL).arg(hash.to_hex())).await;
             }
         }
     }
@@ -161,9 +203,6 @@ impl VerifyCache {
     }
 }
 
-/// How long reads skip Redis after a failure.
-const REDIS_BACKOFF: Duration = Duration::from_millis(500);
-
 impl RedisCache {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -171,6 +210,23 @@ impl RedisCache {
 
     fn is_down(&self) -> bool {
         self.now_ms() < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn near_usable(&self) -> bool {
+        self.near_live.load(Ordering::SeqCst) && !self.is_down()
+    }
+
+    /// Keeps a Redis answer in the near cache, unless a revocation happened since the
+    /// lookup began (checked after inserting too, so no interleaving keeps a stale entry:
+    /// a revocation bumps the generation *before* evicting).
+    async fn remember(&self, hash: &KeyHash, value: &Cached, generation: u64) {
+        if !self.near_usable() || self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        self.near.entry(*hash).or_insert((value.clone(), self.near_ttl)).await;
+        if self.generation.load(Ordering::SeqCst) != generation {
+            self.near.invalidate(hash).await;
+        }
     }
 
     /// Runs a command with a deadline; any failure is logged (rate-limited) and yields `None`.
@@ -215,6 +271,50 @@ impl RedisCache {
         {
             tracing::warn!(error, "Redis unavailable; verifying through the database");
         }
+    }
+
+    /// Forgets everything in the near cache (used whenever revocations may have been missed).
+    fn distrust_near(&self) {
+        self.near_live.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.near.invalidate_all();
+    }
+}
+
+/// Subscribes to [`REVOKED_CHANNEL`] for as long as the cache lives, reconnecting after
+/// failures. Messages missed while disconnected are covered by clearing the near cache.
+async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
+    loop {
+        let Some(client) = cache.upgrade().map(|c| c.client.clone()) else { return };
+        let subscribed = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(REVOKED_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        if let Ok(Ok(mut pubsub)) = subscribed {
+            if let Some(c) = cache.upgrade() {
+                c.distrust_near();
+                c.near_live.store(true, Ordering::SeqCst);
+            }
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                let Some(c) = cache.upgrade() else { return };
+                let payload: String = msg.get_payload().unwrap_or_default();
+                match KeyHash::from_hex(&payload) {
+                    Ok(hash) => {
+                        c.generation.fetch_add(1, Ordering::SeqCst);
+                        c.near.invalidate(&hash).await;
+                    }
+                    Err(_) => c.distrust_near(),
+                }
+            }
+        }
+        match cache.upgrade() {
+            Some(c) => c.distrust_near(),
+            None => return,
+        }
+        tokio::time::sleep(REDIS_BACKOFF).await;
     }
 }
 

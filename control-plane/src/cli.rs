@@ -73,10 +73,11 @@ pub enum KeysCommand {
 }
 
 impl Config {
-    fn cache(&self) -> anyhow::Result<VerifyCache> {
+    /// `near_cache`: keep a per-process near cache in front of Redis (servers only).
+    fn cache(&self, near_cache: bool) -> anyhow::Result<VerifyCache> {
         let ttl = Duration::from_secs(self.cache_ttl_seconds);
         match &self.redis_url {
-            Some(url) => VerifyCache::redis(url, ttl),
+            Some(url) => VerifyCache::redis(url, ttl, near_cache),
             None => Ok(VerifyCache::memory(ttl)),
         }
     }
@@ -96,7 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let state = AppState {
                 metrics: telemetry::init_metrics()?,
                 store: config.store().await?,
-                cache: config.cache()?,
+                cache: config.cache(true)?,
                 max_api_keys: config.max_api_keys,
             };
             server::serve(&listen_addr, state).await
@@ -133,7 +134,7 @@ async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
             Some(deleted) => {
                 // Evict from a shared cache; an in-process cache belongs to the server.
                 if let (Some(_), Ok(hash)) = (&config.redis_url, KeyHash::from_hex(&deleted.key_hash)) {
-                    config.cache()?.revoke(&hash).await;
+                    config.cache(false)?.revoke(&hash).await;
                 }
                 eprintln!("Deleted key {name:?} ({})", deleted.identifier);
                 Ok(())

@@ -16,6 +16,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("request body is larger than {} bytes", crate::server::MAX_BODY_BYTES)]
+    PayloadTooLarge,
     #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
     LimitReached(u64),
     #[error("the key store is unavailable; try again shortly")]
@@ -40,6 +42,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::LimitReached(_) => (StatusCode::BAD_REQUEST, "limit_reached"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

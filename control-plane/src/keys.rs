@@ -1,8 +1,9 @@
 //! The keys resource: Metlo's routes, paths and JSON field names, exactly.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -148,9 +149,17 @@ pub async fn create_key(
         (status = 200, body = CreatedKey),
         (status = 400, description = "Missing, too long or duplicate name, invalid type, bad JSON, or limit reached", body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 413, description = "Body larger than 16 KiB", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ), security(("api_key" = [])))]
-async fn create(State(state): State<AppState>, body: Bytes) -> Result<Json<CreatedKey>, ApiError> {
+async fn create(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CreatedKey>, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
+    })?;
     // Parsed by hand so a bad body is always a JSON 400 (axum's extractor would answer
     // 415/422 in plain text, and Metlo clients do not all send a Content-Type).
     let req: CreateKeyRequest = if body.iter().all(u8::is_ascii_whitespace) {

@@ -186,7 +186,7 @@ impl ControlPlane {
         let admin_key = run_cli(&env, &["keys", "create", "--name", "admin"], &log_path).expect("create admin key");
         let child = spawn_server(&env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
-        let cp = ControlPlane {
+        ControlPlane {
             url,
             admin_key: admin_key.clone(),
             client: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap(),
@@ -195,8 +195,26 @@ impl ControlPlane {
             env,
             _dir: dir,
             secrets: Arc::new(Mutex::new(vec![admin_key])),
-        };
-        cp
+        }
+    }
+
+    /// Another server process on the same database and cache (a second replica). It must
+    /// not outlive `self`, whose temporary directory may hold the database.
+    pub async fn replica(&self) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("replica.log");
+        let child = spawn_server(&self.env, &log_path, "127.0.0.1:0");
+        let url = wait_for_listening(&log_path, Duration::from_secs(30));
+        ControlPlane {
+            url,
+            admin_key: self.admin_key.clone(),
+            client: self.client.clone(),
+            child,
+            log_path,
+            env: self.env.clone(),
+            _dir: dir,
+            secrets: self.secrets.clone(),
+        }
     }
 
     /// Runs the CLI against this control plane's database, returning stdout.
