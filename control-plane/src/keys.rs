@@ -46,13 +46,8 @@ pub struct CreateKeyRequest {
 pub struct CreatedKey {
     #[serde(rename = "apiKey")]
     pub api_key: String,
-    pub name: String,
-    pub identifier: String,
-    /// ISO 8601.
-    pub created: String,
-    #[serde(rename = "for")]
-    #[schema(value_type = String, example = "GENERIC")]
-    pub key_for: KeyType,
+    #[serde(flatten)]
+    pub info: KeyInfo,
 }
 
 /// Key metadata; never the key.
@@ -170,13 +165,7 @@ async fn create(
     let name = validate_name(req.name.as_deref())?;
     let key_type = parse_key_type(req.key_for.as_deref())?;
     let (key, stored) = create_key(&state.store, name, key_type, state.max_api_keys).await?;
-    Ok(Json(CreatedKey {
-        api_key: key.expose_secret().to_owned(),
-        created: iso8601(stored.created_at_ms),
-        name: stored.name,
-        identifier: stored.identifier,
-        key_for: stored.key_type,
-    }))
+    Ok(Json(CreatedKey { api_key: key.expose_secret().to_owned(), info: stored.into() }))
 }
 
 /// List all keys (metadata only), newest first.
