@@ -1,2 +1,22 @@
-//! The edge Worker. Not built yet: it will parse and hash keys with `metlo_shared`,
-//! look them up in Workers KV and proxy good requests to the origin (DESIGN §4).
+//! The edge Worker: checks the Metlo API key of every request before it reaches the
+//! origin (DESIGN §4).
+//!
+//! 1. `Authorization` missing, malformed or failing its checksum → 401, with no KV read
+//!    and no control-plane call.
+//! 2. Hash; look in a small in-isolate cache (hits ≤ 1 s, misses a few seconds).
+//! 3. KV `get` of the hash (with `cacheTtl`). Hit → check expiry → allow.
+//! 4. KV miss → ask the control plane by hash (with a timeout, using the Worker's own
+//!    key). Found → write KV with `expirationTtl` and allow; not found → 401 (remembered
+//!    in the isolate only, never in KV); control plane unreachable → 503 (fail closed).
+//! 5. Allow → proxy to `ORIGIN_URL` with `X-Metlo-Key-*` headers, without `Authorization`.
+//!
+//! Everything that decides is plain Rust in [`decision`], [`config`] and
+//! [`isolate_cache`], unit-tested natively; the wasm-only glue in `worker_glue` moves
+//! bytes between those functions and the Workers runtime.
+
+pub mod config;
+pub mod decision;
+pub mod isolate_cache;
+
+#[cfg(target_arch = "wasm32")]
+mod worker_glue;

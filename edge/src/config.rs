@@ -1,0 +1,136 @@
+//! The Worker's settings, from `wrangler.toml` `[vars]` (and the `CONTROL_PLANE_KEY`
+//! secret). Parsed by a plain function so defaults and bad values are tested natively.
+
+/// What the Worker needs to run; see `wrangler.toml` for the documented defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where allowed requests go, e.g. `https://api.example.com` (no trailing slash).
+    pub origin_url: String,
+    /// The control plane's base URL.
+    pub control_plane_url: String,
+    /// How long to wait for the control plane before failing closed (503).
+    pub control_plane_timeout_ms: u64,
+    /// KV `expirationTtl` for records written after a control-plane lookup (≥ 60 s).
+    pub kv_ttl_seconds: u64,
+    /// KV read `cacheTtl` (≥ 30 s).
+    pub kv_cache_ttl_seconds: u64,
+    /// In-isolate cache: how long a valid key is trusted without KV (≤ 1 s by default
+    /// so a revoked key stops working fast).
+    pub isolate_hit_ms: u64,
+    /// In-isolate cache: how long an unknown key is remembered.
+    pub isolate_miss_ms: u64,
+    /// In-isolate cache size (entries).
+    pub isolate_capacity: usize,
+    /// Forward the client's `Authorization` header to the origin (default: strip it).
+    pub forward_authorization: bool,
+    /// Add `X-Metlo-Edge-Source` to responses (kv / isolate / control-plane / none), for
+    /// tests and debugging. Reveals nothing about keys.
+    pub decision_header: bool,
+    /// `Retry-After` seconds on 503.
+    pub retry_after_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// KV refuses `expirationTtl` below 60 s and `cacheTtl` below 30 s.
+pub const KV_MIN_EXPIRATION_TTL: u64 = 60;
+pub const KV_MIN_CACHE_TTL: u64 = 30;
+
+impl Config {
+    /// Builds the config from a lookup of `[vars]` by name.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let url = |name: &str| -> Result<String, ConfigError> {
+            let v = var(name).map(|v| v.trim().trim_end_matches('/').to_owned()).unwrap_or_default();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(ConfigError(format!("{name} must be an http(s) URL")));
+            }
+            Ok(v)
+        };
+        let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
+            match var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+                None => Ok(default),
+                Some(v) => v.parse().map_err(|_| ConfigError(format!("{name} must be a whole number"))),
+            }
+        };
+        let flag = |name: &str| {
+            var(name).is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+        };
+        let config = Config {
+            origin_url: url("ORIGIN_URL")?,
+            control_plane_url: url("CONTROL_PLANE_URL")?,
+            control_plane_timeout_ms: number("CONTROL_PLANE_TIMEOUT_MS", 3000)?,
+            kv_ttl_seconds: number("KV_TTL_SECONDS", 300)?,
+            kv_cache_ttl_seconds: number("KV_CACHE_TTL_SECONDS", 30)?,
+            isolate_hit_ms: number("ISOLATE_HIT_MS", 1000)?,
+            isolate_miss_ms: number("ISOLATE_MISS_MS", 5000)?,
+            isolate_capacity: number("ISOLATE_CAPACITY", 10_000)? as usize,
+            forward_authorization: flag("FORWARD_AUTHORIZATION"),
+            decision_header: flag("DECISION_HEADER"),
+            retry_after_seconds: number("RETRY_AFTER_SECONDS", 5)?,
+        };
+        if config.kv_ttl_seconds < KV_MIN_EXPIRATION_TTL {
+            return Err(ConfigError(format!("KV_TTL_SECONDS must be at least {KV_MIN_EXPIRATION_TTL}")));
+        }
+        if config.kv_cache_ttl_seconds < KV_MIN_CACHE_TTL {
+            return Err(ConfigError(format!("KV_CACHE_TTL_SECONDS must be at least {KV_MIN_CACHE_TTL}")));
+        }
+        if config.control_plane_timeout_ms == 0 || config.isolate_capacity == 0 {
+            return Err(ConfigError("CONTROL_PLANE_TIMEOUT_MS and ISOLATE_CAPACITY must be positive".into()));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const BASE: [(&str, &str); 2] =
+        [("ORIGIN_URL", "https://origin.example/"), ("CONTROL_PLANE_URL", "http://127.0.0.1:8080")];
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(vars(&BASE)).unwrap();
+        assert_eq!(c.origin_url, "https://origin.example");
+        assert_eq!(c.isolate_hit_ms, 1000);
+        assert_eq!(c.kv_ttl_seconds, 300);
+        assert!(!c.forward_authorization);
+        assert!(!c.decision_header);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        assert!(Config::from_vars(vars(&[("CONTROL_PLANE_URL", "http://x")])).is_err());
+        let mut v = BASE.to_vec();
+        v.push(("KV_TTL_SECONDS", "59"));
+        assert!(Config::from_vars(vars(&v)).is_err());
+        let mut v = BASE.to_vec();
+        v.push(("ISOLATE_HIT_MS", "soon"));
+        assert!(Config::from_vars(vars(&v)).is_err());
+        let mut v = BASE.to_vec();
+        v[0] = ("ORIGIN_URL", "ftp://x");
+        assert!(Config::from_vars(vars(&v)).is_err());
+    }
+
+    #[test]
+    fn flags() {
+        let mut v = BASE.to_vec();
+        v.push(("FORWARD_AUTHORIZATION", "true"));
+        v.push(("DECISION_HEADER", "1"));
+        let c = Config::from_vars(vars(&v)).unwrap();
+        assert!(c.forward_authorization && c.decision_header);
+    }
+}

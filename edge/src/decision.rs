@@ -1,0 +1,250 @@
+//! What the Worker decides, as plain functions over plain data.
+
+use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord};
+
+use crate::config::KV_MIN_EXPIRATION_TTL;
+
+/// Why a request is not let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No key: 401.
+    Missing,
+    /// Malformed, bad checksum, unknown, deleted or expired: 401, one answer for all so
+    /// a response never reveals whether a key once existed.
+    Invalid,
+    /// The key could not be checked (control plane unreachable or failing): 503.
+    Unavailable,
+    /// The key is good but the origin could not be reached: 502.
+    OriginUnreachable,
+}
+
+/// A response the glue turns into a real one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainResponse {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// Step 1: the key's hash, or a refusal decided from the header alone (no I/O).
+pub fn check_header(header: Option<&str>) -> Result<KeyHash, Refusal> {
+    match parse_authorization(header) {
+        Ok(key) => Ok(key.hash()),
+        Err(AuthorizationError::Missing) => Err(Refusal::Missing),
+        Err(AuthorizationError::Malformed(_)) => Err(Refusal::Invalid),
+    }
+}
+
+/// A KV value, or `None` when it cannot be trusted (unreadable or an unknown version):
+/// then the control plane is asked, never a guess.
+pub fn decode_kv(value: &str) -> Option<KeyRecord> {
+    KeyRecord::from_json(value.as_bytes()).ok()
+}
+
+/// Allow a known key unless it has expired.
+pub fn admit(record: &KeyRecord, now_unix_seconds: u64) -> Result<(), Refusal> {
+    if record.is_expired(now_unix_seconds) {
+        Err(Refusal::Invalid)
+    } else {
+        Ok(())
+    }
+}
+
+/// What the control plane said about a hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(KeyRecord),
+    NotFound,
+    /// Anything else: timeouts, 5xx, 401 (the Worker's own key is wrong), garbage.
+    Failed(String),
+}
+
+/// Interprets the control plane's answer to `GET /api/v1/keys/by-hash/{hash}`.
+pub fn interpret_lookup(status: u16, body: &[u8]) -> Lookup {
+    match status {
+        200 => match KeyRecord::from_json(body) {
+            Ok(record) => Lookup::Found(record),
+            Err(e) => Lookup::Failed(format!("unreadable record from the control plane: {e}")),
+        },
+        404 => Lookup::NotFound,
+        401 | 403 => Lookup::Failed(format!("control plane refused the Worker's key ({status}): check CONTROL_PLANE_KEY")),
+        other => Lookup::Failed(format!("control plane answered {other}")),
+    }
+}
+
+/// The KV `expirationTtl` for a record: the configured TTL, cut so the entry never
+/// outlives the key's expiry. `None`: don't write (the key expires within KV's 60 s
+/// minimum, or has expired).
+pub fn kv_ttl(record: &KeyRecord, configured_ttl: u64, now_unix_seconds: u64) -> Option<u64> {
+    let ttl = match record.expires {
+        Some(expires) => configured_ttl.min(expires.saturating_sub(now_unix_seconds)),
+        None => configured_ttl,
+    };
+    (ttl >= KV_MIN_EXPIRATION_TTL).then_some(ttl)
+}
+
+/// The URL to forward to: the origin plus the request's path and query.
+pub fn origin_request_url(origin: &str, request_url: &str) -> String {
+    // request_url is absolute (`https://host/path?q`); keep from the path on.
+    let after_scheme = request_url.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = request_url[after_scheme..].find('/').map(|i| i + after_scheme);
+    let path_and_query = path_start.map(|i| &request_url[i..]).unwrap_or("/");
+    format!("{}{}", origin.trim_end_matches('/'), path_and_query)
+}
+
+/// Headers for the origin: the client's, minus `Authorization` (unless forwarded), minus
+/// anything the client sent as `X-Metlo-*` (it could forge identity) and `Host`, plus ours.
+pub fn origin_headers(
+    incoming: impl IntoIterator<Item = (String, String)>,
+    record: &KeyRecord,
+    forward_authorization: bool,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = incoming
+        .into_iter()
+        .filter(|(name, _)| {
+            let n = name.to_ascii_lowercase();
+            !(n.starts_with("x-metlo-") || n == "host" || (n == "authorization" && !forward_authorization))
+        })
+        .collect();
+    out.push(("X-Metlo-Key-Name".into(), header_safe(&record.name)));
+    out.push(("X-Metlo-Key-Type".into(), record.key_type.as_str().into()));
+    out.push(("X-Metlo-Key-Identifier".into(), record.identifier.clone()));
+    out
+}
+
+/// Header values must be visible ASCII: names may be unicode, so percent-encode those
+/// bytes (and `%` itself), leaving plain names readable.
+fn header_safe(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The response for a refusal. Same JSON shape as the control plane's errors.
+pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResponse {
+    let json = |code: &str, message: &str| serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut headers = vec![("Content-Type", "application/json".to_owned()), ("Cache-Control", "no-store".to_owned())];
+    let (status, body) = match refusal {
+        Refusal::Missing | Refusal::Invalid => {
+            headers.push(("WWW-Authenticate", r#"Bearer realm="metlo", error="invalid_token""#.to_owned()));
+            let message = if refusal == Refusal::Missing {
+                "missing API key: send it in the Authorization header"
+            } else {
+                "invalid API key"
+            };
+            (401, json("unauthorized", message))
+        }
+        Refusal::Unavailable => {
+            headers.push(("Retry-After", retry_after_seconds.to_string()));
+            (503, json("unavailable", "the API key cannot be checked right now; try again shortly"))
+        }
+        Refusal::OriginUnreachable => (502, json("bad_gateway", "the origin could not be reached")),
+    };
+    PlainResponse { status, headers, body }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metlo_shared::{ApiKey, KeyType, RECORD_VERSION};
+
+    fn record(expires: Option<u64>) -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            name: "ingest ✓".into(),
+            key_type: KeyType::Onboarding,
+            identifier: "metlo.abcdefgh".into(),
+            created: "2026-01-01T00:00:00.000Z".into(),
+            expires,
+        }
+    }
+
+    #[test]
+    fn header_checks_need_no_io() {
+        let key = ApiKey::generate().unwrap();
+        assert_eq!(check_header(Some(key.expose_secret())), Ok(key.hash()));
+        assert_eq!(check_header(Some(&format!("Bearer {}", key.expose_secret()))), Ok(key.hash()));
+        assert_eq!(check_header(None), Err(Refusal::Missing));
+        assert_eq!(check_header(Some("metlo.short")), Err(Refusal::Invalid));
+        let mut bad = key.expose_secret().to_owned();
+        let c = bad.pop().unwrap();
+        bad.push(if c == '0' { '1' } else { '0' });
+        assert_eq!(check_header(Some(&bad)), Err(Refusal::Invalid));
+    }
+
+    #[test]
+    fn kv_values_are_trusted_only_when_readable() {
+        assert_eq!(decode_kv(&record(None).to_json()), Some(record(None)));
+        assert_eq!(decode_kv("{}"), None);
+        assert_eq!(decode_kv(&record(None).to_json().replace("\"v\":1", "\"v\":9")), None);
+    }
+
+    #[test]
+    fn expiry() {
+        assert_eq!(admit(&record(None), u64::MAX), Ok(()));
+        assert_eq!(admit(&record(Some(100)), 99), Ok(()));
+        assert_eq!(admit(&record(Some(100)), 100), Err(Refusal::Invalid));
+    }
+
+    #[test]
+    fn lookups() {
+        let r = record(None);
+        assert_eq!(interpret_lookup(200, r.to_json().as_bytes()), Lookup::Found(r));
+        assert_eq!(interpret_lookup(404, b"{}"), Lookup::NotFound);
+        assert!(matches!(interpret_lookup(200, b"<html>"), Lookup::Failed(_)));
+        assert!(matches!(interpret_lookup(401, b""), Lookup::Failed(_)));
+        assert!(matches!(interpret_lookup(500, b""), Lookup::Failed(_)));
+        assert!(matches!(interpret_lookup(503, b""), Lookup::Failed(_)));
+    }
+
+    #[test]
+    fn kv_ttl_never_outlives_the_key() {
+        assert_eq!(kv_ttl(&record(None), 300, 1000), Some(300));
+        assert_eq!(kv_ttl(&record(Some(1100)), 300, 1000), Some(100));
+        assert_eq!(kv_ttl(&record(Some(1059)), 300, 1000), None, "below KV's 60 s minimum");
+        assert_eq!(kv_ttl(&record(Some(10)), 300, 1000), None);
+    }
+
+    #[test]
+    fn origin_urls() {
+        assert_eq!(origin_request_url("http://o:1", "https://edge.dev/a/b?c=d&e"), "http://o:1/a/b?c=d&e");
+        assert_eq!(origin_request_url("http://o:1/", "https://edge.dev"), "http://o:1/");
+        assert_eq!(origin_request_url("http://o:1", "https://edge.dev/"), "http://o:1/");
+    }
+
+    #[test]
+    fn origin_headers_strip_and_add() {
+        let incoming = vec![
+            ("authorization".to_owned(), "metlo.secret".to_owned()),
+            ("x-metlo-key-name".to_owned(), "forged".to_owned()),
+            ("X-Metlo-Anything".to_owned(), "forged".to_owned()),
+            ("host".to_owned(), "edge.dev".to_owned()),
+            ("content-type".to_owned(), "text/plain".to_owned()),
+        ];
+        let out = origin_headers(incoming.clone(), &record(None), false);
+        let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "X-Metlo-Key-Name", "X-Metlo-Key-Type", "X-Metlo-Key-Identifier"]);
+        assert_eq!(out[1].1, "ingest %E2%9C%93");
+        assert_eq!(out[2].1, "ONBOARDING");
+        let out = origin_headers(incoming, &record(None), true);
+        assert!(out.iter().any(|(n, v)| n == "authorization" && v == "metlo.secret"));
+    }
+
+    #[test]
+    fn refusals() {
+        let r = refusal_response(Refusal::Invalid, 5);
+        assert_eq!(r.status, 401);
+        assert!(r.headers.iter().any(|(n, _)| *n == "WWW-Authenticate"));
+        assert!(r.body.contains("invalid API key"));
+        let r = refusal_response(Refusal::Unavailable, 7);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("Retry-After", "7".to_owned())));
+        assert_eq!(refusal_response(Refusal::OriginUnreachable, 1).status, 502);
+    }
+}

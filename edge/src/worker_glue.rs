@@ -1,0 +1,205 @@
+//! The only wasm-specific code: reads the request, calls KV and the control plane, and
+//! builds responses, following the decisions made in [`crate::decision`].
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use futures_util::future::{select, Either};
+use metlo_shared::{KeyHash, KeyRecord};
+use worker::{
+    console_error, event, Context, Date, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
+    Response, ResponseBody,
+};
+
+use crate::config::Config;
+use crate::decision::{self, Lookup, PlainResponse, Refusal};
+use crate::isolate_cache::{Entry, IsolateCache};
+
+thread_local! {
+    // One isolate runs one request at a time on one thread; the cache lives as long as it.
+    static ISOLATE_CACHE: RefCell<Option<IsolateCache>> = const { RefCell::new(None) };
+}
+
+/// Where a decision came from, for the optional `X-Metlo-Edge-Source` diagnostics.
+#[derive(Clone, Copy)]
+enum Source {
+    None,
+    Isolate,
+    Kv,
+    ControlPlane,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::Isolate => "isolate",
+            Source::Kv => "kv",
+            Source::ControlPlane => "control-plane",
+        }
+    }
+}
+
+#[event(fetch)]
+async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    let config = match Config::from_vars(|name| env.var(name).ok().map(|v| v.to_string())) {
+        Ok(c) => c,
+        Err(e) => {
+            console_error!("edge misconfigured: {e}");
+            return plain(decision::refusal_response(Refusal::Unavailable, 30), false, Source::None);
+        }
+    };
+    handle(req, &env, &config).await
+}
+
+async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Response> {
+    let header = req.headers().get("Authorization")?;
+    let hash = match decision::check_header(header.as_deref()) {
+        Ok(hash) => hash,
+        Err(refusal) => return refuse(refusal, config, Source::None),
+    };
+    let (record, source) = match find(&hash, env, config).await {
+        Ok(found) => found,
+        Err((refusal, source)) => return refuse(refusal, config, source),
+    };
+    let now = Date::now().as_millis() / 1000;
+    if let Err(refusal) = decision::admit(&record, now) {
+        return refuse(refusal, config, source);
+    }
+    match proxy(req, &record, config, source).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            console_error!("origin unreachable: {e}");
+            refuse(Refusal::OriginUnreachable, config, source)
+        }
+    }
+}
+
+/// Steps 2–4: isolate cache, KV, control plane.
+async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, Source), (Refusal, Source)> {
+    let now_ms = Date::now().as_millis();
+    match with_cache(config, |c| c.get(hash, now_ms)) {
+        Some(Entry::Valid(record)) => return Ok((record, Source::Isolate)),
+        Some(Entry::Unknown) => return Err((Refusal::Invalid, Source::Isolate)),
+        None => {}
+    }
+    let hex = hash.to_hex();
+    let kv = env.kv("KEYS").map_err(|e| {
+        console_error!("KV binding KEYS missing: {e}");
+        (Refusal::Unavailable, Source::None)
+    })?;
+    match kv.get(&hex).cache_ttl(config.kv_cache_ttl_seconds).text().await {
+        Ok(Some(value)) => {
+            if let Some(record) = decision::decode_kv(&value) {
+                with_cache(config, |c| c.put(*hash, Entry::Valid(record.clone()), now_ms));
+                return Ok((record, Source::Kv));
+            }
+        }
+        Ok(None) => {}
+        // A KV failure is not a decision: ask the control plane instead.
+        Err(e) => console_error!("KV read failed: {e}"),
+    }
+    match ask_control_plane(&hex, env, config).await {
+        Lookup::Found(record) => {
+            let now = now_ms / 1000;
+            if let Some(ttl) = decision::kv_ttl(&record, config.kv_ttl_seconds, now) {
+                let put = kv.put(&hex, record.to_json()).map(|p| p.expiration_ttl(ttl));
+                match put {
+                    Ok(p) => {
+                        if let Err(e) = p.execute().await {
+                            console_error!("KV write failed: {e}");
+                        }
+                    }
+                    Err(e) => console_error!("KV write failed: {e}"),
+                }
+            }
+            with_cache(config, |c| c.put(*hash, Entry::Valid(record.clone()), now_ms));
+            Ok((record, Source::ControlPlane))
+        }
+        Lookup::NotFound => {
+            // Remembered in the isolate only: an attacker must never make us write KV.
+            with_cache(config, |c| c.put(*hash, Entry::Unknown, now_ms));
+            Err((Refusal::Invalid, Source::ControlPlane))
+        }
+        Lookup::Failed(why) => {
+            console_error!("control plane lookup failed: {why}");
+            Err((Refusal::Unavailable, Source::ControlPlane))
+        }
+    }
+}
+
+async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
+    let key = match env.secret("CONTROL_PLANE_KEY").map(|s| s.to_string()).or_else(|_| {
+        env.var("CONTROL_PLANE_KEY").map(|v| v.to_string())
+    }) {
+        Ok(k) => k,
+        Err(_) => return Lookup::Failed("the CONTROL_PLANE_KEY secret is not set".into()),
+    };
+    let headers = Headers::new();
+    if headers.set("Authorization", &format!("Bearer {key}")).is_err() {
+        return Lookup::Failed("CONTROL_PLANE_KEY is not a valid header value".into());
+    }
+    let mut init = RequestInit::new();
+    init.with_method(Method::Get).with_headers(headers);
+    let url = format!("{}/api/v1/keys/by-hash/{hex}", config.control_plane_url);
+    let request = match Request::new_with_init(&url, &init) {
+        Ok(r) => r,
+        Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
+    };
+    let call = async {
+        let mut response = Fetch::Request(request).send().await?;
+        let status = response.status_code();
+        let body = response.bytes().await?;
+        Ok::<_, worker::Error>((status, body))
+    };
+    let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
+    match select(Box::pin(call), timeout).await {
+        Either::Left((Ok((status, body)), _)) => decision::interpret_lookup(status, &body),
+        Either::Left((Err(e), _)) => Lookup::Failed(format!("control plane unreachable: {e}")),
+        Either::Right(_) => Lookup::Failed("control plane timed out".into()),
+    }
+}
+
+/// Step 5: forward to the origin, body streamed, and return its response unchanged.
+async fn proxy(req: Request, record: &KeyRecord, config: &Config, source: Source) -> worker::Result<Response> {
+    let url = decision::origin_request_url(&config.origin_url, req.url()?.as_str());
+    let headers = Headers::new();
+    for (name, value) in decision::origin_headers(req.headers().entries(), record, config.forward_authorization) {
+        headers.append(&name, &value)?;
+    }
+    if config.decision_header {
+        headers.set("X-Metlo-Edge-Source", source.as_str())?;
+    }
+    let mut init = RequestInit::new();
+    init.with_method(req.method()).with_headers(headers).with_redirect(RequestRedirect::Manual);
+    if let Some(body) = req.inner().body() {
+        init.with_body(Some(body.into()));
+    }
+    let forwarded = Request::new_with_init(&url, &init)?;
+    Fetch::Request(forwarded).send().await
+}
+
+fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
+    ISOLATE_CACHE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let cache = slot.get_or_insert_with(|| {
+            IsolateCache::new(config.isolate_capacity, config.isolate_hit_ms, config.isolate_miss_ms)
+        });
+        f(cache)
+    })
+}
+
+fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<Response> {
+    plain(decision::refusal_response(refusal, config.retry_after_seconds), config.decision_header, source)
+}
+
+fn plain(r: PlainResponse, decision_header: bool, source: Source) -> worker::Result<Response> {
+    let headers = Headers::new();
+    for (name, value) in &r.headers {
+        headers.set(name, value)?;
+    }
+    if decision_header {
+        headers.set("X-Metlo-Edge-Source", source.as_str())?;
+    }
+    Ok(Response::from_body(ResponseBody::Body(r.body.into_bytes()))?.with_status(r.status).with_headers(headers))
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the edge Worker (edge/ → edge/build/). Idempotent.
+#
+# Standard path: rustup has the wasm32-unknown-unknown target → `worker-build --release`.
+# Offline path (no rustup target, as on machines without rustup downloads): Debian's
+# rustc-web (Rust >= 1.91) with its std sources rebuilt for wasm32 by -Zbuild-std, and
+# worker-build pointed at local wasm-bindgen / wasm-opt / esbuild instead of downloading them.
+# Either way the wasm build has its own target dir (target-wasm/) so it never invalidates
+# the native build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+
+./scripts/install-edge-tools.sh
+TOOLS="${METLO_TOOLS_DIR:-$HOME/.cache/metlo-edge-auth/tools}"
+
+export CARGO_TARGET_DIR="$root/target-wasm"
+# Size-optimised release profile for the wasm only (the native one is untouched). No
+# `strip`: wasm-bindgen needs the custom sections.
+export CARGO_PROFILE_RELEASE_OPT_LEVEL=z CARGO_PROFILE_RELEASE_LTO=true \
+       CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_PANIC=abort
+export WASM_BINDGEN_BIN="$TOOLS/bin/wasm-bindgen"
+export WASM_OPT_BIN="$root/node_modules/binaryen/bin/wasm-opt"
+export ESBUILD_BIN="$root/node_modules/@esbuild/linux-x64/bin/esbuild"
+
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+    mode="rustup wasm32 target"
+else
+    mode="offline: Debian rustc-web + -Zbuild-std"
+    export PATH="/usr/bin:$PATH"             # Debian's cargo/rustc before rustup's proxies
+    export RUSTC_BOOTSTRAP=1                 # lets the stable Debian compiler take -Z flags
+    export CARGO_UNSTABLE_BUILD_STD="std,panic_abort"
+    # worker-build refuses a non-rustup compiler unless the target's libdir exists; with
+    # build-std it stays empty.
+    libdir="$(/usr/bin/rustc --print target-libdir --target wasm32-unknown-unknown)"
+    if [ ! -d "$libdir" ]; then
+        if [ "$(id -u)" -eq 0 ]; then mkdir -p "$libdir"; else sudo mkdir -p "$libdir"; fi
+    fi
+fi
+
+echo "building the Worker ($mode)" >&2
+cd edge
+"$TOOLS/bin/worker-build" --release >&2
