@@ -1,6 +1,6 @@
 # `make dev` runs the system locally; `make test` runs every test; `make bench` measures.
 SHELL := /bin/bash
-.PHONY: dev test bench
+.PHONY: dev test bench worker
 
 dev:
 	./scripts/dev.sh
@@ -10,3 +10,7 @@ test:
 
 bench:
 	./scripts/bench.sh
+
+# The edge Worker (edge/build/); installs its toolchain on first use.
+worker:
+	./scripts/build-worker.sh

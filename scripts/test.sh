@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests, then the end-to-end suite against the real binaries with
-# throwaway PostgreSQL and Redis. Installs what it needs first.
+# Runs every test: unit tests, then the end-to-end suites against the real binaries —
+# the control plane with throwaway PostgreSQL and Redis, and the edge Worker under real
+# `wrangler dev`. Installs what it needs first (cached outside the repo after the first run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
+./scripts/build-worker.sh
 cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"

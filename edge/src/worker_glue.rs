@@ -162,7 +162,9 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
 async fn proxy(req: Request, record: &KeyRecord, config: &Config, source: Source) -> worker::Result<Response> {
-    let url = decision::origin_request_url(&config.origin_url, req.url()?.as_str());
+    // The raw URL string: `req.url()` would parse it with the `url` crate and pull its
+    // IDNA tables (~100 KB) into the wasm.
+    let url = decision::origin_request_url(&config.origin_url, &req.inner().url());
     let headers = Headers::new();
     for (name, value) in decision::origin_headers(req.headers().entries(), record, config.forward_authorization) {
         headers.append(&name, &value)?;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod edge;
+
 pub use reqwest::StatusCode;
 
 /// Which key store a control plane runs on.
@@ -228,6 +230,12 @@ impl ControlPlane {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited cleanly.

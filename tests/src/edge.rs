@@ -1,0 +1,270 @@
+//! The edge under test: `wrangler dev` (real workerd, local KV) serving the built Worker,
+//! and an echo origin that records what reaches it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+
+use crate::{free_port, workspace_root};
+
+/// A request as the origin saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    /// Where the edge found the key (`X-Metlo-Edge-Source`, sent when DECISION_HEADER is on).
+    pub fn headers_source(&self) -> String {
+        self.headers.get("x-metlo-edge-source").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    }
+}
+
+/// An HTTP origin that answers every request with a JSON echo of it. A request header
+/// `x-echo-status: N` sets the status; `x-echo-body: text` sets the body instead.
+pub struct Origin {
+    pub url: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let app = axum::Router::new().fallback(echo).with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Origin { url, seen, task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> impl IntoResponse {
+    let (parts, body) = req.into_parts();
+    let body: Bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let record = Seen {
+        method: parts.method.to_string(),
+        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: parts.headers.clone(),
+        body: body.to_vec(),
+    };
+    seen.lock().unwrap().push(record.clone());
+    let status = parts
+        .headers
+        .get("x-echo-status")
+        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = match parts.headers.get("x-echo-body") {
+        Some(b) => b.to_str().unwrap_or_default().to_owned(),
+        None => json!({
+            "method": record.method,
+            "pathAndQuery": record.path_and_query,
+            "bodyLength": record.body.len(),
+        })
+        .to_string(),
+    };
+    (status, [("x-origin", "echo")], body)
+}
+
+/// The built Worker's entry point (`make worker` / scripts/build-worker.sh builds it).
+pub fn worker_main() -> PathBuf {
+    let main = workspace_root().join("edge/build/index.js");
+    assert!(main.exists(), "{} not built: run `make test` (it builds the Worker first)", main.display());
+    main
+}
+
+/// `wrangler dev` serving the Worker on a free port with its own throwaway KV state.
+pub struct Edge {
+    pub url: String,
+    pub client: reqwest::Client,
+    child: Child,
+    dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+/// Starting many workerd processes at once overloads a 2-core machine: one at a time.
+static START_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Edge {
+    /// Starts the Worker with these `[vars]` (on top of the defaults in the repo's
+    /// wrangler.toml) and the control-plane key as its secret.
+    pub async fn start(control_plane_url: &str, control_plane_key: &str, origin_url: &str, vars: &[(&str, &str)]) -> Self {
+        let _guard = START_LOCK.lock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut all_vars: Vec<(String, String)> = vec![
+            ("ORIGIN_URL".into(), origin_url.into()),
+            ("CONTROL_PLANE_URL".into(), control_plane_url.into()),
+            ("DECISION_HEADER".into(), "true".into()),
+        ];
+        for (k, v) in vars {
+            all_vars.retain(|(name, _)| name != k);
+            all_vars.push((k.to_string(), v.to_string()));
+        }
+        let vars_toml: String = all_vars.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+        // The same Worker and bindings as the repo's wrangler.toml, without its build
+        // hook (the tests build once, before they start).
+        let config = format!(
+            "name = \"metlo-edge-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
+             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"metlo-keys-test\"\n\n[vars]\n{vars_toml}",
+            main = worker_main().display().to_string(),
+        );
+        std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
+        std::fs::write(dir.path().join(".dev.vars"), format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n")).unwrap();
+        let port = free_port();
+        let log_path = dir.path().join("wrangler.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
+            .args([
+                "dev",
+                "--local",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--inspector-port",
+                &free_port().to_string(),
+                "--persist-to",
+                "state",
+                "--show-interactive-dev-session=false",
+            ])
+            .current_dir(dir.path())
+            .env("CI", "true")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+            .env("XDG_CONFIG_HOME", dir.path().join("xdg"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            // Its own process group, so stopping it also stops the workerd it starts.
+            .process_group(0)
+            .spawn()
+            .expect("wrangler: run scripts/install-edge-tools.sh");
+        let edge = Edge {
+            url: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            child,
+            dir,
+            log_path,
+        };
+        edge.wait_ready().await;
+        edge
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/__ready", self.url)).send().await {
+                // Any answer from the Worker itself (a 401: no key) means it is serving.
+                if r.headers().contains_key("x-metlo-edge-source") {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "wrangler dev did not start:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+        let rb = self.client.get(format!("{}{}", self.url, path));
+        match key {
+            Some(k) => rb.header("Authorization", k),
+            None => rb,
+        }
+    }
+
+    /// Runs `wrangler kv key …` against this edge's local KV (the same store it serves).
+    fn kv(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
+            .args(["kv", "key"])
+            .args(args)
+            .args(["--binding", "KEYS", "--local", "--persist-to", "state"])
+            .current_dir(self.dir.path())
+            .env("CI", "true")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("XDG_CONFIG_HOME", self.dir.path().join("xdg"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// The KV value under `key`, if any.
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let v = self.kv(&["get", key, "--text"]).ok()?;
+        let v = v.trim();
+        (!v.is_empty() && v != "Value not found").then(|| v.to_owned())
+    }
+
+    /// Every key in the local KV.
+    pub fn kv_keys(&self) -> Vec<String> {
+        let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
+            .args(["kv", "key", "list", "--binding", "KEYS", "--local", "--persist-to", "state"])
+            .current_dir(self.dir.path())
+            .env("CI", "true")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("XDG_CONFIG_HOME", self.dir.path().join("xdg"))
+            .output()
+            .unwrap();
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        list.as_array()
+            .map(|a| a.iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn kv_put(&self, key: &str, value: &str) {
+        self.kv(&["put", key, value]).expect("wrangler kv key put");
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        // wrangler starts workerd as a child: stop the whole process group.
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,207 @@
+//! The edge Worker end to end: real `wrangler dev` (workerd, local KV) in front of an
+//! echo origin, asking the real control-plane binary on KV misses.
+
+use std::time::Duration;
+
+use metlo_shared::{ApiKey, KeyRecord, KeyType, RECORD_VERSION};
+use metlo_tests::edge::{Edge, Origin};
+use metlo_tests::{Backend, ControlPlane, StatusCode};
+
+struct Stack {
+    cp: ControlPlane,
+    origin: Origin,
+    edge: Edge,
+}
+
+async fn stack(vars: &[(&str, &str)]) -> Stack {
+    let cp = ControlPlane::start(Backend::Sqlite).await;
+    // The Worker's own key: what `wrangler secret put CONTROL_PLANE_KEY` would hold.
+    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let origin = Origin::start().await;
+    let edge = Edge::start(&cp.url, &worker_key, &origin.url, vars).await;
+    Stack { cp, origin, edge }
+}
+
+impl Stack {
+    /// How many times the Worker has asked the control plane about a hash.
+    async fn by_hash_calls(&self) -> f64 {
+        self.cp.metric("http_requests_total", "by-hash").await
+    }
+}
+
+fn source(r: &reqwest::Response) -> String {
+    r.headers().get("x-metlo-edge-source").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_key_is_proxied_with_identity_headers() {
+    let s = stack(&[]).await;
+    let key = s.cp.create_key("ingest ✓/prod", "ONBOARDING").await;
+    let identifier = ApiKey::parse(&key).unwrap().identifier();
+
+    let body = "x".repeat(300_000) + "end";
+    let r = s
+        .edge
+        .client
+        .post(format!("{}/v1/items/42?q=a%20b&flag", s.edge.url))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("X-Metlo-Key-Name", "forged")
+        .header("X-Custom", "kept")
+        .header("x-echo-status", "201")
+        .header("x-echo-body", "created by origin")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "origin's status unchanged");
+    assert_eq!(r.headers()["x-origin"], "echo", "origin's headers unchanged");
+    assert_eq!(r.text().await.unwrap(), "created by origin", "origin's body unchanged");
+
+    let seen = s.origin.requests();
+    assert_eq!(seen.len(), 1);
+    let req = &seen[0];
+    assert_eq!(req.method, "POST");
+    assert_eq!(req.path_and_query, "/v1/items/42?q=a%20b&flag");
+    assert_eq!(req.body, body.as_bytes(), "body intact");
+    assert!(req.headers.get("authorization").is_none(), "Authorization stripped");
+    assert_eq!(req.headers["x-metlo-key-name"], "ingest %E2%9C%93/prod");
+    assert_eq!(req.headers.get_all("x-metlo-key-name").iter().count(), 1, "client's forged header dropped");
+    assert_eq!(req.headers["x-metlo-key-type"], "ONBOARDING");
+    assert_eq!(req.headers["x-metlo-key-identifier"], identifier.as_str());
+    assert_eq!(req.headers["x-custom"], "kept");
+
+    // The bare key (Metlo's form) works too, and GET without a body.
+    let r = s.edge.get("/plain", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[1].method, "GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_authorization_when_configured() {
+    let s = stack(&[("FORWARD_AUTHORIZATION", "true")]).await;
+    let key = s.cp.create_key("fwd", "GENERIC").await;
+    let r = s.edge.get("/x", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[0].headers["authorization"], key.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keys_are_refused_malformed_ones_without_any_lookup() {
+    let s = stack(&[]).await;
+    let valid = ApiKey::generate().unwrap();
+    let mut bad_checksum = valid.expose_secret().to_owned();
+    let last = bad_checksum.pop().unwrap();
+    bad_checksum.push(if last == 'a' { 'b' } else { 'a' });
+
+    for header in [None, Some("".to_owned()), Some("garbage".to_owned()), Some("Bearer metlo.short".to_owned()), Some(bad_checksum)] {
+        let r = s.edge.get("/anything", header.as_deref()).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{header:?}");
+        assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+        assert_eq!(source(&r), "none", "decided from the header alone: no KV read, no control-plane call");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    assert_eq!(s.by_hash_calls().await, 0.0, "no control-plane call for malformed keys");
+    assert!(s.edge.kv_keys().is_empty(), "nothing written to KV");
+
+    // Well-formed but unknown: the control plane is asked once; the miss is remembered
+    // in the isolate, never written to KV.
+    let unknown = ApiKey::generate().unwrap();
+    let r = s.edge.get("/x", Some(unknown.expose_secret())).send().await.unwrap();
+    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "control-plane"));
+    let r = s.edge.get("/x", Some(unknown.expose_secret())).send().await.unwrap();
+    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "isolate"));
+    assert_eq!(s.by_hash_calls().await, 1.0);
+    assert!(s.edge.kv_keys().is_empty(), "a miss is never written to KV");
+
+    // Deleted on the control plane before any edge use → 401, same answer as unknown.
+    let key = s.cp.create_key("gone", "GENERIC").await;
+    s.cp.delete("gone", Some(&s.cp.admin_key)).await;
+    let r = s.edge.get("/x", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("invalid API key"), "{body}");
+    assert!(s.origin.requests().is_empty(), "nothing reached the origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_requests_are_served_from_isolate_and_kv() {
+    let s = stack(&[]).await;
+    let key = s.cp.create_key("hot", "GENERIC").await;
+    let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
+
+    let r = s.edge.get("/1", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[0].headers_source(), "control-plane");
+    let r = s.edge.get("/2", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[1].headers_source(), "isolate");
+    assert_eq!(s.by_hash_calls().await, 1.0);
+    let stored = s.edge.kv_get(&hash).expect("the record is written to KV after a control-plane hit");
+    let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
+    assert_eq!(record.name, "hot");
+    // After the isolate's 1 s, KV answers; the control plane is still asked only once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = s.edge.get("/3", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[2].headers_source(), "kv");
+    assert_eq!(s.by_hash_calls().await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_down_fails_closed() {
+    let mut s = stack(&[("CONTROL_PLANE_TIMEOUT_MS", "1000")]).await;
+    let cached = s.cp.create_key("cached", "GENERIC").await;
+    let uncached = s.cp.create_key("uncached", "GENERIC").await;
+    assert_eq!(s.edge.get("/", Some(&cached)).send().await.unwrap().status(), StatusCode::OK);
+
+    s.cp.kill();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the isolate's hit window
+    for _ in 0..3 {
+        let r = s.edge.get("/", Some(&cached)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "a key in KV still passes");
+        let r = s.edge.get("/", Some(&uncached)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "fail closed, never 200");
+        assert!(r.headers().contains_key("retry-after"));
+        // A well-formed unknown key: also 503 (it cannot be checked), never 200.
+        let r = s.edge.get("/", Some(ApiKey::generate().unwrap().expose_secret())).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Garbage is still 401: it needs no control plane.
+        assert_eq!(s.edge.get("/", Some("garbage")).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(s.origin.requests().len(), 4, "only the cached key's requests reached the origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_record_is_refused() {
+    let s = stack(&[]).await;
+    let key = ApiKey::generate().unwrap();
+    let record = KeyRecord {
+        v: RECORD_VERSION,
+        name: "expired".into(),
+        key_type: KeyType::Generic,
+        identifier: key.identifier(),
+        created: "2026-01-01T00:00:00.000Z".into(),
+        expires: Some(1_700_000_000),
+    };
+    s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
+    let r = s.edge.get("/", Some(key.expose_secret())).send().await.unwrap();
+    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "kv"));
+    // Not yet expired: allowed, straight from KV.
+    let key = ApiKey::generate().unwrap();
+    let record = KeyRecord { expires: Some(4_000_000_000), identifier: key.identifier(), ..record };
+    s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
+    let r = s.edge.get("/", Some(key.expose_secret())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.by_hash_calls().await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_down_is_502_not_401() {
+    let s = stack(&[]).await;
+    let key = s.cp.create_key("k", "GENERIC").await;
+    s.origin.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = s.edge.get("/", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+}
