@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the edge Worker (edge/ → edge/build/). Idempotent.
+# Builds the edge Worker (edge/ → edge/build/), or the Worker crate given as the first
+# argument (the benchmark's baselines). Idempotent.
 #
 # Standard path: rustup has the wasm32-unknown-unknown target → `worker-build --release`.
 # Offline path (no rustup target, as on machines without rustup downloads): Debian's
@@ -10,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
+crate="${1:-edge}"
 
 ./scripts/install-edge-tools.sh
 TOOLS="${METLO_TOOLS_DIR:-$HOME/.cache/metlo-edge-auth/tools}"
@@ -38,15 +40,15 @@ else
     fi
 fi
 
-echo "building the Worker ($mode)" >&2
-cd edge
+echo "building the Worker in $crate ($mode)" >&2
+cd "$crate"
 "$TOOLS/bin/worker-build" --release >&2
 cd "$root"
 
 # worker-build keeps the wasm names section (debug symbols, ~40% of the file); the
 # deployed Worker does not need it. Re-serialise without it, then swap the file in by
 # rename (a running `wrangler dev` dies if the file it watches is overwritten in place).
-wasm="$root/edge/build/index_bg.wasm"
+wasm="$root/$crate/build/index_bg.wasm"
 features=(--enable-mutable-globals --enable-sign-ext --enable-nontrapping-float-to-int --enable-bulk-memory
           --enable-multivalue --enable-reference-types --enable-exception-handling)
 "$WASM_OPT_BIN" "$wasm" -o "$wasm.stripped" --strip-debug --strip-producers "${features[@]}"

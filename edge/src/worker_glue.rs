@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::future::{select, Either};
 use metlo_shared::{KeyHash, KeyRecord};
 use worker::{
-    console_error, event, Context, Date, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
+    console_error, event, Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
     Response, ResponseBody,
 };
 
@@ -16,8 +16,23 @@ use crate::decision::{self, Lookup, PlainResponse, Refusal};
 use crate::isolate_cache::{Entry, IsolateCache};
 
 thread_local! {
-    // One isolate runs one request at a time on one thread; the cache lives as long as it.
+    // One isolate runs one request at a time on one thread; these live as long as it.
     static ISOLATE_CACHE: RefCell<Option<IsolateCache>> = const { RefCell::new(None) };
+    // `[vars]` are fixed for an isolate's life: parse them once, not per request (each
+    // read crosses the wasm/JS boundary).
+    static CONFIG: RefCell<Option<std::rc::Rc<Config>>> = const { RefCell::new(None) };
+    // Refusals always carry the same headers: built once, copied into each Response by
+    // the runtime (three JS calls fewer per refused request).
+    static REFUSAL_HEADERS: RefCell<Vec<((u16, &'static str), Headers)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
+    if let Some(c) = CONFIG.with(|c| c.borrow().clone()) {
+        return Ok(c);
+    }
+    let parsed = std::rc::Rc::new(Config::from_vars(|name| env.var(name).ok().map(|v| v.to_string()))?);
+    CONFIG.with(|c| *c.borrow_mut() = Some(parsed.clone()));
+    Ok(parsed)
 }
 
 /// Where a decision came from, for the optional `X-Metlo-Edge-Source` diagnostics.
@@ -42,7 +57,7 @@ impl Source {
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
-    let config = match Config::from_vars(|name| env.var(name).ok().map(|v| v.to_string())) {
+    let config = match config(&env) {
         Ok(c) => c,
         Err(e) => {
             console_error!("edge misconfigured: {e}");
@@ -62,8 +77,7 @@ async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Resp
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
-    let now = Date::now().as_millis() / 1000;
-    if let Err(refusal) = decision::admit(&record, now) {
+    if let Err(refusal) = decision::admit(&record, now_ms() / 1000) {
         return refuse(refusal, config, source);
     }
     match proxy(req, &record, config, source).await {
@@ -77,7 +91,7 @@ async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Resp
 
 /// Steps 2–4: isolate cache, KV, control plane.
 async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, Source), (Refusal, Source)> {
-    let now_ms = Date::now().as_millis();
+    let now_ms = now_ms();
     match with_cache(config, |c| c.get(hash, now_ms)) {
         Some(Entry::Valid(record)) => return Ok((record, Source::Isolate)),
         Some(Entry::Unknown) => return Err((Refusal::Invalid, Source::Isolate)),
@@ -165,20 +179,33 @@ async fn proxy(req: Request, record: &KeyRecord, config: &Config, source: Source
     // The raw URL string: `req.url()` would parse it with the `url` crate and pull its
     // IDNA tables (~100 KB) into the wasm.
     let url = decision::origin_request_url(&config.origin_url, &req.inner().url());
-    let headers = Headers::new();
-    for (name, value) in decision::origin_headers(req.headers().entries(), record, config.forward_authorization) {
-        headers.append(&name, &value)?;
+    let headers = Headers(web_sys::Headers::new_with_headers(req.inner().headers().as_ref())?);
+    let changes = decision::origin_headers(record, config.forward_authorization);
+    for name in changes.remove {
+        headers.delete(name)?;
+    }
+    for (name, value) in &changes.set {
+        headers.set(name, value)?;
     }
     if config.decision_header {
         headers.set("X-Metlo-Edge-Source", source.as_str())?;
     }
+    let method = req.method();
+    let has_body = !matches!(method, Method::Get | Method::Head);
     let mut init = RequestInit::new();
-    init.with_method(req.method()).with_headers(headers).with_redirect(RequestRedirect::Manual);
-    if let Some(body) = req.inner().body() {
-        init.with_body(Some(body.into()));
+    init.with_method(method).with_headers(headers).with_redirect(RequestRedirect::Manual);
+    if has_body {
+        if let Some(body) = req.inner().body() {
+            init.with_body(Some(body.into()));
+        }
     }
     let forwarded = Request::new_with_init(&url, &init)?;
     Fetch::Request(forwarded).send().await
+}
+
+/// Milliseconds since the epoch, in one JS call (`Date.now()`).
+fn now_ms() -> u64 {
+    js_sys::Date::now() as u64
 }
 
 fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
@@ -192,10 +219,26 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
 }
 
 fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<Response> {
-    plain(decision::refusal_response(refusal, config.retry_after_seconds), config.decision_header, source)
+    let r = decision::refusal_response(refusal, config.retry_after_seconds);
+    let tag = if config.decision_header { source.as_str() } else { "" };
+    let headers = REFUSAL_HEADERS.with(|cell| -> worker::Result<Headers> {
+        let mut cache = cell.borrow_mut();
+        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (r.status, tag)) {
+            return Ok(h.clone());
+        }
+        let h = to_headers(&r, config.decision_header, source)?;
+        cache.push(((r.status, tag), h.clone()));
+        Ok(h)
+    })?;
+    Ok(Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?.with_status(r.status).with_headers(headers))
 }
 
 fn plain(r: PlainResponse, decision_header: bool, source: Source) -> worker::Result<Response> {
+    let headers = to_headers(&r, decision_header, source)?;
+    Ok(Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?.with_status(r.status).with_headers(headers))
+}
+
+fn to_headers(r: &PlainResponse, decision_header: bool, source: Source) -> worker::Result<Headers> {
     let headers = Headers::new();
     for (name, value) in &r.headers {
         headers.set(name, value)?;
@@ -203,5 +246,5 @@ fn plain(r: PlainResponse, decision_header: bool, source: Source) -> worker::Res
     if decision_header {
         headers.set("X-Metlo-Edge-Source", source.as_str())?;
     }
-    Ok(Response::from_body(ResponseBody::Body(r.body.into_bytes()))?.with_status(r.status).with_headers(headers))
+    Ok(headers)
 }

@@ -1,0 +1,95 @@
+// Edge benchmark: our Rust Worker against JavaScript baselines, all under workerd via
+// Miniflare's API (the engine `wrangler dev` uses, without wrangler's Node proxy in the
+// request path, which otherwise caps every Worker at ~400 req/s here). Load from wrk.
+// Env: ORIGIN_URL (a fast origin), METLO_KEY (a valid key), ROUNDS, SECONDS.
+import { Miniflare } from "miniflare";
+import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { gzipSync } from "node:zlib";
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = join(here, "..", "..", "..");
+const ORIGIN_URL = process.env.ORIGIN_URL;
+const KEY = process.env.METLO_KEY;
+const ROUNDS = Number(process.env.ROUNDS || 3);
+const SECONDS = Number(process.env.SECONDS || 5);
+const PATH = "/api/v1/verify";
+if (!ORIGIN_URL || !KEY) throw new Error("ORIGIN_URL and METLO_KEY must be set");
+
+const hash = createHash("sha256").update(KEY).digest("hex");
+const record = JSON.stringify({ v: 1, name: "bench", for: "GENERIC", identifier: KEY.slice(0, 14), created: "2026-01-01T00:00:00.000Z" });
+const common = { compatibilityDate: "2025-09-01", modules: true, kvNamespaces: ["KEYS"],
+  bindings: { ORIGIN_URL, CONTROL_PLANE_URL: "http://127.0.0.1:9", CONTROL_PLANE_KEY: "unused" } };
+const workers = {
+  rust: { ...common, scriptPath: join(root, "edge/build/index.js"), modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }] },
+  js: { ...common, scriptPath: join(here, "js-auth.js") },
+  // Baselines built exactly like ours (same worker crate, toolchain and wasm-opt): the
+  // ratios against these measure what our checks cost.
+  rustPassthrough: { ...rustBaseline("passthrough") },
+  rustEmpty: { ...rustBaseline("empty") },
+  // JavaScript baselines: the same, without the worker crate's JS↔wasm cost.
+  passthrough: { ...common, scriptPath: join(here, "passthrough.js") },
+  empty: { ...common, scriptPath: join(here, "empty.js") },
+};
+function rustBaseline(mode) {
+  return { ...common, bindings: { ...common.bindings, MODE: mode },
+    scriptPath: join(here, "rust-baseline/build/index.js"), modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }] };
+}
+
+async function start(name) {
+  const t0 = performance.now();
+  const mf = new Miniflare(workers[name]);
+  const url = (await mf.ready).toString().replace(/\/$/, "");
+  await (await mf.getKVNamespace("KEYS")).put(hash, record);
+  const first = await fetch(url + PATH, { headers: { Authorization: KEY } });
+  await first.arrayBuffer();
+  return { mf, url, startupMs: performance.now() - t0, firstStatus: first.status };
+}
+
+function wrk(url, key) {
+  const args = ["-t1", "-c16", `-d${SECONDS}s`];
+  if (key) args.push("-H", `Authorization: ${key}`);
+  const out = spawnSync("wrk", [...args, url + PATH], { encoding: "utf8" });
+  const rps = Number((out.stdout.match(/Requests\/sec:\s+([\d.]+)/) || [])[1]);
+  const non2xx = Number((out.stdout.match(/Non-2xx or 3xx responses:\s+(\d+)/) || [0, 0])[1]);
+  if (!rps) throw new Error("wrk failed: " + out.stdout + out.stderr);
+  return { rps, non2xx };
+}
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const started = {};
+for (const name of Object.keys(workers)) started[name] = await start(name);
+if (started.rust.firstStatus !== 200 || started.js.firstStatus !== 200)
+  throw new Error(`warm-up failed: rust ${started.rust.firstStatus}, js ${started.js.firstStatus}`);
+
+const runs = { rust: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [] };
+console.log(`edge throughput under workerd (Miniflare API), wrk -t1 -c16 -d${SECONDS}s, ${ROUNDS} interleaved rounds, medians`);
+for (let round = 1; round <= ROUNDS; round++) {
+  const p = wrk(started.passthrough.url, KEY);
+  const r = wrk(started.rust.url, KEY);
+  const j = wrk(started.js.url, KEY);
+  const e = wrk(started.empty.url, "garbage");
+  const g = wrk(started.rust.url, "garbage");
+  const rp = wrk(started.rustPassthrough.url, KEY);
+  const re = wrk(started.rustEmpty.url, "garbage");
+  if (r.non2xx || j.non2xx || p.non2xx || rp.non2xx) throw new Error("a valid-key request failed");
+  runs.passthrough.push(p.rps); runs.rust.push(r.rps); runs.js.push(j.rps); runs.empty.push(e.rps); runs.rustGarbage.push(g.rps);
+  runs.rustPassthrough.push(rp.rps); runs.rustEmpty.push(re.rps);
+  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
+}
+const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
+console.log(`  valid key (isolate/KV hit), proxied: ours ${m.rust.toFixed(0)} req/s`);
+console.log(`    ÷ empty pass-through Worker, Rust (${m.rustPassthrough.toFixed(0)}): ${(m.rust / m.rustPassthrough).toFixed(2)}  (target >= 0.90)`);
+console.log(`    ÷ JavaScript Worker, KV get + WebCrypto SHA-256 (${m.js.toFixed(0)}): ${(m.rust / m.js).toFixed(2)}  (target >= 1.0)`);
+console.log(`    ÷ empty pass-through Worker, JavaScript (${m.passthrough.toFixed(0)}): ${(m.rust / m.passthrough).toFixed(2)}  (for reference)`);
+console.log(`  garbage key: ours ${m.rustGarbage.toFixed(0)} req/s`);
+console.log(`    ÷ empty Worker, Rust (${m.rustEmpty.toFixed(0)}): ${(m.rustGarbage / m.rustEmpty).toFixed(2)}  (target >= 0.95)`);
+console.log(`    ÷ empty Worker, JavaScript (${m.empty.toFixed(0)}): ${(m.rustGarbage / m.empty).toFixed(2)}  (for reference: the worker crate's JS↔wasm cost)`);
+const wasm = readFileSync(join(root, "edge/build/index_bg.wasm"));
+const js = readFileSync(join(root, "edge/build/index.js"));
+console.log(`  bundle: wasm ${(wasm.length / 1024).toFixed(0)} KiB raw, ${(gzipSync(wasm, { level: 9 }).length / 1024).toFixed(0)} KiB gzip (target <= 128); JS glue ${(js.length / 1024).toFixed(0)} KiB`);
+console.log(`  startup to first response: rust ${started.rust.startupMs.toFixed(0)} ms, js ${started.js.startupMs.toFixed(0)} ms, empty ${started.empty.startupMs.toFixed(0)} ms (workerd process start included)`);
+for (const s of Object.values(started)) await s.mf.dispose();
