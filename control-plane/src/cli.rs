@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use metlo_shared::KeyHash;
 
+use std::sync::Arc;
+
 use crate::cache::VerifyCache;
+use crate::kv_client::{KvClient, KvTarget};
+use crate::kv_sync::{self, SyncStatus};
 use crate::keys::{create_key, iso8601, parse_key_type, validate_name};
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
@@ -40,6 +44,48 @@ pub struct Config {
     pub cache_ttl_seconds: u64,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub kv: KvConfig,
+}
+
+/// Where key updates are pushed (Workers KV). Sync is on when the namespace, account and
+/// token are all set.
+#[derive(Debug, Args)]
+pub struct KvConfig {
+    /// Cloudflare API base URL (a local target in development and tests).
+    #[arg(long, env = "KV_API_URL", default_value = "https://api.cloudflare.com/client/v4", global = true)]
+    pub kv_api_url: String,
+    #[arg(long, env = "CLOUDFLARE_ACCOUNT_ID", global = true)]
+    pub cloudflare_account_id: Option<String>,
+    /// The id of the Workers KV namespace bound as KEYS in wrangler.toml.
+    #[arg(long, env = "KV_NAMESPACE_ID", global = true)]
+    pub kv_namespace_id: Option<String>,
+    /// A Cloudflare API token with Workers KV Storage:Edit.
+    #[arg(long, env = "CLOUDFLARE_API_TOKEN", global = true, hide_env_values = true)]
+    pub cloudflare_api_token: Option<String>,
+    /// expiration_ttl of pushed records (>= 60; 0: none, they live until deleted).
+    #[arg(long, env = "KV_SYNC_TTL_SECONDS", default_value_t = 86_400, global = true)]
+    pub kv_sync_ttl_seconds: u64,
+}
+
+impl KvConfig {
+    pub fn target(&self) -> anyhow::Result<Option<KvTarget>> {
+        let (Some(account), Some(namespace), Some(token)) =
+            (&self.cloudflare_account_id, &self.kv_namespace_id, &self.cloudflare_api_token)
+        else {
+            return Ok(None);
+        };
+        if self.kv_sync_ttl_seconds != 0 && self.kv_sync_ttl_seconds < 60 {
+            anyhow::bail!("KV_SYNC_TTL_SECONDS must be 0 or at least 60 (Workers KV's minimum)");
+        }
+        Ok(Some(KvTarget {
+            api_url: self.kv_api_url.clone(),
+            account_id: account.clone(),
+            namespace_id: namespace.clone(),
+            api_token: token.clone(),
+            expiration_ttl: (self.kv_sync_ttl_seconds > 0).then_some(self.kv_sync_ttl_seconds),
+        }))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,7 +129,9 @@ impl Config {
     }
 
     async fn store(&self) -> anyhow::Result<Store> {
-        let store = Store::connect(self.database_url.as_deref(), &self.data_dir).await?;
+        let store = Store::connect(self.database_url.as_deref(), &self.data_dir)
+            .await?
+            .with_outbox(self.kv.target()?.is_some());
         store.migrate().await?;
         Ok(store)
     }
@@ -94,11 +142,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
     match cli.command {
         Command::Serve { listen_addr } => {
+            let store = config.store().await?;
+            let kv_sync = match config.kv.target()? {
+                Some(target) => {
+                    let status = Arc::new(SyncStatus::default());
+                    tracing::info!(api = %target.api_url, namespace = %target.namespace_id, "KV sync on");
+                    kv_sync::spawn(store.clone(), KvClient::new(target)?, config.database_url.clone(), status.clone());
+                    Some(status)
+                }
+                None => None,
+            };
             let state = AppState {
                 metrics: telemetry::init_metrics()?,
-                store: config.store().await?,
+                store,
                 cache: config.cache(true)?,
                 max_api_keys: config.max_api_keys,
+                kv_sync,
             };
             server::serve(&listen_addr, state).await
         }

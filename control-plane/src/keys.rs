@@ -165,6 +165,7 @@ async fn create(
     let name = validate_name(req.name.as_deref())?;
     let key_type = parse_key_type(req.key_for.as_deref())?;
     let (key, stored) = create_key(&state.store, name, key_type, state.max_api_keys).await?;
+    state.outbox_written();
     Ok(Json(CreatedKey { api_key: key.expose_secret().to_owned(), info: stored.into() }))
 }
 
@@ -197,6 +198,7 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
         .delete_key(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound("no API key with this name".into()))?;
+    state.outbox_written();
     if let Ok(hash) = KeyHash::from_hex(&deleted.key_hash) {
         state.cache.revoke(&hash).await;
     }

@@ -5,6 +5,8 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod keys;
+pub mod kv_client;
+pub mod kv_sync;
 pub mod ops;
 pub mod server;
 pub mod store;
@@ -20,4 +22,15 @@ pub struct AppState {
     pub cache: VerifyCache,
     pub max_api_keys: u64,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The KV sync's status, when a KV target is configured.
+    pub kv_sync: Option<std::sync::Arc<kv_sync::SyncStatus>>,
+}
+
+impl AppState {
+    /// Wakes this replica's KV drainer after an outbox write.
+    pub fn outbox_written(&self) {
+        if let Some(s) = &self.kv_sync {
+            s.wake.notify_one();
+        }
+    }
 }

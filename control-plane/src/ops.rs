@@ -63,7 +63,17 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Some(false) => "unreachable",
     };
     let status = if db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "database": if db { "ok" } else { "unreachable" }, "cache": cache })))
+    let mut body = json!({ "database": if db { "ok" } else { "unreachable" }, "cache": cache });
+    if let Some(sync) = &state.kv_sync {
+        let (depth, oldest) = state.store.outbox_depth().await.unwrap_or((-1, None));
+        let age = oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+        body["kvSync"] = json!({
+            "outboxDepth": depth,
+            "oldestAgeSeconds": age,
+            "lastError": *sync.last_error.lock().unwrap(),
+        });
+    }
+    (status, Json(body))
 }
 
 async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {

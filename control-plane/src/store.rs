@@ -79,6 +79,28 @@ impl StoredKey {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Write KV updates to the outbox (only when a KV target is configured: otherwise
+    /// nothing would ever drain it).
+    outbox: bool,
+}
+
+/// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
+pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
+
+/// One pending KV update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kv_key: String,
+    /// `Some(record JSON)`: put; `None`: delete.
+    pub value: Option<String>,
+}
+
+/// Rows claimed by one drainer. On Postgres they stay locked (`FOR UPDATE SKIP LOCKED`)
+/// until [`Store::finish_claim`], so no other replica sends them meanwhile.
+pub struct Claim {
+    tx: Option<sqlx::Transaction<'static, sqlx::Any>>,
+    pub rows: Vec<OutboxRow>,
 }
 
 const KEY_COLUMNS: &str = "name, key_hash, identifier, key_type, created_at_ms";
@@ -125,7 +147,13 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, outbox: false })
+    }
+
+    /// Turns on outbox writes (done when a KV target is configured).
+    pub fn with_outbox(mut self, enabled: bool) -> Self {
+        self.outbox = enabled;
+        self
     }
 
     pub fn backend(&self) -> Backend {
@@ -169,8 +197,132 @@ impl Store {
         .bind(key.created_at_ms)
         .execute(&mut *tx)
         .await?;
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json())).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Adds a KV update to the outbox inside the caller's transaction.
+    async fn enqueue(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        kv_key: &str,
+        value: Option<String>,
+    ) -> Result<(), StoreError> {
+        if !self.outbox {
+            return Ok(());
+        }
+        let op = if value.is_some() { "put" } else { "delete" };
+        sqlx::query("INSERT INTO kv_outbox (kv_key, op, value, created_at_ms) VALUES ($1, $2, $3, $4)")
+            .bind(kv_key)
+            .bind(op)
+            .bind(value)
+            .bind(chrono::Utc::now().timestamp_millis())
+            .execute(&mut **tx)
+            .await?;
+        if self.backend == Backend::Postgres {
+            // Delivered at commit: wakes the drainers of every replica.
+            sqlx::query(&format!("SELECT pg_notify('{OUTBOX_CHANNEL}', '')")).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` pending updates, oldest first. Rows whose key has an older
+    /// pending update held by another drainer are left for later, so updates of one key
+    /// are always sent in order (a delete can never be overtaken by its put).
+    pub async fn claim_outbox(&self, limit: i64) -> Result<Claim, StoreError> {
+        let columns = "id, kv_key, value";
+        match self.backend {
+            Backend::Sqlite => {
+                // One process owns an SQLite file: no other drainer to race with.
+                let rows = sqlx::query(&format!("SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1"))
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(Claim { tx: None, rows: rows.iter().map(outbox_row).collect::<Result<_, _>>()? })
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(&format!(
+                    "SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                ))
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut rows: Vec<OutboxRow> = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+                if !rows.is_empty() {
+                    let mut keys: Vec<&str> = rows.iter().map(|r| r.kv_key.as_str()).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    let placeholders: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!(
+                        "SELECT kv_key, MIN(id) AS first FROM kv_outbox WHERE kv_key IN ({}) GROUP BY kv_key",
+                        placeholders.join(", ")
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for k in &keys {
+                        q = q.bind(*k);
+                    }
+                    let firsts: Vec<(String, i64)> = q
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|r| Ok((r.try_get("kv_key")?, r.try_get("first")?)))
+                        .collect::<Result<_, sqlx::Error>>()?;
+                    let mine: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+                    // Keep a row only if the oldest pending row of its key is one of ours.
+                    rows.retain(|r| {
+                        firsts.iter().find(|(k, _)| *k == r.kv_key).is_none_or(|(_, first)| mine.contains(first))
+                    });
+                }
+                Ok(Claim { tx: Some(tx), rows })
+            }
+        }
+    }
+
+    /// Ends a claim: on success the sent rows are deleted; on failure they stay, with the
+    /// attempt counted and the error recorded. Locks are released either way.
+    pub async fn finish_claim(&self, claim: Claim, outcome: Result<(), &str>) -> Result<(), StoreError> {
+        let Claim { tx, rows } = claim;
+        if rows.is_empty() {
+            if let Some(tx) = tx {
+                tx.rollback().await?;
+            }
+            return Ok(());
+        }
+        let list = |first: usize| (first..first + rows.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let (sql, error) = match outcome {
+            Ok(()) => (format!("DELETE FROM kv_outbox WHERE id IN ({})", list(1)), None),
+            Err(e) => (
+                format!("UPDATE kv_outbox SET attempts = attempts + 1, last_error = $1 WHERE id IN ({})", list(2)),
+                Some(e.chars().take(500).collect::<String>()),
+            ),
+        };
+        let mut q = sqlx::query(&sql);
+        if let Some(e) = error {
+            q = q.bind(e);
+        }
+        for r in &rows {
+            q = q.bind(r.id);
+        }
+        match tx {
+            Some(mut tx) => {
+                q.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            None => {
+                q.execute(&self.pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending updates and the age of the oldest, for metrics and readiness.
+    pub async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS depth, MIN(created_at_ms) AS oldest FROM kv_outbox")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((row.try_get("depth")?, row.try_get("oldest")?))
     }
 
     /// All keys, or those of one type; newest first.
@@ -213,6 +365,7 @@ impl Store {
         };
         let deleted = StoredKey::from_row(&row)?;
         sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1").execute(&mut *tx).await?;
+        self.enqueue(&mut tx, &deleted.key_hash, None).await?;
         tx.commit().await?;
         Ok(Some(deleted))
     }
@@ -220,4 +373,8 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn outbox_row(row: &AnyRow) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow { id: row.try_get("id")?, kv_key: row.try_get("kv_key")?, value: row.try_get("value")? })
 }

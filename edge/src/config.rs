@@ -14,7 +14,7 @@ pub struct Config {
     pub kv_ttl_seconds: u64,
     /// KV read `cacheTtl` (≥ 30 s).
     pub kv_cache_ttl_seconds: u64,
-    /// In-isolate cache: how long a valid key is trusted without KV (≤ 1 s by default
+    /// In-isolate cache: how long a valid key is trusted without KV (500 ms by default
     /// so a revoked key stops working fast).
     pub isolate_hit_ms: u64,
     /// In-isolate cache: how long an unknown key is remembered.
@@ -68,7 +68,7 @@ impl Config {
             control_plane_timeout_ms: number("CONTROL_PLANE_TIMEOUT_MS", 3000)?,
             kv_ttl_seconds: number("KV_TTL_SECONDS", 300)?,
             kv_cache_ttl_seconds: number("KV_CACHE_TTL_SECONDS", 30)?,
-            isolate_hit_ms: number("ISOLATE_HIT_MS", 1000)?,
+            isolate_hit_ms: number("ISOLATE_HIT_MS", 500)?,
             isolate_miss_ms: number("ISOLATE_MISS_MS", 5000)?,
             isolate_capacity: number("ISOLATE_CAPACITY", 10_000)? as usize,
             forward_authorization: flag("FORWARD_AUTHORIZATION"),
@@ -105,7 +105,7 @@ mod tests {
     fn defaults() {
         let c = Config::from_vars(vars(&BASE)).unwrap();
         assert_eq!(c.origin_url, "https://origin.example");
-        assert_eq!(c.isolate_hit_ms, 1000);
+        assert_eq!(c.isolate_hit_ms, 500);
         assert_eq!(c.kv_ttl_seconds, 300);
         assert!(!c.forward_authorization);
         assert!(!c.decision_header);

@@ -116,7 +116,133 @@ pub struct Edge {
     pub client: reqwest::Client,
     child: Child,
     dir: tempfile::TempDir,
+    state: PathBuf,
     log_path: PathBuf,
+}
+
+/// The KV namespace id the test Workers bind as KEYS.
+pub const KV_NAMESPACE: &str = "metlo-keys-test";
+/// The API token the local KV API accepts.
+pub const KV_API_TOKEN: &str = "test-token";
+
+/// `wrangler dev` for the config in `dir`, serving on `port`, local state in `state`,
+/// in its own process group (stopping it stops the workerd it starts).
+fn spawn_wrangler_dev(dir: &std::path::Path, state: &std::path::Path, port: u16, log_path: &std::path::Path) -> Child {
+    let log = std::fs::File::create(log_path).unwrap();
+    Command::new(workspace_root().join("node_modules/.bin/wrangler"))
+        .args(["dev", "--local", "--ip", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--inspector-port", &free_port().to_string(), "--show-interactive-dev-session=false"])
+        .arg("--persist-to")
+        .arg(state)
+        .current_dir(dir)
+        .env("CI", "true")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+        .env("XDG_CONFIG_HOME", dir.join("xdg"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("wrangler: run scripts/install-edge-tools.sh")
+}
+
+fn stop_group(child: &mut Child) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The development stand-in for Cloudflare's KV REST API (`dev/kv-api`), writing the
+/// local KV in `state` — the same one an [`Edge`] started on that state reads.
+pub struct KvApi {
+    pub url: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    state: PathBuf,
+    child: Option<Child>,
+}
+
+impl KvApi {
+    pub async fn start(state: &std::path::Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "name = \"metlo-kv-api-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
+             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n\
+             [vars]\nNAMESPACE_ID = \"{KV_NAMESPACE}\"\nAPI_TOKEN = \"{KV_API_TOKEN}\"\n",
+            main = workspace_root().join("dev/kv-api/worker.js").display().to_string(),
+        );
+        std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
+        let port = free_port();
+        let mut api = KvApi { url: format!("http://127.0.0.1:{port}"), port, dir, state: state.to_path_buf(), child: None };
+        api.restart().await;
+        api
+    }
+
+    /// The env a control plane needs to push to this target.
+    pub fn control_plane_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("KV_API_URL", format!("{}/client/v4", self.url)),
+            ("CLOUDFLARE_ACCOUNT_ID", "local".into()),
+            ("KV_NAMESPACE_ID", KV_NAMESPACE.into()),
+            ("CLOUDFLARE_API_TOKEN", KV_API_TOKEN.into()),
+        ]
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_group(&mut c);
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        let _guard = START_LOCK.lock().await;
+        assert!(self.child.is_none());
+        let log = self.dir.path().join("wrangler.log");
+        self.child = Some(spawn_wrangler_dev(self.dir.path(), &self.state, self.port, &log));
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = client.get(format!("{}/__stats", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "KV API did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Makes the next `count` API calls fail with `status`.
+    pub async fn inject_faults(&self, status: u16, count: u32) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__faults", self.url))
+            .json(&json!({"status": status, "count": count}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Every key in the local KV it writes.
+    pub fn kv_keys(&self) -> Vec<String> {
+        local_kv_keys(self.dir.path(), &self.state)
+    }
+
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        local_kv_get(self.dir.path(), &self.state, key)
+    }
+
+    /// What the target received: `{putRequests, deleteRequests, puts: [key…], deletes: [key…]}`.
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/__stats", self.url)).await.unwrap().json().await.unwrap()
+    }
+}
+
+impl Drop for KvApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Starting many workerd processes at once overloads a 2-core machine: one at a time.
@@ -126,8 +252,20 @@ impl Edge {
     /// Starts the Worker with these `[vars]` (on top of the defaults in the repo's
     /// wrangler.toml) and the control-plane key as its secret.
     pub async fn start(control_plane_url: &str, control_plane_key: &str, origin_url: &str, vars: &[(&str, &str)]) -> Self {
+        Self::start_on_state(None, control_plane_url, control_plane_key, origin_url, vars).await
+    }
+
+    /// Like [`Edge::start`], with the local KV kept in `state` (shared with a [`KvApi`]).
+    pub async fn start_on_state(
+        state: Option<&std::path::Path>,
+        control_plane_url: &str,
+        control_plane_key: &str,
+        origin_url: &str,
+        vars: &[(&str, &str)],
+    ) -> Self {
         let _guard = START_LOCK.lock().await;
         let dir = tempfile::tempdir().unwrap();
+        let state = state.map(|p| p.to_path_buf()).unwrap_or_else(|| dir.path().join("state"));
         let mut all_vars: Vec<(String, String)> = vec![
             ("ORIGIN_URL".into(), origin_url.into()),
             ("CONTROL_PLANE_URL".into(), control_plane_url.into()),
@@ -142,45 +280,20 @@ impl Edge {
         // hook (the tests build once, before they start).
         let config = format!(
             "name = \"metlo-edge-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
-             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"metlo-keys-test\"\n\n[vars]\n{vars_toml}",
+             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n[vars]\n{vars_toml}",
             main = worker_main().display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
         std::fs::write(dir.path().join(".dev.vars"), format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n")).unwrap();
         let port = free_port();
         let log_path = dir.path().join("wrangler.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
-            .args([
-                "dev",
-                "--local",
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--inspector-port",
-                &free_port().to_string(),
-                "--persist-to",
-                "state",
-                "--show-interactive-dev-session=false",
-            ])
-            .current_dir(dir.path())
-            .env("CI", "true")
-            .env("WRANGLER_SEND_METRICS", "false")
-            .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-            .env("XDG_CONFIG_HOME", dir.path().join("xdg"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            // Its own process group, so stopping it also stops the workerd it starts.
-            .process_group(0)
-            .spawn()
-            .expect("wrangler: run scripts/install-edge-tools.sh");
+        let child = spawn_wrangler_dev(dir.path(), &state, port, &log_path);
         let edge = Edge {
             url: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
             child,
             dir,
+            state,
             log_path,
         };
         edge.wait_ready().await;
@@ -213,58 +326,57 @@ impl Edge {
         }
     }
 
-    /// Runs `wrangler kv key …` against this edge's local KV (the same store it serves).
-    fn kv(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
-            .args(["kv", "key"])
-            .args(args)
-            .args(["--binding", "KEYS", "--local", "--persist-to", "state"])
-            .current_dir(self.dir.path())
-            .env("CI", "true")
-            .env("WRANGLER_SEND_METRICS", "false")
-            .env("XDG_CONFIG_HOME", self.dir.path().join("xdg"))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// The KV value under `key`, if any.
+    /// The KV value under `key`, if any (read through wrangler from the local KV).
     pub fn kv_get(&self, key: &str) -> Option<String> {
-        let v = self.kv(&["get", key, "--text"]).ok()?;
-        let v = v.trim();
-        (!v.is_empty() && v != "Value not found").then(|| v.to_owned())
+        local_kv_get(self.dir.path(), &self.state, key)
     }
 
     /// Every key in the local KV.
     pub fn kv_keys(&self) -> Vec<String> {
-        let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
-            .args(["kv", "key", "list", "--binding", "KEYS", "--local", "--persist-to", "state"])
-            .current_dir(self.dir.path())
-            .env("CI", "true")
-            .env("WRANGLER_SEND_METRICS", "false")
-            .env("XDG_CONFIG_HOME", self.dir.path().join("xdg"))
-            .output()
-            .unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        list.as_array()
-            .map(|a| a.iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
+        local_kv_keys(self.dir.path(), &self.state)
     }
 
     pub fn kv_put(&self, key: &str, value: &str) {
-        self.kv(&["put", key, value]).expect("wrangler kv key put");
+        local_kv(self.dir.path(), &self.state, &["put", key, value]).expect("wrangler kv key put");
     }
+}
+
+/// Runs `wrangler kv key …` with the config in `dir` against the local KV in `state`.
+fn local_kv(dir: &std::path::Path, state: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
+        .args(["kv", "key"])
+        .args(args)
+        .args(["--binding", "KEYS", "--local", "--persist-to"])
+        .arg(state)
+        .current_dir(dir)
+        .env("CI", "true")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("XDG_CONFIG_HOME", dir.join("xdg"))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn local_kv_get(dir: &std::path::Path, state: &std::path::Path, key: &str) -> Option<String> {
+    let v = local_kv(dir, state, &["get", key, "--text"]).ok()?;
+    let v = v.trim();
+    (!v.is_empty() && v != "Value not found").then(|| v.to_owned())
+}
+
+fn local_kv_keys(dir: &std::path::Path, state: &std::path::Path) -> Vec<String> {
+    let out = local_kv(dir, state, &["list"]).unwrap_or_default();
+    let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    list.as_array()
+        .map(|a| a.iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 impl Drop for Edge {
     fn drop(&mut self) {
-        // wrangler starts workerd as a child: stop the whole process group.
-        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_group(&mut self.child);
     }
 }

@@ -232,6 +232,38 @@ impl ControlPlane {
         self.child.id()
     }
 
+    /// Starts the server again (same database, same settings) after [`kill`](Self::kill).
+    pub fn restart(&mut self) {
+        let before = self.log().len();
+        self.child = spawn_server(&self.env, &self.log_path, "127.0.0.1:0");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(i) = log[before..].find("listening on http://") {
+                let rest = &log[before + i + "listening on ".len()..];
+                let end = rest.find(|c: char| c.is_whitespace() || c == '"').unwrap_or(rest.len());
+                self.url = rest[..end].to_owned();
+                return;
+            }
+            assert!(Instant::now() < deadline, "control plane did not restart:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the KV outbox is empty (as `/readyz` reports it); returns how long it took.
+    pub async fn wait_outbox_drained(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let (_, _, body) = self.get("/readyz", None).await;
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if v["kvSync"]["outboxDepth"] == 0 {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < timeout, "outbox not drained: {body}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Kills the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

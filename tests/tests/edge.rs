@@ -140,8 +140,8 @@ async fn repeat_requests_are_served_from_isolate_and_kv() {
     let stored = s.edge.kv_get(&hash).expect("the record is written to KV after a control-plane hit");
     let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
     assert_eq!(record.name, "hot");
-    // After the isolate's 1 s, KV answers; the control plane is still asked only once.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // After the isolate's 500 ms, KV answers; the control plane is still asked only once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let r = s.edge.get("/3", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.origin.requests()[2].headers_source(), "kv");

@@ -1,0 +1,128 @@
+//! A client for Cloudflare's Workers KV REST API — the subset the sync needs: bulk put
+//! (with `expiration_ttl`) and bulk delete. Checks the response envelope's `success`, not
+//! just the status; tells rate limiting and server errors apart so the caller can back off.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The API accepts at most this many keys per bulk request.
+pub const MAX_BULK: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct KvTarget {
+    /// e.g. `https://api.cloudflare.com/client/v4` (configurable so tests and local dev
+    /// can point it at a local target).
+    pub api_url: String,
+    pub account_id: String,
+    pub namespace_id: String,
+    pub api_token: String,
+    /// `expiration_ttl` for pushed records; `None`: they live until deleted.
+    pub expiration_ttl: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("rate limited by the KV API (429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("KV API server error ({0})")]
+    Server(u16),
+    #[error("KV API refused the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    #[error("KV API unreachable: {0}")]
+    Network(String),
+}
+
+#[derive(Serialize)]
+struct BulkPutItem<'a> {
+    key: &'a str,
+    value: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiration_ttl: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    success: bool,
+    #[serde(default)]
+    errors: Vec<ApiMessage>,
+}
+
+#[derive(Deserialize)]
+struct ApiMessage {
+    #[serde(default)]
+    code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Clone)]
+pub struct KvClient {
+    http: reqwest::Client,
+    target: KvTarget,
+}
+
+impl KvClient {
+    pub fn new(target: KvTarget) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(KvClient { http, target })
+    }
+
+    fn url(&self, suffix: &str) -> String {
+        format!(
+            "{}/accounts/{}/storage/kv/namespaces/{}/{suffix}",
+            self.target.api_url.trim_end_matches('/'),
+            self.target.account_id,
+            self.target.namespace_id
+        )
+    }
+
+    /// Writes `(key, value)` pairs, in as many requests as the API's limit needs.
+    pub async fn bulk_put(&self, items: &[(String, String)]) -> Result<(), KvError> {
+        for chunk in items.chunks(MAX_BULK) {
+            let body: Vec<BulkPutItem> = chunk
+                .iter()
+                .map(|(k, v)| BulkPutItem { key: k, value: v, expiration_ttl: self.target.expiration_ttl })
+                .collect();
+            self.send(self.http.put(self.url("bulk")).json(&body)).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes keys (deleting a missing key succeeds), in chunks of the API's limit.
+    pub async fn bulk_delete(&self, keys: &[String]) -> Result<(), KvError> {
+        for chunk in keys.chunks(MAX_BULK) {
+            self.send(self.http.post(self.url("bulk/delete")).json(chunk)).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(), KvError> {
+        let response = request
+            .bearer_auth(&self.target.api_token)
+            .send()
+            .await
+            .map_err(|e| KvError::Network(e.without_url().to_string()))?;
+        let status = response.status().as_u16();
+        if status == 429 {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(KvError::RateLimited { retry_after });
+        }
+        if status >= 500 {
+            return Err(KvError::Server(status));
+        }
+        let text = response.text().await.map_err(|e| KvError::Network(e.without_url().to_string()))?;
+        match serde_json::from_str::<Envelope>(&text) {
+            Ok(env) if env.success && (200..300).contains(&status) => Ok(()),
+            Ok(env) => Err(KvError::Rejected {
+                status,
+                message: env.errors.iter().map(|e| format!("{} {}", e.code, e.message)).collect::<Vec<_>>().join("; "),
+            }),
+            Err(_) => Err(KvError::Rejected { status, message: "response is not a Cloudflare API envelope".into() }),
+        }
+    }
+}

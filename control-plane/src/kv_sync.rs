@@ -1,0 +1,144 @@
+//! The drainer: sends the outbox's KV updates to Workers KV. Runs inside `serve`.
+//!
+//! Each round claims a batch (on Postgres with `FOR UPDATE SKIP LOCKED`, so replicas
+//! never send the same row), keeps the latest update per KV key, sends puts and deletes
+//! in bulk, and deletes the rows only after KV accepted them. Failures back off
+//! exponentially with jitter (429s honour `Retry-After`) and are recorded on the rows and
+//! in [`SyncStatus`]. It wakes at once when this process enqueues (a local notification)
+//! or another replica does (Postgres `LISTEN`), and polls as a fallback.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::kv_client::{KvClient, KvError};
+use crate::store::{Store, OUTBOX_CHANNEL};
+
+const BATCH: i64 = 1000;
+const POLL: Duration = Duration::from_secs(2);
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Shared between the drainer, the request handlers that enqueue, and `/readyz`.
+#[derive(Default)]
+pub struct SyncStatus {
+    pub wake: Notify,
+    pub last_error: Mutex<Option<String>>,
+}
+
+pub fn spawn(store: Store, client: KvClient, database_url: Option<String>, status: Arc<SyncStatus>) {
+    if let Some(url) = database_url.filter(|u| u.starts_with("postgres")) {
+        tokio::spawn(listen(url, status.clone()));
+    }
+    tokio::spawn(drain_forever(store, client, status));
+}
+
+async fn drain_forever(store: Store, client: KvClient, status: Arc<SyncStatus>) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        match drain_once(&store, &client).await {
+            Ok(sent) => {
+                backoff = BACKOFF_START;
+                *status.last_error.lock().unwrap() = None;
+                if sent < BATCH as usize {
+                    // Caught up: sleep until woken, or poll.
+                    let _ = tokio::time::timeout(POLL, status.wake.notified()).await;
+                }
+            }
+            Err((e, retry_after)) => {
+                metrics::counter!("metlo_kv_sync_errors_total").increment(1);
+                tracing::warn!(error = %e, "KV sync failed; will retry");
+                *status.last_error.lock().unwrap() = Some(e);
+                let wait = retry_after.unwrap_or(backoff).min(BACKOFF_MAX * 10);
+                tokio::time::sleep(with_jitter(wait)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+        update_depth_metrics(&store).await;
+    }
+}
+
+/// One batch. Returns how many rows it handled, or the error and an optional wait.
+async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, Option<Duration>)> {
+    let claim = store.claim_outbox(BATCH).await.map_err(|e| (e.to_string(), None))?;
+    let handled = claim.rows.len();
+    if handled == 0 {
+        store.finish_claim(claim, Ok(())).await.map_err(|e| (e.to_string(), None))?;
+        return Ok(0);
+    }
+    // The latest update per key wins (rows arrive in id order).
+    let mut latest: HashMap<&str, Option<&str>> = HashMap::new();
+    for row in &claim.rows {
+        latest.insert(&row.kv_key, row.value.as_deref());
+    }
+    let mut puts = vec![];
+    let mut deletes = vec![];
+    for (key, value) in latest {
+        match value {
+            Some(v) => puts.push((key.to_owned(), v.to_owned())),
+            None => deletes.push(key.to_owned()),
+        }
+    }
+    let result = send(client, &puts, &deletes).await;
+    let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+    store
+        .finish_claim(claim, outcome.as_ref().map(|_| ()).map_err(String::as_str))
+        .await
+        .map_err(|e| (e.to_string(), None))?;
+    match result {
+        Ok(()) => {
+            metrics::counter!("metlo_kv_sync_sent_total", "op" => "put").increment(puts.len() as u64);
+            metrics::counter!("metlo_kv_sync_sent_total", "op" => "delete").increment(deletes.len() as u64);
+            Ok(handled)
+        }
+        Err(e) => {
+            let retry_after = match &e {
+                KvError::RateLimited { retry_after } => Some(retry_after.unwrap_or(Duration::from_secs(60))),
+                _ => None,
+            };
+            Err((e.to_string(), retry_after))
+        }
+    }
+}
+
+async fn send(client: &KvClient, puts: &[(String, String)], deletes: &[String]) -> Result<(), KvError> {
+    if !puts.is_empty() {
+        client.bulk_put(puts).await?;
+    }
+    if !deletes.is_empty() {
+        client.bulk_delete(deletes).await?;
+    }
+    Ok(())
+}
+
+/// Wakes this replica's drainer when any replica enqueues (Postgres `NOTIFY`).
+async fn listen(url: String, status: Arc<SyncStatus>) {
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut listener) => {
+                if listener.listen(OUTBOX_CHANNEL).await.is_ok() {
+                    while listener.recv().await.is_ok() {
+                        status.wake.notify_one();
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "outbox LISTEN connection failed; polling meanwhile"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+pub async fn update_depth_metrics(store: &Store) {
+    if let Ok((depth, oldest)) = store.outbox_depth().await {
+        metrics::gauge!("metlo_kv_outbox_depth").set(depth as f64);
+        let age = oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+        metrics::gauge!("metlo_kv_outbox_oldest_age_seconds").set(age.unwrap_or(0.0));
+    }
+}
+
+/// ±25 % so replicas that failed together do not retry in lockstep.
+fn with_jitter(d: Duration) -> Duration {
+    d.mul_f64(0.75 + fastrand::f64() * 0.5)
+}

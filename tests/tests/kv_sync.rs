@@ -1,0 +1,229 @@
+//! The control plane pushes key updates to Workers KV through its transactional outbox:
+//! real control plane, real PostgreSQL, the local KV API stand-in and the edge under real
+//! `wrangler dev`, sharing one local KV.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use metlo_shared::{ApiKey, KeyRecord};
+use metlo_tests::edge::{Edge, KvApi, Origin};
+use metlo_tests::{Backend, ControlPlane, Options, StatusCode};
+use serde_json::Value;
+
+struct Full {
+    kv: KvApi,
+    cp: ControlPlane,
+    origin: Origin,
+    edge: Edge,
+    _state: tempfile::TempDir,
+}
+
+fn options(backend: Backend, kv: &KvApi) -> Options {
+    kv.control_plane_env().into_iter().fold(Options::new(backend), |o, (k, v)| o.env(k, v))
+}
+
+async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let cp = ControlPlane::start_with(options(backend, &kv)).await;
+    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let origin = Origin::start().await;
+    let edge = Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, edge_vars).await;
+    Full { kv, cp, origin, edge, _state: state }
+}
+
+fn hash(key: &str) -> String {
+    ApiKey::parse(key).unwrap().hash().to_hex()
+}
+
+/// The hashes of every key the control plane holds, from its own by-hash route.
+async fn live_hashes(cp: &ControlPlane, candidates: &[String]) -> BTreeSet<String> {
+    let mut live = BTreeSet::new();
+    for h in candidates {
+        let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{h}"), Some(&cp.admin_key)).await;
+        if status == StatusCode::OK {
+            live.insert(h.clone());
+        }
+    }
+    live
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_key_is_in_kv_before_its_first_edge_request() {
+    let s = full(Backend::Postgres, &[]).await;
+    let key = s.cp.create_key("fresh", "ONBOARDING").await;
+    let took = s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    println!("create → outbox drained in {took:?}");
+    let stored = s.edge.kv_get(&hash(&key)).expect("the record is in KV");
+    let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
+    assert_eq!(record.name, "fresh");
+    let calls_before = s.cp.metric("http_requests_total", "by-hash").await;
+    let r = s.edge.get("/first", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests()[0].headers_source(), "kv", "served from KV");
+    assert_eq!(s.cp.metric("http_requests_total", "by-hash").await, calls_before, "no control-plane call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_key_is_refused_at_the_edge_within_a_second() {
+    // Default settings: keys in active use sit in the isolate cache for up to 500 ms, so
+    // the whole path — drain, KV delete, isolate expiry — stays inside one second.
+    let s = full(Backend::Postgres, &[]).await;
+    let mut times = vec![];
+    for trial in 0..50 {
+        let name = format!("trial-{trial}");
+        let key = s.cp.create_key(&name, "GENERIC").await;
+        s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+        assert_eq!(s.edge.get("/", Some(&key)).send().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(s.cp.delete(&name, Some(&s.cp.admin_key)).await.0, StatusCode::OK);
+        let deleted = Instant::now();
+        loop {
+            let status = s.edge.get("/", Some(&key)).send().await.unwrap().status();
+            if status == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert_eq!(status, StatusCode::OK);
+            assert!(deleted.elapsed() <= Duration::from_secs(1), "trial {trial}: still accepted after 1 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        times.push(deleted.elapsed());
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    println!(
+        "revocation at the edge over {} trials (DELETE response → first 401): p50 {:?}, p99 {:?}, max {:?}",
+        times.len(),
+        pct(0.50),
+        pct(0.99),
+        times[times.len() - 1]
+    );
+    assert!(times.iter().all(|t| *t <= Duration::from_secs(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_outage_loses_nothing_and_resurrects_nothing() {
+    let mut s = full(Backend::Postgres, &[]).await;
+    let mut all = vec![hash(&s.cp.admin_key)];
+    let mut keys = vec![];
+    for i in 0..6 {
+        let key = s.cp.create_key(&format!("before-{i}"), "GENERIC").await;
+        all.push(hash(&key));
+        keys.push(key);
+    }
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+
+    // The target refuses connections for a while; creates and deletes go on.
+    s.kv.stop();
+    for i in 0..6 {
+        let key = s.cp.create_key(&format!("during-{i}"), "GENERIC").await;
+        all.push(hash(&key));
+    }
+    for name in ["before-0", "before-1", "during-0", "during-1"] {
+        assert_eq!(s.cp.delete(name, Some(&s.cp.admin_key)).await.0, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _, ready) = s.cp.get("/readyz", None).await;
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert!(ready["kvSync"]["outboxDepth"].as_i64().unwrap() > 0, "{ready}");
+    assert!(ready["kvSync"]["lastError"].is_string(), "the failure is reported: {ready}");
+
+    // Back, but answering 5xx and 429 for a while.
+    s.kv.restart().await;
+    s.kv.inject_faults(503, 3).await;
+    s.cp.wait_outbox_drained(Duration::from_secs(60)).await;
+    s.kv.inject_faults(429, 1).await;
+    s.cp.create_key("after", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(60)).await;
+
+    let worker = s.edge.kv_keys();
+    let kv: BTreeSet<String> = worker.into_iter().collect();
+    let mut candidates = all.clone();
+    candidates.extend(kv.iter().cloned());
+    let live = live_hashes(&s.cp, &candidates).await;
+    assert_eq!(kv, live, "KV holds exactly the live keys");
+    for name in ["before-0", "during-1"] {
+        let (status, _) = s.cp.delete(name, Some(&s.cp.admin_key)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{name} stays deleted");
+    }
+    let errors = s.cp.metric("metlo_kv_sync_errors_total", "").await;
+    assert!(errors >= 2.0, "failures were retried ({errors})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_survives_sigkill() {
+    let mut s = full(Backend::Postgres, &[]).await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    s.kv.stop();
+    let mut created = vec![hash(&s.cp.admin_key)];
+    for i in 0..5 {
+        created.push(hash(&s.cp.create_key(&format!("pending-{i}"), "AWS").await));
+    }
+    s.cp.delete("pending-0", Some(&s.cp.admin_key)).await;
+    let (_, _, ready) = s.cp.get("/readyz", None).await;
+    assert!(!ready.contains(r#""outboxDepth":0"#), "{ready}");
+
+    s.cp.kill();
+    s.kv.restart().await;
+    s.cp.restart();
+    s.cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    let kv: BTreeSet<String> = s.edge.kv_keys().into_iter().collect();
+    let mut candidates = created.clone();
+    candidates.extend(kv.iter().cloned());
+    assert_eq!(kv, live_hashes(&s.cp, &candidates).await);
+    assert!(!kv.contains(&created[1]), "the deleted key's record is gone");
+    assert!(kv.contains(&created[2]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_send_every_update_exactly_once() {
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let a = ControlPlane::start_with(options(Backend::Postgres, &kv)).await;
+    let b = a.replica().await;
+    a.wait_outbox_drained(Duration::from_secs(10)).await;
+    reqwest::Client::new().post(format!("{}/__stats", kv.url)).send().await.unwrap();
+
+    let names: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+    let created = futures::future::join_all(names.iter().enumerate().map(|(i, n)| {
+        let cp = if i % 2 == 0 { &a } else { &b };
+        async move { hash(&cp.create_key(n, "GENERIC").await) }
+    }))
+    .await;
+    futures::future::join_all(names.iter().take(30).enumerate().map(|(i, n)| {
+        let cp = if i % 2 == 0 { &b } else { &a };
+        async move { assert_eq!(cp.delete(n, Some(&cp.admin_key)).await.0, StatusCode::OK) }
+    }))
+    .await;
+    a.wait_outbox_drained(Duration::from_secs(30)).await;
+
+    let stats = kv.stats().await;
+    let puts: Vec<String> = stats["puts"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let deletes: Vec<String> =
+        stats["deletes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let unique_puts: HashSet<&String> = puts.iter().collect();
+    let unique_deletes: HashSet<&String> = deletes.iter().collect();
+    assert_eq!(unique_puts.len(), puts.len(), "no put sent twice");
+    assert_eq!(unique_deletes.len(), deletes.len(), "no delete sent twice");
+    // A key deleted before its put was sent may be coalesced to the delete alone.
+    for (i, h) in created.iter().enumerate() {
+        if i < 30 {
+            assert!(deletes.contains(h), "delete of k{i} sent");
+        } else {
+            assert!(puts.contains(h), "put of k{i} sent");
+        }
+    }
+    assert!(puts.len() + deletes.len() <= 90);
+    let drained_by_both = a.metric("metlo_kv_sync_sent_total", "").await + b.metric("metlo_kv_sync_sent_total", "").await;
+    println!(
+        "two replicas: {} put and {} delete requests, {} keys put, {} deleted; sent by A+B: {drained_by_both}",
+        stats["putRequests"],
+        stats["deleteRequests"],
+        puts.len(),
+        deletes.len()
+    );
+    let kv_keys: BTreeSet<String> = kv.kv_keys().into_iter().collect();
+    let mut candidates = created.clone();
+    candidates.push(hash(&a.admin_key));
+    candidates.extend(kv_keys.iter().cloned());
+    assert_eq!(kv_keys, live_hashes(&a, &candidates).await);
+}
