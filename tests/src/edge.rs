@@ -93,12 +93,19 @@ async fn echo(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> impl I
         .unwrap_or(StatusCode::OK);
     let body = match parts.headers.get("x-echo-body") {
         Some(b) => b.to_str().unwrap_or_default().to_owned(),
-        None => json!({
-            "method": record.method,
-            "pathAndQuery": record.path_and_query,
-            "bodyLength": record.body.len(),
-        })
-        .to_string(),
+        None => {
+            let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            json!({
+                "method": record.method,
+                "pathAndQuery": record.path_and_query,
+                "bodyLength": record.body.len(),
+                "keyName": header("x-metlo-key-name"),
+                "keyType": header("x-metlo-key-type"),
+                "keyIdentifier": header("x-metlo-key-identifier"),
+                "authorizationForwarded": parts.headers.contains_key("authorization"),
+            })
+            .to_string()
+        }
     };
     (status, [("x-origin", "echo")], body)
 }
