@@ -205,3 +205,29 @@ async fn origin_down_is_502_not_401() {
     let r = s.edge.get("/", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
 }
+
+/// The KV write API used in development lives in a separate Worker (`dev/kv-api`) that is
+/// never deployed: the production Worker has no route that writes KV on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_worker_has_no_kv_write_path() {
+    let root = metlo_tests::workspace_root();
+    let js = std::fs::read_to_string(root.join("edge/build/index.js")).unwrap();
+    let wasm = std::fs::read(root.join("edge/build/index_bg.wasm")).unwrap();
+    for needle in ["storage/kv", "bulk/delete", "__faults"] {
+        assert!(!js.contains(needle), "{needle} in the Worker's JS");
+        assert!(!wasm.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} in the Worker's wasm");
+    }
+
+    let s = stack(&[]).await;
+    let key = s.cp.create_key("writer", "GENERIC").await;
+    let victim = ApiKey::generate().unwrap().hash().to_hex();
+    let body = format!(r#"[{{"key":"{victim}","value":"{{\"v\":1}}"}}]"#);
+    let path = "/client/v4/accounts/local/storage/kv/namespaces/metlo-keys-test/bulk";
+    let r = s.edge.client.put(format!("{}{path}", s.edge.url)).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // With a valid key it is just another request, proxied to the origin.
+    let r = s.edge.client.put(format!("{}{path}", s.edge.url)).header("Authorization", &key).body(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(s.origin.requests().last().unwrap().path_and_query, path);
+    assert!(s.edge.kv_get(&victim).is_none(), "nothing was written to KV");
+}
