@@ -49,14 +49,32 @@ async function start(name) {
   return { mf, url, startupMs: performance.now() - t0, firstStatus: first.status };
 }
 
+// The workerd process serving a URL, and its CPU time: CPU per request does not depend on
+// how busy the shared machine is, unlike req/s.
+function workerdPid(url) {
+  const port = new URL(url).port;
+  const out = spawnSync("ss", ["-ltnpH", `sport = :${port}`], { encoding: "utf8" }).stdout;
+  return Number((out.match(/pid=(\d+)/) || [])[1]) || null;
+}
+function cpuTicks(pid) {
+  if (!pid) return NaN;
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]); // utime + stime, in 1/100 s
+}
+
 function wrk(url, key) {
   const args = ["-t1", "-c16", `-d${SECONDS}s`];
   if (key) args.push("-H", `Authorization: ${key}`);
+  const pid = workerdPid(url);
+  const before = cpuTicks(pid);
   const out = spawnSync("wrk", [...args, url + PATH], { encoding: "utf8" });
+  const cpu = cpuTicks(pid) - before;
   const rps = Number((out.stdout.match(/Requests\/sec:\s+([\d.]+)/) || [])[1]);
+  const requests = Number((out.stdout.match(/(\d+) requests in/) || [])[1]);
   const non2xx = Number((out.stdout.match(/Non-2xx or 3xx responses:\s+(\d+)/) || [0, 0])[1]);
   if (!rps) throw new Error("wrk failed: " + out.stdout + out.stderr);
-  return { rps, non2xx };
+  return { rps, non2xx, cpuUs: (cpu * 10000) / requests };
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -66,6 +84,7 @@ if (started.rust.firstStatus !== 200 || started.js.firstStatus !== 200)
   throw new Error(`warm-up failed: rust ${started.rust.firstStatus}, js ${started.js.firstStatus}`);
 
 const runs = { rust: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [] };
+const cpu = Object.fromEntries(Object.keys(runs).map((k) => [k, []]));
 console.log(`edge throughput under workerd (Miniflare API), wrk -t1 -c16 -d${SECONDS}s, ${ROUNDS} interleaved rounds, medians`);
 for (let round = 1; round <= ROUNDS; round++) {
   const p = wrk(started.passthrough.url, KEY);
@@ -78,6 +97,8 @@ for (let round = 1; round <= ROUNDS; round++) {
   if (r.non2xx || j.non2xx || p.non2xx || rp.non2xx) throw new Error("a valid-key request failed");
   runs.passthrough.push(p.rps); runs.rust.push(r.rps); runs.js.push(j.rps); runs.empty.push(e.rps); runs.rustGarbage.push(g.rps);
   runs.rustPassthrough.push(rp.rps); runs.rustEmpty.push(re.rps);
+  for (const [k, v] of Object.entries({ rust: r, js: j, passthrough: p, empty: e, rustGarbage: g, rustPassthrough: rp, rustEmpty: re }))
+    cpu[k].push(v.cpuUs);
   console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
 }
 const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
@@ -88,8 +109,22 @@ console.log(`    ÷ empty pass-through Worker, JavaScript (${m.passthrough.toFix
 console.log(`  garbage key: ours ${m.rustGarbage.toFixed(0)} req/s`);
 console.log(`    ÷ empty Worker, Rust (${m.rustEmpty.toFixed(0)}): ${(m.rustGarbage / m.rustEmpty).toFixed(2)}  (target >= 0.95)`);
 console.log(`    ÷ empty Worker, JavaScript (${m.empty.toFixed(0)}): ${(m.rustGarbage / m.empty).toFixed(2)}  (for reference: the worker crate's JS↔wasm cost)`);
+const c = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, median(v)]));
+console.log(`  workerd CPU per request (µs, medians; robust to machine load): ours ${c.rust.toFixed(0)} | rust pass-through ${c.rustPassthrough.toFixed(0)} | js auth ${c.js.toFixed(0)} | ours garbage ${c.rustGarbage.toFixed(0)} | rust empty ${c.rustEmpty.toFixed(0)} | js empty ${c.empty.toFixed(0)}`);
+console.log(`    as throughput ratios: valid ÷ rust pass-through ${(c.rustPassthrough / c.rust).toFixed(2)} (target >= 0.90), ÷ js auth ${(c.js / c.rust).toFixed(2)} (target >= 1.0); garbage ÷ rust empty ${(c.rustEmpty / c.rustGarbage).toFixed(2)} (target >= 0.95)`);
 const wasm = readFileSync(join(root, "edge/build/index_bg.wasm"));
 const js = readFileSync(join(root, "edge/build/index.js"));
 console.log(`  bundle: wasm ${(wasm.length / 1024).toFixed(0)} KiB raw, ${(gzipSync(wasm, { level: 9 }).length / 1024).toFixed(0)} KiB gzip (target <= 128); JS glue ${(js.length / 1024).toFixed(0)} KiB`);
-console.log(`  startup to first response: rust ${started.rust.startupMs.toFixed(0)} ms, js ${started.js.startupMs.toFixed(0)} ms, empty ${started.empty.startupMs.toFixed(0)} ms (workerd process start included)`);
 for (const s of Object.values(started)) await s.mf.dispose();
+// Startup: fresh instances, after everything else (the first start also warms Node up).
+const startup = {};
+for (const name of ["rust", "js", "empty"]) {
+  const times = [];
+  for (let i = 0; i < 3; i++) {
+    const s = await start(name);
+    times.push(s.startupMs);
+    await s.mf.dispose();
+  }
+  startup[name] = median(times);
+}
+console.log(`  startup to first response, median of 3 (workerd process start included): ours ${startup.rust.toFixed(0)} ms, js auth ${startup.js.toFixed(0)} ms, js empty ${startup.empty.toFixed(0)} ms`);
