@@ -7,8 +7,15 @@ use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord};
 use metlo_tests::edge::{Edge, KvApi, Origin};
-use metlo_tests::{Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
 use serde_json::Value;
+
+// The outbox is written in the key's own transaction on both stores.
+on_both_backends!(
+    created_key_is_in_kv_before_its_first_edge_request,
+    kv_outage_loses_nothing_and_resurrects_nothing,
+    outbox_survives_sigkill,
+);
 
 struct Full {
     kv: KvApi,
@@ -48,9 +55,8 @@ async fn live_hashes(cp: &ControlPlane, candidates: &[String]) -> BTreeSet<Strin
     live
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn created_key_is_in_kv_before_its_first_edge_request() {
-    let s = full(Backend::Postgres, &[]).await;
+async fn created_key_is_in_kv_before_its_first_edge_request(backend: Backend) {
+    let s = full(backend, &[]).await;
     let key = s.cp.create_key("fresh", "ONBOARDING").await;
     let took = s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
     println!("create → outbox drained in {took:?}");
@@ -100,9 +106,8 @@ async fn deleted_key_is_refused_at_the_edge_within_a_second() {
     assert!(times.iter().all(|t| *t <= Duration::from_secs(1)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kv_outage_loses_nothing_and_resurrects_nothing() {
-    let mut s = full(Backend::Postgres, &[]).await;
+async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
+    let mut s = full(backend, &[]).await;
     let mut all = vec![hash(&s.cp.admin_key)];
     let mut keys = vec![];
     for i in 0..6 {
@@ -149,9 +154,8 @@ async fn kv_outage_loses_nothing_and_resurrects_nothing() {
     assert!(errors >= 2.0, "failures were retried ({errors})");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbox_survives_sigkill() {
-    let mut s = full(Backend::Postgres, &[]).await;
+async fn outbox_survives_sigkill(backend: Backend) {
+    let mut s = full(backend, &[]).await;
     s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
     s.kv.stop();
     let mut created = vec![hash(&s.cp.admin_key)];
