@@ -8,3 +8,5 @@ cd "$(dirname "$0")/.."
 ./scripts/build-worker.sh
 cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"
+# Schema fuzzing of the control plane's OpenAPI document (bounded).
+./scripts/schemathesis.sh

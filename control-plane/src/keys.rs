@@ -32,13 +32,25 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateKeyRequest {
-    /// Unique name, 1–128 characters, no control characters.
-    #[schema(example = "ingestor-prod")]
+    /// Unique name: 1–128 characters, not only whitespace, no control characters, not
+    /// `.` or `..`. (Deserialized as optional so a missing name gets our own 400.)
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 128,
+        pattern = r"^(?!\.{1,2}$)(?=[\s\S]*\S)[^\x00-\x1f\x7f-\x9f]+$", example = "ingestor-prod")]
     pub name: Option<String>,
     /// Key type; `GENERIC` when omitted.
     #[serde(rename = "keyFor")]
-    #[schema(value_type = Option<String>, example = "GENERIC")]
+    #[schema(value_type = Option<KeyFor>, example = "GENERIC")]
     pub key_for: Option<String>,
+}
+
+/// Metlo's key types.
+#[derive(ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum KeyFor {
+    GENERIC,
+    ONBOARDING,
+    GCP,
+    AWS,
 }
 
 /// Returned once, at creation: the only time the full key is ever shown.
@@ -58,7 +70,7 @@ pub struct KeyInfo {
     /// ISO 8601.
     pub created: String,
     #[serde(rename = "for")]
-    #[schema(value_type = String, example = "GENERIC")]
+    #[schema(value_type = KeyFor, example = "GENERIC")]
     pub key_for: KeyType,
 }
 
@@ -218,7 +230,8 @@ async fn verify() -> impl IntoResponse {
 /// The KV record of the key with this SHA-256 (lowercase hex), for the edge Worker. The
 /// raw client key never leaves the edge.
 #[utoipa::path(get, path = "/api/v1/keys/by-hash/{hash}", tag = "edge",
-    params(("hash" = String, Path, description = "SHA-256 of the key, 64 lowercase hex characters")),
+    params(("hash" = String, Path, description = "SHA-256 of the key, 64 lowercase hex characters",
+        pattern = "^[0-9a-f]{64}$")),
     responses((status = 200, body = inline(RecordSchema)), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
