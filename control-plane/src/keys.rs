@@ -130,6 +130,21 @@ pub fn parse_key_type(key_for: Option<&str>) -> Result<KeyType, ApiError> {
     }
 }
 
+/// Decodes and validates a create body: the name and type, or the 400 to answer.
+/// Parsed by hand so a bad body is always a JSON 400 (axum's extractor would answer
+/// 415/422 in plain text, and Metlo clients do not all send a Content-Type). An empty
+/// body is a missing name.
+pub fn parse_create_request(body: &[u8]) -> Result<(String, KeyType), ApiError> {
+    let req: CreateKeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateKeyRequest { name: None, key_for: None }
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
+    let name = validate_name(req.name.as_deref())?.to_owned();
+    let key_type = parse_key_type(req.key_for.as_deref())?;
+    Ok((name, key_type))
+}
+
 /// Makes a key and stores its hash. Shared by the HTTP route and the CLI.
 pub async fn create_key(
     store: &Store,
@@ -167,16 +182,8 @@ async fn create(
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
     })?;
-    // Parsed by hand so a bad body is always a JSON 400 (axum's extractor would answer
-    // 415/422 in plain text, and Metlo clients do not all send a Content-Type).
-    let req: CreateKeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateKeyRequest { name: None, key_for: None }
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
-    };
-    let name = validate_name(req.name.as_deref())?;
-    let key_type = parse_key_type(req.key_for.as_deref())?;
-    let (key, stored) = create_key(&state.store, name, key_type, state.max_api_keys).await?;
+    let (name, key_type) = parse_create_request(&body)?;
+    let (key, stored) = create_key(&state.store, &name, key_type, state.max_api_keys).await?;
     state.outbox_written();
     Ok(Json(CreatedKey { api_key: key.expose_secret().to_owned(), info: stored.into() }))
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Fuzzes the parsers with cargo-fuzz (libFuzzer, nightly): key parsing, Authorization
+# parsing, the KV-record decoder, and the control plane's create-body decoding. Each
+# target runs FUZZ_SECONDS (default 60; CI's smoke uses 30) from the committed seeds in
+# fuzz/seeds/ plus a working corpus in fuzz/corpus/ (git-ignored). Prints executions and
+# crashes per target; exits non-zero on any crash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="${METLO_TOOLS_DIR:-$HOME/.cache/metlo-edge-auth/tools}"
+if [ ! -x "$TOOLS/bin/cargo-fuzz" ]; then
+    cargo install -q cargo-fuzz --locked --root "$TOOLS"
+fi
+seconds="${FUZZ_SECONDS:-60}"
+export RUSTUP_TOOLCHAIN=nightly   # libFuzzer instrumentation needs -Z flags
+targets=(key_parse authorization kv_record create_request)
+"$TOOLS/bin/cargo-fuzz" build -O >&2
+status=0
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$t"
+    log="$(mktemp)"
+    if "$TOOLS/bin/cargo-fuzz" run -O "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+        -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+        crashes=0
+    else
+        crashes=1; status=1
+        tail -40 "$log" >&2
+    fi
+    execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')"
+    rate="$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' || echo '?')"
+    printf 'fuzz %-15s %12s execs in %ss (%s/s), crashes: %s\n' "$t" "$execs" "$seconds" "$rate" "$crashes"
+    rm -f "$log"
+done
+exit $status
