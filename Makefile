@@ -1,6 +1,6 @@
 # `make dev` runs the system locally; `make test` runs every test; `make bench` measures.
 SHELL := /bin/bash
-.PHONY: dev test bench worker
+.PHONY: dev test bench worker fuzz soak
 
 dev:
 	./scripts/dev.sh
@@ -15,3 +15,11 @@ bench:
 # The edge Worker (edge/build/); installs its toolchain on first use.
 worker:
 	./scripts/build-worker.sh
+
+# Fuzz the parsers (FUZZ_SECONDS per target, default 60).
+fuzz:
+	./scripts/fuzz.sh
+
+# Mixed traffic through the whole stack (SOAK_SECONDS, default 300).
+soak:
+	./scripts/soak.sh

@@ -10,3 +10,5 @@ cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"
 # Schema fuzzing of the control plane's OpenAPI document (bounded).
 ./scripts/schemathesis.sh
+# Fuzzing smoke: every parser target briefly (`make fuzz` runs them longer).
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" ./scripts/fuzz.sh

@@ -126,7 +126,9 @@ impl Store {
             anyhow::bail!("DATABASE_URL must start with postgres://, postgresql:// or sqlite:");
         };
         let options = AnyPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(3))
+            // Short: when the database is down or saturated, a quick 503 + Retry-After beats
+            // holding the client (and a connection slot) for seconds.
+            .acquire_timeout(Duration::from_secs(1))
             .max_connections(match backend {
                 Backend::Postgres => 16,
                 // SQLite has one writer; a few connections serve concurrent reads in WAL mode.

@@ -66,6 +66,83 @@ pub fn unique_suffix() -> String {
     format!("{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// A PostgreSQL server of the test's own (initdb in a temporary directory, as the
+/// `postgres` user when running as root), so a test can stop and restart it.
+pub struct Postgres {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let bindir = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL not installed: run scripts/install-deps.sh")
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("no PostgreSQL bin directory");
+        let dir = tempfile::tempdir().unwrap();
+        let pg = Postgres { port: free_port(), dir, bindir };
+        if is_root() {
+            Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().unwrap();
+        }
+        let data = pg.dir.path().join("data");
+        let out = pg.as_pg("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        pg.restart();
+        pg
+    }
+
+    fn as_pg(&self, tool: &str) -> Command {
+        let bin = self.bindir.join(tool);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin);
+            c
+        } else {
+            Command::new(bin)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn restart(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = self
+            .as_pg("pg_ctl")
+            .args(["-w", "-t", "60", "-l"])
+            .arg(self.dir.path().join("postgres.log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-o", &opts, "start"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops the server at once (`-m immediate`: connections are cut, as in a crash).
+    pub fn stop(&self) {
+        let _ = self.as_pg("pg_ctl").args(["-m", "immediate", "-D"]).arg(self.dir.path().join("data")).arg("stop").output();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
 /// A throwaway `redis-server` on its own port, stoppable and restartable on that port.
 pub struct Redis {
     pub port: u16,
@@ -176,7 +253,13 @@ impl ControlPlane {
         let mut env: Vec<(String, String)> = vec![("LOG_FORMAT".into(), "text".into()), ("RUST_LOG".into(), "info".into())];
         match opts.backend {
             Backend::Sqlite => env.push(("DATA_DIR".into(), dir.path().join("data").display().to_string())),
-            Backend::Postgres => env.push(("DATABASE_URL".into(), fresh_postgres_database().await)),
+            Backend::Postgres => {
+                let url = match opts.env.iter().find(|(k, _)| k == "DATABASE_URL") {
+                    Some((_, url)) => url.clone(),
+                    None => fresh_postgres_database().await,
+                };
+                env.push(("DATABASE_URL".into(), url));
+            }
         }
         if let Some(url) = &opts.redis_url {
             env.push(("REDIS_URL".into(), url.clone()));

@@ -1,0 +1,170 @@
+//! Soak: the whole stack (control plane on PostgreSQL with Redis and KV sync, edge under
+//! `wrangler dev`, origin, local KV API) under mixed traffic for SOAK_SECONDS (default
+//! 300): verifications through the edge and the control plane (valid, deleted, unknown,
+//! garbage keys), creates and deletes. Reports responses by class, wrong decisions,
+//! p50/p99 latency per kind, and the control plane's RSS at start and end.
+//! Run it with `make soak` (scripts/soak.sh starts PostgreSQL).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metlo_shared::ApiKey;
+use metlo_tests::edge::{Edge, KvApi, Origin};
+use metlo_tests::{Backend, ControlPlane, Options, Redis, StatusCode};
+
+#[derive(Default)]
+struct Tally {
+    /// (kind, status class) → count
+    responses: BTreeMap<(String, String), u64>,
+    /// kind → latencies
+    latencies: BTreeMap<String, Vec<Duration>>,
+    /// Decisions that must never happen (a 200 for a bad key, a 5xx…), with examples.
+    wrong: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, kind: &str, status: Option<StatusCode>, took: Duration, acceptable: &[u16]) {
+        let class = match status {
+            Some(s) => format!("{}xx", s.as_u16() / 100),
+            None => "transport error".into(),
+        };
+        *self.responses.entry((kind.into(), class)).or_default() += 1;
+        self.latencies.entry(kind.into()).or_default().push(took);
+        let ok = status.is_some_and(|s| acceptable.contains(&s.as_u16()));
+        if !ok && self.wrong.len() < 20 {
+            self.wrong.push(format!("{kind}: {status:?}"));
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let state = tempfile::tempdir().unwrap();
+    let redis = Redis::start();
+    let kv = KvApi::start(state.path()).await;
+    let opts = kv
+        .control_plane_env()
+        .into_iter()
+        .fold(Options::new(Backend::Postgres).redis(redis.url()).env("MAX_API_KEYS", 1_000_000), |o, (k, v)| o.env(k, v));
+    let cp = Arc::new(ControlPlane::start_with(opts).await);
+    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let origin = Origin::start().await;
+    let edge = Arc::new(Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, &[]).await);
+    let valid: Vec<String> = {
+        let mut v = vec![];
+        for i in 0..20 {
+            v.push(cp.create_key(&format!("hot-{i}"), "GENERIC").await);
+        }
+        v
+    };
+    let deleted = cp.create_key("revoked", "GENERIC").await;
+    cp.delete("revoked", Some(&cp.admin_key)).await;
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_start = rss_kib(cp.pid());
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = vec![];
+    // Edge traffic: 4 workers.
+    for w in 0..4 {
+        let (edge, tally, stop, valid, deleted) = (edge.clone(), tally.clone(), stop.clone(), valid.clone(), deleted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (kind, key, ok): (&str, String, &[u16]) = match i % 10 {
+                    0 => ("edge garbage", "garbage".into(), &[401]),
+                    1 => ("edge unknown", ApiKey::generate().unwrap().expose_secret().to_owned(), &[401]),
+                    2 => ("edge deleted", deleted.clone(), &[401]),
+                    _ => ("edge valid", valid[i % valid.len()].clone(), &[200]),
+                };
+                let t = Instant::now();
+                let status = edge.get("/soak", Some(&key)).send().await.ok().map(|r| r.status());
+                tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
+            }
+        }));
+    }
+    // Control-plane verifications: 2 workers.
+    for w in 0..2 {
+        let (cp, tally, stop, valid, deleted) = (cp.clone(), tally.clone(), stop.clone(), valid.clone(), deleted.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (kind, key, ok): (&str, String, &[u16]) = match i % 5 {
+                    0 => ("cp deleted", deleted.clone(), &[401]),
+                    1 => ("cp unknown", ApiKey::generate().unwrap().expose_secret().to_owned(), &[401]),
+                    _ => ("cp valid", valid[i % valid.len()].clone(), &[200]),
+                };
+                let t = Instant::now();
+                let status = cp.request(reqwest::Method::GET, "/api/v1/verify", Some(&key)).send().await.ok().map(|r| r.status());
+                tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
+            }
+        }));
+    }
+    // Churn: create a key, use it at the edge, delete it, check it is refused.
+    {
+        let (cp, edge, tally, stop) = (cp.clone(), edge.clone(), tally.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let name = format!("churn-{n}");
+                let t = Instant::now();
+                let (status, body) = cp.create(serde_json::json!({"name": name})).await;
+                tally.lock().unwrap().record("create", Some(status), t.elapsed(), &[200]);
+                let Some(key) = body["apiKey"].as_str().map(str::to_owned) else { continue };
+                let t = Instant::now();
+                let status = edge.get("/churn", Some(&key)).send().await.ok().map(|r| r.status());
+                tally.lock().unwrap().record("edge new key", status, t.elapsed(), &[200]);
+                let t = Instant::now();
+                let (status, _) = cp.delete(&name, Some(&cp.admin_key)).await;
+                tally.lock().unwrap().record("delete", Some(status), t.elapsed(), &[200]);
+                tokio::time::sleep(Duration::from_millis(1200)).await; // past the edge's isolate window
+                let t = Instant::now();
+                let status = edge.get("/churn", Some(&key)).send().await.ok().map(|r| r.status());
+                tally.lock().unwrap().record("edge after delete", status, t.elapsed(), &[401]);
+            }
+        }));
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let rss_end = rss_kib(cp.pid());
+
+    let mut tally = tally.lock().unwrap();
+    println!("soak: {seconds} s of mixed traffic");
+    for ((kind, class), n) in &tally.responses {
+        println!("  {kind:<18} {class:<16} {n:>8}");
+    }
+    for (kind, lat) in tally.latencies.iter_mut() {
+        lat.sort();
+        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+        println!("  {kind:<18} p50 {:>9.2?}  p99 {:>9.2?}  (n = {})", p(0.5), p(0.99), lat.len());
+    }
+    println!("  control plane RSS: start {:.1} MiB, end {:.1} MiB", rss_start as f64 / 1024.0, rss_end as f64 / 1024.0);
+    if tally.wrong.is_empty() {
+        println!("  wrong decisions: 0");
+    } else {
+        println!("  WRONG DECISIONS (first {}): {:?}", tally.wrong.len(), tally.wrong);
+        std::process::exit(1);
+    }
+}
