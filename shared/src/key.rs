@@ -3,6 +3,7 @@
 use core::fmt;
 
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 use crate::base62::{encode_fixed, is_base62, ALPHABET};
@@ -79,7 +80,9 @@ impl ApiKey {
         let (random, checksum) = body.split_at(RANDOM_LEN);
         let mut expected = [0u8; CHECKSUM_LEN];
         encode_fixed(crc32fast::hash(random) as u64, &mut expected);
-        if expected != checksum {
+        // The checksum is derived from the secret part: compare in constant time so the
+        // comparison's timing reveals nothing about it.
+        if !bool::from(expected.ct_eq(checksum)) {
             return Err(ParseKeyError::BadChecksum);
         }
         Ok(Self(input.to_owned()))
