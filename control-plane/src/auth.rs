@@ -15,10 +15,19 @@ use crate::AppState;
 #[derive(Debug, Clone)]
 pub struct Caller(pub KeyRecord);
 
-pub async fn require_key(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
-    let header = req.headers().get(AUTHORIZATION).map(|v| v.to_str().unwrap_or("\u{0}"));
+pub async fn require_key(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
     let key = parse_authorization(header).map_err(|e| match e {
-        AuthorizationError::Missing => ApiError::Unauthorized("missing API key: send it in the Authorization header"),
+        AuthorizationError::Missing => {
+            ApiError::Unauthorized("missing API key: send it in the Authorization header")
+        }
         AuthorizationError::Malformed(_) => ApiError::Unauthorized("invalid API key"),
     })?;
     // Unknown, deleted and expired keys get the same answer: no hint a key once existed.

@@ -47,7 +47,10 @@ pub const REVOKED_CHANNEL: &str = "metlo:revoked";
 type LocalCache = moka::future::Cache<KeyHash, (Cached, Duration)>;
 
 fn local_cache() -> LocalCache {
-    moka::future::Cache::builder().max_capacity(100_000).expire_after(PerEntryTtl).build()
+    moka::future::Cache::builder()
+        .max_capacity(100_000)
+        .expire_after(PerEntryTtl)
+        .build()
 }
 
 #[derive(Clone)]
@@ -66,7 +69,12 @@ enum Inner {
 struct PerEntryTtl;
 
 impl Expiry<KeyHash, (Cached, Duration)> for PerEntryTtl {
-    fn expire_after_create(&self, _: &KeyHash, value: &(Cached, Duration), _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &KeyHash,
+        value: &(Cached, Duration),
+        _: Instant,
+    ) -> Option<Duration> {
         Some(value.1)
     }
     fn expire_after_update(
@@ -98,14 +106,18 @@ struct RedisCache {
 
 impl VerifyCache {
     pub fn memory(ttl: Duration) -> Self {
-        VerifyCache { ttl, inner: Inner::Memory(local_cache()) }
+        VerifyCache {
+            ttl,
+            inner: Inner::Memory(local_cache()),
+        }
     }
 
     /// Does not connect yet: the service must start (and verify through the database)
     /// even when Redis is down. `near_cache` starts the revocation subscriber (servers);
     /// the CLI, which only revokes, passes false.
     pub fn redis(url: &str, ttl: Duration, near_cache: bool) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let client =
+            redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let cache = Arc::new(RedisCache {
             client,
             conn: OnceCell::new(),
@@ -120,7 +132,10 @@ impl VerifyCache {
         if near_cache && !cache.near_ttl.is_zero() {
             tokio::spawn(follow_revocations(Arc::downgrade(&cache)));
         }
-        Ok(VerifyCache { ttl, inner: Inner::Redis(cache) })
+        Ok(VerifyCache {
+            ttl,
+            inner: Inner::Redis(cache),
+        })
     }
 
     pub fn kind(&self) -> &'static str {
@@ -143,7 +158,10 @@ impl VerifyCache {
                     return None;
                 }
                 let generation = r.generation.load(Ordering::SeqCst);
-                let raw: String = r.run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash))).await.flatten()?;
+                let raw: String = r
+                    .run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash)))
+                    .await
+                    .flatten()?;
                 let value = decode(&raw)?;
                 r.remember(hash, &value, generation).await;
                 Some(value)
@@ -189,7 +207,13 @@ impl VerifyCache {
                     .arg(TOMBSTONE_TTL.as_millis() as u64)
                     .to_owned();
                 let _: Option<String> = r.run(&set).await;
-                let _: Option<i64> = r.run(redis::cmd("PUBLISH").arg(REVOKED_CHANNEL).arg(hash.to_hex())).await;
+                let _: Option<i64> = r
+                    .run(
+                        redis::cmd("PUBLISH")
+                            .arg(REVOKED_CHANNEL)
+                            .arg(hash.to_hex()),
+                    )
+                    .await;
             }
         }
     }
@@ -223,7 +247,10 @@ impl RedisCache {
         if !self.near_usable() || self.generation.load(Ordering::SeqCst) != generation {
             return;
         }
-        self.near.entry(*hash).or_insert((value.clone(), self.near_ttl)).await;
+        self.near
+            .entry(*hash)
+            .or_insert((value.clone(), self.near_ttl))
+            .await;
         if self.generation.load(Ordering::SeqCst) != generation {
             self.near.invalidate(hash).await;
         }
@@ -264,10 +291,14 @@ impl RedisCache {
     fn warn(&self, error: &str) {
         metrics::counter!("metlo_cache_errors_total").increment(1);
         let now = self.now_ms();
-        self.down_until_ms.store(now + REDIS_BACKOFF.as_millis() as u64, Ordering::Relaxed);
+        self.down_until_ms
+            .store(now + REDIS_BACKOFF.as_millis() as u64, Ordering::Relaxed);
         let last = self.last_warning_ms.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= 5_000)
-            && self.last_warning_ms.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
             tracing::warn!(error, "Redis unavailable; verifying through the database");
         }
@@ -285,7 +316,9 @@ impl RedisCache {
 /// failures. Messages missed while disconnected are covered by clearing the near cache.
 async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
     loop {
-        let Some(client) = cache.upgrade().map(|c| c.client.clone()) else { return };
+        let Some(client) = cache.upgrade().map(|c| c.client.clone()) else {
+            return;
+        };
         let subscribed = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(REVOKED_CHANNEL).await?;
@@ -375,7 +408,10 @@ mod tests {
     #[test]
     fn encoding_round_trips() {
         assert_eq!(decode(&encode(&Cached::Absent)), Some(Cached::Absent));
-        assert_eq!(decode(&encode(&Cached::Valid(record()))), Some(Cached::Valid(record())));
+        assert_eq!(
+            decode(&encode(&Cached::Valid(record()))),
+            Some(Cached::Valid(record()))
+        );
         assert_eq!(decode("garbage"), None);
     }
 }

@@ -9,15 +9,19 @@ use metlo_shared::KeyHash;
 use std::sync::Arc;
 
 use crate::cache::VerifyCache;
+use crate::keys::{create_key, iso8601, parse_key_type, validate_name};
 use crate::kv_client::{KvClient, KvTarget};
 use crate::kv_sync::{self, SyncStatus};
-use crate::keys::{create_key, iso8601, parse_key_type, validate_name};
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::{server, AppState};
 
 #[derive(Debug, Parser)]
-#[command(name = "metlo-control-plane", version, about = "Metlo-compatible API-key service")]
+#[command(
+    name = "metlo-control-plane",
+    version,
+    about = "Metlo-compatible API-key service"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
@@ -42,7 +46,13 @@ pub struct Config {
     /// How long a verification result is cached.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 5, global = true)]
     pub cache_ttl_seconds: u64,
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     #[command(flatten)]
     pub kv: KvConfig,
@@ -53,7 +63,12 @@ pub struct Config {
 #[derive(Debug, Args)]
 pub struct KvConfig {
     /// Cloudflare API base URL (a local target in development and tests).
-    #[arg(long, env = "KV_API_URL", default_value = "https://api.cloudflare.com/client/v4", global = true)]
+    #[arg(
+        long,
+        env = "KV_API_URL",
+        default_value = "https://api.cloudflare.com/client/v4",
+        global = true
+    )]
     pub kv_api_url: String,
     #[arg(long, env = "CLOUDFLARE_ACCOUNT_ID", global = true)]
     pub cloudflare_account_id: Option<String>,
@@ -61,18 +76,30 @@ pub struct KvConfig {
     #[arg(long, env = "KV_NAMESPACE_ID", global = true)]
     pub kv_namespace_id: Option<String>,
     /// A Cloudflare API token with Workers KV Storage:Edit.
-    #[arg(long, env = "CLOUDFLARE_API_TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CLOUDFLARE_API_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     pub cloudflare_api_token: Option<String>,
     /// expiration_ttl of pushed records (>= 60; 0: none, they live until deleted).
-    #[arg(long, env = "KV_SYNC_TTL_SECONDS", default_value_t = 86_400, global = true)]
+    #[arg(
+        long,
+        env = "KV_SYNC_TTL_SECONDS",
+        default_value_t = 86_400,
+        global = true
+    )]
     pub kv_sync_ttl_seconds: u64,
 }
 
 impl KvConfig {
     pub fn target(&self) -> anyhow::Result<Option<KvTarget>> {
-        let (Some(account), Some(namespace), Some(token)) =
-            (&self.cloudflare_account_id, &self.kv_namespace_id, &self.cloudflare_api_token)
-        else {
+        let (Some(account), Some(namespace), Some(token)) = (
+            &self.cloudflare_account_id,
+            &self.kv_namespace_id,
+            &self.cloudflare_api_token,
+        ) else {
             return Ok(None);
         };
         if self.kv_sync_ttl_seconds != 0 && self.kv_sync_ttl_seconds < 60 {
@@ -147,7 +174,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(target) => {
                     let status = Arc::new(SyncStatus::default());
                     tracing::info!(api = %target.api_url, namespace = %target.namespace_id, "KV sync on");
-                    kv_sync::spawn(store.clone(), KvClient::new(target)?, config.database_url.clone(), status.clone());
+                    kv_sync::spawn(
+                        store.clone(),
+                        KvClient::new(target)?,
+                        config.database_url.clone(),
+                        status.clone(),
+                    );
                     Some(status)
                 }
                 None => None,
@@ -177,7 +209,10 @@ async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
             let name = validate_name(Some(&name))?;
             let key_type = parse_key_type(Some(&key_type))?;
             let (key, stored) = create_key(&store, name, key_type, config.max_api_keys).await?;
-            eprintln!("Created {} key {:?} ({}). It is shown only this once:", stored.key_type, stored.name, stored.identifier);
+            eprintln!(
+                "Created {} key {:?} ({}). It is shown only this once:",
+                stored.key_type, stored.name, stored.identifier
+            );
             println!("{}", key.expose_secret());
             Ok(())
         }
@@ -185,14 +220,22 @@ async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
             let keys = store.list_keys(None).await?;
             println!("{:<32} {:<16} {:<11} CREATED", "NAME", "IDENTIFIER", "TYPE");
             for k in keys {
-                println!("{:<32} {:<16} {:<11} {}", k.name, k.identifier, k.key_type.as_str(), iso8601(k.created_at_ms));
+                println!(
+                    "{:<32} {:<16} {:<11} {}",
+                    k.name,
+                    k.identifier,
+                    k.key_type.as_str(),
+                    iso8601(k.created_at_ms)
+                );
             }
             Ok(())
         }
         KeysCommand::Delete { name } => match store.delete_key(&name).await? {
             Some(deleted) => {
                 // Evict from a shared cache; an in-process cache belongs to the server.
-                if let (Some(_), Ok(hash)) = (&config.redis_url, KeyHash::from_hex(&deleted.key_hash)) {
+                if let (Some(_), Ok(hash)) =
+                    (&config.redis_url, KeyHash::from_hex(&deleted.key_hash))
+                {
                     config.cache(false)?.revoke(&hash).await;
                 }
                 eprintln!("Deleted key {name:?} ({})", deleted.identifier);

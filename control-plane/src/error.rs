@@ -52,7 +52,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::DuplicateName => ApiError::BadRequest("An API key with this name already exists".into()),
+            StoreError::DuplicateName => {
+                ApiError::BadRequest("An API key with this name already exists".into())
+            }
             StoreError::LimitReached(max) => ApiError::LimitReached(max),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
@@ -69,7 +71,10 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(e) = &self {
             tracing::error!(error = ?e, "request failed");
         }
-        let body = ErrorBody { error: code, message: self.to_string() };
+        let body = ErrorBody {
+            error: code,
+            message: self.to_string(),
+        };
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match self {

@@ -82,7 +82,12 @@ pub struct StatusOk {
 
 impl From<StoredKey> for KeyInfo {
     fn from(k: StoredKey) -> Self {
-        KeyInfo { created: iso8601(k.created_at_ms), name: k.name, identifier: k.identifier, key_for: k.key_type }
+        KeyInfo {
+            created: iso8601(k.created_at_ms),
+            name: k.name,
+            identifier: k.identifier,
+            key_for: k.key_type,
+        }
     }
 }
 
@@ -101,7 +106,10 @@ impl StoredKey {
 }
 
 pub fn iso8601(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Checks a name the way every entry point (HTTP and CLI) must.
@@ -111,14 +119,20 @@ pub fn validate_name(name: Option<&str>) -> Result<&str, ApiError> {
         return Err(ApiError::BadRequest("name is required".into()));
     }
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(ApiError::BadRequest(format!("name must be at most {MAX_NAME_CHARS} characters")));
+        return Err(ApiError::BadRequest(format!(
+            "name must be at most {MAX_NAME_CHARS} characters"
+        )));
     }
     // `.` and `..` are removed from URLs by clients, so DELETE could never address them.
     if name == "." || name == ".." {
-        return Err(ApiError::BadRequest("name must not be \".\" or \"..\"".into()));
+        return Err(ApiError::BadRequest(
+            "name must not be \".\" or \"..\"".into(),
+        ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("name must not contain control characters".into()));
+        return Err(ApiError::BadRequest(
+            "name must not contain control characters".into(),
+        ));
     }
     Ok(name)
 }
@@ -126,7 +140,9 @@ pub fn validate_name(name: Option<&str>) -> Result<&str, ApiError> {
 pub fn parse_key_type(key_for: Option<&str>) -> Result<KeyType, ApiError> {
     match key_for {
         None => Ok(KeyType::Generic),
-        Some(s) => s.parse().map_err(|e: metlo_shared::KeyTypeError| ApiError::BadRequest(e.to_string())),
+        Some(s) => s
+            .parse()
+            .map_err(|e: metlo_shared::KeyTypeError| ApiError::BadRequest(e.to_string())),
     }
 }
 
@@ -136,9 +152,13 @@ pub fn parse_key_type(key_for: Option<&str>) -> Result<KeyType, ApiError> {
 /// body is a missing name.
 pub fn parse_create_request(body: &[u8]) -> Result<(String, KeyType), ApiError> {
     let req: CreateKeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateKeyRequest { name: None, key_for: None }
+        CreateKeyRequest {
+            name: None,
+            key_for: None,
+        }
     } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
     };
     let name = validate_name(req.name.as_deref())?.to_owned();
     let key_type = parse_key_type(req.key_for.as_deref())?;
@@ -152,7 +172,8 @@ pub async fn create_key(
     key_type: KeyType,
     max_keys: u64,
 ) -> Result<(ApiKey, StoredKey), ApiError> {
-    let key = ApiKey::generate().map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
+    let key = ApiKey::generate()
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
     let stored = StoredKey {
         name: name.to_owned(),
         key_hash: key.hash().to_hex(),
@@ -185,7 +206,10 @@ async fn create(
     let (name, key_type) = parse_create_request(&body)?;
     let (key, stored) = create_key(&state.store, &name, key_type, state.max_api_keys).await?;
     state.outbox_written();
-    Ok(Json(CreatedKey { api_key: key.expose_secret().to_owned(), info: stored.into() }))
+    Ok(Json(CreatedKey {
+        api_key: key.expose_secret().to_owned(),
+        info: stored.into(),
+    }))
 }
 
 /// List all keys (metadata only), newest first.
@@ -193,7 +217,15 @@ async fn create(
     responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
-    Ok(Json(state.store.list_keys(None).await?.into_iter().map(KeyInfo::from).collect()))
+    Ok(Json(
+        state
+            .store
+            .list_keys(None)
+            .await?
+            .into_iter()
+            .map(KeyInfo::from)
+            .collect(),
+    ))
 }
 
 /// List ONBOARDING keys only, newest first.
@@ -211,7 +243,10 @@ async fn onboarding(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>,
     responses((status = 200, body = StatusOk), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
-async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<StatusOk>, ApiError> {
+async fn remove(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<StatusOk>, ApiError> {
     let deleted = state
         .store
         .delete_key(&name)
@@ -242,9 +277,14 @@ async fn verify() -> impl IntoResponse {
     responses((status = 200, body = inline(RecordSchema)), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = [])))]
-async fn by_hash(State(state): State<AppState>, Path(hash): Path<String>) -> Result<impl IntoResponse, ApiError> {
+async fn by_hash(
+    State(state): State<AppState>,
+    Path(hash): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let hash = KeyHash::from_hex(&hash).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let record = lookup(&state, &hash).await?.ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
+    let record = lookup(&state, &hash)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(record)))
 }
 

@@ -64,7 +64,9 @@ pub struct KvClient {
 
 impl KvClient {
     pub fn new(target: KvTarget) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         Ok(KvClient { http, target })
     }
 
@@ -82,9 +84,14 @@ impl KvClient {
         for chunk in items.chunks(MAX_BULK) {
             let body: Vec<BulkPutItem> = chunk
                 .iter()
-                .map(|(k, v)| BulkPutItem { key: k, value: v, expiration_ttl: self.target.expiration_ttl })
+                .map(|(k, v)| BulkPutItem {
+                    key: k,
+                    value: v,
+                    expiration_ttl: self.target.expiration_ttl,
+                })
                 .collect();
-            self.send(self.http.put(self.url("bulk")).json(&body)).await?;
+            self.send(self.http.put(self.url("bulk")).json(&body))
+                .await?;
         }
         Ok(())
     }
@@ -92,7 +99,8 @@ impl KvClient {
     /// Deletes keys (deleting a missing key succeeds), in chunks of the API's limit.
     pub async fn bulk_delete(&self, keys: &[String]) -> Result<(), KvError> {
         for chunk in keys.chunks(MAX_BULK) {
-            self.send(self.http.post(self.url("bulk/delete")).json(chunk)).await?;
+            self.send(self.http.post(self.url("bulk/delete")).json(chunk))
+                .await?;
         }
         Ok(())
     }
@@ -115,14 +123,25 @@ impl KvClient {
         if status >= 500 {
             return Err(KvError::Server(status));
         }
-        let text = response.text().await.map_err(|e| KvError::Network(e.without_url().to_string()))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| KvError::Network(e.without_url().to_string()))?;
         match serde_json::from_str::<Envelope>(&text) {
             Ok(env) if env.success && (200..300).contains(&status) => Ok(()),
             Ok(env) => Err(KvError::Rejected {
                 status,
-                message: env.errors.iter().map(|e| format!("{} {}", e.code, e.message)).collect::<Vec<_>>().join("; "),
+                message: env
+                    .errors
+                    .iter()
+                    .map(|e| format!("{} {}", e.code, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
             }),
-            Err(_) => Err(KvError::Rejected { status, message: "response is not a Cloudflare API envelope".into() }),
+            Err(_) => Err(KvError::Rejected {
+                status,
+                message: "response is not a Cloudflare API envelope".into(),
+            }),
         }
     }
 }

@@ -28,7 +28,12 @@ pub struct SyncStatus {
     pub last_error: Mutex<Option<String>>,
 }
 
-pub fn spawn(store: Store, client: KvClient, database_url: Option<String>, status: Arc<SyncStatus>) {
+pub fn spawn(
+    store: Store,
+    client: KvClient,
+    database_url: Option<String>,
+    status: Arc<SyncStatus>,
+) {
     if let Some(url) = database_url.filter(|u| u.starts_with("postgres")) {
         tokio::spawn(listen(url, status.clone()));
     }
@@ -62,10 +67,16 @@ async fn drain_forever(store: Store, client: KvClient, status: Arc<SyncStatus>) 
 
 /// One batch. Returns how many rows it handled, or the error and an optional wait.
 async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, Option<Duration>)> {
-    let claim = store.claim_outbox(BATCH).await.map_err(|e| (e.to_string(), None))?;
+    let claim = store
+        .claim_outbox(BATCH)
+        .await
+        .map_err(|e| (e.to_string(), None))?;
     let handled = claim.rows.len();
     if handled == 0 {
-        store.finish_claim(claim, Ok(())).await.map_err(|e| (e.to_string(), None))?;
+        store
+            .finish_claim(claim, Ok(()))
+            .await
+            .map_err(|e| (e.to_string(), None))?;
         return Ok(0);
     }
     // The latest update per key wins (rows arrive in id order).
@@ -89,13 +100,17 @@ async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, 
         .map_err(|e| (e.to_string(), None))?;
     match result {
         Ok(()) => {
-            metrics::counter!("metlo_kv_sync_sent_total", "op" => "put").increment(puts.len() as u64);
-            metrics::counter!("metlo_kv_sync_sent_total", "op" => "delete").increment(deletes.len() as u64);
+            metrics::counter!("metlo_kv_sync_sent_total", "op" => "put")
+                .increment(puts.len() as u64);
+            metrics::counter!("metlo_kv_sync_sent_total", "op" => "delete")
+                .increment(deletes.len() as u64);
             Ok(handled)
         }
         Err(e) => {
             let retry_after = match &e {
-                KvError::RateLimited { retry_after } => Some(retry_after.unwrap_or(Duration::from_secs(60))),
+                KvError::RateLimited { retry_after } => {
+                    Some(retry_after.unwrap_or(Duration::from_secs(60)))
+                }
                 _ => None,
             };
             Err((e.to_string(), retry_after))
@@ -103,7 +118,11 @@ async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, 
     }
 }
 
-async fn send(client: &KvClient, puts: &[(String, String)], deletes: &[String]) -> Result<(), KvError> {
+async fn send(
+    client: &KvClient,
+    puts: &[(String, String)],
+    deletes: &[String],
+) -> Result<(), KvError> {
     if !puts.is_empty() {
         client.bulk_put(puts).await?;
     }
@@ -124,7 +143,9 @@ async fn listen(url: String, status: Arc<SyncStatus>) {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "outbox LISTEN connection failed; polling meanwhile"),
+            Err(e) => {
+                tracing::debug!(error = %e, "outbox LISTEN connection failed; polling meanwhile")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -133,7 +154,8 @@ async fn listen(url: String, status: Arc<SyncStatus>) {
 pub async fn update_depth_metrics(store: &Store) {
     if let Ok((depth, oldest)) = store.outbox_depth().await {
         metrics::gauge!("metlo_kv_outbox_depth").set(depth as f64);
-        let age = oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+        let age =
+            oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
         metrics::gauge!("metlo_kv_outbox_oldest_age_seconds").set(age.unwrap_or(0.0));
     }
 }

@@ -62,11 +62,16 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Some(true) => "ok",
         Some(false) => "unreachable",
     };
-    let status = if db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let mut body = json!({ "database": if db { "ok" } else { "unreachable" }, "cache": cache });
     if let Some(sync) = &state.kv_sync {
         let (depth, oldest) = state.store.outbox_depth().await.unwrap_or((-1, None));
-        let age = oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+        let age =
+            oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
         body["kvSync"] = json!({
             "outboxDepth": depth,
             "oldestAgeSeconds": age,
@@ -77,7 +82,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {

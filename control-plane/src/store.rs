@@ -43,7 +43,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             // Postgres shutting down / not accepting connections (class 57, 08).
             sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
             {
                 StoreError::Unavailable(e)
             }
@@ -113,8 +115,9 @@ impl Store {
         let url = match database_url {
             Some(url) => url.to_owned(),
             None => {
-                std::fs::create_dir_all(data_dir)
-                    .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
+                std::fs::create_dir_all(data_dir).map_err(|e| {
+                    anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display())
+                })?;
                 format!("sqlite://{}?mode=rwc", data_dir.join("metlo.db").display())
             }
         };
@@ -138,9 +141,15 @@ impl Store {
             Backend::Postgres => options,
             Backend::Sqlite => options.after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
-                    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 10000")
+                        .execute(&mut *conn)
+                        .await?;
                     Ok(())
                 })
             }),
@@ -149,7 +158,11 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
-        Ok(Store { pool, backend, outbox: false })
+        Ok(Store {
+            pool,
+            backend,
+            outbox: false,
+        })
     }
 
     /// Turns on outbox writes (done when a KV target is configured).
@@ -181,11 +194,12 @@ impl Store {
     /// locked first, so concurrent creates are serialized and the limit is exact.
     pub async fn insert_key(&self, key: &StoredKey, max_keys: u64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let reserved = sqlx::query("UPDATE key_quota SET used = used + 1 WHERE id = 1 AND used < $1")
-            .bind(i64::try_from(max_keys).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let reserved =
+            sqlx::query("UPDATE key_quota SET used = used + 1 WHERE id = 1 AND used < $1")
+                .bind(i64::try_from(max_keys).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         if reserved == 0 {
             return Err(StoreError::LimitReached(max_keys));
         }
@@ -199,7 +213,8 @@ impl Store {
         .bind(key.created_at_ms)
         .execute(&mut *tx)
         .await?;
-        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json())).await?;
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()))
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -215,16 +230,20 @@ impl Store {
             return Ok(());
         }
         let op = if value.is_some() { "put" } else { "delete" };
-        sqlx::query("INSERT INTO kv_outbox (kv_key, op, value, created_at_ms) VALUES ($1, $2, $3, $4)")
-            .bind(kv_key)
-            .bind(op)
-            .bind(value)
-            .bind(chrono::Utc::now().timestamp_millis())
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO kv_outbox (kv_key, op, value, created_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(kv_key)
+        .bind(op)
+        .bind(value)
+        .bind(chrono::Utc::now().timestamp_millis())
+        .execute(&mut **tx)
+        .await?;
         if self.backend == Backend::Postgres {
             // Delivered at commit: wakes the drainers of every replica.
-            sqlx::query(&format!("SELECT pg_notify('{OUTBOX_CHANNEL}', '')")).execute(&mut **tx).await?;
+            sqlx::query(&format!("SELECT pg_notify('{OUTBOX_CHANNEL}', '')"))
+                .execute(&mut **tx)
+                .await?;
         }
         Ok(())
     }
@@ -237,11 +256,16 @@ impl Store {
         match self.backend {
             Backend::Sqlite => {
                 // One process owns an SQLite file: no other drainer to race with.
-                let rows = sqlx::query(&format!("SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1"))
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?;
-                Ok(Claim { tx: None, rows: rows.iter().map(outbox_row).collect::<Result<_, _>>()? })
+                let rows = sqlx::query(&format!(
+                    "SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(Claim {
+                    tx: None,
+                    rows: rows.iter().map(outbox_row).collect::<Result<_, _>>()?,
+                })
             }
             Backend::Postgres => {
                 let mut tx = self.pool.begin().await?;
@@ -251,12 +275,14 @@ impl Store {
                 .bind(limit)
                 .fetch_all(&mut *tx)
                 .await?;
-                let mut rows: Vec<OutboxRow> = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
+                let mut rows: Vec<OutboxRow> =
+                    rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
                 if !rows.is_empty() {
                     let mut keys: Vec<&str> = rows.iter().map(|r| r.kv_key.as_str()).collect();
                     keys.sort_unstable();
                     keys.dedup();
-                    let placeholders: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+                    let placeholders: Vec<String> =
+                        (1..=keys.len()).map(|i| format!("${i}")).collect();
                     let sql = format!(
                         "SELECT kv_key, MIN(id) AS first FROM kv_outbox WHERE kv_key IN ({}) GROUP BY kv_key",
                         placeholders.join(", ")
@@ -274,7 +300,10 @@ impl Store {
                     let mine: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
                     // Keep a row only if the oldest pending row of its key is one of ours.
                     rows.retain(|r| {
-                        firsts.iter().find(|(k, _)| *k == r.kv_key).is_none_or(|(_, first)| mine.contains(first))
+                        firsts
+                            .iter()
+                            .find(|(k, _)| *k == r.kv_key)
+                            .is_none_or(|(_, first)| mine.contains(first))
                     });
                 }
                 Ok(Claim { tx: Some(tx), rows })
@@ -284,7 +313,11 @@ impl Store {
 
     /// Ends a claim: on success the sent rows are deleted; on failure they stay, with the
     /// attempt counted and the error recorded. Locks are released either way.
-    pub async fn finish_claim(&self, claim: Claim, outcome: Result<(), &str>) -> Result<(), StoreError> {
+    pub async fn finish_claim(
+        &self,
+        claim: Claim,
+        outcome: Result<(), &str>,
+    ) -> Result<(), StoreError> {
         let Claim { tx, rows } = claim;
         if rows.is_empty() {
             if let Some(tx) = tx {
@@ -292,7 +325,12 @@ impl Store {
             }
             return Ok(());
         }
-        let list = |first: usize| (first..first + rows.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let list = |first: usize| {
+            (first..first + rows.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let (sql, error) = match outcome {
             Ok(()) => (format!("DELETE FROM kv_outbox WHERE id IN ({})", list(1)), None),
             Err(e) => (
@@ -321,9 +359,10 @@ impl Store {
 
     /// Pending updates and the age of the oldest, for metrics and readiness.
     pub async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS depth, MIN(created_at_ms) AS oldest FROM kv_outbox")
-            .fetch_one(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS depth, MIN(created_at_ms) AS oldest FROM kv_outbox")
+                .fetch_one(&self.pool)
+                .await?;
         Ok((row.try_get("depth")?, row.try_get("oldest")?))
     }
 
@@ -344,29 +383,38 @@ impl Store {
                 .await?
             }
         };
-        Ok(rows.iter().map(StoredKey::from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(StoredKey::from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"))
-            .bind(hash.to_hex())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(hash.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(StoredKey::from_row).transpose()?)
     }
 
     /// Deletes a key by name; returns it, or `None` if there was no such key.
     pub async fn delete_key(&self, name: &str) -> Result<Option<StoredKey>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!("DELETE FROM api_keys WHERE name = $1 RETURNING {KEY_COLUMNS}"))
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM api_keys WHERE name = $1 RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else {
             return Ok(None);
         };
         let deleted = StoredKey::from_row(&row)?;
-        sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1").execute(&mut *tx).await?;
+        sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
         self.enqueue(&mut tx, &deleted.key_hash, None).await?;
         tx.commit().await?;
         Ok(Some(deleted))
@@ -378,5 +426,9 @@ impl Store {
 }
 
 fn outbox_row(row: &AnyRow) -> Result<OutboxRow, sqlx::Error> {
-    Ok(OutboxRow { id: row.try_get("id")?, kv_key: row.try_get("kv_key")?, value: row.try_get("value")? })
+    Ok(OutboxRow {
+        id: row.try_get("id")?,
+        kv_key: row.try_get("kv_key")?,
+        value: row.try_get("value")?,
+    })
 }

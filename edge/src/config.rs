@@ -47,20 +47,29 @@ impl Config {
     /// Builds the config from a lookup of `[vars]` by name.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let url = |name: &str| -> Result<String, ConfigError> {
-            let v = var(name).map(|v| v.trim().trim_end_matches('/').to_owned()).unwrap_or_default();
+            let v = var(name)
+                .map(|v| v.trim().trim_end_matches('/').to_owned())
+                .unwrap_or_default();
             if !(v.starts_with("http://") || v.starts_with("https://")) {
                 return Err(ConfigError(format!("{name} must be an http(s) URL")));
             }
             Ok(v)
         };
         let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+            match var(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+            {
                 None => Ok(default),
-                Some(v) => v.parse().map_err(|_| ConfigError(format!("{name} must be a whole number"))),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| ConfigError(format!("{name} must be a whole number"))),
             }
         };
         let flag = |name: &str| {
-            var(name).is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+            var(name).is_some_and(|v| {
+                matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes")
+            })
         };
         let config = Config {
             origin_url: url("ORIGIN_URL")?,
@@ -76,13 +85,19 @@ impl Config {
             retry_after_seconds: number("RETRY_AFTER_SECONDS", 5)?,
         };
         if config.kv_ttl_seconds < KV_MIN_EXPIRATION_TTL {
-            return Err(ConfigError(format!("KV_TTL_SECONDS must be at least {KV_MIN_EXPIRATION_TTL}")));
+            return Err(ConfigError(format!(
+                "KV_TTL_SECONDS must be at least {KV_MIN_EXPIRATION_TTL}"
+            )));
         }
         if config.kv_cache_ttl_seconds < KV_MIN_CACHE_TTL {
-            return Err(ConfigError(format!("KV_CACHE_TTL_SECONDS must be at least {KV_MIN_CACHE_TTL}")));
+            return Err(ConfigError(format!(
+                "KV_CACHE_TTL_SECONDS must be at least {KV_MIN_CACHE_TTL}"
+            )));
         }
         if config.control_plane_timeout_ms == 0 || config.isolate_capacity == 0 {
-            return Err(ConfigError("CONTROL_PLANE_TIMEOUT_MS and ISOLATE_CAPACITY must be positive".into()));
+            return Err(ConfigError(
+                "CONTROL_PLANE_TIMEOUT_MS and ISOLATE_CAPACITY must be positive".into(),
+            ));
         }
         Ok(config)
     }
@@ -94,12 +109,17 @@ mod tests {
     use std::collections::HashMap;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
-    const BASE: [(&str, &str); 2] =
-        [("ORIGIN_URL", "https://origin.example/"), ("CONTROL_PLANE_URL", "http://127.0.0.1:8080")];
+    const BASE: [(&str, &str); 2] = [
+        ("ORIGIN_URL", "https://origin.example/"),
+        ("CONTROL_PLANE_URL", "http://127.0.0.1:8080"),
+    ];
 
     #[test]
     fn defaults() {

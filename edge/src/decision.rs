@@ -67,7 +67,9 @@ pub fn interpret_lookup(status: u16, body: &[u8]) -> Lookup {
             Err(e) => Lookup::Failed(format!("unreadable record from the control plane: {e}")),
         },
         404 => Lookup::NotFound,
-        401 | 403 => Lookup::Failed(format!("control plane refused the Worker's key ({status}): check CONTROL_PLANE_KEY")),
+        401 | 403 => Lookup::Failed(format!(
+            "control plane refused the Worker's key ({status}): check CONTROL_PLANE_KEY"
+        )),
         other => Lookup::Failed(format!("control plane answered {other}")),
     }
 }
@@ -87,7 +89,9 @@ pub fn kv_ttl(record: &KeyRecord, configured_ttl: u64, now_unix_seconds: u64) ->
 pub fn origin_request_url(origin: &str, request_url: &str) -> String {
     // request_url is absolute (`https://host/path?q`); keep from the path on.
     let after_scheme = request_url.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = request_url[after_scheme..].find('/').map(|i| i + after_scheme);
+    let path_start = request_url[after_scheme..]
+        .find('/')
+        .map(|i| i + after_scheme);
     let path_and_query = path_start.map(|i| &request_url[i..]).unwrap_or("/");
     format!("{}{}", origin.trim_end_matches('/'), path_and_query)
 }
@@ -138,21 +142,36 @@ fn header_safe(value: &str) -> String {
 pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResponse {
     let mut headers = vec![("Content-Type", "application/json".to_owned())];
     let (status, body) = match refusal {
-        Refusal::Missing => (401, r#"{"error":"unauthorized","message":"missing API key: send it in the Authorization header"}"#),
-        Refusal::Invalid => (401, r#"{"error":"unauthorized","message":"invalid API key"}"#),
-        Refusal::Unavailable => {
-            (503, r#"{"error":"unavailable","message":"the API key cannot be checked right now; try again shortly"}"#)
-        }
-        Refusal::OriginUnreachable => (502, r#"{"error":"bad_gateway","message":"the origin could not be reached"}"#),
+        Refusal::Missing => (
+            401,
+            r#"{"error":"unauthorized","message":"missing API key: send it in the Authorization header"}"#,
+        ),
+        Refusal::Invalid => (
+            401,
+            r#"{"error":"unauthorized","message":"invalid API key"}"#,
+        ),
+        Refusal::Unavailable => (
+            503,
+            r#"{"error":"unavailable","message":"the API key cannot be checked right now; try again shortly"}"#,
+        ),
+        Refusal::OriginUnreachable => (
+            502,
+            r#"{"error":"bad_gateway","message":"the origin could not be reached"}"#,
+        ),
     };
     match refusal {
-        Refusal::Missing | Refusal::Invalid => {
-            headers.push(("WWW-Authenticate", r#"Bearer realm="metlo", error="invalid_token""#.to_owned()))
-        }
+        Refusal::Missing | Refusal::Invalid => headers.push((
+            "WWW-Authenticate",
+            r#"Bearer realm="metlo", error="invalid_token""#.to_owned(),
+        )),
         Refusal::Unavailable => headers.push(("Retry-After", retry_after_seconds.to_string())),
         Refusal::OriginUnreachable => {}
     }
-    PlainResponse { status, headers, body }
+    PlainResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 #[cfg(test)]
@@ -175,7 +194,10 @@ mod tests {
     fn header_checks_need_no_io() {
         let key = ApiKey::generate().unwrap();
         assert_eq!(check_header(Some(key.expose_secret())), Ok(key.hash()));
-        assert_eq!(check_header(Some(&format!("Bearer {}", key.expose_secret()))), Ok(key.hash()));
+        assert_eq!(
+            check_header(Some(&format!("Bearer {}", key.expose_secret()))),
+            Ok(key.hash())
+        );
         assert_eq!(check_header(None), Err(Refusal::Missing));
         assert_eq!(check_header(Some("metlo.short")), Err(Refusal::Invalid));
         let mut bad = key.expose_secret().to_owned();
@@ -188,7 +210,10 @@ mod tests {
     fn kv_values_are_trusted_only_when_readable() {
         assert_eq!(decode_kv(&record(None).to_json()), Some(record(None)));
         assert_eq!(decode_kv("{}"), None);
-        assert_eq!(decode_kv(&record(None).to_json().replace("\"v\":1", "\"v\":9")), None);
+        assert_eq!(
+            decode_kv(&record(None).to_json().replace("\"v\":1", "\"v\":9")),
+            None
+        );
     }
 
     #[test]
@@ -201,9 +226,15 @@ mod tests {
     #[test]
     fn lookups() {
         let r = record(None);
-        assert_eq!(interpret_lookup(200, r.to_json().as_bytes()), Lookup::Found(r));
+        assert_eq!(
+            interpret_lookup(200, r.to_json().as_bytes()),
+            Lookup::Found(r)
+        );
         assert_eq!(interpret_lookup(404, b"{}"), Lookup::NotFound);
-        assert!(matches!(interpret_lookup(200, b"<html>"), Lookup::Failed(_)));
+        assert!(matches!(
+            interpret_lookup(200, b"<html>"),
+            Lookup::Failed(_)
+        ));
         assert!(matches!(interpret_lookup(401, b""), Lookup::Failed(_)));
         assert!(matches!(interpret_lookup(500, b""), Lookup::Failed(_)));
         assert!(matches!(interpret_lookup(503, b""), Lookup::Failed(_)));
@@ -213,15 +244,28 @@ mod tests {
     fn kv_ttl_never_outlives_the_key() {
         assert_eq!(kv_ttl(&record(None), 300, 1000), Some(300));
         assert_eq!(kv_ttl(&record(Some(1100)), 300, 1000), Some(100));
-        assert_eq!(kv_ttl(&record(Some(1059)), 300, 1000), None, "below KV's 60 s minimum");
+        assert_eq!(
+            kv_ttl(&record(Some(1059)), 300, 1000),
+            None,
+            "below KV's 60 s minimum"
+        );
         assert_eq!(kv_ttl(&record(Some(10)), 300, 1000), None);
     }
 
     #[test]
     fn origin_urls() {
-        assert_eq!(origin_request_url("http://o:1", "https://edge.dev/a/b?c=d&e"), "http://o:1/a/b?c=d&e");
-        assert_eq!(origin_request_url("http://o:1/", "https://edge.dev"), "http://o:1/");
-        assert_eq!(origin_request_url("http://o:1", "https://edge.dev/"), "http://o:1/");
+        assert_eq!(
+            origin_request_url("http://o:1", "https://edge.dev/a/b?c=d&e"),
+            "http://o:1/a/b?c=d&e"
+        );
+        assert_eq!(
+            origin_request_url("http://o:1/", "https://edge.dev"),
+            "http://o:1/"
+        );
+        assert_eq!(
+            origin_request_url("http://o:1", "https://edge.dev/"),
+            "http://o:1/"
+        );
     }
 
     #[test]
@@ -229,7 +273,14 @@ mod tests {
         let h = origin_headers(&record(None), false);
         assert_eq!(h.remove, ["Host", "Authorization"]);
         let names: Vec<&str> = h.set.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, ["X-Metlo-Key-Name", "X-Metlo-Key-Type", "X-Metlo-Key-Identifier"]);
+        assert_eq!(
+            names,
+            [
+                "X-Metlo-Key-Name",
+                "X-Metlo-Key-Type",
+                "X-Metlo-Key-Identifier"
+            ]
+        );
         assert_eq!(h.set[0].1, "ingest %E2%9C%93");
         assert_eq!(h.set[1].1, "ONBOARDING");
         assert_eq!(origin_headers(&record(None), true).remove, ["Host"]);
@@ -241,8 +292,14 @@ mod tests {
         assert_eq!(r.status, 401);
         assert!(r.headers.iter().any(|(n, _)| *n == "WWW-Authenticate"));
         assert!(r.body.contains("invalid API key"));
-        for refusal in [Refusal::Missing, Refusal::Invalid, Refusal::Unavailable, Refusal::OriginUnreachable] {
-            let body: serde_json::Value = serde_json::from_str(refusal_response(refusal, 1).body).unwrap();
+        for refusal in [
+            Refusal::Missing,
+            Refusal::Invalid,
+            Refusal::Unavailable,
+            Refusal::OriginUnreachable,
+        ] {
+            let body: serde_json::Value =
+                serde_json::from_str(refusal_response(refusal, 1).body).unwrap();
             assert!(body["error"].is_string() && body["message"].is_string());
         }
         let r = refusal_response(Refusal::Unavailable, 7);

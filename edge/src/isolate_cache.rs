@@ -23,7 +23,11 @@ pub struct IsolateCache {
 impl IsolateCache {
     pub fn new(capacity: usize, hit_ms: u64, miss_ms: u64) -> Self {
         let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
-        IsolateCache { entries: LruCache::new(capacity), hit_ms, miss_ms }
+        IsolateCache {
+            entries: LruCache::new(capacity),
+            hit_ms,
+            miss_ms,
+        }
     }
 
     /// The entry for `hash` if it has not expired at `now_ms`.
@@ -76,7 +80,10 @@ mod tests {
     #[test]
     fn hits_and_misses_expire_on_their_own_clocks() {
         let mut c = IsolateCache::new(10, 1000, 5000);
-        let (a, b) = (ApiKey::generate().unwrap().hash(), ApiKey::generate().unwrap().hash());
+        let (a, b) = (
+            ApiKey::generate().unwrap().hash(),
+            ApiKey::generate().unwrap().hash(),
+        );
         c.put(a, Entry::Valid(record()), 0);
         c.put(b, Entry::Unknown, 0);
         assert_eq!(c.get(&a, 999), Some(Entry::Valid(record())));

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures_util::future::{select, Either};
 use metlo_shared::{KeyHash, KeyRecord};
 use worker::{
-    console_error, event, Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit, RequestRedirect,
-    Response, ResponseBody,
+    console_error, event, Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit,
+    RequestRedirect, Response, ResponseBody,
 };
 
 use crate::config::Config;
@@ -30,7 +30,9 @@ fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> 
     if let Some(c) = CONFIG.with(|c| c.borrow().clone()) {
         return Ok(c);
     }
-    let parsed = std::rc::Rc::new(Config::from_vars(|name| env.var(name).ok().map(|v| v.to_string()))?);
+    let parsed = std::rc::Rc::new(Config::from_vars(|name| {
+        env.var(name).ok().map(|v| v.to_string())
+    })?);
     CONFIG.with(|c| *c.borrow_mut() = Some(parsed.clone()));
     Ok(parsed)
 }
@@ -61,7 +63,11 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         Ok(c) => c,
         Err(e) => {
             console_error!("edge misconfigured: {e}");
-            return plain(decision::refusal_response(Refusal::Unavailable, 30), false, Source::None);
+            return plain(
+                decision::refusal_response(Refusal::Unavailable, 30),
+                false,
+                Source::None,
+            );
         }
     };
     handle(req, &env, &config).await
@@ -90,7 +96,11 @@ async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Resp
 }
 
 /// Steps 2–4: isolate cache, KV, control plane.
-async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, Source), (Refusal, Source)> {
+async fn find(
+    hash: &KeyHash,
+    env: &Env,
+    config: &Config,
+) -> Result<(KeyRecord, Source), (Refusal, Source)> {
     let now_ms = now_ms();
     match with_cache(config, |c| c.get(hash, now_ms)) {
         Some(Entry::Valid(record)) => return Ok((record, Source::Isolate)),
@@ -102,10 +112,17 @@ async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, 
         console_error!("KV binding KEYS missing: {e}");
         (Refusal::Unavailable, Source::None)
     })?;
-    match kv.get(&hex).cache_ttl(config.kv_cache_ttl_seconds).text().await {
+    match kv
+        .get(&hex)
+        .cache_ttl(config.kv_cache_ttl_seconds)
+        .text()
+        .await
+    {
         Ok(Some(value)) => {
             if let Some(record) = decision::decode_kv(&value) {
-                with_cache(config, |c| c.put(*hash, Entry::Valid(record.clone()), now_ms));
+                with_cache(config, |c| {
+                    c.put(*hash, Entry::Valid(record.clone()), now_ms)
+                });
                 return Ok((record, Source::Kv));
             }
         }
@@ -117,7 +134,9 @@ async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, 
         Lookup::Found(record) => {
             let now = now_ms / 1000;
             if let Some(ttl) = decision::kv_ttl(&record, config.kv_ttl_seconds, now) {
-                let put = kv.put(&hex, record.to_json()).map(|p| p.expiration_ttl(ttl));
+                let put = kv
+                    .put(&hex, record.to_json())
+                    .map(|p| p.expiration_ttl(ttl));
                 match put {
                     Ok(p) => {
                         if let Err(e) = p.execute().await {
@@ -127,7 +146,9 @@ async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, 
                     Err(e) => console_error!("KV write failed: {e}"),
                 }
             }
-            with_cache(config, |c| c.put(*hash, Entry::Valid(record.clone()), now_ms));
+            with_cache(config, |c| {
+                c.put(*hash, Entry::Valid(record.clone()), now_ms)
+            });
             Ok((record, Source::ControlPlane))
         }
         Lookup::NotFound => {
@@ -143,14 +164,19 @@ async fn find(hash: &KeyHash, env: &Env, config: &Config) -> Result<(KeyRecord, 
 }
 
 async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
-    let key = match env.secret("CONTROL_PLANE_KEY").map(|s| s.to_string()).or_else(|_| {
-        env.var("CONTROL_PLANE_KEY").map(|v| v.to_string())
-    }) {
+    let key = match env
+        .secret("CONTROL_PLANE_KEY")
+        .map(|s| s.to_string())
+        .or_else(|_| env.var("CONTROL_PLANE_KEY").map(|v| v.to_string()))
+    {
         Ok(k) => k,
         Err(_) => return Lookup::Failed("the CONTROL_PLANE_KEY secret is not set".into()),
     };
     let headers = Headers::new();
-    if headers.set("Authorization", &format!("Bearer {key}")).is_err() {
+    if headers
+        .set("Authorization", &format!("Bearer {key}"))
+        .is_err()
+    {
         return Lookup::Failed("CONTROL_PLANE_KEY is not a valid header value".into());
     }
     let mut init = RequestInit::new();
@@ -175,11 +201,18 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
-async fn proxy(req: Request, record: &KeyRecord, config: &Config, source: Source) -> worker::Result<Response> {
+async fn proxy(
+    req: Request,
+    record: &KeyRecord,
+    config: &Config,
+    source: Source,
+) -> worker::Result<Response> {
     // The raw URL string: `req.url()` would parse it with the `url` crate and pull its
     // IDNA tables (~100 KB) into the wasm.
     let url = decision::origin_request_url(&config.origin_url, &req.inner().url());
-    let headers = Headers(web_sys::Headers::new_with_headers(req.inner().headers().as_ref())?);
+    let headers = Headers(web_sys::Headers::new_with_headers(
+        req.inner().headers().as_ref(),
+    )?);
     let changes = decision::origin_headers(record, config.forward_authorization);
     for name in changes.remove {
         headers.delete(name)?;
@@ -193,7 +226,9 @@ async fn proxy(req: Request, record: &KeyRecord, config: &Config, source: Source
     let method = req.method();
     let has_body = !matches!(method, Method::Get | Method::Head);
     let mut init = RequestInit::new();
-    init.with_method(method).with_headers(headers).with_redirect(RequestRedirect::Manual);
+    init.with_method(method)
+        .with_headers(headers)
+        .with_redirect(RequestRedirect::Manual);
     if has_body {
         if let Some(body) = req.inner().body() {
             init.with_body(Some(body.into()));
@@ -212,7 +247,11 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
     ISOLATE_CACHE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let cache = slot.get_or_insert_with(|| {
-            IsolateCache::new(config.isolate_capacity, config.isolate_hit_ms, config.isolate_miss_ms)
+            IsolateCache::new(
+                config.isolate_capacity,
+                config.isolate_hit_ms,
+                config.isolate_miss_ms,
+            )
         });
         f(cache)
     })
@@ -220,7 +259,11 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
 
 fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<Response> {
     let r = decision::refusal_response(refusal, config.retry_after_seconds);
-    let tag = if config.decision_header { source.as_str() } else { "" };
+    let tag = if config.decision_header {
+        source.as_str()
+    } else {
+        ""
+    };
     let headers = REFUSAL_HEADERS.with(|cell| -> worker::Result<Headers> {
         let mut cache = cell.borrow_mut();
         if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (r.status, tag)) {
@@ -230,12 +273,20 @@ fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<R
         cache.push(((r.status, tag), h.clone()));
         Ok(h)
     })?;
-    Ok(Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?.with_status(r.status).with_headers(headers))
+    Ok(
+        Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?
+            .with_status(r.status)
+            .with_headers(headers),
+    )
 }
 
 fn plain(r: PlainResponse, decision_header: bool, source: Source) -> worker::Result<Response> {
     let headers = to_headers(&r, decision_header, source)?;
-    Ok(Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?.with_status(r.status).with_headers(headers))
+    Ok(
+        Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?
+            .with_status(r.status)
+            .with_headers(headers),
+    )
 }
 
 fn to_headers(r: &PlainResponse, decision_header: bool, source: Source) -> worker::Result<Headers> {

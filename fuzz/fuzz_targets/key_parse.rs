@@ -4,7 +4,9 @@ use libfuzzer_sys::fuzz_target;
 use metlo_shared::{ApiKey, KeyHash, KEY_LEN};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(key) = ApiKey::parse(s) {
         assert_eq!(key.expose_secret(), s);
         assert_eq!(s.len(), KEY_LEN);

@@ -38,22 +38,39 @@ mod tests {
     fn accepts_bare_and_bearer() {
         let key = ApiKey::generate().unwrap();
         let s = key.expose_secret();
-        for header in [s.to_owned(), format!("Bearer {s}"), format!("bearer  {s} "), format!(" BEARER\t{s}")] {
-            assert_eq!(parse_authorization(Some(&header)).unwrap(), key, "{header:?}");
+        for header in [
+            s.to_owned(),
+            format!("Bearer {s}"),
+            format!("bearer  {s} "),
+            format!(" BEARER\t{s}"),
+        ] {
+            assert_eq!(
+                parse_authorization(Some(&header)).unwrap(),
+                key,
+                "{header:?}"
+            );
         }
     }
 
     #[test]
     fn refuses_missing_and_malformed() {
         assert_eq!(parse_authorization(None), Err(AuthorizationError::Missing));
-        assert_eq!(parse_authorization(Some("")), Err(AuthorizationError::Missing));
-        assert_eq!(parse_authorization(Some("Bearer ")), Err(AuthorizationError::Missing));
+        assert_eq!(
+            parse_authorization(Some("")),
+            Err(AuthorizationError::Missing)
+        );
+        assert_eq!(
+            parse_authorization(Some("Bearer ")),
+            Err(AuthorizationError::Missing)
+        );
         assert_eq!(
             parse_authorization(Some("Bearer nope")),
             Err(AuthorizationError::Malformed(ParseKeyError::WrongPrefix))
         );
         let key = ApiKey::generate().unwrap();
         assert!(parse_authorization(Some(&format!("Basic {}", key.expose_secret()))).is_err());
-        assert!(parse_authorization(Some(&format!("Bearer {} extra", key.expose_secret()))).is_err());
+        assert!(
+            parse_authorization(Some(&format!("Bearer {} extra", key.expose_secret()))).is_err()
+        );
     }
 }

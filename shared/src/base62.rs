@@ -1,6 +1,7 @@
 //! Base62 with the alphabet `0-9A-Za-z`.
 
-pub(crate) const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 pub(crate) fn is_base62(b: u8) -> bool {
     b.is_ascii_alphanumeric()

@@ -203,7 +203,11 @@ mod tests {
                 let mut changed = original.clone();
                 changed[pos] = c;
                 let changed = String::from_utf8(changed).unwrap();
-                assert_eq!(ApiKey::parse(&changed), Err(ParseKeyError::BadChecksum), "position {pos}");
+                assert_eq!(
+                    ApiKey::parse(&changed),
+                    Err(ParseKeyError::BadChecksum),
+                    "position {pos}"
+                );
                 tried += 1;
             }
         }
@@ -215,9 +219,18 @@ mod tests {
         let key = ApiKey::generate().unwrap();
         let s = key.expose_secret();
         assert_eq!(ApiKey::parse(""), Err(ParseKeyError::WrongPrefix));
-        assert_eq!(ApiKey::parse(&s.replacen("metlo.", "metl0.", 1)), Err(ParseKeyError::WrongPrefix));
-        assert_eq!(ApiKey::parse(&s[..KEY_LEN - 1]), Err(ParseKeyError::WrongLength { expected: KEY_LEN }));
-        assert_eq!(ApiKey::parse(&format!("{s}a")), Err(ParseKeyError::WrongLength { expected: KEY_LEN }));
+        assert_eq!(
+            ApiKey::parse(&s.replacen("metlo.", "metl0.", 1)),
+            Err(ParseKeyError::WrongPrefix)
+        );
+        assert_eq!(
+            ApiKey::parse(&s[..KEY_LEN - 1]),
+            Err(ParseKeyError::WrongLength { expected: KEY_LEN })
+        );
+        assert_eq!(
+            ApiKey::parse(&format!("{s}a")),
+            Err(ParseKeyError::WrongLength { expected: KEY_LEN })
+        );
         let mut bad = s.to_owned();
         bad.replace_range(10..11, "-");
         assert_eq!(ApiKey::parse(&bad), Err(ParseKeyError::InvalidCharacter));

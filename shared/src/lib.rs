@@ -17,7 +17,9 @@ mod key;
 mod record;
 
 pub use authorization::{parse_authorization, AuthorizationError};
-pub use key::{ApiKey, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX, RANDOM_LEN};
+pub use key::{
+    ApiKey, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX, RANDOM_LEN,
+};
 pub use record::{KeyRecord, KeyType, KeyTypeError, RecordError, RECORD_VERSION};
 
 /// A regular expression that matches a Metlo API key anywhere in text, for secret

@@ -25,7 +25,12 @@ pub enum KeyType {
 pub struct KeyTypeError;
 
 impl KeyType {
-    pub const ALL: [KeyType; 4] = [KeyType::Generic, KeyType::Onboarding, KeyType::Gcp, KeyType::Aws];
+    pub const ALL: [KeyType; 4] = [
+        KeyType::Generic,
+        KeyType::Onboarding,
+        KeyType::Gcp,
+        KeyType::Aws,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,7 +47,10 @@ impl FromStr for KeyType {
 
     /// Exact, upper-case names, as Metlo's API takes them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        KeyType::ALL.into_iter().find(|t| t.as_str() == s).ok_or(KeyTypeError)
+        KeyType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or(KeyTypeError)
     }
 }
 
@@ -124,7 +132,10 @@ mod tests {
     #[test]
     fn refuses_other_versions_and_garbage() {
         let json = sample().to_json().replace(r#""v":1"#, r#""v":2"#);
-        assert!(matches!(KeyRecord::from_json(json.as_bytes()), Err(RecordError::UnsupportedVersion(2))));
+        assert!(matches!(
+            KeyRecord::from_json(json.as_bytes()),
+            Err(RecordError::UnsupportedVersion(2))
+        ));
         assert!(KeyRecord::from_json(b"{}").is_err());
         assert!(KeyRecord::from_json(b"").is_err());
         let bad_type = sample().to_json().replace("ONBOARDING", "onboarding");

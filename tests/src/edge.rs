@@ -2,8 +2,8 @@
 //! and an echo origin that records what reaches it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +28,11 @@ pub struct Seen {
 impl Seen {
     /// Where the edge found the key (`X-Metlo-Edge-Source`, sent when DECISION_HEADER is on).
     pub fn headers_source(&self) -> String {
-        self.headers.get("x-metlo-edge-source").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+        self.headers
+            .get("x-metlo-edge-source")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
     }
 }
 
@@ -48,7 +52,9 @@ impl Origin {
     pub async fn start_on(port: u16) -> Self {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let app = axum::Router::new().fallback(echo).with_state(seen.clone());
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -77,10 +83,16 @@ impl Drop for Origin {
 
 async fn echo(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> impl IntoResponse {
     let (parts, body) = req.into_parts();
-    let body: Bytes = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let body: Bytes = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
     let record = Seen {
         method: parts.method.to_string(),
-        path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         headers: parts.headers.clone(),
         body: body.to_vec(),
     };
@@ -94,7 +106,13 @@ async fn echo(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> impl I
     let body = match parts.headers.get("x-echo-body") {
         Some(b) => b.to_str().unwrap_or_default().to_owned(),
         None => {
-            let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let header = |n: &str| {
+                parts
+                    .headers
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
             json!({
                 "method": record.method,
                 "pathAndQuery": record.path_and_query,
@@ -113,7 +131,11 @@ async fn echo(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> impl I
 /// The built Worker's entry point (`make worker` / scripts/build-worker.sh builds it).
 pub fn worker_main() -> PathBuf {
     let main = workspace_root().join("edge/build/index.js");
-    assert!(main.exists(), "{} not built: run `make test` (it builds the Worker first)", main.display());
+    assert!(
+        main.exists(),
+        "{} not built: run `make test` (it builds the Worker first)",
+        main.display()
+    );
     main
 }
 
@@ -134,11 +156,27 @@ pub const KV_API_TOKEN: &str = "test-token";
 
 /// `wrangler dev` for the config in `dir`, serving on `port`, local state in `state`,
 /// in its own process group (stopping it stops the workerd it starts).
-fn spawn_wrangler_dev(dir: &std::path::Path, state: &std::path::Path, port: u16, log_path: &std::path::Path) -> Child {
+fn spawn_wrangler_dev(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    port: u16,
+    log_path: &std::path::Path,
+) -> Child {
     let log = std::fs::File::create(log_path).unwrap();
     Command::new(workspace_root().join("node_modules/.bin/wrangler"))
-        .args(["dev", "--local", "--ip", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--inspector-port", &free_port().to_string(), "--show-interactive-dev-session=false"])
+        .args([
+            "dev",
+            "--local",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .args([
+            "--inspector-port",
+            &free_port().to_string(),
+            "--show-interactive-dev-session=false",
+        ])
         .arg("--persist-to")
         .arg(state)
         .current_dir(dir)
@@ -155,7 +193,9 @@ fn spawn_wrangler_dev(dir: &std::path::Path, state: &std::path::Path, port: u16,
 }
 
 fn stop_group(child: &mut Child) {
-    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -181,7 +221,13 @@ impl KvApi {
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
         let port = free_port();
-        let mut api = KvApi { url: format!("http://127.0.0.1:{port}"), port, dir, state: state.to_path_buf(), child: None };
+        let mut api = KvApi {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            state: state.to_path_buf(),
+            child: None,
+        };
         api.restart().await;
         api
     }
@@ -206,7 +252,12 @@ impl KvApi {
         let _guard = START_LOCK.lock().await;
         assert!(self.child.is_none());
         let log = self.dir.path().join("wrangler.log");
-        self.child = Some(spawn_wrangler_dev(self.dir.path(), &self.state, self.port, &log));
+        self.child = Some(spawn_wrangler_dev(
+            self.dir.path(),
+            &self.state,
+            self.port,
+            &log,
+        ));
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -215,7 +266,11 @@ impl KvApi {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "KV API did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "KV API did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -242,7 +297,12 @@ impl KvApi {
 
     /// What the target received: `{putRequests, deleteRequests, puts: [key…], deletes: [key…]}`.
     pub async fn stats(&self) -> Value {
-        reqwest::get(format!("{}/__stats", self.url)).await.unwrap().json().await.unwrap()
+        reqwest::get(format!("{}/__stats", self.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 }
 
@@ -258,7 +318,12 @@ static START_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 impl Edge {
     /// Starts the Worker with these `[vars]` (on top of the defaults in the repo's
     /// wrangler.toml) and the control-plane key as its secret.
-    pub async fn start(control_plane_url: &str, control_plane_key: &str, origin_url: &str, vars: &[(&str, &str)]) -> Self {
+    pub async fn start(
+        control_plane_url: &str,
+        control_plane_key: &str,
+        origin_url: &str,
+        vars: &[(&str, &str)],
+    ) -> Self {
         Self::start_on_state(None, control_plane_url, control_plane_key, origin_url, vars).await
     }
 
@@ -272,7 +337,9 @@ impl Edge {
     ) -> Self {
         let _guard = START_LOCK.lock().await;
         let dir = tempfile::tempdir().unwrap();
-        let state = state.map(|p| p.to_path_buf()).unwrap_or_else(|| dir.path().join("state"));
+        let state = state
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| dir.path().join("state"));
         let mut all_vars: Vec<(String, String)> = vec![
             ("ORIGIN_URL".into(), origin_url.into()),
             ("CONTROL_PLANE_URL".into(), control_plane_url.into()),
@@ -282,7 +349,10 @@ impl Edge {
             all_vars.retain(|(name, _)| name != k);
             all_vars.push((k.to_string(), v.to_string()));
         }
-        let vars_toml: String = all_vars.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+        let vars_toml: String = all_vars
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}\n"))
+            .collect();
         // The same Worker and bindings as the repo's wrangler.toml, without its build
         // hook (the tests build once, before they start).
         let config = format!(
@@ -291,13 +361,20 @@ impl Edge {
             main = worker_main().display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
-        std::fs::write(dir.path().join(".dev.vars"), format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n")).unwrap();
+        std::fs::write(
+            dir.path().join(".dev.vars"),
+            format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n"),
+        )
+        .unwrap();
         let port = free_port();
         let log_path = dir.path().join("wrangler.log");
         let child = spawn_wrangler_dev(dir.path(), &state, port, &log_path);
         let edge = Edge {
             url: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
             child,
             dir,
             state,
@@ -310,13 +387,22 @@ impl Edge {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = self.client.get(format!("{}/__ready", self.url)).send().await {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/__ready", self.url))
+                .send()
+                .await
+            {
                 // Any answer from the Worker itself (a 401: no key) means it is serving.
                 if r.headers().contains_key("x-metlo-edge-source") {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "wrangler dev did not start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "wrangler dev did not start:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -349,7 +435,11 @@ impl Edge {
 }
 
 /// Runs `wrangler kv key …` with the config in `dir` against the local KV in `state`.
-fn local_kv(dir: &std::path::Path, state: &std::path::Path, args: &[&str]) -> Result<String, String> {
+fn local_kv(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+    args: &[&str],
+) -> Result<String, String> {
     let out = Command::new(workspace_root().join("node_modules/.bin/wrangler"))
         .args(["kv", "key"])
         .args(args)
@@ -378,7 +468,11 @@ fn local_kv_keys(dir: &std::path::Path, state: &std::path::Path) -> Vec<String> 
     let out = local_kv(dir, state, &["list"]).unwrap_or_default();
     let list: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     list.as_array()
-        .map(|a| a.iter().filter_map(|e| e["name"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["name"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -26,7 +26,10 @@ pub enum Backend {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The control-plane binary, built by `make test` before the tests run.
@@ -34,14 +37,29 @@ pub fn control_plane_bin() -> PathBuf {
     if let Ok(p) = std::env::var("METLO_CONTROL_PLANE_BIN") {
         return PathBuf::from(p);
     }
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    let path = workspace_root().join("target").join(profile).join("metlo-control-plane");
-    assert!(path.exists(), "{} not built: run `make test` (it builds it first)", path.display());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let path = workspace_root()
+        .join("target")
+        .join(profile)
+        .join("metlo-control-plane");
+    assert!(
+        path.exists(),
+        "{} not built: run `make test` (it builds it first)",
+        path.display()
+    );
     path
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh, empty PostgreSQL database for one test; returns its URL.
@@ -50,7 +68,14 @@ pub async fn fresh_postgres_database() -> String {
         .expect("METLO_TEST_PG_URL is not set: run the tests with `make test` (scripts/stack.sh starts PostgreSQL)");
     let name = format!("t_{}", unique_suffix());
     let status = Command::new("psql")
-        .args([base.as_str(), "-q", "-v", "ON_ERROR_STOP=1", "-c", &format!("CREATE DATABASE {name}")])
+        .args([
+            base.as_str(),
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
         .stdout(Stdio::null())
         .status()
         .expect("psql");
@@ -62,8 +87,16 @@ pub async fn fresh_postgres_database() -> String {
 pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A PostgreSQL server of the test's own (initdb in a temporary directory, as the
@@ -83,13 +116,30 @@ impl Postgres {
             .max()
             .expect("no PostgreSQL bin directory");
         let dir = tempfile::tempdir().unwrap();
-        let pg = Postgres { port: free_port(), dir, bindir };
+        let pg = Postgres {
+            port: free_port(),
+            dir,
+            bindir,
+        };
         if is_root() {
-            Command::new("chown").args(["-R", "postgres"]).arg(pg.dir.path()).status().unwrap();
+            Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
         }
         let data = pg.dir.path().join("data");
-        let out = pg.as_pg("initdb").args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pg
+            .as_pg("initdb")
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         pg.restart();
         pg
     }
@@ -124,12 +174,21 @@ impl Postgres {
             .args(["-o", &opts, "start"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Stops the server at once (`-m immediate`: connections are cut, as in a crash).
     pub fn stop(&self) {
-        let _ = self.as_pg("pg_ctl").args(["-m", "immediate", "-D"]).arg(self.dir.path().join("data")).arg("stop").output();
+        let _ = self
+            .as_pg("pg_ctl")
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .output();
     }
 }
 
@@ -140,7 +199,11 @@ impl Drop for Postgres {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// A throwaway `redis-server` on its own port, stoppable and restartable on that port.
@@ -152,7 +215,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Self {
-        let mut r = Redis { port: free_port(), child: None, dir: tempfile::tempdir().unwrap() };
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
         r.restart();
         r
     }
@@ -164,7 +231,16 @@ impl Redis {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis already running");
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -202,7 +278,10 @@ impl Drop for Redis {
 pub fn wait_for_port(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on port {port}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -217,7 +296,11 @@ pub struct Options {
 
 impl Options {
     pub fn new(backend: Backend) -> Self {
-        Options { backend, redis_url: None, env: Vec::new() }
+        Options {
+            backend,
+            redis_url: None,
+            env: Vec::new(),
+        }
     }
     pub fn redis(mut self, url: String) -> Self {
         self.redis_url = Some(url);
@@ -250,9 +333,15 @@ impl ControlPlane {
 
     pub async fn start_with(opts: Options) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut env: Vec<(String, String)> = vec![("LOG_FORMAT".into(), "text".into()), ("RUST_LOG".into(), "info".into())];
+        let mut env: Vec<(String, String)> = vec![
+            ("LOG_FORMAT".into(), "text".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
         match opts.backend {
-            Backend::Sqlite => env.push(("DATA_DIR".into(), dir.path().join("data").display().to_string())),
+            Backend::Sqlite => env.push((
+                "DATA_DIR".into(),
+                dir.path().join("data").display().to_string(),
+            )),
             Backend::Postgres => {
                 let url = match opts.env.iter().find(|(k, _)| k == "DATABASE_URL") {
                     Some((_, url)) => url.clone(),
@@ -268,13 +357,17 @@ impl ControlPlane {
         let log_path = dir.path().join("control-plane.log");
 
         // The first key is made the way an operator makes it: with the CLI.
-        let admin_key = run_cli(&env, &["keys", "create", "--name", "admin"], &log_path).expect("create admin key");
+        let admin_key = run_cli(&env, &["keys", "create", "--name", "admin"], &log_path)
+            .expect("create admin key");
         let child = spawn_server(&env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
         ControlPlane {
             url,
             admin_key: admin_key.clone(),
-            client: reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap(),
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .unwrap(),
             child,
             log_path,
             env,
@@ -324,11 +417,16 @@ impl ControlPlane {
             let log = self.log();
             if let Some(i) = log[before..].find("listening on http://") {
                 let rest = &log[before + i + "listening on ".len()..];
-                let end = rest.find(|c: char| c.is_whitespace() || c == '"').unwrap_or(rest.len());
+                let end = rest
+                    .find(|c: char| c.is_whitespace() || c == '"')
+                    .unwrap_or(rest.len());
                 self.url = rest[..end].to_owned();
                 return;
             }
-            assert!(Instant::now() < deadline, "control plane did not restart:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not restart:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -368,7 +466,12 @@ impl ControlPlane {
         }
     }
 
-    pub fn request(&self, method: reqwest::Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
         let mut rb = self.client.request(method, format!("{}{}", self.url, path));
         if let Some(k) = key {
             rb = rb.header("Authorization", k);
@@ -379,7 +482,11 @@ impl ControlPlane {
     /// `POST /api/v1/keys/create` with the admin key; returns status and body.
     pub async fn create(&self, body: Value) -> (StatusCode, Value) {
         let r = self
-            .request(reqwest::Method::POST, "/api/v1/keys/create", Some(&self.admin_key))
+            .request(
+                reqwest::Method::POST,
+                "/api/v1/keys/create",
+                Some(&self.admin_key),
+            )
             .json(&body)
             .send()
             .await
@@ -394,13 +501,23 @@ impl ControlPlane {
 
     /// Creates a key and returns the full key.
     pub async fn create_key(&self, name: &str, key_for: &str) -> String {
-        let (status, body) = self.create(serde_json::json!({"name": name, "keyFor": key_for})).await;
+        let (status, body) = self
+            .create(serde_json::json!({"name": name, "keyFor": key_for}))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["apiKey"].as_str().unwrap().to_owned()
     }
 
-    pub async fn get(&self, path: &str, key: Option<&str>) -> (StatusCode, reqwest::header::HeaderMap, String) {
-        let r = self.request(reqwest::Method::GET, path, key).send().await.unwrap();
+    pub async fn get(
+        &self,
+        path: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        let r = self
+            .request(reqwest::Method::GET, path, key)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         let headers = r.headers().clone();
         (status, headers, r.text().await.unwrap())
@@ -408,7 +525,11 @@ impl ControlPlane {
 
     pub async fn delete(&self, name: &str, key: Option<&str>) -> (StatusCode, Value) {
         let path = format!("/api/v1/keys/{}/delete", encode_path_segment(name));
-        let r = self.request(reqwest::Method::DELETE, &path, key).send().await.unwrap();
+        let r = self
+            .request(reqwest::Method::DELETE, &path, key)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -430,9 +551,15 @@ impl ControlPlane {
     pub fn assert_log_has_no_secrets(&self) {
         let log = self.log();
         for secret in self.secrets.lock().unwrap().iter() {
-            assert!(!log.contains(secret.as_str()), "a full API key appears in the control plane's log");
+            assert!(
+                !log.contains(secret.as_str()),
+                "a full API key appears in the control plane's log"
+            );
             // Not even the secret part on its own.
-            assert!(!log.contains(&secret[14..]), "a key's secret part appears in the log");
+            assert!(
+                !log.contains(&secret[14..]),
+                "a key's secret part appears in the log"
+            );
         }
     }
 }
@@ -448,7 +575,9 @@ impl Drop for ControlPlane {
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").args(["-s", signal, &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status();
 }
 
 pub fn encode_path_segment(s: &str) -> String {
@@ -456,7 +585,11 @@ pub fn encode_path_segment(s: &str) -> String {
 }
 
 fn log_file(path: &Path) -> std::fs::File {
-    std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
 }
 
 /// Runs a CLI command; stdout on success, stderr on failure. Stderr is also appended to
@@ -494,10 +627,15 @@ pub fn wait_for_listening(log_path: &Path, timeout: Duration) -> String {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
         if let Some(i) = log.rfind("listening on http://") {
             let rest = &log[i + "listening on ".len()..];
-            let end = rest.find(|c: char| c.is_whitespace() || c == '"').unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == '"')
+                .unwrap_or(rest.len());
             return rest[..end].to_owned();
         }
-        assert!(Instant::now() < deadline, "control plane did not start; log:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "control plane did not start; log:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

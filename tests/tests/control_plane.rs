@@ -38,7 +38,9 @@ fn is_iso8601_millis(s: &str) -> bool {
 async fn create_list_onboarding_delete(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
 
-    let (status, created) = cp.create(json!({"name": "ingestor", "keyFor": "GENERIC"})).await;
+    let (status, created) = cp
+        .create(json!({"name": "ingestor", "keyFor": "GENERIC"}))
+        .await;
     assert_eq!(status, StatusCode::OK);
     let obj = created.as_object().unwrap();
     let mut fields: Vec<_> = obj.keys().map(String::as_str).collect();
@@ -48,13 +50,21 @@ async fn create_list_onboarding_delete(backend: Backend) {
     assert_eq!(created["identifier"], key.identifier());
     assert_eq!(created["name"], "ingestor");
     assert_eq!(created["for"], "GENERIC");
-    assert!(is_iso8601_millis(created["created"].as_str().unwrap()), "{created}");
+    assert!(
+        is_iso8601_millis(created["created"].as_str().unwrap()),
+        "{created}"
+    );
 
     // keyFor defaults to GENERIC; every type is accepted.
     let (status, d) = cp.create(json!({"name": "default-type"})).await;
-    assert_eq!((status, d["for"].as_str()), (StatusCode::OK, Some("GENERIC")));
+    assert_eq!(
+        (status, d["for"].as_str()),
+        (StatusCode::OK, Some("GENERIC"))
+    );
     for t in ["GCP", "AWS"] {
-        let (status, body) = cp.create(json!({"name": format!("k-{t}"), "keyFor": t})).await;
+        let (status, body) = cp
+            .create(json!({"name": format!("k-{t}"), "keyFor": t}))
+            .await;
         assert_eq!((status, body["for"].as_str()), (StatusCode::OK, Some(t)));
     }
     let mut onboarding_names = vec![];
@@ -70,9 +80,18 @@ async fn create_list_onboarding_delete(backend: Backend) {
     let list: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(list.len(), 8, "{text}");
     for entry in &list {
-        let mut f: Vec<_> = entry.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut f: Vec<_> = entry
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         f.sort();
-        assert_eq!(f, ["created", "for", "identifier", "name"], "list never shows the key");
+        assert_eq!(
+            f,
+            ["created", "for", "identifier", "name"],
+            "list never shows the key"
+        );
     }
     assert!(!text.contains(key.expose_secret()));
     let ingestor = list.iter().find(|e| e["name"] == "ingestor").unwrap();
@@ -82,12 +101,18 @@ async fn create_list_onboarding_delete(backend: Backend) {
     let (status, _, text) = cp.get("/api/v1/keys/onboarding", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::OK);
     let onboarding: Vec<Value> = serde_json::from_str(&text).unwrap();
-    let names: Vec<&str> = onboarding.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = onboarding
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     onboarding_names.reverse();
     assert_eq!(names, onboarding_names, "ONBOARDING only, newest first");
     assert!(onboarding.iter().all(|e| e["for"] == "ONBOARDING"));
 
-    assert_eq!(cp.delete("ingestor", Some(&cp.admin_key)).await, (StatusCode::OK, json!({"status": "OK"})));
+    assert_eq!(
+        cp.delete("ingestor", Some(&cp.admin_key)).await,
+        (StatusCode::OK, json!({"status": "OK"}))
+    );
     let (status, body) = cp.delete("ingestor", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "not_found");
@@ -99,7 +124,15 @@ async fn create_list_onboarding_delete(backend: Backend) {
 
 async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
-    let names = ["with space", "a/b/c", "ünïcödé ✓ 键", "50%?#&=+", "...", "trailing-dot.", "./x"];
+    let names = [
+        "with space",
+        "a/b/c",
+        "ünïcödé ✓ 键",
+        "50%?#&=+",
+        "...",
+        "trailing-dot.",
+        "./x",
+    ];
     for name in names {
         let key = cp.create_key(name, "GENERIC").await;
         assert_eq!(cp.verify(&key).await, StatusCode::OK);
@@ -108,24 +141,40 @@ async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
     let list: Vec<Value> = serde_json::from_str(&text).unwrap();
     for name in names {
         assert!(list.iter().any(|e| e["name"] == name), "{name} listed");
-        assert_eq!(cp.delete(name, Some(&cp.admin_key)).await.0, StatusCode::OK, "delete {name:?}");
+        assert_eq!(
+            cp.delete(name, Some(&cp.admin_key)).await.0,
+            StatusCode::OK,
+            "delete {name:?}"
+        );
     }
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
-    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), 1, "only admin left: {text}");
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        1,
+        "only admin left: {text}"
+    );
 }
 
 async fn verify_and_by_hash(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
     let (status, headers, body) = cp.get("/api/v1/verify", Some(&cp.admin_key)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "OK"));
-    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     // Bearer form works too.
-    assert_eq!(cp.verify(&format!("Bearer {}", cp.admin_key)).await, StatusCode::OK);
+    assert_eq!(
+        cp.verify(&format!("Bearer {}", cp.admin_key)).await,
+        StatusCode::OK
+    );
 
     let key = cp.create_key("edge-client", "AWS").await;
     let parsed = ApiKey::parse(&key).unwrap();
     let hash = parsed.hash().to_hex();
-    let (status, headers, body) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+    let (status, headers, body) = cp
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["cache-control"], "no-store");
     let record = metlo_shared::KeyRecord::from_json(body.as_bytes()).expect("a v1 KV record");
@@ -136,15 +185,29 @@ async fn verify_and_by_hash(backend: Backend) {
     assert!(!body.contains(&key));
 
     let unknown = ApiKey::generate().unwrap().hash().to_hex();
-    let (status, _, body) = cp.get(&format!("/api/v1/keys/by-hash/{unknown}"), Some(&cp.admin_key)).await;
+    let (status, _, body) = cp
+        .get(
+            &format!("/api/v1/keys/by-hash/{unknown}"),
+            Some(&cp.admin_key),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    for bad in ["abc", &hash.to_uppercase(), &format!("{hash}0"), &"g".repeat(64)] {
-        let (status, _, body) = cp.get(&format!("/api/v1/keys/by-hash/{bad}"), Some(&cp.admin_key)).await;
+    for bad in [
+        "abc",
+        &hash.to_uppercase(),
+        &format!("{hash}0"),
+        &"g".repeat(64),
+    ] {
+        let (status, _, body) = cp
+            .get(&format!("/api/v1/keys/by-hash/{bad}"), Some(&cp.admin_key))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
     // Deleted → 404 at once.
     cp.delete("edge-client", Some(&cp.admin_key)).await;
-    let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+    let (status, _, _) = cp
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -181,13 +244,18 @@ async fn every_api_route_refuses_bad_keys(backend: Backend) {
     ];
     for (method, path) in &routes {
         for key in &candidates {
-            let mut rb = cp.request(method.clone(), path, None).body(r#"{"name":"x"}"#);
+            let mut rb = cp
+                .request(method.clone(), path, None)
+                .body(r#"{"name":"x"}"#);
             if let Some(k) = key {
                 rb = rb.header("Authorization", k);
             }
             let r = rb.send().await.unwrap();
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
-            assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+            assert!(r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer"));
             let body: Value = r.json().await.unwrap();
             assert_eq!(body["error"], "unauthorized");
             assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
@@ -196,7 +264,10 @@ async fn every_api_route_refuses_bad_keys(backend: Backend) {
     // A non-UTF-8 header value is refused, not a crash.
     let r = cp
         .request(Method::GET, "/api/v1/verify", None)
-        .header("Authorization", reqwest::header::HeaderValue::from_bytes(b"metlo.\xff\xfe").unwrap())
+        .header(
+            "Authorization",
+            reqwest::header::HeaderValue::from_bytes(b"metlo.\xff\xfe").unwrap(),
+        )
         .send()
         .await
         .unwrap();
@@ -223,9 +294,18 @@ async fn bad_requests_are_400_json(backend: Backend) {
         // URLs normalize these path segments away: such a key could never be deleted.
         ("dot name", json!({"name": "."}).to_string()),
         ("dot-dot name", json!({"name": ".."}).to_string()),
-        ("invalid type", json!({"name": "n", "keyFor": "ADMIN"}).to_string()),
-        ("lower-case type", json!({"name": "n", "keyFor": "generic"}).to_string()),
-        ("type not a string", json!({"name": "n", "keyFor": 3}).to_string()),
+        (
+            "invalid type",
+            json!({"name": "n", "keyFor": "ADMIN"}).to_string(),
+        ),
+        (
+            "lower-case type",
+            json!({"name": "n", "keyFor": "generic"}).to_string(),
+        ),
+        (
+            "type not a string",
+            json!({"name": "n", "keyFor": 3}).to_string(),
+        ),
         ("name not a string", json!({"name": 3}).to_string()),
         ("malformed JSON", "{\"name\": ".to_owned()),
         ("not an object", "[1,2]".to_owned()),
@@ -258,10 +338,17 @@ async fn bad_requests_are_400_json(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "payload_too_large");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "payload_too_large"
+    );
     // Nothing was stored by the bad requests.
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
-    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), 3, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        3,
+        "{text}"
+    );
     // Unknown routes are JSON 404s.
     let (status, _, body) = cp.get("/api/v1/nope", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -281,7 +368,10 @@ async fn limit_reached_has_metlo_message(backend: Backend) {
     // Deleting frees a slot.
     cp.delete("two", Some(&cp.admin_key)).await;
     cp.create_key("four", "GENERIC").await;
-    assert_eq!(cp.create(json!({"name": "five"})).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        cp.create(json!({"name": "five"})).await.0,
+        StatusCode::BAD_REQUEST
+    );
     // The CLI obeys the same limit.
     let err = cp.cli(&["keys", "create", "--name", "cli"]).unwrap_err();
     assert!(err.contains("Maximum API Key Limit Reached: 3"), "{err}");
@@ -289,13 +379,22 @@ async fn limit_reached_has_metlo_message(backend: Backend) {
 
 async fn concurrent_creates_with_one_name(backend: Backend) {
     let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 1000)).await;
-    let results = futures::future::join_all((0..200).map(|_| cp.create(json!({"name": "same"})))).await;
+    let results =
+        futures::future::join_all((0..200).map(|_| cp.create(json!({"name": "same"})))).await;
     let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
     let dup = results
         .iter()
-        .filter(|(s, b)| *s == StatusCode::BAD_REQUEST && b["message"].as_str().unwrap().contains("already exists"))
+        .filter(|(s, b)| {
+            *s == StatusCode::BAD_REQUEST
+                && b["message"].as_str().unwrap().contains("already exists")
+        })
         .count();
-    assert_eq!((ok, dup), (1, 199), "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert_eq!(
+        (ok, dup),
+        (1, 199),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
 }
 
 async fn concurrent_creates_at_the_limit(backend: Backend) {
@@ -305,8 +404,10 @@ async fn concurrent_creates_at_the_limit(backend: Backend) {
         cp.create_key(&format!("pre-{i}"), "GENERIC").await;
     }
     // admin + 18 = MAX − 1 keys stored.
-    let results =
-        futures::future::join_all((0..200).map(|i| cp.create(json!({"name": format!("race-{i}")})))).await;
+    let results = futures::future::join_all(
+        (0..200).map(|i| cp.create(json!({"name": format!("race-{i}")}))),
+    )
+    .await;
     let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
     let limited = results
         .iter()
@@ -314,12 +415,18 @@ async fn concurrent_creates_at_the_limit(backend: Backend) {
         .count();
     assert_eq!((ok, limited), (1, 199));
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
-    assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap().len(), MAX);
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        MAX
+    );
 }
 
 async fn deleted_key_is_refused_at_once(backend: Backend) {
     let mut redis = Redis::start();
-    for opts in [Options::new(backend), Options::new(backend).redis(redis.url())] {
+    for opts in [
+        Options::new(backend),
+        Options::new(backend).redis(redis.url()),
+    ] {
         let cp = ControlPlane::start_with(opts).await;
         for round in 0..5 {
             let name = format!("short-lived-{round}");
@@ -328,36 +435,72 @@ async fn deleted_key_is_refused_at_once(backend: Backend) {
             for _ in 0..3 {
                 assert_eq!(cp.verify(&key).await, StatusCode::OK);
             }
-            assert_eq!(cp.delete(&name, Some(&cp.admin_key)).await.0, StatusCode::OK);
-            assert_eq!(cp.verify(&key).await, StatusCode::UNAUTHORIZED, "deleted key refused immediately");
+            assert_eq!(
+                cp.delete(&name, Some(&cp.admin_key)).await.0,
+                StatusCode::OK
+            );
+            assert_eq!(
+                cp.verify(&key).await,
+                StatusCode::UNAUTHORIZED,
+                "deleted key refused immediately"
+            );
             let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
-            let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key)).await;
+            let (status, _, _) = cp
+                .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+                .await;
             assert_eq!(status, StatusCode::NOT_FOUND);
         }
         // A deleted caller cannot act either.
         let key = cp.create_key("self-deleting", "GENERIC").await;
-        assert_eq!(cp.delete("self-deleting", Some(&key)).await.0, StatusCode::OK);
-        assert_eq!(cp.get("/api/v1/keys/list", Some(&key)).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            cp.delete("self-deleting", Some(&key)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            cp.get("/api/v1/keys/list", Some(&key)).await.0,
+            StatusCode::UNAUTHORIZED
+        );
     }
     redis.stop();
 }
 
 async fn cli_manages_keys(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
-    let out = cp.cli(&["keys", "create", "--name", "from cli", "--type", "ONBOARDING"]).unwrap();
+    let out = cp
+        .cli(&[
+            "keys",
+            "create",
+            "--name",
+            "from cli",
+            "--type",
+            "ONBOARDING",
+        ])
+        .unwrap();
     // stdout is the key alone, on its own line.
     assert_eq!(out.lines().count(), 1);
     let key = ApiKey::parse(out.trim()).expect("stdout is exactly the key");
     cp.secrets.lock().unwrap().push(out.trim().to_owned());
     assert_eq!(cp.verify(key.expose_secret()).await, StatusCode::OK);
     let listed = cp.cli(&["keys", "list"]).unwrap();
-    assert!(listed.contains("from cli") && listed.contains(&key.identifier()) && listed.contains("ONBOARDING"));
+    assert!(
+        listed.contains("from cli")
+            && listed.contains(&key.identifier())
+            && listed.contains("ONBOARDING")
+    );
     assert!(!listed.contains(key.expose_secret()));
-    assert!(cp.cli(&["keys", "create", "--name", "from cli"]).unwrap_err().contains("already exists"));
-    assert!(cp.cli(&["keys", "create", "--name", "x", "--type", "NOPE"]).is_err());
+    assert!(cp
+        .cli(&["keys", "create", "--name", "from cli"])
+        .unwrap_err()
+        .contains("already exists"));
+    assert!(cp
+        .cli(&["keys", "create", "--name", "x", "--type", "NOPE"])
+        .is_err());
     assert!(cp.cli(&["keys", "create", "--name", ""]).is_err());
     cp.cli(&["keys", "delete", "from cli"]).unwrap();
-    assert!(cp.cli(&["keys", "delete", "from cli"]).unwrap_err().contains("no API key named"));
+    assert!(cp
+        .cli(&["keys", "delete", "from cli"])
+        .unwrap_err()
+        .contains("no API key named"));
     assert!(!cp.cli(&["keys", "list"]).unwrap().contains("from cli"));
 }
 
@@ -366,16 +509,29 @@ async fn ops_routes(backend: Backend) {
     assert_eq!(cp.get("/healthz", None).await.0, StatusCode::OK);
     let (status, _, body) = cp.get("/readyz", None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["database"], "ok");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["database"],
+        "ok"
+    );
 
     cp.verify(&cp.admin_key).await;
     cp.verify(&cp.admin_key).await;
     cp.verify("nope").await;
     let (status, _, metrics) = cp.get("/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(metrics.contains(r#"http_requests_total{method="GET",route="/api/v1/verify",status="200"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"route="/api/v1/verify",status="401"} 1"#), "{metrics}");
-    assert!(metrics.contains("http_request_duration_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics
+            .contains(r#"http_requests_total{method="GET",route="/api/v1/verify",status="200"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"route="/api/v1/verify",status="401"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(cp.metric("metlo_verify_cache_total", "hit").await >= 1.0);
     assert!(cp.metric("metlo_verify_cache_total", "miss").await >= 1.0);
 
@@ -393,7 +549,10 @@ async fn ops_routes(backend: Backend) {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
     let created = doc["components"]["schemas"]["CreatedKey"].to_string();
-    assert!(created.contains("apiKey") && created.contains("KeyInfo"), "{created}");
+    assert!(
+        created.contains("apiKey") && created.contains("KeyInfo"),
+        "{created}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,7 +562,10 @@ async fn redis_outage_falls_back_to_the_database() {
         let cp = ControlPlane::start_with(Options::new(backend).redis(redis.url())).await;
         let key = cp.create_key("client", "GENERIC").await;
         assert_eq!(cp.verify(&key).await, StatusCode::OK);
-        assert!(redis.dbsize() >= 1, "verification results are cached in Redis");
+        assert!(
+            redis.dbsize() >= 1,
+            "verification results are cached in Redis"
+        );
         let (_, _, ready) = cp.get("/readyz", None).await;
         assert!(ready.contains(r#""cache":"ok""#), "{ready}");
 
@@ -413,17 +575,26 @@ async fn redis_outage_falls_back_to_the_database() {
         for _ in 0..20 {
             assert_eq!(cp.verify(&key).await, StatusCode::OK);
             assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
-            assert_eq!(cp.verify(unknown.expose_secret()).await, StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                cp.verify(unknown.expose_secret()).await,
+                StatusCode::UNAUTHORIZED
+            );
         }
         assert_eq!(cp.verify(&doomed).await, StatusCode::OK);
-        assert_eq!(cp.delete("doomed", Some(&cp.admin_key)).await.0, StatusCode::OK);
+        assert_eq!(
+            cp.delete("doomed", Some(&cp.admin_key)).await.0,
+            StatusCode::OK
+        );
         assert_eq!(cp.verify(&doomed).await, StatusCode::UNAUTHORIZED);
         let (status, _, ready) = cp.get("/readyz", None).await;
         assert_eq!(status, StatusCode::OK, "Redis is optional for readiness");
         assert!(ready.contains(r#""cache":"unreachable""#), "{ready}");
         let log = cp.log();
         assert!(log.contains("Redis unavailable"), "a warning is logged");
-        assert!(cp.metric("http_requests_total", "status=\"5").await == 0.0, "no 5xx during the outage");
+        assert!(
+            cp.metric("http_requests_total", "status=\"5").await == 0.0,
+            "no 5xx during the outage"
+        );
 
         redis.restart();
         // The client reconnects; once it has, verifications are served from Redis again.
@@ -433,7 +604,10 @@ async fn redis_outage_falls_back_to_the_database() {
             if redis.dbsize() >= 1 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "Redis not used again after restart");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Redis not used again after restart"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let hits_before = cp.metric("metlo_verify_cache_total", "hit").await;
@@ -441,7 +615,12 @@ async fn redis_outage_falls_back_to_the_database() {
             assert_eq!(cp.verify(&key).await, StatusCode::OK);
         }
         let hits_after = cp.metric("metlo_verify_cache_total", "hit").await;
-        assert!(hits_after >= hits_before + 10.0, "{hits_before} -> {hits_after}\n{}\n{}", cp.get("/metrics", None).await.2, cp.log());
+        assert!(
+            hits_after >= hits_before + 10.0,
+            "{hits_before} -> {hits_after}\n{}\n{}",
+            cp.get("/metrics", None).await.2,
+            cp.log()
+        );
         assert_eq!(cp.metric("http_requests_total", "status=\"5").await, 0.0);
     }
 }
@@ -469,7 +648,10 @@ async fn delete_on_one_replica_is_refused_by_another() {
         loop {
             match b.verify(&key).await {
                 StatusCode::UNAUTHORIZED => break,
-                StatusCode::OK => assert!(deleted_at.elapsed() < Duration::from_millis(250), "replica still accepts"),
+                StatusCode::OK => assert!(
+                    deleted_at.elapsed() < Duration::from_millis(250),
+                    "replica still accepts"
+                ),
                 other => panic!("unexpected {other}"),
             }
         }
@@ -477,7 +659,11 @@ async fn delete_on_one_replica_is_refused_by_another() {
         assert_eq!(a.verify(&key).await, StatusCode::UNAUTHORIZED);
     }
     waits.sort();
-    println!("replica refused a deleted key after: median {:?}, max {:?}", waits[waits.len() / 2], waits[waits.len() - 1]);
+    println!(
+        "replica refused a deleted key after: median {:?}, max {:?}",
+        waits[waits.len() / 2],
+        waits[waits.len() - 1]
+    );
     // Hot keys are served from the near cache, not a Redis round trip each.
     let hits = b.metric("metlo_verify_cache_total", "hit").await;
     assert!(hits > 0.0);
@@ -493,10 +679,14 @@ async fn graceful_shutdown_on_sigterm() {
 
 #[tokio::test]
 async fn json_logs() {
-    let cp = ControlPlane::start_with(Options::new(Backend::Sqlite).env("LOG_FORMAT", "json")).await;
+    let cp =
+        ControlPlane::start_with(Options::new(Backend::Sqlite).env("LOG_FORMAT", "json")).await;
     cp.create_key("json-logged", "GENERIC").await;
     let log = cp.log();
-    let line = log.lines().find(|l| l.contains("json-logged")).expect("creation logged");
+    let line = log
+        .lines()
+        .find(|l| l.contains("json-logged"))
+        .expect("creation logged");
     let v: Value = serde_json::from_str(line).expect("a JSON log line");
     assert_eq!(v["message"], "key created");
     assert_eq!(v["name"], "json-logged");

@@ -30,7 +30,10 @@ impl Stack {
 }
 
 fn source(r: &reqwest::Response) -> String {
-    r.headers().get("x-metlo-edge-source").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+    r.headers()
+        .get("x-metlo-edge-source")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,8 +57,16 @@ async fn valid_key_is_proxied_with_identity_headers() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED, "origin's status unchanged");
-    assert_eq!(r.headers()["x-origin"], "echo", "origin's headers unchanged");
-    assert_eq!(r.text().await.unwrap(), "created by origin", "origin's body unchanged");
+    assert_eq!(
+        r.headers()["x-origin"],
+        "echo",
+        "origin's headers unchanged"
+    );
+    assert_eq!(
+        r.text().await.unwrap(),
+        "created by origin",
+        "origin's body unchanged"
+    );
 
     let seen = s.origin.requests();
     assert_eq!(seen.len(), 1);
@@ -63,9 +74,16 @@ async fn valid_key_is_proxied_with_identity_headers() {
     assert_eq!(req.method, "POST");
     assert_eq!(req.path_and_query, "/v1/items/42?q=a%20b&flag");
     assert_eq!(req.body, body.as_bytes(), "body intact");
-    assert!(req.headers.get("authorization").is_none(), "Authorization stripped");
+    assert!(
+        req.headers.get("authorization").is_none(),
+        "Authorization stripped"
+    );
     assert_eq!(req.headers["x-metlo-key-name"], "ingest %E2%9C%93/prod");
-    assert_eq!(req.headers.get_all("x-metlo-key-name").iter().count(), 1, "client's forged header dropped");
+    assert_eq!(
+        req.headers.get_all("x-metlo-key-name").iter().count(),
+        1,
+        "client's forged header dropped"
+    );
     assert_eq!(req.headers["x-metlo-key-type"], "ONBOARDING");
     assert_eq!(req.headers["x-metlo-key-identifier"], identifier.as_str());
     assert_eq!(req.headers["x-custom"], "kept");
@@ -82,7 +100,10 @@ async fn forward_authorization_when_configured() {
     let key = s.cp.create_key("fwd", "GENERIC").await;
     let r = s.edge.get("/x", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(s.origin.requests()[0].headers["authorization"], key.as_str());
+    assert_eq!(
+        s.origin.requests()[0].headers["authorization"],
+        key.as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,24 +114,62 @@ async fn bad_keys_are_refused_malformed_ones_without_any_lookup() {
     let last = bad_checksum.pop().unwrap();
     bad_checksum.push(if last == 'a' { 'b' } else { 'a' });
 
-    for header in [None, Some("".to_owned()), Some("garbage".to_owned()), Some("Bearer metlo.short".to_owned()), Some(bad_checksum)] {
-        let r = s.edge.get("/anything", header.as_deref()).send().await.unwrap();
+    for header in [
+        None,
+        Some("".to_owned()),
+        Some("garbage".to_owned()),
+        Some("Bearer metlo.short".to_owned()),
+        Some(bad_checksum),
+    ] {
+        let r = s
+            .edge
+            .get("/anything", header.as_deref())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{header:?}");
-        assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
-        assert_eq!(source(&r), "none", "decided from the header alone: no KV read, no control-plane call");
+        assert!(r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(
+            source(&r),
+            "none",
+            "decided from the header alone: no KV read, no control-plane call"
+        );
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"], "unauthorized");
     }
-    assert_eq!(s.by_hash_calls().await, 0.0, "no control-plane call for malformed keys");
+    assert_eq!(
+        s.by_hash_calls().await,
+        0.0,
+        "no control-plane call for malformed keys"
+    );
     assert!(s.edge.kv_keys().is_empty(), "nothing written to KV");
 
     // Well-formed but unknown: the control plane is asked once; the miss is remembered
     // in the isolate, never written to KV.
     let unknown = ApiKey::generate().unwrap();
-    let r = s.edge.get("/x", Some(unknown.expose_secret())).send().await.unwrap();
-    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "control-plane"));
-    let r = s.edge.get("/x", Some(unknown.expose_secret())).send().await.unwrap();
-    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "isolate"));
+    let r = s
+        .edge
+        .get("/x", Some(unknown.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status(), source(&r).as_str()),
+        (StatusCode::UNAUTHORIZED, "control-plane")
+    );
+    let r = s
+        .edge
+        .get("/x", Some(unknown.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status(), source(&r).as_str()),
+        (StatusCode::UNAUTHORIZED, "isolate")
+    );
     assert_eq!(s.by_hash_calls().await, 1.0);
     assert!(s.edge.kv_keys().is_empty(), "a miss is never written to KV");
 
@@ -137,7 +196,10 @@ async fn repeat_requests_are_served_from_isolate_and_kv() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.origin.requests()[1].headers_source(), "isolate");
     assert_eq!(s.by_hash_calls().await, 1.0);
-    let stored = s.edge.kv_get(&hash).expect("the record is written to KV after a control-plane hit");
+    let stored = s
+        .edge
+        .kv_get(&hash)
+        .expect("the record is written to KV after a control-plane hit");
     let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
     assert_eq!(record.name, "hot");
     // After the isolate's 500 ms, KV answers; the control plane is still asked only once.
@@ -153,7 +215,15 @@ async fn control_plane_down_fails_closed() {
     let mut s = stack(&[("CONTROL_PLANE_TIMEOUT_MS", "1000")]).await;
     let cached = s.cp.create_key("cached", "GENERIC").await;
     let uncached = s.cp.create_key("uncached", "GENERIC").await;
-    assert_eq!(s.edge.get("/", Some(&cached)).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        s.edge
+            .get("/", Some(&cached))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 
     s.cp.kill();
     tokio::time::sleep(Duration::from_millis(1100)).await; // past the isolate's hit window
@@ -161,15 +231,36 @@ async fn control_plane_down_fails_closed() {
         let r = s.edge.get("/", Some(&cached)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK, "a key in KV still passes");
         let r = s.edge.get("/", Some(&uncached)).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "fail closed, never 200");
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fail closed, never 200"
+        );
         assert!(r.headers().contains_key("retry-after"));
         // A well-formed unknown key: also 503 (it cannot be checked), never 200.
-        let r = s.edge.get("/", Some(ApiKey::generate().unwrap().expose_secret())).send().await.unwrap();
+        let r = s
+            .edge
+            .get("/", Some(ApiKey::generate().unwrap().expose_secret()))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         // Garbage is still 401: it needs no control plane.
-        assert_eq!(s.edge.get("/", Some("garbage")).send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            s.edge
+                .get("/", Some("garbage"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
-    assert_eq!(s.origin.requests().len(), 4, "only the cached key's requests reached the origin");
+    assert_eq!(
+        s.origin.requests().len(),
+        4,
+        "only the cached key's requests reached the origin"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,13 +276,30 @@ async fn expired_record_is_refused() {
         expires: Some(1_700_000_000),
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
-    let r = s.edge.get("/", Some(key.expose_secret())).send().await.unwrap();
-    assert_eq!((r.status(), source(&r).as_str()), (StatusCode::UNAUTHORIZED, "kv"));
+    let r = s
+        .edge
+        .get("/", Some(key.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status(), source(&r).as_str()),
+        (StatusCode::UNAUTHORIZED, "kv")
+    );
     // Not yet expired: allowed, straight from KV.
     let key = ApiKey::generate().unwrap();
-    let record = KeyRecord { expires: Some(4_000_000_000), identifier: key.identifier(), ..record };
+    let record = KeyRecord {
+        expires: Some(4_000_000_000),
+        identifier: key.identifier(),
+        ..record
+    };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
-    let r = s.edge.get("/", Some(key.expose_secret())).send().await.unwrap();
+    let r = s
+        .edge
+        .get("/", Some(key.expose_secret()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.by_hash_calls().await, 0.0);
 }
@@ -215,7 +323,10 @@ async fn production_worker_has_no_kv_write_path() {
     let wasm = std::fs::read(root.join("edge/build/index_bg.wasm")).unwrap();
     for needle in ["storage/kv", "bulk/delete", "__faults"] {
         assert!(!js.contains(needle), "{needle} in the Worker's JS");
-        assert!(!wasm.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} in the Worker's wasm");
+        assert!(
+            !wasm.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} in the Worker's wasm"
+        );
     }
 
     let s = stack(&[]).await;
@@ -223,11 +334,29 @@ async fn production_worker_has_no_kv_write_path() {
     let victim = ApiKey::generate().unwrap().hash().to_hex();
     let body = format!(r#"[{{"key":"{victim}","value":"{{\"v\":1}}"}}]"#);
     let path = "/client/v4/accounts/local/storage/kv/namespaces/metlo-keys-test/bulk";
-    let r = s.edge.client.put(format!("{}{path}", s.edge.url)).body(body.clone()).send().await.unwrap();
+    let r = s
+        .edge
+        .client
+        .put(format!("{}{path}", s.edge.url))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // With a valid key it is just another request, proxied to the origin.
-    let r = s.edge.client.put(format!("{}{path}", s.edge.url)).header("Authorization", &key).body(body).send().await.unwrap();
+    let r = s
+        .edge
+        .client
+        .put(format!("{}{path}", s.edge.url))
+        .header("Authorization", &key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.origin.requests().last().unwrap().path_and_query, path);
-    assert!(s.edge.kv_get(&victim).is_none(), "nothing was written to KV");
+    assert!(
+        s.edge.kv_get(&victim).is_none(),
+        "nothing was written to KV"
+    );
 }

@@ -14,22 +14,37 @@ async fn postgres_outage_and_recovery() {
     let pg = Postgres::start();
     // A long cache TTL so the warmed keys stay cached through the outage.
     let cp = ControlPlane::start_with(
-        Options::new(Backend::Postgres).env("DATABASE_URL", pg.url()).env("CACHE_TTL_SECONDS", 60),
+        Options::new(Backend::Postgres)
+            .env("DATABASE_URL", pg.url())
+            .env("CACHE_TTL_SECONDS", 60),
     )
     .await;
     let cached = cp.create_key("cached", "GENERIC").await;
     assert_eq!(cp.verify(&cached).await, StatusCode::OK);
     let deleted = cp.create_key("deleted", "GENERIC").await;
-    assert_eq!(cp.delete("deleted", Some(&cp.admin_key)).await.0, StatusCode::OK);
+    assert_eq!(
+        cp.delete("deleted", Some(&cp.admin_key)).await.0,
+        StatusCode::OK
+    );
 
     pg.stop();
     let unknown = ApiKey::generate().unwrap();
     for _ in 0..5 {
-        assert_eq!(cp.verify(&cached).await, StatusCode::OK, "a cached key still verifies");
+        assert_eq!(
+            cp.verify(&cached).await,
+            StatusCode::OK,
+            "a cached key still verifies"
+        );
         assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
-        assert_eq!(cp.verify(&deleted).await, StatusCode::UNAUTHORIZED, "a deleted key stays refused");
+        assert_eq!(
+            cp.verify(&deleted).await,
+            StatusCode::UNAUTHORIZED,
+            "a deleted key stays refused"
+        );
         // An uncached key cannot be checked: 503, never 200.
-        let (status, headers, _) = cp.get("/api/v1/verify", Some(unknown.expose_secret())).await;
+        let (status, headers, _) = cp
+            .get("/api/v1/verify", Some(unknown.expose_secret()))
+            .await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(headers.contains_key("retry-after"));
         let (status, headers, body) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
@@ -39,8 +54,15 @@ async fn postgres_outage_and_recovery() {
         let (status, _) = cp.create(json!({"name": "during-outage"})).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
-    assert_eq!(cp.get("/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(cp.get("/healthz", None).await.0, StatusCode::OK, "alive, not ready");
+    assert_eq!(
+        cp.get("/readyz", None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        cp.get("/healthz", None).await.0,
+        StatusCode::OK,
+        "alive, not ready"
+    );
 
     pg.restart();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -52,15 +74,29 @@ async fn postgres_outage_and_recovery() {
                 .iter()
                 .map(|e| e["name"].as_str().unwrap().to_owned())
                 .collect();
-            assert_eq!(names, ["cached", "admin"], "nothing half-written during the outage");
+            assert_eq!(
+                names,
+                ["cached", "admin"],
+                "nothing half-written during the outage"
+            );
             break;
         }
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(Instant::now() < deadline, "did not recover without a restart");
+        assert!(
+            Instant::now() < deadline,
+            "did not recover without a restart"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(cp.verify(unknown.expose_secret()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        cp.verify(unknown.expose_secret()).await,
+        StatusCode::UNAUTHORIZED
+    );
     cp.create_key("after-outage", "GENERIC").await;
     assert_eq!(cp.get("/readyz", None).await.0, StatusCode::OK);
-    assert_eq!(cp.metric("http_requests_total", "status=\"500\"").await, 0.0, "never a 500");
+    assert_eq!(
+        cp.metric("http_requests_total", "status=\"500\"").await,
+        0.0,
+        "never a 500"
+    );
 }

@@ -26,7 +26,9 @@ struct Full {
 }
 
 fn options(backend: Backend, kv: &KvApi) -> Options {
-    kv.control_plane_env().into_iter().fold(Options::new(backend), |o, (k, v)| o.env(k, v))
+    kv.control_plane_env()
+        .into_iter()
+        .fold(Options::new(backend), |o, (k, v)| o.env(k, v))
 }
 
 async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
@@ -35,8 +37,21 @@ async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
     let cp = ControlPlane::start_with(options(backend, &kv)).await;
     let worker_key = cp.create_key("edge-worker", "GENERIC").await;
     let origin = Origin::start().await;
-    let edge = Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, edge_vars).await;
-    Full { kv, cp, origin, edge, _state: state }
+    let edge = Edge::start_on_state(
+        Some(state.path()),
+        &cp.url,
+        &worker_key,
+        &origin.url,
+        edge_vars,
+    )
+    .await;
+    Full {
+        kv,
+        cp,
+        origin,
+        edge,
+        _state: state,
+    }
 }
 
 fn hash(key: &str) -> String {
@@ -47,7 +62,9 @@ fn hash(key: &str) -> String {
 async fn live_hashes(cp: &ControlPlane, candidates: &[String]) -> BTreeSet<String> {
     let mut live = BTreeSet::new();
     for h in candidates {
-        let (status, _, _) = cp.get(&format!("/api/v1/keys/by-hash/{h}"), Some(&cp.admin_key)).await;
+        let (status, _, _) = cp
+            .get(&format!("/api/v1/keys/by-hash/{h}"), Some(&cp.admin_key))
+            .await;
         if status == StatusCode::OK {
             live.insert(h.clone());
         }
@@ -66,8 +83,16 @@ async fn created_key_is_in_kv_before_its_first_edge_request(backend: Backend) {
     let calls_before = s.cp.metric("http_requests_total", "by-hash").await;
     let r = s.edge.get("/first", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(s.origin.requests()[0].headers_source(), "kv", "served from KV");
-    assert_eq!(s.cp.metric("http_requests_total", "by-hash").await, calls_before, "no control-plane call");
+    assert_eq!(
+        s.origin.requests()[0].headers_source(),
+        "kv",
+        "served from KV"
+    );
+    assert_eq!(
+        s.cp.metric("http_requests_total", "by-hash").await,
+        calls_before,
+        "no control-plane call"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,8 +105,14 @@ async fn deleted_key_is_refused_at_the_edge_within_a_second() {
         let name = format!("trial-{trial}");
         let key = s.cp.create_key(&name, "GENERIC").await;
         s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
-        assert_eq!(s.edge.get("/", Some(&key)).send().await.unwrap().status(), StatusCode::OK);
-        assert_eq!(s.cp.delete(&name, Some(&s.cp.admin_key)).await.0, StatusCode::OK);
+        assert_eq!(
+            s.edge.get("/", Some(&key)).send().await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            s.cp.delete(&name, Some(&s.cp.admin_key)).await.0,
+            StatusCode::OK
+        );
         let deleted = Instant::now();
         loop {
             let status = s.edge.get("/", Some(&key)).send().await.unwrap().status();
@@ -89,7 +120,10 @@ async fn deleted_key_is_refused_at_the_edge_within_a_second() {
                 break;
             }
             assert_eq!(status, StatusCode::OK);
-            assert!(deleted.elapsed() <= Duration::from_secs(1), "trial {trial}: still accepted after 1 s");
+            assert!(
+                deleted.elapsed() <= Duration::from_secs(1),
+                "trial {trial}: still accepted after 1 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         times.push(deleted.elapsed());
@@ -124,13 +158,22 @@ async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
         all.push(hash(&key));
     }
     for name in ["before-0", "before-1", "during-0", "during-1"] {
-        assert_eq!(s.cp.delete(name, Some(&s.cp.admin_key)).await.0, StatusCode::OK);
+        assert_eq!(
+            s.cp.delete(name, Some(&s.cp.admin_key)).await.0,
+            StatusCode::OK
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, _, ready) = s.cp.get("/readyz", None).await;
     let ready: Value = serde_json::from_str(&ready).unwrap();
-    assert!(ready["kvSync"]["outboxDepth"].as_i64().unwrap() > 0, "{ready}");
-    assert!(ready["kvSync"]["lastError"].is_string(), "the failure is reported: {ready}");
+    assert!(
+        ready["kvSync"]["outboxDepth"].as_i64().unwrap() > 0,
+        "{ready}"
+    );
+    assert!(
+        ready["kvSync"]["lastError"].is_string(),
+        "the failure is reported: {ready}"
+    );
 
     // Back, but answering 5xx and 429 for a while.
     s.kv.restart().await;
@@ -174,7 +217,10 @@ async fn outbox_survives_sigkill(backend: Backend) {
     let mut candidates = created.clone();
     candidates.extend(kv.iter().cloned());
     assert_eq!(kv, live_hashes(&s.cp, &candidates).await);
-    assert!(!kv.contains(&created[1]), "the deleted key's record is gone");
+    assert!(
+        !kv.contains(&created[1]),
+        "the deleted key's record is gone"
+    );
     assert!(kv.contains(&created[2]));
 }
 
@@ -185,7 +231,11 @@ async fn two_replicas_send_every_update_exactly_once() {
     let a = ControlPlane::start_with(options(Backend::Postgres, &kv)).await;
     let b = a.replica().await;
     a.wait_outbox_drained(Duration::from_secs(10)).await;
-    reqwest::Client::new().post(format!("{}/__stats", kv.url)).send().await.unwrap();
+    reqwest::Client::new()
+        .post(format!("{}/__stats", kv.url))
+        .send()
+        .await
+        .unwrap();
 
     let names: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
     let created = futures::future::join_all(names.iter().enumerate().map(|(i, n)| {
@@ -201,9 +251,18 @@ async fn two_replicas_send_every_update_exactly_once() {
     a.wait_outbox_drained(Duration::from_secs(30)).await;
 
     let stats = kv.stats().await;
-    let puts: Vec<String> = stats["puts"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-    let deletes: Vec<String> =
-        stats["deletes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let puts: Vec<String> = stats["puts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let deletes: Vec<String> = stats["deletes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
     let unique_puts: HashSet<&String> = puts.iter().collect();
     let unique_deletes: HashSet<&String> = deletes.iter().collect();
     assert_eq!(unique_puts.len(), puts.len(), "no put sent twice");
@@ -217,7 +276,8 @@ async fn two_replicas_send_every_update_exactly_once() {
         }
     }
     assert!(puts.len() + deletes.len() <= 90);
-    let drained_by_both = a.metric("metlo_kv_sync_sent_total", "").await + b.metric("metlo_kv_sync_sent_total", "").await;
+    let drained_by_both = a.metric("metlo_kv_sync_sent_total", "").await
+        + b.metric("metlo_kv_sync_sent_total", "").await;
     println!(
         "two replicas: {} put and {} delete requests, {} keys put, {} deleted; sent by A+B: {drained_by_both}",
         stats["putRequests"],

@@ -20,7 +20,11 @@ fn wrk(url: &str, key: Option<&str>, script: Option<&str>) -> (f64, u64) {
     if let Some(s) = script {
         cmd.args(["-s", s]);
     }
-    let out = cmd.arg(url).stderr(Stdio::inherit()).output().expect("wrk not found: run scripts/install-deps.sh");
+    let out = cmd
+        .arg(url)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("wrk not found: run scripts/install-deps.sh");
     let text = String::from_utf8_lossy(&out.stdout);
     let rps = text
         .lines()
@@ -89,7 +93,11 @@ async fn main() {
     let shared = ControlPlane::start_with(Options::new(Backend::Sqlite).redis(redis.url())).await;
     let idle_rss = rss_kib(memory.pid());
     for cp in [&memory, &shared] {
-        assert_eq!(cp.verify(&cp.admin_key).await, reqwest::StatusCode::OK, "warm the cache");
+        assert_eq!(
+            cp.verify(&cp.admin_key).await,
+            reqwest::StatusCode::OK,
+            "warm the cache"
+        );
     }
 
     println!("verify throughput: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {ROUNDS} interleaved rounds, medians");
@@ -97,12 +105,21 @@ async fn main() {
     let mut peak_rss = 0;
     for round in 1..=ROUNDS {
         floor.push(wrk(&bare_url, None, None).0);
-        let ((rps, bad), peak) =
-            with_peak_rss(memory.pid(), || wrk(&format!("{}/api/v1/verify", memory.url), Some(&memory.admin_key), None));
+        let ((rps, bad), peak) = with_peak_rss(memory.pid(), || {
+            wrk(
+                &format!("{}/api/v1/verify", memory.url),
+                Some(&memory.admin_key),
+                None,
+            )
+        });
         assert_eq!(bad, 0, "every verification must succeed");
         peak_rss = peak_rss.max(peak);
         mem.push(rps);
-        let (rps, bad) = wrk(&format!("{}/api/v1/verify", shared.url), Some(&shared.admin_key), None);
+        let (rps, bad) = wrk(
+            &format!("{}/api/v1/verify", shared.url),
+            Some(&shared.admin_key),
+            None,
+        );
         assert_eq!(bad, 0, "every verification must succeed");
         red.push(rps);
         println!(
@@ -114,14 +131,22 @@ async fn main() {
     }
     let (floor, mem, red) = (median(floor), median(mem), median(red));
     println!("  bare axum handler (floor):      {floor:>9.0} req/s");
-    println!("  verify, in-process cache:       {mem:>9.0} req/s  ratio {:.2}  (target >= 0.60)", mem / floor);
-    println!("  verify, Redis cache:            {red:>9.0} req/s  ratio {:.2}  (target >= 0.60)", red / floor);
+    println!(
+        "  verify, in-process cache:       {mem:>9.0} req/s  ratio {:.2}  (target >= 0.60)",
+        mem / floor
+    );
+    println!(
+        "  verify, Redis cache:            {red:>9.0} req/s  ratio {:.2}  (target >= 0.60)",
+        red / floor
+    );
     println!("server RSS (in-process cache): idle {}, peak under load {}  (targets <= 25 MiB / <= 60 MiB)", mib(idle_rss), mib(peak_rss));
     drop(memory);
     drop(shared);
 
     // Creates on PostgreSQL (durable: scripts/bench.sh runs it with fsync on).
-    let pg = ControlPlane::start_with(Options::new(Backend::Postgres).env("MAX_API_KEYS", 100_000_000)).await;
+    let pg =
+        ControlPlane::start_with(Options::new(Backend::Postgres).env("MAX_API_KEYS", 100_000_000))
+            .await;
     let script = std::env::temp_dir().join(format!("metlo-create-{}.lua", std::process::id()));
     std::fs::write(
         &script,
@@ -135,10 +160,16 @@ end
 "#,
     )
     .unwrap();
-    let (rps, bad) = wrk(&format!("{}/api/v1/keys/create", pg.url), Some(&pg.admin_key), Some(script.to_str().unwrap()));
+    let (rps, bad) = wrk(
+        &format!("{}/api/v1/keys/create", pg.url),
+        Some(&pg.admin_key),
+        Some(script.to_str().unwrap()),
+    );
     let _ = std::fs::remove_file(&script);
     let (_, _, list) = pg.get("/api/v1/keys/list", Some(&pg.admin_key)).await;
-    let stored = serde_json::from_str::<Vec<serde_json::Value>>(&list).unwrap().len();
+    let stored = serde_json::from_str::<Vec<serde_json::Value>>(&list)
+        .unwrap()
+        .len();
     println!(
         "key creates on PostgreSQL (fsync on): {:.0} creates/s  (target >= 1000/s); {} non-2xx, {} keys stored",
         rps * (1.0 - bad as f64 / (rps * SECONDS as f64)).max(0.0),

@@ -7,7 +7,10 @@ use metlo_tests::edge::Origin;
 
 #[tokio::main]
 async fn main() {
-    let port = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(8081);
+    let port = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8081);
     let origin = Origin::start_on(port).await;
     eprintln!("demo origin on {}", origin.url);
     loop {

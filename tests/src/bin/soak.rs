@@ -25,7 +25,13 @@ struct Tally {
 }
 
 impl Tally {
-    fn record(&mut self, kind: &str, status: Option<StatusCode>, took: Duration, acceptable: &[u16]) {
+    fn record(
+        &mut self,
+        kind: &str,
+        status: Option<StatusCode>,
+        took: Duration,
+        acceptable: &[u16],
+    ) {
         let class = match status {
             Some(s) => format!("{}xx", s.as_u16() / 100),
             None => "transport error".into(),
@@ -50,18 +56,25 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let seconds: u64 = std::env::var("SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     let state = tempfile::tempdir().unwrap();
     let redis = Redis::start();
     let kv = KvApi::start(state.path()).await;
-    let opts = kv
-        .control_plane_env()
-        .into_iter()
-        .fold(Options::new(Backend::Postgres).redis(redis.url()).env("MAX_API_KEYS", 1_000_000), |o, (k, v)| o.env(k, v));
+    let opts = kv.control_plane_env().into_iter().fold(
+        Options::new(Backend::Postgres)
+            .redis(redis.url())
+            .env("MAX_API_KEYS", 1_000_000),
+        |o, (k, v)| o.env(k, v),
+    );
     let cp = Arc::new(ControlPlane::start_with(opts).await);
     let worker_key = cp.create_key("edge-worker", "GENERIC").await;
     let origin = Origin::start().await;
-    let edge = Arc::new(Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, &[]).await);
+    let edge = Arc::new(
+        Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, &[]).await,
+    );
     let valid: Vec<String> = {
         let mut v = vec![];
         for i in 0..20 {
@@ -80,37 +93,67 @@ async fn main() {
     let mut tasks = vec![];
     // Edge traffic: 4 workers.
     for w in 0..4 {
-        let (edge, tally, stop, valid, deleted) = (edge.clone(), tally.clone(), stop.clone(), valid.clone(), deleted.clone());
+        let (edge, tally, stop, valid, deleted) = (
+            edge.clone(),
+            tally.clone(),
+            stop.clone(),
+            valid.clone(),
+            deleted.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let (kind, key, ok): (&str, String, &[u16]) = match i % 10 {
                     0 => ("edge garbage", "garbage".into(), &[401]),
-                    1 => ("edge unknown", ApiKey::generate().unwrap().expose_secret().to_owned(), &[401]),
+                    1 => (
+                        "edge unknown",
+                        ApiKey::generate().unwrap().expose_secret().to_owned(),
+                        &[401],
+                    ),
                     2 => ("edge deleted", deleted.clone(), &[401]),
                     _ => ("edge valid", valid[i % valid.len()].clone(), &[200]),
                 };
                 let t = Instant::now();
-                let status = edge.get("/soak", Some(&key)).send().await.ok().map(|r| r.status());
+                let status = edge
+                    .get("/soak", Some(&key))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status());
                 tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
             }
         }));
     }
     // Control-plane verifications: 2 workers.
     for w in 0..2 {
-        let (cp, tally, stop, valid, deleted) = (cp.clone(), tally.clone(), stop.clone(), valid.clone(), deleted.clone());
+        let (cp, tally, stop, valid, deleted) = (
+            cp.clone(),
+            tally.clone(),
+            stop.clone(),
+            valid.clone(),
+            deleted.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let (kind, key, ok): (&str, String, &[u16]) = match i % 5 {
                     0 => ("cp deleted", deleted.clone(), &[401]),
-                    1 => ("cp unknown", ApiKey::generate().unwrap().expose_secret().to_owned(), &[401]),
+                    1 => (
+                        "cp unknown",
+                        ApiKey::generate().unwrap().expose_secret().to_owned(),
+                        &[401],
+                    ),
                     _ => ("cp valid", valid[i % valid.len()].clone(), &[200]),
                 };
                 let t = Instant::now();
-                let status = cp.request(reqwest::Method::GET, "/api/v1/verify", Some(&key)).send().await.ok().map(|r| r.status());
+                let status = cp
+                    .request(reqwest::Method::GET, "/api/v1/verify", Some(&key))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status());
                 tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
             }
         }));
@@ -125,18 +168,42 @@ async fn main() {
                 let name = format!("churn-{n}");
                 let t = Instant::now();
                 let (status, body) = cp.create(serde_json::json!({"name": name})).await;
-                tally.lock().unwrap().record("create", Some(status), t.elapsed(), &[200]);
-                let Some(key) = body["apiKey"].as_str().map(str::to_owned) else { continue };
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("create", Some(status), t.elapsed(), &[200]);
+                let Some(key) = body["apiKey"].as_str().map(str::to_owned) else {
+                    continue;
+                };
                 let t = Instant::now();
-                let status = edge.get("/churn", Some(&key)).send().await.ok().map(|r| r.status());
-                tally.lock().unwrap().record("edge new key", status, t.elapsed(), &[200]);
+                let status = edge
+                    .get("/churn", Some(&key))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status());
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("edge new key", status, t.elapsed(), &[200]);
                 let t = Instant::now();
                 let (status, _) = cp.delete(&name, Some(&cp.admin_key)).await;
-                tally.lock().unwrap().record("delete", Some(status), t.elapsed(), &[200]);
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("delete", Some(status), t.elapsed(), &[200]);
                 tokio::time::sleep(Duration::from_millis(1200)).await; // past the edge's isolate window
                 let t = Instant::now();
-                let status = edge.get("/churn", Some(&key)).send().await.ok().map(|r| r.status());
-                tally.lock().unwrap().record("edge after delete", status, t.elapsed(), &[401]);
+                let status = edge
+                    .get("/churn", Some(&key))
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status());
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("edge after delete", status, t.elapsed(), &[401]);
             }
         }));
     }
@@ -158,13 +225,26 @@ async fn main() {
     for (kind, lat) in tally.latencies.iter_mut() {
         lat.sort();
         let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
-        println!("  {kind:<18} p50 {:>9.2?}  p99 {:>9.2?}  (n = {})", p(0.5), p(0.99), lat.len());
+        println!(
+            "  {kind:<18} p50 {:>9.2?}  p99 {:>9.2?}  (n = {})",
+            p(0.5),
+            p(0.99),
+            lat.len()
+        );
     }
-    println!("  control plane RSS: start {:.1} MiB, end {:.1} MiB", rss_start as f64 / 1024.0, rss_end as f64 / 1024.0);
+    println!(
+        "  control plane RSS: start {:.1} MiB, end {:.1} MiB",
+        rss_start as f64 / 1024.0,
+        rss_end as f64 / 1024.0
+    );
     if tally.wrong.is_empty() {
         println!("  wrong decisions: 0");
     } else {
-        println!("  WRONG DECISIONS (first {}): {:?}", tally.wrong.len(), tally.wrong);
+        println!(
+            "  WRONG DECISIONS (first {}): {:?}",
+            tally.wrong.len(),
+            tally.wrong
+        );
         std::process::exit(1);
     }
 }

@@ -16,7 +16,10 @@ mod glue {
         let url = req.inner().url();
         let path = url.splitn(4, '/').nth(3).unwrap_or_default();
         let mut init = RequestInit::new();
-        init.with_method(req.method()).with_headers(req.headers().clone());
-        Fetch::Request(Request::new_with_init(&format!("{origin}/{path}"), &init)?).send().await
+        init.with_method(req.method())
+            .with_headers(req.headers().clone());
+        Fetch::Request(Request::new_with_init(&format!("{origin}/{path}"), &init)?)
+            .send()
+            .await
     }
 }
