@@ -18,6 +18,23 @@ if ! rustc --version >/dev/null 2>&1; then
 fi
 targets=(key_parse authorization kv_record create_request)
 "$TOOLS/bin/cargo-fuzz" build -O >&2
+# Seeds with a well-formed key are made here, fresh, rather than committed: a committed
+# string of a key's exact shape would set off secret scanners (ours included).
+python3 - <<'PY'
+import os, secrets, zlib
+alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+body = "".join(secrets.choice(alphabet) for _ in range(36))
+n, check = zlib.crc32(body.encode()), ""
+for _ in range(6):
+    n, r = divmod(n, 62)
+    check = alphabet[r] + check
+key = "metlo." + body + check
+bad = key[:-1] + ("0" if key[-1] != "0" else "1")
+for target, name, text in [("key_parse", "valid", key), ("key_parse", "bad-checksum", bad),
+                           ("authorization", "bare", key), ("authorization", "bearer", "Bearer " + key)]:
+    os.makedirs(f"fuzz/corpus/{target}", exist_ok=True)
+    open(f"fuzz/corpus/{target}/seed-{name}", "w").write(text)
+PY
 status=0
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
