@@ -286,6 +286,18 @@ impl KvApi {
         assert!(r.status().is_success());
     }
 
+    /// The next `count` API calls wait `delay` before applying their write and answering
+    /// (and apply it even if the caller gave up).
+    pub async fn inject_delay(&self, delay: Duration, count: u32) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__faults", self.url))
+            .json(&json!({"delayMs": delay.as_millis() as u64, "count": count}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     /// Every key in the local KV it writes.
     pub fn kv_keys(&self) -> Vec<String> {
         local_kv_keys(self.dir.path(), &self.state)
@@ -309,6 +321,10 @@ impl KvApi {
 impl Drop for KvApi {
     fn drop(&mut self) {
         self.stop();
+        if !std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("wrangler.log"));
+            crate::assert_no_keys_in(&log.unwrap_or_default(), "the KV API's log");
+        }
     }
 }
 
@@ -479,5 +495,8 @@ fn local_kv_keys(dir: &std::path::Path, state: &std::path::Path) -> Vec<String> 
 impl Drop for Edge {
     fn drop(&mut self) {
         stop_group(&mut self.child);
+        if !std::thread::panicking() {
+            crate::assert_no_keys_in(&self.log(), "the edge's (wrangler dev) log");
+        }
     }
 }

@@ -275,6 +275,84 @@ impl Drop for Redis {
     }
 }
 
+/// A TCP proxy that can cut the network between the control plane and a server: while
+/// cut, every connection through it is closed as soon as it carries anything, and what it
+/// carried is dropped — a partition in which requests are lost, not merely delayed (a
+/// SIGSTOPped server would still execute what was sent once it resumes).
+pub struct PartitionProxy {
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PartitionProxy {
+    pub async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut_flag = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if cut_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let cut = cut_flag.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
+                    // Either direction ending (or the cut) closes both.
+                    tokio::select! {
+                        _ = forward(client_read, server_write, cut.clone()) => {}
+                        _ = forward(server_read, client_write, cut) => {}
+                    }
+                });
+            }
+        });
+        PartitionProxy { port, cut, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for PartitionProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut.load(std::sync::atomic::Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 pub fn wait_for_port(port: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -550,6 +628,7 @@ impl ControlPlane {
     /// Asserts that no full key handed out during the test appears in the log.
     pub fn assert_log_has_no_secrets(&self) {
         let log = self.log();
+        assert_no_keys_in(&log, "the control plane's log");
         for secret in self.secrets.lock().unwrap().iter() {
             assert!(
                 !log.contains(secret.as_str()),
@@ -572,6 +651,18 @@ impl Drop for ControlPlane {
             self.assert_log_has_no_secrets();
         }
     }
+}
+
+/// Asserts that `text` holds nothing a secret scanner would flag as a valid key (the
+/// scanner pattern, confirmed by the checksum), whoever's key it is.
+pub fn assert_no_keys_in(text: &str, what: &str) {
+    static SCANNER: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let scanner = SCANNER.get_or_init(|| regex::Regex::new(metlo_shared::SCANNER_REGEX).unwrap());
+    let leaked = scanner
+        .find_iter(text)
+        .filter(|m| metlo_shared::ApiKey::parse(m.as_str()).is_ok())
+        .count();
+    assert_eq!(leaked, 0, "{leaked} API key(s) appear in {what}");
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
@@ -657,4 +748,21 @@ macro_rules! on_both_backends {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assert_no_keys_in;
+
+    #[test]
+    fn key_scan_finds_a_leaked_key_and_ignores_lookalikes() {
+        let key = metlo_shared::ApiKey::generate().unwrap();
+        let secret = key.expose_secret();
+        let mut corrupted = secret.to_owned();
+        corrupted.replace_range(10..11, if &secret[10..11] == "a" { "b" } else { "a" });
+        assert_no_keys_in(&format!("GET /x {corrupted} 401"), "a log line");
+        let leak = format!("Authorization: Bearer {secret}\n");
+        let caught = std::panic::catch_unwind(|| assert_no_keys_in(&leak, "a log line"));
+        assert!(caught.is_err(), "a leaked key is caught");
+    }
 }
