@@ -12,10 +12,15 @@
 //! live, so a lost subscription can never leave a revoked key valid for long.
 //!
 //! Cache failures are never errors for the caller: a Redis outage means verification
-//! goes to the database (and a warning is logged, at most every few seconds).
+//! goes to the database (and a warning is logged, at most every few seconds). A delete
+//! whose tombstone cannot be written (Redis unreachable, not restarted: its entries are
+//! still there) is remembered: this replica answers "absent" for it and rewrites the
+//! tombstone as soon as Redis answers again, so a flapping Redis cannot serve the deleted
+//! key's old entry back. Other replicas are bounded by the entry's TTL until then.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -41,6 +46,8 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 const REDIS_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest a near-cache entry lives, whatever the cache TTL.
 const NEAR_TTL_MAX: Duration = Duration::from_secs(1);
+/// How often tombstones that could not be written are retried.
+const TOMBSTONE_RETRY: Duration = Duration::from_millis(200);
 /// Redis pub/sub channel carrying the hex hashes of deleted keys.
 pub const REVOKED_CHANNEL: &str = "metlo:revoked";
 
@@ -102,6 +109,9 @@ struct RedisCache {
     near_live: AtomicBool,
     /// Bumped by every revocation, so a lookup that raced one does not keep its result.
     generation: AtomicU64,
+    /// Revocations whose tombstone is not in Redis yet (it was unreachable).
+    unwritten_tombstones: Mutex<HashSet<KeyHash>>,
+    has_unwritten: AtomicBool,
 }
 
 impl VerifyCache {
@@ -128,9 +138,14 @@ impl VerifyCache {
             near_ttl: ttl.min(NEAR_TTL_MAX),
             near_live: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            unwritten_tombstones: Mutex::new(HashSet::new()),
+            has_unwritten: AtomicBool::new(false),
         });
-        if near_cache && !cache.near_ttl.is_zero() {
-            tokio::spawn(follow_revocations(Arc::downgrade(&cache)));
+        if near_cache {
+            tokio::spawn(retry_tombstones(Arc::downgrade(&cache)));
+            if !cache.near_ttl.is_zero() {
+                tokio::spawn(follow_revocations(Arc::downgrade(&cache)));
+            }
         }
         Ok(VerifyCache {
             ttl,
@@ -149,6 +164,9 @@ impl VerifyCache {
         match &self.inner {
             Inner::Memory(c) => c.get(hash).await.map(|(v, _)| v),
             Inner::Redis(r) => {
+                if r.is_unwritten_tombstone(hash) {
+                    return Some(Cached::Absent);
+                }
                 if r.near_usable() {
                     if let Some((v, _)) = r.near.get(hash).await {
                         return Some(v);
@@ -193,27 +211,24 @@ impl VerifyCache {
     }
 
     /// Marks a hash as deleted, overwriting any cached verification, here and (through
-    /// Redis pub/sub) in every replica's near cache.
-    pub async fn revoke(&self, hash: &KeyHash) {
+    /// Redis pub/sub) in every replica's near cache. Returns false when the shared
+    /// cache could not be told (Redis unreachable); a server keeps retrying, and answers
+    /// "absent" for the hash meanwhile.
+    pub async fn revoke(&self, hash: &KeyHash) -> bool {
         match &self.inner {
-            Inner::Memory(c) => c.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await,
+            Inner::Memory(c) => {
+                c.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await;
+                true
+            }
             Inner::Redis(r) => {
                 r.generation.fetch_add(1, Ordering::SeqCst);
                 r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await;
-                let set = redis::cmd("SET")
-                    .arg(redis_key(hash))
-                    .arg(encode(&Cached::Absent))
-                    .arg("PX")
-                    .arg(TOMBSTONE_TTL.as_millis() as u64)
-                    .to_owned();
-                let _: Option<String> = r.run(&set).await;
-                let _: Option<i64> = r
-                    .run(
-                        redis::cmd("PUBLISH")
-                            .arg(REVOKED_CHANNEL)
-                            .arg(hash.to_hex()),
-                    )
-                    .await;
+                if r.write_tombstone(hash).await {
+                    return true;
+                }
+                r.unwritten_tombstones.lock().unwrap().insert(*hash);
+                r.has_unwritten.store(true, Ordering::SeqCst);
+                false
             }
         }
     }
@@ -234,6 +249,33 @@ impl RedisCache {
 
     fn is_down(&self) -> bool {
         self.now_ms() < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn is_unwritten_tombstone(&self, hash: &KeyHash) -> bool {
+        self.has_unwritten.load(Ordering::SeqCst)
+            && self.unwritten_tombstones.lock().unwrap().contains(hash)
+    }
+
+    /// Overwrites the hash's entry with a tombstone and tells every replica. The publish
+    /// may be lost (a replica resubscribing clears its near cache); the SET must succeed.
+    async fn write_tombstone(&self, hash: &KeyHash) -> bool {
+        let set = redis::cmd("SET")
+            .arg(redis_key(hash))
+            .arg(encode(&Cached::Absent))
+            .arg("PX")
+            .arg(TOMBSTONE_TTL.as_millis() as u64)
+            .to_owned();
+        if self.run::<String>(&set).await.is_none() {
+            return false;
+        }
+        let _: Option<i64> = self
+            .run(
+                redis::cmd("PUBLISH")
+                    .arg(REVOKED_CHANNEL)
+                    .arg(hash.to_hex()),
+            )
+            .await;
+        true
     }
 
     fn near_usable(&self) -> bool {
@@ -309,6 +351,55 @@ impl RedisCache {
         self.near_live.store(false, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.near.invalidate_all();
+    }
+}
+
+/// Writes the tombstones that Redis missed, for as long as the cache lives. Each round
+/// opens its own connection rather than waiting for the shared one to finish its
+/// reconnection backoff: other replicas may read the stale entry until this succeeds.
+async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
+    loop {
+        tokio::time::sleep(TOMBSTONE_RETRY).await;
+        let Some(c) = cache.upgrade() else { return };
+        if !c.has_unwritten.load(Ordering::SeqCst) {
+            continue;
+        }
+        let pending: Vec<KeyHash> = c
+            .unwritten_tombstones
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let written = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut conn = c.client.get_multiplexed_async_connection().await?;
+            let mut pipe = redis::pipe();
+            for hash in &pending {
+                pipe.cmd("SET")
+                    .arg(redis_key(hash))
+                    .arg(encode(&Cached::Absent))
+                    .arg("PX")
+                    .arg(TOMBSTONE_TTL.as_millis() as u64)
+                    .ignore()
+                    .cmd("PUBLISH")
+                    .arg(REVOKED_CHANNEL)
+                    .arg(hash.to_hex())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await;
+        if let Ok(Ok(())) = written {
+            let mut set = c.unwritten_tombstones.lock().unwrap();
+            for hash in &pending {
+                set.remove(hash);
+            }
+            c.has_unwritten.store(!set.is_empty(), Ordering::SeqCst);
+            tracing::info!(
+                count = pending.len(),
+                "tombstones written to Redis after an outage"
+            );
+        }
     }
 }
 

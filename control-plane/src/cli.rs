@@ -91,6 +91,23 @@ pub struct KvConfig {
         global = true
     )]
     pub kv_sync_ttl_seconds: u64,
+    /// Longest wait for one KV API request before it counts as failed and is retried.
+    #[arg(
+        long,
+        env = "KV_SYNC_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub kv_sync_timeout_ms: u64,
+    /// Every KV delete is sent again this long after the first, in case a put that timed
+    /// out on our side was applied by the API later than the delete (0: off).
+    #[arg(
+        long,
+        env = "KV_SYNC_DELETE_ECHO_SECONDS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub kv_sync_delete_echo_seconds: u64,
 }
 
 impl KvConfig {
@@ -111,6 +128,7 @@ impl KvConfig {
             namespace_id: namespace.clone(),
             api_token: token.clone(),
             expiration_ttl: (self.kv_sync_ttl_seconds > 0).then_some(self.kv_sync_ttl_seconds),
+            timeout: Duration::from_millis(self.kv_sync_timeout_ms.max(1)),
         }))
     }
 }
@@ -158,7 +176,10 @@ impl Config {
     async fn store(&self) -> anyhow::Result<Store> {
         let store = Store::connect(self.database_url.as_deref(), &self.data_dir)
             .await?
-            .with_outbox(self.kv.target()?.is_some());
+            .with_outbox(
+                self.kv.target()?.is_some(),
+                Duration::from_secs(self.kv.kv_sync_delete_echo_seconds),
+            );
         store.migrate().await?;
         Ok(store)
     }
@@ -236,7 +257,12 @@ async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
                 if let (Some(_), Ok(hash)) =
                     (&config.redis_url, KeyHash::from_hex(&deleted.key_hash))
                 {
-                    config.cache(false)?.revoke(&hash).await;
+                    if !config.cache(false)?.revoke(&hash).await {
+                        eprintln!(
+                            "warning: Redis unreachable; replicas may accept cached verifications \
+                             of this key for up to CACHE_TTL_SECONDS"
+                        );
+                    }
                 }
                 eprintln!("Deleted key {name:?} ({})", deleted.identifier);
                 Ok(())

@@ -254,7 +254,8 @@ async fn remove(
         .ok_or_else(|| ApiError::NotFound("no API key with this name".into()))?;
     state.outbox_written();
     if let Ok(hash) = KeyHash::from_hex(&deleted.key_hash) {
-        state.cache.revoke(&hash).await;
+        // A false return is handled inside the cache (retried, refused here meanwhile).
+        let _ = state.cache.revoke(&hash).await;
     }
     tracing::info!(name, identifier = %deleted.identifier, "key deleted");
     Ok(Json(StatusOk { status: "OK" }))

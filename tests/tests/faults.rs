@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::{Backend, ControlPlane, Options, Postgres, StatusCode};
+use metlo_tests::{Backend, ControlPlane, Options, PartitionProxy, Postgres, Redis, StatusCode};
 use serde_json::json;
 
 /// PostgreSQL stopped during traffic: admin routes answer 503 with Retry-After (never 500,
@@ -98,5 +98,82 @@ async fn postgres_outage_and_recovery() {
         cp.metric("http_requests_total", "status=\"500\"").await,
         0.0,
         "never a 500"
+    );
+}
+
+/// Redis flapping: the network to Redis is cut (connections dropped with what they
+/// carried; Redis itself keeps running with its data) and healed five times while two
+/// replicas serve traffic and keys are deleted during the cuts. Every answer is right:
+/// live keys 200, unknown and deleted keys 401, no 5xx. A deleted key's old "valid" entry
+/// survives in Redis; the replica that deleted it writes the tombstone when Redis is
+/// reachable again, so the other replica stops accepting the key within its near-cache
+/// bound (≤ 1 s) and not after the entry's 30 s TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flapping() {
+    let redis = Redis::start();
+    let network = PartitionProxy::start(redis.port).await;
+    let a = ControlPlane::start_with(
+        Options::new(Backend::Postgres)
+            .redis(network.url())
+            .env("CACHE_TTL_SECONDS", 30),
+    )
+    .await;
+    let b = a.replica().await;
+    let live = a.create_key("live", "GENERIC").await;
+    let unknown = ApiKey::generate().unwrap();
+    let mut refusal_after_heal = vec![];
+    for cycle in 0..5 {
+        let name = format!("doomed-{cycle}");
+        let doomed = a.create_key(&name, "GENERIC").await;
+        for cp in [&a, &b] {
+            assert_eq!(cp.verify(&doomed).await, StatusCode::OK);
+        }
+        assert!(redis.dbsize() >= 2, "verifications are cached in Redis");
+
+        network.cut();
+        assert_eq!(a.delete(&name, Some(&a.admin_key)).await.0, StatusCode::OK);
+        let deleted_at = Instant::now();
+        let cut_until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < cut_until {
+            assert_eq!(a.verify(&doomed).await, StatusCode::UNAUTHORIZED);
+            assert_eq!(a.verify(&live).await, StatusCode::OK);
+            assert_eq!(b.verify(&live).await, StatusCode::OK);
+            assert_eq!(
+                b.verify(unknown.expose_secret()).await,
+                StatusCode::UNAUTHORIZED
+            );
+            // b may still hold the key in its near cache (≤ 1 s after the delete).
+            if deleted_at.elapsed() > Duration::from_millis(1200) {
+                assert_eq!(b.verify(&doomed).await, StatusCode::UNAUTHORIZED);
+            }
+        }
+
+        network.heal();
+        let healed_at = Instant::now();
+        let mut refused = None;
+        let until = healed_at + Duration::from_millis(2500);
+        while Instant::now() < until {
+            assert_eq!(a.verify(&doomed).await, StatusCode::UNAUTHORIZED);
+            assert_eq!(a.verify(&live).await, StatusCode::OK);
+            match b.verify(&doomed).await {
+                StatusCode::UNAUTHORIZED => {
+                    refused.get_or_insert(healed_at.elapsed());
+                }
+                StatusCode::OK => assert!(
+                    refused.is_none() && healed_at.elapsed() < Duration::from_millis(1500),
+                    "replica b accepts a deleted key after Redis returned ({:?}, cycle {cycle})",
+                    healed_at.elapsed()
+                ),
+                other => panic!("unexpected {other}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        refusal_after_heal.push(refused.expect("replica b refused the deleted key"));
+    }
+    for cp in [&a, &b] {
+        assert_eq!(cp.metric("http_requests_total", "status=\"5").await, 0.0);
+    }
+    println!(
+        "replica b refused the key deleted during the cut, after healing: {refusal_after_heal:?}"
     );
 }
