@@ -18,6 +18,11 @@ pub enum ApiError {
     NotFound(String),
     #[error("request body is larger than {} bytes", crate::server::MAX_BODY_BYTES)]
     PayloadTooLarge,
+    #[error(
+        "request headers are larger than {} bytes",
+        crate::server::MAX_HEADER_BYTES
+    )]
+    HeadersTooLarge,
     #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
     LimitReached(u64),
     #[error("the key store is unavailable; try again shortly")]
@@ -43,6 +48,10 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::LimitReached(_) => (StatusCode::BAD_REQUEST, "limit_reached"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
