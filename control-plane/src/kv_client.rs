@@ -19,6 +19,9 @@ pub struct KvTarget {
     pub api_token: String,
     /// `expiration_ttl` for pushed records; `None`: they live until deleted.
     pub expiration_ttl: Option<u64>,
+    /// Per request: a slower answer counts as a failure (retried; puts and deletes are
+    /// idempotent).
+    pub timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +34,16 @@ pub enum KvError {
     Rejected { status: u16, message: String },
     #[error("KV API unreachable: {0}")]
     Network(String),
+    #[error("KV API did not answer in time")]
+    Timeout,
+}
+
+fn network_error(e: reqwest::Error) -> KvError {
+    if e.is_timeout() {
+        KvError::Timeout
+    } else {
+        KvError::Network(e.without_url().to_string())
+    }
 }
 
 #[derive(Serialize)]
@@ -65,7 +78,8 @@ pub struct KvClient {
 impl KvClient {
     pub fn new(target: KvTarget) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(target.timeout)
+            .connect_timeout(target.timeout.min(Duration::from_secs(5)))
             .build()?;
         Ok(KvClient { http, target })
     }
@@ -110,7 +124,7 @@ impl KvClient {
             .bearer_auth(&self.target.api_token)
             .send()
             .await
-            .map_err(|e| KvError::Network(e.without_url().to_string()))?;
+            .map_err(network_error)?;
         let status = response.status().as_u16();
         if status == 429 {
             let retry_after = response
@@ -123,10 +137,7 @@ impl KvClient {
         if status >= 500 {
             return Err(KvError::Server(status));
         }
-        let text = response
-            .text()
-            .await
-            .map_err(|e| KvError::Network(e.without_url().to_string()))?;
+        let text = response.text().await.map_err(network_error)?;
         match serde_json::from_str::<Envelope>(&text) {
             Ok(env) if env.success && (200..300).contains(&status) => Ok(()),
             Ok(env) => Err(KvError::Rejected {

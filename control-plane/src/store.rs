@@ -84,6 +84,8 @@ pub struct Store {
     /// Write KV updates to the outbox (only when a KV target is configured: otherwise
     /// nothing would ever drain it).
     outbox: bool,
+    /// Every KV delete is sent again this long after the first (0: never).
+    delete_echo_ms: i64,
 }
 
 /// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
@@ -162,12 +164,15 @@ impl Store {
             pool,
             backend,
             outbox: false,
+            delete_echo_ms: 0,
         })
     }
 
-    /// Turns on outbox writes (done when a KV target is configured).
-    pub fn with_outbox(mut self, enabled: bool) -> Self {
+    /// Turns on outbox writes (done when a KV target is configured). `delete_echo`: send
+    /// every delete a second time after this long (zero: not at all).
+    pub fn with_outbox(mut self, enabled: bool, delete_echo: Duration) -> Self {
         self.outbox = enabled;
+        self.delete_echo_ms = delete_echo.as_millis() as i64;
         self
     }
 
@@ -213,30 +218,33 @@ impl Store {
         .bind(key.created_at_ms)
         .execute(&mut *tx)
         .await?;
-        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()))
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
             .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Adds a KV update to the outbox inside the caller's transaction.
+    /// Adds a KV update to the outbox inside the caller's transaction, to be sent at once
+    /// or not before `not_before_ms` (ms since the epoch).
     async fn enqueue(
         &self,
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         kv_key: &str,
         value: Option<String>,
+        not_before_ms: i64,
     ) -> Result<(), StoreError> {
         if !self.outbox {
             return Ok(());
         }
         let op = if value.is_some() { "put" } else { "delete" };
         sqlx::query(
-            "INSERT INTO kv_outbox (kv_key, op, value, created_at_ms) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO kv_outbox (kv_key, op, value, created_at_ms, not_before_ms) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(kv_key)
         .bind(op)
         .bind(value)
         .bind(chrono::Utc::now().timestamp_millis())
+        .bind(not_before_ms)
         .execute(&mut **tx)
         .await?;
         if self.backend == Backend::Postgres {
@@ -248,17 +256,19 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` pending updates, oldest first. Rows whose key has an older
-    /// pending update held by another drainer are left for later, so updates of one key
-    /// are always sent in order (a delete can never be overtaken by its put).
+    /// Claims up to `limit` due updates, oldest first. Rows whose key has an older
+    /// pending update (held by another drainer, or not due yet) are left for later, so
+    /// updates of one key are always sent in order (a delete is never overtaken by its put).
     pub async fn claim_outbox(&self, limit: i64) -> Result<Claim, StoreError> {
         let columns = "id, kv_key, value";
+        let now = chrono::Utc::now().timestamp_millis();
         match self.backend {
             Backend::Sqlite => {
                 // One process owns an SQLite file: no other drainer to race with.
                 let rows = sqlx::query(&format!(
-                    "SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1"
+                    "SELECT {columns} FROM kv_outbox WHERE not_before_ms <= $1 ORDER BY id LIMIT $2"
                 ))
+                .bind(now)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?;
@@ -270,8 +280,9 @@ impl Store {
             Backend::Postgres => {
                 let mut tx = self.pool.begin().await?;
                 let rows = sqlx::query(&format!(
-                    "SELECT {columns} FROM kv_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                    "SELECT {columns} FROM kv_outbox WHERE not_before_ms <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
                 ))
+                .bind(now)
                 .bind(limit)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -357,12 +368,16 @@ impl Store {
         Ok(())
     }
 
-    /// Pending updates and the age of the oldest, for metrics and readiness.
+    /// Due updates and since when the oldest has been due, for metrics and readiness.
     pub async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
-        let row =
-            sqlx::query("SELECT COUNT(*) AS depth, MIN(created_at_ms) AS oldest FROM kv_outbox")
-                .fetch_one(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS depth, \
+             MIN(CASE WHEN not_before_ms > created_at_ms THEN not_before_ms ELSE created_at_ms END) AS oldest \
+             FROM kv_outbox WHERE not_before_ms <= $1",
+        )
+        .bind(chrono::Utc::now().timestamp_millis())
+        .fetch_one(&self.pool)
+        .await?;
         Ok((row.try_get("depth")?, row.try_get("oldest")?))
     }
 
@@ -415,7 +430,12 @@ impl Store {
         sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
             .execute(&mut *tx)
             .await?;
-        self.enqueue(&mut tx, &deleted.key_hash, None).await?;
+        self.enqueue(&mut tx, &deleted.key_hash, None, 0).await?;
+        if self.delete_echo_ms > 0 {
+            let echo_at = chrono::Utc::now().timestamp_millis() + self.delete_echo_ms;
+            self.enqueue(&mut tx, &deleted.key_hash, None, echo_at)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Some(deleted))
     }

@@ -6,11 +6,15 @@
 // client is exercised end to end with no Cloudflare account.
 //
 // Test hooks: POST /__faults {"status": 503, "count": 5} makes the next 5 API calls fail
-// with that status (a 429 carries Retry-After: 1); GET /__stats returns what was
-// received; POST /__stats clears it. (A refusing target is a stopped one.)
+// with that status (a 429 carries Retry-After: 1); {"delayMs": 3000, "count": 1} makes the
+// next call slow: it waits, then applies the write and answers — and applies it even when
+// the caller gave up meanwhile, as a real API may (a timed-out request is not an undone
+// one). GET /__stats returns what was received; POST /__stats clears it. (A refusing
+// target is a stopped one.)
 
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete)$/;
-let faults = { status: 0, count: 0 };
+let faults = { status: 0, count: 0, delayMs: 0 };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 let stats = { putRequests: 0, deleteRequests: 0, puts: [], deletes: [] };
 
 const envelope = (status, ok, errors = [], result = null) =>
@@ -19,7 +23,7 @@ const envelope = (status, ok, errors = [], result = null) =>
   });
 
 export default {
-  async fetch(request, env) {
+  async fetch(request, env, ctx) {
     const url = new URL(request.url);
     if (url.pathname === "/__faults" && request.method === "POST") {
       faults = await request.json();
@@ -34,7 +38,11 @@ export default {
     if (m[1] !== env.NAMESPACE_ID) return envelope(404, false, [{ code: 10013, message: "namespace not found" }]);
     if (request.headers.get("Authorization") !== `Bearer ${env.API_TOKEN}`)
       return envelope(403, false, [{ code: 10000, message: "Authentication error" }]);
-    if (faults.count > 0) {
+    let delayMs = 0;
+    if (faults.count > 0 && faults.delayMs > 0) {
+      faults.count--;
+      delayMs = faults.delayMs;
+    } else if (faults.count > 0) {
       faults.count--;
       const headers = faults.status === 429 ? { "retry-after": "1" } : {};
       return new Response(JSON.stringify({ success: false, errors: [{ code: 10001, message: "injected fault" }] }),
@@ -42,25 +50,35 @@ export default {
     }
     let body;
     try { body = await request.json(); } catch { return envelope(400, false, [{ code: 10026, message: "bad JSON" }]); }
-    if (!Array.isArray(body) || body.length > 10000)
-      return envelope(400, false, [{ code: 10026, message: "body must be an array of at most 10000 items" }]);
-    if (m[2] === "bulk" && request.method === "PUT") {
-      stats.putRequests++;
-      for (const item of body) {
-        const options = item.expiration_ttl ? { expirationTtl: item.expiration_ttl } : {};
-        await env.KEYS.put(item.key, item.value, options);
-        stats.puts.push(item.key);
-      }
-      return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
+    if (delayMs > 0) {
+      // waitUntil: the late write happens even if the caller disconnects first.
+      const late = sleep(delayMs).then(() => apply(m[2], request.method, body, env));
+      ctx.waitUntil(late);
+      return late;
     }
-    if (m[2] === "bulk/delete" && request.method === "POST") {
-      stats.deleteRequests++;
-      for (const key of body) {
-        await env.KEYS.delete(key);
-        stats.deletes.push(key);
-      }
-      return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
-    }
-    return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+    return apply(m[2], request.method, body, env);
   },
 };
+
+async function apply(route, method, body, env) {
+  if (!Array.isArray(body) || body.length > 10000)
+    return envelope(400, false, [{ code: 10026, message: "body must be an array of at most 10000 items" }]);
+  if (route === "bulk" && method === "PUT") {
+    stats.putRequests++;
+    for (const item of body) {
+      const options = item.expiration_ttl ? { expirationTtl: item.expiration_ttl } : {};
+      await env.KEYS.put(item.key, item.value, options);
+      stats.puts.push(item.key);
+    }
+    return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
+  }
+  if (route === "bulk/delete" && method === "POST") {
+    stats.deleteRequests++;
+    for (const key of body) {
+      await env.KEYS.delete(key);
+      stats.deletes.push(key);
+    }
+    return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
+  }
+  return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+}

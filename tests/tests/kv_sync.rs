@@ -32,9 +32,17 @@ fn options(backend: Backend, kv: &KvApi) -> Options {
 }
 
 async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
+    full_with(backend, edge_vars, &[]).await
+}
+
+/// `cp_env`: extra control-plane settings.
+async fn full_with(backend: Backend, edge_vars: &[(&str, &str)], cp_env: &[(&str, &str)]) -> Full {
     let state = tempfile::tempdir().unwrap();
     let kv = KvApi::start(state.path()).await;
-    let cp = ControlPlane::start_with(options(backend, &kv)).await;
+    let options = cp_env
+        .iter()
+        .fold(options(backend, &kv), |o, (k, v)| o.env(k, v));
+    let cp = ControlPlane::start_with(options).await;
     let worker_key = cp.create_key("edge-worker", "GENERIC").await;
     let origin = Origin::start().await;
     let edge = Edge::start_on_state(
@@ -195,6 +203,86 @@ async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
     }
     let errors = s.cp.metric("metlo_kv_sync_errors_total", "").await;
     assert!(errors >= 2.0, "failures were retried ({errors})");
+}
+
+/// The KV API answers too slowly: requests time out and are retried, and nothing is lost.
+/// A timed-out put may still be applied by the API *after* the key's delete (the stand-in
+/// does so on purpose); the delete's echo removes it again, so KV ends with exactly the
+/// live keys and the edge refuses the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_kv_target_times_out_and_late_writes_are_undone() {
+    let s = full_with(
+        Backend::Postgres,
+        &[],
+        &[
+            ("KV_SYNC_TIMEOUT_MS", "500"),
+            ("KV_SYNC_DELETE_ECHO_SECONDS", "4"),
+        ],
+    )
+    .await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let mut all = vec![hash(&s.cp.admin_key)];
+
+    // The first put hangs for 3 s (then lands anyway); the retry goes through.
+    s.kv.inject_delay(Duration::from_secs(3), 1).await;
+    let doomed = s.cp.create_key("doomed", "GENERIC").await;
+    let doomed_hash = hash(&doomed);
+    all.push(doomed_hash.clone());
+    for i in 0..3 {
+        all.push(hash(
+            &s.cp.create_key(&format!("slow-{i}"), "GENERIC").await,
+        ));
+    }
+    s.cp.wait_outbox_drained(Duration::from_secs(20)).await;
+    assert!(s.edge.kv_get(&doomed_hash).is_some());
+    assert!(
+        s.cp.log().contains("KV API did not answer in time"),
+        "the timeout is logged"
+    );
+    assert_eq!(
+        s.cp.delete("doomed", Some(&s.cp.admin_key)).await.0,
+        StatusCode::OK
+    );
+    let deleted_at = Instant::now();
+
+    // Wait for the hung put to land (the stand-in counts it when it does).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = s.kv.stats().await;
+        let puts = stats["puts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h.as_str() == Some(doomed_hash.as_str()))
+            .count();
+        if puts >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late put never landed: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Whether it landed before or after the first delete, the echo leaves KV without it.
+    let deadline = deleted_at + Duration::from_secs(10);
+    while s.edge.kv_get(&doomed_hash).is_some() {
+        assert!(Instant::now() < deadline, "a late put outlived the delete");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "slow KV target: deleted key gone from KV {:?} after its delete (echo after 4 s)",
+        deleted_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = s.edge.get("/", Some(&doomed)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    s.cp.wait_outbox_drained(Duration::from_secs(20)).await;
+    let kv: BTreeSet<String> = s.edge.kv_keys().into_iter().collect();
+    let mut candidates = all.clone();
+    candidates.extend(kv.iter().cloned());
+    assert_eq!(kv, live_hashes(&s.cp, &candidates).await, "nothing lost");
+    assert!(s.cp.metric("metlo_kv_sync_errors_total", "").await >= 1.0);
 }
 
 async fn outbox_survives_sigkill(backend: Backend) {
