@@ -1,6 +1,6 @@
 # `make dev` runs the system locally; `make test` runs every test; `make bench` measures.
 SHELL := /bin/bash
-.PHONY: dev test bench worker fuzz soak
+.PHONY: dev test bench worker fuzz soak audit
 
 dev:
 	./scripts/dev.sh
@@ -23,3 +23,7 @@ fuzz:
 # Mixed traffic through the whole stack (SOAK_SECONDS, default 300).
 soak:
 	./scripts/soak.sh
+
+# Dependency audit with cargo-deny (deny.toml).
+audit:
+	./scripts/audit.sh

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
+# Dependency audit (licenses, bans, sources; advisories when their database is reachable).
+./scripts/audit.sh
 ./scripts/build-worker.sh
 cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"

@@ -177,4 +177,5 @@ end
         stored
     );
     let _ = bare.kill();
+    let _ = bare.wait();
 }
