@@ -1,12 +1,13 @@
 //! Every `/api/v1/*` request carries a key. This module decides whether it is valid:
 //! parse (checksum: garbage never reaches the database) → hash → cache → database.
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
 use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord};
 
+use crate::audit::FailureReason;
 use crate::cache::Cached;
 use crate::error::ApiError;
 use crate::AppState;
@@ -24,17 +25,41 @@ pub async fn require_key(
         .headers()
         .get(AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{0}"));
-    let key = parse_authorization(header).map_err(|e| match e {
-        AuthorizationError::Missing => {
-            ApiError::Unauthorized("missing API key: send it in the Authorization header")
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let failed = |reason, identifier: Option<String>| {
+        state.auth_failures.record(
+            peer.map(|ip| ip.to_string()),
+            reason,
+            identifier,
+            route.as_ref().map(|p| p.as_str().to_owned()),
+        );
+    };
+    let key = match parse_authorization(header) {
+        Ok(key) => key,
+        Err(AuthorizationError::Missing) => {
+            failed(FailureReason::Missing, None);
+            return Err(ApiError::Unauthorized(
+                "missing API key: send it in the Authorization header",
+            ));
         }
-        AuthorizationError::Malformed(_) => ApiError::Unauthorized("invalid API key"),
-    })?;
+        Err(AuthorizationError::Malformed(_)) => {
+            failed(FailureReason::Malformed, None);
+            return Err(ApiError::Unauthorized("invalid API key"));
+        }
+    };
     // Unknown, deleted and expired keys get the same answer: no hint a key once existed.
-    let record = lookup(&state, &key.hash())
+    let Some(record) = lookup(&state, &key.hash())
         .await?
         .filter(|r| !r.is_expired(now_unix_seconds()))
-        .ok_or(ApiError::Unauthorized("invalid API key"))?;
+    else {
+        failed(FailureReason::Invalid, Some(key.identifier()));
+        return Err(ApiError::Unauthorized("invalid API key"));
+    };
+    state.usage.used(&key.hash());
     req.extensions_mut().insert(Caller(record));
     Ok(next.run(req).await)
 }

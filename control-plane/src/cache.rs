@@ -18,7 +18,7 @@
 //! tombstone as soon as Redis answers again, so a flapping Redis cannot serve the deleted
 //! key's old entry back. Other replicas are bounded by the entry's TTL until then.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,9 +109,11 @@ struct RedisCache {
     near_live: AtomicBool,
     /// Bumped by every revocation, so a lookup that raced one does not keep its result.
     generation: AtomicU64,
-    /// Revocations whose tombstone is not in Redis yet (it was unreachable).
-    unwritten_tombstones: Mutex<HashSet<KeyHash>>,
+    /// Revocations and replacements not in Redis yet (it was unreachable): answered from
+    /// here until written.
+    unwritten: Mutex<HashMap<KeyHash, Cached>>,
     has_unwritten: AtomicBool,
+    ttl: Duration,
 }
 
 impl VerifyCache {
@@ -138,8 +140,9 @@ impl VerifyCache {
             near_ttl: ttl.min(NEAR_TTL_MAX),
             near_live: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            unwritten_tombstones: Mutex::new(HashSet::new()),
+            unwritten: Mutex::new(HashMap::new()),
             has_unwritten: AtomicBool::new(false),
+            ttl,
         });
         if near_cache {
             tokio::spawn(retry_tombstones(Arc::downgrade(&cache)));
@@ -164,8 +167,8 @@ impl VerifyCache {
         match &self.inner {
             Inner::Memory(c) => c.get(hash).await.map(|(v, _)| v),
             Inner::Redis(r) => {
-                if r.is_unwritten_tombstone(hash) {
-                    return Some(Cached::Absent);
+                if let Some(value) = r.unwritten_value(hash) {
+                    return Some(value);
                 }
                 if r.near_usable() {
                     if let Some((v, _)) = r.near.get(hash).await {
@@ -215,18 +218,32 @@ impl VerifyCache {
     /// cache could not be told (Redis unreachable); a server keeps retrying, and answers
     /// "absent" for the hash meanwhile.
     pub async fn revoke(&self, hash: &KeyHash) -> bool {
+        self.overwrite(hash, Cached::Absent).await
+    }
+
+    /// Overwrites what is cached for a hash with a new record (a secret whose end a roll
+    /// moved), like [`Self::revoke`] does with a tombstone.
+    pub async fn replace(&self, hash: &KeyHash, record: KeyRecord) -> bool {
+        self.overwrite(hash, Cached::Valid(record)).await
+    }
+
+    async fn overwrite(&self, hash: &KeyHash, value: Cached) -> bool {
         match &self.inner {
             Inner::Memory(c) => {
-                c.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await;
+                let ttl = ttl_for(&value, self.ttl);
+                c.insert(*hash, (value, ttl)).await;
                 true
             }
             Inner::Redis(r) => {
                 r.generation.fetch_add(1, Ordering::SeqCst);
-                r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await;
-                if r.write_tombstone(hash).await {
+                match &value {
+                    Cached::Absent => r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await,
+                    Cached::Valid(_) => r.near.invalidate(hash).await,
+                }
+                if r.write_entry(hash, &value).await {
                     return true;
                 }
-                r.unwritten_tombstones.lock().unwrap().insert(*hash);
+                r.unwritten.lock().unwrap().insert(*hash, value);
                 r.has_unwritten.store(true, Ordering::SeqCst);
                 false
             }
@@ -251,21 +268,21 @@ impl RedisCache {
         self.now_ms() < self.down_until_ms.load(Ordering::Relaxed)
     }
 
-    fn is_unwritten_tombstone(&self, hash: &KeyHash) -> bool {
-        self.has_unwritten.load(Ordering::SeqCst)
-            && self.unwritten_tombstones.lock().unwrap().contains(hash)
+    fn unwritten_value(&self, hash: &KeyHash) -> Option<Cached> {
+        if !self.has_unwritten.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.unwritten.lock().unwrap().get(hash).cloned()
     }
 
-    /// Overwrites the hash's entry with a tombstone and tells every replica. The publish
+    /// Overwrites the hash's entry and tells every replica to drop theirs. The publish
     /// may be lost (a replica resubscribing clears its near cache); the SET must succeed.
-    async fn write_tombstone(&self, hash: &KeyHash) -> bool {
-        let set = redis::cmd("SET")
-            .arg(redis_key(hash))
-            .arg(encode(&Cached::Absent))
-            .arg("PX")
-            .arg(TOMBSTONE_TTL.as_millis() as u64)
-            .to_owned();
-        if self.run::<String>(&set).await.is_none() {
+    async fn write_entry(&self, hash: &KeyHash, value: &Cached) -> bool {
+        if self
+            .run::<String>(&set_command(hash, value, self.ttl))
+            .await
+            .is_none()
+        {
             return false;
         }
         let _: Option<i64> = self
@@ -354,9 +371,9 @@ impl RedisCache {
     }
 }
 
-/// Writes the tombstones that Redis missed, for as long as the cache lives. Each round
-/// opens its own connection rather than waiting for the shared one to finish its
-/// reconnection backoff: other replicas may read the stale entry until this succeeds.
+/// Writes the tombstones (and replacements) that Redis missed, for as long as the cache
+/// lives. Each round opens its own connection rather than waiting for the shared one to
+/// finish its reconnection backoff: other replicas may read the stale entry until then.
 async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
     loop {
         tokio::time::sleep(TOMBSTONE_RETRY).await;
@@ -364,22 +381,18 @@ async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
         if !c.has_unwritten.load(Ordering::SeqCst) {
             continue;
         }
-        let pending: Vec<KeyHash> = c
-            .unwritten_tombstones
+        let pending: Vec<(KeyHash, Cached)> = c
+            .unwritten
             .lock()
             .unwrap()
             .iter()
-            .copied()
+            .map(|(h, v)| (*h, v.clone()))
             .collect();
         let written = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = c.client.get_multiplexed_async_connection().await?;
             let mut pipe = redis::pipe();
-            for hash in &pending {
-                pipe.cmd("SET")
-                    .arg(redis_key(hash))
-                    .arg(encode(&Cached::Absent))
-                    .arg("PX")
-                    .arg(TOMBSTONE_TTL.as_millis() as u64)
+            for (hash, value) in &pending {
+                pipe.add_command(set_command(hash, value, c.ttl))
                     .ignore()
                     .cmd("PUBLISH")
                     .arg(REVOKED_CHANNEL)
@@ -390,14 +403,18 @@ async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
         })
         .await;
         if let Ok(Ok(())) = written {
-            let mut set = c.unwritten_tombstones.lock().unwrap();
-            for hash in &pending {
-                set.remove(hash);
+            let mut unwritten = c.unwritten.lock().unwrap();
+            for (hash, value) in &pending {
+                // Unless a newer overwrite of the same hash came in meanwhile.
+                if unwritten.get(hash) == Some(value) {
+                    unwritten.remove(hash);
+                }
             }
-            c.has_unwritten.store(!set.is_empty(), Ordering::SeqCst);
+            c.has_unwritten
+                .store(!unwritten.is_empty(), Ordering::SeqCst);
             tracing::info!(
                 count = pending.len(),
-                "tombstones written to Redis after an outage"
+                "cache overwrites written to Redis after an outage"
             );
         }
     }
@@ -440,6 +457,24 @@ async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
         }
         tokio::time::sleep(REDIS_BACKOFF).await;
     }
+}
+
+/// Tombstones live long; replaced records as long as any verification result.
+fn ttl_for(value: &Cached, ttl: Duration) -> Duration {
+    match value {
+        Cached::Absent => TOMBSTONE_TTL,
+        Cached::Valid(_) => ttl,
+    }
+}
+
+/// `SET` overwriting the hash's entry (unlike verification's `SET NX`).
+fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
+    redis::cmd("SET")
+        .arg(redis_key(hash))
+        .arg(encode(value))
+        .arg("PX")
+        .arg(ttl_for(value, ttl).as_millis() as u64)
+        .to_owned()
 }
 
 fn redis_key(hash: &KeyHash) -> String {

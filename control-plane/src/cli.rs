@@ -4,16 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use metlo_shared::KeyHash;
 
 use std::sync::Arc;
 
+use crate::admin_cli::{self, KeysArgs};
+use crate::audit::{self, AuthFailures};
 use crate::cache::VerifyCache;
-use crate::keys::{create_key, iso8601, parse_key_type, validate_name};
 use crate::kv_client::{KvClient, KvTarget};
 use crate::kv_sync::{self, SyncStatus};
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
+use crate::usage::{self, Usage};
 use crate::{server, AppState};
 
 #[derive(Debug, Parser)]
@@ -46,6 +47,17 @@ pub struct Config {
     /// How long a verification result is cached.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 5, global = true)]
     pub cache_ttl_seconds: u64,
+    /// Record when each key was last used (`lastUsed`).
+    #[arg(long, env = "TRACK_LAST_USED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub track_last_used: bool,
+    /// How often last-use times are written: at most one write per key per interval.
+    #[arg(
+        long,
+        env = "LAST_USED_FLUSH_SECONDS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub last_used_flush_seconds: u64,
     #[arg(
         long,
         env = "LOG_FORMAT",
@@ -142,30 +154,14 @@ pub enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
-    /// Manage keys directly in the database (this is how the first key is made).
-    #[command(subcommand)]
-    Keys(KeysCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Create a key; prints the full key alone on stdout (shown only this once).
-    Create {
-        #[arg(long)]
-        name: String,
-        /// GENERIC, ONBOARDING, GCP or AWS.
-        #[arg(long = "type", default_value = "GENERIC")]
-        key_type: String,
-    },
-    /// List keys (metadata only), newest first.
-    List,
-    /// Delete a key by name.
-    Delete { name: String },
+    /// Manage keys: directly in the database (this is how the first key is made), or
+    /// through a running control plane with --url.
+    Keys(KeysArgs),
 }
 
 impl Config {
     /// `near_cache`: keep a per-process near cache in front of Redis (servers only).
-    fn cache(&self, near_cache: bool) -> anyhow::Result<VerifyCache> {
+    pub(crate) fn cache(&self, near_cache: bool) -> anyhow::Result<VerifyCache> {
         let ttl = Duration::from_secs(self.cache_ttl_seconds);
         match &self.redis_url {
             Some(url) => VerifyCache::redis(url, ttl, near_cache),
@@ -173,7 +169,7 @@ impl Config {
         }
     }
 
-    async fn store(&self) -> anyhow::Result<Store> {
+    pub(crate) async fn store(&self) -> anyhow::Result<Store> {
         let store = Store::connect(self.database_url.as_deref(), &self.data_dir)
             .await?
             .with_outbox(
@@ -205,12 +201,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            let usage = Arc::new(Usage::new(config.track_last_used));
+            usage::spawn_flusher(
+                store.clone(),
+                usage.clone(),
+                Duration::from_secs(config.last_used_flush_seconds.max(1)),
+            );
+            let auth_failures = Arc::new(AuthFailures::default());
+            audit::spawn_flusher(store.clone(), auth_failures.clone());
             let state = AppState {
                 metrics: telemetry::init_metrics()?,
                 store,
                 cache: config.cache(true)?,
                 max_api_keys: config.max_api_keys,
                 kv_sync,
+                usage,
+                auth_failures,
             };
             server::serve(&listen_addr, state).await
         }
@@ -219,57 +225,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Keys(cmd) => keys_command(&config, cmd).await,
+        Command::Keys(args) => admin_cli::run(&config, args).await,
     }
-}
-
-async fn keys_command(config: &Config, cmd: KeysCommand) -> anyhow::Result<()> {
-    let store = config.store().await?;
-    let result = match cmd {
-        KeysCommand::Create { name, key_type } => {
-            let name = validate_name(Some(&name))?;
-            let key_type = parse_key_type(Some(&key_type))?;
-            let (key, stored) = create_key(&store, name, key_type, config.max_api_keys).await?;
-            eprintln!(
-                "Created {} key {:?} ({}). It is shown only this once:",
-                stored.key_type, stored.name, stored.identifier
-            );
-            println!("{}", key.expose_secret());
-            Ok(())
-        }
-        KeysCommand::List => {
-            let keys = store.list_keys(None).await?;
-            println!("{:<32} {:<16} {:<11} CREATED", "NAME", "IDENTIFIER", "TYPE");
-            for k in keys {
-                println!(
-                    "{:<32} {:<16} {:<11} {}",
-                    k.name,
-                    k.identifier,
-                    k.key_type.as_str(),
-                    iso8601(k.created_at_ms)
-                );
-            }
-            Ok(())
-        }
-        KeysCommand::Delete { name } => match store.delete_key(&name).await? {
-            Some(deleted) => {
-                // Evict from a shared cache; an in-process cache belongs to the server.
-                if let (Some(_), Ok(hash)) =
-                    (&config.redis_url, KeyHash::from_hex(&deleted.key_hash))
-                {
-                    if !config.cache(false)?.revoke(&hash).await {
-                        eprintln!(
-                            "warning: Redis unreachable; replicas may accept cached verifications \
-                             of this key for up to CACHE_TTL_SECONDS"
-                        );
-                    }
-                }
-                eprintln!("Deleted key {name:?} ({})", deleted.identifier);
-                Ok(())
-            }
-            None => Err(anyhow::anyhow!("no API key named {name:?}")),
-        },
-    };
-    store.close().await;
-    result
 }

@@ -16,8 +16,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("request body is larger than {} bytes", crate::server::MAX_BODY_BYTES)]
-    PayloadTooLarge,
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
     #[error(
         "request headers are larger than {} bytes",
         crate::server::MAX_HEADER_BYTES
@@ -47,7 +47,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::LimitReached(_) => (StatusCode::BAD_REQUEST, "limit_reached"),
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
@@ -56,6 +56,18 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
+}
+
+/// A request body as bytes, or the JSON 413/400 to answer (axum's own rejections are
+/// plain text). `limit` is the route's body limit, for the message.
+pub fn body_bytes(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(limit),
+        _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
+    })
 }
 
 impl From<StoreError> for ApiError {

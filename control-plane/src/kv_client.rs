@@ -8,6 +8,24 @@ use serde::{Deserialize, Serialize};
 
 /// The API accepts at most this many keys per bulk request.
 pub const MAX_BULK: usize = 10_000;
+/// Workers KV refuses an `expiration_ttl` below 60 s.
+pub const MIN_EXPIRATION_TTL: u64 = 60;
+
+/// The `expiration_ttl` for a record: the configured one, cut so the entry never outlives
+/// the key's expiry. A record expiring within KV's 60 s minimum stays that long, and the
+/// edge refuses it meanwhile by its `expires`.
+pub fn item_ttl(configured: Option<u64>, record_json: &str, now_unix_seconds: u64) -> Option<u64> {
+    let expires = metlo_shared::KeyRecord::from_json(record_json.as_bytes())
+        .ok()
+        .and_then(|r| r.expires);
+    match expires {
+        None => configured,
+        Some(e) => {
+            let left = e.saturating_sub(now_unix_seconds).max(MIN_EXPIRATION_TTL);
+            Some(configured.map_or(left, |c| c.min(left)))
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct KvTarget {
@@ -93,15 +111,16 @@ impl KvClient {
         )
     }
 
-    /// Writes `(key, value)` pairs, in as many requests as the API's limit needs.
+    /// Writes `(key, record JSON)` pairs, in as many requests as the API's limit needs.
     pub async fn bulk_put(&self, items: &[(String, String)]) -> Result<(), KvError> {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
         for chunk in items.chunks(MAX_BULK) {
             let body: Vec<BulkPutItem> = chunk
                 .iter()
                 .map(|(k, v)| BulkPutItem {
                     key: k,
                     value: v,
-                    expiration_ttl: self.target.expiration_ttl,
+                    expiration_ttl: item_ttl(self.target.expiration_ttl, v, now),
                 })
                 .collect();
             self.send(self.http.put(self.url("bulk")).json(&body))
@@ -154,5 +173,42 @@ impl KvClient {
                 message: "response is not a Cloudflare API envelope".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(expires: Option<u64>) -> String {
+        let expires = expires.map_or(String::new(), |e| format!(r#","expires":{e}"#));
+        format!(
+            r#"{{"v":1,"name":"n","for":"GENERIC","identifier":"metlo.abcdefgh","created":"2026-01-01T00:00:00.000Z"{expires}}}"#
+        )
+    }
+
+    #[test]
+    fn kv_entries_never_outlive_the_key() {
+        let now = 1_000_000;
+        assert_eq!(item_ttl(Some(86_400), &record(None), now), Some(86_400));
+        assert_eq!(item_ttl(None, &record(None), now), None);
+        assert_eq!(
+            item_ttl(Some(86_400), &record(Some(now + 600)), now),
+            Some(600)
+        );
+        assert_eq!(item_ttl(None, &record(Some(now + 600)), now), Some(600));
+        assert_eq!(
+            item_ttl(Some(300), &record(Some(now + 600)), now),
+            Some(300)
+        );
+        // KV's minimum; the edge refuses the record by its `expires` meanwhile.
+        assert_eq!(
+            item_ttl(Some(86_400), &record(Some(now + 5)), now),
+            Some(60)
+        );
+        assert_eq!(
+            item_ttl(Some(86_400), &record(Some(now - 5)), now),
+            Some(60)
+        );
     }
 }

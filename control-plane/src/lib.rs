@@ -1,5 +1,7 @@
 //! The Metlo-compatible API-key control plane.
 
+pub mod admin_cli;
+pub mod audit;
 pub mod auth;
 pub mod cache;
 pub mod cli;
@@ -11,6 +13,7 @@ pub mod ops;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 
 use cache::VerifyCache;
 use store::Store;
@@ -24,6 +27,10 @@ pub struct AppState {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// The KV sync's status, when a KV target is configured.
     pub kv_sync: Option<std::sync::Arc<kv_sync::SyncStatus>>,
+    /// Last-use times waiting to be written.
+    pub usage: std::sync::Arc<usage::Usage>,
+    /// Failed authentications waiting to be written to the audit log.
+    pub auth_failures: std::sync::Arc<audit::AuthFailures>,
 }
 
 impl AppState {

@@ -24,7 +24,8 @@ pub fn router() -> Router<AppState> {
     info(title = "Metlo API keys", description = "Metlo-compatible API-key control plane"),
     paths(
         crate::keys::create, crate::keys::list, crate::keys::onboarding, crate::keys::remove,
-        crate::keys::verify, crate::keys::by_hash, healthz, readyz
+        crate::keys::roll, crate::keys::verify, crate::keys::by_hash, crate::audit::list,
+        crate::usage::report, healthz, readyz
     ),
     modifiers(&KeyAuth)
 )]

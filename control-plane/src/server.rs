@@ -13,7 +13,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
-use crate::{auth, keys, ops, telemetry, AppState};
+use crate::{audit, auth, keys, ops, telemetry, usage, AppState};
 
 /// Largest request body accepted; key requests are tiny.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -22,7 +22,10 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 pub fn app(state: AppState) -> Router {
-    let api = keys::router().layer(from_fn_with_state(state.clone(), auth::require_key));
+    let api = keys::router()
+        .merge(audit::router())
+        .merge(usage::router())
+        .layer(from_fn_with_state(state.clone(), auth::require_key));
     ops::router()
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

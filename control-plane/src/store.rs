@@ -54,27 +54,78 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// A stored key: everything but the secret.
+/// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
+/// carries that secret's hash and identifier, and expires when its overlap ends.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {
+    pub id: i64,
     pub name: String,
     pub key_hash: String,
     pub identifier: String,
     pub key_type: KeyType,
     pub created_at_ms: i64,
+    /// Whole seconds (in ms); `None`: never expires.
+    pub expires_at_ms: Option<i64>,
+    pub last_used_ms: Option<i64>,
 }
 
 impl StoredKey {
     fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
         let key_type: String = row.try_get("key_type")?;
         Ok(StoredKey {
+            id: row.try_get("id")?,
             name: row.try_get("name")?,
             key_hash: row.try_get("key_hash")?,
             identifier: row.try_get("identifier")?,
             key_type: KeyType::from_str(&key_type).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             created_at_ms: row.try_get("created_at_ms")?,
+            expires_at_ms: row.try_get("expires_at_ms")?,
+            last_used_ms: row.try_get("last_used_ms")?,
         })
     }
+}
+
+/// One audit-log entry. Never holds a secret.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// The calling key's name; `None`: unauthenticated, or the local CLI.
+    pub actor: Option<String>,
+    /// `key.create`, `key.delete`, `key.roll` or `auth.failed`.
+    pub action: &'static str,
+    /// The key acted on.
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A stored audit-log row.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    /// A JSON object.
+    pub detail: String,
+}
+
+/// A secret that a roll replaced, and when it stops working (ms; at or before the roll's
+/// time: at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredSecret {
+    pub key_hash: String,
+    pub identifier: String,
+    pub retires_at_ms: i64,
+}
+
+/// The outcome of a roll: the key with its new secret's hash, and every older secret
+/// whose end changed.
+#[derive(Debug, Clone)]
+pub struct Rolled {
+    pub key: StoredKey,
+    pub retired: Vec<RetiredSecret>,
 }
 
 #[derive(Clone)]
@@ -107,7 +158,18 @@ pub struct Claim {
     pub rows: Vec<OutboxRow>,
 }
 
-const KEY_COLUMNS: &str = "name, key_hash, identifier, key_type, created_at_ms";
+const KEY_COLUMNS: &str =
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms";
+
+/// `ms` rounded up to a whole second (record expiries are whole seconds, so the edge and
+/// the control plane agree to the millisecond on when a secret stops working).
+pub fn ceil_to_second(ms: i64) -> i64 {
+    ms.div_euclid(1000) * 1000 + if ms.rem_euclid(1000) == 0 { 0 } else { 1000 }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
 
 impl Store {
     /// Connects to `database_url`, or to `<data_dir>/metlo.db` (created if missing) when
@@ -197,7 +259,13 @@ impl Store {
 
     /// Inserts a key unless its name is taken or `max_keys` are stored. The quota row is
     /// locked first, so concurrent creates are serialized and the limit is exact.
-    pub async fn insert_key(&self, key: &StoredKey, max_keys: u64) -> Result<(), StoreError> {
+    /// Stores a new key (its `id` is assigned here), with its KV put and audit row.
+    pub async fn insert_key(
+        &self,
+        key: &StoredKey,
+        max_keys: u64,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let reserved =
             sqlx::query("UPDATE key_quota SET used = used + 1 WHERE id = 1 AND used < $1")
@@ -209,17 +277,237 @@ impl Store {
             return Err(StoreError::LimitReached(max_keys));
         }
         sqlx::query(
-            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&key.name)
         .bind(&key.key_hash)
         .bind(&key.identifier)
         .bind(key.key_type.as_str())
         .bind(key.created_at_ms)
+        .bind(key.expires_at_ms)
         .execute(&mut *tx)
         .await?;
         self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
             .await?;
+        self.audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives the key `name` a new secret (`new_hash`, `new_identifier`). Its previous
+    /// secret keeps working for `overlap` (its end rounded up to a whole second; zero: it
+    /// stops at once), and every older secret still in an overlap stops no later than
+    /// that — so a roll with no overlap ends every old secret. `None`: no such key.
+    pub async fn roll_key(
+        &self,
+        name: &str,
+        new_hash: &str,
+        new_identifier: &str,
+        overlap: Duration,
+        audit: &AuditEntry,
+    ) -> Result<Option<Rolled>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Take the row's write lock first (both databases), so concurrent rolls of one
+        // key run one after the other.
+        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if locked == 0 {
+            return Ok(None);
+        }
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let old = StoredKey::from_row(&row)?;
+        let now = now_ms();
+        let end = if overlap.is_zero() {
+            now
+        } else {
+            ceil_to_second(now.saturating_add(overlap.as_millis() as i64))
+        };
+        let earlier: Vec<RetiredSecret> = sqlx::query(
+            "SELECT key_hash, identifier, retires_at_ms FROM retired_secrets WHERE key_id = $1",
+        )
+        .bind(old.id)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RetiredSecret {
+                key_hash: r.try_get("key_hash")?,
+                identifier: r.try_get("identifier")?,
+                retires_at_ms: r.try_get("retires_at_ms")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+        // Secrets whose end moves earlier: the one being replaced, and older ones that
+        // would otherwise outlive this roll's overlap.
+        let mut changed = vec![RetiredSecret {
+            key_hash: old.key_hash.clone(),
+            identifier: old.identifier.clone(),
+            retires_at_ms: end,
+        }];
+        changed.extend(
+            earlier
+                .into_iter()
+                .filter(|s| s.retires_at_ms > end && s.retires_at_ms > now)
+                .map(|s| RetiredSecret {
+                    retires_at_ms: end,
+                    ..s
+                }),
+        );
+        sqlx::query("UPDATE retired_secrets SET retires_at_ms = $1 WHERE key_id = $2 AND retires_at_ms > $1")
+            .bind(end)
+            .bind(old.id)
+            .execute(&mut *tx)
+            .await?;
+        if end > now {
+            sqlx::query(
+                "INSERT INTO retired_secrets (key_hash, key_id, identifier, retires_at_ms) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&old.key_hash)
+            .bind(old.id)
+            .bind(&old.identifier)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM retired_secrets WHERE key_id = $1 AND retires_at_ms <= $2")
+            .bind(old.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE api_keys SET key_hash = $1, identifier = $2 WHERE id = $3")
+            .bind(new_hash)
+            .bind(new_identifier)
+            .bind(old.id)
+            .execute(&mut *tx)
+            .await?;
+        let key = StoredKey {
+            key_hash: new_hash.to_owned(),
+            identifier: new_identifier.to_owned(),
+            ..old.clone()
+        };
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
+            .await?;
+        for secret in &changed {
+            if secret.retires_at_ms <= now {
+                self.enqueue_delete(&mut tx, &secret.key_hash, now).await?;
+            } else {
+                // KV gets the record with its new end at once (the edge refuses it from
+                // then on), and a delete when the overlap is over.
+                let record = old.retired_record(&secret.identifier, secret.retires_at_ms);
+                self.enqueue(&mut tx, &secret.key_hash, Some(record.to_json()), 0)
+                    .await?;
+                self.enqueue_delete(&mut tx, &secret.key_hash, secret.retires_at_ms)
+                    .await?;
+            }
+        }
+        self.audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(Some(Rolled {
+            key,
+            retired: changed,
+        }))
+    }
+
+    /// A KV delete at `at_ms` (or at once when that has passed), and its echo.
+    async fn enqueue_delete(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        kv_key: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let at = if at_ms <= now_ms() { 0 } else { at_ms };
+        self.enqueue(tx, kv_key, None, at).await?;
+        if self.delete_echo_ms > 0 {
+            let echo_at = at.max(now_ms()) + self.delete_echo_ms;
+            self.enqueue(tx, kv_key, None, echo_at).await?;
+        }
+        Ok(())
+    }
+
+    async fn audit_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        entry: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, actor, action, target, ip, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(now_ms())
+        .bind(&entry.actor)
+        .bind(entry.action)
+        .bind(&entry.target)
+        .bind(&entry.ip)
+        .bind(entry.detail.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends audit entries (failed authentications, batched) in one transaction.
+    pub async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for entry in entries {
+            self.audit_in(&mut tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Audit rows, newest first, with ids below `before` when given.
+    pub async fn list_audit(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, actor, action, target, ip, detail FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    id: r.try_get("id")?,
+                    at_ms: r.try_get("at_ms")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    ip: r.try_get("ip")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
+    /// Records when keys were last used, given by secret hash (current or rolled away),
+    /// in one transaction; a time never moves backwards.
+    pub async fn record_usage(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (hash, at_ms) in used {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_ms = $1 \
+                 WHERE (key_hash = $2 OR id IN (SELECT key_id FROM retired_secrets WHERE key_hash = $2)) \
+                 AND (last_used_ms IS NULL OR last_used_ms < $1)",
+            )
+            .bind(*at_ms)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -243,7 +531,7 @@ impl Store {
         .bind(kv_key)
         .bind(op)
         .bind(value)
-        .bind(chrono::Utc::now().timestamp_millis())
+        .bind(now_ms())
         .bind(not_before_ms)
         .execute(&mut **tx)
         .await?;
@@ -404,19 +692,46 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
+    /// The key a secret hash belongs to: its current secret, or one rolled away whose
+    /// overlap has not ended (then with that secret's identifier, expiring at its end).
     pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
+        let hex = hash.to_hex();
         let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 \
+             UNION ALL \
+             SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
+               CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
+                 THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
+               k.last_used_ms \
+             FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
+             WHERE r.key_hash = $2 AND r.retires_at_ms > $3"
         ))
-        .bind(hash.to_hex())
+        .bind(&hex)
+        .bind(&hex)
+        .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.as_ref().map(StoredKey::from_row).transpose()?)
     }
 
-    /// Deletes a key by name; returns it, or `None` if there was no such key.
-    pub async fn delete_key(&self, name: &str) -> Result<Option<StoredKey>, StoreError> {
+    /// Deletes a key by name, with every secret a roll left in its overlap; returns the
+    /// key and the hashes of those secrets, or `None` if there was no such key.
+    pub async fn delete_key(
+        &self,
+        name: &str,
+        audit: &AuditEntry,
+    ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The rolled-away secrets first: deleting the key would cascade to them unseen.
+        let retired: Vec<String> = sqlx::query(
+            "DELETE FROM retired_secrets WHERE key_id IN (SELECT id FROM api_keys WHERE name = $1) RETURNING key_hash",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get("key_hash"))
+        .collect::<Result<_, _>>()?;
         let row = sqlx::query(&format!(
             "DELETE FROM api_keys WHERE name = $1 RETURNING {KEY_COLUMNS}"
         ))
@@ -430,14 +745,13 @@ impl Store {
         sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
             .execute(&mut *tx)
             .await?;
-        self.enqueue(&mut tx, &deleted.key_hash, None, 0).await?;
-        if self.delete_echo_ms > 0 {
-            let echo_at = chrono::Utc::now().timestamp_millis() + self.delete_echo_ms;
-            self.enqueue(&mut tx, &deleted.key_hash, None, echo_at)
-                .await?;
+        let now = now_ms();
+        for hash in std::iter::once(&deleted.key_hash).chain(&retired) {
+            self.enqueue_delete(&mut tx, hash, now).await?;
         }
+        self.audit_in(&mut tx, audit).await?;
         tx.commit().await?;
-        Ok(Some(deleted))
+        Ok(Some((deleted, retired)))
     }
 
     pub async fn close(&self) {

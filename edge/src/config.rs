@@ -28,6 +28,8 @@ pub struct Config {
     pub decision_header: bool,
     /// `Retry-After` seconds on 503.
     pub retry_after_seconds: u64,
+    /// How often an isolate reports key use to the control plane (`lastUsed`); 0: never.
+    pub usage_report_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,7 @@ impl Config {
             forward_authorization: flag("FORWARD_AUTHORIZATION"),
             decision_header: flag("DECISION_HEADER"),
             retry_after_seconds: number("RETRY_AFTER_SECONDS", 5)?,
+            usage_report_ms: number("USAGE_REPORT_MS", 30_000)?,
         };
         if config.kv_ttl_seconds < KV_MIN_EXPIRATION_TTL {
             return Err(ConfigError(format!(
@@ -129,6 +132,7 @@ mod tests {
         assert_eq!(c.kv_ttl_seconds, 300);
         assert!(!c.forward_authorization);
         assert!(!c.decision_header);
+        assert_eq!(c.usage_report_ms, 30_000);
     }
 
     #[test]

@@ -9,14 +9,17 @@
 //!    key). Found → write KV with `expirationTtl` and allow; not found → 401 (remembered
 //!    in the isolate only, never in KV); control plane unreachable → 503 (fail closed).
 //! 5. Allow → proxy to `ORIGIN_URL` with `X-Metlo-Key-*` headers, without `Authorization`.
+//! 6. Key use is reported to the control plane in batches, after the response
+//!    ([`usage`]), for each key's `lastUsed`.
 //!
 //! Everything that decides is plain Rust in [`decision`], [`config`] and
-//! [`isolate_cache`], unit-tested natively; the wasm-only glue in `worker_glue` moves
+//! [`isolate_cache`] and [`usage`], unit-tested natively; the wasm-only glue in `worker_glue` moves
 //! bytes between those functions and the Workers runtime.
 
 pub mod config;
 pub mod decision;
 pub mod isolate_cache;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod worker_glue;

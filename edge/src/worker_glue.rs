@@ -14,6 +14,7 @@ use worker::{
 use crate::config::Config;
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
 use crate::isolate_cache::{Entry, IsolateCache};
+use crate::usage::{self, UsageBuffer};
 
 thread_local! {
     // One isolate runs one request at a time on one thread; these live as long as it.
@@ -24,6 +25,8 @@ thread_local! {
     // Refusals always carry the same headers: built once, copied into each Response by
     // the runtime (three JS calls fewer per refused request).
     static REFUSAL_HEADERS: RefCell<Vec<((u16, &'static str), Headers)>> = const { RefCell::new(Vec::new()) };
+    // Key use not yet reported to the control plane.
+    static USAGE: RefCell<Option<UsageBuffer>> = const { RefCell::new(None) };
 }
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
@@ -58,7 +61,7 @@ impl Source {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
     let config = match config(&env) {
         Ok(c) => c,
         Err(e) => {
@@ -70,10 +73,15 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
             );
         }
     };
-    handle(req, &env, &config).await
+    handle(req, &env, &ctx, &config).await
 }
 
-async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Response> {
+async fn handle(
+    req: Request,
+    env: &Env,
+    ctx: &Context,
+    config: &Config,
+) -> worker::Result<Response> {
     let header = req.headers().get("Authorization")?;
     let hash = match decision::check_header(header.as_deref()) {
         Ok(hash) => hash,
@@ -83,9 +91,11 @@ async fn handle(req: Request, env: &Env, config: &Config) -> worker::Result<Resp
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
-    if let Err(refusal) = decision::admit(&record, now_ms() / 1000) {
+    let now = now_ms();
+    if let Err(refusal) = decision::admit(&record, now / 1000) {
         return refuse(refusal, config, source);
     }
+    record_use(hash, now, env, ctx, config);
     match proxy(req, &record, config, source).await {
         Ok(response) => Ok(response),
         Err(e) => {
@@ -164,13 +174,8 @@ async fn find(
 }
 
 async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
-    let key = match env
-        .secret("CONTROL_PLANE_KEY")
-        .map(|s| s.to_string())
-        .or_else(|_| env.var("CONTROL_PLANE_KEY").map(|v| v.to_string()))
-    {
-        Ok(k) => k,
-        Err(_) => return Lookup::Failed("the CONTROL_PLANE_KEY secret is not set".into()),
+    let Some(key) = control_plane_key(env) else {
+        return Lookup::Failed("the CONTROL_PLANE_KEY secret is not set".into());
     };
     let headers = Headers::new();
     if headers
@@ -198,6 +203,66 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
         Either::Left((Err(e), _)) => Lookup::Failed(format!("control plane unreachable: {e}")),
         Either::Right(_) => Lookup::Failed("control plane timed out".into()),
     }
+}
+
+/// Step 6: notes the key's use; when this isolate's report is due, sends it after the
+/// response. A failed report is kept for the next one.
+fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, config: &Config) {
+    if config.usage_report_ms == 0 {
+        return;
+    }
+    let due = USAGE.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let buffer = slot.get_or_insert_with(|| UsageBuffer::new(config.usage_report_ms, now));
+        buffer.seen(hash, now);
+        buffer.due(now)
+    });
+    let Some(batches) = due else { return };
+    let Some(key) = control_plane_key(env) else {
+        console_error!("usage not reported: the CONTROL_PLANE_KEY secret is not set");
+        return;
+    };
+    let url = format!("{}/api/v1/usage", config.control_plane_url);
+    ctx.wait_until(async move {
+        for batch in batches {
+            if let Err(e) = send_usage(&url, &key, &batch).await {
+                console_error!("usage report failed: {e}");
+                USAGE.with(|cell| {
+                    if let Some(buffer) = cell.borrow_mut().as_mut() {
+                        buffer.put_back(batch);
+                    }
+                });
+            }
+        }
+    });
+}
+
+async fn send_usage(url: &str, key: &str, batch: &[(KeyHash, u64)]) -> Result<(), String> {
+    let headers = Headers::new();
+    headers
+        .set("Authorization", &format!("Bearer {key}"))
+        .and_then(|_| headers.set("Content-Type", "application/json"))
+        .map_err(|e| e.to_string())?;
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post)
+        .with_headers(headers)
+        .with_body(Some(usage::report_body(batch).into()));
+    let request = Request::new_with_init(url, &init).map_err(|e| e.to_string())?;
+    let response = Fetch::Request(request)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status_code() {
+        200..=299 => Ok(()),
+        status => Err(format!("control plane answered {status}")),
+    }
+}
+
+fn control_plane_key(env: &Env) -> Option<String> {
+    env.secret("CONTROL_PLANE_KEY")
+        .map(|s| s.to_string())
+        .or_else(|_| env.var("CONTROL_PLANE_KEY").map(|v| v.to_string()))
+        .ok()
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.

@@ -577,6 +577,44 @@ impl ControlPlane {
         (status, body)
     }
 
+    /// A POST with a JSON body (or none) and the admin key; returns status and body, and
+    /// remembers any key in the response (to check logs against).
+    pub async fn post(&self, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut rb = self.request(reqwest::Method::POST, path, Some(&self.admin_key));
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if let Some(k) = body.get("apiKey").and_then(Value::as_str) {
+            self.secrets.lock().unwrap().push(k.to_owned());
+        }
+        (status, body)
+    }
+
+    /// `POST /api/v1/keys/{name}/roll`.
+    pub async fn roll(&self, name: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}/roll", encode_path_segment(name));
+        self.post(&path, body).await
+    }
+
+    /// `GET /api/v1/keys/list` as JSON.
+    pub async fn list(&self) -> Vec<Value> {
+        let (status, _, text) = self.get("/api/v1/keys/list", Some(&self.admin_key)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The list entry of one key.
+    pub async fn listed(&self, name: &str) -> Value {
+        self.list()
+            .await
+            .into_iter()
+            .find(|k| k["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed"))
+    }
+
     /// Creates a key and returns the full key.
     pub async fn create_key(&self, name: &str, key_for: &str) -> String {
         let (status, body) = self

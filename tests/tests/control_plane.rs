@@ -45,7 +45,18 @@ async fn create_list_onboarding_delete(backend: Backend) {
     let obj = created.as_object().unwrap();
     let mut fields: Vec<_> = obj.keys().map(String::as_str).collect();
     fields.sort();
-    assert_eq!(fields, ["apiKey", "created", "for", "identifier", "name"]);
+    assert_eq!(
+        fields,
+        [
+            "apiKey",
+            "created",
+            "expiresAt",
+            "for",
+            "identifier",
+            "lastUsed",
+            "name"
+        ]
+    );
     let key = ApiKey::parse(created["apiKey"].as_str().unwrap()).expect("a well-formed key");
     assert_eq!(created["identifier"], key.identifier());
     assert_eq!(created["name"], "ingestor");
@@ -89,7 +100,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
         f.sort();
         assert_eq!(
             f,
-            ["created", "for", "identifier", "name"],
+            ["created", "expiresAt", "for", "identifier", "lastUsed", "name"],
             "list never shows the key"
         );
     }
@@ -526,7 +537,7 @@ async fn cli_manages_keys(backend: Backend) {
     assert!(cp
         .cli(&["keys", "delete", "from cli"])
         .unwrap_err()
-        .contains("no API key named"));
+        .contains("no API key with this name"));
     assert!(!cp.cli(&["keys", "list"]).unwrap().contains("from cli"));
 }
 

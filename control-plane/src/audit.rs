@@ -1,0 +1,310 @@
+//! The audit log: who (the calling key's name) did what (create, delete, roll, failed
+//! authentication), when, from which IP. Never a secret.
+//!
+//! Changes are recorded in the same transaction as the change itself. Failed
+//! authentications are counted in memory per (IP, reason, key identifier, route) and
+//! written once a second, so a flood of bad keys costs one row per source and second, not
+//! one database write per request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorBody};
+use crate::keys::iso8601;
+use crate::store::{AuditEntry, AuditRow, Store};
+use crate::AppState;
+
+/// Most entries one page returns.
+pub const MAX_PAGE: i64 = 1000;
+const DEFAULT_PAGE: i64 = 50;
+/// Distinct failure sources kept between flushes; beyond it, failures are only counted.
+const MAX_PENDING_FAILURES: usize = 10_000;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/audit", get(list))
+}
+
+/// Who is making a request: the verified key's name (when there is one) and the peer IP.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub name: Option<String>,
+    pub ip: Option<String>,
+}
+
+impl Actor {
+    /// The local command line: no key, no IP.
+    pub fn cli() -> Self {
+        Actor::default()
+    }
+
+    pub fn entry(&self, action: &'static str, target: &str, detail: Value) -> AuditEntry {
+        AuditEntry {
+            actor: self.name.clone(),
+            action,
+            target: Some(target.to_owned()),
+            ip: self.ip.clone(),
+            detail,
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Actor {
+            name: parts.extensions.get::<Caller>().map(|c| c.0.name.clone()),
+            ip: peer_ip(parts),
+        })
+    }
+}
+
+pub fn peer_ip(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+}
+
+/// Why authentication failed, as recorded (the response is the same 401 for all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    Missing,
+    /// Not a well-formed key (bad shape or checksum).
+    Malformed,
+    /// Well-formed, but unknown, deleted, expired or past its roll overlap.
+    Invalid,
+}
+
+impl FailureReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Missing => "missing",
+            FailureReason::Malformed => "malformed",
+            FailureReason::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FailureSource {
+    ip: Option<String>,
+    reason: FailureReason,
+    /// The presented key's public identifier, when it was well-formed.
+    identifier: Option<String>,
+    route: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    counts: HashMap<FailureSource, (u64, i64, i64)>,
+    /// Failures not itemised because too many distinct sources were pending.
+    overflow: u64,
+}
+
+/// Failed authentications waiting to be written.
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    pending: Mutex<Pending>,
+}
+
+impl AuthFailures {
+    pub fn record(
+        &self,
+        ip: Option<String>,
+        reason: FailureReason,
+        identifier: Option<String>,
+        route: Option<String>,
+    ) {
+        metrics::counter!("metlo_auth_failures_total", "reason" => reason.as_str()).increment(1);
+        let now = chrono::Utc::now().timestamp_millis();
+        let source = FailureSource {
+            ip,
+            reason,
+            identifier,
+            route,
+        };
+        let mut pending = self.pending.lock().unwrap();
+        let full = pending.counts.len() >= MAX_PENDING_FAILURES;
+        match pending.counts.get_mut(&source) {
+            Some((count, _, last)) => {
+                *count += 1;
+                *last = now;
+            }
+            None if full => pending.overflow += 1,
+            None => {
+                pending.counts.insert(source, (1, now, now));
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<AuditEntry> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
+        let mut entries: Vec<AuditEntry> = pending
+            .counts
+            .into_iter()
+            .map(|(source, (count, first, last))| AuditEntry {
+                actor: None,
+                action: "auth.failed",
+                target: None,
+                ip: source.ip,
+                detail: json!({
+                    "reason": source.reason.as_str(),
+                    "identifier": source.identifier,
+                    "route": source.route,
+                    "count": count,
+                    "first": iso8601(first),
+                    "last": iso8601(last),
+                }),
+            })
+            .collect();
+        if pending.overflow > 0 {
+            entries.push(AuditEntry {
+                actor: None,
+                action: "auth.failed",
+                target: None,
+                ip: None,
+                detail: json!({"reason": "many sources", "count": pending.overflow}),
+            });
+        }
+        entries
+    }
+}
+
+/// Writes failed authentications once a second; a failed write is retried with the next.
+pub fn spawn_flusher(store: Store, failures: Arc<AuthFailures>) {
+    tokio::spawn(async move {
+        let mut unwritten: Vec<AuditEntry> = Vec::new();
+        loop {
+            tokio::time::sleep(FLUSH_EVERY).await;
+            unwritten.extend(failures.take());
+            if unwritten.is_empty() {
+                continue;
+            }
+            match store.append_audit(&unwritten).await {
+                Ok(()) => unwritten.clear(),
+                Err(e) => {
+                    tracing::warn!(error = %e, pending = unwritten.len(), "audit log write failed; will retry");
+                    // Bounded: keep the newest entries if the database stays away.
+                    let excess = unwritten.len().saturating_sub(MAX_PENDING_FAILURES);
+                    unwritten.drain(..excess);
+                }
+            }
+        }
+    });
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Entries per page, 1–1000 (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// Only entries with an id below this (the previous page's `nextBefore`).
+    #[param(value_type = Option<i64>, minimum = 1)]
+    before: Option<String>,
+}
+
+/// One audit entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEntryOut {
+    pub id: i64,
+    /// ISO 8601.
+    pub at: String,
+    /// The calling key's name; null when unauthenticated or the local CLI.
+    pub actor: Option<String>,
+    /// `key.create`, `key.delete`, `key.roll` or `auth.failed`.
+    pub action: String,
+    /// The key acted on.
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    #[schema(value_type = Object)]
+    pub detail: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntryOut>,
+    /// Pass as `before` for the next (older) page; null on the last page.
+    #[serde(rename = "nextBefore")]
+    pub next_before: Option<i64>,
+}
+
+impl From<AuditRow> for AuditEntryOut {
+    fn from(r: AuditRow) -> Self {
+        AuditEntryOut {
+            id: r.id,
+            at: iso8601(r.at_ms),
+            actor: r.actor,
+            action: r.action,
+            target: r.target,
+            ip: r.ip,
+            detail: serde_json::from_str(&r.detail).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// Parses `limit` and `before` (by hand, so a bad value is a JSON 400).
+pub fn parse_audit_query(query: Option<&str>) -> Result<(i64, Option<i64>), ApiError> {
+    let q: AuditQuery = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let number = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+        v.map(|v| {
+            v.trim()
+                .parse::<i64>()
+                .map_err(|_| ApiError::BadRequest(format!("{name} must be a whole number")))
+        })
+        .transpose()
+    };
+    let limit = number("limit", q.limit)?.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let before = number("before", q.before)?;
+    if before.is_some_and(|b| b < 1) {
+        return Err(ApiError::BadRequest("before must be at least 1".into()));
+    }
+    Ok((limit, before))
+}
+
+/// The audit log, newest first, a page at a time.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn list(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<AuditPage>, ApiError> {
+    let (limit, before) = parse_audit_query(query.as_deref())?;
+    let rows = state.store.list_audit(limit + 1, before).await?;
+    let more = rows.len() as i64 > limit;
+    let entries: Vec<AuditEntryOut> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(Into::into)
+        .collect();
+    let next_before = if more {
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Json(AuditPage {
+        entries,
+        next_before,
+    }))
+}

@@ -1,0 +1,602 @@
+//! Key lifecycle beyond Metlo, through HTTP into the real binary on SQLite and
+//! PostgreSQL: expiry, roll with overlap, last used, the audit log, the CLI over HTTP.
+
+use std::time::Duration;
+
+use chrono::{SecondsFormat, TimeZone, Utc};
+use metlo_shared::ApiKey;
+use metlo_tests::{
+    assert_no_keys_in, on_both_backends, run_cli, Backend, ControlPlane, Options, Redis, StatusCode,
+};
+use serde_json::{json, Value};
+
+on_both_backends!(
+    expiry,
+    roll_with_overlap,
+    roll_twice_during_an_overlap,
+    last_used_is_coalesced,
+    audit_log_records_who_did_what,
+    admin_cli_over_http,
+);
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn iso(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .unwrap()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn ms_of(iso: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(iso.as_str().expect("a date-time string"))
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// The first whole second at least `ms_from_now` ahead.
+fn whole_second_ahead(ms_from_now: i64) -> i64 {
+    (now_ms() + ms_from_now + 999) / 1000 * 1000
+}
+
+async fn sleep_until(ms: i64) {
+    let wait = ms - now_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+}
+
+fn secret(body: &Value) -> String {
+    body["apiKey"]
+        .as_str()
+        .expect("a key in the response")
+        .to_owned()
+}
+
+async fn expiry(backend: Backend) {
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 4)).await;
+    for (bad, why) in [
+        (json!("2020-01-01T00:00:00Z"), "in the future"),
+        (json!(iso(now_ms() - 1000)), "in the future"),
+        (json!("tomorrow"), "RFC 3339"),
+        (json!("2030-01-01"), "RFC 3339"),
+        (json!("2030-01-01T00:00:00"), "RFC 3339"),
+        (json!(1_900_000_000), "invalid JSON"),
+    ] {
+        let (status, body) = cp.create(json!({"name": "bad", "expiresAt": bad})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(why),
+            "{bad}: {body}"
+        );
+    }
+    assert_eq!(cp.list().await.len(), 1, "nothing stored by bad requests");
+
+    let (status, forever) = cp
+        .create(json!({"name": "forever", "expiresAt": null}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(forever["expiresAt"], Value::Null);
+    // Fractions of a second are cut: expiries are whole seconds everywhere.
+    let (status, cut) = cp
+        .create(json!({"name": "cut", "expiresAt": "2031-05-06T07:08:09.750+02:00"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cut}");
+    assert_eq!(cut["expiresAt"], "2031-05-06T05:08:09.000Z");
+
+    let end = whole_second_ahead(2500);
+    let (status, short) = cp
+        .create(json!({"name": "short", "expiresAt": iso(end)}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{short}");
+    assert_eq!(ms_of(&short["expiresAt"]), end);
+    assert_eq!(ms_of(&cp.listed("short").await["expiresAt"]), end);
+    let short_key = secret(&short);
+    let hash = ApiKey::parse(&short_key).unwrap().hash().to_hex();
+    let (_, _, record) = cp
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .await;
+    let record: Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(
+        record["expires"],
+        end / 1000,
+        "the edge's record carries it"
+    );
+
+    sleep_until(end - 400).await;
+    assert_eq!(cp.verify(&short_key).await, StatusCode::OK, "just before");
+    sleep_until(end + 300).await;
+    assert_eq!(
+        cp.verify(&short_key).await,
+        StatusCode::UNAUTHORIZED,
+        "just after"
+    );
+
+    // Expired keys stay listed and count toward the limit until deleted.
+    assert_eq!(cp.list().await.len(), 4);
+    let (status, body) = cp.create(json!({"name": "one more"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "limit_reached");
+    assert_eq!(
+        cp.delete("short", Some(&cp.admin_key)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        cp.create(json!({"name": "one more"})).await.0,
+        StatusCode::OK
+    );
+}
+
+async fn roll_with_overlap(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let expires = whole_second_ahead(86_400_000);
+    let (_, created) = cp
+        .create(json!({"name": "svc", "keyFor": "GCP", "expiresAt": iso(expires)}))
+        .await;
+    let key1 = secret(&created);
+
+    // No overlap: the old secret stops at once.
+    let (status, rolled) = cp.roll("svc", None).await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    let key2 = secret(&rolled);
+    assert_eq!(cp.verify(&key1).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(cp.verify(&key2).await, StatusCode::OK);
+    assert_eq!(rolled["name"], "svc");
+    assert_eq!(rolled["for"], "GCP");
+    assert_eq!(rolled["created"], created["created"]);
+    assert_eq!(ms_of(&rolled["expiresAt"]), expires);
+    assert_eq!(
+        rolled["identifier"],
+        ApiKey::parse(&key2).unwrap().identifier()
+    );
+    assert_eq!(rolled["previousIdentifier"], created["identifier"]);
+    assert!(ms_of(&rolled["previousValidUntil"]) <= now_ms());
+    assert_eq!(cp.listed("svc").await["identifier"], rolled["identifier"]);
+
+    // With an overlap: both work until it ends, to the second; then only the new one.
+    let (status, rolled) = cp.roll("svc", Some(json!({"overlapSeconds": 2}))).await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    let key3 = secret(&rolled);
+    let end = ms_of(&rolled["previousValidUntil"]);
+    assert_eq!(end % 1000, 0, "ends on a whole second");
+    assert!(end >= now_ms() + 1500 && end <= now_ms() + 3100, "{rolled}");
+    let hash2 = ApiKey::parse(&key2).unwrap().hash().to_hex();
+    let (_, _, record) = cp
+        .get(
+            &format!("/api/v1/keys/by-hash/{hash2}"),
+            Some(&cp.admin_key),
+        )
+        .await;
+    let record: Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["expires"], end / 1000, "{record}");
+    assert_eq!(
+        record["identifier"],
+        ApiKey::parse(&key2).unwrap().identifier()
+    );
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK);
+    sleep_until(end - 400).await;
+    assert_eq!(
+        cp.verify(&key2).await,
+        StatusCode::OK,
+        "just before the end"
+    );
+    sleep_until(end + 300).await;
+    assert_eq!(
+        cp.verify(&key2).await,
+        StatusCode::UNAUTHORIZED,
+        "just after"
+    );
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK);
+
+    // Bad rolls change nothing.
+    for bad in [
+        json!({"overlapSeconds": -1}),
+        json!({"overlapSeconds": 604_801}),
+        json!({"overlapSeconds": "5"}),
+        json!({"overlapSeconds": 1.5}),
+        json!({"overlap": 5}),
+        json!([]),
+    ] {
+        let (status, body) = cp.roll("svc", Some(bad.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["error"], "bad_request");
+    }
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK);
+    let (status, body) = cp.roll("nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // Deleting a key ends every secret, the ones in an overlap too.
+    let (_, rolled) = cp.roll("svc", Some(json!({"overlapSeconds": 60}))).await;
+    let key4 = secret(&rolled);
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK);
+    assert_eq!(
+        cp.delete("svc", Some(&cp.admin_key)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(cp.verify(&key3).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(cp.verify(&key4).await, StatusCode::UNAUTHORIZED);
+}
+
+/// A second roll caps the secrets still in the first one's overlap: every older secret
+/// stops when the newest overlap ends (at once with no overlap — the "it leaked" roll).
+async fn roll_twice_during_an_overlap(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let key1 = cp.create_key("k", "GENERIC").await;
+    let (_, first) = cp.roll("k", Some(json!({"overlapSeconds": 60}))).await;
+    let key2 = secret(&first);
+    let (_, second) = cp.roll("k", Some(json!({"overlapSeconds": 2}))).await;
+    let key3 = secret(&second);
+    let end = ms_of(&second["previousValidUntil"]);
+    assert!(end < ms_of(&first["previousValidUntil"]));
+    sleep_until(end - 400).await;
+    for k in [&key1, &key2, &key3] {
+        assert_eq!(
+            cp.verify(k).await,
+            StatusCode::OK,
+            "before the second overlap ends"
+        );
+    }
+    sleep_until(end + 300).await;
+    assert_eq!(cp.verify(&key1).await, StatusCode::UNAUTHORIZED, "capped");
+    assert_eq!(cp.verify(&key2).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK);
+
+    let (_, third) = cp.roll("k", Some(json!({"overlapSeconds": 60}))).await;
+    let key4 = secret(&third);
+    assert_eq!(cp.verify(&key3).await, StatusCode::OK, "in its overlap");
+    let (_, fourth) = cp.roll("k", None).await;
+    let key5 = secret(&fourth);
+    assert_eq!(
+        cp.verify(&key3).await,
+        StatusCode::UNAUTHORIZED,
+        "ended at once"
+    );
+    assert_eq!(
+        cp.verify(&key4).await,
+        StatusCode::UNAUTHORIZED,
+        "ended at once"
+    );
+    assert_eq!(cp.verify(&key5).await, StatusCode::OK);
+}
+
+/// The same boundary with the Redis cache and two replicas: the cached record of the old
+/// secret is overwritten by the roll, so neither replica accepts it after the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roll_overlap_with_redis_and_two_replicas() {
+    let redis = Redis::start();
+    let a = ControlPlane::start_with(
+        Options::new(Backend::Postgres)
+            .redis(redis.url())
+            .env("CACHE_TTL_SECONDS", 60),
+    )
+    .await;
+    let b = a.replica().await;
+    let old = a.create_key("cached", "GENERIC").await;
+    for cp in [&a, &b] {
+        assert_eq!(
+            cp.verify(&old).await,
+            StatusCode::OK,
+            "cached without an end"
+        );
+    }
+    let (_, rolled) = a.roll("cached", Some(json!({"overlapSeconds": 2}))).await;
+    let new = secret(&rolled);
+    let end = ms_of(&rolled["previousValidUntil"]);
+    sleep_until(end - 400).await;
+    for cp in [&a, &b] {
+        assert_eq!(cp.verify(&old).await, StatusCode::OK);
+        assert_eq!(cp.verify(&new).await, StatusCode::OK);
+    }
+    sleep_until(end + 300).await;
+    for cp in [&a, &b] {
+        assert_eq!(cp.verify(&old).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(cp.verify(&new).await, StatusCode::OK);
+    }
+}
+
+async fn last_used_is_coalesced(backend: Backend) {
+    let cp =
+        ControlPlane::start_with(Options::new(backend).env("LAST_USED_FLUSH_SECONDS", 2)).await;
+    let a = cp.create_key("a", "GENERIC").await;
+    let b = cp.create_key("b", "GENERIC").await;
+    assert_eq!(cp.listed("a").await["lastUsed"], Value::Null, "never used");
+
+    let writes = || cp.metric("metlo_last_used_writes_total", "");
+    let before_writes = writes().await;
+    let started = now_ms();
+    for _ in 0..300 {
+        assert_eq!(cp.verify(&a).await, StatusCode::OK);
+    }
+    let finished = now_ms();
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let written = writes().await - before_writes;
+    let elapsed_intervals = ((now_ms() - started) / 2000 + 1) as f64;
+    println!("300 verifications of one key → {written} database writes");
+    assert!(
+        written >= 1.0 && written <= elapsed_intervals,
+        "{written} writes for {elapsed_intervals} intervals: at most one per key per interval"
+    );
+    let used = ms_of(&cp.listed("a").await["lastUsed"]);
+    assert!(
+        used >= started - 5 && used <= finished + 5,
+        "{used} in [{started}, {finished}]"
+    );
+    assert_eq!(cp.listed("b").await["lastUsed"], Value::Null);
+
+    // Reported by the edge (what the Worker sends): latest wins, the future is now.
+    let hash_b = ApiKey::parse(&b).unwrap().hash().to_hex();
+    let hash_a = ApiKey::parse(&a).unwrap().hash().to_hex();
+    let unknown = ApiKey::generate().unwrap().hash().to_hex();
+    let earlier = now_ms() - 60_000;
+    let (status, body) = cp
+        .post(
+            "/api/v1/usage",
+            Some(json!({"used": {hash_b.clone(): earlier, hash_a.clone(): earlier, unknown: earlier}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], 3);
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(ms_of(&cp.listed("b").await["lastUsed"]), earlier);
+    assert_eq!(
+        ms_of(&cp.listed("a").await["lastUsed"]),
+        used,
+        "never moves back"
+    );
+    let far_future = now_ms() + 86_400_000;
+    cp.post(
+        "/api/v1/usage",
+        Some(json!({"used": {hash_b.clone(): far_future}})),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(ms_of(&cp.listed("b").await["lastUsed"]) <= now_ms());
+
+    let many: serde_json::Map<String, Value> = (0..1001)
+        .map(|_| (ApiKey::generate().unwrap().hash().to_hex(), json!(1)))
+        .collect();
+    for bad in [
+        json!({"used": {"nothex": 1}}),
+        json!({"used": {hash_b.clone(): -1}}),
+        json!({"used": {hash_b.to_uppercase(): 1}}),
+        json!({"used": []}),
+        json!({}),
+        json!({"used": {}, "extra": 1}),
+        json!({"used": many}),
+    ] {
+        let (status, body) = cp.post("/api/v1/usage", Some(bad)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "bad_request");
+    }
+}
+
+async fn audit_log_records_who_did_what(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let audit = |query: &'static str| {
+        let cp = &cp;
+        async move {
+            let (status, _, text) = cp
+                .get(&format!("/api/v1/audit{query}"), Some(&cp.admin_key))
+                .await;
+            (status, text)
+        }
+    };
+    cp.create_key("x", "AWS").await;
+    cp.roll("x", Some(json!({"overlapSeconds": 30}))).await;
+    assert_eq!(cp.delete("x", Some(&cp.admin_key)).await.0, StatusCode::OK);
+    let unknown = ApiKey::generate().unwrap();
+    for _ in 0..100 {
+        assert_eq!(cp.verify("garbage").await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        cp.verify(unknown.expose_secret()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        cp.get("/api/v1/keys/list", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // failures are written each second
+
+    let (status, text) = audit("?limit=1000").await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let page: Value = serde_json::from_str(&text).unwrap();
+    let entries = page["entries"].as_array().unwrap();
+    assert_eq!(page["nextBefore"], Value::Null);
+    let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let find = |action: &str| {
+        entries
+            .iter()
+            .filter(|e| e["action"] == action)
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    for action in ["key.create", "key.roll", "key.delete"] {
+        let e = &find(action)[0];
+        assert_eq!(e["actor"], "admin", "{e}");
+        assert_eq!(e["target"], "x", "{e}");
+        assert_eq!(e["ip"], "127.0.0.1", "{e}");
+        assert!(ms_of(&e["at"]) <= now_ms());
+    }
+    assert_eq!(find("key.roll")[0]["detail"]["overlapSeconds"], 30);
+    assert_eq!(find("key.create")[0]["detail"]["type"], "AWS");
+    let failures = find("auth.failed");
+    let count = |reason: &str| -> i64 {
+        failures
+            .iter()
+            .filter(|e| e["detail"]["reason"] == reason)
+            .map(|e| e["detail"]["count"].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        count("malformed"),
+        100,
+        "every failure counted: {failures:?}"
+    );
+    assert!(
+        failures
+            .iter()
+            .filter(|e| e["detail"]["reason"] == "malformed")
+            .count()
+            <= 2,
+        "100 failures from one source are a row or two, not 100 writes"
+    );
+    assert_eq!(count("invalid"), 1);
+    assert_eq!(count("missing"), 1);
+    let invalid = failures
+        .iter()
+        .find(|e| e["detail"]["reason"] == "invalid")
+        .unwrap();
+    assert_eq!(invalid["detail"]["identifier"], unknown.identifier());
+    assert_eq!(invalid["detail"]["route"], "/api/v1/verify");
+    assert_eq!(invalid["actor"], Value::Null);
+    assert_eq!(invalid["ip"], "127.0.0.1");
+
+    // Paging with `before` walks the same entries.
+    let mut walked = vec![];
+    let mut query = "/api/v1/audit?limit=2".to_owned();
+    loop {
+        let (_, _, text) = cp.get(&query, Some(&cp.admin_key)).await;
+        let page: Value = serde_json::from_str(&text).unwrap();
+        let got = page["entries"].as_array().unwrap();
+        assert!(got.len() <= 2);
+        walked.extend(got.iter().map(|e| e["id"].as_i64().unwrap()));
+        match page["nextBefore"].as_i64() {
+            Some(next) => query = format!("/api/v1/audit?limit=2&before={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(walked, ids);
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=abc",
+        "?before=0",
+        "?before=-5",
+        "?limit=1.5",
+    ] {
+        let (status, text) = audit(bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {text}");
+        assert!(text.contains("bad_request"), "{text}");
+    }
+
+    // Never a secret.
+    assert_no_keys_in(&text, "the audit log");
+    for s in cp.secrets.lock().unwrap().iter() {
+        assert!(!text.contains(s.as_str()) && !text.contains(&s[14..]));
+    }
+    assert!(
+        !text.contains(unknown.expose_secret()) && !text.contains(&unknown.expose_secret()[14..])
+    );
+}
+
+async fn admin_cli_over_http(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    // No database settings at all: only the URL and the key.
+    let remote = |key: Option<&str>, args: &[&str]| {
+        let mut env = vec![];
+        if let Some(k) = key {
+            env.push(("METLO_API_KEY".to_owned(), k.to_owned()));
+        }
+        let mut full = vec!["keys", "--url", cp.url.as_str()];
+        full.extend_from_slice(args);
+        run_cli(&env, &full, log.path())
+    };
+    let admin = Some(cp.admin_key.as_str());
+
+    let key = remote(admin, &["create", "--name", "remote", "--type", "AWS"]).unwrap();
+    cp.secrets.lock().unwrap().push(key.clone());
+    assert_eq!(
+        cp.verify(&key).await,
+        StatusCode::OK,
+        "stdout is the key alone"
+    );
+
+    let table = remote(admin, &["list"]).unwrap();
+    let header = table.lines().next().unwrap();
+    for column in [
+        "NAME",
+        "IDENTIFIER",
+        "TYPE",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+    ] {
+        assert!(header.contains(column), "{table}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.contains("remote"))
+        .expect("listed");
+    assert!(row.contains("AWS") && row.contains(&ApiKey::parse(&key).unwrap().identifier()));
+    assert!(!table.contains(&key));
+
+    let listed: Value = serde_json::from_str(&remote(admin, &["--json", "list"]).unwrap()).unwrap();
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == "remote" && k["for"] == "AWS"));
+
+    let rolled = remote(admin, &["roll", "remote", "--overlap-seconds", "60"]).unwrap();
+    cp.secrets.lock().unwrap().push(rolled.clone());
+    assert_eq!(cp.verify(&rolled).await, StatusCode::OK);
+    assert_eq!(cp.verify(&key).await, StatusCode::OK, "in the overlap");
+
+    let audit = remote(admin, &["audit", "--limit", "5"]).unwrap();
+    assert!(audit.lines().next().unwrap().contains("ACTION"));
+    assert!(
+        audit.contains("key.roll") && audit.contains("key.create"),
+        "{audit}"
+    );
+    let page: Value =
+        serde_json::from_str(&remote(admin, &["audit", "--json", "--limit", "1"]).unwrap())
+            .unwrap();
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert!(page["nextBefore"].is_i64());
+
+    remote(admin, &["delete", "remote"]).unwrap();
+    assert_eq!(cp.verify(&rolled).await, StatusCode::UNAUTHORIZED);
+    let err = remote(admin, &["delete", "remote"]).unwrap_err();
+    assert!(
+        err.contains("404") && err.contains("no API key with this name"),
+        "{err}"
+    );
+    let err = remote(None, &["list"]).unwrap_err();
+    assert!(err.contains("METLO_API_KEY"), "{err}");
+    let wrong = ApiKey::generate().unwrap();
+    let err = remote(Some(wrong.expose_secret()), &["list"]).unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    let err = remote(
+        admin,
+        &[
+            "create",
+            "--name",
+            "late",
+            "--expires-at",
+            "2020-01-01T00:00:00Z",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("400") && err.contains("in the future"),
+        "{err}"
+    );
+
+    // The same commands against the database directly.
+    let local = cp.cli(&["keys", "create", "--name", "local"]).unwrap();
+    cp.secrets.lock().unwrap().push(local.clone());
+    let local2 = cp.cli(&["keys", "roll", "local"]).unwrap();
+    cp.secrets.lock().unwrap().push(local2.clone());
+    assert_eq!(cp.verify(&local2).await, StatusCode::OK);
+    let audit = cp.cli(&["keys", "audit"]).unwrap();
+    assert!(
+        audit.contains("key.roll") && audit.contains("local"),
+        "{audit}"
+    );
+    let log_text = std::fs::read_to_string(log.path()).unwrap();
+    assert_no_keys_in(&log_text, "the CLI's stderr");
+}
