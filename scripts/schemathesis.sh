@@ -19,6 +19,9 @@ key="$("$bin" keys create --name schemathesis 2>/dev/null)"
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/healthz" && break; sleep 0.1; done
+# No stateful phase: it chains list → roll/delete and would roll or delete the very key it
+# authenticates with (any key may manage any key, as in Metlo), failing everything after.
 "$venv/bin/st" run "http://127.0.0.1:$port/openapi.json" -H "Authorization: $key" \
-    --checks all --max-examples "${MAX_EXAMPLES:-50}" --seed 1
+    --checks all --max-examples "${MAX_EXAMPLES:-50}" --seed 1 \
+    --phases examples,coverage,fuzzing
 if grep -q "$key" "$data/server.log"; then echo "the key appears in the server log" >&2; exit 1; fi

@@ -72,7 +72,7 @@ pub struct RollKeyRequest {
     /// days; default 0: it stops at once). The end is rounded up to a whole second.
     #[serde(rename = "overlapSeconds")]
     #[schema(value_type = Option<u64>, minimum = 0, maximum = 604800)]
-    pub overlap_seconds: Option<u64>,
+    pub overlap_seconds: Option<serde_json::Number>,
 }
 
 /// Metlo's key types.
@@ -237,14 +237,15 @@ pub fn parse_expires_at(value: &str, now_ms: i64) -> Result<i64, ApiError> {
     Ok(ms)
 }
 
-/// A JSON body, or the 400 to answer; an empty body is `T::default()`. Parsed by hand so
-/// a bad body is always a JSON 400 (axum's extractor would answer 415/422 in plain text,
-/// and Metlo clients do not all send a Content-Type).
+/// A JSON body, or the 400 to answer; an empty body or `null` is `T::default()`. Parsed
+/// by hand so a bad body is always a JSON 400 (axum's extractor would answer 415/422 in
+/// plain text, and Metlo clients do not all send a Content-Type).
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice::<Option<T>>(body)
+        .map(Option::unwrap_or_default)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
@@ -265,11 +266,26 @@ pub fn parse_create_request(body: &[u8], now_ms: i64) -> Result<NewKey, ApiError
 /// Decodes a roll body (empty: no overlap) into the overlap, or the 400 to answer.
 pub fn parse_roll_request(body: &[u8]) -> Result<std::time::Duration, ApiError> {
     let req: RollKeyRequest = json_body(body)?;
-    let seconds = req.overlap_seconds.unwrap_or(0);
+    let out_of_range = || {
+        ApiError::BadRequest(format!(
+            "overlapSeconds must be a whole number of seconds from 0 to {MAX_OVERLAP_SECONDS} (7 days)"
+        ))
+    };
+    // A whole number, also when written as one (`60.0` is an integer to JSON Schema).
+    let seconds = match req.overlap_seconds {
+        None => 0,
+        Some(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(s), _) => s,
+            (None, Some(f))
+                if f.fract() == 0.0 && (0.0..=MAX_OVERLAP_SECONDS as f64).contains(&f) =>
+            {
+                f as u64
+            }
+            _ => return Err(out_of_range()),
+        },
+    };
     if seconds > MAX_OVERLAP_SECONDS {
-        return Err(ApiError::BadRequest(format!(
-            "overlapSeconds must be between 0 and {MAX_OVERLAP_SECONDS} (7 days)"
-        )));
+        return Err(out_of_range());
     }
     Ok(std::time::Duration::from_secs(seconds))
 }

@@ -3,6 +3,7 @@
 //! a background task writes it out every `LAST_USED_FLUSH_SECONDS` (default 60), in one
 //! transaction — at most one write per key per interval, however busy the key.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,8 +109,8 @@ pub fn spawn_flusher(store: Store, usage: Arc<Usage>, every: Duration) {
 pub struct UsageReport {
     /// SHA-256 (64 lowercase hex characters) of each key used → the last time it was
     /// used, in milliseconds since the epoch. At most 1,000 entries.
-    #[schema(value_type = Object)]
-    pub used: std::collections::HashMap<String, i64>,
+    #[schema(value_type = HashMap<String, u64>)]
+    pub used: HashMap<String, i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -100,7 +100,14 @@ async fn create_list_onboarding_delete(backend: Backend) {
         f.sort();
         assert_eq!(
             f,
-            ["created", "expiresAt", "for", "identifier", "lastUsed", "name"],
+            [
+                "created",
+                "expiresAt",
+                "for",
+                "identifier",
+                "lastUsed",
+                "name"
+            ],
             "list never shows the key"
         );
     }
