@@ -9,13 +9,15 @@
 // with that status (a 429 carries Retry-After: 1); {"delayMs": 3000, "count": 1} makes the
 // next call slow: it waits, then applies the write and answers — and applies it even when
 // the caller gave up meanwhile, as a real API may (a timed-out request is not an undone
-// one). GET /__stats returns what was received; POST /__stats clears it. (A refusing
+// one). GET /__stats returns what was received (keys put and deleted, the last
+// expiration_ttl per key); POST /__stats clears it. (A refusing
 // target is a stopped one.)
 
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete)$/;
 let faults = { status: 0, count: 0, delayMs: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-let stats = { putRequests: 0, deleteRequests: 0, puts: [], deletes: [] };
+const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, puts: [], deletes: [], ttls: {} });
+let stats = emptyStats();
 
 const envelope = (status, ok, errors = [], result = null) =>
   new Response(JSON.stringify({ success: ok, errors, messages: [], result }), {
@@ -30,7 +32,7 @@ export default {
       return envelope(200, true);
     }
     if (url.pathname === "/__stats") {
-      if (request.method === "POST") stats = { putRequests: 0, deleteRequests: 0, puts: [], deletes: [] };
+      if (request.method === "POST") stats = emptyStats();
       return new Response(JSON.stringify(stats), { headers: { "content-type": "application/json" } });
     }
     const m = url.pathname.match(PREFIX);
@@ -69,6 +71,7 @@ async function apply(route, method, body, env) {
       const options = item.expiration_ttl ? { expirationTtl: item.expiration_ttl } : {};
       await env.KEYS.put(item.key, item.value, options);
       stats.puts.push(item.key);
+      stats.ttls[item.key] = item.expiration_ttl ?? null;
     }
     return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
   }

@@ -379,3 +379,182 @@ async fn two_replicas_send_every_update_exactly_once() {
     candidates.extend(kv_keys.iter().cloned());
     assert_eq!(kv_keys, live_hashes(&a, &candidates).await);
 }
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn iso(ms: i64) -> String {
+    use chrono::TimeZone;
+    chrono::Utc
+        .timestamp_millis_opt(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn ms_of(v: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}
+
+async fn sleep_until(ms: i64) {
+    let wait = ms - now_ms();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
+}
+
+async fn edge_status(s: &Full, key: &str) -> StatusCode {
+    s.edge.get("/", Some(key)).send().await.unwrap().status()
+}
+
+/// An expiring key: its KV entry's TTL never outlives it, and the edge refuses it from
+/// the second it expires (the record carries the expiry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_at_the_edge() {
+    let s = full(Backend::Postgres, &[]).await;
+    let end = (now_ms() + 3000 + 999) / 1000 * 1000;
+    let (status, short) =
+        s.cp.create(serde_json::json!({"name": "short", "expiresAt": iso(end)}))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{short}");
+    let hour = (now_ms() + 3_600_000) / 1000 * 1000;
+    let (_, long) =
+        s.cp.create(serde_json::json!({"name": "long", "expiresAt": iso(hour)}))
+            .await;
+    let forever = s.cp.create_key("forever", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let short_key = short["apiKey"].as_str().unwrap().to_owned();
+    let ttls = s.kv.stats().await["ttls"].clone();
+    let ttl = |key: &str| ttls[hash(key)].as_i64().unwrap();
+    assert_eq!(
+        ttl(&short_key),
+        60,
+        "KV's minimum; the record's expiry covers the rest"
+    );
+    let long_ttl = ttl(long["apiKey"].as_str().unwrap());
+    assert!(
+        (3590..=3600).contains(&long_ttl),
+        "cut to the key's hour: {long_ttl}"
+    );
+    assert_eq!(ttl(&forever), 86_400, "the configured TTL");
+
+    sleep_until(end - 400).await;
+    assert_eq!(
+        edge_status(&s, &short_key).await,
+        StatusCode::OK,
+        "just before"
+    );
+    sleep_until(end + 300).await;
+    assert_eq!(
+        edge_status(&s, &short_key).await,
+        StatusCode::UNAUTHORIZED,
+        "just after"
+    );
+}
+
+/// A roll with an overlap at the edge: both secrets work until the end, to the second;
+/// then the old one is refused, and its KV record is deleted when the overlap ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roll_overlap_at_the_edge() {
+    let s = full(Backend::Postgres, &[]).await;
+    let key1 = s.cp.create_key("rolling", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert_eq!(edge_status(&s, &key1).await, StatusCode::OK);
+
+    let (status, rolled) =
+        s.cp.roll("rolling", Some(serde_json::json!({"overlapSeconds": 3})))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    let key2 = rolled["apiKey"].as_str().unwrap().to_owned();
+    let end = ms_of(&rolled["previousValidUntil"]);
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert_eq!(edge_status(&s, &key2).await, StatusCode::OK);
+    let old = KeyRecord::from_json(s.edge.kv_get(&hash(&key1)).unwrap().as_bytes()).unwrap();
+    assert_eq!(
+        old.expires,
+        Some((end / 1000) as u64),
+        "KV has the old secret's end"
+    );
+    sleep_until(end - 400).await;
+    assert_eq!(
+        edge_status(&s, &key1).await,
+        StatusCode::OK,
+        "just before the end"
+    );
+    assert_eq!(edge_status(&s, &key2).await, StatusCode::OK);
+    sleep_until(end + 300).await;
+    assert_eq!(
+        edge_status(&s, &key1).await,
+        StatusCode::UNAUTHORIZED,
+        "just after"
+    );
+    assert_eq!(edge_status(&s, &key2).await, StatusCode::OK);
+    // The delete scheduled for the end of the overlap removes the old record.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.edge.kv_get(&hash(&key1)).is_some() {
+        assert!(Instant::now() < deadline, "old record still in KV");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // No overlap: the old secret is refused at the edge within the isolate window.
+    let (_, rolled) = s.cp.roll("rolling", None).await;
+    let key3 = rolled["apiKey"].as_str().unwrap().to_owned();
+    let rolled_at = Instant::now();
+    loop {
+        match edge_status(&s, &key2).await {
+            StatusCode::UNAUTHORIZED => break,
+            StatusCode::OK => assert!(rolled_at.elapsed() < Duration::from_secs(1)),
+            other => panic!("unexpected {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(edge_status(&s, &key3).await, StatusCode::OK);
+}
+
+/// Keys used only at the edge (served from KV, never verified by the control plane) get
+/// a lastUsed from the Worker's batched usage reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_reports_usage_for_last_used() {
+    let s = full_with(
+        Backend::Postgres,
+        &[("USAGE_REPORT_MS", "300")],
+        &[("LAST_USED_FLUSH_SECONDS", "1")],
+    )
+    .await;
+    let key = s.cp.create_key("edge-only", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert_eq!(s.cp.listed("edge-only").await["lastUsed"], Value::Null);
+    let by_hash_before = s.cp.metric("http_requests_total", "by-hash").await;
+    let first_use = now_ms();
+    for _ in 0..20 {
+        assert_eq!(edge_status(&s, &key).await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_use = now_ms();
+    // The report goes out with the first request after the interval; then a flush.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let used = loop {
+        let entry = s.cp.listed("edge-only").await;
+        if !entry["lastUsed"].is_null() {
+            break ms_of(&entry["lastUsed"]);
+        }
+        assert!(Instant::now() < deadline, "no lastUsed from the edge");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        used >= first_use - 5 && used <= last_use + 5,
+        "{used} in [{first_use}, {last_use}]"
+    );
+    assert_eq!(
+        s.cp.metric("http_requests_total", "by-hash").await,
+        by_hash_before,
+        "the key was never looked up by the control plane: lastUsed came from the report"
+    );
+    let reports = s.cp.metric("http_requests_total", "/api/v1/usage").await;
+    assert!(
+        (1.0..=5.0).contains(&reports),
+        "{reports} reports for 20 requests"
+    );
+}
