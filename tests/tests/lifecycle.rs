@@ -14,6 +14,7 @@ on_both_backends!(
     expiry,
     roll_with_overlap,
     roll_twice_during_an_overlap,
+    concurrent_rolls,
     last_used_is_coalesced,
     audit_log_records_who_did_what,
     admin_cli_over_http,
@@ -258,6 +259,42 @@ async fn roll_twice_during_an_overlap(backend: Backend) {
         "ended at once"
     );
     assert_eq!(cp.verify(&key5).await, StatusCode::OK);
+}
+
+/// Rolls of one key racing each other run one after the other: each succeeds, every
+/// secret they handed out works within its overlap, the key ends with exactly one current
+/// secret, and a final roll without overlap ends all the others.
+async fn concurrent_rolls(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let first = cp.create_key("busy", "GENERIC").await;
+    let rolls = futures::future::join_all(
+        (0..10).map(|_| cp.roll("busy", Some(json!({"overlapSeconds": 60})))),
+    )
+    .await;
+    let mut keys = vec![first];
+    for (status, body) in &rolls {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        keys.push(secret(body));
+    }
+    for k in &keys {
+        assert_eq!(cp.verify(k).await, StatusCode::OK);
+    }
+    let current = cp.listed("busy").await["identifier"].clone();
+    let matching = rolls
+        .iter()
+        .filter(|(_, b)| b["identifier"] == current)
+        .count();
+    assert_eq!(matching, 1, "one of the rolls' secrets is current");
+    let previous: std::collections::HashSet<String> = rolls
+        .iter()
+        .map(|(_, b)| b["previousIdentifier"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(previous.len(), 10, "each roll replaced a different secret");
+    let (_, last) = cp.roll("busy", None).await;
+    for k in &keys {
+        assert_eq!(cp.verify(k).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(cp.verify(&secret(&last)).await, StatusCode::OK);
 }
 
 /// The same boundary with the Redis cache and two replicas: the cached record of the old

@@ -67,6 +67,35 @@ fn with_peak_rss<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64) {
     (result, sampler.join().unwrap())
 }
 
+/// CPU time (user + system) the process has used, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15; `fields` starts at field 3.
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+/// Runs wrk against a server and returns (req/s, microseconds of server CPU per request):
+/// the CPU figure does not depend on how busy the rest of the machine is.
+fn wrk_with_cpu(pid: u32, url: &str, key: &str) -> (f64, f64) {
+    let before = cpu_ticks(pid);
+    let (rps, bad) = wrk(url, Some(key), None);
+    assert_eq!(bad, 0, "every verification must succeed");
+    let ticks = cpu_ticks(pid) - before;
+    (rps, ticks as f64 * 10_000.0 / (rps * SECONDS as f64))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -91,8 +120,12 @@ async fn main() {
     let redis = Redis::start();
     let memory = ControlPlane::start_with(Options::new(Backend::Sqlite)).await;
     let shared = ControlPlane::start_with(Options::new(Backend::Sqlite).redis(redis.url())).await;
+    // The same as `memory` without last-use tracking: what tracking costs verification.
+    let untracked =
+        ControlPlane::start_with(Options::new(Backend::Sqlite).env("TRACK_LAST_USED", "false"))
+            .await;
     let idle_rss = rss_kib(memory.pid());
-    for cp in [&memory, &shared] {
+    for cp in [&memory, &shared, &untracked] {
         assert_eq!(
             cp.verify(&cp.admin_key).await,
             reqwest::StatusCode::OK,
@@ -102,6 +135,7 @@ async fn main() {
 
     println!("verify throughput: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {ROUNDS} interleaved rounds, medians");
     let (mut floor, mut mem, mut red) = (vec![], vec![], vec![]);
+    let (mut tracked, mut plain, mut tracked_cpu, mut plain_cpu) = (vec![], vec![], vec![], vec![]);
     let mut peak_rss = 0;
     for round in 1..=ROUNDS {
         floor.push(wrk(&bare_url, None, None).0);
@@ -122,6 +156,27 @@ async fn main() {
         );
         assert_eq!(bad, 0, "every verification must succeed");
         red.push(rps);
+        let (rps, cpu) = wrk_with_cpu(
+            memory.pid(),
+            &format!("{}/api/v1/verify", memory.url),
+            &memory.admin_key,
+        );
+        tracked.push(rps);
+        tracked_cpu.push(cpu);
+        let (rps, cpu) = wrk_with_cpu(
+            untracked.pid(),
+            &format!("{}/api/v1/verify", untracked.url),
+            &untracked.admin_key,
+        );
+        plain.push(rps);
+        plain_cpu.push(cpu);
+        println!(
+            "  round {round}: last-use tracking on {:>9.0} req/s, {:.1} µs CPU/req | off {:>9.0} req/s, {:.1} µs CPU/req",
+            tracked[round - 1],
+            tracked_cpu[round - 1],
+            plain[round - 1],
+            plain_cpu[round - 1]
+        );
         println!(
             "  round {round}: bare axum {:>9.0} req/s | in-process cache {:>9.0} | Redis cache {:>9.0}",
             floor[round - 1],
@@ -139,6 +194,14 @@ async fn main() {
         "  verify, Redis cache:            {red:>9.0} req/s  ratio {:.2}  (target >= 0.60)",
         red / floor
     );
+    let (tracked, plain) = (median(tracked), median(plain));
+    let (tracked_cpu, plain_cpu) = (median(tracked_cpu), median(plain_cpu));
+    println!(
+        "  last-use tracking: on {tracked:.0} vs off {plain:.0} req/s, ratio {:.3}; CPU per request ratio off/on {:.3}  (target: within 5 %)",
+        tracked / plain,
+        plain_cpu / tracked_cpu
+    );
+    drop(untracked);
     println!("server RSS (in-process cache): idle {}, peak under load {}  (targets <= 25 MiB / <= 60 MiB)", mib(idle_rss), mib(peak_rss));
     drop(memory);
     drop(shared);
