@@ -15,7 +15,7 @@ use crate::kv_sync::{self, SyncStatus};
 use crate::store::Store;
 use crate::telemetry::{self, LogFormat};
 use crate::usage::{self, Usage};
-use crate::{server, AppState};
+use crate::{server, AppState, Shared};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -209,7 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let auth_failures = Arc::new(AuthFailures::default());
             audit::spawn_flusher(store.clone(), auth_failures.clone());
-            let state = AppState {
+            let state = AppState::new(Shared {
                 metrics: telemetry::init_metrics()?,
                 store,
                 cache: config.cache(true)?,
@@ -217,7 +217,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 kv_sync,
                 usage,
                 auth_failures,
-            };
+            });
             server::serve(&listen_addr, state).await
         }
         Command::Migrate => {

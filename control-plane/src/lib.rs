@@ -18,9 +18,26 @@ pub mod usage;
 use cache::VerifyCache;
 use store::Store;
 
-/// Shared by every request handler. Cheap to clone.
+/// Shared by every request handler. Cloned for every request (axum hands each extractor
+/// its own copy), so it is one `Arc`: a clone is one atomic increment, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(std::sync::Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What every request handler shares.
+pub struct Shared {
     pub store: Store,
     pub cache: VerifyCache,
     pub max_api_keys: u64,
@@ -33,7 +50,7 @@ pub struct AppState {
     pub auth_failures: std::sync::Arc<audit::AuthFailures>,
 }
 
-impl AppState {
+impl Shared {
     /// Wakes this replica's KV drainer after an outbox write.
     pub fn outbox_written(&self) {
         if let Some(s) = &self.kv_sync {
