@@ -186,10 +186,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = cli.config;
     match cli.command {
         Command::Serve { listen_addr } => {
-            let store = config.store().await?;
+            let mut store = config.store().await?;
             let kv_sync = match config.kv.target()? {
                 Some(target) => {
                     let status = Arc::new(SyncStatus::default());
+                    store = store.with_outbox_wake(status.wake.clone());
                     tracing::info!(api = %target.api_url, namespace = %target.namespace_id, "KV sync on");
                     kv_sync::spawn(
                         store.clone(),

@@ -387,7 +387,6 @@ async fn create(
     let body = body_bytes(body, MAX_BODY_BYTES)?;
     let new = parse_create_request(&body, Utc::now().timestamp_millis())?;
     let (key, stored) = create_key(&state.store, &new, state.max_api_keys, &actor).await?;
-    state.outbox_written();
     Ok(Json(CreatedKey {
         api_key: key.expose_secret().to_owned(),
         info: stored.into(),
@@ -416,7 +415,6 @@ async fn roll(
     let body = body_bytes(body, MAX_BODY_BYTES)?;
     let overlap = parse_roll_request(&body)?;
     let (key, rolled) = roll_key(&state.store, &state.cache, &name, overlap, &actor).await?;
-    state.outbox_written();
     let previous = &rolled.retired[0];
     Ok(Json(RolledKey {
         api_key: key.expose_secret().to_owned(),
@@ -463,7 +461,6 @@ async fn remove(
     Path(name): Path<String>,
 ) -> Result<Json<StatusOk>, ApiError> {
     delete_key(&state.store, &state.cache, &name, &actor).await?;
-    state.outbox_written();
     Ok(Json(StatusOk { status: "OK" }))
 }
 

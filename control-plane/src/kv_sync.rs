@@ -21,10 +21,11 @@ const POLL: Duration = Duration::from_secs(2);
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Shared between the drainer, the request handlers that enqueue, and `/readyz`.
+/// Shared by the drainer, the store (which wakes it after committing an outbox write),
+/// and `/readyz`.
 #[derive(Default)]
 pub struct SyncStatus {
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
     pub last_error: Mutex<Option<String>>,
 }
 

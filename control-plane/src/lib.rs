@@ -49,12 +49,3 @@ pub struct Shared {
     /// Failed authentications waiting to be written to the audit log.
     pub auth_failures: std::sync::Arc<audit::AuthFailures>,
 }
-
-impl Shared {
-    /// Wakes this replica's KV drainer after an outbox write.
-    pub fn outbox_written(&self) {
-        if let Some(s) = &self.kv_sync {
-            s.wake.notify_one();
-        }
-    }
-}

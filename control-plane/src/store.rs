@@ -137,6 +137,8 @@ pub struct Store {
     outbox: bool,
     /// Every KV delete is sent again this long after the first (0: never).
     delete_echo_ms: i64,
+    /// Woken after every commit that wrote the outbox: this process's drainer.
+    outbox_wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
@@ -227,6 +229,7 @@ impl Store {
             backend,
             outbox: false,
             delete_echo_ms: 0,
+            outbox_wake: None,
         })
     }
 
@@ -236,6 +239,25 @@ impl Store {
         self.outbox = enabled;
         self.delete_echo_ms = delete_echo.as_millis() as i64;
         self
+    }
+
+    /// Wakes `drainer` after each commit that wrote the outbox (other replicas' drainers
+    /// are woken by Postgres `NOTIFY`).
+    pub fn with_outbox_wake(mut self, drainer: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.outbox_wake = Some(drainer);
+        self
+    }
+
+    /// Commits a transaction that wrote the outbox, then wakes the drainer.
+    async fn commit_outbox(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        tx.commit().await?;
+        if let Some(wake) = &self.outbox_wake {
+            wake.notify_one();
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
@@ -290,7 +312,7 @@ impl Store {
         self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
             .await?;
         self.audit_in(&mut tx, audit).await?;
-        tx.commit().await?;
+        self.commit_outbox(tx).await?;
         Ok(())
     }
 
@@ -409,7 +431,7 @@ impl Store {
             }
         }
         self.audit_in(&mut tx, audit).await?;
-        tx.commit().await?;
+        self.commit_outbox(tx).await?;
         Ok(Some(Rolled {
             key,
             retired: changed,
@@ -750,7 +772,7 @@ impl Store {
             self.enqueue_delete(&mut tx, hash, now).await?;
         }
         self.audit_in(&mut tx, audit).await?;
-        tx.commit().await?;
+        self.commit_outbox(tx).await?;
         Ok(Some((deleted, retired)))
     }
 
