@@ -499,17 +499,10 @@ fn decode(raw: &str) -> Option<Cached> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metlo_shared::{ApiKey, KeyType, RECORD_VERSION};
+    use metlo_shared::ApiKey;
 
     fn record() -> KeyRecord {
-        KeyRecord {
-            v: RECORD_VERSION,
-            name: "n".into(),
-            key_type: KeyType::Generic,
-            identifier: "metlo.abcdefgh".into(),
-            created: "2026-01-01T00:00:00.000Z".into(),
-            expires: None,
-        }
+        KeyRecord::sample()
     }
 
     #[tokio::test]

@@ -181,10 +181,11 @@ mod tests {
     use super::*;
 
     fn record(expires: Option<u64>) -> String {
-        let expires = expires.map_or(String::new(), |e| format!(r#","expires":{e}"#));
-        format!(
-            r#"{{"v":1,"name":"n","for":"GENERIC","identifier":"metlo.abcdefgh","created":"2026-01-01T00:00:00.000Z"{expires}}}"#
-        )
+        metlo_shared::KeyRecord {
+            expires,
+            ..metlo_shared::KeyRecord::sample()
+        }
+        .to_json()
     }
 
     #[test]

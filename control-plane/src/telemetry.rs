@@ -80,14 +80,14 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 type RequestHandles = (metrics::Counter, metrics::Histogram);
+type HandleMap = HashMap<(&'static str, &'static str, u16), RequestHandles>;
 
 /// Metric handles per (route template, method, status), made once: a request then costs
 /// a read-locked lookup instead of label strings allocated and a registry key built for
 /// each metric. The set is bounded: routes are the router's templates, methods the
 /// standard ones, statuses three digits.
 fn request_metrics(route: &str, method: &'static str, status: u16) -> RequestHandles {
-    static HANDLES: LazyLock<RwLock<HashMap<(&'static str, &'static str, u16), RequestHandles>>> =
-        LazyLock::new(Default::default);
+    static HANDLES: LazyLock<RwLock<HandleMap>> = LazyLock::new(Default::default);
     {
         let map = HANDLES.read().unwrap_or_else(|e| e.into_inner());
         let map: &HashMap<(&str, &str, u16), RequestHandles> = &map;

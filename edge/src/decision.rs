@@ -177,16 +177,14 @@ pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metlo_shared::{ApiKey, KeyType, RECORD_VERSION};
+    use metlo_shared::{ApiKey, KeyType};
 
     fn record(expires: Option<u64>) -> KeyRecord {
         KeyRecord {
-            v: RECORD_VERSION,
             name: "ingest ✓".into(),
             key_type: KeyType::Onboarding,
-            identifier: "metlo.abcdefgh".into(),
-            created: "2026-01-01T00:00:00.000Z".into(),
             expires,
+            ..KeyRecord::sample()
         }
     }
 

@@ -105,6 +105,21 @@ impl KeyRecord {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
+impl KeyRecord {
+    /// A well-formed record, for tests (change fields with struct update syntax).
+    pub fn sample() -> Self {
+        KeyRecord {
+            v: RECORD_VERSION,
+            name: "n".into(),
+            key_type: KeyType::Generic,
+            identifier: "metlo.abcdefgh".into(),
+            created: "2026-01-01T00:00:00.000Z".into(),
+            expires: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
