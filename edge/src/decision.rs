@@ -140,8 +140,18 @@ fn header_safe(value: &str) -> String {
 /// The response for a refusal. Same JSON shape as the control plane's errors; the bodies
 /// are constants, so a refusal costs no formatting.
 pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResponse {
-    let mut headers = vec![("Content-Type", "application/json".to_owned())];
-    let (status, body) = match refusal {
+    let (status, body) = refusal_status_and_body(refusal);
+    PlainResponse {
+        status,
+        headers: refusal_headers(refusal, retry_after_seconds),
+        body,
+    }
+}
+
+/// A refusal's status and (constant) body: all a refused request needs once its headers
+/// are cached, with no allocation.
+pub fn refusal_status_and_body(refusal: Refusal) -> (u16, &'static str) {
+    match refusal {
         Refusal::Missing => (
             401,
             r#"{"error":"unauthorized","message":"missing API key: send it in the Authorization header"}"#,
@@ -158,7 +168,12 @@ pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResp
             502,
             r#"{"error":"bad_gateway","message":"the origin could not be reached"}"#,
         ),
-    };
+    }
+}
+
+/// A refusal's headers; the same for every refusal with the same status.
+pub fn refusal_headers(refusal: Refusal, retry_after_seconds: u64) -> Vec<(&'static str, String)> {
+    let mut headers = vec![("Content-Type", "application/json".to_owned())];
     match refusal {
         Refusal::Missing | Refusal::Invalid => headers.push((
             "WWW-Authenticate",
@@ -167,11 +182,7 @@ pub fn refusal_response(refusal: Refusal, retry_after_seconds: u64) -> PlainResp
         Refusal::Unavailable => headers.push(("Retry-After", retry_after_seconds.to_string())),
         Refusal::OriginUnreachable => {}
     }
-    PlainResponse {
-        status,
-        headers,
-        body,
-    }
+    headers
 }
 
 #[cfg(test)]

@@ -323,7 +323,7 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
 }
 
 fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<Response> {
-    let r = decision::refusal_response(refusal, config.retry_after_seconds);
+    let (status, body) = decision::refusal_status_and_body(refusal);
     let tag = if config.decision_header {
         source.as_str()
     } else {
@@ -331,16 +331,17 @@ fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<R
     };
     let headers = REFUSAL_HEADERS.with(|cell| -> worker::Result<Headers> {
         let mut cache = cell.borrow_mut();
-        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (r.status, tag)) {
+        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (status, tag)) {
             return Ok(h.clone());
         }
+        let r = decision::refusal_response(refusal, config.retry_after_seconds);
         let h = to_headers(&r, config.decision_header, source)?;
-        cache.push(((r.status, tag), h.clone()));
+        cache.push(((status, tag), h.clone()));
         Ok(h)
     })?;
     Ok(
-        Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?
-            .with_status(r.status)
+        Response::from_body(ResponseBody::Body(body.as_bytes().to_vec()))?
+            .with_status(status)
             .with_headers(headers),
     )
 }
