@@ -1,8 +1,9 @@
 //! Soak: the whole stack (control plane on PostgreSQL with Redis and KV sync, edge under
 //! `wrangler dev`, origin, local KV API) under mixed traffic for SOAK_SECONDS (default
 //! 300): verifications through the edge and the control plane (valid, deleted, unknown,
-//! garbage keys), creates and deletes. Reports responses by class, wrong decisions,
-//! p50/p99 latency per kind, and the control plane's RSS at start and end.
+//! garbage keys), creates, rolls, deletes, lists and audit pages. Reports responses by
+//! class, wrong decisions, p50/p99 latency per kind, and the control plane's RSS at start
+//! and end.
 //! Run it with `make soak` (scripts/soak.sh starts PostgreSQL).
 
 use std::collections::BTreeMap;
@@ -158,7 +159,8 @@ async fn main() {
             }
         }));
     }
-    // Churn: create a key, use it at the edge, delete it, check it is refused.
+    // Churn: create a key, use it at the edge, roll it, delete it, check both secrets are
+    // refused; read the list (with lastUsed) and a page of the audit log now and then.
     {
         let (cp, edge, tally, stop) = (cp.clone(), edge.clone(), tally.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -187,6 +189,37 @@ async fn main() {
                     .unwrap()
                     .record("edge new key", status, t.elapsed(), &[200]);
                 let t = Instant::now();
+                let (status, rolled) = cp.roll(&name, None).await;
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("roll", Some(status), t.elapsed(), &[200]);
+                let rolled_key = rolled["apiKey"].as_str().map(str::to_owned);
+                if let Some(rolled_key) = &rolled_key {
+                    let t = Instant::now();
+                    let status = edge
+                        .get("/churn", Some(rolled_key))
+                        .send()
+                        .await
+                        .ok()
+                        .map(|r| r.status());
+                    tally
+                        .lock()
+                        .unwrap()
+                        .record("edge rolled key", status, t.elapsed(), &[200]);
+                }
+                for (kind, path) in [
+                    ("list", "/api/v1/keys/list"),
+                    ("audit page", "/api/v1/audit?limit=50"),
+                ] {
+                    let t = Instant::now();
+                    let (status, _, _) = cp.get(path, Some(&cp.admin_key)).await;
+                    tally
+                        .lock()
+                        .unwrap()
+                        .record(kind, Some(status), t.elapsed(), &[200]);
+                }
+                let t = Instant::now();
                 let (status, _) = cp.delete(&name, Some(&cp.admin_key)).await;
                 tally
                     .lock()
@@ -204,6 +237,19 @@ async fn main() {
                     .lock()
                     .unwrap()
                     .record("edge after delete", status, t.elapsed(), &[401]);
+                if let Some(rolled_key) = &rolled_key {
+                    let t = Instant::now();
+                    let status = edge
+                        .get("/churn", Some(rolled_key))
+                        .send()
+                        .await
+                        .ok()
+                        .map(|r| r.status());
+                    tally
+                        .lock()
+                        .unwrap()
+                        .record("edge after delete", status, t.elapsed(), &[401]);
+                }
             }
         }));
     }
