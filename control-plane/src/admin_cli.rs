@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use crate::audit::{parse_audit_query, Actor, AuditEntryOut, AuditPage};
 use crate::cli::Config;
 use crate::keys::{
-    self, iso8601, parse_expires_at, parse_key_type, validate_name, CreatedKey, KeyInfo, NewKey,
-    RolledKey, MAX_OVERLAP_SECONDS,
+    self, parse_expires_at, parse_key_type, validate_name, CreatedKey, KeyInfo, NewKey, RolledKey,
+    MAX_OVERLAP_SECONDS,
 };
 use metlo_shared::KeyType;
 
@@ -184,13 +184,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Value> {
                 let overlap = Duration::from_secs(*overlap_seconds);
                 let (key, rolled) =
                     keys::roll_key(&store, &config.cache(false)?, name, overlap, &actor).await?;
-                let previous = rolled.retired[0].clone();
-                serde_json::to_value(RolledKey {
-                    api_key: key.expose_secret().to_owned(),
-                    previous_identifier: previous.identifier,
-                    previous_valid_until: iso8601(previous.retires_at_ms),
-                    info: rolled.key.into(),
-                })?
+                serde_json::to_value(RolledKey::new(key, rolled))?
             }
             KeysCommand::Audit { limit, before } => {
                 let query = match before {

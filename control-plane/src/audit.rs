@@ -2,9 +2,10 @@
 //! authentication), when, from which IP. Never a secret.
 //!
 //! Changes are recorded in the same transaction as the change itself. Failed
-//! authentications are counted in memory per (IP, reason, key identifier, route) and
-//! written once a second, so a flood of bad keys costs one row per source and second, not
-//! one database write per request.
+//! authentications are counted in memory per (IP, reason, route), with a few of the key
+//! identifiers presented, and written once a second: a flood of bad keys — even of
+//! well-formed ones, each with its own identifier — costs one row per source and second,
+//! not one database write per request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ pub const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 50;
 /// Distinct failure sources kept between flushes; beyond it, failures are only counted.
 const MAX_PENDING_FAILURES: usize = 10_000;
+/// Key identifiers kept per failure row (the first ones seen).
+const MAX_IDENTIFIERS: usize = 5;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 pub fn router() -> Router<AppState> {
@@ -102,14 +105,21 @@ impl FailureReason {
 struct FailureSource {
     ip: Option<String>,
     reason: FailureReason,
-    /// The presented key's public identifier, when it was well-formed.
-    identifier: Option<String>,
     route: Option<String>,
+}
+
+#[derive(Debug)]
+struct FailureCount {
+    count: u64,
+    first_ms: i64,
+    last_ms: i64,
+    /// Public identifiers of the well-formed keys presented (up to [`MAX_IDENTIFIERS`]).
+    identifiers: Vec<String>,
 }
 
 #[derive(Debug, Default)]
 struct Pending {
-    counts: HashMap<FailureSource, (u64, i64, i64)>,
+    counts: HashMap<FailureSource, FailureCount>,
     /// Failures not itemised because too many distinct sources were pending.
     overflow: u64,
 }
@@ -130,22 +140,27 @@ impl AuthFailures {
     ) {
         metrics::counter!("metlo_auth_failures_total", "reason" => reason.as_str()).increment(1);
         let now = chrono::Utc::now().timestamp_millis();
-        let source = FailureSource {
-            ip,
-            reason,
-            identifier,
-            route,
-        };
+        let source = FailureSource { ip, reason, route };
         let mut pending = self.pending.lock().unwrap();
         let full = pending.counts.len() >= MAX_PENDING_FAILURES;
-        match pending.counts.get_mut(&source) {
-            Some((count, _, last)) => {
-                *count += 1;
-                *last = now;
+        let counted = match pending.counts.get_mut(&source) {
+            Some(c) => c,
+            None if full => {
+                pending.overflow += 1;
+                return;
             }
-            None if full => pending.overflow += 1,
-            None => {
-                pending.counts.insert(source, (1, now, now));
+            None => pending.counts.entry(source).or_insert(FailureCount {
+                count: 0,
+                first_ms: now,
+                last_ms: now,
+                identifiers: Vec::new(),
+            }),
+        };
+        counted.count += 1;
+        counted.last_ms = now;
+        if let Some(id) = identifier {
+            if counted.identifiers.len() < MAX_IDENTIFIERS && !counted.identifiers.contains(&id) {
+                counted.identifiers.push(id);
             }
         }
     }
@@ -155,18 +170,18 @@ impl AuthFailures {
         let mut entries: Vec<AuditEntry> = pending
             .counts
             .into_iter()
-            .map(|(source, (count, first, last))| AuditEntry {
+            .map(|(source, c)| AuditEntry {
                 actor: None,
                 action: "auth.failed",
                 target: None,
                 ip: source.ip,
                 detail: json!({
                     "reason": source.reason.as_str(),
-                    "identifier": source.identifier,
                     "route": source.route,
-                    "count": count,
-                    "first": iso8601(first),
-                    "last": iso8601(last),
+                    "count": c.count,
+                    "identifiers": c.identifiers,
+                    "first": iso8601(c.first_ms),
+                    "last": iso8601(c.last_ms),
                 }),
             })
             .collect();

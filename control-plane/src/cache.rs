@@ -114,6 +114,8 @@ struct RedisCache {
     unwritten: Mutex<HashMap<KeyHash, Cached>>,
     has_unwritten: AtomicBool,
     ttl: Duration,
+    /// Serialises overwrites and their retries.
+    write_lock: tokio::sync::Mutex<()>,
 }
 
 impl VerifyCache {
@@ -143,6 +145,7 @@ impl VerifyCache {
             unwritten: Mutex::new(HashMap::new()),
             has_unwritten: AtomicBool::new(false),
             ttl,
+            write_lock: tokio::sync::Mutex::new(()),
         });
         if near_cache {
             tokio::spawn(retry_tombstones(Arc::downgrade(&cache)));
@@ -227,24 +230,54 @@ impl VerifyCache {
         self.overwrite(hash, Cached::Valid(record)).await
     }
 
+    /// Writes `value` over what is cached, except that nothing replaces a tombstone:
+    /// a deleted key's secrets never come back, so a roll's late `replace` can never undo
+    /// a delete that committed after it.
     async fn overwrite(&self, hash: &KeyHash, value: Cached) -> bool {
         match &self.inner {
             Inner::Memory(c) => {
                 let ttl = ttl_for(&value, self.ttl);
-                c.insert(*hash, (value, ttl)).await;
+                c.entry(*hash)
+                    .and_compute_with(|current| {
+                        let tombstoned = current.is_some_and(|e| e.value().0 == Cached::Absent);
+                        std::future::ready(if tombstoned {
+                            moka::ops::compute::Op::Nop
+                        } else {
+                            moka::ops::compute::Op::Put((value, ttl))
+                        })
+                    })
+                    .await;
                 true
             }
             Inner::Redis(r) => {
+                // One overwrite at a time, retries included, so an older value can never
+                // land after a newer one.
+                let _serial = r.write_lock.lock().await;
                 r.generation.fetch_add(1, Ordering::SeqCst);
                 match &value {
                     Cached::Absent => r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await,
                     Cached::Valid(_) => r.near.invalidate(hash).await,
                 }
+                let unwritten = |pending: Option<Cached>| {
+                    let mut map = r.unwritten.lock().unwrap();
+                    match pending {
+                        Some(v) => {
+                            // A pending tombstone stays a tombstone.
+                            if map.get(hash) != Some(&Cached::Absent) {
+                                map.insert(*hash, v);
+                            }
+                        }
+                        None => {
+                            map.remove(hash);
+                        }
+                    }
+                    r.has_unwritten.store(!map.is_empty(), Ordering::SeqCst);
+                };
                 if r.write_entry(hash, &value).await {
+                    unwritten(None);
                     return true;
                 }
-                r.unwritten.lock().unwrap().insert(*hash, value);
-                r.has_unwritten.store(true, Ordering::SeqCst);
+                unwritten(Some(value));
                 false
             }
         }
@@ -279,7 +312,7 @@ impl RedisCache {
     /// may be lost (a replica resubscribing clears its near cache); the SET must succeed.
     async fn write_entry(&self, hash: &KeyHash, value: &Cached) -> bool {
         if self
-            .run::<String>(&set_command(hash, value, self.ttl))
+            .run::<redis::Value>(&set_command(hash, value, self.ttl))
             .await
             .is_none()
         {
@@ -381,6 +414,7 @@ async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
         if !c.has_unwritten.load(Ordering::SeqCst) {
             continue;
         }
+        let _serial = c.write_lock.lock().await;
         let pending: Vec<(KeyHash, Cached)> = c
             .unwritten
             .lock()
@@ -404,11 +438,8 @@ async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
         .await;
         if let Ok(Ok(())) = written {
             let mut unwritten = c.unwritten.lock().unwrap();
-            for (hash, value) in &pending {
-                // Unless a newer overwrite of the same hash came in meanwhile.
-                if unwritten.get(hash) == Some(value) {
-                    unwritten.remove(hash);
-                }
+            for (hash, _) in &pending {
+                unwritten.remove(hash);
             }
             c.has_unwritten
                 .store(!unwritten.is_empty(), Ordering::SeqCst);
@@ -467,14 +498,27 @@ fn ttl_for(value: &Cached, ttl: Duration) -> Duration {
     }
 }
 
-/// `SET` overwriting the hash's entry (unlike verification's `SET NX`).
+/// Overwrites the hash's entry (unlike verification's `SET NX`); a record never
+/// overwrites a tombstone (checked and set atomically, in a script).
 fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
-    redis::cmd("SET")
-        .arg(redis_key(hash))
-        .arg(encode(value))
-        .arg("PX")
-        .arg(ttl_for(value, ttl).as_millis() as u64)
-        .to_owned()
+    const SET_UNLESS_TOMBSTONE: &str = "if redis.call('GET', KEYS[1]) == '-' then return 0 end \
+         redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1";
+    let ttl_ms = ttl_for(value, ttl).as_millis() as u64;
+    match value {
+        Cached::Absent => redis::cmd("SET")
+            .arg(redis_key(hash))
+            .arg(encode(value))
+            .arg("PX")
+            .arg(ttl_ms)
+            .to_owned(),
+        Cached::Valid(_) => redis::cmd("EVAL")
+            .arg(SET_UNLESS_TOMBSTONE)
+            .arg(1)
+            .arg(redis_key(hash))
+            .arg(encode(value))
+            .arg(ttl_ms)
+            .to_owned(),
+    }
 }
 
 fn redis_key(hash: &KeyHash) -> String {

@@ -174,6 +174,23 @@ impl StoredKey {
     }
 }
 
+impl RolledKey {
+    pub fn new(key: ApiKey, rolled: Rolled) -> Self {
+        let previous = &rolled.retired[0];
+        // The previous secret stops at its overlap's end, or when the key expires if sooner.
+        let until = rolled
+            .key
+            .expires_at_ms
+            .map_or(previous.retires_at_ms, |e| e.min(previous.retires_at_ms));
+        RolledKey {
+            api_key: key.expose_secret().to_owned(),
+            previous_identifier: previous.identifier.clone(),
+            previous_valid_until: iso8601(until),
+            info: rolled.key.into(),
+        }
+    }
+}
+
 /// Whole seconds since the epoch (expiries are whole seconds; never before the epoch).
 fn unix_seconds(ms: i64) -> u64 {
     ms.div_euclid(1000).max(0) as u64
@@ -352,19 +369,26 @@ pub async fn roll_key(
         .await?
         .ok_or_else(|| ApiError::NotFound("no API key with this name".into()))?;
     let now = Utc::now().timestamp_millis();
+    let mut all_written = true;
     for secret in &rolled.retired {
         let Ok(hash) = KeyHash::from_hex(&secret.key_hash) else {
             continue;
         };
-        // A false return is handled inside the cache (retried; answered locally meanwhile).
-        if secret.retires_at_ms <= now {
-            let _ = cache.revoke(&hash).await;
+        all_written &= if secret.retires_at_ms <= now {
+            cache.revoke(&hash).await
         } else {
             let record = rolled
                 .key
                 .retired_record(&secret.identifier, secret.retires_at_ms);
-            let _ = cache.replace(&hash, record).await;
-        }
+            cache.replace(&hash, record).await
+        };
+    }
+    if !all_written {
+        // A server rewrites them when Redis answers (and answers from memory meanwhile).
+        tracing::warn!(
+            name,
+            "Redis unreachable: the old secrets' cache entries are not updated yet"
+        );
     }
     tracing::info!(name, identifier = %rolled.key.identifier, overlap_seconds = overlap.as_secs(), "key rolled");
     Ok((key, rolled))
@@ -415,13 +439,7 @@ async fn roll(
     let body = body_bytes(body, MAX_BODY_BYTES)?;
     let overlap = parse_roll_request(&body)?;
     let (key, rolled) = roll_key(&state.store, &state.cache, &name, overlap, &actor).await?;
-    let previous = &rolled.retired[0];
-    Ok(Json(RolledKey {
-        api_key: key.expose_secret().to_owned(),
-        previous_identifier: previous.identifier.clone(),
-        previous_valid_until: iso8601(previous.retires_at_ms),
-        info: rolled.key.into(),
-    }))
+    Ok(Json(RolledKey::new(key, rolled)))
 }
 
 /// List all keys (metadata only), newest first.
@@ -480,12 +498,16 @@ pub async fn delete_key(
     let mut all_revoked = true;
     for hex in std::iter::once(&deleted.key_hash).chain(&retired) {
         if let Ok(hash) = KeyHash::from_hex(hex) {
-            // A false return is handled inside a server's cache (retried, refused meanwhile).
             all_revoked &= cache.revoke(&hash).await;
         }
     }
     if !all_revoked {
-        tracing::warn!(name, "Redis unreachable: the deleted key's cache entries will be overwritten when it returns");
+        // A server rewrites them when Redis answers (and refuses the key meanwhile); the
+        // CLI can only warn.
+        tracing::warn!(
+            name,
+            "Redis unreachable: the deleted key's cache entries are not overwritten yet"
+        );
     }
     tracing::info!(name, identifier = %deleted.identifier, "key deleted");
     Ok(deleted)

@@ -513,13 +513,17 @@ impl Store {
     }
 
     /// Records when keys were last used, given by secret hash (current or rolled away),
-    /// in one transaction; a time never moves backwards.
+    /// in one transaction; a time never moves backwards. Updated in hash order, so two
+    /// replicas flushing at once rarely lock rows in opposite orders (a deadlock victim's
+    /// batch is retried with the next flush).
     pub async fn record_usage(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
         }
+        let mut used = used.to_vec();
+        used.sort_unstable();
         let mut tx = self.pool.begin().await?;
-        for (hash, at_ms) in used {
+        for (hash, at_ms) in &used {
             sqlx::query(
                 "UPDATE api_keys SET last_used_ms = $1 \
                  WHERE (key_hash = $2 OR id IN (SELECT key_id FROM retired_secrets WHERE key_hash = $2)) \
@@ -602,13 +606,17 @@ impl Store {
                     let mut keys: Vec<&str> = rows.iter().map(|r| r.kv_key.as_str()).collect();
                     keys.sort_unstable();
                     keys.dedup();
+                    // Among due rows only: a delete scheduled for later (a roll's overlap
+                    // end, an echo) must not hold back what is due now. Only deletes are
+                    // ever scheduled, and nothing is put for a hash after its deletes, so
+                    // letting due rows pass them keeps every key's end state right.
                     let placeholders: Vec<String> =
-                        (1..=keys.len()).map(|i| format!("${i}")).collect();
+                        (2..=keys.len() + 1).map(|i| format!("${i}")).collect();
                     let sql = format!(
-                        "SELECT kv_key, MIN(id) AS first FROM kv_outbox WHERE kv_key IN ({}) GROUP BY kv_key",
+                        "SELECT kv_key, MIN(id) AS first FROM kv_outbox WHERE not_before_ms <= $1 AND kv_key IN ({}) GROUP BY kv_key",
                         placeholders.join(", ")
                     );
-                    let mut q = sqlx::query(&sql);
+                    let mut q = sqlx::query(&sql).bind(now);
                     for k in &keys {
                         q = q.bind(*k);
                     }
@@ -744,7 +752,18 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // The rolled-away secrets first: deleting the key would cascade to them unseen.
+        // The key's row lock first, as a roll takes it: a roll in progress finishes (and
+        // its rolled-away secret is seen below) before this goes on, and the two never
+        // take their locks in opposite orders.
+        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if locked == 0 {
+            return Ok(None);
+        }
+        // The rolled-away secrets next: deleting the key would cascade to them unseen.
         let retired: Vec<String> = sqlx::query(
             "DELETE FROM retired_secrets WHERE key_id IN (SELECT id FROM api_keys WHERE name = $1) RETURNING key_hash",
         )

@@ -213,7 +213,8 @@ fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, config: &Config
     }
     let due = USAGE.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let buffer = slot.get_or_insert_with(|| UsageBuffer::new(config.usage_report_ms, now));
+        // A new isolate reports its first use at once: isolates can be short-lived.
+        let buffer = slot.get_or_insert_with(|| UsageBuffer::new(config.usage_report_ms, 0));
         buffer.seen(hash, now);
         buffer.due(now)
     });

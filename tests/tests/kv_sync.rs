@@ -558,3 +558,41 @@ async fn edge_reports_usage_for_last_used() {
         "{reports} reports for 20 requests"
     );
 }
+
+/// Deletes scheduled for the end of a long overlap do not hold back what is due now: a
+/// key deleted during a one-hour overlap, and a key rolled again without overlap, leave
+/// KV at once (on PostgreSQL the drainer orders each key's updates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_deletes_do_not_block_later_updates() {
+    let s = full(Backend::Postgres, &[]).await;
+    let a1 = s.cp.create_key("a", "GENERIC").await;
+    let b1 = s.cp.create_key("b", "GENERIC").await;
+    let (_, a2) =
+        s.cp.roll("a", Some(serde_json::json!({"overlapSeconds": 3600})))
+            .await;
+    let (_, b2) =
+        s.cp.roll("b", Some(serde_json::json!({"overlapSeconds": 3600})))
+            .await;
+    let a2 = a2["apiKey"].as_str().unwrap().to_owned();
+    let b2 = b2["apiKey"].as_str().unwrap().to_owned();
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    for k in [&a1, &a2, &b1, &b2] {
+        assert!(s.edge.kv_get(&hash(k)).is_some());
+        assert_eq!(edge_status(&s, k).await, StatusCode::OK);
+    }
+    assert_eq!(
+        s.cp.delete("a", Some(&s.cp.admin_key)).await.0,
+        StatusCode::OK
+    );
+    let (_, b3) = s.cp.roll("b", None).await;
+    let b3 = b3["apiKey"].as_str().unwrap().to_owned();
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    for k in [&a1, &a2, &b1, &b2] {
+        assert!(s.edge.kv_get(&hash(k)).is_none(), "removed from KV at once");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // the isolate window
+    for k in [&a1, &a2, &b1, &b2] {
+        assert_eq!(edge_status(&s, k).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(edge_status(&s, &b3).await, StatusCode::OK);
+}
