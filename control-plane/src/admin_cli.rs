@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets, Table};
 use serde_json::{json, Value};
 
-use crate::audit::{parse_audit_query, Actor, AuditEntryOut, AuditPage};
+use crate::audit::{self, parse_audit_query, Actor};
 use crate::cli::Config;
 use crate::keys::{
     self, parse_expires_at, parse_key_type, validate_name, CreatedKey, KeyInfo, NewKey, RolledKey,
@@ -192,18 +192,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Value> {
                     None => format!("limit={limit}"),
                 };
                 let (limit, before) = parse_audit_query(Some(&query))?;
-                let rows = store.list_audit(limit + 1, before).await?;
-                let more = rows.len() as i64 > limit;
-                let entries: Vec<AuditEntryOut> = rows
-                    .into_iter()
-                    .take(limit as usize)
-                    .map(Into::into)
-                    .collect();
-                let next_before = more.then(|| entries.last().map(|e| e.id)).flatten();
-                serde_json::to_value(AuditPage {
-                    entries,
-                    next_before,
-                })?
+                serde_json::to_value(audit::page(&store, limit, before).await?)?
             }
         })
     }

@@ -23,7 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::keys::iso8601;
-use crate::store::{AuditEntry, AuditRow, Store};
+use crate::store::{AuditEntry, AuditRow, Store, StoreError};
 use crate::AppState;
 
 /// Most entries one page returns.
@@ -306,20 +306,22 @@ async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<AuditPage>, ApiError> {
     let (limit, before) = parse_audit_query(query.as_deref())?;
-    let rows = state.store.list_audit(limit + 1, before).await?;
+    Ok(Json(page(&state.store, limit, before).await?))
+}
+
+/// One page of the audit log, newest first (shared by the route and the CLI).
+pub async fn page(store: &Store, limit: i64, before: Option<i64>) -> Result<AuditPage, StoreError> {
+    // One row more than asked tells whether there is a next page.
+    let rows = store.list_audit(limit + 1, before).await?;
     let more = rows.len() as i64 > limit;
     let entries: Vec<AuditEntryOut> = rows
         .into_iter()
         .take(limit as usize)
         .map(Into::into)
         .collect();
-    let next_before = if more {
-        entries.last().map(|e| e.id)
-    } else {
-        None
-    };
-    Ok(Json(AuditPage {
+    let next_before = more.then(|| entries.last().map(|e| e.id)).flatten();
+    Ok(AuditPage {
         entries,
         next_before,
-    }))
+    })
 }

@@ -329,14 +329,7 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<Option<Rolled>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Take the row's write lock first (both databases), so concurrent rolls of one
-        // key run one after the other.
-        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if locked == 0 {
+        if !Self::lock_key(&mut tx, name).await? {
             return Ok(None);
         }
         let row = sqlx::query(&format!(
@@ -436,6 +429,21 @@ impl Store {
             key,
             retired: changed,
         }))
+    }
+
+    /// Takes the write lock of the key's row (on both databases) before anything else, so
+    /// rolls and deletes of one key run one after the other and never take their locks
+    /// in opposite orders. False: no such key.
+    async fn lock_key(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
+            .bind(name)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(locked > 0)
     }
 
     /// A KV delete at `at_ms` (or at once when that has passed), and its echo.
@@ -753,14 +761,8 @@ impl Store {
     ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The key's row lock first, as a roll takes it: a roll in progress finishes (and
-        // its rolled-away secret is seen below) before this goes on, and the two never
-        // take their locks in opposite orders.
-        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if locked == 0 {
+        // its rolled-away secret is seen below) before this goes on.
+        if !Self::lock_key(&mut tx, name).await? {
             return Ok(None);
         }
         // The rolled-away secrets next: deleting the key would cascade to them unseen.

@@ -46,6 +46,18 @@ impl Tally {
     }
 }
 
+/// One request through the edge on the churn path, tallied.
+async fn churn_at_edge(edge: &Edge, tally: &Mutex<Tally>, kind: &str, key: &str, ok: &[u16]) {
+    let t = Instant::now();
+    let status = edge
+        .get("/churn", Some(key))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status());
+    tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -177,17 +189,7 @@ async fn main() {
                 let Some(key) = body["apiKey"].as_str().map(str::to_owned) else {
                     continue;
                 };
-                let t = Instant::now();
-                let status = edge
-                    .get("/churn", Some(&key))
-                    .send()
-                    .await
-                    .ok()
-                    .map(|r| r.status());
-                tally
-                    .lock()
-                    .unwrap()
-                    .record("edge new key", status, t.elapsed(), &[200]);
+                churn_at_edge(&edge, &tally, "edge new key", &key, &[200]).await;
                 let t = Instant::now();
                 let (status, rolled) = cp.roll(&name, None).await;
                 tally
@@ -196,17 +198,7 @@ async fn main() {
                     .record("roll", Some(status), t.elapsed(), &[200]);
                 let rolled_key = rolled["apiKey"].as_str().map(str::to_owned);
                 if let Some(rolled_key) = &rolled_key {
-                    let t = Instant::now();
-                    let status = edge
-                        .get("/churn", Some(rolled_key))
-                        .send()
-                        .await
-                        .ok()
-                        .map(|r| r.status());
-                    tally
-                        .lock()
-                        .unwrap()
-                        .record("edge rolled key", status, t.elapsed(), &[200]);
+                    churn_at_edge(&edge, &tally, "edge rolled key", rolled_key, &[200]).await;
                 }
                 for (kind, path) in [
                     ("list", "/api/v1/keys/list"),
@@ -226,29 +218,9 @@ async fn main() {
                     .unwrap()
                     .record("delete", Some(status), t.elapsed(), &[200]);
                 tokio::time::sleep(Duration::from_millis(1200)).await; // past the edge's isolate window
-                let t = Instant::now();
-                let status = edge
-                    .get("/churn", Some(&key))
-                    .send()
-                    .await
-                    .ok()
-                    .map(|r| r.status());
-                tally
-                    .lock()
-                    .unwrap()
-                    .record("edge after delete", status, t.elapsed(), &[401]);
+                churn_at_edge(&edge, &tally, "edge after delete", &key, &[401]).await;
                 if let Some(rolled_key) = &rolled_key {
-                    let t = Instant::now();
-                    let status = edge
-                        .get("/churn", Some(rolled_key))
-                        .send()
-                        .await
-                        .ok()
-                        .map(|r| r.status());
-                    tally
-                        .lock()
-                        .unwrap()
-                        .record("edge after delete", status, t.elapsed(), &[401]);
+                    churn_at_edge(&edge, &tally, "edge after delete", rolled_key, &[401]).await;
                 }
             }
         }));
