@@ -198,12 +198,29 @@ impl AuthFailures {
     }
 }
 
-/// Writes failed authentications once a second; a failed write is retried with the next.
-pub fn spawn_flusher(store: Store, failures: Arc<AuthFailures>) {
+/// Writes failed authentications once a second (a failed write is retried with the
+/// next), and deletes entries older than `retention` (zero: keeps everything) — checked
+/// every quarter of the retention, at most hourly.
+pub fn spawn_flusher(store: Store, failures: Arc<AuthFailures>, retention: Duration) {
+    let prune_every = (retention / 4).clamp(FLUSH_EVERY, Duration::from_secs(3600));
     tokio::spawn(async move {
         let mut unwritten: Vec<AuditEntry> = Vec::new();
+        let mut last_prune = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(FLUSH_EVERY).await;
+            if !retention.is_zero() && last_prune.elapsed() >= prune_every {
+                last_prune = tokio::time::Instant::now();
+                let before = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
+                match store.prune_audit(before).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deleted = n, "audit entries past their retention deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit retention: delete failed; will retry")
+                    }
+                }
+            }
             unwritten.extend(failures.take());
             if unwritten.is_empty() {
                 continue;

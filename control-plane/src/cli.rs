@@ -50,6 +50,9 @@ pub struct Config {
     /// Record when each key was last used (`lastUsed`).
     #[arg(long, env = "TRACK_LAST_USED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub track_last_used: bool,
+    /// How long audit-log entries are kept, e.g. `90d`, `12h` (`0s`: forever).
+    #[arg(long, env = "AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration, global = true)]
+    pub audit_retention: Duration,
     /// How often last-use times are written: at most one write per key per interval.
     #[arg(
         long,
@@ -209,7 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(config.last_used_flush_seconds.max(1)),
             );
             let auth_failures = Arc::new(AuthFailures::default());
-            audit::spawn_flusher(store.clone(), auth_failures.clone());
+            audit::spawn_flusher(store.clone(), auth_failures.clone(), config.audit_retention);
             let state = AppState::new(Shared {
                 metrics: telemetry::init_metrics()?,
                 store,

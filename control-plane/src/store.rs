@@ -491,6 +491,15 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes audit rows older than `before_ms`; returns how many.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM audit_log WHERE at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
     /// Audit rows, newest first, with ids below `before` when given.
     pub async fn list_audit(
         &self,

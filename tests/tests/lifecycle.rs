@@ -18,6 +18,7 @@ on_both_backends!(
     delete_racing_a_roll,
     last_used_is_coalesced,
     audit_log_records_who_did_what,
+    audit_entries_past_their_retention_are_deleted,
     admin_cli_over_http,
 );
 
@@ -578,6 +579,40 @@ async fn audit_log_records_who_did_what(backend: Backend) {
     assert!(
         !text.contains(unknown.expose_secret()) && !text.contains(&unknown.expose_secret()[14..])
     );
+}
+
+async fn audit_entries_past_their_retention_are_deleted(backend: Backend) {
+    let cp = ControlPlane::start_with(Options::new(backend).env("AUDIT_RETENTION", "3s")).await;
+    let entries = || async {
+        let (status, _, text) = cp.get("/api/v1/audit", Some(&cp.admin_key)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let page: Value = serde_json::from_str(&text).unwrap();
+        page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["target"].as_str().unwrap_or_default().to_owned())
+            .collect::<Vec<String>>()
+    };
+    cp.create_key("old", "GENERIC").await;
+    assert!(entries().await.contains(&"old".to_owned()));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    cp.create_key("new", "GENERIC").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let targets = entries().await;
+        assert!(targets.contains(&"new".to_owned()), "{targets:?}");
+        if !targets.contains(&"old".to_owned()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old entry kept: {targets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The key itself is not touched by the audit log's retention.
+    assert_eq!(cp.listed("old").await["name"], "old");
 }
 
 async fn admin_cli_over_http(backend: Backend) {
