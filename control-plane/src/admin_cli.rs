@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets, Table};
 use serde_json::{json, Value};
 
-use crate::audit::{self, parse_audit_query, Actor};
+use crate::audit::{self, Actor};
 use crate::cli::Config;
 use crate::keys::{
     self, parse_expires_at, parse_key_type, validate_name, CreatedKey, KeyInfo, NewKey, RolledKey,
@@ -187,11 +187,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Value> {
                 serde_json::to_value(RolledKey::new(key, rolled))?
             }
             KeysCommand::Audit { limit, before } => {
-                let query = match before {
-                    Some(b) => format!("limit={limit}&before={b}"),
-                    None => format!("limit={limit}"),
-                };
-                let (limit, before) = parse_audit_query(Some(&query))?;
+                let (limit, before) = audit::check_page(*limit, *before)?;
                 serde_json::to_value(audit::page(&store, limit, before).await?)?
             }
         })

@@ -300,13 +300,19 @@ pub fn parse_audit_query(query: Option<&str>) -> Result<(i64, Option<i64>), ApiE
         })
         .transpose()
     };
-    let limit = number("limit", q.limit)?.unwrap_or(DEFAULT_PAGE);
+    check_page(
+        number("limit", q.limit)?.unwrap_or(DEFAULT_PAGE),
+        number("before", q.before)?,
+    )
+}
+
+/// The page rules, for the route and the CLI alike.
+pub fn check_page(limit: i64, before: Option<i64>) -> Result<(i64, Option<i64>), ApiError> {
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let before = number("before", q.before)?;
     if before.is_some_and(|b| b < 1) {
         return Err(ApiError::BadRequest("before must be at least 1".into()));
     }

@@ -25,43 +25,51 @@ pub async fn require_key(
         .headers()
         .get(AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{0}"));
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let failed = |reason, identifier: Option<String>| {
-        state.auth_failures.record(
-            peer.map(|ip| ip.to_string()),
-            reason,
-            identifier,
-            route.as_ref().map(|p| p.as_str().to_owned()),
-        );
-    };
     let key = match parse_authorization(header) {
         Ok(key) => key,
         Err(AuthorizationError::Missing) => {
-            failed(FailureReason::Missing, None);
+            record_failure(&state, &req, FailureReason::Missing, None);
             return Err(ApiError::Unauthorized(
                 "missing API key: send it in the Authorization header",
             ));
         }
         Err(AuthorizationError::Malformed(_)) => {
-            failed(FailureReason::Malformed, None);
+            record_failure(&state, &req, FailureReason::Malformed, None);
             return Err(ApiError::Unauthorized("invalid API key"));
         }
     };
+    let hash = key.hash();
     // Unknown, deleted and expired keys get the same answer: no hint a key once existed.
-    let Some(record) = lookup(&state, &key.hash())
+    let Some(record) = lookup(&state, &hash)
         .await?
         .filter(|r| !r.is_expired(now_unix_seconds()))
     else {
-        failed(FailureReason::Invalid, Some(key.identifier()));
+        record_failure(&state, &req, FailureReason::Invalid, Some(key.identifier()));
         return Err(ApiError::Unauthorized("invalid API key"));
     };
-    state.usage.used(&key.hash());
+    state.usage.used(&hash);
     req.extensions_mut().insert(Caller(record));
     Ok(next.run(req).await)
+}
+
+/// Counts a failed authentication for the audit log (peer IP and route read only here,
+/// off the success path).
+fn record_failure(
+    state: &AppState,
+    req: &Request,
+    reason: FailureReason,
+    identifier: Option<String>,
+) {
+    state.auth_failures.record(
+        req.extensions()
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string()),
+        reason,
+        identifier,
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned()),
+    );
 }
 
 /// The record for a key hash, through the cache. `None`: not a valid key.
