@@ -1,51 +1,20 @@
 //! The Metlo-compatible API-key control plane.
+//!
+//! Layers, each depending only on those below it (see ARCHITECTURE.md):
+//!
+//! - [`app`]: the composition root (builds everything, spawns every background task)
+//! - [`http`] and [`cli`]: the entry points; they translate, then call [`service`]
+//! - [`service`]: what the control plane does (keys, audit log, last use)
+//! - [`db`], [`cache`], [`kv_sync`]: the store, the verification cache, the KV sync
+//! - [`config`], [`clock`], [`telemetry`]: settings, time, logs and metrics
 
-pub mod admin_cli;
-pub mod audit;
-pub mod auth;
+pub mod app;
 pub mod cache;
 pub mod cli;
-pub mod error;
-pub mod keys;
-pub mod kv_client;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod http;
 pub mod kv_sync;
-pub mod ops;
-pub mod server;
-pub mod store;
+pub mod service;
 pub mod telemetry;
-pub mod usage;
-
-use cache::VerifyCache;
-use store::Store;
-
-/// Shared by every request handler. Cloned for every request (axum hands each extractor
-/// its own copy), so it is one `Arc`: a clone is one atomic increment, not one per field.
-#[derive(Clone)]
-pub struct AppState(std::sync::Arc<Shared>);
-
-impl AppState {
-    pub fn new(shared: Shared) -> Self {
-        AppState(std::sync::Arc::new(shared))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-/// What every request handler shares.
-pub struct Shared {
-    pub store: Store,
-    pub cache: VerifyCache,
-    pub max_api_keys: u64,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// The KV sync's status, when a KV target is configured.
-    pub kv_sync: Option<std::sync::Arc<kv_sync::SyncStatus>>,
-    /// Last-use times waiting to be written.
-    pub usage: std::sync::Arc<usage::Usage>,
-    /// Failed authentications waiting to be written to the audit log.
-    pub auth_failures: std::sync::Arc<audit::AuthFailures>,
-}

@@ -4,16 +4,22 @@
 //! entries with no time in the future, audit pages of 1–1000 entries.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use metlo_control_plane::audit::{parse_audit_query, MAX_PAGE};
-use metlo_control_plane::keys::{
-    parse_create_request, parse_roll_request, MAX_NAME_CHARS, MAX_OVERLAP_SECONDS,
+use metlo_control_plane::http::audit::parse_audit_query;
+use metlo_control_plane::http::decode_json;
+use metlo_control_plane::service::audit::MAX_PAGE;
+use metlo_control_plane::service::keys::{
+    CreateKeyRequest, RollKeyRequest, MAX_NAME_CHARS, MAX_OVERLAP_SECONDS,
 };
-use metlo_control_plane::usage::{parse_usage_report, MAX_REPORT_ENTRIES};
+use metlo_control_plane::service::usage::{UsageReport, MAX_REPORT_ENTRIES};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
+// Each body is decoded as the route's extractor does, then validated by the service.
 fuzz_target!(|data: &[u8]| {
-    if let Ok(new) = parse_create_request(data, NOW_MS) {
+    let create = decode_json::<Option<CreateKeyRequest>>(data)
+        .ok()
+        .and_then(|r| r.unwrap_or_default().validate(NOW_MS).ok());
+    if let Some(new) = create {
         let chars = new.name.chars().count();
         assert!((1..=MAX_NAME_CHARS).contains(&chars));
         assert!(!new.name.trim().is_empty());
@@ -23,10 +29,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(at > NOW_MS && at % 1000 == 0);
         }
     }
-    if let Ok(overlap) = parse_roll_request(data) {
+    let roll = decode_json::<Option<RollKeyRequest>>(data)
+        .ok()
+        .and_then(|r| r.unwrap_or_default().overlap().ok());
+    if let Some(overlap) = roll {
         assert!(overlap.as_secs() <= MAX_OVERLAP_SECONDS);
     }
-    if let Ok(used) = parse_usage_report(data, NOW_MS) {
+    let usage = decode_json::<UsageReport>(data)
+        .ok()
+        .and_then(|r| r.validate(NOW_MS).ok());
+    if let Some(used) = usage {
         assert!(used.len() <= MAX_REPORT_ENTRIES);
         assert!(used.iter().all(|(_, at)| (0..=NOW_MS).contains(at)));
     }

@@ -12,6 +12,7 @@ pub const RECORD_VERSION: u32 = 1;
 
 /// Metlo's key types (`keyFor` on create, `for` in responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum KeyType {
     Generic,
@@ -54,6 +55,14 @@ impl FromStr for KeyType {
     }
 }
 
+impl TryFrom<String> for KeyType {
+    type Error = KeyTypeError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
 impl fmt::Display for KeyType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -62,9 +71,10 @@ impl fmt::Display for KeyType {
 
 /// The KV record for a key, keyed by its SHA-256 hex. Field names follow Metlo's JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRecord {
-    /// Always [`RECORD_VERSION`] when written by this version.
+    /// Record format version: [`RECORD_VERSION`] (1) when written by this version.
     pub v: u32,
     pub name: String,
     #[serde(rename = "for")]
@@ -72,7 +82,7 @@ pub struct KeyRecord {
     pub identifier: String,
     /// ISO 8601 creation time, as in Metlo's responses.
     pub created: String,
-    /// Unix time in seconds after which the key is no longer valid; `None`: never.
+    /// Unix time in seconds after which the key is no longer valid; absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
 }

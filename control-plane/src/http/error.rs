@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use super::limits::MAX_HEADER_BYTES;
+use crate::service;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -18,10 +19,7 @@ pub enum ApiError {
     NotFound(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
-    #[error(
-        "request headers are larger than {} bytes",
-        crate::server::MAX_HEADER_BYTES
-    )]
+    #[error("request headers are larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
     #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
     LimitReached(u64),
@@ -58,30 +56,16 @@ impl ApiError {
     }
 }
 
-/// A request body as bytes, or the JSON 413/400 to answer (axum's own rejections are
-/// plain text). `limit` is the route's body limit, for the message.
-pub fn body_bytes(
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-    limit: usize,
-) -> Result<axum::body::Bytes, ApiError> {
-    body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(limit),
-        _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
-    })
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+impl From<service::Error> for ApiError {
+    fn from(e: service::Error) -> Self {
+        use service::Error as E;
         match e {
-            StoreError::DuplicateName => {
-                ApiError::BadRequest("An API key with this name already exists".into())
-            }
-            StoreError::LimitReached(max) => ApiError::LimitReached(max),
-            StoreError::Unavailable(e) => {
-                tracing::warn!(error = %e, "key store unavailable");
-                ApiError::Unavailable
-            }
-            StoreError::Other(e) => ApiError::Internal(e.into()),
+            E::Invalid(message) => ApiError::BadRequest(message),
+            E::DuplicateName => ApiError::BadRequest(E::DuplicateName.to_string()),
+            E::NotFound(message) => ApiError::NotFound(message.into()),
+            E::LimitReached(max) => ApiError::LimitReached(max),
+            E::Unavailable => ApiError::Unavailable,
+            E::Internal(e) => ApiError::Internal(e),
         }
     }
 }

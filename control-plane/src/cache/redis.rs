@@ -1,22 +1,6 @@
-//! The verification cache: hash → "valid, with this record" or "not a key". Redis when
-//! `REDIS_URL` is set (shared by replicas), an in-process moka cache otherwise.
-//!
-//! A delete writes a long-lived `Absent` entry (a tombstone) that overwrites anything
-//! cached, and verification only ever *adds* entries (`SET NX`). So a verification that
-//! read the database just before a delete cannot re-cache the deleted key afterwards:
-//! a deleted key is refused at once, with no TTL window.
-//!
-//! With Redis, each replica also keeps a small near cache (≤ 1 s) so a hot key costs no
-//! network round trip. A delete publishes the hash on [`REVOKED_CHANNEL`]; every replica
-//! evicts it from its near cache. The near cache is used only while that subscription is
-//! live, so a lost subscription can never leave a revoked key valid for long.
-//!
-//! Cache failures are never errors for the caller: a Redis outage means verification
-//! goes to the database (and a warning is logged, at most every few seconds). A delete
-//! whose tombstone cannot be written (Redis unreachable, not restarted: its entries are
-//! still there) is remembered: this replica answers "absent" for it and rewrites the
-//! tombstone as soon as Redis answers again, so a flapping Redis cannot serve the deleted
-//! key's old entry back. Other replicas are bounded by the entry's TTL until then.
+//! The shared cache (several replicas): Redis, with a near cache per replica that is
+//! trusted only while the revocation subscription is live, and tombstones that Redis
+//! missed kept and rewritten until it takes them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,21 +9,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use metlo_shared::{KeyHash, KeyRecord};
-use moka::Expiry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-/// What the cache knows about a hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cached {
-    Valid(KeyRecord),
-    /// Unknown or deleted: refuse.
-    Absent,
-}
+use super::entry::{ttl_for, Cached, Task, TOMBSTONE_TTL};
+use super::memory::{local_cache, LocalCache};
 
-/// Tombstones outlive any in-flight verification by a wide margin. Keys are random, so a
-/// deleted key's hash never becomes valid again: a long tombstone is always right.
-const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 /// A Redis call slower than this counts as a failure and falls back to the database.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long lookups skip Redis after a failure (any success ends it sooner).
@@ -51,51 +26,7 @@ const TOMBSTONE_RETRY: Duration = Duration::from_millis(200);
 /// Redis pub/sub channel carrying the hex hashes of deleted keys.
 pub const REVOKED_CHANNEL: &str = "metlo:revoked";
 
-type LocalCache = moka::future::Cache<KeyHash, (Cached, Duration)>;
-
-fn local_cache() -> LocalCache {
-    moka::future::Cache::builder()
-        .max_capacity(100_000)
-        .expire_after(PerEntryTtl)
-        .build()
-}
-
-#[derive(Clone)]
-pub struct VerifyCache {
-    ttl: Duration,
-    inner: Inner,
-}
-
-#[derive(Clone)]
-enum Inner {
-    Memory(LocalCache),
-    Redis(Arc<RedisCache>),
-}
-
-/// Each entry carries its own time to live (verifications vs tombstones).
-struct PerEntryTtl;
-
-impl Expiry<KeyHash, (Cached, Duration)> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _: &KeyHash,
-        value: &(Cached, Duration),
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(value.1)
-    }
-    fn expire_after_update(
-        &self,
-        _: &KeyHash,
-        value: &(Cached, Duration),
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.1)
-    }
-}
-
-struct RedisCache {
+pub(super) struct RedisCache {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     last_warning_ms: AtomicU64,
@@ -118,21 +49,20 @@ struct RedisCache {
     write_lock: tokio::sync::Mutex<()>,
 }
 
-impl VerifyCache {
-    pub fn memory(ttl: Duration) -> Self {
-        VerifyCache {
-            ttl,
-            inner: Inner::Memory(local_cache()),
-        }
+/// The tasks a server runs for a Redis cache; they end when the cache is dropped.
+pub(super) fn background_tasks(cache: &Arc<RedisCache>) -> Vec<Task> {
+    let mut tasks: Vec<Task> = vec![Box::pin(retry_tombstones(Arc::downgrade(cache)))];
+    if !cache.near_ttl.is_zero() {
+        tasks.push(Box::pin(follow_revocations(Arc::downgrade(cache))));
     }
+    tasks
+}
 
-    /// Does not connect yet: the service must start (and verify through the database)
-    /// even when Redis is down. `near_cache` starts the revocation subscriber (servers);
-    /// the CLI, which only revokes, passes false.
-    pub fn redis(url: &str, ttl: Duration, near_cache: bool) -> anyhow::Result<Self> {
+impl RedisCache {
+    pub(super) fn new(url: &str, ttl: Duration) -> anyhow::Result<Self> {
         let client =
             redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        let cache = Arc::new(RedisCache {
+        Ok(RedisCache {
             client,
             conn: OnceCell::new(),
             last_warning_ms: AtomicU64::new(0),
@@ -146,153 +76,87 @@ impl VerifyCache {
             has_unwritten: AtomicBool::new(false),
             ttl,
             write_lock: tokio::sync::Mutex::new(()),
-        });
-        if near_cache {
-            tokio::spawn(retry_tombstones(Arc::downgrade(&cache)));
-            if !cache.near_ttl.is_zero() {
-                tokio::spawn(follow_revocations(Arc::downgrade(&cache)));
-            }
-        }
-        Ok(VerifyCache {
-            ttl,
-            inner: Inner::Redis(cache),
         })
     }
 
-    pub fn kind(&self) -> &'static str {
-        match self.inner {
-            Inner::Memory(_) => "memory",
-            Inner::Redis(_) => "redis",
+    pub(super) async fn get(&self, hash: &KeyHash) -> Option<Cached> {
+        if let Some(value) = self.unwritten_value(hash) {
+            return Some(value);
         }
+        if self.near_usable() {
+            if let Some((v, _)) = self.near.get(hash).await {
+                return Some(v);
+            }
+        }
+        if self.is_down() {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let raw: String = self
+            .run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash)))
+            .await
+            .flatten()?;
+        let value = decode(&raw)?;
+        self.remember(hash, &value, generation).await;
+        Some(value)
     }
 
-    pub async fn get(&self, hash: &KeyHash) -> Option<Cached> {
-        match &self.inner {
-            Inner::Memory(c) => c.get(hash).await.map(|(v, _)| v),
-            Inner::Redis(r) => {
-                if let Some(value) = r.unwritten_value(hash) {
-                    return Some(value);
-                }
-                if r.near_usable() {
-                    if let Some((v, _)) = r.near.get(hash).await {
-                        return Some(v);
-                    }
-                }
-                if r.is_down() {
-                    return None;
-                }
-                let generation = r.generation.load(Ordering::SeqCst);
-                let raw: String = r
-                    .run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash)))
+    /// `SET NX`: a tombstone written by a concurrent delete wins.
+    pub(super) async fn add(&self, hash: &KeyHash, value: Cached) {
+        if self.is_down() {
+            return;
+        }
+        let cmd = redis::cmd("SET")
+            .arg(redis_key(hash))
+            .arg(encode(&value))
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .to_owned();
+        let _: Option<Option<String>> = self.run(&cmd).await;
+    }
+
+    /// False: Redis could not be told; the value is kept here and rewritten later.
+    pub(super) async fn overwrite(&self, hash: &KeyHash, value: Cached) -> bool {
+        // One overwrite at a time, retries included, so an older value can never
+        // land after a newer one.
+        let _serial = self.write_lock.lock().await;
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        match &value {
+            Cached::Absent => {
+                self.near
+                    .insert(*hash, (Cached::Absent, TOMBSTONE_TTL))
                     .await
-                    .flatten()?;
-                let value = decode(&raw)?;
-                r.remember(hash, &value, generation).await;
-                Some(value)
             }
+            Cached::Valid(_) => self.near.invalidate(hash).await,
         }
-    }
-
-    /// Caches a verification result unless something is cached already (so a tombstone
-    /// written by a concurrent delete wins).
-    pub async fn add(&self, hash: &KeyHash, value: Cached) {
-        match &self.inner {
-            Inner::Memory(c) => {
-                c.entry(*hash).or_insert((value, self.ttl)).await;
-            }
-            Inner::Redis(r) => {
-                if r.is_down() {
-                    return;
-                }
-                let cmd = redis::cmd("SET")
-                    .arg(redis_key(hash))
-                    .arg(encode(&value))
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(self.ttl.as_millis() as u64)
-                    .to_owned();
-                let _: Option<Option<String>> = r.run(&cmd).await;
-            }
-        }
-    }
-
-    /// Marks a hash as deleted, overwriting any cached verification, here and (through
-    /// Redis pub/sub) in every replica's near cache. Returns false when the shared
-    /// cache could not be told (Redis unreachable); a server keeps retrying, and answers
-    /// "absent" for the hash meanwhile.
-    pub async fn revoke(&self, hash: &KeyHash) -> bool {
-        self.overwrite(hash, Cached::Absent).await
-    }
-
-    /// Overwrites what is cached for a hash with a new record (a secret whose end a roll
-    /// moved), like [`Self::revoke`] does with a tombstone.
-    pub async fn replace(&self, hash: &KeyHash, record: KeyRecord) -> bool {
-        self.overwrite(hash, Cached::Valid(record)).await
-    }
-
-    /// Writes `value` over what is cached, except that nothing replaces a tombstone:
-    /// a deleted key's secrets never come back, so a roll's late `replace` can never undo
-    /// a delete that committed after it.
-    async fn overwrite(&self, hash: &KeyHash, value: Cached) -> bool {
-        match &self.inner {
-            Inner::Memory(c) => {
-                let ttl = ttl_for(&value, self.ttl);
-                c.entry(*hash)
-                    .and_compute_with(|current| {
-                        let tombstoned = current.is_some_and(|e| e.value().0 == Cached::Absent);
-                        std::future::ready(if tombstoned {
-                            moka::ops::compute::Op::Nop
-                        } else {
-                            moka::ops::compute::Op::Put((value, ttl))
-                        })
-                    })
-                    .await;
-                true
-            }
-            Inner::Redis(r) => {
-                // One overwrite at a time, retries included, so an older value can never
-                // land after a newer one.
-                let _serial = r.write_lock.lock().await;
-                r.generation.fetch_add(1, Ordering::SeqCst);
-                match &value {
-                    Cached::Absent => r.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)).await,
-                    Cached::Valid(_) => r.near.invalidate(hash).await,
-                }
-                let unwritten = |pending: Option<Cached>| {
-                    let mut map = r.unwritten.lock().unwrap();
-                    match pending {
-                        Some(v) => {
-                            // A pending tombstone stays a tombstone.
-                            if map.get(hash) != Some(&Cached::Absent) {
-                                map.insert(*hash, v);
-                            }
-                        }
-                        None => {
-                            map.remove(hash);
-                        }
+        let unwritten = |pending: Option<Cached>| {
+            let mut map = self.unwritten.lock().unwrap();
+            match pending {
+                Some(v) => {
+                    // A pending tombstone stays a tombstone.
+                    if map.get(hash) != Some(&Cached::Absent) {
+                        map.insert(*hash, v);
                     }
-                    r.has_unwritten.store(!map.is_empty(), Ordering::SeqCst);
-                };
-                if r.write_entry(hash, &value).await {
-                    unwritten(None);
-                    return true;
                 }
-                unwritten(Some(value));
-                false
+                None => {
+                    map.remove(hash);
+                }
             }
+            self.has_unwritten.store(!map.is_empty(), Ordering::SeqCst);
+        };
+        if self.write_entry(hash, &value).await {
+            unwritten(None);
+            return true;
         }
+        unwritten(Some(value));
+        false
     }
 
-    /// For `/readyz`: `Some(ok)` for Redis, `None` for the in-process cache.
-    pub async fn ping(&self) -> Option<bool> {
-        match &self.inner {
-            Inner::Memory(_) => None,
-            Inner::Redis(r) => Some(r.run::<String>(&redis::cmd("PING")).await.is_some()),
-        }
+    pub(super) async fn ping(&self) -> bool {
+        self.run::<String>(&redis::cmd("PING")).await.is_some()
     }
-}
 
-impl RedisCache {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -490,14 +354,6 @@ async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
     }
 }
 
-/// Tombstones live long; replaced records as long as any verification result.
-fn ttl_for(value: &Cached, ttl: Duration) -> Duration {
-    match value {
-        Cached::Absent => TOMBSTONE_TTL,
-        Cached::Valid(_) => ttl,
-    }
-}
-
 /// Overwrites the hash's entry (unlike verification's `SET NX`); a record never
 /// overwrites a tombstone (checked and set atomically, in a script).
 fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
@@ -543,37 +399,14 @@ fn decode(raw: &str) -> Option<Cached> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metlo_shared::ApiKey;
-
-    fn record() -> KeyRecord {
-        KeyRecord::sample()
-    }
-
-    #[tokio::test]
-    async fn tombstone_beats_a_late_add() {
-        let cache = VerifyCache::memory(Duration::from_secs(5));
-        let hash = ApiKey::generate().unwrap().hash();
-        cache.revoke(&hash).await;
-        cache.add(&hash, Cached::Valid(record())).await;
-        assert_eq!(cache.get(&hash).await, Some(Cached::Absent));
-    }
-
-    #[tokio::test]
-    async fn entries_expire_after_ttl() {
-        let cache = VerifyCache::memory(Duration::from_millis(50));
-        let hash = ApiKey::generate().unwrap().hash();
-        cache.add(&hash, Cached::Valid(record())).await;
-        assert_eq!(cache.get(&hash).await, Some(Cached::Valid(record())));
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        assert_eq!(cache.get(&hash).await, None);
-    }
 
     #[test]
     fn encoding_round_trips() {
+        let record = KeyRecord::sample();
         assert_eq!(decode(&encode(&Cached::Absent)), Some(Cached::Absent));
         assert_eq!(
-            decode(&encode(&Cached::Valid(record()))),
-            Some(Cached::Valid(record()))
+            decode(&encode(&Cached::Valid(record.clone()))),
+            Some(Cached::Valid(record))
         );
         assert_eq!(decode("garbage"), None);
     }

@@ -1,35 +1,60 @@
-//! Assembles the HTTP service and runs it until SIGTERM / Ctrl-C.
+//! The REST API: one router per resource, merged here with the layers every request
+//! goes through (auth on `/api/v1/*`, metrics, size limits, timeout, tracing), and the
+//! server that runs it until SIGTERM / Ctrl-C.
+//!
+//! Handlers only translate: HTTP in (extractors, DTOs), a `service` call, HTTP out
+//! ([`error::ApiError`] for every failure).
+
+pub mod audit;
+pub mod error;
+pub mod extract;
+pub mod keys;
+pub mod limits;
+mod metrics;
+mod openapi;
+mod ops;
+pub mod state;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
-use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, StatusCode};
 use axum::middleware::{from_fn, from_fn_with_state, Next};
 use axum::response::Response;
+use axum::routing::get;
 use axum::Router;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
-use crate::error::ApiError;
-use crate::{audit, auth, keys, ops, telemetry, usage, AppState};
+use error::ApiError;
+use limits::{MAX_BODY_BYTES, MAX_HEADER_BYTES};
+use state::AppState;
 
-/// Largest request body accepted; key requests are tiny.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
-/// Largest request head (target URI plus every header's name and value) accepted. hyper's
-/// own caps (100 headers, ~400 KB of buffer) stay as the outer bound.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub use extract::decode_json;
 
+/// The whole HTTP service.
 pub fn app(state: AppState) -> Router {
-    let api = keys::router()
+    let (router, doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(keys::router())
         .merge(audit::router())
         .merge(usage::router())
-        .layer(from_fn_with_state(state.clone(), auth::require_key));
-    ops::router()
-        .merge(api)
+        .layer(from_fn_with_state(state.clone(), extract::require_key))
+        .merge(ops::router())
+        .split_for_parts();
+    // Serialised once: the document never changes while the process runs.
+    let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
+    router
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
+        )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(from_fn(telemetry::track_requests))
+        .layer(from_fn(metrics::track_requests))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(from_fn(limit_header_size))
         .layer(TimeoutLayer::with_status_code(
@@ -54,20 +79,18 @@ async fn limit_header_size(req: Request, next: Next) -> Result<Response, ApiErro
     Ok(next.run(req).await)
 }
 
+/// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
 pub async fn serve(listen_addr: &str, state: AppState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen_addr}: {e}"))?;
-    let store = state.store.clone();
-    tracing::info!(cache = state.cache.kind(), backend = ?store.backend(), "listening on http://{}", listener.local_addr()?);
+    tracing::info!(cache = state.cache.kind(), backend = ?state.store.backend(), "listening on http://{}", listener.local_addr()?);
     axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown_signal())
     .await?;
-    store.close().await;
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -113,7 +113,7 @@ impl KvClient {
 
     /// Writes `(key, record JSON)` pairs, in as many requests as the API's limit needs.
     pub async fn bulk_put(&self, items: &[(String, String)]) -> Result<(), KvError> {
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let now = crate::clock::now_unix_seconds();
         for chunk in items.chunks(MAX_BULK) {
             let body: Vec<BulkPutItem> = chunk
                 .iter()

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::kv_client::{KvClient, KvError};
-use crate::store::{Store, OUTBOX_CHANNEL};
+use super::client::{KvClient, KvError};
+use crate::clock::now_ms;
+use crate::db::outbox::OUTBOX_CHANNEL;
+use crate::db::Store;
 
 const BATCH: i64 = 1000;
 const POLL: Duration = Duration::from_secs(2);
@@ -29,19 +31,9 @@ pub struct SyncStatus {
     pub last_error: Mutex<Option<String>>,
 }
 
-pub fn spawn(
-    store: Store,
-    client: KvClient,
-    database_url: Option<String>,
-    status: Arc<SyncStatus>,
-) {
-    if let Some(url) = database_url.filter(|u| u.starts_with("postgres")) {
-        tokio::spawn(listen(url, status.clone()));
-    }
-    tokio::spawn(drain_forever(store, client, status));
-}
-
-async fn drain_forever(store: Store, client: KvClient, status: Arc<SyncStatus>) {
+/// Sends the outbox for as long as the process lives (spawned by the composition root,
+/// beside [`listen`] on Postgres).
+pub async fn drain_forever(store: Store, client: KvClient, status: Arc<SyncStatus>) {
     let mut backoff = BACKOFF_START;
     loop {
         match drain_once(&store, &client).await {
@@ -134,7 +126,7 @@ async fn send(
 }
 
 /// Wakes this replica's drainer when any replica enqueues (Postgres `NOTIFY`).
-async fn listen(url: String, status: Arc<SyncStatus>) {
+pub async fn listen(url: String, status: Arc<SyncStatus>) {
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => {
@@ -155,8 +147,7 @@ async fn listen(url: String, status: Arc<SyncStatus>) {
 pub async fn update_depth_metrics(store: &Store) {
     if let Ok((depth, oldest)) = store.outbox_depth().await {
         metrics::gauge!("metlo_kv_outbox_depth").set(depth as f64);
-        let age =
-            oldest.map(|ms| (chrono::Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0);
+        let age = oldest.map(|ms| (now_ms() - ms).max(0) as f64 / 1000.0);
         metrics::gauge!("metlo_kv_outbox_oldest_age_seconds").set(age.unwrap_or(0.0));
     }
 }

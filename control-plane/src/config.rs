@@ -1,34 +1,15 @@
-//! Command line and configuration. Every setting is an environment variable and a flag.
+//! Configuration: every setting is an environment variable and a flag (shared by every
+//! command), and how to open what the settings name (the store, the cache).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
-use std::sync::Arc;
-
-use crate::admin_cli::{self, KeysArgs};
-use crate::audit::{self, AuthFailures};
 use crate::cache::VerifyCache;
-use crate::kv_client::{KvClient, KvTarget};
-use crate::kv_sync::{self, SyncStatus};
-use crate::store::Store;
-use crate::telemetry::{self, LogFormat};
-use crate::usage::{self, Usage};
-use crate::{server, AppState, Shared};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "metlo-control-plane",
-    version,
-    about = "Metlo-compatible API-key service"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub config: Config,
-    #[command(subcommand)]
-    pub command: Command,
-}
+use crate::db::Store;
+use crate::kv_sync::client::KvTarget;
+use crate::telemetry::LogFormat;
 
 #[derive(Debug, Args)]
 pub struct Config {
@@ -148,31 +129,19 @@ impl KvConfig {
     }
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the HTTP service (applies migrations first).
-    Serve {
-        #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
-        listen_addr: String,
-    },
-    /// Apply database migrations and exit.
-    Migrate,
-    /// Manage keys: directly in the database (this is how the first key is made), or
-    /// through a running control plane with --url.
-    Keys(KeysArgs),
-}
-
 impl Config {
-    /// `near_cache`: keep a per-process near cache in front of Redis (servers only).
-    pub(crate) fn cache(&self, near_cache: bool) -> anyhow::Result<VerifyCache> {
+    /// The verification cache: Redis when `REDIS_URL` is set. (A server also runs its
+    /// background tasks; see `VerifyCache::background_tasks`.)
+    pub fn cache(&self) -> anyhow::Result<VerifyCache> {
         let ttl = Duration::from_secs(self.cache_ttl_seconds);
         match &self.redis_url {
-            Some(url) => VerifyCache::redis(url, ttl, near_cache),
+            Some(url) => VerifyCache::redis(url, ttl),
             None => Ok(VerifyCache::memory(ttl)),
         }
     }
 
-    pub(crate) async fn store(&self) -> anyhow::Result<Store> {
+    /// The store, migrated, writing the outbox when a KV target is configured.
+    pub async fn open_store(&self) -> anyhow::Result<Store> {
         let store = Store::connect(self.database_url.as_deref(), &self.data_dir)
             .await?
             .with_outbox(
@@ -181,54 +150,5 @@ impl Config {
             );
         store.migrate().await?;
         Ok(store)
-    }
-}
-
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init_logging(cli.config.log_format);
-    let config = cli.config;
-    match cli.command {
-        Command::Serve { listen_addr } => {
-            let mut store = config.store().await?;
-            let kv_sync = match config.kv.target()? {
-                Some(target) => {
-                    let status = Arc::new(SyncStatus::default());
-                    store = store.with_outbox_wake(status.wake.clone());
-                    tracing::info!(api = %target.api_url, namespace = %target.namespace_id, "KV sync on");
-                    kv_sync::spawn(
-                        store.clone(),
-                        KvClient::new(target)?,
-                        config.database_url.clone(),
-                        status.clone(),
-                    );
-                    Some(status)
-                }
-                None => None,
-            };
-            let usage = Arc::new(Usage::new(config.track_last_used));
-            usage::spawn_flusher(
-                store.clone(),
-                usage.clone(),
-                Duration::from_secs(config.last_used_flush_seconds.max(1)),
-            );
-            let auth_failures = Arc::new(AuthFailures::default());
-            audit::spawn_flusher(store.clone(), auth_failures.clone(), config.audit_retention);
-            let state = AppState::new(Shared {
-                metrics: telemetry::init_metrics()?,
-                store,
-                cache: config.cache(true)?,
-                max_api_keys: config.max_api_keys,
-                kv_sync,
-                usage,
-                auth_failures,
-            });
-            server::serve(&listen_addr, state).await
-        }
-        Command::Migrate => {
-            config.store().await?;
-            tracing::info!("migrations applied");
-            Ok(())
-        }
-        Command::Keys(args) => admin_cli::run(&config, args).await,
     }
 }

@@ -8,36 +8,26 @@
 //! not one database write per request.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
-use axum::http::request::Parts;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
-use crate::auth::Caller;
-use crate::error::{ApiError, ErrorBody};
-use crate::keys::iso8601;
-use crate::store::{AuditEntry, AuditRow, Store, StoreError};
-use crate::AppState;
+use super::Error;
+use crate::clock::{iso8601, now_ms};
+use crate::db::audit::{AuditEntry, AuditRow};
+use crate::db::Store;
 
 /// Most entries one page returns.
 pub const MAX_PAGE: i64 = 1000;
-const DEFAULT_PAGE: i64 = 50;
+pub const DEFAULT_PAGE: i64 = 50;
 /// Distinct failure sources kept between flushes; beyond it, failures are only counted.
 const MAX_PENDING_FAILURES: usize = 10_000;
 /// Key identifiers kept per failure row (the first ones seen).
 const MAX_IDENTIFIERS: usize = 5;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/audit", get(list))
-}
 
 /// Who is making a request: the verified key's name (when there is one) and the peer IP.
 #[derive(Debug, Clone, Default)]
@@ -63,24 +53,6 @@ impl Actor {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Actor {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Actor {
-            name: parts.extensions.get::<Caller>().map(|c| c.0.name.clone()),
-            ip: peer_ip(parts),
-        })
-    }
-}
-
-pub fn peer_ip(parts: &Parts) -> Option<String> {
-    parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-}
-
 /// Why authentication failed, as recorded (the response is the same 401 for all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureReason {
@@ -92,7 +64,7 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             FailureReason::Missing => "missing",
             FailureReason::Malformed => "malformed",
@@ -139,7 +111,7 @@ impl AuthFailures {
         route: Option<String>,
     ) {
         metrics::counter!("metlo_auth_failures_total", "reason" => reason.as_str()).increment(1);
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = now_ms();
         let source = FailureSource { ip, reason, route };
         let mut pending = self.pending.lock().unwrap();
         let full = pending.counts.len() >= MAX_PENDING_FAILURES;
@@ -200,57 +172,44 @@ impl AuthFailures {
 
 /// Writes failed authentications once a second (a failed write is retried with the
 /// next), and deletes entries older than `retention` (zero: keeps everything) — checked
-/// every quarter of the retention, at most hourly.
-pub fn spawn_flusher(store: Store, failures: Arc<AuthFailures>, retention: Duration) {
+/// every quarter of the retention, at most hourly. Runs for as long as the process.
+pub async fn flush_forever(store: Store, failures: Arc<AuthFailures>, retention: Duration) {
     let prune_every = (retention / 4).clamp(FLUSH_EVERY, Duration::from_secs(3600));
-    tokio::spawn(async move {
-        let mut unwritten: Vec<AuditEntry> = Vec::new();
-        let mut last_prune = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(FLUSH_EVERY).await;
-            if !retention.is_zero() && last_prune.elapsed() >= prune_every {
-                last_prune = tokio::time::Instant::now();
-                let before = chrono::Utc::now().timestamp_millis() - retention.as_millis() as i64;
-                match store.prune_audit(before).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(deleted = n, "audit entries past their retention deleted")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "audit retention: delete failed; will retry")
-                    }
+    let mut unwritten: Vec<AuditEntry> = Vec::new();
+    let mut last_prune = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(FLUSH_EVERY).await;
+        if !retention.is_zero() && last_prune.elapsed() >= prune_every {
+            last_prune = tokio::time::Instant::now();
+            let before = now_ms() - retention.as_millis() as i64;
+            match store.prune_audit(before).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(deleted = n, "audit entries past their retention deleted")
                 }
-            }
-            unwritten.extend(failures.take());
-            if unwritten.is_empty() {
-                continue;
-            }
-            match store.append_audit(&unwritten).await {
-                Ok(()) => unwritten.clear(),
                 Err(e) => {
-                    tracing::warn!(error = %e, pending = unwritten.len(), "audit log write failed; will retry");
-                    // Bounded: keep the newest entries if the database stays away.
-                    let excess = unwritten.len().saturating_sub(MAX_PENDING_FAILURES);
-                    unwritten.drain(..excess);
+                    tracing::warn!(error = %e, "audit retention: delete failed; will retry")
                 }
             }
         }
-    });
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct AuditQuery {
-    /// Entries per page, 1–1000 (default 50).
-    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
-    limit: Option<String>,
-    /// Only entries with an id below this (the previous page's `nextBefore`).
-    #[param(value_type = Option<i64>, minimum = 1)]
-    before: Option<String>,
+        unwritten.extend(failures.take());
+        if unwritten.is_empty() {
+            continue;
+        }
+        match store.append_audit(&unwritten).await {
+            Ok(()) => unwritten.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = unwritten.len(), "audit log write failed; will retry");
+                // Bounded: keep the newest entries if the database stays away.
+                let excess = unwritten.len().saturating_sub(MAX_PENDING_FAILURES);
+                unwritten.drain(..excess);
+            }
+        }
+    }
 }
 
 /// One audit entry.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntryOut {
     pub id: i64,
     /// ISO 8601.
@@ -266,7 +225,7 @@ pub struct AuditEntryOut {
     pub detail: Value,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditPage {
     pub entries: Vec<AuditEntryOut>,
     /// Pass as `before` for the next (older) page; null on the last page.
@@ -288,52 +247,21 @@ impl From<AuditRow> for AuditEntryOut {
     }
 }
 
-/// Parses `limit` and `before` (by hand, so a bad value is a JSON 400).
-pub fn parse_audit_query(query: Option<&str>) -> Result<(i64, Option<i64>), ApiError> {
-    let q: AuditQuery = serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    let number = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
-        v.map(|v| {
-            v.trim()
-                .parse::<i64>()
-                .map_err(|_| ApiError::BadRequest(format!("{name} must be a whole number")))
-        })
-        .transpose()
-    };
-    check_page(
-        number("limit", q.limit)?.unwrap_or(DEFAULT_PAGE),
-        number("before", q.before)?,
-    )
-}
-
 /// The page rules, for the route and the CLI alike.
-pub fn check_page(limit: i64, before: Option<i64>) -> Result<(i64, Option<i64>), ApiError> {
+pub fn check_page(limit: i64, before: Option<i64>) -> Result<(i64, Option<i64>), Error> {
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::invalid(format!(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
     if before.is_some_and(|b| b < 1) {
-        return Err(ApiError::BadRequest("before must be at least 1".into()));
+        return Err(Error::invalid("before must be at least 1"));
     }
     Ok((limit, before))
 }
 
-/// The audit log, newest first, a page at a time.
-#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
-async fn list(
-    State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-) -> Result<Json<AuditPage>, ApiError> {
-    let (limit, before) = parse_audit_query(query.as_deref())?;
-    Ok(Json(page(&state.store, limit, before).await?))
-}
-
 /// One page of the audit log, newest first (shared by the route and the CLI).
-pub async fn page(store: &Store, limit: i64, before: Option<i64>) -> Result<AuditPage, StoreError> {
+pub async fn page(store: &Store, limit: i64, before: Option<i64>) -> Result<AuditPage, Error> {
     // One row more than asked tells whether there is a next page.
     let rows = store.list_audit(limit + 1, before).await?;
     let more = rows.len() as i64 > limit;

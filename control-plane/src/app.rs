@@ -1,0 +1,81 @@
+//! The composition root: builds the store, the cache and the request state from the
+//! configuration, spawns every background task, and runs `serve` or `migrate`.
+//! Nothing else in the crate spawns a task or wires layers together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::http::state::{AppState, Shared};
+use crate::kv_sync::client::KvClient;
+use crate::kv_sync::drainer::{self, SyncStatus};
+use crate::service::audit::{self, AuthFailures};
+use crate::service::usage::{self, Usage};
+use crate::{http, telemetry};
+
+/// The REST service with everything behind it, until SIGTERM / Ctrl-C.
+pub async fn serve(config: Config, listen_addr: &str) -> anyhow::Result<()> {
+    let mut store = config.open_store().await?;
+    let kv_sync = match config.kv.target()? {
+        Some(target) => {
+            let status = Arc::new(SyncStatus::default());
+            store = store.with_outbox_wake(status.wake.clone());
+            tracing::info!(api = %target.api_url, namespace = %target.namespace_id, "KV sync on");
+            let client = KvClient::new(target)?;
+            if let Some(url) = config
+                .database_url
+                .clone()
+                .filter(|u| u.starts_with("postgres"))
+            {
+                tokio::spawn(drainer::listen(url, status.clone()));
+            }
+            tokio::spawn(drainer::drain_forever(
+                store.clone(),
+                client,
+                status.clone(),
+            ));
+            Some(status)
+        }
+        None => None,
+    };
+    let usage = Arc::new(Usage::new(config.track_last_used));
+    if usage.enabled() {
+        tokio::spawn(usage::flush_forever(
+            store.clone(),
+            usage.clone(),
+            Duration::from_secs(config.last_used_flush_seconds.max(1)),
+        ));
+    }
+    let auth_failures = Arc::new(AuthFailures::default());
+    tokio::spawn(audit::flush_forever(
+        store.clone(),
+        auth_failures.clone(),
+        config.audit_retention,
+    ));
+    let cache = config.cache()?;
+    for task in cache.background_tasks() {
+        tokio::spawn(task);
+    }
+    let metrics = telemetry::init_metrics()?;
+    tokio::spawn(telemetry::upkeep_forever(metrics.clone()));
+    let state = AppState::new(Shared {
+        metrics,
+        store: store.clone(),
+        cache,
+        max_api_keys: config.max_api_keys,
+        kv_sync,
+        usage,
+        auth_failures,
+    });
+    http::serve(listen_addr, state).await?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Applies the migrations and exits.
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    config.open_store().await?.close().await;
+    tracing::info!("migrations applied");
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! The in-process cache (one replica): moka, each entry with its own time to live.
+
+use std::time::{Duration, Instant};
+
+use metlo_shared::KeyHash;
+use moka::Expiry;
+
+use super::entry::{ttl_for, Cached};
+
+pub(super) type LocalCache = moka::future::Cache<KeyHash, (Cached, Duration)>;
+
+/// Also the near cache in front of Redis.
+pub(super) fn local_cache() -> LocalCache {
+    moka::future::Cache::builder()
+        .max_capacity(100_000)
+        .expire_after(PerEntryTtl)
+        .build()
+}
+
+/// Each entry carries its own time to live (verifications vs tombstones).
+struct PerEntryTtl;
+
+impl Expiry<KeyHash, (Cached, Duration)> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _: &KeyHash,
+        value: &(Cached, Duration),
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+    fn expire_after_update(
+        &self,
+        _: &KeyHash,
+        value: &(Cached, Duration),
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Memory(LocalCache);
+
+impl Memory {
+    pub(super) fn new() -> Self {
+        Memory(local_cache())
+    }
+
+    pub(super) async fn get(&self, hash: &KeyHash) -> Option<Cached> {
+        self.0.get(hash).await.map(|(v, _)| v)
+    }
+
+    pub(super) async fn add(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
+        self.0.entry(*hash).or_insert((value, ttl)).await;
+    }
+
+    /// Puts `value` unless a tombstone is there (checked and set atomically).
+    pub(super) async fn overwrite(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
+        let ttl = ttl_for(&value, ttl);
+        self.0
+            .entry(*hash)
+            .and_compute_with(|current| {
+                let tombstoned = current.is_some_and(|e| e.value().0 == Cached::Absent);
+                std::future::ready(if tombstoned {
+                    moka::ops::compute::Op::Nop
+                } else {
+                    moka::ops::compute::Op::Put((value, ttl))
+                })
+            })
+            .await;
+    }
+}

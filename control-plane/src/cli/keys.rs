@@ -1,0 +1,352 @@
+//! `metlo-control-plane keys …`: manage keys directly in the database (how the first key
+//! is made), or through a running control plane's REST API with `--url` (the key from
+//! `METLO_API_KEY`). Both paths give the same typed results, printed as a table by
+//! default or as the API's JSON with `--json`.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use comfy_table::{presets, Table};
+use metlo_shared::KeyType;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::service::audit::{self, Actor, AuditPage};
+use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, RolledKey};
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Manage the keys of a running control plane at this URL, through its REST API,
+    /// instead of the database. The API key is read from METLO_API_KEY.
+    #[arg(long, env = "METLO_URL", global = true)]
+    pub url: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints the full key alone on stdout (shown only this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// GENERIC, ONBOARDING, GCP or AWS.
+        #[arg(long = "type", default_value = "GENERIC")]
+        key_type: String,
+        /// When the key stops working (RFC 3339, e.g. 2030-01-01T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List keys (metadata only), newest first.
+    List {
+        /// Only ONBOARDING keys.
+        #[arg(long)]
+        onboarding: bool,
+    },
+    /// Delete a key by name.
+    Delete { name: String },
+    /// Give a key a new secret (printed alone on stdout, shown only this once); the old
+    /// one keeps working for --overlap-seconds.
+    Roll {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        overlap_seconds: u64,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Only entries older than this id (the previous page's nextBefore).
+        #[arg(long)]
+        before: Option<i64>,
+    },
+}
+
+/// What a command produced, whichever way it ran.
+enum Output {
+    Created(CreatedKey),
+    Rolled(RolledKey),
+    Deleted(String),
+    Keys(Vec<KeyInfo>),
+    Audit(AuditPage),
+}
+
+pub async fn run(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+    let output = match &args.url {
+        Some(url) => remote(url, &args.command).await?,
+        None => local(config, &args.command).await?,
+    };
+    print(&output, args.json)
+}
+
+/// Through the REST API.
+async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
+    let key = std::env::var("METLO_API_KEY")
+        .map_err(|_| anyhow::anyhow!("set METLO_API_KEY to the API key to use with --url"))?;
+    let base = url.trim_end_matches('/');
+    let api = Api {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+        base: reqwest::Url::parse(&format!("{base}/"))
+            .map_err(|e| anyhow::anyhow!("invalid --url {base}: {e}"))?,
+        key,
+    };
+    if !matches!(api.base.scheme(), "http" | "https") || api.base.cannot_be_a_base() {
+        anyhow::bail!("--url must be an http:// or https:// URL");
+    }
+    Ok(match cmd {
+        KeysCommand::Create {
+            name,
+            key_type,
+            expires_at,
+        } => Output::Created(
+            api.send(
+                reqwest::Method::POST,
+                &["api", "v1", "keys", "create"],
+                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at})),
+            )
+            .await?,
+        ),
+        KeysCommand::List { onboarding } => Output::Keys(
+            api.send(
+                reqwest::Method::GET,
+                &[
+                    "api",
+                    "v1",
+                    "keys",
+                    if *onboarding { "onboarding" } else { "list" },
+                ],
+                None,
+            )
+            .await?,
+        ),
+        KeysCommand::Delete { name } => {
+            let _: Value = api
+                .send(
+                    reqwest::Method::DELETE,
+                    &["api", "v1", "keys", name, "delete"],
+                    None,
+                )
+                .await?;
+            Output::Deleted(name.clone())
+        }
+        KeysCommand::Roll {
+            name,
+            overlap_seconds,
+        } => Output::Rolled(
+            api.send(
+                reqwest::Method::POST,
+                &["api", "v1", "keys", name, "roll"],
+                Some(json!({"overlapSeconds": overlap_seconds})),
+            )
+            .await?,
+        ),
+        KeysCommand::Audit { limit, before } => {
+            let mut api_audit = api.url(&["api", "v1", "audit"]);
+            api_audit
+                .query_pairs_mut()
+                .append_pair("limit", &limit.to_string());
+            if let Some(b) = before {
+                api_audit
+                    .query_pairs_mut()
+                    .append_pair("before", &b.to_string());
+            }
+            Output::Audit(api.send_to(reqwest::Method::GET, api_audit, None).await?)
+        }
+    })
+}
+
+/// A running control plane's REST API.
+struct Api {
+    http: reqwest::Client,
+    /// Ends with `/`.
+    base: reqwest::Url,
+    key: String,
+}
+
+impl Api {
+    /// The URL of these path segments (each percent-encoded: names may hold `/`, `?`…).
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in `remote`: an http(s) URL has a path")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        self.send_to(method, self.url(segments), body).await
+    }
+
+    async fn send_to<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: reqwest::Url,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let base = self.base.as_str().trim_end_matches('/');
+        let mut request = self
+            .http
+            .request(method, url)
+            .header("Authorization", format!("Bearer {}", self.key));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", e.without_url()))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = body["message"].as_str().unwrap_or("no details");
+            anyhow::bail!("{base} answered {status}: {message}");
+        }
+        serde_json::from_value(body)
+            .map_err(|e| anyhow::anyhow!("{base} answered with an unexpected body: {e}"))
+    }
+}
+
+/// Directly against the database (and the shared cache, when REDIS_URL is set).
+async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
+    let store = config.open_store().await?;
+    let actor = Actor::cli();
+    let result: anyhow::Result<Output> = async {
+        Ok(match cmd {
+            KeysCommand::Create {
+                name,
+                key_type,
+                expires_at,
+            } => {
+                let new = CreateKeyRequest {
+                    name: Some(name.clone()),
+                    key_for: Some(key_type.clone()),
+                    expires_at: expires_at.clone(),
+                }
+                .validate(now_ms())?;
+                Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)
+            }
+            KeysCommand::List { onboarding } => {
+                let only = onboarding.then_some(KeyType::Onboarding);
+                Output::Keys(keys::list_keys(&store, only).await?)
+            }
+            KeysCommand::Delete { name } => {
+                keys::delete_key(&store, &config.cache()?, name, &actor).await?;
+                Output::Deleted(name.clone())
+            }
+            KeysCommand::Roll {
+                name,
+                overlap_seconds,
+            } => {
+                let overlap = keys::overlap(*overlap_seconds)?;
+                Output::Rolled(
+                    keys::roll_key(&store, &config.cache()?, name, overlap, &actor).await?,
+                )
+            }
+            KeysCommand::Audit { limit, before } => {
+                let (limit, before) = audit::check_page(*limit, *before)?;
+                Output::Audit(audit::page(&store, limit, before).await?)
+            }
+        })
+    }
+    .await;
+    store.close().await;
+    result
+}
+
+fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        let json = match output {
+            Output::Created(k) => serde_json::to_value(k)?,
+            Output::Rolled(k) => serde_json::to_value(k)?,
+            Output::Deleted(_) => json!({"status": "OK"}),
+            Output::Keys(k) => serde_json::to_value(k)?,
+            Output::Audit(p) => serde_json::to_value(p)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    match output {
+        // The key alone on stdout, so `KEY=$(… keys create …)` works.
+        Output::Created(k) => {
+            eprintln!(
+                "Created {} key {:?} ({}). It is shown only this once:",
+                k.info.key_for, k.info.name, k.info.identifier
+            );
+            println!("{}", k.api_key);
+        }
+        Output::Rolled(k) => {
+            eprintln!(
+                "Rolled {} key {:?} ({}). It is shown only this once:",
+                k.info.key_for, k.info.name, k.info.identifier
+            );
+            eprintln!(
+                "The previous secret ({}) works until {}.",
+                k.previous_identifier, k.previous_valid_until
+            );
+            println!("{}", k.api_key);
+        }
+        Output::Deleted(name) => eprintln!("Deleted key {name:?}"),
+        Output::Keys(keys) => {
+            let mut table = new_table(&[
+                "NAME",
+                "IDENTIFIER",
+                "TYPE",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+            ]);
+            for k in keys {
+                table.add_row([
+                    k.name.clone(),
+                    k.identifier.clone(),
+                    k.key_for.to_string(),
+                    k.created.clone(),
+                    or_dash(&k.expires_at),
+                    or_dash(&k.last_used),
+                ]);
+            }
+            println!("{table}");
+        }
+        Output::Audit(page) => {
+            let mut table = new_table(&["ID", "AT", "ACTOR", "ACTION", "TARGET", "IP", "DETAIL"]);
+            for e in &page.entries {
+                table.add_row([
+                    e.id.to_string(),
+                    e.at.clone(),
+                    or_dash(&e.actor),
+                    e.action.clone(),
+                    or_dash(&e.target),
+                    or_dash(&e.ip),
+                    e.detail.to_string(),
+                ]);
+            }
+            println!("{table}");
+            if let Some(next) = page.next_before {
+                eprintln!("More: --before {next}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_header(header.to_vec());
+    table
+}

@@ -1,0 +1,34 @@
+//! The command line: `serve`, `migrate`, and the `keys` admin commands.
+
+pub mod keys;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "metlo-control-plane",
+    version,
+    about = "Metlo-compatible API-key service"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (applies migrations first).
+    Serve {
+        #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+        listen_addr: String,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage keys: directly in the database (this is how the first key is made), or
+    /// through a running control plane with --url.
+    Keys(keys::KeysArgs),
+}

@@ -1,0 +1,121 @@
+//! The audit log: appended in the transaction of the change it records, or in batches
+//! (failed authentications); read newest first; pruned past its retention.
+
+use super::{Store, StoreError, Tx};
+use crate::clock::now_ms;
+
+/// One audit-log entry. Never holds a secret.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// The calling key's name; `None`: unauthenticated, or the local CLI.
+    pub actor: Option<String>,
+    /// `key.create`, `key.delete`, `key.roll` or `auth.failed`.
+    pub action: &'static str,
+    /// The key acted on.
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A stored audit-log row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    /// A JSON object.
+    pub detail: String,
+}
+
+impl Store {
+    pub(super) async fn audit_in(&self, tx: &mut Tx, entry: &AuditEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, actor, action, target, ip, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(now_ms())
+        .bind(&entry.actor)
+        .bind(entry.action)
+        .bind(&entry.target)
+        .bind(&entry.ip)
+        .bind(entry.detail.to_string())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends audit entries (failed authentications, batched) in one transaction.
+    pub async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for entry in entries {
+            self.audit_in(&mut tx, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes audit rows older than `before_ms`; returns how many.
+    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query("DELETE FROM audit_log WHERE at_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// Audit rows, newest first, with ids below `before` when given.
+    pub async fn list_audit(
+        &self,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, at_ms, actor, action, target, ip, detail FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metlo_shared::KeyType;
+
+    use crate::clock::now_ms;
+    use crate::db::keys::fixtures::{audit, key};
+    use crate::db::Store;
+
+    #[tokio::test]
+    async fn entries_are_appended_paged_newest_first_and_pruned() {
+        let store = Store::memory().await;
+        // One written with a change, in its transaction; two appended in a batch.
+        store
+            .insert_key(&key("k", KeyType::Generic), 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        store
+            .append_audit(&[audit("auth.failed", "x"), audit("auth.failed", "y")])
+            .await
+            .unwrap();
+        let all = store.list_audit(10, None).await.unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|r| r.target.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            ["y", "x", "k"]
+        );
+        assert_eq!(all[2].action, "key.create");
+        assert_eq!(all[2].actor.as_deref(), Some("tester"));
+        assert_eq!(all[2].detail, "{}");
+        let page = store.list_audit(1, Some(all[0].id)).await.unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].id, all[1].id);
+        assert_eq!(store.prune_audit(now_ms() - 60_000).await.unwrap(), 0);
+        assert_eq!(store.prune_audit(now_ms() + 1).await.unwrap(), 3);
+        assert!(store.list_audit(10, None).await.unwrap().is_empty());
+    }
+}

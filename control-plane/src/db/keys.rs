@@ -1,0 +1,516 @@
+//! Keys, their rolled-away secrets, and the quota row that makes the key limit exact.
+
+use std::time::Duration;
+
+use metlo_shared::{KeyHash, KeyRecord, KeyType, RECORD_VERSION};
+
+use super::audit::AuditEntry;
+use super::{Store, StoreError, Tx};
+use crate::clock::{ceil_to_second, iso8601, now_ms, unix_seconds};
+
+/// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
+/// carries that secret's hash and identifier, and expires when its overlap ends.)
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredKey {
+    pub id: i64,
+    pub name: String,
+    pub key_hash: String,
+    pub identifier: String,
+    #[sqlx(try_from = "String")]
+    pub key_type: KeyType,
+    pub created_at_ms: i64,
+    /// Whole seconds (in ms); `None`: never expires.
+    pub expires_at_ms: Option<i64>,
+    pub last_used_ms: Option<i64>,
+}
+
+impl StoredKey {
+    /// The record the edge caches in KV for this key.
+    pub fn record(&self) -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            name: self.name.clone(),
+            key_type: self.key_type,
+            identifier: self.identifier.clone(),
+            created: iso8601(self.created_at_ms),
+            expires: self.expires_at_ms.map(unix_seconds),
+        }
+    }
+
+    /// The record of a secret a roll replaced: the key's, with that secret's identifier,
+    /// expiring when its overlap ends (or the key expires, if sooner).
+    pub fn retired_record(&self, identifier: &str, retires_at_ms: i64) -> KeyRecord {
+        KeyRecord {
+            identifier: identifier.to_owned(),
+            expires: Some(unix_seconds(self.secret_end(retires_at_ms))),
+            ..self.record()
+        }
+    }
+
+    /// When a rolled-away secret retiring at `retires_at_ms` stops: then, or when the
+    /// key expires if sooner.
+    pub fn secret_end(&self, retires_at_ms: i64) -> i64 {
+        self.expires_at_ms
+            .map_or(retires_at_ms, |e| e.min(retires_at_ms))
+    }
+}
+
+/// A secret that a roll replaced, and when it stops working (ms; at or before the roll's
+/// time: at once).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RetiredSecret {
+    pub key_hash: String,
+    pub identifier: String,
+    pub retires_at_ms: i64,
+}
+
+/// The outcome of a roll: the key with its new secret's hash, and every older secret
+/// whose end changed.
+#[derive(Debug, Clone)]
+pub struct Rolled {
+    pub key: StoredKey,
+    pub retired: Vec<RetiredSecret>,
+}
+
+const KEY_COLUMNS: &str =
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms";
+
+impl Store {
+    /// Inserts a key unless its name is taken or `max_keys` are stored. The quota row is
+    /// locked first, so concurrent creates are serialized and the limit is exact.
+    /// Stores a new key (its `id` is assigned here), with its KV put and audit row.
+    pub async fn insert_key(
+        &self,
+        key: &StoredKey,
+        max_keys: u64,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let reserved =
+            sqlx::query("UPDATE key_quota SET used = used + 1 WHERE id = 1 AND used < $1")
+                .bind(i64::try_from(max_keys).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if reserved == 0 {
+            return Err(StoreError::LimitReached(max_keys));
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.name)
+        .bind(&key.key_hash)
+        .bind(&key.identifier)
+        .bind(key.key_type.as_str())
+        .bind(key.created_at_ms)
+        .bind(key.expires_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
+            .await?;
+        self.audit_in(&mut tx, audit).await?;
+        self.commit_outbox(tx).await?;
+        Ok(())
+    }
+
+    /// Gives the key `name` a new secret (`new_hash`, `new_identifier`). Its previous
+    /// secret keeps working for `overlap` (its end rounded up to a whole second; zero: it
+    /// stops at once), and every older secret still in an overlap stops no later than
+    /// that — so a roll with no overlap ends every old secret. `None`: no such key.
+    pub async fn roll_key(
+        &self,
+        name: &str,
+        new_hash: &str,
+        new_identifier: &str,
+        overlap: Duration,
+        audit: &AuditEntry,
+    ) -> Result<Option<Rolled>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !Self::lock_key(&mut tx, name).await? {
+            return Ok(None);
+        }
+        let old: StoredKey = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let now = now_ms();
+        let end = if overlap.is_zero() {
+            now
+        } else {
+            ceil_to_second(now.saturating_add(overlap.as_millis() as i64))
+        };
+        let earlier: Vec<RetiredSecret> = sqlx::query_as(
+            "SELECT key_hash, identifier, retires_at_ms FROM retired_secrets WHERE key_id = $1",
+        )
+        .bind(old.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Secrets whose end moves earlier: the one being replaced, and older ones that
+        // would otherwise outlive this roll's overlap.
+        let mut changed = vec![RetiredSecret {
+            key_hash: old.key_hash.clone(),
+            identifier: old.identifier.clone(),
+            retires_at_ms: end,
+        }];
+        changed.extend(
+            earlier
+                .into_iter()
+                .filter(|s| s.retires_at_ms > end && s.retires_at_ms > now)
+                .map(|s| RetiredSecret {
+                    retires_at_ms: end,
+                    ..s
+                }),
+        );
+        sqlx::query("UPDATE retired_secrets SET retires_at_ms = $1 WHERE key_id = $2 AND retires_at_ms > $1")
+            .bind(end)
+            .bind(old.id)
+            .execute(&mut *tx)
+            .await?;
+        if end > now {
+            sqlx::query(
+                "INSERT INTO retired_secrets (key_hash, key_id, identifier, retires_at_ms) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&old.key_hash)
+            .bind(old.id)
+            .bind(&old.identifier)
+            .bind(end)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM retired_secrets WHERE key_id = $1 AND retires_at_ms <= $2")
+            .bind(old.id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE api_keys SET key_hash = $1, identifier = $2 WHERE id = $3")
+            .bind(new_hash)
+            .bind(new_identifier)
+            .bind(old.id)
+            .execute(&mut *tx)
+            .await?;
+        let key = StoredKey {
+            key_hash: new_hash.to_owned(),
+            identifier: new_identifier.to_owned(),
+            ..old.clone()
+        };
+        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
+            .await?;
+        for secret in &changed {
+            if secret.retires_at_ms <= now {
+                self.enqueue_delete(&mut tx, &secret.key_hash, now).await?;
+            } else {
+                // KV gets the record with its new end at once (the edge refuses it from
+                // then on), and a delete when the overlap is over.
+                let record = old.retired_record(&secret.identifier, secret.retires_at_ms);
+                self.enqueue(&mut tx, &secret.key_hash, Some(record.to_json()), 0)
+                    .await?;
+                self.enqueue_delete(&mut tx, &secret.key_hash, secret.retires_at_ms)
+                    .await?;
+            }
+        }
+        self.audit_in(&mut tx, audit).await?;
+        self.commit_outbox(tx).await?;
+        Ok(Some(Rolled {
+            key,
+            retired: changed,
+        }))
+    }
+
+    /// Takes the write lock of the key's row (on both databases) before anything else, so
+    /// rolls and deletes of one key run one after the other and never take their locks
+    /// in opposite orders. False: no such key.
+    async fn lock_key(tx: &mut Tx, name: &str) -> Result<bool, StoreError> {
+        let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
+            .bind(name)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(locked > 0)
+    }
+
+    /// All keys, or those of one type; newest first.
+    pub async fn list_keys(&self, only: Option<KeyType>) -> Result<Vec<StoredKey>, StoreError> {
+        let keys = match only {
+            None => {
+                sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms DESC, id DESC"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(t) => {
+                sqlx::query_as(&format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_type = $1 ORDER BY created_at_ms DESC, id DESC"
+                ))
+                .bind(t.as_str())
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(keys)
+    }
+
+    /// The key a secret hash belongs to: its current secret, or one rolled away whose
+    /// overlap has not ended (then with that secret's identifier, expiring at its end).
+    pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
+        let hex = hash.to_hex();
+        let key = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 \
+             UNION ALL \
+             SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
+               CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
+                 THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
+               k.last_used_ms \
+             FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
+             WHERE r.key_hash = $2 AND r.retires_at_ms > $3"
+        ))
+        .bind(&hex)
+        .bind(&hex)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(key)
+    }
+
+    /// Deletes a key by name, with every secret a roll left in its overlap; returns the
+    /// key and the hashes of those secrets, or `None` if there was no such key.
+    pub async fn delete_key(
+        &self,
+        name: &str,
+        audit: &AuditEntry,
+    ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The key's row lock first, as a roll takes it: a roll in progress finishes (and
+        // its rolled-away secret is seen below) before this goes on.
+        if !Self::lock_key(&mut tx, name).await? {
+            return Ok(None);
+        }
+        // The rolled-away secrets next: deleting the key would cascade to them unseen.
+        let retired: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM retired_secrets WHERE key_id IN (SELECT id FROM api_keys WHERE name = $1) RETURNING key_hash",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?;
+        let deleted: Option<StoredKey> = sqlx::query_as(&format!(
+            "DELETE FROM api_keys WHERE name = $1 RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(deleted) = deleted else {
+            return Ok(None);
+        };
+        sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let now = now_ms();
+        for hash in std::iter::once(&deleted.key_hash).chain(&retired) {
+            self.enqueue_delete(&mut tx, hash, now).await?;
+        }
+        self.audit_in(&mut tx, audit).await?;
+        self.commit_outbox(tx).await?;
+        Ok(Some((deleted, retired)))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use metlo_shared::{ApiKey, KeyType};
+
+    use super::StoredKey;
+    use crate::clock::now_ms;
+    use crate::db::audit::AuditEntry;
+
+    /// A new key's row (its secret is dropped: tests work with hashes).
+    pub(crate) fn key(name: &str, key_type: KeyType) -> StoredKey {
+        let secret = ApiKey::generate().unwrap();
+        StoredKey {
+            id: 0,
+            name: name.to_owned(),
+            key_hash: secret.hash().to_hex(),
+            identifier: secret.identifier(),
+            key_type,
+            created_at_ms: now_ms(),
+            expires_at_ms: None,
+            last_used_ms: None,
+        }
+    }
+
+    pub(crate) fn audit(action: &'static str, target: &str) -> AuditEntry {
+        AuditEntry {
+            actor: Some("tester".into()),
+            action,
+            target: Some(target.to_owned()),
+            ip: Some("127.0.0.1".into()),
+            detail: serde_json::json!({}),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use metlo_shared::{ApiKey, KeyHash, KeyType};
+
+    use super::fixtures::{audit, key};
+    use crate::clock::now_ms;
+    use crate::db::{Store, StoreError};
+
+    fn hash(hex: &str) -> KeyHash {
+        KeyHash::from_hex(hex).unwrap()
+    }
+
+    #[tokio::test]
+    async fn insert_list_find_and_the_limit() {
+        let store = Store::memory().await;
+        let a = key("a", KeyType::Generic);
+        let mut b = key("b", KeyType::Onboarding);
+        b.created_at_ms += 1;
+        store
+            .insert_key(&a, 2, &audit("key.create", "a"))
+            .await
+            .unwrap();
+        store
+            .insert_key(&b, 2, &audit("key.create", "b"))
+            .await
+            .unwrap();
+        // Names are unique; the limit is exact (and checked first).
+        let again = key("a", KeyType::Generic);
+        assert!(matches!(
+            store.insert_key(&again, 3, &audit("key.create", "a")).await,
+            Err(StoreError::DuplicateName)
+        ));
+        assert!(matches!(
+            store
+                .insert_key(&key("c", KeyType::Generic), 2, &audit("key.create", "c"))
+                .await,
+            Err(StoreError::LimitReached(2))
+        ));
+        let all = store.list_keys(None).await.unwrap();
+        assert_eq!(
+            all.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["b", "a"],
+            "newest first"
+        );
+        assert!(all[0].id > 0, "ids are assigned by the database");
+        let onboarding = store.list_keys(Some(KeyType::Onboarding)).await.unwrap();
+        assert_eq!(onboarding.len(), 1);
+        assert_eq!(onboarding[0].name, "b");
+        let found = store
+            .find_by_hash(&hash(&a.key_hash))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.name.as_str(), found.key_type),
+            ("a", KeyType::Generic)
+        );
+        let unknown = ApiKey::generate().unwrap().hash();
+        assert_eq!(store.find_by_hash(&unknown).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn roll_keeps_the_old_secret_for_its_overlap_only() {
+        let store = Store::memory().await;
+        let mut k = key("k", KeyType::Aws);
+        k.expires_at_ms = Some((now_ms() / 1000 + 3600) * 1000);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        let new = ApiKey::generate().unwrap();
+        let rolled = store
+            .roll_key(
+                "k",
+                &new.hash().to_hex(),
+                &new.identifier(),
+                Duration::from_secs(60),
+                &audit("key.roll", "k"),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rolled.key.key_hash, new.hash().to_hex());
+        assert_eq!(rolled.key.key_type, KeyType::Aws);
+        assert_eq!(rolled.retired.len(), 1);
+        let end = rolled.retired[0].retires_at_ms;
+        assert_eq!(end % 1000, 0, "a whole second");
+        assert!(end >= now_ms() + 59_000);
+        // The old secret still finds the key, with its own identifier and end.
+        let old = store
+            .find_by_hash(&hash(&k.key_hash))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(old.identifier, k.identifier);
+        assert_eq!(old.expires_at_ms, Some(end));
+        // A roll without overlap ends every older secret at once.
+        let newer = ApiKey::generate().unwrap();
+        let rolled = store
+            .roll_key(
+                "k",
+                &newer.hash().to_hex(),
+                &newer.identifier(),
+                Duration::ZERO,
+                &audit("key.roll", "k"),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rolled.retired.len(),
+            2,
+            "the replaced secret and the one in overlap"
+        );
+        assert!(rolled.retired.iter().all(|s| s.retires_at_ms <= now_ms()));
+        assert_eq!(store.find_by_hash(&hash(&k.key_hash)).await.unwrap(), None);
+        assert_eq!(store.find_by_hash(&new.hash()).await.unwrap(), None);
+        assert!(store.find_by_hash(&newer.hash()).await.unwrap().is_some());
+        let none = store
+            .roll_key("nope", "x", "y", Duration::ZERO, &audit("key.roll", "nope"))
+            .await
+            .unwrap();
+        assert!(none.is_none());
+    }
+
+    #[tokio::test]
+    async fn delete_returns_the_key_and_its_rolled_secrets_and_frees_the_slot() {
+        let store = Store::memory().await;
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 1, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        let new = ApiKey::generate().unwrap();
+        store
+            .roll_key(
+                "k",
+                &new.hash().to_hex(),
+                &new.identifier(),
+                Duration::from_secs(600),
+                &audit("key.roll", "k"),
+            )
+            .await
+            .unwrap();
+        let (deleted, retired) = store
+            .delete_key("k", &audit("key.delete", "k"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(deleted.key_hash, new.hash().to_hex());
+        assert_eq!(retired, vec![k.key_hash.clone()]);
+        assert_eq!(store.find_by_hash(&hash(&k.key_hash)).await.unwrap(), None);
+        assert!(store
+            .delete_key("k", &audit("key.delete", "k"))
+            .await
+            .unwrap()
+            .is_none());
+        // The slot is free again (limit 1).
+        store
+            .insert_key(&key("k2", KeyType::Generic), 1, &audit("key.create", "k2"))
+            .await
+            .unwrap();
+    }
+}

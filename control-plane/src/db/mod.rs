@@ -1,0 +1,230 @@
+//! The key store: one sqlx `Any` code path over Postgres (production) and SQLite (the
+//! embedded default). Timestamps are integer milliseconds so both behave the same.
+//!
+//! One [`Store`] type; its SQL is split one file per aggregate: [`keys`] (keys, their
+//! rolled-away secrets and the quota), [`outbox`] (KV updates waiting to be sent),
+//! [`audit`] and [`usage`]. Each file's tests run in-crate on `sqlite::memory:`.
+
+pub mod audit;
+pub mod keys;
+pub mod outbox;
+pub mod usage;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("an API key with this name already exists")]
+    DuplicateName,
+    #[error("maximum API key limit reached: {0}")]
+    LimitReached(u64),
+    /// The database could not be reached (down, pool exhausted, timed out): retryable.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::DuplicateName,
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            // Postgres shutting down / not accepting connections (class 57, 08).
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+            {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Other(e),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// Write KV updates to the outbox (only when a KV target is configured: otherwise
+    /// nothing would ever drain it).
+    outbox: bool,
+    /// Every KV delete is sent again this long after the first (0: never).
+    delete_echo_ms: i64,
+    /// Woken after every commit that wrote the outbox: this process's drainer.
+    outbox_wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+impl Store {
+    /// Connects to `database_url`, or to `<data_dir>/metlo.db` (created if missing) when
+    /// no URL is given.
+    pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let url = match database_url {
+            Some(url) => url.to_owned(),
+            None => {
+                std::fs::create_dir_all(data_dir).map_err(|e| {
+                    anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display())
+                })?;
+                format!("sqlite://{}?mode=rwc", data_dir.join("metlo.db").display())
+            }
+        };
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            anyhow::bail!("DATABASE_URL must start with postgres://, postgresql:// or sqlite:");
+        };
+        let options = AnyPoolOptions::new()
+            // Short: when the database is down or saturated, a quick 503 + Retry-After beats
+            // holding the client (and a connection slot) for seconds.
+            .acquire_timeout(Duration::from_secs(1))
+            .max_connections(match backend {
+                Backend::Postgres => 16,
+                // SQLite has one writer; a few connections serve concurrent reads in WAL mode.
+                Backend::Sqlite => 4,
+            });
+        let options = match backend {
+            Backend::Postgres => options,
+            Backend::Sqlite => options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous = NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 10000")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            }),
+        };
+        let pool = options
+            .connect(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+        Ok(Store::from_pool(pool, backend))
+    }
+
+    fn from_pool(pool: AnyPool, backend: Backend) -> Self {
+        Store {
+            pool,
+            backend,
+            outbox: false,
+            delete_echo_ms: 0,
+            outbox_wake: None,
+        }
+    }
+
+    /// A migrated SQLite database in memory, for in-crate tests: one connection (each
+    /// `:memory:` connection would be a database of its own).
+    #[cfg(test)]
+    pub(crate) async fn memory() -> Self {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let store = Store::from_pool(pool, Backend::Sqlite);
+        store.migrate().await.unwrap();
+        store
+    }
+
+    /// Turns on outbox writes (done when a KV target is configured). `delete_echo`: send
+    /// every delete a second time after this long (zero: not at all).
+    pub fn with_outbox(mut self, enabled: bool, delete_echo: Duration) -> Self {
+        self.outbox = enabled;
+        self.delete_echo_ms = delete_echo.as_millis() as i64;
+        self
+    }
+
+    /// Wakes `drainer` after each commit that wrote the outbox (other replicas' drainers
+    /// are woken by Postgres `NOTIFY`).
+    pub fn with_outbox_wake(mut self, drainer: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.outbox_wake = Some(drainer);
+        self
+    }
+
+    /// Commits a transaction that wrote the outbox, then wakes the drainer.
+    async fn commit_outbox(&self, tx: Tx) -> Result<(), StoreError> {
+        tx.commit().await?;
+        if let Some(wake) = &self.outbox_wake {
+            wake.notify_one();
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let migrator = match self.backend {
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_to_a_file_in_the_data_dir_and_migrates_twice() {
+        let dir = std::env::temp_dir().join(format!("metlo-db-test-{}", std::process::id()));
+        let store = Store::connect(None, &dir).await.unwrap();
+        assert_eq!(store.backend(), Backend::Sqlite);
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+        store.ping().await.unwrap();
+        store.close().await;
+        assert!(dir.join("metlo.db").exists());
+        assert!(store.ping().await.is_err(), "closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = Store::connect(Some("mysql://x"), &dir).await.err().unwrap();
+        assert!(err.to_string().contains("DATABASE_URL must start with"));
+    }
+
+    #[tokio::test]
+    async fn memory_store_answers() {
+        Store::memory().await.ping().await.unwrap();
+    }
+}

@@ -1,0 +1,267 @@
+//! The transactional outbox: KV updates written in the same transaction as the key
+//! change they follow, claimed and deleted by the drainer once Workers KV took them.
+
+use super::{Backend, Store, StoreError, Tx};
+use crate::clock::now_ms;
+
+/// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
+pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
+
+/// One pending KV update.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kv_key: String,
+    /// `Some(record JSON)`: put; `None`: delete.
+    pub value: Option<String>,
+}
+
+/// Rows claimed by one drainer. On Postgres they stay locked (`FOR UPDATE SKIP LOCKED`)
+/// until [`Store::finish_claim`], so no other replica sends them meanwhile.
+pub struct Claim {
+    tx: Option<Tx>,
+    pub rows: Vec<OutboxRow>,
+}
+
+impl Store {
+    /// A KV delete at `at_ms` (or at once when that has passed), and its echo.
+    pub(super) async fn enqueue_delete(
+        &self,
+        tx: &mut Tx,
+        kv_key: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let at = if at_ms <= now_ms() { 0 } else { at_ms };
+        self.enqueue(tx, kv_key, None, at).await?;
+        if self.delete_echo_ms > 0 {
+            let echo_at = at.max(now_ms()) + self.delete_echo_ms;
+            self.enqueue(tx, kv_key, None, echo_at).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a KV update to the outbox inside the caller's transaction, to be sent at once
+    /// or not before `not_before_ms` (ms since the epoch).
+    pub(super) async fn enqueue(
+        &self,
+        tx: &mut Tx,
+        kv_key: &str,
+        value: Option<String>,
+        not_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        if !self.outbox {
+            return Ok(());
+        }
+        let op = if value.is_some() { "put" } else { "delete" };
+        sqlx::query(
+            "INSERT INTO kv_outbox (kv_key, op, value, created_at_ms, not_before_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(kv_key)
+        .bind(op)
+        .bind(value)
+        .bind(now_ms())
+        .bind(not_before_ms)
+        .execute(&mut **tx)
+        .await?;
+        if self.backend == Backend::Postgres {
+            // Delivered at commit: wakes the drainers of every replica.
+            sqlx::query(&format!("SELECT pg_notify('{OUTBOX_CHANNEL}', '')"))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` due updates, oldest first. Rows whose key has an older
+    /// pending update (held by another drainer, or not due yet) are left for later, so
+    /// updates of one key are always sent in order (a delete is never overtaken by its put).
+    pub async fn claim_outbox(&self, limit: i64) -> Result<Claim, StoreError> {
+        let columns = "id, kv_key, value";
+        let now = now_ms();
+        match self.backend {
+            Backend::Sqlite => {
+                // One process owns an SQLite file: no other drainer to race with.
+                let rows = sqlx::query_as(&format!(
+                    "SELECT {columns} FROM kv_outbox WHERE not_before_ms <= $1 ORDER BY id LIMIT $2"
+                ))
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(Claim { tx: None, rows })
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let mut rows: Vec<OutboxRow> = sqlx::query_as(&format!(
+                    "SELECT {columns} FROM kv_outbox WHERE not_before_ms <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ))
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+                if !rows.is_empty() {
+                    let mut keys: Vec<&str> = rows.iter().map(|r| r.kv_key.as_str()).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    // Among due rows only: a delete scheduled for later (a roll's overlap
+                    // end, an echo) must not hold back what is due now. Only deletes are
+                    // ever scheduled, and nothing is put for a hash after its deletes, so
+                    // letting due rows pass them keeps every key's end state right.
+                    let placeholders: Vec<String> =
+                        (2..=keys.len() + 1).map(|i| format!("${i}")).collect();
+                    let sql = format!(
+                        "SELECT kv_key, MIN(id) AS first FROM kv_outbox WHERE not_before_ms <= $1 AND kv_key IN ({}) GROUP BY kv_key",
+                        placeholders.join(", ")
+                    );
+                    let mut q = sqlx::query_as(&sql).bind(now);
+                    for k in &keys {
+                        q = q.bind(*k);
+                    }
+                    let firsts: Vec<(String, i64)> = q.fetch_all(&mut *tx).await?;
+                    let mine: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+                    // Keep a row only if the oldest pending row of its key is one of ours.
+                    rows.retain(|r| {
+                        firsts
+                            .iter()
+                            .find(|(k, _)| *k == r.kv_key)
+                            .is_none_or(|(_, first)| mine.contains(first))
+                    });
+                }
+                Ok(Claim { tx: Some(tx), rows })
+            }
+        }
+    }
+
+    /// Ends a claim: on success the sent rows are deleted; on failure they stay, with the
+    /// attempt counted and the error recorded. Locks are released either way.
+    pub async fn finish_claim(
+        &self,
+        claim: Claim,
+        outcome: Result<(), &str>,
+    ) -> Result<(), StoreError> {
+        let Claim { tx, rows } = claim;
+        if rows.is_empty() {
+            if let Some(tx) = tx {
+                tx.rollback().await?;
+            }
+            return Ok(());
+        }
+        let list = |first: usize| {
+            (first..first + rows.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (sql, error) = match outcome {
+            Ok(()) => (format!("DELETE FROM kv_outbox WHERE id IN ({})", list(1)), None),
+            Err(e) => (
+                format!("UPDATE kv_outbox SET attempts = attempts + 1, last_error = $1 WHERE id IN ({})", list(2)),
+                Some(e.chars().take(500).collect::<String>()),
+            ),
+        };
+        let mut q = sqlx::query(&sql);
+        if let Some(e) = error {
+            q = q.bind(e);
+        }
+        for r in &rows {
+            q = q.bind(r.id);
+        }
+        match tx {
+            Some(mut tx) => {
+                q.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            None => {
+                q.execute(&self.pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Due updates and since when the oldest has been due, for metrics and readiness.
+    pub async fn outbox_depth(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let depth = sqlx::query_as(
+            "SELECT COUNT(*) AS depth, \
+             MIN(CASE WHEN not_before_ms > created_at_ms THEN not_before_ms ELSE created_at_ms END) AS oldest \
+             FROM kv_outbox WHERE not_before_ms <= $1",
+        )
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(depth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use metlo_shared::KeyType;
+
+    use crate::clock::now_ms;
+    use crate::db::keys::fixtures::{audit, key};
+    use crate::db::Store;
+
+    #[tokio::test]
+    async fn nothing_is_enqueued_without_a_kv_target() {
+        let store = Store::memory().await;
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap(), (0, None));
+        assert!(store.claim_outbox(10).await.unwrap().rows.is_empty());
+    }
+
+    #[tokio::test]
+    async fn changes_are_enqueued_claimed_in_order_and_deleted_once_sent() {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let store = Store::memory()
+            .await
+            .with_outbox(true, Duration::from_secs(60))
+            .with_outbox_wake(wake.clone());
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        // The commit woke the drainer (a stored permit: this returns at once).
+        tokio::time::timeout(Duration::from_secs(1), wake.notified())
+            .await
+            .expect("woken");
+        store
+            .delete_key("k", &audit("key.delete", "k"))
+            .await
+            .unwrap();
+        // Put, delete now, and the delete's echo a minute later (not due yet).
+        let (depth, oldest) = store.outbox_depth().await.unwrap();
+        assert_eq!(depth, 2);
+        assert!(oldest.unwrap() <= now_ms());
+        let claim = store.claim_outbox(10).await.unwrap();
+        let ops: Vec<(&str, bool)> = claim
+            .rows
+            .iter()
+            .map(|r| (r.kv_key.as_str(), r.value.is_some()))
+            .collect();
+        assert_eq!(
+            ops,
+            [(k.key_hash.as_str(), true), (k.key_hash.as_str(), false)]
+        );
+        let record =
+            metlo_shared::KeyRecord::from_json(claim.rows[0].value.as_ref().unwrap().as_bytes())
+                .unwrap();
+        assert_eq!(record.name, "k");
+        // A failed send keeps the rows (and says why); a good one deletes them.
+        store.finish_claim(claim, Err("KV down")).await.unwrap();
+        let claim = store.claim_outbox(10).await.unwrap();
+        assert_eq!(claim.rows.len(), 2, "kept after a failure");
+        store.finish_claim(claim, Ok(())).await.unwrap();
+        assert_eq!(store.outbox_depth().await.unwrap().0, 0);
+        assert!(
+            store.claim_outbox(10).await.unwrap().rows.is_empty(),
+            "the echo is not due yet"
+        );
+    }
+}

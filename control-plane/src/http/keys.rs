@@ -1,0 +1,144 @@
+//! The keys resource: Metlo's routes, paths and JSON field names, exactly; and the two
+//! routes the edge Worker and Metlo's ingestors call (`by-hash`, `verify`).
+
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use metlo_shared::{KeyHash, KeyRecord, KeyType};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::JsonBody;
+use super::state::AppState;
+use crate::clock::now_ms;
+use crate::service::audit::Actor;
+use crate::service::keys::{
+    self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
+};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(list))
+        .routes(routes!(onboarding))
+        .routes(routes!(remove))
+        .routes(routes!(roll))
+        .routes(routes!(by_hash))
+        .routes(routes!(verify))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusOk {
+    #[schema(example = "OK")]
+    pub status: &'static str,
+}
+
+/// Create a key. The response is the only time the full key is shown.
+#[utoipa::path(post, path = "/api/v1/keys/create", tag = "keys", request_body = CreateKeyRequest,
+    responses(
+        (status = 200, body = CreatedKey),
+        (status = 400, description = "Missing, too long or duplicate name, invalid type, bad JSON, or limit reached", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 413, description = "Body larger than 16 KiB", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ), security(("api_key" = [])))]
+async fn create(
+    State(state): State<AppState>,
+    actor: Actor,
+    JsonBody(body): JsonBody<Option<CreateKeyRequest>>,
+) -> Result<Json<CreatedKey>, ApiError> {
+    let new = body.unwrap_or_default().validate(now_ms())?;
+    Ok(Json(
+        keys::create_key(&state.store, &new, state.max_api_keys, &actor).await?,
+    ))
+}
+
+/// Roll a key: a new secret under the same name, type and expiry, returned once. The
+/// previous secret keeps working for `overlapSeconds` (default 0), then is refused
+/// everywhere; a roll also ends, by then at the latest, any older secret still in an
+/// earlier roll's overlap.
+#[utoipa::path(post, path = "/api/v1/keys/{name}/roll", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded")),
+    request_body(content = Option<RollKeyRequest>, description = "Optional; empty: no overlap"),
+    responses(
+        (status = 200, body = RolledKey),
+        (status = 400, description = "Bad JSON or overlap out of range", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
+    ), security(("api_key" = [])))]
+async fn roll(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Option<RollKeyRequest>>,
+) -> Result<Json<RolledKey>, ApiError> {
+    let overlap = body.unwrap_or_default().overlap()?;
+    Ok(Json(
+        keys::roll_key(&state.store, &state.cache, &name, overlap, &actor).await?,
+    ))
+}
+
+/// List all keys (metadata only), newest first.
+#[utoipa::path(get, path = "/api/v1/keys/list", tag = "keys",
+    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    Ok(Json(keys::list_keys(&state.store, None).await?))
+}
+
+/// List ONBOARDING keys only, newest first.
+#[utoipa::path(get, path = "/api/v1/keys/onboarding", tag = "keys",
+    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn onboarding(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    Ok(Json(
+        keys::list_keys(&state.store, Some(KeyType::Onboarding)).await?,
+    ))
+}
+
+/// Delete a key by name. It is refused everywhere on the control plane at once.
+#[utoipa::path(delete, path = "/api/v1/keys/{name}/delete", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded")),
+    responses((status = 200, body = StatusOk), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn remove(
+    State(state): State<AppState>,
+    actor: Actor,
+    Path(name): Path<String>,
+) -> Result<Json<StatusOk>, ApiError> {
+    keys::delete_key(&state.store, &state.cache, &name, &actor).await?;
+    Ok(Json(StatusOk { status: "OK" }))
+}
+
+/// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this).
+#[utoipa::path(get, path = "/api/v1/verify", tag = "keys",
+    responses((status = 200, body = String, content_type = "text/plain"), (status = 401, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn verify() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK")
+}
+
+/// The KV record of the key with this SHA-256 (lowercase hex), for the edge Worker. The
+/// raw client key never leaves the edge.
+#[utoipa::path(get, path = "/api/v1/keys/by-hash/{hash}", tag = "edge",
+    params(("hash" = String, Path, description = "SHA-256 of the key, 64 lowercase hex characters",
+        pattern = "^[0-9a-f]{64}$")),
+    responses((status = 200, body = KeyRecord), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = [])))]
+async fn by_hash(
+    State(state): State<AppState>,
+    Path(hash): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let hash = KeyHash::from_hex(&hash).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let record = keys::lookup(&state.store, &state.cache, &hash)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(record)))
+}

@@ -1,0 +1,9 @@
+//! Size limits on what a request may carry.
+
+/// Largest request body accepted; key requests are tiny.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest request head (target URI plus every header's name and value) accepted. hyper's
+/// own caps (100 headers, ~400 KB of buffer) stay as the outer bound.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest usage report: one of 1,000 entries is about 85 KB.
+pub const MAX_REPORT_BYTES: usize = 128 * 1024;

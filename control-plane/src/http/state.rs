@@ -1,0 +1,42 @@
+//! What every request handler shares.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::cache::VerifyCache;
+use crate::db::Store;
+use crate::kv_sync::drainer::SyncStatus;
+use crate::service::audit::AuthFailures;
+use crate::service::usage::Usage;
+
+/// Cloned for every request (axum hands each extractor its own copy), so it is one
+/// `Arc`: a clone is one atomic increment, not one per field.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
+    pub store: Store,
+    pub cache: VerifyCache,
+    pub max_api_keys: u64,
+    pub metrics: PrometheusHandle,
+    /// The KV sync's status, when a KV target is configured.
+    pub kv_sync: Option<Arc<SyncStatus>>,
+    /// Last-use times waiting to be written.
+    pub usage: Arc<Usage>,
+    /// Failed authentications waiting to be written to the audit log.
+    pub auth_failures: Arc<AuthFailures>,
+}
