@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures_util::future::{select, Either};
 use metlo_shared::{KeyHash, KeyRecord};
 use worker::{
-    console_error, event, Context, Delay, Env, Fetch, Headers, Method, Request, RequestInit,
-    RequestRedirect, Response, ResponseBody,
+    console_error, event, AbortController, Context, Delay, Env, Fetch, Headers, Method, Request,
+    RequestInit, RequestRedirect, Response, ResponseBody,
 };
 
 use crate::config::Config;
@@ -191,17 +191,41 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
         Ok(r) => r,
         Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
     };
-    let call = async {
-        let mut response = Fetch::Request(request).send().await?;
+    match call_control_plane(request, config.control_plane_timeout_ms).await {
+        Ok((status, body)) => decision::interpret_lookup(status, &body),
+        Err(CallFailure::Failed(e)) => Lookup::Failed(format!("control plane unreachable: {e}")),
+        Err(CallFailure::TimedOut) => Lookup::Failed("control plane timed out".into()),
+    }
+}
+
+/// Why a call to the control plane brought no answer.
+enum CallFailure {
+    TimedOut,
+    Failed(worker::Error),
+}
+
+/// Sends `request` and reads the whole answer (status, body) within `timeout_ms`. On
+/// timeout the fetch is aborted, which closes its connection: a fetch merely no longer
+/// awaited would run on for as long as the invocation does (its `waitUntil` work included).
+async fn call_control_plane(
+    request: Request,
+    timeout_ms: u64,
+) -> Result<(u16, Vec<u8>), CallFailure> {
+    let controller = AbortController::default();
+    let signal = controller.signal();
+    let call = async move {
+        let mut response = Fetch::Request(request).send_with_signal(&signal).await?;
         let status = response.status_code();
         let body = response.bytes().await?;
         Ok::<_, worker::Error>((status, body))
     };
-    let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
+    let timeout = Delay::from(Duration::from_millis(timeout_ms));
     match select(Box::pin(call), timeout).await {
-        Either::Left((Ok((status, body)), _)) => decision::interpret_lookup(status, &body),
-        Either::Left((Err(e), _)) => Lookup::Failed(format!("control plane unreachable: {e}")),
-        Either::Right(_) => Lookup::Failed("control plane timed out".into()),
+        Either::Left((answer, _)) => answer.map_err(CallFailure::Failed),
+        Either::Right(_) => {
+            controller.abort();
+            Err(CallFailure::TimedOut)
+        }
     }
 }
 
@@ -224,9 +248,10 @@ fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, config: &Config
         return;
     };
     let url = format!("{}/api/v1/usage", config.control_plane_url);
+    let timeout_ms = config.control_plane_timeout_ms;
     ctx.wait_until(async move {
         for batch in batches {
-            if let Err(e) = send_usage(&url, &key, &batch).await {
+            if let Err(e) = send_usage(&url, &key, &batch, timeout_ms).await {
                 console_error!("usage report failed: {e}");
                 USAGE.with(|cell| {
                     if let Some(buffer) = cell.borrow_mut().as_mut() {
@@ -238,7 +263,15 @@ fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, config: &Config
     });
 }
 
-async fn send_usage(url: &str, key: &str, batch: &[(KeyHash, u64)]) -> Result<(), String> {
+/// A report the control plane does not answer within `timeout_ms` fails (and its fetch is
+/// aborted): left waiting, it would hold the `waitUntil` until the runtime cancels it, and
+/// the batch with it.
+async fn send_usage(
+    url: &str,
+    key: &str,
+    batch: &[(KeyHash, u64)],
+    timeout_ms: u64,
+) -> Result<(), String> {
     let headers = Headers::new();
     headers
         .set("Authorization", &format!("Bearer {key}"))
@@ -249,13 +282,11 @@ async fn send_usage(url: &str, key: &str, batch: &[(KeyHash, u64)]) -> Result<()
         .with_headers(headers)
         .with_body(Some(usage::report_body(batch).into()));
     let request = Request::new_with_init(url, &init).map_err(|e| e.to_string())?;
-    let response = Fetch::Request(request)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    match response.status_code() {
-        200..=299 => Ok(()),
-        status => Err(format!("control plane answered {status}")),
+    match call_control_plane(request, timeout_ms).await {
+        Ok((200..=299, _)) => Ok(()),
+        Ok((status, _)) => Err(format!("control plane answered {status}")),
+        Err(CallFailure::Failed(e)) => Err(e.to_string()),
+        Err(CallFailure::TimedOut) => Err("control plane timed out".into()),
     }
 }
 

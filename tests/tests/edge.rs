@@ -1,7 +1,8 @@
 //! The edge Worker end to end: real `wrangler dev` (workerd, local KV) in front of an
 //! echo origin, asking the real control-plane binary on KV misses.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord, KeyType, RECORD_VERSION};
 use metlo_tests::edge::{Edge, Origin};
@@ -358,5 +359,270 @@ async fn production_worker_has_no_kv_write_path() {
     assert!(
         s.edge.kv_get(&victim).is_none(),
         "nothing was written to KV"
+    );
+}
+
+/// A control plane that accepts connections and reads what it is sent, but never answers.
+/// For each connection: what arrived, and when the Worker's side closed it.
+struct Silent {
+    url: String,
+    conns: Arc<Mutex<Vec<SilentConn>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+struct SilentConn {
+    /// Everything received, decoded lossily.
+    received: String,
+    /// When the first bytes arrived.
+    first_read: Option<Instant>,
+    /// When a read returned 0 (or failed): the peer closed the connection.
+    closed: Option<Instant>,
+}
+
+impl Silent {
+    async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let conns: Arc<Mutex<Vec<SilentConn>>> = Arc::default();
+        let all = conns.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let i = {
+                    let mut list = all.lock().unwrap();
+                    list.push(SilentConn {
+                        received: String::new(),
+                        first_read: None,
+                        closed: None,
+                    });
+                    list.len() - 1
+                };
+                let all = all.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        let mut list = all.lock().unwrap();
+                        let conn = &mut list[i];
+                        if n == 0 {
+                            conn.closed = Some(Instant::now());
+                            return;
+                        }
+                        conn.first_read.get_or_insert_with(Instant::now);
+                        conn.received.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                });
+            }
+        });
+        Silent { url, conns, task }
+    }
+
+    fn connections(&self) -> Vec<SilentConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// Connection `i` once `done` holds for it, waiting up to `timeout`.
+    async fn wait_for(
+        &self,
+        i: usize,
+        timeout: Duration,
+        done: impl Fn(&SilentConn) -> bool,
+    ) -> Option<SilentConn> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let conn = self
+                .conns
+                .lock()
+                .unwrap()
+                .get(i)
+                .filter(|&c| done(c))
+                .cloned();
+            if conn.is_some() || Instant::now() >= deadline {
+                return conn;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A key record as the control plane would write it to KV.
+fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
+    KeyRecord {
+        v: RECORD_VERSION,
+        name: name.into(),
+        key_type: KeyType::Generic,
+        identifier: key.identifier(),
+        created: "2026-01-01T00:00:00.000Z".into(),
+        expires: None,
+    }
+}
+
+/// A control plane that takes the lookup and never answers: a well-formed unknown key gets
+/// 503 + Retry-After after CONTROL_PLANE_TIMEOUT_MS (fail closed), and the lookup's
+/// connection does not outlive the request. (workerd also cancels a finished request's
+/// outstanding fetches on its own, so this holds without the Worker's abort too; the
+/// usage-report test below is the one that needs the abort.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_control_plane_lookup_fails_closed_and_is_not_left_open() {
+    let cp = Silent::start().await;
+    let origin = Origin::start().await;
+    let edge = Edge::start(
+        &cp.url,
+        "edge-worker-secret",
+        &origin.url,
+        &[("CONTROL_PLANE_TIMEOUT_MS", "1000")],
+    )
+    .await;
+    let key = ApiKey::generate().unwrap();
+
+    let sent = Instant::now();
+    let r = edge
+        .get("/x", Some(key.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    assert_eq!(
+        (r.status(), source(&r).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "control-plane"),
+        "fail closed"
+    );
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 0);
+    let took = answered - sent;
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "503 after {took:?}, CONTROL_PLANE_TIMEOUT_MS is 1000"
+    );
+
+    let conns = cp.connections();
+    assert_eq!(conns.len(), 1, "one lookup: {conns:?}");
+    let lookup = format!("GET /api/v1/keys/by-hash/{} ", key.hash().to_hex());
+    assert!(
+        conns[0].received.starts_with(&lookup),
+        "the control plane was asked: {:?}",
+        conns[0].received
+    );
+    let conn = cp
+        .wait_for(
+            0,
+            (answered + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+            |c| c.closed.is_some(),
+        )
+        .await;
+    assert!(
+        conn.is_some(),
+        "the lookup's connection is still open 2 s after the 503"
+    );
+    assert!(origin.requests().is_empty(), "nothing reached the origin");
+}
+
+/// A usage report the control plane never answers is aborted after
+/// CONTROL_PLANE_TIMEOUT_MS: its connection is closed (a fetch merely no longer awaited
+/// would stay open as long as the `waitUntil`, which local workerd never cuts short), and
+/// its batch is kept for the next report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_control_plane_usage_report_is_aborted_and_kept() {
+    let cp = Silent::start().await;
+    let origin = Origin::start().await;
+    let edge = Edge::start(
+        &cp.url,
+        "edge-worker-secret",
+        &origin.url,
+        &[
+            ("CONTROL_PLANE_TIMEOUT_MS", "1000"),
+            ("USAGE_REPORT_MS", "1500"),
+        ],
+    )
+    .await;
+    // Keys known from KV: let through without asking the control plane.
+    let first = ApiKey::generate().unwrap();
+    let second = ApiKey::generate().unwrap();
+    edge.kv_put(
+        &first.hash().to_hex(),
+        &kv_record(&first, "first").to_json(),
+    );
+    edge.kv_put(
+        &second.hash().to_hex(),
+        &kv_record(&second, "second").to_json(),
+    );
+    // The whole report: its JSON body ends the request (or the last chunk, if chunked).
+    let complete = |c: &SilentConn| {
+        c.received.starts_with("POST ")
+            && (c.received.ends_with("}}") || c.received.ends_with("}}\r\n0\r\n\r\n"))
+    };
+
+    // A new isolate reports its first use at once, after the response.
+    let sent = Instant::now();
+    let r = edge
+        .get("/1", Some(first.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(origin.requests()[0].headers_source(), "kv");
+    assert!(
+        answered - sent < Duration::from_millis(900),
+        "the response does not wait for the report"
+    );
+    let report = cp
+        .wait_for(0, Duration::from_secs(5), complete)
+        .await
+        .unwrap_or_else(|| panic!("no usage report: {:?}", cp.connections()));
+    assert!(
+        report.received.starts_with("POST /api/v1/usage ")
+            && report.received.contains(&first.hash().to_hex()),
+        "{:?}",
+        report.received
+    );
+    let arrived = report.first_read.unwrap();
+    let closed = cp
+        .wait_for(0, Duration::from_millis(1000 + 2000), |c| {
+            c.closed.is_some()
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!("the unanswered report's connection is still open 2 s after the timeout")
+        })
+        .closed
+        .unwrap();
+    assert!(
+        closed - arrived >= Duration::from_millis(800),
+        "closed by the timeout, {:?} after the report arrived",
+        closed - arrived
+    );
+
+    // The next report (due USAGE_REPORT_MS after the first) carries the unanswered batch.
+    tokio::time::sleep(
+        (answered + Duration::from_millis(1700)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let r = edge
+        .get("/2", Some(second.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let report = cp
+        .wait_for(1, Duration::from_secs(5), complete)
+        .await
+        .unwrap_or_else(|| panic!("no second usage report: {:?}", cp.connections()));
+    assert!(
+        report.received.contains(&second.hash().to_hex())
+            && report.received.contains(&first.hash().to_hex()),
+        "the timed-out batch is reported again: {:?}",
+        report.received
     );
 }
