@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 # Dependency audit (licenses, bans, sources; advisories when their database is reachable).
 ./scripts/audit.sh
+# No module cycle in any crate (cargo-modules; ARCHITECTURE.md states the rule).
+./scripts/check-modules.sh metlo-control-plane metlo-shared metlo-edge
 ./scripts/build-worker.sh
 cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"

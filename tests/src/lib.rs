@@ -32,6 +32,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The binary a control plane with this environment runs: `METLO_CONTROL_PLANE_BIN` in
+/// it (the benchmark's baseline build), else [`control_plane_bin`].
+fn control_plane_bin_for(env: &[(String, String)]) -> PathBuf {
+    env.iter()
+        .find(|(k, _)| k == "METLO_CONTROL_PLANE_BIN")
+        .map_or_else(control_plane_bin, |(_, bin)| PathBuf::from(bin))
+}
+
 /// The control-plane binary, built by `make test` before the tests run.
 pub fn control_plane_bin() -> PathBuf {
     if let Ok(p) = std::env::var("METLO_CONTROL_PLANE_BIN") {
@@ -724,7 +732,7 @@ fn log_file(path: &Path) -> std::fs::File {
 /// Runs a CLI command; stdout on success, stderr on failure. Stderr is also appended to
 /// the log so the secret check sees it.
 pub fn run_cli(env: &[(String, String)], args: &[&str], log_path: &Path) -> Result<String, String> {
-    let out = Command::new(control_plane_bin())
+    let out = Command::new(control_plane_bin_for(env))
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("LISTEN_ADDR")
@@ -740,7 +748,7 @@ pub fn run_cli(env: &[(String, String)], args: &[&str], log_path: &Path) -> Resu
 }
 
 pub fn spawn_server(env: &[(String, String)], log_path: &Path, listen: &str) -> Child {
-    Command::new(control_plane_bin())
+    Command::new(control_plane_bin_for(env))
         .args(["serve", "--listen-addr", listen])
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(log_file(log_path))

@@ -1,34 +1,9 @@
 //! The audit log: appended in the transaction of the change it records, or in batches
 //! (failed authentications); read newest first; pruned past its retention.
 
-use super::{Store, StoreError, Tx};
+use super::rows::{AuditEntry, AuditRow, Tx};
+use super::{Store, StoreError};
 use crate::clock::now_ms;
-
-/// One audit-log entry. Never holds a secret.
-#[derive(Debug, Clone)]
-pub struct AuditEntry {
-    /// The calling key's name; `None`: unauthenticated, or the local CLI.
-    pub actor: Option<String>,
-    /// `key.create`, `key.delete`, `key.roll` or `auth.failed`.
-    pub action: &'static str,
-    /// The key acted on.
-    pub target: Option<String>,
-    pub ip: Option<String>,
-    pub detail: serde_json::Value,
-}
-
-/// A stored audit-log row.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AuditRow {
-    pub id: i64,
-    pub at_ms: i64,
-    pub actor: Option<String>,
-    pub action: String,
-    pub target: Option<String>,
-    pub ip: Option<String>,
-    /// A JSON object.
-    pub detail: String,
-}
 
 impl Store {
     pub(super) async fn audit_in(&self, tx: &mut Tx, entry: &AuditEntry) -> Result<(), StoreError> {

@@ -2,78 +2,11 @@
 
 use std::time::Duration;
 
-use metlo_shared::{KeyHash, KeyRecord, KeyType, RECORD_VERSION};
+use metlo_shared::{KeyHash, KeyType};
 
-use super::audit::AuditEntry;
-use super::{Store, StoreError, Tx};
-use crate::clock::{ceil_to_second, iso8601, now_ms, unix_seconds};
-
-/// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
-/// carries that secret's hash and identifier, and expires when its overlap ends.)
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct StoredKey {
-    pub id: i64,
-    pub name: String,
-    pub key_hash: String,
-    pub identifier: String,
-    #[sqlx(try_from = "String")]
-    pub key_type: KeyType,
-    pub created_at_ms: i64,
-    /// Whole seconds (in ms); `None`: never expires.
-    pub expires_at_ms: Option<i64>,
-    pub last_used_ms: Option<i64>,
-}
-
-impl StoredKey {
-    /// The record the edge caches in KV for this key.
-    pub fn record(&self) -> KeyRecord {
-        KeyRecord {
-            v: RECORD_VERSION,
-            name: self.name.clone(),
-            key_type: self.key_type,
-            identifier: self.identifier.clone(),
-            created: iso8601(self.created_at_ms),
-            expires: self.expires_at_ms.map(unix_seconds),
-        }
-    }
-
-    /// The record of a secret a roll replaced: the key's, with that secret's identifier,
-    /// expiring when its overlap ends (or the key expires, if sooner).
-    pub fn retired_record(&self, identifier: &str, retires_at_ms: i64) -> KeyRecord {
-        KeyRecord {
-            identifier: identifier.to_owned(),
-            expires: Some(unix_seconds(self.secret_end(retires_at_ms))),
-            ..self.record()
-        }
-    }
-
-    /// When a rolled-away secret retiring at `retires_at_ms` stops: then, or when the
-    /// key expires if sooner.
-    pub fn secret_end(&self, retires_at_ms: i64) -> i64 {
-        self.expires_at_ms
-            .map_or(retires_at_ms, |e| e.min(retires_at_ms))
-    }
-}
-
-/// A secret that a roll replaced, and when it stops working (ms; at or before the roll's
-/// time: at once).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct RetiredSecret {
-    pub key_hash: String,
-    pub identifier: String,
-    pub retires_at_ms: i64,
-}
-
-/// The outcome of a roll: the key with its new secret's hash, and every older secret
-/// whose end changed.
-#[derive(Debug, Clone)]
-pub struct Rolled {
-    pub key: StoredKey,
-    pub retired: Vec<RetiredSecret>,
-}
-
-const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms";
+use super::rows::{AuditEntry, RetiredSecret, Rolled, StoredKey, Tx, KEY_COLUMNS};
+use super::{Store, StoreError};
+use crate::clock::{ceil_to_second, now_ms};
 
 impl Store {
     /// Inserts a key unless its name is taken or `max_keys` are stored. The quota row is
@@ -316,11 +249,33 @@ impl Store {
 
 #[cfg(test)]
 pub(crate) mod fixtures {
+    use std::time::Duration;
+
     use metlo_shared::{ApiKey, KeyType};
 
-    use super::StoredKey;
     use crate::clock::now_ms;
-    use crate::db::audit::AuditEntry;
+    use crate::db::rows::{AuditEntry, Rolled, StoredKey};
+    use crate::db::Store;
+
+    /// Rolls `name` to a fresh secret; returns it and what the store answered.
+    pub(crate) async fn roll(
+        store: &Store,
+        name: &str,
+        overlap: Duration,
+    ) -> (ApiKey, Option<Rolled>) {
+        let new = ApiKey::generate().unwrap();
+        let rolled = store
+            .roll_key(
+                name,
+                &new.hash().to_hex(),
+                &new.identifier(),
+                overlap,
+                &audit("key.roll", name),
+            )
+            .await
+            .unwrap();
+        (new, rolled)
+    }
 
     /// A new key's row (its secret is dropped: tests work with hashes).
     pub(crate) fn key(name: &str, key_type: KeyType) -> StoredKey {
@@ -354,7 +309,7 @@ mod tests {
 
     use metlo_shared::{ApiKey, KeyHash, KeyType};
 
-    use super::fixtures::{audit, key};
+    use super::fixtures::{audit, key, roll};
     use crate::clock::now_ms;
     use crate::db::{Store, StoreError};
 
@@ -420,18 +375,8 @@ mod tests {
             .insert_key(&k, 10, &audit("key.create", "k"))
             .await
             .unwrap();
-        let new = ApiKey::generate().unwrap();
-        let rolled = store
-            .roll_key(
-                "k",
-                &new.hash().to_hex(),
-                &new.identifier(),
-                Duration::from_secs(60),
-                &audit("key.roll", "k"),
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let (new, rolled) = roll(&store, "k", Duration::from_secs(60)).await;
+        let rolled = rolled.unwrap();
         assert_eq!(rolled.key.key_hash, new.hash().to_hex());
         assert_eq!(rolled.key.key_type, KeyType::Aws);
         assert_eq!(rolled.retired.len(), 1);
@@ -447,18 +392,8 @@ mod tests {
         assert_eq!(old.identifier, k.identifier);
         assert_eq!(old.expires_at_ms, Some(end));
         // A roll without overlap ends every older secret at once.
-        let newer = ApiKey::generate().unwrap();
-        let rolled = store
-            .roll_key(
-                "k",
-                &newer.hash().to_hex(),
-                &newer.identifier(),
-                Duration::ZERO,
-                &audit("key.roll", "k"),
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let (newer, rolled) = roll(&store, "k", Duration::ZERO).await;
+        let rolled = rolled.unwrap();
         assert_eq!(
             rolled.retired.len(),
             2,
@@ -468,11 +403,7 @@ mod tests {
         assert_eq!(store.find_by_hash(&hash(&k.key_hash)).await.unwrap(), None);
         assert_eq!(store.find_by_hash(&new.hash()).await.unwrap(), None);
         assert!(store.find_by_hash(&newer.hash()).await.unwrap().is_some());
-        let none = store
-            .roll_key("nope", "x", "y", Duration::ZERO, &audit("key.roll", "nope"))
-            .await
-            .unwrap();
-        assert!(none.is_none());
+        assert!(roll(&store, "nope", Duration::ZERO).await.1.is_none());
     }
 
     #[tokio::test]
@@ -483,17 +414,7 @@ mod tests {
             .insert_key(&k, 1, &audit("key.create", "k"))
             .await
             .unwrap();
-        let new = ApiKey::generate().unwrap();
-        store
-            .roll_key(
-                "k",
-                &new.hash().to_hex(),
-                &new.identifier(),
-                Duration::from_secs(600),
-                &audit("key.roll", "k"),
-            )
-            .await
-            .unwrap();
+        let (new, _) = roll(&store, "k", Duration::from_secs(600)).await;
         let (deleted, retired) = store
             .delete_key("k", &audit("key.delete", "k"))
             .await

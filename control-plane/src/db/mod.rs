@@ -1,13 +1,15 @@
 //! The key store: one sqlx `Any` code path over Postgres (production) and SQLite (the
 //! embedded default). Timestamps are integer milliseconds so both behave the same.
 //!
-//! One [`Store`] type; its SQL is split one file per aggregate: [`keys`] (keys, their
-//! rolled-away secrets and the quota), [`outbox`] (KV updates waiting to be sent),
-//! [`audit`] and [`usage`]. Each file's tests run in-crate on `sqlite::memory:`.
+//! One [`Store`] type; its SQL is split one file per aggregate: `keys` (keys, their
+//! rolled-away secrets and the quota), `outbox` (KV updates waiting to be sent), `audit`
+//! and `usage`; the row types they share are in `rows`. Each file's tests run in-crate on
+//! `sqlite::memory:`.
 
 pub mod audit;
 pub mod keys;
 pub mod outbox;
+pub mod rows;
 pub mod usage;
 
 use std::path::Path;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
+use rows::Tx;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

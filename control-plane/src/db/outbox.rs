@@ -1,27 +1,9 @@
 //! The transactional outbox: KV updates written in the same transaction as the key
 //! change they follow, claimed and deleted by the drainer once Workers KV took them.
 
-use super::{Backend, Store, StoreError, Tx};
+use super::rows::{Claim, OutboxRow, Tx, OUTBOX_CHANNEL};
+use super::{Backend, Store, StoreError};
 use crate::clock::now_ms;
-
-/// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
-pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
-
-/// One pending KV update.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct OutboxRow {
-    pub id: i64,
-    pub kv_key: String,
-    /// `Some(record JSON)`: put; `None`: delete.
-    pub value: Option<String>,
-}
-
-/// Rows claimed by one drainer. On Postgres they stay locked (`FOR UPDATE SKIP LOCKED`)
-/// until [`Store::finish_claim`], so no other replica sends them meanwhile.
-pub struct Claim {
-    tx: Option<Tx>,
-    pub rows: Vec<OutboxRow>,
-}
 
 impl Store {
     /// A KV delete at `at_ms` (or at once when that has passed), and its echo.

@@ -36,7 +36,7 @@ mod tests {
 
     use metlo_shared::{ApiKey, KeyType};
 
-    use crate::db::keys::fixtures::{audit, key};
+    use crate::db::keys::fixtures::{audit, key, roll};
     use crate::db::Store;
 
     async fn last_used(store: &Store, name: &str) -> Option<i64> {
@@ -67,17 +67,7 @@ mod tests {
             .unwrap();
         assert_eq!(last_used(&store, "k").await, Some(2_000), "never backwards");
         // After a roll, a use of the old secret (in its overlap) still counts.
-        let new = ApiKey::generate().unwrap();
-        store
-            .roll_key(
-                "k",
-                &new.hash().to_hex(),
-                &new.identifier(),
-                Duration::from_secs(60),
-                &audit("key.roll", "k"),
-            )
-            .await
-            .unwrap();
+        roll(&store, "k", Duration::from_secs(60)).await;
         store
             .record_usage(&[(k.key_hash.clone(), 3_000)])
             .await

@@ -21,12 +21,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("request headers are larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
-    #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
-    LimitReached(u64),
-    #[error("the key store is unavailable; try again shortly")]
-    Unavailable,
-    #[error("internal error")]
-    Internal(#[source] anyhow::Error),
+    /// What the service refused or could not do, said in its own words.
+    #[error(transparent)]
+    Service(#[from] service::Error),
 }
 
 /// The body of every error response.
@@ -40,32 +37,23 @@ pub struct ErrorBody {
 
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use service::Error as E;
         match self {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::LimitReached(_) => (StatusCode::BAD_REQUEST, "limit_reached"),
+            ApiError::BadRequest(_) | ApiError::Service(E::Invalid(_) | E::DuplicateName) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ApiError::NotFound(_) | ApiError::Service(E::NotFound(_)) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ApiError::Service(E::LimitReached(_)) => (StatusCode::BAD_REQUEST, "limit_reached"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
             ),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        }
-    }
-}
-
-impl From<service::Error> for ApiError {
-    fn from(e: service::Error) -> Self {
-        use service::Error as E;
-        match e {
-            E::Invalid(message) => ApiError::BadRequest(message),
-            E::DuplicateName => ApiError::BadRequest(E::DuplicateName.to_string()),
-            E::NotFound(message) => ApiError::NotFound(message.into()),
-            E::LimitReached(max) => ApiError::LimitReached(max),
-            E::Unavailable => ApiError::Unavailable,
-            E::Internal(e) => ApiError::Internal(e),
+            ApiError::Service(E::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Service(E::Internal(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -73,7 +61,7 @@ impl From<service::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let ApiError::Internal(e) = &self {
+        if let ApiError::Service(service::Error::Internal(e)) = &self {
             tracing::error!(error = ?e, "request failed");
         }
         let body = ErrorBody {
@@ -89,7 +77,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="metlo", error="invalid_token""#),
                 );
             }
-            ApiError::Unavailable => {
+            ApiError::Service(service::Error::Unavailable) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::Error;
 use crate::clock::{iso8601, now_ms};
-use crate::db::audit::{AuditEntry, AuditRow};
+use crate::db::rows::{AuditEntry, AuditRow};
 use crate::db::Store;
 
 /// Most entries one page returns.

@@ -13,7 +13,7 @@ use super::audit::Actor;
 use super::Error;
 use crate::cache::{Cached, VerifyCache};
 use crate::clock::{iso8601, now_ms};
-use crate::db::keys::{Rolled, StoredKey};
+use crate::db::rows::{Rolled, StoredKey};
 use crate::db::Store;
 
 /// Longest accepted key name, in characters.

@@ -124,8 +124,22 @@ async fn main() {
     let untracked =
         ControlPlane::start_with(Options::new(Backend::Sqlite).env("TRACK_LAST_USED", "false"))
             .await;
+    // Another build (METLO_BASELINE_BIN, e.g. the previous commit's: scripts/bench.sh
+    // builds it from BENCH_BASELINE), measured interleaved with this one.
+    let baseline = match std::env::var("METLO_BASELINE_BIN") {
+        Ok(bin) => Some(
+            ControlPlane::start_with(
+                Options::new(Backend::Sqlite).env("METLO_CONTROL_PLANE_BIN", bin),
+            )
+            .await,
+        ),
+        Err(_) => None,
+    };
     let idle_rss = rss_kib(memory.pid());
-    for cp in [&memory, &shared, &untracked] {
+    for cp in [&memory, &shared, &untracked]
+        .into_iter()
+        .chain(baseline.as_ref())
+    {
         assert_eq!(
             cp.verify(&cp.admin_key).await,
             reqwest::StatusCode::OK,
@@ -136,6 +150,7 @@ async fn main() {
     println!("verify throughput: wrk -t1 -c{CONNECTIONS} -d{SECONDS}s, {ROUNDS} interleaved rounds, medians");
     let (mut floor, mut mem, mut red) = (vec![], vec![], vec![]);
     let (mut tracked, mut plain, mut tracked_cpu, mut plain_cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut base, mut base_cpu) = (vec![], vec![]);
     let mut peak_rss = 0;
     for round in 1..=ROUNDS {
         floor.push(wrk(&bare_url, None, None).0);
@@ -170,6 +185,20 @@ async fn main() {
         );
         plain.push(rps);
         plain_cpu.push(cpu);
+        if let Some(cp) = &baseline {
+            let (rps, cpu) = wrk_with_cpu(
+                cp.pid(),
+                &format!("{}/api/v1/verify", cp.url),
+                &cp.admin_key,
+            );
+            base.push(rps);
+            base_cpu.push(cpu);
+            println!(
+                "  round {round}: baseline build {rps:>9.0} req/s, {cpu:.1} µs CPU/req | this build {:>9.0} req/s, {:.1} µs CPU/req",
+                tracked[round - 1],
+                tracked_cpu[round - 1]
+            );
+        }
         println!(
             "  round {round}: last-use tracking on {:>9.0} req/s, {:.1} µs CPU/req | off {:>9.0} req/s, {:.1} µs CPU/req",
             tracked[round - 1],
@@ -201,6 +230,15 @@ async fn main() {
         tracked / plain,
         plain_cpu / tracked_cpu
     );
+    if let Some(cp) = baseline {
+        let (base, base_cpu) = (median(base), median(base_cpu));
+        println!(
+            "  this build vs baseline: {tracked:.0} vs {base:.0} req/s, ratio {:.3}; CPU per request ratio baseline/this {:.3}",
+            tracked / base,
+            base_cpu / tracked_cpu
+        );
+        drop(cp);
+    }
     drop(untracked);
     println!("server RSS (in-process cache): idle {}, peak under load {}  (targets <= 25 MiB / <= 60 MiB)", mib(idle_rss), mib(peak_rss));
     drop(memory);

@@ -1,0 +1,123 @@
+//! The rows the store reads and writes, one type per table shape. Apart from the
+//! `impl Store` blocks (one file per aggregate) so that every file can use them and
+//! they use nothing back.
+
+use metlo_shared::{KeyRecord, KeyType, RECORD_VERSION};
+
+use crate::clock::{iso8601, unix_seconds};
+
+/// A transaction on the store's pool.
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
+pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
+
+/// The columns of a [`StoredKey`], in `SELECT`s.
+pub(super) const KEY_COLUMNS: &str =
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms";
+
+/// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
+/// carries that secret's hash and identifier, and expires when its overlap ends.)
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredKey {
+    pub id: i64,
+    pub name: String,
+    pub key_hash: String,
+    pub identifier: String,
+    #[sqlx(try_from = "String")]
+    pub key_type: KeyType,
+    pub created_at_ms: i64,
+    /// Whole seconds (in ms); `None`: never expires.
+    pub expires_at_ms: Option<i64>,
+    pub last_used_ms: Option<i64>,
+}
+
+impl StoredKey {
+    /// The record the edge caches in KV for this key.
+    pub fn record(&self) -> KeyRecord {
+        KeyRecord {
+            v: RECORD_VERSION,
+            name: self.name.clone(),
+            key_type: self.key_type,
+            identifier: self.identifier.clone(),
+            created: iso8601(self.created_at_ms),
+            expires: self.expires_at_ms.map(unix_seconds),
+        }
+    }
+
+    /// The record of a secret a roll replaced: the key's, with that secret's identifier,
+    /// expiring when its overlap ends (or the key expires, if sooner).
+    pub fn retired_record(&self, identifier: &str, retires_at_ms: i64) -> KeyRecord {
+        KeyRecord {
+            identifier: identifier.to_owned(),
+            expires: Some(unix_seconds(self.secret_end(retires_at_ms))),
+            ..self.record()
+        }
+    }
+
+    /// When a rolled-away secret retiring at `retires_at_ms` stops: then, or when the
+    /// key expires if sooner.
+    pub fn secret_end(&self, retires_at_ms: i64) -> i64 {
+        self.expires_at_ms
+            .map_or(retires_at_ms, |e| e.min(retires_at_ms))
+    }
+}
+
+/// A secret that a roll replaced, and when it stops working (ms; at or before the roll's
+/// time: at once).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RetiredSecret {
+    pub key_hash: String,
+    pub identifier: String,
+    pub retires_at_ms: i64,
+}
+
+/// The outcome of a roll: the key with its new secret's hash, and every older secret
+/// whose end changed.
+#[derive(Debug, Clone)]
+pub struct Rolled {
+    pub key: StoredKey,
+    pub retired: Vec<RetiredSecret>,
+}
+
+/// One audit-log entry. Never holds a secret.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// The calling key's name; `None`: unauthenticated, or the local CLI.
+    pub actor: Option<String>,
+    /// `key.create`, `key.delete`, `key.roll` or `auth.failed`.
+    pub action: &'static str,
+    /// The key acted on.
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// A stored audit-log row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub actor: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub ip: Option<String>,
+    /// A JSON object.
+    pub detail: String,
+}
+
+/// One pending KV update.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kv_key: String,
+    /// `Some(record JSON)`: put; `None`: delete.
+    pub value: Option<String>,
+}
+
+/// Rows claimed by one drainer. On Postgres they stay locked (`FOR UPDATE SKIP LOCKED`)
+/// until [`Store::finish_claim`], so no other replica sends them meanwhile.
+pub struct Claim {
+    pub(super) tx: Option<Tx>,
+    pub rows: Vec<OutboxRow>,
+}
