@@ -7,8 +7,9 @@
 #   KV API         http://127.0.0.1:8788  (local stand-in for Cloudflare's KV REST API; the
 #                                          control plane's KV sync pushes to it, and it writes
 #                                          the local KV the edge reads)
-# Makes an admin key, the Worker's own key and a demo key, and prints a curl through the
-# edge that works. Ctrl-C stops everything.
+# Makes an admin key (manages keys), an edge key (the Worker's own credential) and a
+# client demo key (traffic), and prints a curl through the edge that works. Ctrl-C stops
+# everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -18,7 +19,7 @@ root="$PWD"
 cargo build --locked -q -p metlo-control-plane -p metlo-tests --bins
 bin=target/debug/metlo-control-plane
 
-export LISTEN_ADDR=127.0.0.1:8080
+export LISTEN_ADDR=127.0.0.1:8080 OPS_LISTEN_ADDR=127.0.0.1:9090
 export KV_API_URL=http://127.0.0.1:8788/client/v4 CLOUDFLARE_ACCOUNT_ID=local \
        KV_NAMESPACE_ID=metlo-keys-local CLOUDFLARE_API_TOKEN=dev-token
 export CI=true WRANGLER_SEND_METRICS=false CLOUDFLARE_CF_FETCH_ENABLED=false
@@ -38,13 +39,13 @@ wait_http() { # url
 }
 
 # Keys are shown once: make fresh ones each run (the old ones are deleted first).
-fresh_key() { # name
+fresh_key() { # name role
     "$bin" keys delete "$1" >/dev/null 2>&1 || true
-    "$bin" keys create --name "$1" 2>/dev/null
+    "$bin" keys create --name "$1" --role "$2" 2>/dev/null
 }
-admin_key="$(fresh_key dev-admin)"
-worker_key="$(fresh_key dev-edge-worker)"
-demo_key="$(fresh_key dev-demo)"
+admin_key="$(fresh_key dev-admin admin)"
+worker_key="$(fresh_key dev-edge-worker edge)"
+demo_key="$(fresh_key dev-demo client)"
 printf 'CONTROL_PLANE_KEY = "%s"\n' "$worker_key" > .dev.vars   # git-ignored
 
 setsid target/debug/demo-origin 8081 2>/dev/null & pids+=($!)
@@ -59,22 +60,25 @@ wait_http http://127.0.0.1:8080/healthz
 wait_http http://127.0.0.1:8788/__stats
 wait_http http://127.0.0.1:8787/
 for _ in $(seq 1 100); do   # the keys made above reach KV through the outbox
-    curl -s http://127.0.0.1:8080/readyz | grep -q '"outboxDepth":0' && break; sleep 0.1
+    curl -s http://127.0.0.1:9090/readyz | grep -q '"outboxDepth":0' && break; sleep 0.1
 done
 
 cat <<MSG
 
   Everything is up (logs: control plane below, wrangler in .wrangler-*.log).
 
-  Admin key (shown once):  $admin_key
-  Demo key (shown once):   $demo_key
+  Keys (each shown once):
+    admin   (manages keys, reads the audit log; refused at the edge): $admin_key
+    client  (demo traffic through the edge, /api/v1/verify):          $demo_key
+    edge    (the Worker's own key, in .dev.vars; refused at the edge): dev-edge-worker
 
   Through the edge (the Worker checks the key, then proxies to the demo origin):
     curl -s -H 'Authorization: $demo_key' http://127.0.0.1:8787/hello?x=1
     curl -s -i http://127.0.0.1:8787/hello                                  # 401
 
-  The control plane's API:
+  The control plane's API (admin key; the demo key gets 403 here):
     curl -s -H 'Authorization: $admin_key' http://127.0.0.1:8080/api/v1/keys/list
+    curl -s http://127.0.0.1:9090/readyz                                     # ops port
     curl -s -H 'Authorization: $admin_key' -X DELETE http://127.0.0.1:8080/api/v1/keys/dev-demo/delete
       (then the edge refuses the demo key within a second)
 

@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 # No module cycle in any crate (cargo-modules; ARCHITECTURE.md states the rule).
 ./scripts/check-modules.sh metlo-control-plane metlo-shared metlo-edge
 ./scripts/build-worker.sh
+# The Worker deploys as documented (dry run of the production environment).
+./scripts/deploy-check.sh
 cargo build --locked -p metlo-control-plane
 ./scripts/stack.sh cargo test --locked --workspace -- "$@"
 # Schema fuzzing of the control plane's OpenAPI document (bounded).

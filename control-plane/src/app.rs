@@ -14,7 +14,7 @@ use crate::service::usage::{self, Usage};
 use crate::{http, telemetry};
 
 /// The REST service with everything behind it, until SIGTERM / Ctrl-C.
-pub async fn serve(config: Config, listen_addr: &str) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow::Result<()> {
     let mut store = config.open_store().await?;
     let kv_sync = match config.kv.target()? {
         Some(target) => {
@@ -67,7 +67,16 @@ pub async fn serve(config: Config, listen_addr: &str) -> anyhow::Result<()> {
         usage,
         auth_failures,
     });
-    http::serve(listen_addr, state).await?;
+    match store.count_legacy().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            keys = n,
+            "keys made before roles have the legacy role (every power): give each one role \
+             with `metlo-control-plane keys set-role NAME client|edge|admin`"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not count legacy keys"),
+    }
+    http::serve(listen_addr, ops_addr, state).await?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -30,6 +30,9 @@ pub struct Config {
     pub retry_after_seconds: u64,
     /// How often an isolate reports key use to the control plane (`lastUsed`); 0: never.
     pub usage_report_ms: u64,
+    /// `ORIGIN_SECRET` (a Worker secret): sent to the origin on every proxied request as
+    /// `X-Metlo-Origin-Secret`, so it can refuse traffic that did not come through here.
+    pub origin_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +89,17 @@ impl Config {
             decision_header: flag("DECISION_HEADER"),
             retry_after_seconds: number("RETRY_AFTER_SECONDS", 5)?,
             usage_report_ms: number("USAGE_REPORT_MS", 30_000)?,
+            origin_secret: var("ORIGIN_SECRET").filter(|s| !s.is_empty()),
         };
+        if config.control_plane_url.starts_with("http://")
+            && !is_loopback_url(&config.control_plane_url)
+        {
+            // The Worker's own key and the records would cross the network in clear.
+            return Err(ConfigError(
+                "CONTROL_PLANE_URL must be https:// (plain http:// only to a loopback address)"
+                    .into(),
+            ));
+        }
         if config.kv_ttl_seconds < KV_MIN_EXPIRATION_TTL {
             return Err(ConfigError(format!(
                 "KV_TTL_SECONDS must be at least {KV_MIN_EXPIRATION_TTL}"
@@ -104,6 +117,23 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// Is the URL's host this machine (`localhost`, `127.x.x.x`, `[::1]`)?
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -147,6 +177,49 @@ mod tests {
         let mut v = BASE.to_vec();
         v[0] = ("ORIGIN_URL", "ftp://x");
         assert!(Config::from_vars(vars(&v)).is_err());
+    }
+
+    #[test]
+    fn plain_http_to_the_control_plane_only_on_loopback() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:80",
+            "https://cp.example",
+        ] {
+            let v = [
+                ("ORIGIN_URL", "https://o.example"),
+                ("CONTROL_PLANE_URL", ok),
+            ];
+            assert!(Config::from_vars(vars(&v)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://cp.example",
+            "http://10.0.0.1:8080",
+            "http://127.0.0.1.evil.example",
+            "http://localhost@evil.example",
+        ] {
+            let v = [
+                ("ORIGIN_URL", "https://o.example"),
+                ("CONTROL_PLANE_URL", bad),
+            ];
+            let err = Config::from_vars(vars(&v)).unwrap_err();
+            assert!(err.0.contains("https://"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn origin_secret_is_optional() {
+        assert_eq!(Config::from_vars(vars(&BASE)).unwrap().origin_secret, None);
+        let mut v = BASE.to_vec();
+        v.push(("ORIGIN_SECRET", "s3cret"));
+        assert_eq!(
+            Config::from_vars(vars(&v))
+                .unwrap()
+                .origin_secret
+                .as_deref(),
+            Some("s3cret")
+        );
     }
 
     #[test]

@@ -41,9 +41,10 @@ pub fn decode_kv(value: &str) -> Option<KeyRecord> {
     KeyRecord::from_json(value.as_bytes()).ok()
 }
 
-/// Allow a known key unless it has expired.
+/// Allow a known key unless it has expired or is not a traffic key (an admin or edge
+/// key never passes the edge, whatever a record says: the same 401 as an unknown key).
 pub fn admit(record: &KeyRecord, now_unix_seconds: u64) -> Result<(), Refusal> {
-    if record.is_expired(now_unix_seconds) {
+    if record.is_expired(now_unix_seconds) || !record.role.serves_traffic() {
         Err(Refusal::Invalid)
     } else {
         Ok(())
@@ -106,6 +107,14 @@ pub struct OriginHeaders {
     /// Set, replacing whatever the client sent under these names, so identity headers
     /// can never be forged by the client.
     pub set: Vec<(&'static str, String)>,
+}
+
+/// The header that carries `ORIGIN_SECRET` to the origin.
+pub const ORIGIN_SECRET_HEADER: &str = "X-Metlo-Origin-Secret";
+
+/// Headers only the Worker may set (`X-Metlo-*`, any case): a client's are dropped.
+pub fn is_edge_header(name: &str) -> bool {
+    name.len() >= 8 && name.as_bytes()[..8].eq_ignore_ascii_case(b"x-metlo-")
 }
 
 pub fn origin_headers(record: &KeyRecord, forward_authorization: bool) -> OriginHeaders {
@@ -188,7 +197,7 @@ pub fn refusal_headers(refusal: Refusal, retry_after_seconds: u64) -> Vec<(&'sta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metlo_shared::{ApiKey, KeyType};
+    use metlo_shared::{ApiKey, KeyType, Role};
 
     fn record(expires: Option<u64>) -> KeyRecord {
         KeyRecord {
@@ -230,6 +239,43 @@ mod tests {
         assert_eq!(admit(&record(None), u64::MAX), Ok(()));
         assert_eq!(admit(&record(Some(100)), 99), Ok(()));
         assert_eq!(admit(&record(Some(100)), 100), Err(Refusal::Invalid));
+    }
+
+    #[test]
+    fn edge_headers_are_recognised_in_any_case() {
+        for h in [
+            "x-metlo-key-name",
+            "X-Metlo-Edge-Source",
+            "X-METLO-KEY-ROLE",
+            "x-metlo-",
+        ] {
+            assert!(is_edge_header(h), "{h}");
+        }
+        for h in [
+            "x-metlo",
+            "x-metlox",
+            "authorization",
+            "x-forwarded-for",
+            "é-metlo-x",
+        ] {
+            assert!(!is_edge_header(h), "{h}");
+        }
+    }
+
+    #[test]
+    fn only_traffic_roles_are_admitted() {
+        for role in Role::ALL {
+            let r = KeyRecord {
+                role,
+                ..record(None)
+            };
+            let expected = if role.serves_traffic() {
+                Ok(())
+            } else {
+                Err(Refusal::Invalid)
+            };
+            assert_eq!(admit(&r, 0), expected, "{role}");
+        }
     }
 
     #[test]

@@ -33,8 +33,10 @@ fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> 
     if let Some(c) = CONFIG.with(|c| c.borrow().clone()) {
         return Ok(c);
     }
-    let parsed = std::rc::Rc::new(Config::from_vars(|name| {
-        env.var(name).ok().map(|v| v.to_string())
+    let parsed = std::rc::Rc::new(Config::from_vars(|name| match name {
+        // Secrets, never `[vars]` (which anyone with dashboard access reads).
+        "ORIGIN_SECRET" => env.secret(name).ok().map(|v| v.to_string()),
+        _ => env.var(name).ok().map(|v| v.to_string()),
     })?);
     CONFIG.with(|c| *c.borrow_mut() = Some(parsed.clone()));
     Ok(parsed)
@@ -290,11 +292,10 @@ async fn send_usage(
     }
 }
 
+/// The Worker's own (edge-role) key: a secret (`wrangler secret put`, or `.dev.vars`
+/// locally), never a `[vars]` entry.
 fn control_plane_key(env: &Env) -> Option<String> {
-    env.secret("CONTROL_PLANE_KEY")
-        .map(|s| s.to_string())
-        .or_else(|_| env.var("CONTROL_PLANE_KEY").map(|v| v.to_string()))
-        .ok()
+    env.secret("CONTROL_PLANE_KEY").map(|s| s.to_string()).ok()
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
@@ -314,11 +315,22 @@ async fn proxy(
     for name in changes.remove {
         headers.delete(name)?;
     }
+    // Every `X-Metlo-*` header the client sent goes: only this Worker speaks for it.
+    let forged: Vec<String> = headers
+        .keys()
+        .filter(|name| decision::is_edge_header(name))
+        .collect();
+    for name in forged {
+        headers.delete(&name)?;
+    }
     for (name, value) in &changes.set {
         headers.set(name, value)?;
     }
     if config.decision_header {
         headers.set("X-Metlo-Edge-Source", source.as_str())?;
+    }
+    if let Some(secret) = &config.origin_secret {
+        headers.set(decision::ORIGIN_SECRET_HEADER, secret)?;
     }
     let method = req.method();
     let has_body = !matches!(method, Method::Get | Method::Head);

@@ -69,6 +69,78 @@ impl fmt::Display for KeyType {
     }
 }
 
+/// What a key may do. Every key has exactly one role, set when it is made and never
+/// changed by a roll; each control-plane route says which roles may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// API traffic: accepted at the edge and on `GET /api/v1/verify`, nothing else.
+    #[default]
+    Client,
+    /// The edge Worker's own credential: looks keys up by hash and reports their use.
+    /// Never accepted at the edge for traffic.
+    Edge,
+    /// Manages keys and reads the audit log. Never accepted at the edge for traffic.
+    Admin,
+    /// A key made before roles existed: keeps every power it had (client, edge and
+    /// admin) until an operator gives it one role (`keys set-role`).
+    Legacy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid role: expected one of client, edge, admin")]
+pub struct RoleError;
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Client, Role::Edge, Role::Admin, Role::Legacy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Edge => "edge",
+            Role::Admin => "admin",
+            Role::Legacy => "legacy",
+        }
+    }
+
+    /// May this key's traffic pass the edge? (Only these keys' records ever reach KV.)
+    pub fn serves_traffic(self) -> bool {
+        matches!(self, Role::Client | Role::Legacy)
+    }
+
+    /// May this key manage keys?
+    pub fn administers(self) -> bool {
+        matches!(self, Role::Admin | Role::Legacy)
+    }
+}
+
+impl FromStr for Role {
+    type Err = RoleError;
+
+    /// Exact, lower-case names.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or(RoleError)
+    }
+}
+
+impl TryFrom<String> for Role {
+    type Error = RoleError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The KV record for a key, keyed by its SHA-256 hex. Field names follow Metlo's JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
@@ -85,6 +157,10 @@ pub struct KeyRecord {
     /// Unix time in seconds after which the key is no longer valid; absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
+    /// The key's role; absent (records written before roles): `client`. The edge admits
+    /// only keys whose role serves traffic.
+    #[serde(default)]
+    pub role: Role,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +202,7 @@ impl KeyRecord {
             identifier: "metlo.abcdefgh".into(),
             created: "2026-01-01T00:00:00.000Z".into(),
             expires: None,
+            role: Role::Client,
         }
     }
 }
@@ -143,7 +220,38 @@ mod tests {
             identifier: "metlo.AbCd1234".into(),
             created: "2026-11-27T16:03:49.123Z".into(),
             expires: Some(1_900_000_000),
+            role: Role::Client,
         }
+    }
+
+    #[test]
+    fn roles_round_trip_and_default_to_client() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+            let record = KeyRecord { role, ..sample() };
+            assert!(record.to_json().contains(&format!(r#""role":"{role}""#)));
+            assert_eq!(
+                KeyRecord::from_json(record.to_json().as_bytes()).unwrap(),
+                record
+            );
+        }
+        assert!("Admin".parse::<Role>().is_err());
+        // A record written before roles existed reads as a client key.
+        let old = sample().to_json().replace(r#","role":"client""#, "");
+        assert!(!old.contains("role"));
+        assert_eq!(
+            KeyRecord::from_json(old.as_bytes()).unwrap().role,
+            Role::Client
+        );
+        let unknown = sample()
+            .to_json()
+            .replace(r#""role":"client""#, r#""role":"root""#);
+        assert!(
+            KeyRecord::from_json(unknown.as_bytes()).is_err(),
+            "fail closed"
+        );
+        assert!(Role::Client.serves_traffic() && Role::Legacy.serves_traffic());
+        assert!(!Role::Admin.serves_traffic() && !Role::Edge.serves_traffic());
     }
 
     #[test]

@@ -16,6 +16,9 @@ use serde_json::{json, Value};
 
 use crate::{free_port, workspace_root};
 
+/// The Worker's settings that are secrets, never `[vars]`.
+pub const SECRETS: [&str; 2] = ["CONTROL_PLANE_KEY", "ORIGIN_SECRET"];
+
 /// A request as the origin saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -344,6 +347,7 @@ impl Edge {
     }
 
     /// Like [`Edge::start`], with the local KV kept in `state` (shared with a [`KvApi`]).
+    /// Of `vars`, the Worker's secrets ([`SECRETS`]) are given as secrets, the rest as `[vars]`.
     pub async fn start_on_state(
         state: Option<&std::path::Path>,
         control_plane_url: &str,
@@ -361,7 +365,13 @@ impl Edge {
             ("CONTROL_PLANE_URL".into(), control_plane_url.into()),
             ("DECISION_HEADER".into(), "true".into()),
         ];
+        // Secrets go to `.dev.vars` (what `wrangler secret put` holds in production).
+        let mut secrets = format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n");
         for (k, v) in vars {
+            if SECRETS.contains(k) {
+                secrets.push_str(&format!("{k} = {v:?}\n"));
+                continue;
+            }
             all_vars.retain(|(name, _)| name != k);
             all_vars.push((k.to_string(), v.to_string()));
         }
@@ -377,11 +387,7 @@ impl Edge {
             main = worker_main().display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
-        std::fs::write(
-            dir.path().join(".dev.vars"),
-            format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n"),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(".dev.vars"), secrets).unwrap();
         let port = free_port();
         let log_path = dir.path().join("wrangler.log");
         let child = spawn_wrangler_dev(dir.path(), &state, port, &log_path);

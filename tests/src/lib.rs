@@ -403,6 +403,12 @@ impl Options {
 pub struct ControlPlane {
     pub url: String,
     pub admin_key: String,
+    /// A key with the edge role (the Worker's credential: by-hash and usage reports).
+    pub edge_key: String,
+    /// A key with the client role (traffic: the edge and `/api/v1/verify`).
+    pub client_key: String,
+    /// The ops listener (`/readyz` with details, `/metrics`).
+    pub ops_url: String,
     pub client: reqwest::Client,
     child: Child,
     log_path: PathBuf,
@@ -422,6 +428,7 @@ impl ControlPlane {
         let mut env: Vec<(String, String)> = vec![
             ("LOG_FORMAT".into(), "text".into()),
             ("RUST_LOG".into(), "info".into()),
+            ("OPS_LISTEN_ADDR".into(), "127.0.0.1:0".into()),
         ];
         match opts.backend {
             Backend::Sqlite => env.push((
@@ -442,14 +449,19 @@ impl ControlPlane {
         env.extend(opts.env.iter().cloned());
         let log_path = dir.path().join("control-plane.log");
 
-        // The first key is made the way an operator makes it: with the CLI.
-        let admin_key = run_cli(&env, &["keys", "create", "--name", "admin"], &log_path)
-            .expect("create admin key");
+        // The first keys are made the way an operator makes them: with the CLI.
+        let admin_key = cli_key(&env, "admin", "admin", &log_path);
+        let edge_key = cli_key(&env, "edge-worker", "edge", &log_path);
+        let client_key = cli_key(&env, "client", "client", &log_path);
         let child = spawn_server(&env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
+        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE).unwrap();
         ControlPlane {
             url,
+            ops_url,
             admin_key: admin_key.clone(),
+            edge_key: edge_key.clone(),
+            client_key: client_key.clone(),
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
                 .build()
@@ -458,7 +470,7 @@ impl ControlPlane {
             log_path,
             env,
             _dir: dir,
-            secrets: Arc::new(Mutex::new(vec![admin_key])),
+            secrets: Arc::new(Mutex::new(vec![admin_key, edge_key, client_key])),
         }
     }
 
@@ -469,9 +481,13 @@ impl ControlPlane {
         let log_path = dir.path().join("replica.log");
         let child = spawn_server(&self.env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
+        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE).unwrap();
         ControlPlane {
             url,
+            ops_url,
             admin_key: self.admin_key.clone(),
+            edge_key: self.edge_key.clone(),
+            client_key: self.client_key.clone(),
             client: self.client.clone(),
             child,
             log_path,
@@ -501,12 +517,9 @@ impl ControlPlane {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = self.log();
-            if let Some(i) = log[before..].find("listening on http://") {
-                let rest = &log[before + i + "listening on ".len()..];
-                let end = rest
-                    .find(|c: char| c.is_whitespace() || c == '"')
-                    .unwrap_or(rest.len());
-                self.url = rest[..end].to_owned();
+            if let Some(url) = find_url(&log[before..], API_LINE) {
+                self.url = url;
+                self.ops_url = find_url(&log[before..], OPS_LINE).unwrap();
                 return;
             }
             assert!(
@@ -517,11 +530,22 @@ impl ControlPlane {
         }
     }
 
+    /// A GET on the ops listener (`/readyz`, `/metrics`): status and body.
+    pub async fn ops_get(&self, path: &str) -> (StatusCode, String) {
+        let r = self
+            .client
+            .get(format!("{}{}", self.ops_url, path))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
     /// Waits until the KV outbox is empty (as `/readyz` reports it); returns how long it took.
     pub async fn wait_outbox_drained(&self, timeout: Duration) -> Duration {
         let started = Instant::now();
         loop {
-            let (_, _, body) = self.get("/readyz", None).await;
+            let (_, body) = self.ops_get("/readyz").await;
             let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
             if v["kvSync"]["outboxDepth"] == 0 {
                 return started.elapsed();
@@ -567,12 +591,13 @@ impl ControlPlane {
 
     /// `POST /api/v1/keys/create` with the admin key; returns status and body.
     pub async fn create(&self, body: Value) -> (StatusCode, Value) {
+        self.create_as(&self.admin_key.clone(), body).await
+    }
+
+    /// [`Self::create`] with another key.
+    pub async fn create_as(&self, key: &str, body: Value) -> (StatusCode, Value) {
         let r = self
-            .request(
-                reqwest::Method::POST,
-                "/api/v1/keys/create",
-                Some(&self.admin_key),
-            )
+            .request(reqwest::Method::POST, "/api/v1/keys/create", Some(key))
             .json(&body)
             .send()
             .await
@@ -588,7 +613,12 @@ impl ControlPlane {
     /// A POST with a JSON body (or none) and the admin key; returns status and body, and
     /// remembers any key in the response (to check logs against).
     pub async fn post(&self, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut rb = self.request(reqwest::Method::POST, path, Some(&self.admin_key));
+        self.post_as(&self.admin_key, path, body).await
+    }
+
+    /// [`Self::post`] with another key.
+    pub async fn post_as(&self, key: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut rb = self.request(reqwest::Method::POST, path, Some(key));
         if let Some(b) = body {
             rb = rb.json(&b);
         }
@@ -664,7 +694,7 @@ impl ControlPlane {
 
     /// A Prometheus counter's value (summed over label sets matching `filter`).
     pub async fn metric(&self, name: &str, filter: &str) -> f64 {
-        let (_, _, text) = self.get("/metrics", None).await;
+        let (_, text) = self.ops_get("/metrics").await;
         text.lines()
             .filter(|l| l.starts_with(name) && l.contains(filter))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -729,6 +759,23 @@ fn log_file(path: &Path) -> std::fs::File {
         .unwrap()
 }
 
+/// A key made with the CLI on the database, with a role. (A baseline build from before
+/// roles, which the benchmark may run, takes no `--role`: its keys can do everything.)
+fn cli_key(env: &[(String, String)], name: &str, role: &str, log_path: &Path) -> String {
+    match run_cli(
+        env,
+        &["keys", "create", "--name", name, "--role", role],
+        log_path,
+    ) {
+        Ok(key) => key,
+        Err(e) if e.contains("'--role'") => {
+            run_cli(env, &["keys", "create", "--name", name], log_path)
+                .unwrap_or_else(|e| panic!("create {name} key: {e}"))
+        }
+        Err(e) => panic!("create {name} key: {e}"),
+    }
+}
+
 /// Runs a CLI command; stdout on success, stderr on failure. Stderr is also appended to
 /// the log so the secret check sees it.
 pub fn run_cli(env: &[(String, String)], args: &[&str], log_path: &Path) -> Result<String, String> {
@@ -757,17 +804,28 @@ pub fn spawn_server(env: &[(String, String)], log_path: &Path, listen: &str) -> 
         .expect("spawn control plane")
 }
 
+/// The log lines that give the API's and the ops listener's URLs (the ops one is
+/// written first, so the API's line means the server is ready).
+const API_LINE: &str = "listening on http://";
+const OPS_LINE: &str = "ops routes (readyz, metrics) on http://";
+
+/// The URL in the last `line` of `log`.
+fn find_url(log: &str, line: &str) -> Option<String> {
+    let i = log.rfind(line)?;
+    let rest = &log[i + line.len() - "http://".len()..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    Some(rest[..end].to_owned())
+}
+
 /// Waits for the "listening on http://…" line and returns the URL.
 pub fn wait_for_listening(log_path: &Path, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
-        if let Some(i) = log.rfind("listening on http://") {
-            let rest = &log[i + "listening on ".len()..];
-            let end = rest
-                .find(|c: char| c.is_whitespace() || c == '"')
-                .unwrap_or(rest.len());
-            return rest[..end].to_owned();
+        if let Some(url) = find_url(&log, API_LINE) {
+            return url;
         }
         assert!(
             Instant::now() < deadline,

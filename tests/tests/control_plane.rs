@@ -54,9 +54,11 @@ async fn create_list_onboarding_delete(backend: Backend) {
             "for",
             "identifier",
             "lastUsed",
-            "name"
+            "name",
+            "role"
         ]
     );
+    assert_eq!(created["role"], "client", "Metlo's body makes a client key");
     let key = ApiKey::parse(created["apiKey"].as_str().unwrap()).expect("a well-formed key");
     assert_eq!(created["identifier"], key.identifier());
     assert_eq!(created["name"], "ingestor");
@@ -89,7 +91,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
     let (status, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::OK);
     let list: Vec<Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(list.len(), 8, "{text}");
+    assert_eq!(list.len(), 10, "the harness's 3 keys and 7: {text}");
     for entry in &list {
         let mut f: Vec<_> = entry
             .as_object()
@@ -106,7 +108,8 @@ async fn create_list_onboarding_delete(backend: Backend) {
                 "for",
                 "identifier",
                 "lastUsed",
-                "name"
+                "name",
+                "role"
             ],
             "list never shows the key"
         );
@@ -168,14 +171,14 @@ async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
     assert_eq!(
         serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
-        1,
-        "only admin left: {text}"
+        3,
+        "only the harness's keys left: {text}"
     );
 }
 
 async fn verify_and_by_hash(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
-    let (status, headers, body) = cp.get("/api/v1/verify", Some(&cp.admin_key)).await;
+    let (status, headers, body) = cp.get("/api/v1/verify", Some(&cp.client_key)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "OK"));
     assert!(headers["content-type"]
         .to_str()
@@ -183,7 +186,7 @@ async fn verify_and_by_hash(backend: Backend) {
         .starts_with("text/plain"));
     // Bearer form works too.
     assert_eq!(
-        cp.verify(&format!("Bearer {}", cp.admin_key)).await,
+        cp.verify(&format!("Bearer {}", cp.client_key)).await,
         StatusCode::OK
     );
 
@@ -191,7 +194,7 @@ async fn verify_and_by_hash(backend: Backend) {
     let parsed = ApiKey::parse(&key).unwrap();
     let hash = parsed.hash().to_hex();
     let (status, headers, body) = cp
-        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.edge_key))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["cache-control"], "no-store");
@@ -206,7 +209,7 @@ async fn verify_and_by_hash(backend: Backend) {
     let (status, _, body) = cp
         .get(
             &format!("/api/v1/keys/by-hash/{unknown}"),
-            Some(&cp.admin_key),
+            Some(&cp.edge_key),
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
@@ -217,14 +220,14 @@ async fn verify_and_by_hash(backend: Backend) {
         &"g".repeat(64),
     ] {
         let (status, _, body) = cp
-            .get(&format!("/api/v1/keys/by-hash/{bad}"), Some(&cp.admin_key))
+            .get(&format!("/api/v1/keys/by-hash/{bad}"), Some(&cp.edge_key))
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
     // Deleted → 404 at once.
     cp.delete("edge-client", Some(&cp.admin_key)).await;
     let (status, _, _) = cp
-        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.edge_key))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
@@ -293,8 +296,12 @@ async fn every_api_route_refuses_bad_keys(backend: Backend) {
     // Nothing was created or deleted by refused requests.
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
     let list: Vec<Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(list.len(), 1);
-    assert_eq!(list[0]["name"], "admin");
+    let names: Vec<&str> = list.iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["client", "edge-worker", "admin"],
+        "the harness's keys only"
+    );
 }
 
 async fn bad_requests_are_400_json(backend: Backend) {
@@ -390,7 +397,7 @@ async fn bad_requests_are_400_json(backend: Backend) {
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
     assert_eq!(
         serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
-        3,
+        5,
         "{text}"
     );
     // Unknown routes are JSON 404s.
@@ -400,14 +407,15 @@ async fn bad_requests_are_400_json(backend: Backend) {
 }
 
 async fn limit_reached_has_metlo_message(backend: Backend) {
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 3)).await;
+    // The harness's three keys (admin, edge, client) and two more.
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 5)).await;
     cp.create_key("two", "GENERIC").await;
     cp.create_key("three", "GENERIC").await;
     let (status, body) = cp.create(json!({"name": "four"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(
         body["message"],
-        "Maximum API Key Limit Reached: 3. Consider deleting any that are not in use."
+        "Maximum API Key Limit Reached: 5. Consider deleting any that are not in use."
     );
     // Deleting frees a slot.
     cp.delete("two", Some(&cp.admin_key)).await;
@@ -418,7 +426,7 @@ async fn limit_reached_has_metlo_message(backend: Backend) {
     );
     // The CLI obeys the same limit.
     let err = cp.cli(&["keys", "create", "--name", "cli"]).unwrap_err();
-    assert!(err.contains("Maximum API Key Limit Reached: 3"), "{err}");
+    assert!(err.contains("Maximum API Key Limit Reached: 5"), "{err}");
 }
 
 async fn concurrent_creates_with_one_name(backend: Backend) {
@@ -444,10 +452,10 @@ async fn concurrent_creates_with_one_name(backend: Backend) {
 async fn concurrent_creates_at_the_limit(backend: Backend) {
     const MAX: usize = 20;
     let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", MAX)).await;
-    for i in 0..MAX - 2 {
+    for i in 0..MAX - 4 {
         cp.create_key(&format!("pre-{i}"), "GENERIC").await;
     }
-    // admin + 18 = MAX − 1 keys stored.
+    // The harness's 3 + 16 = MAX − 1 keys stored.
     let results = futures::future::join_all(
         (0..200).map(|i| cp.create(json!({"name": format!("race-{i}")}))),
     )
@@ -490,12 +498,15 @@ async fn deleted_key_is_refused_at_once(backend: Backend) {
             );
             let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
             let (status, _, _) = cp
-                .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+                .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.edge_key))
                 .await;
             assert_eq!(status, StatusCode::NOT_FOUND);
         }
         // A deleted caller cannot act either.
-        let key = cp.create_key("self-deleting", "GENERIC").await;
+        let (_, made) = cp
+            .create(json!({"name": "self-deleting", "role": "admin"}))
+            .await;
+        let key = made["apiKey"].as_str().unwrap().to_owned();
         assert_eq!(
             cp.delete("self-deleting", Some(&key)).await.0,
             StatusCode::OK
@@ -551,17 +562,17 @@ async fn cli_manages_keys(backend: Backend) {
 async fn ops_routes(backend: Backend) {
     let cp = ControlPlane::start(backend).await;
     assert_eq!(cp.get("/healthz", None).await.0, StatusCode::OK);
-    let (status, _, body) = cp.get("/readyz", None).await;
+    let (status, body) = cp.ops_get("/readyz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["database"],
         "ok"
     );
 
-    cp.verify(&cp.admin_key).await;
-    cp.verify(&cp.admin_key).await;
+    cp.verify(&cp.client_key).await;
+    cp.verify(&cp.client_key).await;
     cp.verify("nope").await;
-    let (status, _, metrics) = cp.get("/metrics", None).await;
+    let (status, metrics) = cp.ops_get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         metrics
@@ -604,13 +615,13 @@ async fn redis_outage_falls_back_to_the_database() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let mut redis = Redis::start();
         let cp = ControlPlane::start_with(Options::new(backend).redis(redis.url())).await;
-        let key = cp.create_key("client", "GENERIC").await;
+        let key = cp.create_key("verified", "GENERIC").await;
         assert_eq!(cp.verify(&key).await, StatusCode::OK);
         assert!(
             redis.dbsize() >= 1,
             "verification results are cached in Redis"
         );
-        let (_, _, ready) = cp.get("/readyz", None).await;
+        let (_, ready) = cp.ops_get("/readyz").await;
         assert!(ready.contains(r#""cache":"ok""#), "{ready}");
 
         redis.stop();
@@ -618,7 +629,7 @@ async fn redis_outage_falls_back_to_the_database() {
         let unknown = ApiKey::generate().unwrap();
         for _ in 0..20 {
             assert_eq!(cp.verify(&key).await, StatusCode::OK);
-            assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
+            assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
             assert_eq!(
                 cp.verify(unknown.expose_secret()).await,
                 StatusCode::UNAUTHORIZED
@@ -630,7 +641,7 @@ async fn redis_outage_falls_back_to_the_database() {
             StatusCode::OK
         );
         assert_eq!(cp.verify(&doomed).await, StatusCode::UNAUTHORIZED);
-        let (status, _, ready) = cp.get("/readyz", None).await;
+        let (status, ready) = cp.ops_get("/readyz").await;
         assert_eq!(status, StatusCode::OK, "Redis is optional for readiness");
         assert!(ready.contains(r#""cache":"unreachable""#), "{ready}");
         let log = cp.log();
@@ -664,7 +675,7 @@ async fn redis_outage_falls_back_to_the_database() {
         assert!(
             hits_after >= hits_before + 10.0,
             "{hits_before} -> {hits_after}\n{}\n{}",
-            cp.get("/metrics", None).await.2,
+            cp.ops_get("/metrics").await.1,
             cp.log()
         );
         assert_eq!(cp.metric("http_requests_total", "status=\"5").await, 0.0);
@@ -718,7 +729,7 @@ async fn delete_on_one_replica_is_refused_by_another() {
 #[tokio::test]
 async fn graceful_shutdown_on_sigterm() {
     let mut cp = ControlPlane::start(Backend::Sqlite).await;
-    assert_eq!(cp.verify(&cp.admin_key).await, StatusCode::OK);
+    assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
     assert!(cp.terminate(), "exits 0 on SIGTERM");
     assert!(cp.log().contains("stopped"));
 }

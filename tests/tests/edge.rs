@@ -17,7 +17,7 @@ struct Stack {
 async fn stack(vars: &[(&str, &str)]) -> Stack {
     let cp = ControlPlane::start(Backend::Sqlite).await;
     // The Worker's own key: what `wrangler secret put CONTROL_PLANE_KEY` would hold.
-    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let worker_key = cp.edge_key.clone();
     let origin = Origin::start().await;
     let edge = Edge::start(&cp.url, &worker_key, &origin.url, vars).await;
     Stack { cp, origin, edge }
@@ -93,6 +93,81 @@ async fn valid_key_is_proxied_with_identity_headers() {
     let r = s.edge.get("/plain", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.origin.requests()[1].method, "GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_client_keys_pass_and_identity_headers_cannot_be_forged() {
+    let s = stack(&[("ORIGIN_SECRET", "origin-shared-secret")]).await;
+    // Admin and edge keys are valid on the control plane, never for traffic: the same
+    // 401 as an unknown key (the control plane does not even tell the edge about them).
+    for key in [&s.cp.admin_key, &s.cp.edge_key] {
+        let r = s.edge.get("/x", Some(key)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(source(&r), "control-plane");
+    }
+    // A KV record claiming another role is refused too, whatever put it there.
+    let rogue = ApiKey::generate().unwrap();
+    let record = KeyRecord {
+        role: metlo_shared::Role::Admin,
+        ..kv_record(&rogue, "rogue")
+    };
+    s.edge.kv_put(&rogue.hash().to_hex(), &record.to_json());
+    let r = s
+        .edge
+        .get("/x", Some(rogue.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status(), source(&r)),
+        (StatusCode::UNAUTHORIZED, "kv".to_owned())
+    );
+    assert!(s.origin.requests().is_empty(), "nothing reached the origin");
+
+    // A client key passes; every X-Metlo-* header the client sent is gone, whatever its
+    // case, and the origin gets the shared secret.
+    let r = s
+        .edge
+        .get("/x", Some(&s.cp.client_key))
+        .header("X-Metlo-Key-Role", "admin")
+        .header("x-metlo-edge-source", "forged")
+        .header("X-METLO-ORIGIN-SECRET", "forged")
+        .header("X-Metlo-Tenant", "someone-else")
+        .header("X-Metlo-Key-Name", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = &s.origin.requests()[0];
+    let metlo: Vec<(String, String)> = seen
+        .headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("x-metlo-"))
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    let mut names: Vec<&str> = metlo.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "x-metlo-edge-source",
+            "x-metlo-key-identifier",
+            "x-metlo-key-name",
+            "x-metlo-key-type",
+            "x-metlo-origin-secret"
+        ],
+        "only the Worker's own: {metlo:?}"
+    );
+    assert_eq!(seen.headers["x-metlo-key-name"], "client");
+    assert_eq!(seen.headers["x-metlo-edge-source"], "control-plane");
+    assert_eq!(
+        seen.headers["x-metlo-origin-secret"],
+        "origin-shared-secret"
+    );
+    assert!(
+        !s.edge.log().contains("origin-shared-secret"),
+        "the secret is never logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,6 +350,7 @@ async fn expired_record_is_refused() {
         identifier: key.identifier(),
         created: "2026-01-01T00:00:00.000Z".into(),
         expires: Some(1_700_000_000),
+        role: metlo_shared::Role::Client,
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -461,6 +537,7 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         identifier: key.identifier(),
         created: "2026-01-01T00:00:00.000Z".into(),
         expires: None,
+        role: metlo_shared::Role::Client,
     }
 }
 

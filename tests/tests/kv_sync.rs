@@ -43,7 +43,7 @@ async fn full_with(backend: Backend, edge_vars: &[(&str, &str)], cp_env: &[(&str
         .iter()
         .fold(options(backend, &kv), |o, (k, v)| o.env(k, v));
     let cp = ControlPlane::start_with(options).await;
-    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let worker_key = cp.edge_key.clone();
     let origin = Origin::start().await;
     let edge = Edge::start_on_state(
         Some(state.path()),
@@ -71,7 +71,7 @@ async fn live_hashes(cp: &ControlPlane, candidates: &[String]) -> BTreeSet<Strin
     let mut live = BTreeSet::new();
     for h in candidates {
         let (status, _, _) = cp
-            .get(&format!("/api/v1/keys/by-hash/{h}"), Some(&cp.admin_key))
+            .get(&format!("/api/v1/keys/by-hash/{h}"), Some(&cp.edge_key))
             .await;
         if status == StatusCode::OK {
             live.insert(h.clone());
@@ -150,7 +150,7 @@ async fn deleted_key_is_refused_at_the_edge_within_a_second() {
 
 async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
     let mut s = full(backend, &[]).await;
-    let mut all = vec![hash(&s.cp.admin_key)];
+    let mut all = vec![hash(&s.cp.client_key)];
     let mut keys = vec![];
     for i in 0..6 {
         let key = s.cp.create_key(&format!("before-{i}"), "GENERIC").await;
@@ -172,7 +172,7 @@ async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, _, ready) = s.cp.get("/readyz", None).await;
+    let (_, ready) = s.cp.ops_get("/readyz").await;
     let ready: Value = serde_json::from_str(&ready).unwrap();
     assert!(
         ready["kvSync"]["outboxDepth"].as_i64().unwrap() > 0,
@@ -221,7 +221,7 @@ async fn slow_kv_target_times_out_and_late_writes_are_undone() {
     )
     .await;
     s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
-    let mut all = vec![hash(&s.cp.admin_key)];
+    let mut all = vec![hash(&s.cp.client_key)];
 
     // The first put hangs for 3 s (then lands anyway); the retry goes through.
     s.kv.inject_delay(Duration::from_secs(3), 1).await;
@@ -289,12 +289,12 @@ async fn outbox_survives_sigkill(backend: Backend) {
     let mut s = full(backend, &[]).await;
     s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
     s.kv.stop();
-    let mut created = vec![hash(&s.cp.admin_key)];
+    let mut created = vec![hash(&s.cp.client_key)];
     for i in 0..5 {
         created.push(hash(&s.cp.create_key(&format!("pending-{i}"), "AWS").await));
     }
     s.cp.delete("pending-0", Some(&s.cp.admin_key)).await;
-    let (_, _, ready) = s.cp.get("/readyz", None).await;
+    let (_, ready) = s.cp.ops_get("/readyz").await;
     assert!(!ready.contains(r#""outboxDepth":0"#), "{ready}");
 
     s.cp.kill();
@@ -375,7 +375,7 @@ async fn two_replicas_send_every_update_exactly_once() {
     );
     let kv_keys: BTreeSet<String> = kv.kv_keys().into_iter().collect();
     let mut candidates = created.clone();
-    candidates.push(hash(&a.admin_key));
+    candidates.push(hash(&a.client_key));
     candidates.extend(kv_keys.iter().cloned());
     assert_eq!(kv_keys, live_hashes(&a, &candidates).await);
 }

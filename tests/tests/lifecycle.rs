@@ -58,7 +58,7 @@ fn secret(body: &Value) -> String {
 }
 
 async fn expiry(backend: Backend) {
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 4)).await;
+    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 6)).await;
     for (bad, why) in [
         (json!("2020-01-01T00:00:00Z"), "in the future"),
         (json!(iso(now_ms() - 1000)), "in the future"),
@@ -74,7 +74,7 @@ async fn expiry(backend: Backend) {
             "{bad}: {body}"
         );
     }
-    assert_eq!(cp.list().await.len(), 1, "nothing stored by bad requests");
+    assert_eq!(cp.list().await.len(), 3, "nothing stored by bad requests");
 
     let (status, forever) = cp
         .create(json!({"name": "forever", "expiresAt": null}))
@@ -98,7 +98,7 @@ async fn expiry(backend: Backend) {
     let short_key = secret(&short);
     let hash = ApiKey::parse(&short_key).unwrap().hash().to_hex();
     let (_, _, record) = cp
-        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.admin_key))
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.edge_key))
         .await;
     let record: Value = serde_json::from_str(&record).unwrap();
     assert_eq!(
@@ -117,7 +117,7 @@ async fn expiry(backend: Backend) {
     );
 
     // Expired keys stay listed and count toward the limit until deleted.
-    assert_eq!(cp.list().await.len(), 4);
+    assert_eq!(cp.list().await.len(), 6);
     let (status, body) = cp.create(json!({"name": "one more"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"], "limit_reached");
@@ -166,10 +166,7 @@ async fn roll_with_overlap(backend: Backend) {
     assert!(end >= now_ms() + 1500 && end <= now_ms() + 3100, "{rolled}");
     let hash2 = ApiKey::parse(&key2).unwrap().hash().to_hex();
     let (_, _, record) = cp
-        .get(
-            &format!("/api/v1/keys/by-hash/{hash2}"),
-            Some(&cp.admin_key),
-        )
+        .get(&format!("/api/v1/keys/by-hash/{hash2}"), Some(&cp.edge_key))
         .await;
     let record: Value = serde_json::from_str(&record).unwrap();
     assert_eq!(record["expires"], end / 1000, "{record}");
@@ -401,7 +398,8 @@ async fn last_used_is_coalesced(backend: Backend) {
     let unknown = ApiKey::generate().unwrap().hash().to_hex();
     let earlier = now_ms() - 60_000;
     let (status, body) = cp
-        .post(
+        .post_as(
+            &cp.edge_key,
             "/api/v1/usage",
             Some(json!({"used": {hash_b.clone(): earlier, hash_a.clone(): earlier, unknown: earlier}})),
         )
@@ -416,7 +414,8 @@ async fn last_used_is_coalesced(backend: Backend) {
         "never moves back"
     );
     let far_future = now_ms() + 86_400_000;
-    cp.post(
+    cp.post_as(
+        &cp.edge_key,
         "/api/v1/usage",
         Some(json!({"used": {hash_b.clone(): far_future}})),
     )
@@ -436,7 +435,7 @@ async fn last_used_is_coalesced(backend: Backend) {
         json!({"used": {}, "extra": 1}),
         json!({"used": many}),
     ] {
-        let (status, body) = cp.post("/api/v1/usage", Some(bad)).await;
+        let (status, body) = cp.post_as(&cp.edge_key, "/api/v1/usage", Some(bad)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(body["error"], "bad_request");
     }

@@ -41,6 +41,9 @@ pub enum KeysCommand {
         /// When the key stops working (RFC 3339, e.g. 2030-01-01T00:00:00Z).
         #[arg(long)]
         expires_at: Option<String>,
+        /// client (traffic), edge (the Worker's own key) or admin (manages keys).
+        #[arg(long, default_value = "client")]
+        role: String,
     },
     /// List keys (metadata only), newest first.
     List {
@@ -57,6 +60,9 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = 0)]
         overlap_seconds: u64,
     },
+    /// Give a legacy key (made before roles existed, with every power) its one role:
+    /// client, edge or admin. A key's role is set once.
+    SetRole { name: String, role: String },
     /// Show the audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -72,6 +78,7 @@ enum Output {
     Created(CreatedKey),
     Rolled(RolledKey),
     Deleted(String),
+    RoleSet(KeyInfo),
     Keys(Vec<KeyInfo>),
     Audit(AuditPage),
 }
@@ -100,18 +107,28 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
     if !matches!(api.base.scheme(), "http" | "https") || api.base.cannot_be_a_base() {
         anyhow::bail!("--url must be an http:// or https:// URL");
     }
+    if api.base.scheme() == "http" && !is_loopback(&api.base) {
+        eprintln!(
+            "warning: {base} is plain http:// to another host: the admin key and every new \
+             key cross the network unencrypted; use https://"
+        );
+    }
     Ok(match cmd {
         KeysCommand::Create {
             name,
             key_type,
             expires_at,
+            role,
         } => Output::Created(
             api.send(
                 reqwest::Method::POST,
                 &["api", "v1", "keys", "create"],
-                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at})),
+                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role})),
             )
             .await?,
+        ),
+        KeysCommand::SetRole { .. } => anyhow::bail!(
+            "set-role runs on the database only (without --url): it changes what a key may do"
         ),
         KeysCommand::List { onboarding } => Output::Keys(
             api.send(
@@ -229,11 +246,13 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 name,
                 key_type,
                 expires_at,
+                role,
             } => {
                 let new = CreateKeyRequest {
                     name: Some(name.clone()),
                     key_for: Some(key_type.clone()),
                     expires_at: expires_at.clone(),
+                    role: Some(role.clone()),
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)
@@ -243,8 +262,13 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 Output::Keys(keys::list_keys(&store, only).await?)
             }
             KeysCommand::Delete { name } => {
-                keys::delete_key(&store, &config.cache()?, name, &actor).await?;
+                // The CLI on the database is root: it may delete the last admin key.
+                keys::delete_key(&store, &config.cache()?, name, false, &actor).await?;
                 Output::Deleted(name.clone())
+            }
+            KeysCommand::SetRole { name, role } => {
+                let role = keys::parse_role(Some(role))?;
+                Output::RoleSet(keys::set_role(&store, &config.cache()?, name, role, &actor).await?)
             }
             KeysCommand::Roll {
                 name,
@@ -272,6 +296,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
             Output::Created(k) => serde_json::to_value(k)?,
             Output::Rolled(k) => serde_json::to_value(k)?,
             Output::Deleted(_) => json!({"status": "OK"}),
+            Output::RoleSet(k) => serde_json::to_value(k)?,
             Output::Keys(k) => serde_json::to_value(k)?,
             Output::Audit(p) => serde_json::to_value(p)?,
         };
@@ -283,8 +308,8 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         // The key alone on stdout, so `KEY=$(… keys create …)` works.
         Output::Created(k) => {
             eprintln!(
-                "Created {} key {:?} ({}). It is shown only this once:",
-                k.info.key_for, k.info.name, k.info.identifier
+                "Created {} key {:?} ({}, role {}). It is shown only this once:",
+                k.info.key_for, k.info.name, k.info.identifier, k.info.role
             );
             println!("{}", k.api_key);
         }
@@ -300,11 +325,13 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
             println!("{}", k.api_key);
         }
         Output::Deleted(name) => eprintln!("Deleted key {name:?}"),
+        Output::RoleSet(k) => eprintln!("Key {:?} now has the role {}", k.name, k.role),
         Output::Keys(keys) => {
             let mut table = new_table(&[
                 "NAME",
                 "IDENTIFIER",
                 "TYPE",
+                "ROLE",
                 "CREATED",
                 "EXPIRES",
                 "LAST USED",
@@ -314,6 +341,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
                     k.name.clone(),
                     k.identifier.clone(),
                     k.key_for.to_string(),
+                    k.role.to_string(),
                     k.created.clone(),
                     or_dash(&k.expires_at),
                     or_dash(&k.last_used),
@@ -341,6 +369,17 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Is the URL's host this machine?
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn new_table(header: &[&str]) -> Table {

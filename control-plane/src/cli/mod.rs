@@ -25,6 +25,9 @@ pub enum Command {
     Serve {
         #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
         listen_addr: String,
+        /// Where /readyz (with details) and /metrics are served: keep it off the network.
+        #[arg(long, env = "OPS_LISTEN_ADDR", default_value = "127.0.0.1:9090")]
+        ops_listen_addr: String,
     },
     /// Apply database migrations and exit.
     Migrate,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use metlo_shared::{KeyHash, KeyType};
+use metlo_shared::{KeyHash, KeyType, Role};
 
 use super::rows::{AuditEntry, RetiredSecret, Rolled, StoredKey, Tx, KEY_COLUMNS};
 use super::{Store, StoreError};
@@ -29,7 +29,7 @@ impl Store {
             return Err(StoreError::LimitReached(max_keys));
         }
         sqlx::query(
-            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&key.name)
         .bind(&key.key_hash)
@@ -37,9 +37,10 @@ impl Store {
         .bind(key.key_type.as_str())
         .bind(key.created_at_ms)
         .bind(key.expires_at_ms)
+        .bind(key.role.as_str())
         .execute(&mut *tx)
         .await?;
-        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
+        self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
             .await?;
         self.audit_in(&mut tx, audit).await?;
         self.commit_outbox(tx).await?;
@@ -128,7 +129,7 @@ impl Store {
             identifier: new_identifier.to_owned(),
             ..old.clone()
         };
-        self.enqueue(&mut tx, &key.key_hash, Some(key.record().to_json()), 0)
+        self.enqueue_put(&mut tx, &key, &key.key_hash, key.record())
             .await?;
         for secret in &changed {
             if secret.retires_at_ms <= now {
@@ -137,7 +138,7 @@ impl Store {
                 // KV gets the record with its new end at once (the edge refuses it from
                 // then on), and a delete when the overlap is over.
                 let record = old.retired_record(&secret.identifier, secret.retires_at_ms);
-                self.enqueue(&mut tx, &secret.key_hash, Some(record.to_json()), 0)
+                self.enqueue_put(&mut tx, &old, &secret.key_hash, record)
                     .await?;
                 self.enqueue_delete(&mut tx, &secret.key_hash, secret.retires_at_ms)
                     .await?;
@@ -193,7 +194,7 @@ impl Store {
              SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
                CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
                  THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
-               k.last_used_ms \
+               k.last_used_ms, k.role \
              FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
              WHERE r.key_hash = $2 AND r.retires_at_ms > $3"
         ))
@@ -210,6 +211,7 @@ impl Store {
     pub async fn delete_key(
         &self,
         name: &str,
+        keep_last_admin: bool,
         audit: &AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -217,6 +219,31 @@ impl Store {
         // its rolled-away secret is seen below) before this goes on.
         if !Self::lock_key(&mut tx, name).await? {
             return Ok(None);
+        }
+        // The quota row next (creates take only this one, so the order is the same
+        // everywhere): deletes run one at a time, and the last-admin check below cannot
+        // race another delete.
+        sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        if keep_last_admin {
+            let role: String = sqlx::query_scalar("SELECT role FROM api_keys WHERE name = $1")
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+            if Role::try_from(role).is_ok_and(Role::administers) {
+                let others: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM api_keys WHERE role IN ('admin', 'legacy') AND name <> $1 \
+                     AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
+                )
+                .bind(name)
+                .bind(now_ms())
+                .fetch_one(&mut *tx)
+                .await?;
+                if others == 0 {
+                    return Err(StoreError::LastAdmin);
+                }
+            }
         }
         // The rolled-away secrets next: deleting the key would cascade to them unseen.
         let retired: Vec<String> = sqlx::query_scalar(
@@ -234,9 +261,6 @@ impl Store {
         let Some(deleted) = deleted else {
             return Ok(None);
         };
-        sqlx::query("UPDATE key_quota SET used = used - 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
         let now = now_ms();
         for hash in std::iter::once(&deleted.key_hash).chain(&retired) {
             self.enqueue_delete(&mut tx, hash, now).await?;
@@ -245,13 +269,66 @@ impl Store {
         self.commit_outbox(tx).await?;
         Ok(Some((deleted, retired)))
     }
+
+    /// Gives a legacy key (made before roles) its one role; a key's role is fixed once
+    /// set. A key whose new role does not serve traffic leaves KV (every secret of it).
+    /// Returns the key and the hashes of its secrets; `None`: no such key.
+    pub async fn set_role(
+        &self,
+        name: &str,
+        role: Role,
+        audit: &AuditEntry,
+    ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !Self::lock_key(&mut tx, name).await? {
+            return Ok(None);
+        }
+        let key: StoredKey = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if key.role != Role::Legacy {
+            return Err(StoreError::RoleFixed(key.role));
+        }
+        sqlx::query("UPDATE api_keys SET role = $1 WHERE id = $2")
+            .bind(role.as_str())
+            .bind(key.id)
+            .execute(&mut *tx)
+            .await?;
+        let retired: Vec<String> =
+            sqlx::query_scalar("SELECT key_hash FROM retired_secrets WHERE key_id = $1")
+                .bind(key.id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let key = StoredKey { role, ..key };
+        if !role.serves_traffic() {
+            let now = now_ms();
+            for hash in std::iter::once(&key.key_hash).chain(&retired) {
+                self.enqueue_delete(&mut tx, hash, now).await?;
+            }
+        }
+        self.audit_in(&mut tx, audit).await?;
+        self.commit_outbox(tx).await?;
+        Ok(Some((key, retired)))
+    }
+
+    /// How many keys still have the legacy role (every power, from before roles).
+    pub async fn count_legacy(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE role = 'legacy'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod fixtures {
     use std::time::Duration;
 
-    use metlo_shared::{ApiKey, KeyType};
+    use metlo_shared::{ApiKey, KeyType, Role};
 
     use crate::clock::now_ms;
     use crate::db::rows::{AuditEntry, Rolled, StoredKey};
@@ -289,6 +366,7 @@ pub(crate) mod fixtures {
             created_at_ms: now_ms(),
             expires_at_ms: None,
             last_used_ms: None,
+            role: Role::Client,
         }
     }
 
@@ -307,10 +385,11 @@ pub(crate) mod fixtures {
 mod tests {
     use std::time::Duration;
 
-    use metlo_shared::{ApiKey, KeyHash, KeyType};
+    use metlo_shared::{ApiKey, KeyHash, KeyType, Role};
 
     use super::fixtures::{audit, key, roll};
     use crate::clock::now_ms;
+    use crate::db::rows::StoredKey;
     use crate::db::{Store, StoreError};
 
     fn hash(hex: &str) -> KeyHash {
@@ -416,7 +495,7 @@ mod tests {
             .unwrap();
         let (new, _) = roll(&store, "k", Duration::from_secs(600)).await;
         let (deleted, retired) = store
-            .delete_key("k", &audit("key.delete", "k"))
+            .delete_key("k", true, &audit("key.delete", "k"))
             .await
             .unwrap()
             .unwrap();
@@ -424,7 +503,7 @@ mod tests {
         assert_eq!(retired, vec![k.key_hash.clone()]);
         assert_eq!(store.find_by_hash(&hash(&k.key_hash)).await.unwrap(), None);
         assert!(store
-            .delete_key("k", &audit("key.delete", "k"))
+            .delete_key("k", true, &audit("key.delete", "k"))
             .await
             .unwrap()
             .is_none());
@@ -433,5 +512,152 @@ mod tests {
             .insert_key(&key("k2", KeyType::Generic), 1, &audit("key.create", "k2"))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_last_admin_key_cannot_be_deleted_unless_asked() {
+        let store = Store::memory().await;
+        let admin = StoredKey {
+            role: Role::Admin,
+            ..key("admin", KeyType::Generic)
+        };
+        store
+            .insert_key(&admin, 10, &audit("key.create", "admin"))
+            .await
+            .unwrap();
+        store
+            .insert_key(&key("c", KeyType::Generic), 10, &audit("key.create", "c"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store
+                .delete_key("admin", true, &audit("key.delete", "admin"))
+                .await,
+            Err(StoreError::LastAdmin)
+        ));
+        // Client keys go freely; a second admin (not expired) makes the first deletable.
+        assert!(store
+            .delete_key("c", true, &audit("key.delete", "c"))
+            .await
+            .unwrap()
+            .is_some());
+        let expired = StoredKey {
+            role: Role::Admin,
+            expires_at_ms: Some(now_ms() + 1000),
+            ..key("soon", KeyType::Generic)
+        };
+        store
+            .insert_key(&expired, 10, &audit("key.create", "soon"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(
+            matches!(
+                store
+                    .delete_key("admin", true, &audit("key.delete", "admin"))
+                    .await,
+                Err(StoreError::LastAdmin)
+            ),
+            "an expired admin key does not count"
+        );
+        let second = StoredKey {
+            role: Role::Legacy,
+            ..key("old", KeyType::Generic)
+        };
+        store
+            .insert_key(&second, 10, &audit("key.create", "old"))
+            .await
+            .unwrap();
+        assert!(store
+            .delete_key("admin", true, &audit("key.delete", "admin"))
+            .await
+            .unwrap()
+            .is_some());
+        // The CLI may delete the last one.
+        assert!(store
+            .delete_key("old", false, &audit("key.delete", "old"))
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            store.list_keys(None).await.unwrap().len(),
+            1,
+            "only the expired one left"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_traffic_keys_reach_kv_and_a_legacy_role_is_set_once() {
+        let store = Store::memory().await.with_outbox(true, Duration::ZERO);
+        for (name, role) in [
+            ("c", Role::Client),
+            ("e", Role::Edge),
+            ("a", Role::Admin),
+            ("l", Role::Legacy),
+        ] {
+            let k = StoredKey {
+                role,
+                ..key(name, KeyType::Generic)
+            };
+            store
+                .insert_key(&k, 10, &audit("key.create", name))
+                .await
+                .unwrap();
+        }
+        let claim = store.claim_outbox(100).await.unwrap();
+        let records: Vec<metlo_shared::KeyRecord> = claim
+            .rows
+            .iter()
+            .map(|r| {
+                metlo_shared::KeyRecord::from_json(r.value.as_ref().unwrap().as_bytes()).unwrap()
+            })
+            .collect();
+        let mut names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["c", "l"],
+            "admin and edge hashes never leave the control plane"
+        );
+        assert!(records.iter().all(|r| r.role.serves_traffic()));
+        store.finish_claim(claim, Ok(())).await.unwrap();
+        // Rolls of an admin key put nothing either.
+        roll(&store, "a", Duration::from_secs(60)).await;
+        assert!(store.claim_outbox(100).await.unwrap().rows.is_empty());
+        // A legacy key gets its role once; leaving traffic, its records leave KV.
+        let (k, hashes) = store
+            .set_role("l", Role::Admin, &audit("key.set_role", "l"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(k.role, Role::Admin);
+        assert!(hashes.is_empty());
+        let claim = store.claim_outbox(100).await.unwrap();
+        assert_eq!(claim.rows.len(), 1);
+        assert_eq!(
+            (claim.rows[0].kv_key.as_str(), claim.rows[0].value.is_none()),
+            (k.key_hash.as_str(), true)
+        );
+        assert!(matches!(
+            store
+                .set_role("l", Role::Client, &audit("key.set_role", "l"))
+                .await,
+            Err(StoreError::RoleFixed(Role::Admin))
+        ));
+        assert!(
+            matches!(
+                store
+                    .set_role("c", Role::Admin, &audit("key.set_role", "c"))
+                    .await,
+                Err(StoreError::RoleFixed(Role::Client))
+            ),
+            "no escalation"
+        );
+        assert!(store
+            .set_role("nope", Role::Admin, &audit("key.set_role", "nope"))
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(store.count_legacy().await.unwrap(), 0);
     }
 }

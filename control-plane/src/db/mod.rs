@@ -35,6 +35,12 @@ pub enum StoreError {
     DuplicateName,
     #[error("maximum API key limit reached: {0}")]
     LimitReached(u64),
+    /// Deleting this key would leave no key that can administer.
+    #[error("this is the last admin key")]
+    LastAdmin,
+    /// Only a legacy key's role may be set.
+    #[error("the key's role is already {0}")]
+    RoleFixed(metlo_shared::Role),
     /// The database could not be reached (down, pool exhausted, timed out): retryable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -223,6 +229,44 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let err = Store::connect(Some("mysql://x"), &dir).await.err().unwrap();
         assert!(err.to_string().contains("DATABASE_URL must start with"));
+    }
+
+    /// An upgrade: keys stored before roles existed become legacy keys, which keep every
+    /// power (nobody is locked out) and still reach the edge.
+    #[tokio::test]
+    async fn keys_from_before_roles_become_legacy() {
+        let dir = std::env::temp_dir().join(format!("metlo-pre-roles-{}", std::process::id()));
+        let before = dir.join("migrations");
+        std::fs::create_dir_all(&before).unwrap();
+        let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for entry in std::fs::read_dir(&all).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.as_str() < "0005" {
+                std::fs::copy(&path, before.join(name)).unwrap();
+            }
+        }
+        let store = Store::connect(None, &dir).await.unwrap();
+        sqlx::migrate::Migrator::new(before.as_path())
+            .await
+            .unwrap()
+            .run(&store.pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms) \
+             VALUES ('old', 'h', 'metlo.old', 'GENERIC', 1)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let keys = store.list_keys(None).await.unwrap();
+        assert_eq!(keys[0].role, metlo_shared::Role::Legacy);
+        assert!(keys[0].record().role.serves_traffic() && keys[0].role.administers());
+        assert_eq!(store.count_legacy().await.unwrap(), 1);
+        store.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

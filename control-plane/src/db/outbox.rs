@@ -1,11 +1,28 @@
 //! The transactional outbox: KV updates written in the same transaction as the key
 //! change they follow, claimed and deleted by the drainer once Workers KV took them.
 
-use super::rows::{Claim, OutboxRow, Tx, OUTBOX_CHANNEL};
+use metlo_shared::KeyRecord;
+
+use super::rows::{Claim, OutboxRow, StoredKey, Tx, OUTBOX_CHANNEL};
 use super::{Backend, Store, StoreError};
 use crate::clock::now_ms;
 
 impl Store {
+    /// A KV put of `record` under `kv_key` (a secret of `key`), only for keys whose role
+    /// serves traffic: admin and edge key hashes never leave the control plane.
+    pub(super) async fn enqueue_put(
+        &self,
+        tx: &mut Tx,
+        key: &StoredKey,
+        kv_key: &str,
+        record: KeyRecord,
+    ) -> Result<(), StoreError> {
+        if !key.role.serves_traffic() {
+            return Ok(());
+        }
+        self.enqueue(tx, kv_key, Some(record.to_json()), 0).await
+    }
+
     /// A KV delete at `at_ms` (or at once when that has passed), and its echo.
     pub(super) async fn enqueue_delete(
         &self,
@@ -214,7 +231,7 @@ mod tests {
             .await
             .expect("woken");
         store
-            .delete_key("k", &audit("key.delete", "k"))
+            .delete_key("k", true, &audit("key.delete", "k"))
             .await
             .unwrap();
         // Put, delete now, and the delete's echo a minute later (not due yet).

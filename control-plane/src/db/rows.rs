@@ -2,7 +2,7 @@
 //! `impl Store` blocks (one file per aggregate) so that every file can use them and
 //! they use nothing back.
 
-use metlo_shared::{KeyRecord, KeyType, RECORD_VERSION};
+use metlo_shared::{KeyRecord, KeyType, Role, RECORD_VERSION};
 
 use crate::clock::{iso8601, unix_seconds};
 
@@ -14,7 +14,7 @@ pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role";
 
 /// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
 /// carries that secret's hash and identifier, and expires when its overlap ends.)
@@ -30,6 +30,8 @@ pub struct StoredKey {
     /// Whole seconds (in ms); `None`: never expires.
     pub expires_at_ms: Option<i64>,
     pub last_used_ms: Option<i64>,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
 }
 
 impl StoredKey {
@@ -42,6 +44,7 @@ impl StoredKey {
             identifier: self.identifier.clone(),
             created: iso8601(self.created_at_ms),
             expires: self.expires_at_ms.map(unix_seconds),
+            role: self.role,
         }
     }
 

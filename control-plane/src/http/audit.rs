@@ -8,6 +8,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
+use super::extract::{Admins, Authorized};
 use super::state::AppState;
 use crate::service::audit::{self, AuditPage, DEFAULT_PAGE};
 
@@ -47,9 +48,11 @@ pub fn parse_audit_query(query: Option<&str>) -> Result<(i64, Option<i64>), ApiE
 /// The audit log, newest first, a page at a time.
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
     responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
 async fn list(
+    _: Authorized<Admins>,
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<AuditPage>, ApiError> {

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use metlo_shared::Role;
+
 use super::limits::MAX_HEADER_BYTES;
 use crate::service;
 
@@ -21,6 +23,15 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("request headers are larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
+    /// A valid key whose role may not call the route.
+    #[error(
+        "this key's role ({role}) may not call this route; it needs a key with the role {}",
+        required_roles(required)
+    )]
+    Forbidden {
+        role: Role,
+        required: &'static [Role],
+    },
     /// What the service refused or could not do, said in its own words.
     #[error(transparent)]
     Service(#[from] service::Error),
@@ -35,6 +46,17 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// The roles a route needs, for people: legacy (every power, from before roles) is
+/// implied and not named.
+fn required_roles(roles: &[Role]) -> String {
+    let named: Vec<&str> = roles
+        .iter()
+        .filter(|r| **r != Role::Legacy)
+        .map(|r| r.as_str())
+        .collect();
+    named.join(" or ")
+}
+
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use service::Error as E;
@@ -47,6 +69,9 @@ impl ApiError {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             ApiError::Service(E::LimitReached(_)) => (StatusCode::BAD_REQUEST, "limit_reached"),
+            ApiError::Forbidden { .. } | ApiError::Service(E::Forbidden(_)) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -75,6 +100,13 @@ impl IntoResponse for ApiError {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(r#"Bearer realm="metlo", error="invalid_token""#),
+                );
+            }
+            ApiError::Forbidden { .. } => {
+                // RFC 6750: a valid token without the scope the resource needs.
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="metlo", error="insufficient_scope""#),
                 );
             }
             ApiError::Service(service::Error::Unavailable) => {

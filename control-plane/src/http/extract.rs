@@ -11,7 +11,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
+use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord, Role};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -88,12 +88,79 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let caller = parts.extensions.get::<Caller>();
         Ok(Actor {
-            name: parts.extensions.get::<Caller>().map(|c| c.0.name.clone()),
-            ip: parts
+            name: caller.map(|c| c.0.name.clone()),
+            ip: peer_ip(parts),
+            role: caller.map(|c| c.0.role),
+        })
+    }
+}
+
+fn peer_ip(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+}
+
+/// Which roles may call a route: every handler under `/api/v1` takes an
+/// [`Authorized`] of one of these as its first argument, so its signature says who may
+/// call it.
+pub trait Allowed: Send + Sync + 'static {
+    const ROLES: &'static [Role];
+}
+
+/// Key management and the audit log.
+pub struct Admins;
+/// The edge Worker's lookups and usage reports.
+pub struct EdgeWorkers;
+/// API traffic (Metlo's ingestors ping `verify`).
+pub struct Clients;
+
+impl Allowed for Admins {
+    const ROLES: &'static [Role] = &[Role::Admin, Role::Legacy];
+}
+impl Allowed for EdgeWorkers {
+    const ROLES: &'static [Role] = &[Role::Edge, Role::Legacy];
+}
+impl Allowed for Clients {
+    const ROLES: &'static [Role] = &[Role::Client, Role::Legacy];
+}
+
+/// Proof that the caller's key (verified by [`require_key`]) has a role the route
+/// allows. Otherwise 403, counted in the audit log like a failed authentication.
+pub struct Authorized<A: Allowed> {
+    pub caller: KeyRecord,
+    allowed: std::marker::PhantomData<A>,
+}
+
+impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // `require_key` runs first on every /api/v1 route; without it, refuse (fail closed).
+        let Some(Caller(caller)) = parts.extensions.get::<Caller>() else {
+            return Err(ApiError::Unauthorized("invalid API key"));
+        };
+        if A::ROLES.contains(&caller.role) {
+            return Ok(Authorized {
+                caller: caller.clone(),
+                allowed: std::marker::PhantomData,
+            });
+        }
+        state.auth_failures.record_forbidden(
+            peer_ip(parts),
+            parts
                 .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string()),
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_owned()),
+            caller,
+            A::ROLES,
+        );
+        Err(ApiError::Forbidden {
+            role: caller.role,
+            required: A::ROLES,
         })
     }
 }

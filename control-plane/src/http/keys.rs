@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::JsonBody;
+use super::extract::{Admins, Authorized, Clients, EdgeWorkers, JsonBody};
 use super::state::AppState;
 use crate::clock::now_ms;
 use crate::service::audit::Actor;
@@ -43,10 +43,12 @@ pub struct StatusOk {
         (status = 200, body = CreatedKey),
         (status = 400, description = "Missing, too long or duplicate name, invalid type, bad JSON, or limit reached", body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 413, description = "Body larger than 16 KiB", body = ErrorBody),
         (status = 503, body = ErrorBody),
-    ), security(("api_key" = [])))]
+    ), security(("api_key" = ["admin"])))]
 async fn create(
+    _: Authorized<Admins>,
     State(state): State<AppState>,
     actor: Actor,
     JsonBody(body): JsonBody<Option<CreateKeyRequest>>,
@@ -67,10 +69,12 @@ async fn create(
     responses(
         (status = 200, body = RolledKey),
         (status = 400, description = "Bad JSON or overlap out of range", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
-    ), security(("api_key" = [])))]
+    ), security(("api_key" = ["admin"])))]
 async fn roll(
+    _: Authorized<Admins>,
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
@@ -84,17 +88,25 @@ async fn roll(
 
 /// List all keys (metadata only), newest first.
 #[utoipa::path(get, path = "/api/v1/keys/list", tag = "keys",
-    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
-async fn list(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn list(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<KeyInfo>>, ApiError> {
     Ok(Json(keys::list_keys(&state.store, None).await?))
 }
 
 /// List ONBOARDING keys only, newest first.
 #[utoipa::path(get, path = "/api/v1/keys/onboarding", tag = "keys",
-    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
-async fn onboarding(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>, ApiError> {
+    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn onboarding(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+) -> Result<Json<Vec<KeyInfo>>, ApiError> {
     Ok(Json(
         keys::list_keys(&state.store, Some(KeyType::Onboarding)).await?,
     ))
@@ -104,23 +116,26 @@ async fn onboarding(State(state): State<AppState>) -> Result<Json<Vec<KeyInfo>>,
 #[utoipa::path(delete, path = "/api/v1/keys/{name}/delete", tag = "keys",
     params(("name" = String, Path, description = "Key name, URL-encoded")),
     responses((status = 200, body = StatusOk), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
+    security(("api_key" = ["admin"])))]
 async fn remove(
+    _: Authorized<Admins>,
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<StatusOk>, ApiError> {
-    keys::delete_key(&state.store, &state.cache, &name, &actor).await?;
+    keys::delete_key(&state.store, &state.cache, &name, true, &actor).await?;
     Ok(Json(StatusOk { status: "OK" }))
 }
 
 /// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this).
 #[utoipa::path(get, path = "/api/v1/verify", tag = "keys",
     responses((status = 200, body = String, content_type = "text/plain"), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
-async fn verify() -> impl IntoResponse {
+    security(("api_key" = ["client"])))]
+async fn verify(_: Authorized<Clients>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK")
 }
 
@@ -130,15 +145,19 @@ async fn verify() -> impl IntoResponse {
     params(("hash" = String, Path, description = "SHA-256 of the key, 64 lowercase hex characters",
         pattern = "^[0-9a-f]{64}$")),
     responses((status = 200, body = KeyRecord), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
-    security(("api_key" = [])))]
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["edge"])))]
 async fn by_hash(
+    _: Authorized<EdgeWorkers>,
     State(state): State<AppState>,
     Path(hash): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = KeyHash::from_hex(&hash).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // Only traffic keys exist for the edge: an admin or edge key's hash is "not found".
     let record = keys::lookup(&state.store, &state.cache, &hash)
         .await?
+        .filter(|r| r.role.serves_traffic())
         .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(record)))
 }

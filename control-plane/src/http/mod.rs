@@ -44,7 +44,7 @@ pub fn app(state: AppState) -> Router {
         .merge(audit::router())
         .merge(usage::router())
         .layer(from_fn_with_state(state.clone(), extract::require_key))
-        .merge(ops::router())
+        .merge(ops::api_router())
         .split_for_parts();
     // Serialised once: the document never changes while the process runs.
     let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
@@ -79,18 +79,51 @@ async fn limit_header_size(req: Request, next: Next) -> Result<Response, ApiErro
     Ok(next.run(req).await)
 }
 
-/// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
-pub async fn serve(listen_addr: &str, state: AppState) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen_addr}: {e}"))?;
+/// The ops port's service: health, readiness, metrics (no key; keep it off the network).
+pub fn ops_app(state: AppState) -> Router {
+    ops::ops_router()
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
+        .with_state(state)
+}
+
+/// Serves the API on `listen_addr` and the ops routes on `ops_addr` until SIGTERM or
+/// Ctrl-C, then finishes in-flight requests on both.
+pub async fn serve(listen_addr: &str, ops_addr: &str, state: AppState) -> anyhow::Result<()> {
+    let bind = |addr: &str| {
+        let addr = addr.to_owned();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+        }
+    };
+    let listener = bind(listen_addr).await?;
+    let ops_listener = bind(ops_addr).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    tracing::info!(
+        "ops routes (readyz, metrics) on http://{}",
+        ops_listener.local_addr()?
+    );
     tracing::info!(cache = state.cache.kind(), backend = ?state.store.backend(), "listening on http://{}", listener.local_addr()?);
-    axum::serve(
+    let ops = axum::serve(ops_listener, ops_app(state.clone()))
+        .with_graceful_shutdown(until_stopped(stopped.clone()));
+    let api = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    .with_graceful_shutdown(until_stopped(stopped));
+    tokio::try_join!(api, ops)?;
     Ok(())
 }
 

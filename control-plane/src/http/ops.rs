@@ -1,10 +1,12 @@
-//! Operational routes: liveness, readiness, metrics. No key needed.
+//! Operational routes, no key needed: liveness on the API port; liveness, detailed
+//! readiness and metrics on the ops port (`OPS_LISTEN_ADDR`, loopback by default), which
+//! should not be reachable from the edge or the internet.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Json;
+use axum::{Json, Router};
 use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -12,10 +14,16 @@ use utoipa_axum::routes;
 use super::state::AppState;
 use crate::clock::now_ms;
 
-pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
+/// On the API port: liveness only.
+pub fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(healthz))
+}
+
+/// The ops port: liveness, readiness with details (outbox depth, last KV error), metrics.
+pub fn ops_router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(prometheus))
 }
 
@@ -25,10 +33,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the database answers (Redis is reported but optional: without it the
-/// service verifies through the database).
-#[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, description = "Ready"), (status = 503, description = "Database unreachable")))]
+/// Readiness (ops port): the database answers (Redis is reported but optional: without
+/// it the service verifies through the database).
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let db = state.store.ping().await.is_ok();
     let cache = match state.cache.ping().await {

@@ -8,7 +8,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::JsonBody;
+use super::extract::{Authorized, EdgeWorkers, JsonBody};
 use super::limits::MAX_REPORT_BYTES;
 use super::state::AppState;
 use crate::clock::now_ms;
@@ -26,9 +26,11 @@ pub struct UsageAccepted {
 /// Report key uses seen at the edge (the Worker sends these in batches), for `lastUsed`.
 #[utoipa::path(post, path = "/api/v1/usage", tag = "edge", request_body = UsageReport,
     responses((status = 200, body = UsageAccepted), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)),
-    security(("api_key" = [])))]
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 413, body = ErrorBody)),
+    security(("api_key" = ["edge"])))]
 async fn report(
+    _: Authorized<EdgeWorkers>,
     State(state): State<AppState>,
     JsonBody(report): JsonBody<UsageReport, MAX_REPORT_BYTES>,
 ) -> Result<Json<UsageAccepted>, ApiError> {

@@ -19,6 +19,7 @@ use super::Error;
 use crate::clock::{iso8601, now_ms};
 use crate::db::rows::{AuditEntry, AuditRow};
 use crate::db::Store;
+use metlo_shared::{KeyRecord, Role};
 
 /// Most entries one page returns.
 pub const MAX_PAGE: i64 = 1000;
@@ -34,6 +35,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct Actor {
     pub name: Option<String>,
     pub ip: Option<String>,
+    /// The calling key's role; `None`: the local CLI (root on the database).
+    pub role: Option<Role>,
 }
 
 impl Actor {
@@ -61,6 +64,8 @@ pub enum FailureReason {
     Malformed,
     /// Well-formed, but unknown, deleted, expired or past its roll overlap.
     Invalid,
+    /// A valid key whose role may not call the route (answered 403).
+    Forbidden,
 }
 
 impl FailureReason {
@@ -69,6 +74,7 @@ impl FailureReason {
             FailureReason::Missing => "missing",
             FailureReason::Malformed => "malformed",
             FailureReason::Invalid => "invalid",
+            FailureReason::Forbidden => "forbidden",
         }
     }
 }
@@ -78,6 +84,8 @@ struct FailureSource {
     ip: Option<String>,
     reason: FailureReason,
     route: Option<String>,
+    /// For a 403: who called, with which role, and which roles the route needs.
+    refused: Option<(String, Role, &'static [Role])>,
 }
 
 #[derive(Debug)]
@@ -103,6 +111,7 @@ pub struct AuthFailures {
 }
 
 impl AuthFailures {
+    /// A failed authentication (401).
     pub fn record(
         &self,
         ip: Option<String>,
@@ -110,9 +119,40 @@ impl AuthFailures {
         identifier: Option<String>,
         route: Option<String>,
     ) {
-        metrics::counter!("metlo_auth_failures_total", "reason" => reason.as_str()).increment(1);
+        self.count(
+            FailureSource {
+                ip,
+                reason,
+                route,
+                refused: None,
+            },
+            identifier,
+        );
+    }
+
+    /// A valid key refused for its role (403): counted like a failed authentication.
+    pub fn record_forbidden(
+        &self,
+        ip: Option<String>,
+        route: Option<String>,
+        caller: &KeyRecord,
+        required: &'static [Role],
+    ) {
+        self.count(
+            FailureSource {
+                ip,
+                reason: FailureReason::Forbidden,
+                route,
+                refused: Some((caller.name.clone(), caller.role, required)),
+            },
+            Some(caller.identifier.clone()),
+        );
+    }
+
+    fn count(&self, source: FailureSource, identifier: Option<String>) {
+        metrics::counter!("metlo_auth_failures_total", "reason" => source.reason.as_str())
+            .increment(1);
         let now = now_ms();
-        let source = FailureSource { ip, reason, route };
         let mut pending = self.pending.lock().unwrap();
         let full = pending.counts.len() >= MAX_PENDING_FAILURES;
         let counted = match pending.counts.get_mut(&source) {
@@ -142,19 +182,28 @@ impl AuthFailures {
         let mut entries: Vec<AuditEntry> = pending
             .counts
             .into_iter()
-            .map(|(source, c)| AuditEntry {
-                actor: None,
-                action: "auth.failed",
-                target: None,
-                ip: source.ip,
-                detail: json!({
+            .map(|(source, c)| {
+                let mut detail = json!({
                     "reason": source.reason.as_str(),
                     "route": source.route,
                     "count": c.count,
                     "identifiers": c.identifiers,
                     "first": iso8601(c.first_ms),
                     "last": iso8601(c.last_ms),
-                }),
+                });
+                let actor = source.refused.map(|(name, role, required)| {
+                    detail["role"] = json!(role.as_str());
+                    detail["required"] =
+                        json!(required.iter().map(|r| r.as_str()).collect::<Vec<_>>());
+                    name
+                });
+                AuditEntry {
+                    actor,
+                    action: "auth.failed",
+                    target: None,
+                    ip: source.ip,
+                    detail,
+                }
             })
             .collect();
         if pending.overflow > 0 {

@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use metlo_shared::{ApiKey, KeyHash, KeyRecord, KeyType};
+use metlo_shared::{ApiKey, KeyHash, KeyRecord, KeyType, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
@@ -24,10 +26,12 @@ pub const MAX_OVERLAP_SECONDS: u64 = 7 * 24 * 3600;
 /// The body of a create (Metlo's `{name, keyFor}`, plus `expiresAt`).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateKeyRequest {
-    /// Unique name: 1–128 characters, not only whitespace, no control characters, not
-    /// `.` or `..`. (Deserialized as optional so a missing name gets our own 400.)
+    /// Unique name: 1–128 characters (after Unicode NFC normalisation), no control or
+    /// format characters (bidi overrides, zero-width), no leading or trailing
+    /// whitespace, not `.`, `..` or `by-hash`. (Deserialized as optional so a missing name
+    /// gets our own 400.)
     #[schema(value_type = String, required = true, min_length = 1, max_length = 128,
-        pattern = r"^(?!\.{1,2}$)(?=[\s\S]*\S)[^\x00-\x1f\x7f-\x9f]+$", example = "ingestor-prod")]
+        pattern = r"^(?!\.{1,2}$)(?!by-hash$)(?=\S)[^\x00-\x1f\x7f-\x9f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*(?<=\S)$", example = "ingestor-prod")]
     pub name: Option<String>,
     /// Key type; `GENERIC` when omitted.
     #[serde(rename = "keyFor")]
@@ -38,6 +42,10 @@ pub struct CreateKeyRequest {
     #[serde(rename = "expiresAt")]
     #[schema(value_type = Option<String>, format = DateTime, example = "2030-01-01T00:00:00Z")]
     pub expires_at: Option<String>,
+    /// What the key may do: `client` (the default: traffic at the edge and
+    /// `/api/v1/verify`), `edge` (the Worker's own key) or `admin`.
+    #[schema(value_type = Option<Role>, example = "client")]
+    pub role: Option<String>,
 }
 
 /// A validated create request.
@@ -47,14 +55,16 @@ pub struct NewKey {
     pub key_type: KeyType,
     /// Whole seconds, in the future.
     pub expires_at_ms: Option<i64>,
+    pub role: Role,
 }
 
 impl CreateKeyRequest {
     /// The key to make, or what is wrong with the request.
     pub fn validate(self, now_ms: i64) -> Result<NewKey, Error> {
         Ok(NewKey {
-            name: validate_name(self.name.as_deref())?.to_owned(),
+            name: validate_name(self.name.as_deref())?,
             key_type: parse_key_type(self.key_for.as_deref())?,
+            role: parse_role(self.role.as_deref())?,
             expires_at_ms: self
                 .expires_at
                 .map(|v| parse_expires_at(&v, now_ms))
@@ -135,6 +145,8 @@ pub struct KeyInfo {
     /// ISO 8601; null: never used. Updated at most once a minute.
     #[serde(rename = "lastUsed")]
     pub last_used: Option<String>,
+    /// What the key may do.
+    pub role: Role,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -161,6 +173,7 @@ impl From<StoredKey> for KeyInfo {
             key_for: k.key_type,
             expires_at: k.expires_at_ms.map(iso8601),
             last_used: k.last_used_ms.map(iso8601),
+            role: k.role,
         }
     }
 }
@@ -179,12 +192,35 @@ impl RolledKey {
     }
 }
 
-/// Checks a name the way every entry point (HTTP and CLI) must.
-pub fn validate_name(name: Option<&str>) -> Result<&str, Error> {
-    let name = name.unwrap_or_default();
-    if name.trim().is_empty() {
+/// Names the routes use as path segments under `/api/v1/keys/`: a key with such a name
+/// could not be addressed by `…/{name}/delete`.
+const RESERVED_NAMES: [&str; 1] = ["by-hash"];
+
+/// Checks a name the way every entry point (HTTP and CLI) must, and returns it in the
+/// form it is stored and looked up in (Unicode NFC), so names that look the same are
+/// the same name.
+pub fn validate_name(name: Option<&str>) -> Result<String, Error> {
+    let raw = name.unwrap_or_default();
+    if raw.trim().is_empty() {
         return Err(Error::invalid("name is required"));
     }
+    // Format characters (bidi overrides, zero-width spaces, …) make a name look like
+    // another; control characters break logs and tables.
+    if raw.chars().any(char::is_control) {
+        return Err(Error::invalid("name must not contain control characters"));
+    }
+    if raw
+        .chars()
+        .any(|c| c.general_category() == GeneralCategory::Format)
+    {
+        return Err(Error::invalid(
+            "name must not contain invisible format characters (bidi controls, zero-width characters)",
+        ));
+    }
+    if raw.trim() != raw {
+        return Err(Error::invalid("name must not start or end with whitespace"));
+    }
+    let name = normalize_name(raw);
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(Error::invalid(format!(
             "name must be at most {MAX_NAME_CHARS} characters"
@@ -194,10 +230,29 @@ pub fn validate_name(name: Option<&str>) -> Result<&str, Error> {
     if name == "." || name == ".." {
         return Err(Error::invalid("name must not be \".\" or \"..\""));
     }
-    if name.chars().any(char::is_control) {
-        return Err(Error::invalid("name must not contain control characters"));
+    if RESERVED_NAMES.contains(&name.as_str()) {
+        return Err(Error::invalid(format!(
+            "name must not be {name:?}: the API uses it as a path"
+        )));
     }
     Ok(name)
+}
+
+/// A name as it is stored (NFC): what a path's name is looked up as.
+pub fn normalize_name(name: &str) -> String {
+    name.nfc().collect()
+}
+
+/// A role from a request (`client` when absent).
+pub fn parse_role(role: Option<&str>) -> Result<Role, Error> {
+    match role {
+        None => Ok(Role::Client),
+        // Legacy is what keys from before roles are; no new key is made one.
+        Some("legacy") => Err(Error::invalid(metlo_shared::RoleError.to_string())),
+        Some(s) => s
+            .parse()
+            .map_err(|e: metlo_shared::RoleError| Error::invalid(e.to_string())),
+    }
 }
 
 pub fn parse_key_type(key_for: Option<&str>) -> Result<KeyType, Error> {
@@ -234,6 +289,14 @@ pub async fn create_key(
     max_keys: u64,
     actor: &Actor,
 ) -> Result<CreatedKey, Error> {
+    // Only an administrator mints keys with power over keys or over the edge's lookups
+    // (the route already requires one; this holds whatever the entry point).
+    if new.role != Role::Client && !actor.role.is_none_or(Role::administers) {
+        return Err(Error::Forbidden(format!(
+            "only an admin key can create {} keys",
+            new.role
+        )));
+    }
     let key = generate_key()?;
     let stored = StoredKey {
         id: 0,
@@ -244,6 +307,7 @@ pub async fn create_key(
         created_at_ms: now_ms(),
         expires_at_ms: new.expires_at_ms,
         last_used_ms: None,
+        role: new.role,
     };
     let audit = actor.entry(
         "key.create",
@@ -251,11 +315,12 @@ pub async fn create_key(
         json!({
             "identifier": stored.identifier,
             "type": new.key_type.as_str(),
+            "role": new.role.as_str(),
             "expiresAt": new.expires_at_ms.map(iso8601),
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;
-    tracing::info!(name = %new.name, identifier = %stored.identifier, key_type = %new.key_type, "key created");
+    tracing::info!(name = %new.name, identifier = %stored.identifier, key_type = %new.key_type, role = %new.role, "key created");
     Ok(CreatedKey {
         api_key: key.expose_secret().to_owned(),
         info: stored.into(),
@@ -271,6 +336,7 @@ pub async fn roll_key(
     overlap: Duration,
     actor: &Actor,
 ) -> Result<RolledKey, Error> {
+    let name = &normalize_name(name);
     let key = generate_key()?;
     let audit = actor.entry(
         "key.roll",
@@ -315,15 +381,19 @@ pub async fn roll_key(
 
 /// Deletes a key and every secret of it still in a roll's overlap, and revokes them in
 /// the verification cache.
+/// `keep_last_admin`: refuse to delete the last key that can administer (the API
+/// does; the CLI on the database may).
 pub async fn delete_key(
     store: &Store,
     cache: &VerifyCache,
     name: &str,
+    keep_last_admin: bool,
     actor: &Actor,
 ) -> Result<(), Error> {
+    let name = &normalize_name(name);
     let audit = actor.entry("key.delete", name, json!({}));
     let (deleted, retired) = store
-        .delete_key(name, &audit)
+        .delete_key(name, keep_last_admin, &audit)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
     let mut all_revoked = true;
@@ -342,6 +412,49 @@ pub async fn delete_key(
     }
     tracing::info!(name, identifier = %deleted.identifier, "key deleted");
     Ok(())
+}
+
+/// Gives a legacy key (made before roles) its one role; its cache entries are replaced
+/// so this process (and, with Redis, every replica) applies it at once.
+pub async fn set_role(
+    store: &Store,
+    cache: &VerifyCache,
+    name: &str,
+    role: Role,
+    actor: &Actor,
+) -> Result<KeyInfo, Error> {
+    if role == Role::Legacy {
+        return Err(Error::invalid(metlo_shared::RoleError.to_string()));
+    }
+    let name = &normalize_name(name);
+    let audit = actor.entry("key.set_role", name, json!({"role": role.as_str()}));
+    let (key, retired) = store
+        .set_role(name, role, &audit)
+        .await?
+        .ok_or(Error::NotFound("no API key with this name"))?;
+    // Rolled-away secrets still in overlap are dropped from the cache (they are looked up
+    // again, with the new role); the current one gets its new record.
+    let mut all_written = true;
+    if let Ok(hash) = KeyHash::from_hex(&key.key_hash) {
+        all_written &= cache.replace(&hash, key.record()).await;
+    }
+    for hex in &retired {
+        if let Ok(hash) = KeyHash::from_hex(hex) {
+            let record = store.find_by_hash(&hash).await?.map(|k| k.record());
+            all_written &= match record {
+                Some(r) => cache.replace(&hash, r).await,
+                None => cache.revoke(&hash).await,
+            };
+        }
+    }
+    if !all_written {
+        tracing::warn!(
+            name,
+            "Redis unreachable: the key's cache entries are not updated yet"
+        );
+    }
+    tracing::info!(name, role = %role, "legacy key given a role");
+    Ok(key.into())
 }
 
 /// All keys, or those of one type; newest first, metadata only.

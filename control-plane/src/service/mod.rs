@@ -16,6 +16,9 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     NotFound(&'static str),
+    /// The caller's key is valid but its role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("An API key with this name already exists")]
     DuplicateName,
     #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
@@ -38,6 +41,14 @@ impl From<StoreError> for Error {
         match e {
             StoreError::DuplicateName => Error::DuplicateName,
             StoreError::LimitReached(max) => Error::LimitReached(max),
+            StoreError::LastAdmin => Error::invalid(
+                "this is the last admin key: create another admin key before deleting it \
+                 (the CLI on the database can still delete it)",
+            ),
+            StoreError::RoleFixed(role) => Error::invalid(format!(
+                "this key's role is {role}: a key's role is set once (only a legacy key, made \
+                 before roles, can be given one)"
+            )),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
                 Error::Unavailable

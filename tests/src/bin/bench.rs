@@ -141,7 +141,7 @@ async fn main() {
         .chain(baseline.as_ref())
     {
         assert_eq!(
-            cp.verify(&cp.admin_key).await,
+            cp.verify(&cp.client_key).await,
             reqwest::StatusCode::OK,
             "warm the cache"
         );
@@ -157,7 +157,7 @@ async fn main() {
         let ((rps, bad), peak) = with_peak_rss(memory.pid(), || {
             wrk(
                 &format!("{}/api/v1/verify", memory.url),
-                Some(&memory.admin_key),
+                Some(&memory.client_key),
                 None,
             )
         });
@@ -166,7 +166,7 @@ async fn main() {
         mem.push(rps);
         let (rps, bad) = wrk(
             &format!("{}/api/v1/verify", shared.url),
-            Some(&shared.admin_key),
+            Some(&shared.client_key),
             None,
         );
         assert_eq!(bad, 0, "every verification must succeed");
@@ -174,14 +174,14 @@ async fn main() {
         let (rps, cpu) = wrk_with_cpu(
             memory.pid(),
             &format!("{}/api/v1/verify", memory.url),
-            &memory.admin_key,
+            &memory.client_key,
         );
         tracked.push(rps);
         tracked_cpu.push(cpu);
         let (rps, cpu) = wrk_with_cpu(
             untracked.pid(),
             &format!("{}/api/v1/verify", untracked.url),
-            &untracked.admin_key,
+            &untracked.client_key,
         );
         plain.push(rps);
         plain_cpu.push(cpu);
@@ -189,7 +189,7 @@ async fn main() {
             let (rps, cpu) = wrk_with_cpu(
                 cp.pid(),
                 &format!("{}/api/v1/verify", cp.url),
-                &cp.admin_key,
+                &cp.client_key,
             );
             base.push(rps);
             base_cpu.push(cpu);

@@ -83,7 +83,7 @@ async fn main() {
         |o, (k, v)| o.env(k, v),
     );
     let cp = Arc::new(ControlPlane::start_with(opts).await);
-    let worker_key = cp.create_key("edge-worker", "GENERIC").await;
+    let worker_key = cp.edge_key.clone();
     let origin = Origin::start().await;
     let edge = Arc::new(
         Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, &[]).await,
