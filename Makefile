@@ -10,6 +10,7 @@ test:
 
 bench:
 	./scripts/bench.sh
+	./scripts/bench-instructions.sh
 	./scripts/bench-edge.sh
 
 # The edge Worker (edge/build/); installs its toolchain on first use.

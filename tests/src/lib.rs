@@ -455,7 +455,9 @@ impl ControlPlane {
         let client_key = cli_key(&env, "client", "client", &log_path);
         let child = spawn_server(&env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
-        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE).unwrap();
+        // A baseline build from before the ops listener serves those routes on the API port.
+        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE)
+            .unwrap_or_else(|| url.clone());
         ControlPlane {
             url,
             ops_url,
@@ -481,7 +483,9 @@ impl ControlPlane {
         let log_path = dir.path().join("replica.log");
         let child = spawn_server(&self.env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
-        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE).unwrap();
+        // A baseline build from before the ops listener serves those routes on the API port.
+        let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE)
+            .unwrap_or_else(|| url.clone());
         ControlPlane {
             url,
             ops_url,
@@ -519,7 +523,8 @@ impl ControlPlane {
             let log = self.log();
             if let Some(url) = find_url(&log[before..], API_LINE) {
                 self.url = url;
-                self.ops_url = find_url(&log[before..], OPS_LINE).unwrap();
+                self.ops_url =
+                    find_url(&log[before..], OPS_LINE).unwrap_or_else(|| self.url.clone());
                 return;
             }
             assert!(
