@@ -596,7 +596,7 @@ impl ControlPlane {
 
     /// `POST /api/v1/keys/create` with the admin key; returns status and body.
     pub async fn create(&self, body: Value) -> (StatusCode, Value) {
-        self.create_as(&self.admin_key.clone(), body).await
+        self.create_as(&self.admin_key, body).await
     }
 
     /// [`Self::create`] with another key.

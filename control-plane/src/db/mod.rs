@@ -8,6 +8,8 @@
 
 pub mod audit;
 pub mod keys;
+#[cfg(test)]
+mod keys_tests;
 pub mod outbox;
 pub mod rows;
 pub mod usage;

@@ -8,6 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::Extensions;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -72,14 +73,10 @@ fn record_failure(
     identifier: Option<String>,
 ) {
     state.auth_failures.record(
-        req.extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string()),
+        peer_ip(req.extensions()),
         reason,
         identifier,
-        req.extensions()
-            .get::<MatchedPath>()
-            .map(|p| p.as_str().to_owned()),
+        route(req.extensions()),
     );
 }
 
@@ -91,17 +88,24 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
         let caller = parts.extensions.get::<Caller>();
         Ok(Actor {
             name: caller.map(|c| c.0.name.clone()),
-            ip: peer_ip(parts),
+            ip: peer_ip(&parts.extensions),
             role: caller.map(|c| c.0.role),
         })
     }
 }
 
-fn peer_ip(parts: &Parts) -> Option<String> {
-    parts
-        .extensions
+/// The TCP peer's address, for the audit log.
+fn peer_ip(extensions: &Extensions) -> Option<String> {
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string())
+}
+
+/// The route template (never the raw path: it may hold names), for the audit log.
+fn route(extensions: &Extensions) -> Option<String> {
+    extensions
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
 }
 
 /// Which roles may call a route: every handler under `/api/v1` takes an
@@ -145,11 +149,8 @@ impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
             return Ok(Authorized(std::marker::PhantomData));
         }
         state.auth_failures.record_forbidden(
-            peer_ip(parts),
-            parts
-                .extensions
-                .get::<MatchedPath>()
-                .map(|p| p.as_str().to_owned()),
+            peer_ip(&parts.extensions),
+            route(&parts.extensions),
             caller,
             A::ROLES,
         );

@@ -93,14 +93,6 @@ pub fn ops_app(state: AppState) -> Router {
 /// Serves the API on `listen_addr` and the ops routes on `ops_addr` until SIGTERM or
 /// Ctrl-C, then finishes in-flight requests on both.
 pub async fn serve(listen_addr: &str, ops_addr: &str, state: AppState) -> anyhow::Result<()> {
-    let bind = |addr: &str| {
-        let addr = addr.to_owned();
-        async move {
-            tokio::net::TcpListener::bind(&addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-        }
-    };
     let listener = bind(listen_addr).await?;
     let ops_listener = bind(ops_addr).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -125,6 +117,12 @@ pub async fn serve(listen_addr: &str, ops_addr: &str, state: AppState) -> anyhow
     .with_graceful_shutdown(until_stopped(stopped));
     tokio::try_join!(api, ops)?;
     Ok(())
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
 }
 
 async fn shutdown_signal() {
