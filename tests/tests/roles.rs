@@ -282,6 +282,32 @@ async fn only_admins_make_powerful_keys(backend: Backend) {
         .cli(&["keys", "set-role", "new-edge", "admin"])
         .unwrap_err();
     assert!(err.contains("set once"), "{err}");
+    // Plain http:// to another host: warned about (here the host does not even resolve).
+    let env = vec![
+        ("METLO_API_KEY".to_owned(), cp.admin_key.clone()),
+        (
+            "METLO_URL".to_owned(),
+            "http://metlo-control-plane.invalid".to_owned(),
+        ),
+    ];
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let err = metlo_tests::run_cli(&env, &["keys", "list"], log.path()).unwrap_err();
+    assert!(
+        err.contains("warning:") && err.contains("plain http://"),
+        "{err}"
+    );
+    let env = vec![
+        ("METLO_API_KEY".to_owned(), cp.admin_key.clone()),
+        ("METLO_URL".to_owned(), cp.url.clone()),
+    ];
+    let out = metlo_tests::run_cli(&env, &["keys", "list"], log.path()).unwrap();
+    assert!(out.contains("new-edge"));
+    let stderr = std::fs::read_to_string(log.path()).unwrap();
+    assert_eq!(
+        stderr.matches("warning:").count(),
+        1,
+        "no warning for loopback: {stderr}"
+    );
 }
 
 async fn the_last_admin_key_stays(backend: Backend) {
