@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::http::state::{AppState, Shared};
 use crate::kv_sync::client::KvClient;
 use crate::kv_sync::drainer::{self, SyncStatus};
+use crate::service::abuse::{FailureLimiter, LookupGate};
 use crate::service::audit::{self, AuthFailures};
 use crate::service::usage::{self, Usage};
 use crate::{http, telemetry};
@@ -36,9 +37,28 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
             ));
             Some(status)
         }
-        None => None,
+        None => {
+            tracing::warn!(
+                cache_ttl_seconds = config.cache_ttl_seconds,
+                "KV sync is off (CLOUDFLARE_ACCOUNT_ID, KV_NAMESPACE_ID and CLOUDFLARE_API_TOKEN \
+                 are not all set): the edge Worker is told to keep no record in KV, so every \
+                 key it has not seen in the last few seconds costs a call here; set them to \
+                 push key updates to Workers KV"
+            );
+            None
+        }
     };
-    let usage = Arc::new(Usage::new(config.track_last_used));
+    // How long the edge may keep a record: while KV sync is on, as long as pushed records
+    // live (deletes are pushed); while off, no longer than this process caches it.
+    let edge_keep_seconds = match (&kv_sync, config.kv.kv_sync_ttl_seconds) {
+        (Some(_), 0) => u64::from(u32::MAX),
+        (Some(_), ttl) => ttl,
+        (None, _) => config.cache_ttl_seconds,
+    };
+    // Every key, and as many secrets again in a roll's overlap.
+    let usage_capacity =
+        usize::try_from(config.max_api_keys.saturating_mul(2)).unwrap_or(usize::MAX);
+    let usage = Arc::new(Usage::new(config.track_last_used, usage_capacity.max(1000)));
     if usage.enabled() {
         tokio::spawn(usage::flush_forever(
             store.clone(),
@@ -64,8 +84,12 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         cache,
         max_api_keys: config.max_api_keys,
         kv_sync,
+        edge_keep_seconds,
         usage,
         auth_failures,
+        failure_limiter: FailureLimiter::new(config.auth_failures_per_minute),
+        lookups: LookupGate::new(config.max_concurrent_lookups),
+        trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
     });
     match store.count_legacy().await {
         Ok(0) => {}
@@ -76,7 +100,12 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         ),
         Err(e) => tracing::warn!(error = %e, "could not count legacy keys"),
     }
-    http::serve(listen_addr, ops_addr, state).await?;
+    let limits = http::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
+        idle_timeout: Duration::from_secs(config.idle_timeout_seconds.max(1)),
+        max_connections: config.max_connections,
+    };
+    http::serve(listen_addr, ops_addr, limits, state).await?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use ipnet::IpNet;
 
 use crate::cache::VerifyCache;
 use crate::db::Store;
@@ -42,6 +43,56 @@ pub struct Config {
         global = true
     )]
     pub last_used_flush_seconds: u64,
+    /// How long an SQLite write waits for the writer lock before it is answered 503.
+    #[arg(
+        long,
+        env = "SQLITE_BUSY_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub sqlite_busy_timeout_ms: u64,
+    /// Failed authentications a source (an IPv4 address, an IPv6 /64) may cause per
+    /// minute (also its burst) before it gets 429 instead of lookups (0: no limit).
+    #[arg(
+        long,
+        env = "AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 60,
+        global = true
+    )]
+    pub auth_failures_per_minute: u32,
+    /// Most database lookups of uncached keys at once; past it, 503 at once.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_LOOKUPS",
+        default_value_t = 8,
+        global = true
+    )]
+    pub max_concurrent_lookups: usize,
+    /// Longest wait for a request's head (request line and headers) before the
+    /// connection is closed: slow clients cannot hold connections.
+    #[arg(
+        long,
+        env = "HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub header_read_timeout_seconds: u64,
+    /// Longest silence on a connection (idle keep-alive, or no first byte) before it is
+    /// closed; longer than a request may take (30 s).
+    #[arg(
+        long,
+        env = "IDLE_TIMEOUT_SECONDS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub idle_timeout_seconds: u64,
+    /// Open connections per process at most; past it, new ones wait to be accepted.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, global = true)]
+    pub max_connections: usize,
+    /// Proxies (addresses or CIDR networks, comma-separated) whose `X-Forwarded-For` is
+    /// believed; from any other peer it is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', global = true)]
+    pub trusted_proxies: Vec<TrustedProxy>,
     #[arg(
         long,
         env = "LOG_FORMAT",
@@ -106,6 +157,21 @@ pub struct KvConfig {
     pub kv_sync_delete_echo_seconds: u64,
 }
 
+/// One `TRUSTED_PROXIES` entry: `10.0.0.0/8`, `203.0.113.7`, `2001:db8::/32`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrustedProxy(pub IpNet);
+
+impl std::str::FromStr for TrustedProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        s.parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map(TrustedProxy)
+            .map_err(|_| format!("{s:?} is not an IP address or a CIDR network"))
+    }
+}
+
 impl KvConfig {
     pub fn target(&self) -> anyhow::Result<Option<KvTarget>> {
         let (Some(account), Some(namespace), Some(token)) = (
@@ -142,12 +208,16 @@ impl Config {
 
     /// The store, migrated, writing the outbox when a KV target is configured.
     pub async fn open_store(&self) -> anyhow::Result<Store> {
-        let store = Store::connect(self.database_url.as_deref(), &self.data_dir)
-            .await?
-            .with_outbox(
-                self.kv.target()?.is_some(),
-                Duration::from_secs(self.kv.kv_sync_delete_echo_seconds),
-            );
+        let store = Store::connect(
+            self.database_url.as_deref(),
+            &self.data_dir,
+            Duration::from_millis(self.sqlite_busy_timeout_ms),
+        )
+        .await?
+        .with_outbox(
+            self.kv.target()?.is_some(),
+            Duration::from_secs(self.kv.kv_sync_delete_echo_seconds),
+        );
         store.migrate().await?;
         Ok(store)
     }

@@ -9,12 +9,14 @@
 // with that status (a 429 carries Retry-After: 1); {"delayMs": 3000, "count": 1} makes the
 // next call slow: it waits, then applies the write and answers — and applies it even when
 // the caller gave up meanwhile, as a real API may (a timed-out request is not an undone
-// one). GET /__stats returns what was received (keys put and deleted, the last
+// one); {"unsuccessful": 2, "count": 1} makes the next call succeed as a whole but leave
+// out the first 2 keys of its body and list them in `unsuccessful_keys`, as Cloudflare's
+// bulk API may. GET /__stats returns what was received (keys put and deleted, the last
 // expiration_ttl per key); POST /__stats clears it. (A refusing
 // target is a stopped one.)
 
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete)$/;
-let faults = { status: 0, count: 0, delayMs: 0 };
+let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, puts: [], deletes: [], ttls: {} });
 let stats = emptyStats();
@@ -41,7 +43,11 @@ export default {
     if (request.headers.get("Authorization") !== `Bearer ${env.API_TOKEN}`)
       return envelope(403, false, [{ code: 10000, message: "Authentication error" }]);
     let delayMs = 0;
-    if (faults.count > 0 && faults.delayMs > 0) {
+    let skip = 0;
+    if (faults.count > 0 && faults.unsuccessful > 0) {
+      faults.count--;
+      skip = faults.unsuccessful;
+    } else if (faults.count > 0 && faults.delayMs > 0) {
       faults.count--;
       delayMs = faults.delayMs;
     } else if (faults.count > 0) {
@@ -54,17 +60,21 @@ export default {
     try { body = await request.json(); } catch { return envelope(400, false, [{ code: 10026, message: "bad JSON" }]); }
     if (delayMs > 0) {
       // waitUntil: the late write happens even if the caller disconnects first.
-      const late = sleep(delayMs).then(() => apply(m[2], request.method, body, env));
+      const late = sleep(delayMs).then(() => apply(m[2], request.method, body, env, 0));
       ctx.waitUntil(late);
       return late;
     }
-    return apply(m[2], request.method, body, env);
+    return apply(m[2], request.method, body, env, skip);
   },
 };
 
-async function apply(route, method, body, env) {
+// `skip`: how many of the first keys to leave unapplied and report as unsuccessful.
+async function apply(route, method, body, env, skip) {
   if (!Array.isArray(body) || body.length > 10000)
     return envelope(400, false, [{ code: 10026, message: "body must be an array of at most 10000 items" }]);
+  const unsuccessful = body.slice(0, skip).map((item) => (typeof item === "string" ? item : item.key));
+  body = body.slice(skip);
+  const result = { successful_key_count: body.length, unsuccessful_keys: unsuccessful };
   if (route === "bulk" && method === "PUT") {
     stats.putRequests++;
     for (const item of body) {
@@ -73,7 +83,7 @@ async function apply(route, method, body, env) {
       stats.puts.push(item.key);
       stats.ttls[item.key] = item.expiration_ttl ?? null;
     }
-    return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
+    return envelope(200, true, [], result);
   }
   if (route === "bulk/delete" && method === "POST") {
     stats.deleteRequests++;
@@ -81,7 +91,7 @@ async function apply(route, method, body, env) {
       await env.KEYS.delete(key);
       stats.deletes.push(key);
     }
-    return envelope(200, true, [], { successful_key_count: body.length, unsuccessful_keys: [] });
+    return envelope(200, true, [], result);
   }
   return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
 }

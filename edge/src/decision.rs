@@ -54,17 +54,32 @@ pub fn admit(record: &KeyRecord, now_unix_seconds: u64) -> Result<(), Refusal> {
 /// What the control plane said about a hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Found(KeyRecord),
+    /// The record, and how long the control plane allows the edge to keep it (KV and
+    /// isolate cache), in seconds.
+    Found {
+        record: KeyRecord,
+        keep_seconds: u64,
+    },
     NotFound,
     /// Anything else: timeouts, 5xx, 401 (the Worker's own key is wrong), garbage.
     Failed(String),
 }
 
-/// Interprets the control plane's answer to `GET /api/v1/keys/by-hash/{hash}`.
-pub fn interpret_lookup(status: u16, body: &[u8]) -> Lookup {
+/// The response header in which the control plane says how long the edge may keep a
+/// record: while its KV sync is on, long (it deletes what it revokes); while off, only its
+/// own cache TTL, since nothing would ever delete a record the Worker wrote.
+pub const KEEP_HEADER: &str = "X-Metlo-Kv-Ttl-Seconds";
+
+/// Interprets the control plane's answer to `GET /api/v1/keys/by-hash/{hash}`; `keep` is
+/// its [`KEEP_HEADER`]. Without one (or unreadable), the record is kept nowhere: safe
+/// against a control plane that cannot say.
+pub fn interpret_lookup(status: u16, body: &[u8], keep: Option<&str>) -> Lookup {
     match status {
         200 => match KeyRecord::from_json(body) {
-            Ok(record) => Lookup::Found(record),
+            Ok(record) => Lookup::Found {
+                record,
+                keep_seconds: keep.and_then(|v| v.trim().parse().ok()).unwrap_or(0),
+            },
             Err(e) => Lookup::Failed(format!("unreadable record from the control plane: {e}")),
         },
         404 => Lookup::NotFound,
@@ -282,17 +297,39 @@ mod tests {
     fn lookups() {
         let r = record(None);
         assert_eq!(
-            interpret_lookup(200, r.to_json().as_bytes()),
-            Lookup::Found(r)
+            interpret_lookup(200, r.to_json().as_bytes(), Some("300")),
+            Lookup::Found {
+                record: r.clone(),
+                keep_seconds: 300
+            }
         );
-        assert_eq!(interpret_lookup(404, b"{}"), Lookup::NotFound);
+        for missing in [None, Some("soon"), Some("-1")] {
+            assert_eq!(
+                interpret_lookup(200, r.to_json().as_bytes(), missing),
+                Lookup::Found {
+                    record: r.clone(),
+                    keep_seconds: 0
+                },
+                "{missing:?}: kept nowhere"
+            );
+        }
+        assert_eq!(interpret_lookup(404, b"{}", None), Lookup::NotFound);
         assert!(matches!(
-            interpret_lookup(200, b"<html>"),
+            interpret_lookup(200, b"<html>", None),
             Lookup::Failed(_)
         ));
-        assert!(matches!(interpret_lookup(401, b""), Lookup::Failed(_)));
-        assert!(matches!(interpret_lookup(500, b""), Lookup::Failed(_)));
-        assert!(matches!(interpret_lookup(503, b""), Lookup::Failed(_)));
+        assert!(matches!(
+            interpret_lookup(401, b"", None),
+            Lookup::Failed(_)
+        ));
+        assert!(matches!(
+            interpret_lookup(500, b"", None),
+            Lookup::Failed(_)
+        ));
+        assert!(matches!(
+            interpret_lookup(503, b"", None),
+            Lookup::Failed(_)
+        ));
     }
 
     #[test]

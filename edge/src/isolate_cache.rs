@@ -43,10 +43,16 @@ impl IsolateCache {
     }
 
     pub fn put(&mut self, hash: KeyHash, entry: Entry, now_ms: u64) {
+        self.put_for(hash, entry, now_ms, u64::MAX);
+    }
+
+    /// As [`put`](Self::put), kept at most `max_ms` (what the control plane allows).
+    pub fn put_for(&mut self, hash: KeyHash, entry: Entry, now_ms: u64, max_ms: u64) {
         let ttl = match entry {
             Entry::Valid(_) => self.hit_ms,
             Entry::Unknown => self.miss_ms,
-        };
+        }
+        .min(max_ms);
         if ttl > 0 {
             self.entries.put(hash, (entry, now_ms.saturating_add(ttl)));
         }
@@ -93,6 +99,17 @@ mod tests {
             c.put(ApiKey::generate().unwrap().hash(), Entry::Unknown, 0);
         }
         assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn kept_no_longer_than_allowed() {
+        let mut c = IsolateCache::new(3, 1000, 1000);
+        let a = ApiKey::generate().unwrap().hash();
+        c.put_for(a, Entry::Valid(record()), 0, 200);
+        assert!(c.get(&a, 199).is_some());
+        assert_eq!(c.get(&a, 200), None);
+        c.put_for(a, Entry::Valid(record()), 0, 0);
+        assert!(c.is_empty(), "not at all");
     }
 
     #[test]

@@ -143,9 +143,13 @@ async fn find(
         Err(e) => console_error!("KV read failed: {e}"),
     }
     match ask_control_plane(&hex, env, config).await {
-        Lookup::Found(record) => {
+        Lookup::Found {
+            record,
+            keep_seconds,
+        } => {
             let now = now_ms / 1000;
-            if let Some(ttl) = decision::kv_ttl(&record, config.kv_ttl_seconds, now) {
+            let kv_ttl = config.kv_ttl_seconds.min(keep_seconds);
+            if let Some(ttl) = decision::kv_ttl(&record, kv_ttl, now) {
                 let put = kv
                     .put(&hex, record.to_json())
                     .map(|p| p.expiration_ttl(ttl));
@@ -158,8 +162,9 @@ async fn find(
                     Err(e) => console_error!("KV write failed: {e}"),
                 }
             }
+            let keep_ms = keep_seconds.saturating_mul(1000);
             with_cache(config, |c| {
-                c.put(*hash, Entry::Valid(record.clone()), now_ms)
+                c.put_for(*hash, Entry::Valid(record.clone()), now_ms, keep_ms)
             });
             Ok((record, Source::ControlPlane))
         }
@@ -194,7 +199,7 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
         Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
     };
     match call_control_plane(request, config.control_plane_timeout_ms).await {
-        Ok((status, body)) => decision::interpret_lookup(status, &body),
+        Ok((status, keep, body)) => decision::interpret_lookup(status, &body, keep.as_deref()),
         Err(CallFailure::Failed(e)) => Lookup::Failed(format!("control plane unreachable: {e}")),
         Err(CallFailure::TimedOut) => Lookup::Failed("control plane timed out".into()),
     }
@@ -206,20 +211,22 @@ enum CallFailure {
     Failed(worker::Error),
 }
 
-/// Sends `request` and reads the whole answer (status, body) within `timeout_ms`. On
+/// Sends `request` and reads the whole answer (status, [`decision::KEEP_HEADER`], body)
+/// within `timeout_ms`. On
 /// timeout the fetch is aborted, which closes its connection: a fetch merely no longer
 /// awaited would run on for as long as the invocation does (its `waitUntil` work included).
 async fn call_control_plane(
     request: Request,
     timeout_ms: u64,
-) -> Result<(u16, Vec<u8>), CallFailure> {
+) -> Result<(u16, Option<String>, Vec<u8>), CallFailure> {
     let controller = AbortController::default();
     let signal = controller.signal();
     let call = async move {
         let mut response = Fetch::Request(request).send_with_signal(&signal).await?;
         let status = response.status_code();
+        let keep = response.headers().get(decision::KEEP_HEADER)?;
         let body = response.bytes().await?;
-        Ok::<_, worker::Error>((status, body))
+        Ok::<_, worker::Error>((status, keep, body))
     };
     let timeout = Delay::from(Duration::from_millis(timeout_ms));
     match select(Box::pin(call), timeout).await {
@@ -285,8 +292,8 @@ async fn send_usage(
         .with_body(Some(usage::report_body(batch).into()));
     let request = Request::new_with_init(url, &init).map_err(|e| e.to_string())?;
     match call_control_plane(request, timeout_ms).await {
-        Ok((200..=299, _)) => Ok(()),
-        Ok((status, _)) => Err(format!("control plane answered {status}")),
+        Ok((200..=299, _, _)) => Ok(()),
+        Ok((status, _, _)) => Err(format!("control plane answered {status}")),
         Err(CallFailure::Failed(e)) => Err(e.to_string()),
         Err(CallFailure::TimedOut) => Err("control plane timed out".into()),
     }

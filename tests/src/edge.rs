@@ -301,6 +301,18 @@ impl KvApi {
         assert!(r.status().is_success());
     }
 
+    /// The next `count` API calls succeed as a whole but leave out the first `keys` keys
+    /// of their body, listed in `unsuccessful_keys`.
+    pub async fn inject_unsuccessful(&self, keys: u32, count: u32) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__faults", self.url))
+            .json(&json!({"unsuccessful": keys, "count": count}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
     /// Every key in the local KV it writes.
     pub fn kv_keys(&self) -> Vec<String> {
         local_kv_keys(self.dir.path(), &self.state)

@@ -476,6 +476,11 @@ impl ControlPlane {
         }
     }
 
+    /// The embedded SQLite database file (on the SQLite backend).
+    pub fn sqlite_file(&self) -> PathBuf {
+        self._dir.path().join("data/metlo.db")
+    }
+
     /// Another server process on the same database and cache (a second replica). It must
     /// not outlive `self`, whose temporary directory may hold the database.
     pub async fn replica(&self) -> ControlPlane {

@@ -259,11 +259,25 @@ async fn bad_keys_are_refused_malformed_ones_without_any_lookup() {
     assert!(s.origin.requests().is_empty(), "nothing reached the origin");
 }
 
+/// Without KV sync (this stack's control plane has no KV target) nothing would ever
+/// delete a record the Worker wrote to KV, so the control plane allows it to keep records
+/// only for its own cache TTL: none goes to KV, and a deleted key is refused at the edge
+/// within a second (it used to pass from KV for the Worker's 300 s TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeat_requests_are_served_from_isolate_and_kv() {
+async fn without_kv_sync_the_edge_keeps_no_record_in_kv() {
     let s = stack(&[]).await;
+    let (_, ready) = s.cp.ops_get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["kvSync"], "off", "{ready}");
     let key = s.cp.create_key("hot", "GENERIC").await;
     let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
+    let (_, headers, _) =
+        s.cp.get(
+            &format!("/api/v1/keys/by-hash/{hash}"),
+            Some(&s.cp.edge_key),
+        )
+        .await;
+    assert_eq!(headers["x-metlo-kv-ttl-seconds"], "5", "the cache TTL");
 
     let r = s.edge.get("/1", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -271,19 +285,33 @@ async fn repeat_requests_are_served_from_isolate_and_kv() {
     let r = s.edge.get("/2", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(s.origin.requests()[1].headers_source(), "isolate");
-    assert_eq!(s.by_hash_calls().await, 1.0);
-    let stored = s
-        .edge
-        .kv_get(&hash)
-        .expect("the record is written to KV after a control-plane hit");
-    let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
-    assert_eq!(record.name, "hot");
-    // After the isolate's 500 ms, KV answers; the control plane is still asked only once.
+    assert!(s.edge.kv_get(&hash).is_none(), "nothing written to KV");
+    // After the isolate's 500 ms the control plane is asked again.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let r = s.edge.get("/3", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(s.origin.requests()[2].headers_source(), "kv");
-    assert_eq!(s.by_hash_calls().await, 1.0);
+    assert_eq!(s.origin.requests()[2].headers_source(), "control-plane");
+    assert_eq!(
+        s.by_hash_calls().await,
+        3.0,
+        "ours above, and the Worker's two"
+    );
+
+    let (status, _) = s.cp.delete("hot", Some(&s.cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let deleted = Instant::now();
+    loop {
+        let r = s.edge.get("/4", Some(&key)).send().await.unwrap();
+        if r.status() == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(3),
+            "a deleted key still passes at the edge"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(s.edge.kv_keys().is_empty(), "{:?}", s.edge.kv_keys());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,6 +319,15 @@ async fn control_plane_down_fails_closed() {
     let mut s = stack(&[("CONTROL_PLANE_TIMEOUT_MS", "1000")]).await;
     let cached = s.cp.create_key("cached", "GENERIC").await;
     let uncached = s.cp.create_key("uncached", "GENERIC").await;
+    // The record in KV, as the control plane's KV sync puts it (this stack has none).
+    let hash = ApiKey::parse(&cached).unwrap().hash().to_hex();
+    let (_, _, record) =
+        s.cp.get(
+            &format!("/api/v1/keys/by-hash/{hash}"),
+            Some(&s.cp.edge_key),
+        )
+        .await;
+    s.edge.kv_put(&hash, &record);
     assert_eq!(
         s.edge
             .get("/", Some(&cached))

@@ -15,6 +15,7 @@ on_both_backends!(
     created_key_is_in_kv_before_its_first_edge_request,
     kv_outage_loses_nothing_and_resurrects_nothing,
     outbox_survives_sigkill,
+    unsuccessful_keys_of_a_bulk_call_are_sent_again,
 );
 
 struct Full {
@@ -88,6 +89,14 @@ async fn created_key_is_in_kv_before_its_first_edge_request(backend: Backend) {
     let stored = s.edge.kv_get(&hash(&key)).expect("the record is in KV");
     let record = KeyRecord::from_json(stored.as_bytes()).unwrap();
     assert_eq!(record.name, "fresh");
+    // With the sync on, the edge may keep what it looks up as long as pushed records live.
+    let (_, headers, _) =
+        s.cp.get(
+            &format!("/api/v1/keys/by-hash/{}", hash(&key)),
+            Some(&s.cp.edge_key),
+        )
+        .await;
+    assert_eq!(headers["x-metlo-kv-ttl-seconds"], "86400");
     let calls_before = s.cp.metric("http_requests_total", "by-hash").await;
     let r = s.edge.get("/first", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -283,6 +292,42 @@ async fn slow_kv_target_times_out_and_late_writes_are_undone() {
     candidates.extend(kv.iter().cloned());
     assert_eq!(kv, live_hashes(&s.cp, &candidates).await, "nothing lost");
     assert!(s.cp.metric("metlo_kv_sync_errors_total", "").await >= 1.0);
+}
+
+/// Cloudflare's bulk calls may succeed as a whole while listing `unsuccessful_keys`:
+/// those updates stay in the outbox and are sent again (they used to be dropped).
+async fn unsuccessful_keys_of_a_bulk_call_are_sent_again(backend: Backend) {
+    let s = full(backend, &[]).await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    s.kv.inject_unsuccessful(1, 1).await;
+    let key = s.cp.create_key("partly", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert!(
+        s.kv.kv_get(&hash(&key)).is_some(),
+        "the put left out once was sent again"
+    );
+    let stats = s.kv.stats().await;
+    let puts = stats["puts"].as_array().unwrap();
+    assert_eq!(
+        puts.iter().filter(|k| **k == hash(&key)).count(),
+        1,
+        "applied once: {stats}"
+    );
+    assert!(stats["putRequests"].as_u64().unwrap() >= 3, "{stats}");
+    let (_, metrics) = s.cp.ops_get("/metrics").await;
+    assert!(
+        metrics.contains("metlo_kv_sync_errors_total"),
+        "counted as an error"
+    );
+
+    s.kv.inject_unsuccessful(1, 1).await;
+    let (status, _) = s.cp.delete("partly", Some(&s.cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert!(
+        s.kv.kv_get(&hash(&key)).is_none(),
+        "the delete was sent again"
+    );
 }
 
 async fn outbox_survives_sigkill(backend: Backend) {

@@ -31,13 +31,19 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes audit rows older than `before_ms`; returns how many.
-    pub async fn prune_audit(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM audit_log WHERE at_ms < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+    /// Deletes up to `limit` audit rows older than `before_ms` (oldest first); returns how
+    /// many. Bounded so one statement never holds the table (or SQLite's writer lock) for
+    /// long: the caller repeats it until fewer than `limit` go.
+    pub async fn prune_audit(&self, before_ms: i64, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM audit_log WHERE id IN \
+             (SELECT id FROM audit_log WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// Audit rows, newest first, with ids below `before` when given.
@@ -64,6 +70,25 @@ mod tests {
     use crate::db::keys::fixtures::{audit, key};
     use crate::db::Store;
 
+    /// Retention deletes by `at_ms`: through an index, not a scan.
+    #[tokio::test]
+    async fn retention_deletes_through_an_index() {
+        let store = Store::memory().await;
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+            "EXPLAIN QUERY PLAN SELECT id FROM audit_log WHERE at_ms < 5 ORDER BY at_ms LIMIT 10",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let plan: Vec<&str> = plan.iter().map(|r| r.3.as_str()).collect();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX audit_log_by_time")
+                    || step.contains("USING COVERING INDEX audit_log_by_time")),
+            "{plan:?}"
+        );
+    }
+
     #[tokio::test]
     async fn entries_are_appended_paged_newest_first_and_pruned() {
         let store = Store::memory().await;
@@ -89,8 +114,13 @@ mod tests {
         let page = store.list_audit(1, Some(all[0].id)).await.unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].id, all[1].id);
-        assert_eq!(store.prune_audit(now_ms() - 60_000).await.unwrap(), 0);
-        assert_eq!(store.prune_audit(now_ms() + 1).await.unwrap(), 3);
+        assert_eq!(store.prune_audit(now_ms() - 60_000, 10).await.unwrap(), 0);
+        assert_eq!(
+            store.prune_audit(now_ms() + 1, 2).await.unwrap(),
+            2,
+            "bounded"
+        );
+        assert_eq!(store.prune_audit(now_ms() + 1, 2).await.unwrap(), 1);
         assert!(store.list_audit(10, None).await.unwrap().is_empty());
     }
 }

@@ -235,7 +235,10 @@ async fn only_traffic_keys_reach_kv_and_a_legacy_role_is_set_once() {
         "admin and edge hashes never leave the control plane"
     );
     assert!(records.iter().all(|r| r.role.serves_traffic()));
-    store.finish_claim(claim, Ok(())).await.unwrap();
+    store
+        .finish_claim(claim, crate::db::outbox::Sent::All)
+        .await
+        .unwrap();
     // Rolls of an admin key put nothing either.
     roll(&store, "a", Duration::from_secs(60)).await;
     assert!(store.claim_outbox(100).await.unwrap().rows.is_empty());

@@ -60,17 +60,24 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-            // Postgres shutting down / not accepting connections (class 57, 08).
-            sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
-            {
+            // Postgres shutting down / not accepting connections (class 57, 08), or SQLite's
+            // writer lock still held after the busy timeout: overload, not a fault.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| is_overload_code(&c)) => {
                 StoreError::Unavailable(e)
             }
             _ => StoreError::Other(e),
         }
     }
+}
+
+/// Postgres SQLSTATE classes 57 (operator intervention) and 08 (connection exception);
+/// SQLite's numeric result codes (at most four digits) whose primary code is SQLITE_BUSY
+/// (5) or SQLITE_LOCKED (6).
+fn is_overload_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return code.starts_with("57") || code.starts_with("08");
+    }
+    code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 #[derive(Clone)]
@@ -88,8 +95,13 @@ pub struct Store {
 
 impl Store {
     /// Connects to `database_url`, or to `<data_dir>/metlo.db` (created if missing) when
-    /// no URL is given.
-    pub async fn connect(database_url: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+    /// no URL is given. `busy_timeout`: how long an SQLite write waits for the writer lock
+    /// before it fails as an overload (503).
+    pub async fn connect(
+        database_url: Option<&str>,
+        data_dir: &Path,
+        busy_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
         let url = match database_url {
             Some(url) => url.to_owned(),
@@ -118,7 +130,7 @@ impl Store {
             });
         let options = match backend {
             Backend::Postgres => options,
-            Backend::Sqlite => options.after_connect(|conn, _| {
+            Backend::Sqlite => options.after_connect(move |conn, _| {
                 Box::pin(async move {
                     sqlx::query("PRAGMA journal_mode = WAL")
                         .execute(&mut *conn)
@@ -126,9 +138,12 @@ impl Store {
                     sqlx::query("PRAGMA synchronous = NORMAL")
                         .execute(&mut *conn)
                         .await?;
-                    sqlx::query("PRAGMA busy_timeout = 10000")
-                        .execute(&mut *conn)
-                        .await?;
+                    sqlx::query(&format!(
+                        "PRAGMA busy_timeout = {}",
+                        busy_timeout.as_millis()
+                    ))
+                    .execute(&mut *conn)
+                    .await?;
                     Ok(())
                 })
             }),
@@ -220,7 +235,9 @@ mod tests {
     #[tokio::test]
     async fn connects_to_a_file_in_the_data_dir_and_migrates_twice() {
         let dir = std::env::temp_dir().join(format!("metlo-db-test-{}", std::process::id()));
-        let store = Store::connect(None, &dir).await.unwrap();
+        let store = Store::connect(None, &dir, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(store.backend(), Backend::Sqlite);
         store.migrate().await.unwrap();
         store.migrate().await.unwrap();
@@ -229,7 +246,10 @@ mod tests {
         assert!(dir.join("metlo.db").exists());
         assert!(store.ping().await.is_err(), "closed");
         std::fs::remove_dir_all(&dir).unwrap();
-        let err = Store::connect(Some("mysql://x"), &dir).await.err().unwrap();
+        let err = Store::connect(Some("mysql://x"), &dir, Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("DATABASE_URL must start with"));
     }
 
@@ -248,7 +268,9 @@ mod tests {
                 std::fs::copy(&path, before.join(name)).unwrap();
             }
         }
-        let store = Store::connect(None, &dir).await.unwrap();
+        let store = Store::connect(None, &dir, Duration::from_secs(5))
+            .await
+            .unwrap();
         sqlx::migrate::Migrator::new(before.as_path())
             .await
             .unwrap()
@@ -269,6 +291,16 @@ mod tests {
         assert_eq!(store.count_legacy().await.unwrap(), 1);
         store.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn overload_codes_are_told_apart_from_faults() {
+        for code in ["57P01", "08006", "5", "517", "6", "262"] {
+            assert!(is_overload_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "1", "19", "2067", "11"] {
+            assert!(!is_overload_code(code), "{code}");
+        }
     }
 
     #[tokio::test]

@@ -3,9 +3,24 @@
 
 use metlo_shared::KeyRecord;
 
+use std::collections::HashSet;
+
 use super::rows::{Claim, OutboxRow, StoredKey, Tx, OUTBOX_CHANNEL};
 use super::{Backend, Store, StoreError};
 use crate::clock::now_ms;
+
+/// What KV took of a claim.
+pub enum Sent<'a> {
+    /// Every update.
+    All,
+    /// None: the request failed.
+    Failed(&'a str),
+    /// All but the updates of these KV keys (the API's `unsuccessful_keys`).
+    Partly {
+        unsent: &'a HashSet<&'a str>,
+        error: &'a str,
+    },
+}
 
 impl Store {
     /// A KV put of `record` under `kv_key` (a secret of `key`), only for keys whose role
@@ -131,13 +146,9 @@ impl Store {
         }
     }
 
-    /// Ends a claim: on success the sent rows are deleted; on failure they stay, with the
-    /// attempt counted and the error recorded. Locks are released either way.
-    pub async fn finish_claim(
-        &self,
-        claim: Claim,
-        outcome: Result<(), &str>,
-    ) -> Result<(), StoreError> {
+    /// Ends a claim: the rows KV took are deleted, the others stay (with the error
+    /// recorded) for a later round.
+    pub async fn finish_claim(&self, claim: Claim, outcome: Sent<'_>) -> Result<(), StoreError> {
         let Claim { tx, rows } = claim;
         if rows.is_empty() {
             if let Some(tx) = tx {
@@ -145,35 +156,51 @@ impl Store {
             }
             return Ok(());
         }
-        let list = |first: usize| {
-            (first..first + rows.len())
+        let (kept, done): (Vec<&OutboxRow>, Vec<&OutboxRow>) = match &outcome {
+            Sent::All => (vec![], rows.iter().collect()),
+            Sent::Failed(_) => (rows.iter().collect(), vec![]),
+            Sent::Partly { unsent, .. } => rows
+                .iter()
+                .partition(|r| unsent.contains(r.kv_key.as_str())),
+        };
+        let list = |first: usize, n: usize| {
+            (first..first + n)
                 .map(|i| format!("${i}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let (sql, error) = match outcome {
-            Ok(()) => (format!("DELETE FROM kv_outbox WHERE id IN ({})", list(1)), None),
-            Err(e) => (
-                format!("UPDATE kv_outbox SET attempts = attempts + 1, last_error = $1 WHERE id IN ({})", list(2)),
-                Some(e.chars().take(500).collect::<String>()),
-            ),
+        let mut statements = vec![];
+        if !done.is_empty() {
+            let sql = format!(
+                "DELETE FROM kv_outbox WHERE id IN ({})",
+                list(1, done.len())
+            );
+            statements.push((sql, None, done));
+        }
+        if let Sent::Failed(e) | Sent::Partly { error: e, .. } = outcome {
+            if !kept.is_empty() {
+                let sql = format!(
+                    "UPDATE kv_outbox SET attempts = attempts + 1, last_error = $1 WHERE id IN ({})",
+                    list(2, kept.len())
+                );
+                statements.push((sql, Some(e.chars().take(500).collect::<String>()), kept));
+            }
+        }
+        let mut tx = match tx {
+            Some(tx) => tx,
+            None => self.pool.begin().await?,
         };
-        let mut q = sqlx::query(&sql);
-        if let Some(e) = error {
-            q = q.bind(e);
-        }
-        for r in &rows {
-            q = q.bind(r.id);
-        }
-        match tx {
-            Some(mut tx) => {
-                q.execute(&mut *tx).await?;
-                tx.commit().await?;
+        for (sql, error, rows) in statements {
+            let mut q = sqlx::query(&sql);
+            if let Some(e) = error {
+                q = q.bind(e);
             }
-            None => {
-                q.execute(&self.pool).await?;
+            for r in rows {
+                q = q.bind(r.id);
             }
+            q.execute(&mut *tx).await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -198,6 +225,7 @@ mod tests {
 
     use metlo_shared::KeyType;
 
+    use super::Sent;
     use crate::clock::now_ms;
     use crate::db::keys::fixtures::{audit, key};
     use crate::db::Store;
@@ -253,14 +281,49 @@ mod tests {
                 .unwrap();
         assert_eq!(record.name, "k");
         // A failed send keeps the rows (and says why); a good one deletes them.
-        store.finish_claim(claim, Err("KV down")).await.unwrap();
+        store
+            .finish_claim(claim, Sent::Failed("KV down"))
+            .await
+            .unwrap();
         let claim = store.claim_outbox(10).await.unwrap();
         assert_eq!(claim.rows.len(), 2, "kept after a failure");
-        store.finish_claim(claim, Ok(())).await.unwrap();
+        store.finish_claim(claim, Sent::All).await.unwrap();
         assert_eq!(store.outbox_depth().await.unwrap().0, 0);
         assert!(
             store.claim_outbox(10).await.unwrap().rows.is_empty(),
             "the echo is not due yet"
         );
+    }
+
+    /// KV wrote some keys of a bulk call and listed the rest as unsuccessful: only the
+    /// rows of those stay.
+    #[tokio::test]
+    async fn only_the_unsuccessful_keys_stay_after_a_partial_write() {
+        let store = Store::memory()
+            .await
+            .with_outbox(true, Duration::from_secs(60));
+        let (a, b) = (key("a", KeyType::Generic), key("b", KeyType::Generic));
+        for k in [&a, &b] {
+            store
+                .insert_key(k, 10, &audit("key.create", &k.name))
+                .await
+                .unwrap();
+        }
+        let claim = store.claim_outbox(10).await.unwrap();
+        assert_eq!(claim.rows.len(), 2);
+        let unsent = std::collections::HashSet::from([b.key_hash.as_str()]);
+        store
+            .finish_claim(
+                claim,
+                Sent::Partly {
+                    unsent: &unsent,
+                    error: "1 key not written",
+                },
+            )
+            .await
+            .unwrap();
+        let left = store.claim_outbox(10).await.unwrap();
+        assert_eq!(left.rows.len(), 1);
+        assert_eq!(left.rows[0].kv_key, b.key_hash);
     }
 }

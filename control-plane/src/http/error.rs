@@ -77,7 +77,12 @@ impl ApiError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
             ),
-            ApiError::Service(E::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Service(E::Unavailable | E::Busy) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            ApiError::Service(E::TooManyFailures(_)) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
+            }
             ApiError::Service(E::Internal(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -109,8 +114,11 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="metlo", error="insufficient_scope""#),
                 );
             }
-            ApiError::Service(service::Error::Unavailable) => {
+            ApiError::Service(service::Error::Unavailable | service::Error::Busy) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Service(service::Error::TooManyFailures(wait)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
             }
             _ => {}
         }

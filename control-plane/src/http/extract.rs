@@ -2,10 +2,10 @@
 //! there), the [`Actor`] for the audit log, and JSON bodies whose every rejection is our
 //! JSON error.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::Extensions;
@@ -15,10 +15,12 @@ use axum::response::Response;
 use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord, Role};
 use serde::de::DeserializeOwned;
 
+use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::limits::MAX_BODY_BYTES;
 use super::state::AppState;
 use crate::clock::now_unix_seconds;
+use crate::service;
 use crate::service::audit::{Actor, FailureReason};
 use crate::service::keys::lookup;
 
@@ -28,7 +30,8 @@ pub struct Caller(pub KeyRecord);
 
 /// Every `/api/v1/*` request carries a key: parse (checksum: garbage never reaches the
 /// database) → hash → cache → database. Unknown, deleted and expired keys get the same
-/// answer: no hint a key once existed.
+/// answer: no hint a key once existed. A source past its failure budget gets 429 instead
+/// (and no lookup); a valid key served from the cache never touches the limits.
 pub async fn require_key(
     State(state): State<AppState>,
     mut req: Request,
@@ -41,64 +44,107 @@ pub async fn require_key(
     let key = match parse_authorization(header) {
         Ok(key) => key,
         Err(AuthorizationError::Missing) => {
-            record_failure(&state, &req, FailureReason::Missing, None);
-            return Err(ApiError::Unauthorized(
+            return Err(refuse(
+                &state,
+                &req,
+                FailureReason::Missing,
+                None,
                 "missing API key: send it in the Authorization header",
             ));
         }
         Err(AuthorizationError::Malformed(_)) => {
-            record_failure(&state, &req, FailureReason::Malformed, None);
-            return Err(ApiError::Unauthorized("invalid API key"));
+            return Err(refuse(
+                &state,
+                &req,
+                FailureReason::Malformed,
+                None,
+                "invalid API key",
+            ));
         }
     };
     let hash = key.hash();
-    let Some(record) = lookup(&state.store, &state.cache, &hash)
-        .await?
-        .filter(|r| !r.is_expired(now_unix_seconds()))
-    else {
-        record_failure(&state, &req, FailureReason::Invalid, Some(key.identifier()));
-        return Err(ApiError::Unauthorized("invalid API key"));
+    // (Borrows of the parts, not of the request: its body is not `Sync`.)
+    let (extensions, headers) = (req.extensions(), req.headers());
+    let found = lookup(&state.store, &state.cache, &state.lookups, &hash, || {
+        let ip = client_ip(extensions, headers, &state.trusted_proxies);
+        state.failure_limiter.check(ip)
+    })
+    .await;
+    let found = match found {
+        Err(limited @ service::Error::TooManyFailures(_)) => {
+            record_failure(&state, &req, FailureReason::Limited, Some(key.identifier()));
+            return Err(limited.into());
+        }
+        found => found?,
+    };
+    let Some(record) = found.filter(|r| !r.is_expired(now_unix_seconds())) else {
+        return Err(refuse(
+            &state,
+            &req,
+            FailureReason::Invalid,
+            Some(key.identifier()),
+            "invalid API key",
+        ));
     };
     state.usage.used(&hash);
     req.extensions_mut().insert(Caller(record));
     Ok(next.run(req).await)
 }
 
-/// Counts a failed authentication for the audit log (peer IP and route read only here,
-/// off the success path).
+/// A failed authentication: counted for the audit log (client IP and route read only
+/// here, off the success path) and against the source's budget — 401, or 429 once the
+/// budget is spent.
+fn refuse(
+    state: &AppState,
+    req: &Request,
+    reason: FailureReason,
+    identifier: Option<String>,
+    message: &'static str,
+) -> ApiError {
+    let ip = record_failure(state, req, reason, identifier);
+    match state.failure_limiter.failed(ip) {
+        Ok(()) => ApiError::Unauthorized(message),
+        Err(limited) => limited.into(),
+    }
+}
+
+/// Counts a failure for the audit log; returns the client IP it was counted for.
 fn record_failure(
     state: &AppState,
     req: &Request,
     reason: FailureReason,
     identifier: Option<String>,
-) {
+) -> Option<IpAddr> {
+    let ip = source_ip(state, req);
     state.auth_failures.record(
-        peer_ip(req.extensions()),
+        ip.map(|ip| ip.to_string()),
         reason,
         identifier,
         route(req.extensions()),
     );
+    ip
 }
 
-/// Who is making a request: the verified key's name and the peer IP.
-impl<S: Send + Sync> FromRequestParts<S> for Actor {
+fn source_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
+    client_ip(req.extensions(), req.headers(), &state.trusted_proxies)
+}
+
+/// Who is making a request: the verified key's name and the client IP.
+impl FromRequestParts<AppState> for Actor {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let caller = parts.extensions.get::<Caller>();
         Ok(Actor {
             name: caller.map(|c| c.0.name.clone()),
-            ip: peer_ip(&parts.extensions),
+            ip: client_ip(&parts.extensions, &parts.headers, &state.trusted_proxies)
+                .map(|ip| ip.to_string()),
             role: caller.map(|c| c.0.role),
         })
     }
-}
-
-/// The TCP peer's address, for the audit log.
-fn peer_ip(extensions: &Extensions) -> Option<String> {
-    extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
 }
 
 /// The route template (never the raw path: it may hold names), for the audit log.
@@ -149,7 +195,8 @@ impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
             return Ok(Authorized(std::marker::PhantomData));
         }
         state.auth_failures.record_forbidden(
-            peer_ip(&parts.extensions),
+            client_ip(&parts.extensions, &parts.headers, &state.trusted_proxies)
+                .map(|ip| ip.to_string()),
             route(&parts.extensions),
             caller,
             A::ROLES,

@@ -139,12 +139,19 @@ async fn verify(_: Authorized<Clients>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK")
 }
 
+/// The response header of `by-hash` saying how long the Worker may keep the record.
+pub const KEEP_HEADER: &str = "x-metlo-kv-ttl-seconds";
+
 /// The KV record of the key with this SHA-256 (lowercase hex), for the edge Worker. The
-/// raw client key never leaves the edge.
+/// raw client key never leaves the edge. `X-Metlo-Kv-Ttl-Seconds` says how long the
+/// Worker may keep it (in KV and in its isolate): only the cache TTL when the KV sync is
+/// off, as then nothing would delete a record the Worker wrote.
 #[utoipa::path(get, path = "/api/v1/keys/by-hash/{hash}", tag = "edge",
     params(("hash" = String, Path, description = "SHA-256 of the key, 64 lowercase hex characters",
         pattern = "^[0-9a-f]{64}$")),
-    responses((status = 200, body = KeyRecord), (status = 400, body = ErrorBody),
+    responses((status = 200, body = KeyRecord, headers(("x-metlo-kv-ttl-seconds" = u64,
+            description = "How long the edge may keep this record, in seconds"))),
+        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = ["edge"])))]
@@ -155,9 +162,20 @@ async fn by_hash(
 ) -> Result<impl IntoResponse, ApiError> {
     let hash = KeyHash::from_hex(&hash).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     // Only traffic keys exist for the edge: an admin or edge key's hash is "not found".
-    let record = keys::lookup(&state.store, &state.cache, &hash)
+    // The edge is one source for all its clients: no per-source budget here (the Worker
+    // limits its own), only the bound on concurrent lookups.
+    let record = keys::lookup(&state.store, &state.cache, &state.lookups, &hash, || Ok(()))
         .await?
         .filter(|r| r.role.serves_traffic())
         .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
-    Ok(([(header::CACHE_CONTROL, "no-store")], Json(record)))
+    Ok((
+        [
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+            (
+                header::HeaderName::from_static(KEEP_HEADER),
+                state.edge_keep_seconds.to_string(),
+            ),
+        ],
+        Json(record),
+    ))
 }

@@ -6,6 +6,7 @@
 //! ([`error::ApiError`] for every failure).
 
 pub mod audit;
+mod client_ip;
 pub mod error;
 pub mod extract;
 pub mod keys;
@@ -13,10 +14,10 @@ pub mod limits;
 mod metrics;
 mod openapi;
 mod ops;
+pub mod server;
 pub mod state;
 pub mod usage;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -39,13 +40,14 @@ pub use extract::decode_json;
 
 /// The whole HTTP service.
 pub fn app(state: AppState) -> Router {
-    let (router, doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(keys::router())
         .merge(audit::router())
         .merge(usage::router())
         .layer(from_fn_with_state(state.clone(), extract::require_key))
         .merge(ops::api_router())
         .split_for_parts();
+    openapi::add_limit_responses(&mut doc);
     // Serialised once: the document never changes while the process runs.
     let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
     router
@@ -92,7 +94,12 @@ pub fn ops_app(state: AppState) -> Router {
 
 /// Serves the API on `listen_addr` and the ops routes on `ops_addr` until SIGTERM or
 /// Ctrl-C, then finishes in-flight requests on both.
-pub async fn serve(listen_addr: &str, ops_addr: &str, state: AppState) -> anyhow::Result<()> {
+pub async fn serve(
+    listen_addr: &str,
+    ops_addr: &str,
+    limits: server::ConnectionLimits,
+    state: AppState,
+) -> anyhow::Result<()> {
     let listener = bind(listen_addr).await?;
     let ops_listener = bind(ops_addr).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -108,14 +115,14 @@ pub async fn serve(listen_addr: &str, ops_addr: &str, state: AppState) -> anyhow
         ops_listener.local_addr()?
     );
     tracing::info!(cache = state.cache.kind(), backend = ?state.store.backend(), "listening on http://{}", listener.local_addr()?);
-    let ops = axum::serve(ops_listener, ops_app(state.clone()))
-        .with_graceful_shutdown(until_stopped(stopped.clone()));
-    let api = axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(until_stopped(stopped));
-    tokio::try_join!(api, ops)?;
+    let ops = server::serve(
+        ops_listener,
+        ops_app(state.clone()),
+        limits,
+        until_stopped(stopped.clone()),
+    );
+    let api = server::serve(listener, app(state), limits, until_stopped(stopped));
+    tokio::join!(api, ops);
     Ok(())
 }
 

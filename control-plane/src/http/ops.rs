@@ -48,6 +48,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = json!({ "database": if db { "ok" } else { "unreachable" }, "cache": cache });
+    // Off: nothing deletes records at the edge, so the Worker keeps none (see by-hash).
+    body["kvSync"] = json!("off");
     if let Some(sync) = &state.kv_sync {
         let (depth, oldest) = state.store.outbox_depth().await.unwrap_or((-1, None));
         let age = oldest.map(|ms| (now_ms() - ms).max(0) as f64 / 1000.0);

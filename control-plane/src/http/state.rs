@@ -7,6 +7,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::cache::VerifyCache;
 use crate::db::Store;
 use crate::kv_sync::drainer::SyncStatus;
+use ipnet::IpNet;
+
+use crate::service::abuse::{FailureLimiter, LookupGate};
 use crate::service::audit::AuthFailures;
 use crate::service::usage::Usage;
 
@@ -35,8 +38,17 @@ pub struct Shared {
     pub metrics: PrometheusHandle,
     /// The KV sync's status, when a KV target is configured.
     pub kv_sync: Option<Arc<SyncStatus>>,
+    /// How long the edge may keep a record it looked up (the `X-Metlo-Kv-Ttl-Seconds` of
+    /// `by-hash`): long while the KV sync deletes what is revoked, the cache TTL without it.
+    pub edge_keep_seconds: u64,
     /// Last-use times waiting to be written.
     pub usage: Arc<Usage>,
     /// Failed authentications waiting to be written to the audit log.
     pub auth_failures: Arc<AuthFailures>,
+    /// Failed-authentication budget per source (429 past it).
+    pub failure_limiter: FailureLimiter,
+    /// Bound on concurrent lookups of uncached keys (503 past it).
+    pub lookups: LookupGate,
+    /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<IpNet>,
 }

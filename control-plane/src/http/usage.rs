@@ -12,7 +12,7 @@ use super::extract::{Authorized, EdgeWorkers, JsonBody};
 use super::limits::MAX_REPORT_BYTES;
 use super::state::AppState;
 use crate::clock::now_ms;
-use crate::service::usage::UsageReport;
+use crate::service::usage::{self, UsageReport};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)))
@@ -20,12 +20,15 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UsageAccepted {
+    /// Uses of existing keys, taken.
     pub accepted: usize,
+    /// Hashes that name no key (deleted meanwhile, or made up), ignored.
+    pub unknown: usize,
 }
 
 /// Report key uses seen at the edge (the Worker sends these in batches), for `lastUsed`.
 #[utoipa::path(post, path = "/api/v1/usage", tag = "edge", request_body = UsageReport,
-    responses((status = 200, body = UsageAccepted), (status = 400, body = ErrorBody),
+    responses((status = 200, body = UsageAccepted), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 413, body = ErrorBody)),
     security(("api_key" = ["edge"])))]
@@ -35,8 +38,6 @@ async fn report(
     JsonBody(report): JsonBody<UsageReport, MAX_REPORT_BYTES>,
 ) -> Result<Json<UsageAccepted>, ApiError> {
     let used = report.validate(now_ms())?;
-    state.usage.used_at(&used);
-    Ok(Json(UsageAccepted {
-        accepted: used.len(),
-    }))
+    let (accepted, unknown) = usage::report(&state.store, &state.usage, used).await?;
+    Ok(Json(UsageAccepted { accepted, unknown }))
 }

@@ -77,6 +77,15 @@ struct Envelope {
     success: bool,
     #[serde(default)]
     errors: Vec<ApiMessage>,
+    #[serde(default)]
+    result: Option<BulkResult>,
+}
+
+/// A bulk write or delete can succeed as a whole while naming keys it did not apply.
+#[derive(Deserialize, Default)]
+struct BulkResult {
+    #[serde(default)]
+    unsuccessful_keys: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,8 +121,10 @@ impl KvClient {
     }
 
     /// Writes `(key, record JSON)` pairs, in as many requests as the API's limit needs.
-    pub async fn bulk_put(&self, items: &[(String, String)]) -> Result<(), KvError> {
+    /// Returns the keys the API says it did not write (to be sent again).
+    pub async fn bulk_put(&self, items: &[(String, String)]) -> Result<Vec<String>, KvError> {
         let now = crate::clock::now_unix_seconds();
+        let mut unsent = vec![];
         for chunk in items.chunks(MAX_BULK) {
             let body: Vec<BulkPutItem> = chunk
                 .iter()
@@ -123,22 +134,29 @@ impl KvClient {
                     expiration_ttl: item_ttl(self.target.expiration_ttl, v, now),
                 })
                 .collect();
-            self.send(self.http.put(self.url("bulk")).json(&body))
-                .await?;
+            unsent.extend(
+                self.send(self.http.put(self.url("bulk")).json(&body))
+                    .await?,
+            );
         }
-        Ok(())
+        Ok(unsent)
     }
 
     /// Deletes keys (deleting a missing key succeeds), in chunks of the API's limit.
-    pub async fn bulk_delete(&self, keys: &[String]) -> Result<(), KvError> {
+    /// Returns the keys the API says it did not delete.
+    pub async fn bulk_delete(&self, keys: &[String]) -> Result<Vec<String>, KvError> {
+        let mut unsent = vec![];
         for chunk in keys.chunks(MAX_BULK) {
-            self.send(self.http.post(self.url("bulk/delete")).json(chunk))
-                .await?;
+            unsent.extend(
+                self.send(self.http.post(self.url("bulk/delete")).json(chunk))
+                    .await?,
+            );
         }
-        Ok(())
+        Ok(unsent)
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(), KvError> {
+    /// One API call; its `unsuccessful_keys` when it succeeded.
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Vec<String>, KvError> {
         let response = request
             .bearer_auth(&self.target.api_token)
             .send()
@@ -158,7 +176,9 @@ impl KvClient {
         }
         let text = response.text().await.map_err(network_error)?;
         match serde_json::from_str::<Envelope>(&text) {
-            Ok(env) if env.success && (200..300).contains(&status) => Ok(()),
+            Ok(env) if env.success && (200..300).contains(&status) => {
+                Ok(env.result.unwrap_or_default().unsuccessful_keys)
+            }
             Ok(env) => Err(KvError::Rejected {
                 status,
                 message: env

@@ -7,7 +7,7 @@
 //! in [`SyncStatus`]. It wakes at once when this process enqueues (a local notification)
 //! or another replica does (Postgres `LISTEN`), and polls as a fallback.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use super::client::{KvClient, KvError};
 use crate::clock::now_ms;
+use crate::db::outbox::Sent;
 use crate::db::rows::OUTBOX_CHANNEL;
 use crate::db::Store;
 
@@ -67,7 +68,7 @@ async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, 
     let handled = claim.rows.len();
     if handled == 0 {
         store
-            .finish_claim(claim, Ok(()))
+            .finish_claim(claim, Sent::All)
             .await
             .map_err(|e| (e.to_string(), None))?;
         return Ok(0);
@@ -86,18 +87,43 @@ async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, 
         }
     }
     let result = send(client, &puts, &deletes).await;
-    let outcome = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+    let error = match &result {
+        Ok(unsent) if unsent.is_empty() => None,
+        Ok(unsent) => Some(format!(
+            "the KV API did not apply {} of {} updates; they will be sent again",
+            unsent.len(),
+            puts.len() + deletes.len()
+        )),
+        Err(e) => Some(e.to_string()),
+    };
+    let unsent: HashSet<&str> = match &result {
+        Ok(unsent) => unsent.iter().map(String::as_str).collect(),
+        Err(_) => HashSet::new(),
+    };
+    let outcome = match (&result, &error) {
+        (_, None) => Sent::All,
+        (Ok(_), Some(error)) => Sent::Partly {
+            unsent: &unsent,
+            error,
+        },
+        (Err(_), Some(error)) => Sent::Failed(error),
+    };
     store
-        .finish_claim(claim, outcome.as_ref().map(|_| ()).map_err(String::as_str))
+        .finish_claim(claim, outcome)
         .await
         .map_err(|e| (e.to_string(), None))?;
     match result {
-        Ok(()) => {
+        Ok(unsent) => {
+            let unsent_puts = puts.iter().filter(|(k, _)| unsent.contains(k)).count();
             metrics::counter!("metlo_kv_sync_sent_total", "op" => "put")
-                .increment(puts.len() as u64);
+                .increment((puts.len() - unsent_puts) as u64);
             metrics::counter!("metlo_kv_sync_sent_total", "op" => "delete")
-                .increment(deletes.len() as u64);
-            Ok(handled)
+                .increment(deletes.len().saturating_sub(unsent.len() - unsent_puts) as u64);
+            match error {
+                // Retried after the usual backoff, like a failed call.
+                Some(e) => Err((e, None)),
+                None => Ok(handled),
+            }
         }
         Err(e) => {
             let retry_after = match &e {
@@ -111,18 +137,20 @@ async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, 
     }
 }
 
+/// Puts, then deletes; the keys the API did not apply.
 async fn send(
     client: &KvClient,
     puts: &[(String, String)],
     deletes: &[String],
-) -> Result<(), KvError> {
+) -> Result<Vec<String>, KvError> {
+    let mut unsent = vec![];
     if !puts.is_empty() {
-        client.bulk_put(puts).await?;
+        unsent.extend(client.bulk_put(puts).await?);
     }
     if !deletes.is_empty() {
-        client.bulk_delete(deletes).await?;
+        unsent.extend(client.bulk_delete(deletes).await?);
     }
-    Ok(())
+    Ok(unsent)
 }
 
 /// Wakes this replica's drainer when any replica enqueues (Postgres `NOTIFY`).

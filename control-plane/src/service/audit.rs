@@ -2,10 +2,11 @@
 //! authentication), when, from which IP. Never a secret.
 //!
 //! Changes are recorded in the same transaction as the change itself. Failed
-//! authentications are counted in memory per (IP, reason, route), with a few of the key
-//! identifiers presented, and written once a second: a flood of bad keys — even of
-//! well-formed ones, each with its own identifier — costs one row per source and second,
-//! not one database write per request.
+//! authentications are counted in memory per (network, reason, route) — an IPv4 /24 or
+//! an IPv6 /64, with the first few addresses and key identifiers seen — and written once
+//! a second, at most [`MAX_ROWS_PER_FLUSH`] rows (the busiest sources; one more row says
+//! how many sources and failures were folded). A flood of bad keys from any number of
+//! addresses costs a bounded number of rows per second, not a write per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,12 @@ pub const MAX_PAGE: i64 = 1000;
 pub const DEFAULT_PAGE: i64 = 50;
 /// Distinct failure sources kept between flushes; beyond it, failures are only counted.
 const MAX_PENDING_FAILURES: usize = 10_000;
-/// Key identifiers kept per failure row (the first ones seen).
+/// Key identifiers (and client addresses) kept per failure row (the first ones seen).
 const MAX_IDENTIFIERS: usize = 5;
+/// Failure rows written per flush (per second); the rest are folded into one.
+pub const MAX_ROWS_PER_FLUSH: usize = 100;
+/// Rows deleted per retention statement.
+const PRUNE_BATCH: i64 = 5_000;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// Who is making a request: the verified key's name (when there is one) and the peer IP.
@@ -66,6 +71,8 @@ pub enum FailureReason {
     Invalid,
     /// A valid key whose role may not call the route (answered 403).
     Forbidden,
+    /// Not looked up: the source had spent its failure budget (answered 429).
+    Limited,
 }
 
 impl FailureReason {
@@ -75,13 +82,15 @@ impl FailureReason {
             FailureReason::Malformed => "malformed",
             FailureReason::Invalid => "invalid",
             FailureReason::Forbidden => "forbidden",
+            FailureReason::Limited => "limited",
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FailureSource {
-    ip: Option<String>,
+    /// The client's network (`203.0.113.0/24`, `2001:db8:1:2::/64`).
+    network: Option<String>,
     reason: FailureReason,
     route: Option<String>,
     /// For a 403: who called, with which role, and which roles the route needs.
@@ -95,6 +104,8 @@ struct FailureCount {
     last_ms: i64,
     /// Public identifiers of the well-formed keys presented (up to [`MAX_IDENTIFIERS`]).
     identifiers: Vec<String>,
+    /// Client addresses seen in the network (up to [`MAX_IDENTIFIERS`]).
+    addresses: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -121,11 +132,12 @@ impl AuthFailures {
     ) {
         self.count(
             FailureSource {
-                ip,
+                network: ip.as_deref().map(network_of),
                 reason,
                 route,
                 refused: None,
             },
+            ip,
             identifier,
         );
     }
@@ -140,16 +152,17 @@ impl AuthFailures {
     ) {
         self.count(
             FailureSource {
-                ip,
+                network: ip.as_deref().map(network_of),
                 reason: FailureReason::Forbidden,
                 route,
                 refused: Some((caller.name.clone(), caller.role, required)),
             },
+            ip,
             Some(caller.identifier.clone()),
         );
     }
 
-    fn count(&self, source: FailureSource, identifier: Option<String>) {
+    fn count(&self, source: FailureSource, ip: Option<String>, identifier: Option<String>) {
         metrics::counter!("metlo_auth_failures_total", "reason" => source.reason.as_str())
             .increment(1);
         let now = now_ms();
@@ -166,21 +179,31 @@ impl AuthFailures {
                 first_ms: now,
                 last_ms: now,
                 identifiers: Vec::new(),
+                addresses: Vec::new(),
             }),
         };
         counted.count += 1;
         counted.last_ms = now;
-        if let Some(id) = identifier {
-            if counted.identifiers.len() < MAX_IDENTIFIERS && !counted.identifiers.contains(&id) {
-                counted.identifiers.push(id);
+        for (seen, list) in [
+            (identifier, &mut counted.identifiers),
+            (ip, &mut counted.addresses),
+        ] {
+            if let Some(seen) = seen {
+                if list.len() < MAX_IDENTIFIERS && !list.contains(&seen) {
+                    list.push(seen);
+                }
             }
         }
     }
 
+    /// The rows to write: the [`MAX_ROWS_PER_FLUSH`] busiest sources, and one row for
+    /// the rest (and for failures not itemised at all).
     fn take(&self) -> Vec<AuditEntry> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap());
-        let mut entries: Vec<AuditEntry> = pending
-            .counts
+        let mut sources: Vec<(FailureSource, FailureCount)> = pending.counts.into_iter().collect();
+        sources.sort_unstable_by(|a, b| b.1.count.cmp(&a.1.count));
+        let folded = sources.split_off(sources.len().min(MAX_ROWS_PER_FLUSH));
+        let mut entries: Vec<AuditEntry> = sources
             .into_iter()
             .map(|(source, c)| {
                 let mut detail = json!({
@@ -188,6 +211,7 @@ impl AuthFailures {
                     "route": source.route,
                     "count": c.count,
                     "identifiers": c.identifiers,
+                    "addresses": c.addresses,
                     "first": iso8601(c.first_ms),
                     "last": iso8601(c.last_ms),
                 });
@@ -201,22 +225,41 @@ impl AuthFailures {
                     actor,
                     action: "auth.failed",
                     target: None,
-                    ip: source.ip,
+                    ip: source.network,
                     detail,
                 }
             })
             .collect();
-        if pending.overflow > 0 {
+        let folded_count: u64 = folded.iter().map(|(_, c)| c.count).sum::<u64>() + pending.overflow;
+        if folded_count > 0 {
             entries.push(AuditEntry {
                 actor: None,
                 action: "auth.failed",
                 target: None,
                 ip: None,
-                detail: json!({"reason": "many sources", "count": pending.overflow}),
+                detail: json!({
+                    "reason": "many sources",
+                    "count": folded_count,
+                    "sources": folded.len(),
+                }),
             });
         }
         entries
     }
+}
+
+/// The network a failure is filed under: an IPv4 /24 or an IPv6 /64 (what one attacker
+/// can hold), so rotating addresses within it does not make new rows.
+fn network_of(ip: &str) -> String {
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return ip.to_owned();
+    };
+    let ip = ip.to_canonical();
+    let prefix = if ip.is_ipv4() { 24 } else { 64 };
+    ipnet::IpNet::new(ip, prefix)
+        .expect("prefix in range")
+        .trunc()
+        .to_string()
 }
 
 /// Writes failed authentications once a second (a failed write is retried with the
@@ -231,15 +274,7 @@ pub async fn flush_forever(store: Store, failures: Arc<AuthFailures>, retention:
         if !retention.is_zero() && last_prune.elapsed() >= prune_every {
             last_prune = tokio::time::Instant::now();
             let before = now_ms() - retention.as_millis() as i64;
-            match store.prune_audit(before).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(deleted = n, "audit entries past their retention deleted")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "audit retention: delete failed; will retry")
-                }
-            }
+            prune(&store, before).await;
         }
         unwritten.extend(failures.take());
         if unwritten.is_empty() {
@@ -254,6 +289,30 @@ pub async fn flush_forever(store: Store, failures: Arc<AuthFailures>, retention:
                 unwritten.drain(..excess);
             }
         }
+    }
+}
+
+/// Deletes what is past `before_ms`, a bounded batch at a time, letting other writers
+/// in between.
+async fn prune(store: &Store, before_ms: i64) {
+    let mut deleted = 0;
+    loop {
+        match store.prune_audit(before_ms, PRUNE_BATCH).await {
+            Ok(n) => {
+                deleted += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit retention: delete failed; will retry");
+                break;
+            }
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, "audit entries past their retention deleted");
     }
 }
 

@@ -11,6 +11,7 @@ use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
+use super::abuse::LookupGate;
 use super::audit::Actor;
 use super::Error;
 use crate::cache::{Cached, VerifyCache};
@@ -465,10 +466,14 @@ pub async fn list_keys(store: &Store, only: Option<KeyType>) -> Result<Vec<KeyIn
 
 /// The record for a secret hash, through the cache. `None`: not a key (unknown, deleted
 /// or past its roll overlap). Expiry is the caller's to check: the record carries it.
+/// A cache miss asks `may_query` first (the caller's per-source limit), then the `gate`
+/// (concurrent lookups; busy past it).
 pub async fn lookup(
     store: &Store,
     cache: &VerifyCache,
+    gate: &LookupGate,
     hash: &KeyHash,
+    may_query: impl FnOnce() -> Result<(), Error>,
 ) -> Result<Option<KeyRecord>, Error> {
     if let Some(cached) = cache.get(hash).await {
         metrics::counter!("metlo_verify_cache_total", "result" => "hit").increment(1);
@@ -478,7 +483,10 @@ pub async fn lookup(
         });
     }
     metrics::counter!("metlo_verify_cache_total", "result" => "miss").increment(1);
+    may_query()?;
+    let permit = gate.enter().await?;
     let record = store.find_by_hash(hash).await?.map(|k| k.record());
+    drop(permit);
     let entry = match &record {
         Some(r) => Cached::Valid(r.clone()),
         None => Cached::Absent,

@@ -3,6 +3,7 @@
 //! log and last-use tracking. Knows nothing of HTTP; its [`Error`] says what went wrong,
 //! and each entry point says it in its own terms.
 
+pub mod abuse;
 pub mod audit;
 pub mod keys;
 pub mod usage;
@@ -26,6 +27,15 @@ pub enum Error {
     /// The database is down, saturated or timing out: retryable.
     #[error("the key store is unavailable; try again shortly")]
     Unavailable,
+    /// The caller's source spent its failed-authentication budget (429).
+    #[error(
+        "too many failed authentications from this address; retry in {} s",
+        .0.as_secs()
+    )]
+    TooManyFailures(std::time::Duration),
+    /// Too many lookups of uncached keys at once (503): an overload, retryable.
+    #[error("too many key lookups in flight; try again shortly")]
+    Busy,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }

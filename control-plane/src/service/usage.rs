@@ -1,7 +1,9 @@
 //! When each key was last used, without a database write per request: verifications
 //! here and reports from the edge only update an in-memory map (latest time per key), and
-//! a background task writes it out every `LAST_USED_FLUSH_SECONDS` (default 60), in one
-//! transaction — at most one write per key per interval, however busy the key.
+//! a background task writes it out every `LAST_USED_FLUSH_SECONDS` (default 60), in short
+//! statements of 500 uses — at most one write per key per interval, however busy the key.
+//! Edge reports are taken only for hashes of existing keys, and the map holds at most
+//! twice `MAX_API_KEYS` keys: made-up hashes cannot grow it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,17 +20,22 @@ use crate::db::Store;
 /// Most entries one usage report may carry.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
 
-/// Last-use times not yet written, by secret hash.
+/// Last-use times not yet written, by secret hash; at most `capacity` keys (uses of
+/// other keys past it are dropped and counted in `metlo_usage_dropped_total`).
 pub struct Usage {
     pending: Mutex<HashMap<KeyHash, i64>>,
     enabled: bool,
+    capacity: usize,
 }
 
 impl Usage {
-    pub fn new(enabled: bool) -> Self {
+    /// `capacity`: keys pending at most (the instance's key limit, with room for secrets
+    /// in a roll's overlap, is enough).
+    pub fn new(enabled: bool, capacity: usize) -> Self {
         Usage {
             pending: Mutex::new(HashMap::new()),
             enabled,
+            capacity,
         }
     }
 
@@ -39,8 +46,7 @@ impl Usage {
     /// A successful verification, now.
     pub fn used(&self, hash: &KeyHash) {
         if self.enabled {
-            let now = now_ms();
-            self.pending.lock().unwrap().insert(*hash, now);
+            self.used_at(&[(*hash, now_ms())]);
         }
     }
 
@@ -49,12 +55,21 @@ impl Usage {
         if !self.enabled {
             return;
         }
+        let mut dropped = 0;
         let mut pending = self.pending.lock().unwrap();
         for (hash, at_ms) in uses {
-            pending
-                .entry(*hash)
-                .and_modify(|t| *t = (*t).max(*at_ms))
-                .or_insert(*at_ms);
+            let full = pending.len() >= self.capacity;
+            match pending.get_mut(hash) {
+                Some(t) => *t = (*t).max(*at_ms),
+                None if full => dropped += 1,
+                None => {
+                    pending.insert(*hash, *at_ms);
+                }
+            }
+        }
+        drop(pending);
+        if dropped > 0 {
+            metrics::counter!("metlo_usage_dropped_total").increment(dropped);
         }
     }
 
@@ -87,6 +102,25 @@ pub async fn flush_forever(store: Store, usage: Arc<Usage>, every: Duration) {
             }
         }
     }
+}
+
+/// Takes an edge report's uses of keys that exist (one query); returns how many were
+/// taken and how many named no key.
+pub async fn report(
+    store: &Store,
+    usage: &Usage,
+    uses: Vec<(KeyHash, i64)>,
+) -> Result<(usize, usize), Error> {
+    let hexes: Vec<String> = uses.iter().map(|(h, _)| h.to_hex()).collect();
+    let known = store.known_hashes(&hexes).await?;
+    let taken: Vec<(KeyHash, i64)> = uses
+        .into_iter()
+        .zip(&hexes)
+        .filter(|(_, hex)| known.contains(*hex))
+        .map(|(use_, _)| use_)
+        .collect();
+    usage.used_at(&taken);
+    Ok((taken.len(), hexes.len() - taken.len()))
 }
 
 /// A batch of key uses seen by an edge Worker.
@@ -130,13 +164,25 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_use_and_takes_everything_once() {
-        let usage = Usage::new(true);
+        let usage = Usage::new(true, 10);
         let a = ApiKey::generate().unwrap().hash();
         usage.used_at(&[(a, 20), (a, 10)]);
         assert_eq!(usage.take(), vec![(a, 20)]);
         assert!(usage.take().is_empty());
-        let off = Usage::new(false);
+        let off = Usage::new(false, 10);
         off.used(&a);
         assert!(off.take().is_empty());
+    }
+
+    #[test]
+    fn bounded_keys_already_pending_still_move() {
+        let usage = Usage::new(true, 2);
+        let keys: Vec<KeyHash> = (0..3).map(|_| ApiKey::generate().unwrap().hash()).collect();
+        usage.used_at(&[(keys[0], 1), (keys[1], 1), (keys[2], 1)]);
+        usage.used_at(&[(keys[0], 5)]);
+        let mut taken = usage.take();
+        taken.sort_by_key(|(h, _)| *h != keys[0]);
+        assert_eq!(taken.len(), 2, "the third was dropped");
+        assert_eq!(taken[0], (keys[0], 5));
     }
 }

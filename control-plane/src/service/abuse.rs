@@ -1,0 +1,254 @@
+//! What made-up keys may cost. The checksum is a public CRC32, so anyone can mint keys
+//! that pass it, and each new one would cost a database lookup. Two bounds, both off the
+//! path of a valid key served from the cache:
+//!
+//! - [`FailureLimiter`]: each source (an IPv4 address, an IPv6 /64) has a budget of failed
+//!   authentications, a token bucket refilled at `AUTH_FAILURES_PER_MINUTE`. A failure
+//!   spends a token; a source with none left gets 429 instead of a lookup. Lookups of
+//!   valid keys spend nothing, so many clients behind one NAT are not limited by their
+//!   own traffic.
+//! - [`LookupGate`]: at most `MAX_CONCURRENT_LOOKUPS` cache-missing lookups at once; one
+//!   more waits up to 250 ms (a burst of valid keys on a cold cache gets through), then is
+//!   refused, so a flood from many sources turns into quick 503s instead of a saturated
+//!   pool.
+//!
+//! (`governor`, the usual rate-limiting crate, was weighed: its keyed limiter cannot tell
+//! whether a source is limited without spending a token, which a valid lookup must not do.)
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::Error;
+
+/// Sources tracked at once; past it, idle (refilled) sources are dropped, at most once a
+/// second; sources beyond that are not limited here (the [`LookupGate`] still is).
+const MAX_SOURCES: usize = 100_000;
+
+/// The unit a budget belongs to: one IPv4 address, or an IPv6 /64 (one subscriber's
+/// network: a single host can use any address of it).
+pub fn source_of(ip: IpAddr) -> IpNet {
+    let (ip, prefix) = match ip.to_canonical() {
+        v4 @ IpAddr::V4(_) => (v4, 32),
+        v6 => (v6, 64),
+    };
+    IpNet::new(ip, prefix).expect("prefix in range").trunc()
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Buckets {
+    by_source: HashMap<IpNet, Bucket>,
+    last_prune: Option<Instant>,
+}
+
+/// Failed authentications per source (see the module docs).
+pub struct FailureLimiter {
+    /// Tokens per second; also the bucket's size, per minute (0: off).
+    per_minute: u32,
+    buckets: Mutex<Buckets>,
+}
+
+impl FailureLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        FailureLimiter {
+            per_minute,
+            buckets: Mutex::new(Buckets {
+                by_source: HashMap::new(),
+                last_prune: None,
+            }),
+        }
+    }
+
+    fn refilled(&self, bucket: &Bucket, now: Instant) -> f64 {
+        let rate = f64::from(self.per_minute) / 60.0;
+        (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate)
+            .min(f64::from(self.per_minute))
+    }
+
+    /// How long until a token is back (whole seconds, at least 1).
+    fn wait(&self, tokens: f64) -> Duration {
+        let rate = f64::from(self.per_minute) / 60.0;
+        Duration::from_secs(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
+    }
+
+    /// `Err(retry after)` when `ip`'s source has no failure left to spend (spends nothing).
+    pub fn check(&self, ip: Option<IpAddr>) -> Result<(), Error> {
+        let (Some(ip), true) = (ip, self.per_minute > 0) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let buckets = self.buckets.lock().unwrap();
+        match buckets.by_source.get(&source_of(ip)) {
+            Some(b) => {
+                let tokens = self.refilled(b, now);
+                if tokens < 1.0 {
+                    return Err(self.limited(tokens));
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A failed authentication from `ip`: spends a token, or `Err(retry after)` when there
+    /// was none (the caller answers 429 instead of 401).
+    pub fn failed(&self, ip: Option<IpAddr>) -> Result<(), Error> {
+        let (Some(ip), true) = (ip, self.per_minute > 0) else {
+            return Ok(());
+        };
+        let source = source_of(ip);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap();
+        if !buckets.by_source.contains_key(&source) && buckets.by_source.len() >= MAX_SOURCES {
+            if buckets
+                .last_prune
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+            {
+                return Ok(());
+            }
+            buckets.last_prune = Some(now);
+            let full = f64::from(self.per_minute);
+            buckets
+                .by_source
+                .retain(|_, b| self.refilled(b, now) < full);
+            if buckets.by_source.len() >= MAX_SOURCES {
+                return Ok(());
+            }
+        }
+        let bucket = buckets.by_source.entry(source).or_insert(Bucket {
+            tokens: f64::from(self.per_minute),
+            at: now,
+        });
+        let tokens = self.refilled(bucket, now);
+        bucket.at = now;
+        if tokens < 1.0 {
+            bucket.tokens = tokens;
+            return Err(self.limited(tokens));
+        }
+        bucket.tokens = tokens - 1.0;
+        Ok(())
+    }
+
+    fn limited(&self, tokens: f64) -> Error {
+        metrics::counter!("metlo_auth_limited_total").increment(1);
+        Error::TooManyFailures(self.wait(tokens))
+    }
+
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        self.buckets.lock().unwrap().by_source.len()
+    }
+}
+
+/// How long a lookup waits for a free slot before it is refused.
+const GATE_WAIT: Duration = Duration::from_millis(250);
+
+/// At most so many database lookups of keys the cache does not know, at once.
+pub struct LookupGate(Semaphore);
+
+impl LookupGate {
+    pub fn new(max_concurrent: usize) -> Self {
+        LookupGate(Semaphore::new(max_concurrent.max(1)))
+    }
+
+    /// A permit for one lookup, or `Err(Busy)` when none frees up within 250 ms.
+    pub async fn enter(&self) -> Result<SemaphorePermit<'_>, Error> {
+        match tokio::time::timeout(GATE_WAIT, self.0.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                metrics::counter!("metlo_lookups_refused_total").increment(1);
+                Err(Error::Busy)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn sources_are_addresses_and_v6_networks() {
+        assert_eq!(
+            source_of("203.0.113.7".parse().unwrap()).to_string(),
+            "203.0.113.7/32"
+        );
+        assert_eq!(
+            source_of("2001:db8:1:2:aaaa::1".parse().unwrap()).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            source_of("::ffff:203.0.113.7".parse().unwrap()).to_string(),
+            "203.0.113.7/32",
+            "a v4-mapped address is its v4 address"
+        );
+    }
+
+    #[test]
+    fn a_source_is_limited_after_its_budget_and_only_it() {
+        let limiter = FailureLimiter::new(3);
+        for _ in 0..3 {
+            limiter.check(ip("10.0.0.1")).unwrap();
+            limiter.failed(ip("10.0.0.1")).unwrap();
+        }
+        let Err(Error::TooManyFailures(wait)) = limiter.check(ip("10.0.0.1")) else {
+            panic!("limited")
+        };
+        assert_eq!(wait, Duration::from_secs(20), "one token per 20 s at 3/min");
+        assert!(limiter.failed(ip("10.0.0.1")).is_err());
+        limiter.check(ip("10.0.0.2")).unwrap();
+        // Another address of the same /64 shares the budget.
+        for _ in 0..3 {
+            limiter.failed(ip("2001:db8::1")).unwrap();
+        }
+        assert!(limiter.check(ip("2001:db8::ffff")).is_err());
+        assert!(limiter.check(ip("2001:db8:0:1::1")).is_ok());
+        // No address (no peer) and a limit of 0 are never limited.
+        limiter.failed(None).unwrap();
+        let off = FailureLimiter::new(0);
+        for _ in 0..100 {
+            off.failed(ip("10.0.0.1")).unwrap();
+        }
+        assert_eq!(off.sources(), 0);
+    }
+
+    #[test]
+    fn tokens_come_back_over_time() {
+        let limiter = FailureLimiter::new(60);
+        let bucket = Bucket {
+            tokens: 0.0,
+            at: Instant::now() - Duration::from_millis(2500),
+        };
+        let tokens = limiter.refilled(&bucket, Instant::now());
+        assert!((2.4..2.7).contains(&tokens), "{tokens}");
+        let full = Bucket {
+            tokens: 0.0,
+            at: Instant::now() - Duration::from_secs(3600),
+        };
+        assert_eq!(limiter.refilled(&full, Instant::now()), 60.0, "capped");
+    }
+
+    #[tokio::test]
+    async fn the_gate_refuses_past_its_size_and_reopens() {
+        let gate = LookupGate::new(2);
+        let a = gate.enter().await.unwrap();
+        let _b = gate.enter().await.unwrap();
+        let started = Instant::now();
+        assert!(matches!(gate.enter().await, Err(Error::Busy)));
+        assert!(started.elapsed() >= GATE_WAIT);
+        drop(a);
+        gate.enter().await.unwrap();
+    }
+}

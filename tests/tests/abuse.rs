@@ -1,0 +1,464 @@
+//! Abuse resistance: what an attacker without an admin key can do to the service, each
+//! answered with a bounded cost and the right status. Real control-plane binary over HTTP.
+
+use std::time::{Duration, Instant};
+
+use metlo_tests::{Backend, ControlPlane, Options, StatusCode};
+use serde_json::json;
+use sqlx::Connection;
+
+/// SQLite's writer lock held by someone else past the busy timeout is an overload: 503
+/// with `Retry-After` (it was a 500), and the create goes through once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_busy_is_503_with_retry_after() {
+    let cp =
+        ControlPlane::start_with(Options::new(Backend::Sqlite).env("SQLITE_BUSY_TIMEOUT_MS", 300))
+            .await;
+    let url = format!("sqlite://{}", cp.sqlite_file().display());
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let r = cp
+        .client
+        .post(format!("{}/api/v1/keys/create", cp.url))
+        .header("Authorization", &cp.admin_key)
+        .json(&json!({"name": "waits", "keyFor": "GENERIC"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let (status, body) = cp
+        .create(json!({"name": "waits", "keyFor": "GENERIC"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+fn made_up_key() -> String {
+    metlo_shared::ApiKey::generate()
+        .unwrap()
+        .expose_secret()
+        .to_owned()
+}
+
+/// A client bound to another loopback address: another source, as far as the server
+/// can tell.
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(Some(ip.parse().unwrap()))
+        .build()
+        .unwrap()
+}
+
+/// Checksum-valid made-up keys: each source may fail `AUTH_FAILURES_PER_MINUTE` times,
+/// then gets 429 with `Retry-After` and costs no lookup; another source, and a valid key
+/// served from the cache, are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_keys_are_limited_per_source() {
+    let cp =
+        ControlPlane::start_with(Options::new(Backend::Sqlite).env("AUTH_FAILURES_PER_MINUTE", 10))
+            .await;
+    assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
+    let verify = format!("{}/api/v1/verify", cp.url);
+    for _ in 0..10 {
+        let r = cp
+            .client
+            .get(&verify)
+            .header("Authorization", made_up_key())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let misses = cp.metric("metlo_verify_cache_total", "miss").await;
+    for _ in 0..50 {
+        let r = cp
+            .client
+            .get(&verify)
+            .header("Authorization", made_up_key())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let wait: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=6).contains(&wait), "a token per 6 s at 10/min: {wait}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "too_many_requests");
+    }
+    // Bad shapes spend the same budget: no free failures.
+    let r = cp.client.get(&verify).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        cp.metric("metlo_verify_cache_total", "miss").await - misses,
+        50.0,
+        "each made-up key missed the cache"
+    );
+    assert_eq!(
+        cp.metric("metlo_auth_limited_total", "").await,
+        51.0,
+        "and none reached the database"
+    );
+    // The valid key, from the cache, from the limited source: untouched.
+    assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
+    // Another source has its own budget.
+    let other = client_from("127.0.0.2");
+    let r = other
+        .get(&verify)
+        .header("Authorization", made_up_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// `X-Forwarded-For` names the source only when the peer is a trusted proxy; from any
+/// other peer a forged header changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let cp = ControlPlane::start_with(
+        Options::new(Backend::Sqlite)
+            .env("AUTH_FAILURES_PER_MINUTE", 5)
+            .env("TRUSTED_PROXIES", "127.0.0.1/32, ::1"),
+    )
+    .await;
+    let verify = format!("{}/api/v1/verify", cp.url);
+    let fail = |client: reqwest::Client, xff: &'static str| {
+        let verify = verify.clone();
+        async move {
+            let r = client
+                .get(&verify)
+                .header("Authorization", made_up_key())
+                .header("X-Forwarded-For", xff)
+                .send()
+                .await
+                .unwrap();
+            r.status()
+        }
+    };
+    // Through the trusted proxy: one budget per forwarded client.
+    for _ in 0..5 {
+        assert_eq!(
+            fail(cp.client.clone(), "203.0.113.5").await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        fail(cp.client.clone(), "203.0.113.5").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        fail(cp.client.clone(), "198.51.100.1, 203.0.113.5").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "what the client prepends is not its address"
+    );
+    assert_eq!(
+        fail(cp.client.clone(), "203.0.113.6").await,
+        StatusCode::UNAUTHORIZED
+    );
+    // From an untrusted peer, a fresh forged address every time does not help.
+    let untrusted = client_from("127.0.0.3");
+    let forged = [
+        "192.0.2.1",
+        "192.0.2.2",
+        "192.0.2.3",
+        "192.0.2.4",
+        "192.0.2.5",
+        "192.0.2.6",
+    ];
+    let mut statuses = vec![];
+    for xff in forged {
+        statuses.push(fail(untrusted.clone(), xff).await);
+    }
+    assert_eq!(statuses[..5], [StatusCode::UNAUTHORIZED; 5]);
+    assert_eq!(statuses[5], StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// At most `MAX_CONCURRENT_LOOKUPS` lookups of uncached keys at once: with the one
+/// allowed stuck (its table locked), a flood from many sources gets fast 503s instead
+/// of queueing on the pool, and a valid key from the cache still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_are_bounded() {
+    let db = metlo_tests::fresh_postgres_database().await;
+    let cp = ControlPlane::start_with(
+        Options::new(Backend::Postgres)
+            .env("DATABASE_URL", &db)
+            .env("MAX_CONCURRENT_LOOKUPS", 1)
+            .env("TRUSTED_PROXIES", "127.0.0.1"),
+    )
+    .await;
+    assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
+    let mut locker = sqlx::PgConnection::connect(&db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let verify = format!("{}/api/v1/verify", cp.url);
+    // The one lookup allowed, stuck behind the lock.
+    let stuck = tokio::spawn({
+        let (client, verify) = (cp.client.clone(), verify.clone());
+        async move {
+            client
+                .get(&verify)
+                .header("Authorization", made_up_key())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let flood = (0..20).map(|i| {
+        let (client, verify) = (cp.client.clone(), verify.clone());
+        async move {
+            client
+                .get(&verify)
+                .header("Authorization", made_up_key())
+                .header("X-Forwarded-For", format!("198.51.100.{i}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    for r in futures::future::join_all(flood).await {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused after a short wait, not queued: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK, "cached");
+    assert_eq!(cp.metric("metlo_lookups_refused_total", "").await, 20.0);
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert_eq!(stuck.await.unwrap(), StatusCode::UNAUTHORIZED);
+}
+
+metlo_tests::on_both_backends!(failed_authentications_are_filed_by_network_and_capped);
+
+/// Failed authentications are filed per network (IPv4 /24, IPv6 /64), so rotating
+/// addresses makes no new rows; a flush writes at most 100 rows and folds the rest into
+/// one that says how many — and no failure goes uncounted.
+async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend) {
+    let cp = ControlPlane::start_with(
+        Options::new(backend)
+            .env("AUTH_FAILURES_PER_MINUTE", 0)
+            .env("MAX_CONCURRENT_LOOKUPS", 1000)
+            .env("TRUSTED_PROXIES", "127.0.0.1"),
+    )
+    .await;
+    let verify = format!("{}/api/v1/verify", cp.url);
+    let fail_from = |xff: String| {
+        let (client, verify) = (cp.client.clone(), verify.clone());
+        async move {
+            let r = client
+                .get(&verify)
+                .header("Authorization", made_up_key())
+                .header("X-Forwarded-For", xff)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+    };
+    for xff in [
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.3",
+        "2001:db8:1:2::1",
+        "2001:db8:1:2:ffff::9",
+    ] {
+        fail_from(xff.to_owned()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows = failures(&cp).await;
+    let by_ip =
+        |ip: &str| -> Vec<&serde_json::Value> { rows.iter().filter(|r| r["ip"] == ip).collect() };
+    let v4 = by_ip("203.0.113.0/24");
+    assert_eq!(v4.len(), 1, "{rows:?}");
+    assert_eq!(v4[0]["detail"]["count"], 3);
+    assert_eq!(v4[0]["detail"]["addresses"].as_array().unwrap().len(), 3);
+    let v6 = by_ip("2001:db8:1:2::/64");
+    assert_eq!(v6.len(), 1, "{rows:?}");
+    assert_eq!(v6[0]["detail"]["count"], 2);
+
+    // 300 networks at once: at most 100 rows per flush, the rest folded, none lost.
+    let before = rows.len();
+    let flood: Vec<_> = (0..300)
+        .map(|i| fail_from(format!("10.{}.{}.1", i / 256, i % 256)))
+        .collect();
+    let started = Instant::now();
+    futures::future::join_all(flood).await;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows = failures(&cp).await;
+    let new = &rows[..rows.len() - before];
+    let folded: Vec<_> = new
+        .iter()
+        .filter(|r| r["detail"]["reason"] == "many sources")
+        .collect();
+    assert!(!folded.is_empty(), "an overflow row: {new:?}");
+    let flushes = took.as_secs() + 2;
+    assert!(
+        new.len() as u64 <= 101 * flushes,
+        "{} rows in at most {flushes} flushes",
+        new.len()
+    );
+    let counted: u64 = new
+        .iter()
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 300, "every failure counted");
+}
+
+/// Every `auth.failed` audit row, newest first.
+async fn failures(cp: &ControlPlane) -> Vec<serde_json::Value> {
+    let (status, _, body) = cp
+        .get("/api/v1/audit?limit=1000", Some(&cp.admin_key))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "auth.failed")
+        .cloned()
+        .collect()
+}
+
+metlo_tests::on_both_backends!(usage_reports_take_only_existing_keys);
+
+/// Edge usage reports are taken only for hashes of existing keys (made-up ones used to
+/// fill an unbounded map, each costing an `UPDATE`), and flushes in short batches never
+/// fail a create running beside them.
+async fn usage_reports_take_only_existing_keys(backend: Backend) {
+    let cp = ControlPlane::start_with(
+        Options::new(backend)
+            .env("LAST_USED_FLUSH_SECONDS", 1)
+            .env("MAX_API_KEYS", 1000),
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let client_hash = metlo_shared::ApiKey::parse(&cp.client_key)
+        .unwrap()
+        .hash()
+        .to_hex();
+    let mut used: serde_json::Map<String, serde_json::Value> = (0..999)
+        .map(|_| {
+            let h = metlo_shared::ApiKey::generate().unwrap().hash().to_hex();
+            (h, json!(now))
+        })
+        .collect();
+    used.insert(client_hash.clone(), json!(now));
+    let (status, body) = cp
+        .post_as(&cp.edge_key, "/api/v1/usage", Some(json!({ "used": used })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"accepted": 1, "unknown": 999}));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(cp.listed("client").await["lastUsed"].is_string(), "taken");
+
+    // Reports of 300 real keys, flushed every second, beside creates: none fails.
+    let mut hashes = vec![];
+    for i in 0..300 {
+        let key = cp.create_key(&format!("k{i}"), "GENERIC").await;
+        hashes.push(metlo_shared::ApiKey::parse(&key).unwrap().hash().to_hex());
+    }
+    let report: serde_json::Map<String, serde_json::Value> =
+        hashes.iter().map(|h| (h.clone(), json!(now))).collect();
+    let report = json!({ "used": report });
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let (status, body) = cp
+            .post_as(&cp.edge_key, "/api/v1/usage", Some(report.clone()))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["accepted"], 300);
+        let (status, body) = cp
+            .create(json!({"name": format!("beside-{i}"), "keyFor": "GENERIC"}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "a create beside a flush: {body}");
+        i += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(cp.listed("k299").await["lastUsed"].is_string());
+}
+
+metlo_tests::on_both_backends!(slow_clients_cannot_hold_connections);
+
+/// A client sending its request head slowly is dropped after `HEADER_READ_TIMEOUT_SECONDS`
+/// and a silent one after `IDLE_TIMEOUT_SECONDS` (both used to hold their connection for
+/// as long as they liked), and past `MAX_CONNECTIONS` new connections wait to be accepted
+/// until one closes.
+async fn slow_clients_cannot_hold_connections(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cp = ControlPlane::start_with(
+        Options::new(backend)
+            .env("HEADER_READ_TIMEOUT_SECONDS", 1)
+            .env("IDLE_TIMEOUT_SECONDS", 2)
+            .env("MAX_CONNECTIONS", 4),
+    )
+    .await;
+    let addr = cp.url.trim_start_matches("http://").to_owned();
+
+    // Slowloris: a header line every 300 ms, never the blank line that ends the head.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let closed = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if slow.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            break started.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(_)) => {} // a 408 before the close is fine
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a slow client still holds its connection"
+        );
+    };
+    assert!(closed >= Duration::from_millis(900), "{closed:?}");
+
+    // Four connections that send nothing fill the cap; a fifth request waits until the
+    // idle timeout frees them, then is served.
+    let mut idle = vec![];
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let r = reqwest::Client::new()
+        .get(format!("{}/healthz", cp.url))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served at once although every slot was taken: {waited:?}"
+    );
+    drop(idle);
+}
