@@ -79,7 +79,11 @@ async fn main() {
     let opts = kv.control_plane_env().into_iter().fold(
         Options::new(Backend::Postgres)
             .redis(redis.url())
-            .env("MAX_API_KEYS", 1_000_000),
+            .env("MAX_API_KEYS", 1_000_000)
+            // Every soak client shares 127.0.0.1, valid and refused alike: a spent
+            // failure budget would turn valid keys' cache misses into 429s (by design
+            // for a real source; README, Abuse resistance).
+            .env("AUTH_FAILURES_PER_MINUTE", 0),
         |o, (k, v)| o.env(k, v),
     );
     let cp = Arc::new(ControlPlane::start_with(opts).await);
@@ -151,12 +155,14 @@ async fn main() {
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
+                // Refused keys from one address soon spend its failed-authentication
+                // budget: 429 is as right a refusal as 401.
                 let (kind, key, ok): (&str, String, &[u16]) = match i % 5 {
-                    0 => ("cp deleted", deleted.clone(), &[401]),
+                    0 => ("cp deleted", deleted.clone(), &[401, 429]),
                     1 => (
                         "cp unknown",
                         ApiKey::generate().unwrap().expose_secret().to_owned(),
-                        &[401],
+                        &[401, 429],
                     ),
                     _ => ("cp valid", valid[i % valid.len()].clone(), &[200]),
                 };
