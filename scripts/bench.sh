@@ -18,3 +18,5 @@ if [ -n "${BENCH_BASELINE:-}" ]; then
     echo "baseline: $BENCH_BASELINE ($(git rev-parse --short "$BENCH_BASELINE"))"
 fi
 PG_FSYNC=on ./scripts/stack.sh target/release/bench
+# A flood of checksum-valid made-up keys beside a valid key's steady calls (PostgreSQL).
+PG_FSYNC=on ./scripts/stack.sh target/release/flood

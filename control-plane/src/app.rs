@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::http::state::{AppState, Shared};
 use crate::kv_sync::client::KvClient;
 use crate::kv_sync::drainer::{self, SyncStatus};
-use crate::service::abuse::{FailureLimiter, LookupGate};
+use crate::service::abuse::{FailureLimiter, LookupGate, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
 use crate::service::usage::{self, Usage};
 use crate::{http, telemetry};
@@ -88,6 +88,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         usage,
         auth_failures,
         failure_limiter: FailureLimiter::new(config.auth_failures_per_minute),
+        recently_valid: RecentlyValid::default(),
         lookups: LookupGate::new(config.max_concurrent_lookups),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
     });
@@ -102,7 +103,6 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
     }
     let limits = http::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
-        idle_timeout: Duration::from_secs(config.idle_timeout_seconds.max(1)),
         max_connections: config.max_connections,
     };
     http::serve(listen_addr, ops_addr, limits, state).await?;

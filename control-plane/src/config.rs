@@ -68,8 +68,9 @@ pub struct Config {
         global = true
     )]
     pub max_concurrent_lookups: usize,
-    /// Longest wait for a request's head (request line and headers) before the
-    /// connection is closed: slow clients cannot hold connections.
+    /// Longest wait for a request's head (request line and headers), and for the next
+    /// request on an idle connection, before it is closed: slow clients cannot hold
+    /// connections.
     #[arg(
         long,
         env = "HEADER_READ_TIMEOUT_SECONDS",
@@ -77,15 +78,6 @@ pub struct Config {
         global = true
     )]
     pub header_read_timeout_seconds: u64,
-    /// Longest silence on a connection (idle keep-alive, or no first byte) before it is
-    /// closed; longer than a request may take (30 s).
-    #[arg(
-        long,
-        env = "IDLE_TIMEOUT_SECONDS",
-        default_value_t = 60,
-        global = true
-    )]
-    pub idle_timeout_seconds: u64,
     /// Open connections per process at most; past it, new ones wait to be accepted.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, global = true)]
     pub max_connections: usize,

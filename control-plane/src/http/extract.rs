@@ -3,6 +3,7 @@
 //! JSON error.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
@@ -65,7 +66,12 @@ pub async fn require_key(
     let hash = key.hash();
     // (Borrows of the parts, not of the request: its body is not `Sync`.)
     let (extensions, headers) = (req.extensions(), req.headers());
+    let queried = AtomicBool::new(false);
     let found = lookup(&state.store, &state.cache, &state.lookups, &hash, || {
+        queried.store(true, Ordering::Relaxed);
+        if state.recently_valid.contains(&hash) {
+            return Ok(());
+        }
         let ip = client_ip(extensions, headers, &state.trusted_proxies);
         state.failure_limiter.check(ip)
     })
@@ -86,6 +92,9 @@ pub async fn require_key(
             "invalid API key",
         ));
     };
+    if queried.load(Ordering::Relaxed) {
+        state.recently_valid.saw(&hash);
+    }
     state.usage.used(&hash);
     req.extensions_mut().insert(Caller(record));
     Ok(next.run(req).await)

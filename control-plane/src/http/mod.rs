@@ -50,7 +50,7 @@ pub fn app(state: AppState) -> Router {
     openapi::add_limit_responses(&mut doc);
     // Serialised once: the document never changes while the process runs.
     let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
-    router
+    let router = router
         .route(
             "/openapi.json",
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
@@ -62,9 +62,15 @@ pub fn app(state: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(30),
-        ))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        ));
+    // A span and two events per request, wanted only when debugging
+    // (`RUST_LOG=tower_http=debug`): left out otherwise, not merely filtered.
+    let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
+        router.layer(TraceLayer::new_for_http())
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// Refuses oversized request heads with a JSON 431 before anything reads them.

@@ -4,10 +4,9 @@
 //! process — at the cap the loop stops accepting (new clients wait in the kernel's
 //! backlog) until one closes. HTTP/1.1 only: what Cloudflare's fetch to an origin and
 //! proxies speak, and cleartext HTTP/2 would need a protocol sniff that waits for a
-//! silent client's first byte with no timeout at all. Hyper's header timeout starts at a
-//! request's first byte, so a connection that sends nothing (before its first request or
-//! between two) is closed by a read timeout on the socket instead (`IDLE_TIMEOUT_SECONDS`,
-//! longer than any handler may run).
+//! silent client's first byte with no timeout at all. Hyper's header timeout also closes
+//! a keep-alive connection idle that long between requests, but does not run before a
+//! connection's first byte: that wait is bounded here, once per connection.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,7 +21,6 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_io_timeout::TimeoutStream;
 use tower_service::Service;
 
 /// How long in-flight requests may take to finish after a stop signal.
@@ -32,8 +30,6 @@ const DRAIN_FOR: Duration = Duration::from_secs(30);
 pub struct ConnectionLimits {
     /// Longest wait for a request's whole head (request line and headers), HTTP/1.
     pub header_read_timeout: Duration,
-    /// Longest silence on a connection (no byte read) before it is closed.
-    pub idle_timeout: Duration,
     /// Open connections at most.
     pub max_connections: usize,
 }
@@ -79,15 +75,21 @@ pub async fn serve(
             let mut router = router.clone();
             async move { Ok::<_, Infallible>(router.call(req).await.unwrap_or_else(|e| match e {})) }
         });
-        let mut stream = TimeoutStream::new(stream);
-        stream.set_read_timeout(Some(limits.idle_timeout));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(Box::pin(stream)), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            // A connection that never sends a first byte is bounded like a slow head.
+            // (`peek` waits for a byte; readiness alone may be reported before one.)
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(header_timeout, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             // Timeouts and resets end here; nothing to report per connection.
-            let _ = conn.await;
+            let _ = watcher.watch(conn.into_owned()).await;
             drop(slot);
         });
     }

@@ -9,7 +9,7 @@ use crate::db::Store;
 use crate::kv_sync::drainer::SyncStatus;
 use ipnet::IpNet;
 
-use crate::service::abuse::{FailureLimiter, LookupGate};
+use crate::service::abuse::{FailureLimiter, LookupGate, RecentlyValid};
 use crate::service::audit::AuthFailures;
 use crate::service::usage::Usage;
 
@@ -47,6 +47,8 @@ pub struct Shared {
     pub auth_failures: Arc<AuthFailures>,
     /// Failed-authentication budget per source (429 past it).
     pub failure_limiter: FailureLimiter,
+    /// Keys valid lately: their lookups skip the failure budget.
+    pub recently_valid: RecentlyValid,
     /// Bound on concurrent lookups of uncached keys (503 past it).
     pub lookups: LookupGate,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).

@@ -12,6 +12,12 @@
 //!   refused, so a flood from many sources turns into quick 503s instead of a saturated
 //!   pool.
 //!
+//! - [`RecentlyValid`]: hashes that were a valid key in the last 10 minutes skip the
+//!   budget check, so a valid key whose cache entry expired still gets its lookup from a
+//!   source that has spent its budget (many clients behind one NAT with an attacker).
+//!   Only a real key's hash gets there, so this costs at most one lookup per such key per
+//!   cache TTL.
+//!
 //! (`governor`, the usual rate-limiting crate, was weighed: its keyed limiter cannot tell
 //! whether a source is limited without spending a token, which a valid lookup must not do.)
 
@@ -21,6 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use metlo_shared::KeyHash;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::Error;
@@ -145,6 +152,32 @@ impl FailureLimiter {
     #[cfg(test)]
     fn sources(&self) -> usize {
         self.buckets.lock().unwrap().by_source.len()
+    }
+}
+
+/// Hashes found valid lately (bounded, 10 minutes each), exempt from the failure budget.
+pub struct RecentlyValid(moka::sync::Cache<KeyHash, ()>);
+
+impl Default for RecentlyValid {
+    fn default() -> Self {
+        RecentlyValid(
+            moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+        )
+    }
+}
+
+impl RecentlyValid {
+    pub fn saw(&self, hash: &KeyHash) {
+        if !self.0.contains_key(hash) {
+            self.0.insert(*hash, ());
+        }
+    }
+
+    pub fn contains(&self, hash: &KeyHash) -> bool {
+        self.0.contains_key(hash)
     }
 }
 

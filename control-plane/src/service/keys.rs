@@ -2,6 +2,7 @@
 //! keys — create, roll, delete, list, and verification through the cache — with the
 //! shapes they return, which are Metlo's JSON (paths and field names exactly).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use metlo_shared::{ApiKey, KeyHash, KeyRecord, KeyType, Role};
@@ -475,14 +476,20 @@ pub async fn lookup(
     hash: &KeyHash,
     may_query: impl FnOnce() -> Result<(), Error>,
 ) -> Result<Option<KeyRecord>, Error> {
+    // Handles made once (the recorder is installed before the first request): a
+    // registry lookup per verification was measurable.
+    static HIT: LazyLock<metrics::Counter> =
+        LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "hit"));
+    static MISS: LazyLock<metrics::Counter> =
+        LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "miss"));
     if let Some(cached) = cache.get(hash).await {
-        metrics::counter!("metlo_verify_cache_total", "result" => "hit").increment(1);
+        HIT.increment(1);
         return Ok(match cached {
             Cached::Valid(record) => Some(record),
             Cached::Absent => None,
         });
     }
-    metrics::counter!("metlo_verify_cache_total", "result" => "miss").increment(1);
+    MISS.increment(1);
     may_query()?;
     let permit = gate.enter().await?;
     let record = store.find_by_hash(hash).await?.map(|k| k.record());

@@ -1,0 +1,208 @@
+//! Flood benchmark (`make bench`): checksum-valid random keys at `/api/v1/verify` (wrk,
+//! a new key per request) while one valid key calls at a steady 500 requests/s. Reports
+//! the valid key's latency and success with and without the flood, what the flood cost
+//! (database lookups, 429s, 503s) and the control plane's RSS. Two floods: from one
+//! address (the failure budget answers), and spread over a new forwarded address per
+//! request through a trusted proxy (only the bound on concurrent lookups answers).
+//! PostgreSQL (scripts/stack.sh), in-process cache, release build.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metlo_shared::ApiKey;
+use metlo_tests::{Backend, ControlPlane, Options};
+
+const SECONDS: u64 = 10;
+const PROBE_EVERY: Duration = Duration::from_millis(2);
+const KEYS: usize = 300_000;
+
+const SCRIPT: &str = r#"
+local keys = {}
+local i = 0
+local spread = false
+init = function(args)
+  for line in io.lines(args[1]) do keys[#keys + 1] = line end
+  spread = args[2] == "spread"
+end
+request = function()
+  i = i % #keys + 1
+  local headers = { ["Authorization"] = keys[i] }
+  if spread then
+    headers["X-Forwarded-For"] = string.format("10.%d.%d.%d", math.floor(i / 65536) % 256, math.floor(i / 256) % 256, i % 256)
+  end
+  return wrk.format("GET", "/api/v1/verify", headers)
+end
+"#;
+
+/// What wrk reports: requests per second.
+fn wrk(url: &str, script: &str, args: &[&str]) -> f64 {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c64",
+            &format!("-d{SECONDS}s"),
+            "-s",
+            script,
+            url,
+            "--",
+        ])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("wrk not found: run scripts/install-deps.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected wrk output:\n{text}"))
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Probe {
+    latencies: Vec<Duration>,
+    failures: usize,
+}
+
+impl Probe {
+    fn quantile(&self, q: f64) -> Duration {
+        let mut v = self.latencies.clone();
+        v.sort();
+        v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+    }
+}
+
+/// The valid key, every 2 ms for `SECONDS`.
+async fn probe(cp: Arc<ControlPlane>) -> Probe {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = Instant::now() + Duration::from_secs(SECONDS);
+    let mut probe = Probe {
+        latencies: vec![],
+        failures: 0,
+    };
+    let url = format!("{}/api/v1/verify", cp.url);
+    while Instant::now() < until {
+        tick.tick().await;
+        let started = Instant::now();
+        let ok = cp
+            .client
+            .get(&url)
+            .header("Authorization", &cp.client_key)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        probe.latencies.push(started.elapsed());
+        probe.failures += usize::from(!ok);
+    }
+    probe
+}
+
+struct Costs {
+    lookups: f64,
+    limited: f64,
+    refused: f64,
+}
+
+async fn costs(cp: &ControlPlane) -> Costs {
+    let misses = cp.metric("metlo_verify_cache_total", "miss").await;
+    let limited = cp.metric("metlo_auth_limited_total", "").await;
+    let refused = cp.metric("metlo_lookups_refused_total", "").await;
+    Costs {
+        // A miss that is neither limited nor refused is a database query.
+        lookups: misses - limited - refused,
+        limited,
+        refused,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_path = dir.path().join("made-up-keys");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&keys_path).unwrap());
+    for _ in 0..KEYS {
+        writeln!(file, "{}", ApiKey::generate().unwrap().expose_secret()).unwrap();
+    }
+    file.flush().unwrap();
+    drop(file);
+    let script = dir.path().join("flood.lua");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let (keys, script) = (
+        keys_path.display().to_string(),
+        script.display().to_string(),
+    );
+
+    let cp = Arc::new(
+        ControlPlane::start_with(
+            Options::new(Backend::Postgres).env("TRUSTED_PROXIES", "127.0.0.1"),
+        )
+        .await,
+    );
+    let pid = cp.pid();
+    let url = format!("{}/api/v1/verify", cp.url);
+    // Warm: the valid key in the cache, the connections open.
+    let _ = probe_once(&cp).await;
+    let rss_start = rss_mib(pid);
+
+    println!("flood: wrk -t1 -c64 -d{SECONDS}s of checksum-valid random keys at /api/v1/verify; a valid key every 2 ms beside it");
+    let quiet = probe(cp.clone()).await;
+    let p99_quiet = quiet.quantile(0.99);
+    println!(
+        "  no flood:        valid p50 {}, p99 {}, {} of {} failed",
+        ms(quiet.quantile(0.5)),
+        ms(p99_quiet),
+        quiet.failures,
+        quiet.latencies.len()
+    );
+    for (label, mode) in [("one address", "one"), ("spread (XFF)", "spread")] {
+        let before = costs(&cp).await;
+        let prober = tokio::spawn(probe(cp.clone()));
+        let flood_rps = tokio::task::spawn_blocking({
+            let (url, script, keys) = (url.clone(), script.clone(), keys.clone());
+            move || wrk(&url, &script, &[&keys, mode])
+        })
+        .await
+        .unwrap();
+        let flooded = prober.await.unwrap();
+        let after = costs(&cp).await;
+        let p99 = flooded.quantile(0.99);
+        println!(
+            "  flood, {label:<13} {flood_rps:>7.0} made-up keys/s; valid p50 {}, p99 {} ({:.2}× unflooded; goal <= 2), {} of {} failed",
+            ms(flooded.quantile(0.5)),
+            ms(p99),
+            p99.as_secs_f64() / p99_quiet.as_secs_f64(),
+            flooded.failures,
+            flooded.latencies.len()
+        );
+        println!(
+            "    database lookups {:.0}, answered 429 without one {:.0}, 503 (lookup bound) {:.0}; RSS {:.1} MiB",
+            after.lookups - before.lookups,
+            after.limited - before.limited,
+            after.refused - before.refused,
+            rss_mib(pid)
+        );
+    }
+    println!(
+        "  control-plane RSS: {rss_start:.1} MiB before, {:.1} MiB after",
+        rss_mib(pid)
+    );
+}
+
+async fn probe_once(cp: &ControlPlane) -> bool {
+    cp.verify(&cp.client_key).await.is_success()
+}
