@@ -236,7 +236,7 @@ async fn only_traffic_keys_reach_kv_and_a_legacy_role_is_set_once() {
     );
     assert!(records.iter().all(|r| r.role.serves_traffic()));
     store
-        .finish_claim(claim, crate::db::outbox::Sent::All)
+        .finish_claim(claim, crate::db::rows::Sent::All)
         .await
         .unwrap();
     // Rolls of an admin key put nothing either.

@@ -3,24 +3,9 @@
 
 use metlo_shared::KeyRecord;
 
-use std::collections::HashSet;
-
-use super::rows::{Claim, OutboxRow, StoredKey, Tx, OUTBOX_CHANNEL};
+use super::rows::{Claim, OutboxRow, Sent, StoredKey, Tx, OUTBOX_CHANNEL};
 use super::{Backend, Store, StoreError};
 use crate::clock::now_ms;
-
-/// What KV took of a claim.
-pub enum Sent<'a> {
-    /// Every update.
-    All,
-    /// None: the request failed.
-    Failed(&'a str),
-    /// All but the updates of these KV keys (the API's `unsuccessful_keys`).
-    Partly {
-        unsent: &'a HashSet<&'a str>,
-        error: &'a str,
-    },
-}
 
 impl Store {
     /// A KV put of `record` under `kv_key` (a secret of `key`), only for keys whose role
@@ -225,9 +210,9 @@ mod tests {
 
     use metlo_shared::KeyType;
 
-    use super::Sent;
     use crate::clock::now_ms;
     use crate::db::keys::fixtures::{audit, key};
+    use crate::db::rows::Sent;
     use crate::db::Store;
 
     #[tokio::test]

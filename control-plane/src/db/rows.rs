@@ -124,3 +124,16 @@ pub struct Claim {
     pub(super) tx: Option<Tx>,
     pub rows: Vec<OutboxRow>,
 }
+
+/// What KV took of a claim.
+pub enum Sent<'a> {
+    /// Every update.
+    All,
+    /// None: the request failed.
+    Failed(&'a str),
+    /// All but the updates of these KV keys (the API's `unsuccessful_keys`).
+    Partly {
+        unsent: &'a std::collections::HashSet<&'a str>,
+        error: &'a str,
+    },
+}

@@ -138,8 +138,12 @@ fn source_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
     client_ip(req.extensions(), req.headers(), &state.trusted_proxies)
 }
 
-/// Who is making a request: the verified key's name and the client IP.
-impl FromRequestParts<AppState> for Actor {
+/// Who is making a request, for the audit log: the verified key's name and the client IP.
+/// (A wrapper, not an extractor impl on `Actor`: that would make the service's type
+/// depend on the HTTP state.)
+pub struct Audited(pub Actor);
+
+impl FromRequestParts<AppState> for Audited {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
@@ -147,12 +151,12 @@ impl FromRequestParts<AppState> for Actor {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let caller = parts.extensions.get::<Caller>();
-        Ok(Actor {
+        Ok(Audited(Actor {
             name: caller.map(|c| c.0.name.clone()),
             ip: client_ip(&parts.extensions, &parts.headers, &state.trusted_proxies)
                 .map(|ip| ip.to_string()),
             role: caller.map(|c| c.0.role),
-        })
+        }))
     }
 }
 

@@ -12,10 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Admins, Authorized, Clients, EdgeWorkers, JsonBody};
+use super::extract::{Admins, Audited, Authorized, Clients, EdgeWorkers, JsonBody};
 use super::state::AppState;
 use crate::clock::now_ms;
-use crate::service::audit::Actor;
 use crate::service::keys::{
     self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
 };
@@ -50,7 +49,7 @@ pub struct StatusOk {
 async fn create(
     _: Authorized<Admins>,
     State(state): State<AppState>,
-    actor: Actor,
+    Audited(actor): Audited,
     JsonBody(body): JsonBody<Option<CreateKeyRequest>>,
 ) -> Result<Json<CreatedKey>, ApiError> {
     let new = body.unwrap_or_default().validate(now_ms())?;
@@ -76,7 +75,7 @@ async fn create(
 async fn roll(
     _: Authorized<Admins>,
     State(state): State<AppState>,
-    actor: Actor,
+    Audited(actor): Audited,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Option<RollKeyRequest>>,
 ) -> Result<Json<RolledKey>, ApiError> {
@@ -122,7 +121,7 @@ async fn onboarding(
 async fn remove(
     _: Authorized<Admins>,
     State(state): State<AppState>,
-    actor: Actor,
+    Audited(actor): Audited,
     Path(name): Path<String>,
 ) -> Result<Json<StatusOk>, ApiError> {
     keys::delete_key(&state.store, &state.cache, &name, true, &actor).await?;

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::client::{KvClient, KvError};
 use crate::clock::now_ms;
-use crate::db::outbox::Sent;
+use crate::db::rows::Sent;
 use crate::db::rows::OUTBOX_CHANNEL;
 use crate::db::Store;
 
