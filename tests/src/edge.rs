@@ -280,9 +280,14 @@ impl KvApi {
 
     /// Makes the next `count` API calls fail with `status`.
     pub async fn inject_faults(&self, status: u16, count: u32) {
+        self.set_faults(json!({"status": status, "count": count}))
+            .await;
+    }
+
+    async fn set_faults(&self, faults: Value) {
         let r = reqwest::Client::new()
             .post(format!("{}/__faults", self.url))
-            .json(&json!({"status": status, "count": count}))
+            .json(&faults)
             .send()
             .await
             .unwrap();
@@ -292,25 +297,15 @@ impl KvApi {
     /// The next `count` API calls wait `delay` before applying their write and answering
     /// (and apply it even if the caller gave up).
     pub async fn inject_delay(&self, delay: Duration, count: u32) {
-        let r = reqwest::Client::new()
-            .post(format!("{}/__faults", self.url))
-            .json(&json!({"delayMs": delay.as_millis() as u64, "count": count}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        self.set_faults(json!({"delayMs": delay.as_millis() as u64, "count": count}))
+            .await;
     }
 
     /// The next `count` API calls succeed as a whole but leave out the first `keys` keys
     /// of their body, listed in `unsuccessful_keys`.
     pub async fn inject_unsuccessful(&self, keys: u32, count: u32) {
-        let r = reqwest::Client::new()
-            .post(format!("{}/__faults", self.url))
-            .json(&json!({"unsuccessful": keys, "count": count}))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        self.set_faults(json!({"unsuccessful": keys, "count": count}))
+            .await;
     }
 
     /// Every key in the local KV it writes.

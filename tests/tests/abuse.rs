@@ -48,6 +48,19 @@ fn made_up_key() -> String {
         .to_owned()
 }
 
+/// `GET /api/v1/verify` with a fresh made-up key, forwarded for `xff` (when given).
+async fn verify_made_up(
+    client: reqwest::Client,
+    verify: String,
+    xff: Option<String>,
+) -> reqwest::Response {
+    let mut request = client.get(&verify).header("Authorization", made_up_key());
+    if let Some(xff) = xff {
+        request = request.header("X-Forwarded-For", xff);
+    }
+    request.send().await.unwrap()
+}
+
 /// A client bound to another loopback address: another source, as far as the server
 /// can tell.
 fn client_from(ip: &str) -> reqwest::Client {
@@ -144,14 +157,9 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let fail = |client: reqwest::Client, xff: &'static str| {
         let verify = verify.clone();
         async move {
-            let r = client
-                .get(&verify)
-                .header("Authorization", made_up_key())
-                .header("X-Forwarded-For", xff)
-                .send()
+            verify_made_up(client, verify, Some(xff.to_owned()))
                 .await
-                .unwrap();
-            r.status()
+                .status()
         }
     };
     // Through the trusted proxy: one budget per forwarded client.
@@ -229,16 +237,11 @@ async fn concurrent_lookups_are_bounded() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let flood = (0..20).map(|i| {
-        let (client, verify) = (cp.client.clone(), verify.clone());
-        async move {
-            client
-                .get(&verify)
-                .header("Authorization", made_up_key())
-                .header("X-Forwarded-For", format!("198.51.100.{i}"))
-                .send()
-                .await
-                .unwrap()
-        }
+        verify_made_up(
+            cp.client.clone(),
+            verify.clone(),
+            Some(format!("198.51.100.{i}")),
+        )
     });
     for r in futures::future::join_all(flood).await {
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -272,13 +275,7 @@ async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend
     let fail_from = |xff: String| {
         let (client, verify) = (cp.client.clone(), verify.clone());
         async move {
-            let r = client
-                .get(&verify)
-                .header("Authorization", made_up_key())
-                .header("X-Forwarded-For", xff)
-                .send()
-                .await
-                .unwrap();
+            let r = verify_made_up(client, verify, Some(xff)).await;
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         }
     };
