@@ -104,6 +104,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
     let limits = http::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
         max_connections: config.max_connections,
+        request_timeout: Duration::from_secs(config.request_timeout_seconds.max(1)),
     };
     http::serve(listen_addr, ops_addr, limits, state).await?;
     store.close().await;

@@ -78,6 +78,15 @@ pub struct Config {
         global = true
     )]
     pub header_read_timeout_seconds: u64,
+    /// Longest a request may take once its head is read (its body, and the work it asks
+    /// for) before it is answered 408.
+    #[arg(
+        long,
+        env = "REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub request_timeout_seconds: u64,
     /// Open connections per process at most; past it, new ones wait to be accepted.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, global = true)]
     pub max_connections: usize,

@@ -408,12 +408,14 @@ metlo_tests::on_both_backends!(slow_clients_cannot_hold_connections);
 
 /// A client sending its request head slowly, or nothing at all, is dropped after
 /// `HEADER_READ_TIMEOUT_SECONDS` (both used to hold their connection for as long as they
-/// liked), and past `MAX_CONNECTIONS` new connections wait to be accepted until one closes.
+/// liked), one sending its body slowly is answered 408 after `REQUEST_TIMEOUT_SECONDS`,
+/// and past `MAX_CONNECTIONS` new connections wait to be accepted until one closes.
 async fn slow_clients_cannot_hold_connections(backend: Backend) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cp = ControlPlane::start_with(
         Options::new(backend)
             .env("HEADER_READ_TIMEOUT_SECONDS", 1)
+            .env("REQUEST_TIMEOUT_SECONDS", 2)
             .env("MAX_CONNECTIONS", 4),
     )
     .await;
@@ -442,6 +444,36 @@ async fn slow_clients_cannot_hold_connections(backend: Backend) {
         );
     };
     assert!(closed >= Duration::from_millis(900), "{closed:?}");
+
+    // A whole head, then a body that trickles: past `REQUEST_TIMEOUT_SECONDS` a JSON 408
+    // (the header timeout no longer applies once the head is read).
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/keys/create HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        cp.admin_key
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < Duration::from_secs(6) {
+        let _ = trickle.write_all(b" ").await;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(300), trickle.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""error":"request_timeout""#), "{answer}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    drop(trickle);
 
     // Four connections that send nothing fill the cap; a fifth request waits until the
     // timeout frees them, then is served.

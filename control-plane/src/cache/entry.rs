@@ -1,5 +1,6 @@
 //! What a cache entry is, shared by both kinds of cache.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metlo_shared::KeyRecord;
@@ -7,7 +8,8 @@ use metlo_shared::KeyRecord;
 /// What the cache knows about a hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cached {
-    Valid(KeyRecord),
+    /// Shared: a cache hit clones a pointer, not the record's strings.
+    Valid(Arc<KeyRecord>),
     /// Unknown or deleted: refuse.
     Absent,
 }

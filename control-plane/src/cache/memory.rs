@@ -7,11 +7,13 @@ use moka::Expiry;
 
 use super::entry::{ttl_for, Cached};
 
-pub(super) type LocalCache = moka::future::Cache<KeyHash, (Cached, Duration)>;
+/// moka's sync cache: a hit is a plain call, no future to build and poll (every cached
+/// verification goes through here).
+pub(super) type LocalCache = moka::sync::Cache<KeyHash, (Cached, Duration)>;
 
 /// Also the near cache in front of Redis.
 pub(super) fn local_cache() -> LocalCache {
-    moka::future::Cache::builder()
+    moka::sync::Cache::builder()
         .max_capacity(100_000)
         .expire_after(PerEntryTtl)
         .build()
@@ -48,27 +50,24 @@ impl Memory {
         Memory(local_cache())
     }
 
-    pub(super) async fn get(&self, hash: &KeyHash) -> Option<Cached> {
-        self.0.get(hash).await.map(|(v, _)| v)
+    pub(super) fn get(&self, hash: &KeyHash) -> Option<Cached> {
+        self.0.get(hash).map(|(v, _)| v)
     }
 
-    pub(super) async fn add(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
-        self.0.entry(*hash).or_insert((value, ttl)).await;
+    pub(super) fn add(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
+        self.0.entry(*hash).or_insert((value, ttl));
     }
 
     /// Puts `value` unless a tombstone is there (checked and set atomically).
-    pub(super) async fn overwrite(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
+    pub(super) fn overwrite(&self, hash: &KeyHash, value: Cached, ttl: Duration) {
         let ttl = ttl_for(&value, ttl);
-        self.0
-            .entry(*hash)
-            .and_compute_with(|current| {
-                let tombstoned = current.is_some_and(|e| e.value().0 == Cached::Absent);
-                std::future::ready(if tombstoned {
-                    moka::ops::compute::Op::Nop
-                } else {
-                    moka::ops::compute::Op::Put((value, ttl))
-                })
-            })
-            .await;
+        self.0.entry(*hash).and_compute_with(|current| {
+            let tombstoned = current.is_some_and(|e| e.value().0 == Cached::Absent);
+            if tombstoned {
+                moka::ops::compute::Op::Nop
+            } else {
+                moka::ops::compute::Op::Put((value, ttl))
+            }
+        });
     }
 }

@@ -22,6 +22,7 @@ mod entry;
 mod memory;
 mod redis;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metlo_shared::{KeyHash, KeyRecord};
@@ -78,8 +79,13 @@ impl VerifyCache {
 
     pub async fn get(&self, hash: &KeyHash) -> Option<Cached> {
         match &self.inner {
-            Inner::Memory(c) => c.get(hash).await,
-            Inner::Redis(r) => r.get(hash).await,
+            Inner::Memory(c) => c.get(hash),
+            // The round trip boxed: its future is large, and every verification's
+            // future would carry (and move) its size, cache hit or not.
+            Inner::Redis(r) => match r.local(hash) {
+                Some(v) => Some(v),
+                None => Box::pin(r.fetch(hash)).await,
+            },
         }
     }
 
@@ -87,7 +93,7 @@ impl VerifyCache {
     /// written by a concurrent delete wins).
     pub async fn add(&self, hash: &KeyHash, value: Cached) {
         match &self.inner {
-            Inner::Memory(c) => c.add(hash, value, self.ttl).await,
+            Inner::Memory(c) => c.add(hash, value, self.ttl),
             Inner::Redis(r) => r.add(hash, value).await,
         }
     }
@@ -103,7 +109,7 @@ impl VerifyCache {
     /// Overwrites what is cached for a hash with a new record (a secret whose end a roll
     /// moved), like [`Self::revoke`] does with a tombstone.
     pub async fn replace(&self, hash: &KeyHash, record: KeyRecord) -> bool {
-        self.overwrite(hash, Cached::Valid(record)).await
+        self.overwrite(hash, Cached::Valid(Arc::new(record))).await
     }
 
     /// Writes `value` over what is cached, except that nothing replaces a tombstone:
@@ -112,7 +118,7 @@ impl VerifyCache {
     async fn overwrite(&self, hash: &KeyHash, value: Cached) -> bool {
         match &self.inner {
             Inner::Memory(c) => {
-                c.overwrite(hash, value, self.ttl).await;
+                c.overwrite(hash, value, self.ttl);
                 true
             }
             Inner::Redis(r) => r.overwrite(hash, value).await,
@@ -133,8 +139,8 @@ mod tests {
     use super::*;
     use metlo_shared::ApiKey;
 
-    fn record() -> KeyRecord {
-        KeyRecord::sample()
+    fn record() -> Arc<KeyRecord> {
+        Arc::new(KeyRecord::sample())
     }
 
     #[tokio::test]

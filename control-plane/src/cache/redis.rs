@@ -79,15 +79,22 @@ impl RedisCache {
         })
     }
 
-    pub(super) async fn get(&self, hash: &KeyHash) -> Option<Cached> {
+    /// What this replica knows without asking Redis (a write not yet in Redis, the near
+    /// cache).
+    pub(super) fn local(&self, hash: &KeyHash) -> Option<Cached> {
         if let Some(value) = self.unwritten_value(hash) {
             return Some(value);
         }
         if self.near_usable() {
-            if let Some((v, _)) = self.near.get(hash).await {
+            if let Some((v, _)) = self.near.get(hash) {
                 return Some(v);
             }
         }
+        None
+    }
+
+    /// Asks Redis (after [`Self::local`] had nothing).
+    pub(super) async fn fetch(&self, hash: &KeyHash) -> Option<Cached> {
         if self.is_down() {
             return None;
         }
@@ -97,7 +104,7 @@ impl RedisCache {
             .await
             .flatten()?;
         let value = decode(&raw)?;
-        self.remember(hash, &value, generation).await;
+        self.remember(hash, &value, generation);
         Some(value)
     }
 
@@ -123,12 +130,8 @@ impl RedisCache {
         let _serial = self.write_lock.lock().await;
         self.generation.fetch_add(1, Ordering::SeqCst);
         match &value {
-            Cached::Absent => {
-                self.near
-                    .insert(*hash, (Cached::Absent, TOMBSTONE_TTL))
-                    .await
-            }
-            Cached::Valid(_) => self.near.invalidate(hash).await,
+            Cached::Absent => self.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)),
+            Cached::Valid(_) => self.near.invalidate(hash),
         }
         let unwritten = |pending: Option<Cached>| {
             let mut map = self.unwritten.lock().unwrap();
@@ -199,16 +202,15 @@ impl RedisCache {
     /// Keeps a Redis answer in the near cache, unless a revocation happened since the
     /// lookup began (checked after inserting too, so no interleaving keeps a stale entry:
     /// a revocation bumps the generation *before* evicting).
-    async fn remember(&self, hash: &KeyHash, value: &Cached, generation: u64) {
+    fn remember(&self, hash: &KeyHash, value: &Cached, generation: u64) {
         if !self.near_usable() || self.generation.load(Ordering::SeqCst) != generation {
             return;
         }
         self.near
             .entry(*hash)
-            .or_insert((value.clone(), self.near_ttl))
-            .await;
+            .or_insert((value.clone(), self.near_ttl));
         if self.generation.load(Ordering::SeqCst) != generation {
-            self.near.invalidate(hash).await;
+            self.near.invalidate(hash);
         }
     }
 
@@ -340,7 +342,7 @@ async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
                 match KeyHash::from_hex(&payload) {
                     Ok(hash) => {
                         c.generation.fetch_add(1, Ordering::SeqCst);
-                        c.near.invalidate(&hash).await;
+                        c.near.invalidate(&hash);
                     }
                     Err(_) => c.distrust_near(),
                 }
@@ -393,7 +395,9 @@ fn decode(raw: &str) -> Option<Cached> {
         return Some(Cached::Absent);
     }
     // Anything unreadable (say, written by another version) is a miss, not a decision.
-    KeyRecord::from_json(raw.as_bytes()).ok().map(Cached::Valid)
+    KeyRecord::from_json(raw.as_bytes())
+        .ok()
+        .map(|r| Cached::Valid(Arc::new(r)))
 }
 
 #[cfg(test)]
@@ -402,7 +406,7 @@ mod tests {
 
     #[test]
     fn encoding_round_trips() {
-        let record = KeyRecord::sample();
+        let record = Arc::new(KeyRecord::sample());
         assert_eq!(decode(&encode(&Cached::Absent)), Some(Cached::Absent));
         assert_eq!(
             decode(&encode(&Cached::Valid(record.clone()))),

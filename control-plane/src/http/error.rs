@@ -23,6 +23,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("request headers are larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
+    /// The request (its body, or the work it asked for) took longer than allowed.
+    #[error("the request took longer than {0} s")]
+    RequestTimeout(u64),
     /// A valid key whose role may not call the route.
     #[error(
         "this key's role ({role}) may not call this route; it needs a key with the role {}",
@@ -77,6 +80,7 @@ impl ApiError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
             ),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Service(E::Unavailable | E::Busy) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }

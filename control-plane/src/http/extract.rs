@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
@@ -27,7 +28,7 @@ use crate::service::keys::lookup;
 
 /// The verified caller, available to handlers as an extension.
 #[derive(Debug, Clone)]
-pub struct Caller(pub KeyRecord);
+pub struct Caller(pub Arc<KeyRecord>);
 
 /// Every `/api/v1/*` request carries a key: parse (checksum: garbage never reaches the
 /// database) → hash → cache → database. Unknown, deleted and expired keys get the same

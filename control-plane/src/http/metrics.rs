@@ -1,26 +1,80 @@
 //! Request metrics: a count and a duration per route template, method and status.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{LazyLock, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::Response;
+use tower::{Layer, Service};
 
 /// Counts requests by route template (never the raw path: it may hold names) and status,
-/// and times them.
-pub async fn track_requests(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(req.method());
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
-    let (count, duration) = request_metrics(route, method, response.status().as_u16());
-    count.increment(1);
-    duration.record(started.elapsed().as_secs_f64());
-    response
+/// and times them. A tower layer rather than `from_fn`: no boxed future, no boxed
+/// `Next` per request.
+#[derive(Debug, Clone, Copy)]
+pub struct TrackRequestsLayer;
+
+impl<S> Layer<S> for TrackRequestsLayer {
+    type Service = TrackRequests<S>;
+
+    fn layer(&self, inner: S) -> TrackRequests<S> {
+        TrackRequests(inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackRequests<S>(S);
+
+impl<S: Service<Request, Response = Response>> Service<Request> for TrackRequests<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Tracked<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let method = method_label(req.method());
+        Tracked {
+            inner: self.0.call(req),
+            route,
+            method,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's response, counted and timed when it is ready.
+    pub struct Tracked<F> {
+        #[pin]
+        inner: F,
+        route: Option<MatchedPath>,
+        method: &'static str,
+        started: Instant,
+    }
+}
+
+impl<F: Future<Output = Result<Response, E>>, E> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            let route = this.route.as_ref().map_or("unmatched", |r| r.as_str());
+            let (count, duration) = request_metrics(route, this.method, response.status().as_u16());
+            count.increment(1);
+            duration.record(this.started.elapsed().as_secs_f64());
+        }
+        Poll::Ready(result)
+    }
 }
 
 /// Standard methods by name; anything else is one label, so clients cannot grow the

@@ -1,6 +1,6 @@
 //! The REST API: one router per resource, merged here with the layers every request
-//! goes through (auth on `/api/v1/*`, metrics, size limits, timeout, tracing), and the
-//! server that runs it until SIGTERM / Ctrl-C.
+//! goes through (auth on `/api/v1/*`, metrics, body limit, tracing), and the server that
+//! runs it until SIGTERM / Ctrl-C (the accept loop bounds each request's head and time).
 //!
 //! Handlers only translate: HTTP in (extractors, DTOs), a `service` call, HTTP out
 //! ([`error::ApiError`] for every failure).
@@ -18,22 +18,19 @@ pub mod server;
 pub mod state;
 pub mod usage;
 
-use std::time::Duration;
-
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{header, StatusCode};
-use axum::middleware::{from_fn, from_fn_with_state, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
-use tower_http::timeout::TimeoutLayer;
+use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use error::ApiError;
-use limits::{MAX_BODY_BYTES, MAX_HEADER_BYTES};
+use limits::MAX_BODY_BYTES;
 use state::AppState;
 
 pub use extract::decode_json;
@@ -56,13 +53,14 @@ pub fn app(state: AppState) -> Router {
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(from_fn(metrics::track_requests))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(from_fn(limit_header_size))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(30),
-        ));
+        // One stack applied once (outermost first): each `Router::layer` call would box
+        // every route again, a clone and a boxed future more per request. (The head-size
+        // limit and the request timeout are the accept loop's: `server.rs`.)
+        .layer(
+            ServiceBuilder::new()
+                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+                .layer(metrics::TrackRequestsLayer),
+        );
     // A span and two events per request, wanted only when debugging
     // (`RUST_LOG=tower_http=debug`): left out otherwise, not merely filtered.
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
@@ -73,28 +71,10 @@ pub fn app(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// Refuses oversized request heads with a JSON 431 before anything reads them.
-async fn limit_header_size(req: Request, next: Next) -> Result<Response, ApiError> {
-    let size = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
-        + req
-            .headers()
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len())
-            .sum::<usize>();
-    if size > MAX_HEADER_BYTES {
-        return Err(ApiError::HeadersTooLarge);
-    }
-    Ok(next.run(req).await)
-}
-
 /// The ops port's service: health, readiness, metrics (no key; keep it off the network).
 pub fn ops_app(state: AppState) -> Router {
     ops::ops_router()
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(30),
-        ))
         .with_state(state)
 }
 

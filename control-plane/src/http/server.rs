@@ -7,6 +7,11 @@
 //! silent client's first byte with no timeout at all. Hyper's header timeout also closes
 //! a keep-alive connection idle that long between requests, but does not run before a
 //! connection's first byte: that wait is bounded here, once per connection.
+//!
+//! Each request's own bounds are here too, before the router: its head's size (a JSON
+//! 431) and its time (a JSON 408). `tokio::time::timeout` polls the request first, so
+//! one answered in its first poll (a cached verification) never arms a timer; tower-http's
+//! `TimeoutLayer` arms one for every request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,6 +28,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower_service::Service;
+
+use super::error::ApiError;
+use super::limits::MAX_HEADER_BYTES;
 
 /// How long in-flight requests may take to finish after a stop signal.
 const DRAIN_FOR: Duration = Duration::from_secs(30);
@@ -32,6 +41,8 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Open connections at most.
     pub max_connections: usize,
+    /// Longest a request may take after its head (body and handler), answered 408.
+    pub request_timeout: Duration,
 }
 
 /// Serves `router` on `listener` until `stop` resolves, then lets open requests finish
@@ -70,10 +81,23 @@ pub async fn serve(
         metrics::gauge!("metlo_open_connections")
             .set((limits.max_connections - slots.available_permits()) as f64);
         let router = router.clone();
+        let request_timeout = limits.request_timeout;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
             let mut router = router.clone();
-            async move { Ok::<_, Infallible>(router.call(req).await.unwrap_or_else(|e| match e {})) }
+            async move {
+                if head_size(&req) > MAX_HEADER_BYTES {
+                    return Ok::<_, Infallible>(ApiError::HeadersTooLarge.into_response());
+                }
+                req.extensions_mut().insert(ConnectInfo(peer));
+                Ok(
+                    match tokio::time::timeout(request_timeout, router.call(req)).await {
+                        Ok(response) => response.unwrap_or_else(|e| match e {}),
+                        Err(_) => {
+                            ApiError::RequestTimeout(request_timeout.as_secs()).into_response()
+                        }
+                    },
+                )
+            }
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let header_timeout = limits.header_read_timeout;
@@ -100,4 +124,15 @@ pub async fn serve(
     {
         tracing::warn!("stopped with requests still in flight after 30 s");
     }
+}
+
+/// The request head's size as limited: target URI plus every header's name and value
+/// (hyper's own caps, 100 headers and ~400 KB of buffer, stay as the outer bound).
+fn head_size<B>(req: &hyper::Request<B>) -> usize {
+    req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum::<usize>()
 }

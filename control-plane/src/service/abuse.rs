@@ -282,6 +282,6 @@ mod tests {
         assert!(matches!(gate.enter().await, Err(Error::Busy)));
         assert!(started.elapsed() >= GATE_WAIT);
         drop(a);
-        gate.enter().await.unwrap();
+        drop(gate.enter().await.unwrap());
     }
 }

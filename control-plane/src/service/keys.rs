@@ -2,7 +2,7 @@
 //! keys — create, roll, delete, list, and verification through the cache — with the
 //! shapes they return, which are Metlo's JSON (paths and field names exactly).
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use metlo_shared::{ApiKey, KeyHash, KeyRecord, KeyType, Role};
@@ -475,7 +475,7 @@ pub async fn lookup(
     gate: &LookupGate,
     hash: &KeyHash,
     may_query: impl FnOnce() -> Result<(), Error>,
-) -> Result<Option<KeyRecord>, Error> {
+) -> Result<Option<Arc<KeyRecord>>, Error> {
     // Handles made once (the recorder is installed before the first request): a
     // registry lookup per verification was measurable.
     static HIT: LazyLock<metrics::Counter> =
@@ -491,8 +491,24 @@ pub async fn lookup(
     }
     MISS.increment(1);
     may_query()?;
+    // Boxed: the query's future is large, and a cache hit should not carry its size.
+    Box::pin(look_up_uncached(store, cache, gate, hash)).await
+}
+
+async fn look_up_uncached(
+    store: &Store,
+    cache: &VerifyCache,
+    gate: &LookupGate,
+    hash: &KeyHash,
+) -> Result<Option<Arc<KeyRecord>>, Error> {
+    static LOOKUPS: LazyLock<metrics::Counter> =
+        LazyLock::new(|| metrics::counter!("metlo_verify_lookups_total"));
     let permit = gate.enter().await?;
-    let record = store.find_by_hash(hash).await?.map(|k| k.record());
+    LOOKUPS.increment(1);
+    let record = store
+        .find_by_hash(hash)
+        .await?
+        .map(|k| Arc::new(k.record()));
     drop(permit);
     let entry = match &record {
         Some(r) => Cached::Valid(r.clone()),
