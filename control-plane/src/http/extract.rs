@@ -24,7 +24,7 @@ use super::state::AppState;
 use crate::clock::now_unix_seconds;
 use crate::service;
 use crate::service::audit::{Actor, FailureReason};
-use crate::service::keys::lookup;
+use crate::service::verify::lookup;
 
 /// The verified caller, available to handlers as an extension.
 #[derive(Debug, Clone)]

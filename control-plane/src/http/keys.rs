@@ -18,6 +18,7 @@ use crate::clock::now_ms;
 use crate::service::keys::{
     self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
 };
+use crate::service::verify;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -163,7 +164,7 @@ async fn by_hash(
     // Only traffic keys exist for the edge: an admin or edge key's hash is "not found".
     // The edge is one source for all its clients: no per-source budget here (the Worker
     // limits its own), only the bound on concurrent lookups.
-    let record = keys::lookup(&state.store, &state.cache, &state.lookups, &hash, || Ok(()))
+    let record = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || Ok(()))
         .await?
         .filter(|r| r.role.serves_traffic())
         .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;

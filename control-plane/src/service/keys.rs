@@ -2,20 +2,18 @@
 //! keys — create, roll, delete, list, and verification through the cache — with the
 //! shapes they return, which are Metlo's JSON (paths and field names exactly).
 
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use metlo_shared::{ApiKey, KeyHash, KeyRecord, KeyType, Role};
+use metlo_shared::{ApiKey, KeyHash, KeyType, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
-use super::abuse::LookupGate;
 use super::audit::Actor;
 use super::Error;
-use crate::cache::{Cached, VerifyCache};
+use crate::cache::VerifyCache;
 use crate::clock::{iso8601, now_ms};
 use crate::db::rows::{Rolled, StoredKey};
 use crate::db::Store;
@@ -463,57 +461,4 @@ pub async fn set_role(
 pub async fn list_keys(store: &Store, only: Option<KeyType>) -> Result<Vec<KeyInfo>, Error> {
     let keys = store.list_keys(only).await?;
     Ok(keys.into_iter().map(KeyInfo::from).collect())
-}
-
-/// The record for a secret hash, through the cache. `None`: not a key (unknown, deleted
-/// or past its roll overlap). Expiry is the caller's to check: the record carries it.
-/// A cache miss asks `may_query` first (the caller's per-source limit), then the `gate`
-/// (concurrent lookups; busy past it).
-pub async fn lookup(
-    store: &Store,
-    cache: &VerifyCache,
-    gate: &LookupGate,
-    hash: &KeyHash,
-    may_query: impl FnOnce() -> Result<(), Error>,
-) -> Result<Option<Arc<KeyRecord>>, Error> {
-    // Handles made once (the recorder is installed before the first request): a
-    // registry lookup per verification was measurable.
-    static HIT: LazyLock<metrics::Counter> =
-        LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "hit"));
-    static MISS: LazyLock<metrics::Counter> =
-        LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "miss"));
-    if let Some(cached) = cache.get(hash).await {
-        HIT.increment(1);
-        return Ok(match cached {
-            Cached::Valid(record) => Some(record),
-            Cached::Absent => None,
-        });
-    }
-    MISS.increment(1);
-    may_query()?;
-    // Boxed: the query's future is large, and a cache hit should not carry its size.
-    Box::pin(look_up_uncached(store, cache, gate, hash)).await
-}
-
-async fn look_up_uncached(
-    store: &Store,
-    cache: &VerifyCache,
-    gate: &LookupGate,
-    hash: &KeyHash,
-) -> Result<Option<Arc<KeyRecord>>, Error> {
-    static LOOKUPS: LazyLock<metrics::Counter> =
-        LazyLock::new(|| metrics::counter!("metlo_verify_lookups_total"));
-    let permit = gate.enter().await?;
-    LOOKUPS.increment(1);
-    let record = store
-        .find_by_hash(hash)
-        .await?
-        .map(|k| Arc::new(k.record()));
-    drop(permit);
-    let entry = match &record {
-        Some(r) => Cached::Valid(r.clone()),
-        None => Cached::Absent,
-    };
-    cache.add(hash, entry).await;
-    Ok(record)
 }

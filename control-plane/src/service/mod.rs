@@ -7,6 +7,7 @@ pub mod abuse;
 pub mod audit;
 pub mod keys;
 pub mod usage;
+pub mod verify;
 
 use crate::db::StoreError;
 
