@@ -91,6 +91,11 @@ async fn made_up_keys_are_limited_per_source() {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
     let misses = cp.metric("metlo_verify_cache_total", "miss").await;
+    let lookups = cp.metric("metlo_verify_lookups_total", "").await;
+    assert!(
+        lookups >= 10.0,
+        "each of the first ten was looked up: {lookups}"
+    );
     for _ in 0..50 {
         let r = cp
             .client
@@ -121,6 +126,11 @@ async fn made_up_keys_are_limited_per_source() {
         cp.metric("metlo_auth_limited_total", "").await,
         51.0,
         "and none reached the database"
+    );
+    assert_eq!(
+        cp.metric("metlo_verify_lookups_total", "").await,
+        lookups,
+        "no database lookup past the budget"
     );
     // The valid key, from the cache, from the limited source: untouched.
     assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
