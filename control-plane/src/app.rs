@@ -9,9 +9,10 @@ use crate::config::Config;
 use crate::http::state::{AppState, Shared};
 use crate::kv_sync::client::KvClient;
 use crate::kv_sync::drainer::{self, SyncStatus};
-use crate::service::abuse::{FailureLimiter, LookupGate, RecentlyValid};
+use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
 use crate::service::usage::{self, Usage};
+use crate::service::verify::Lookups;
 use crate::{http, telemetry};
 
 /// The REST service with everything behind it, until SIGTERM / Ctrl-C.
@@ -89,7 +90,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         auth_failures,
         failure_limiter: FailureLimiter::new(config.auth_failures_per_minute),
         recently_valid: RecentlyValid::default(),
-        lookups: LookupGate::new(config.max_concurrent_lookups),
+        lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
     });
     match store.count_legacy().await {

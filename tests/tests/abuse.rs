@@ -41,6 +41,37 @@ async fn sqlite_busy_is_503_with_retry_after() {
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
+/// Concurrent cache misses of one key share one database lookup: a burst of 200 calls
+/// with the admin key on a cold cache costs one lookup, and none of them is refused at
+/// the lookup bound (without sharing, 200 lookups queued behind 2 slots and some got 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_with_one_key_on_a_cold_cache_costs_one_lookup() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let cp =
+            ControlPlane::start_with(Options::new(backend).env("MAX_CONCURRENT_LOOKUPS", 2)).await;
+        assert_eq!(
+            cp.metric("metlo_verify_lookups_total", "").await,
+            0.0,
+            "the admin key is not cached yet"
+        );
+        let list = format!("{}/api/v1/keys/list", cp.url);
+        let statuses = futures::future::join_all((0..200).map(|_| {
+            let request = cp.client.get(&list).header("Authorization", &cp.admin_key);
+            async move { request.send().await.unwrap().status() }
+        }))
+        .await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{backend:?}: {statuses:?}"
+        );
+        assert_eq!(
+            cp.metric("metlo_verify_lookups_total", "").await,
+            1.0,
+            "{backend:?}: one lookup for the whole burst"
+        );
+    }
+}
+
 fn made_up_key() -> String {
     metlo_shared::ApiKey::generate()
         .unwrap()

@@ -9,9 +9,10 @@ use crate::db::Store;
 use crate::kv_sync::drainer::SyncStatus;
 use ipnet::IpNet;
 
-use crate::service::abuse::{FailureLimiter, LookupGate, RecentlyValid};
+use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::AuthFailures;
 use crate::service::usage::Usage;
+use crate::service::verify::Lookups;
 
 /// Cloned for every request (axum hands each extractor its own copy), so it is one
 /// `Arc`: a clone is one atomic increment, not one per field.
@@ -50,7 +51,7 @@ pub struct Shared {
     /// Keys valid lately: their lookups skip the failure budget.
     pub recently_valid: RecentlyValid,
     /// Bound on concurrent lookups of uncached keys (503 past it).
-    pub lookups: LookupGate,
+    pub lookups: Lookups,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<IpNet>,
 }

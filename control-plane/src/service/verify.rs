@@ -1,14 +1,72 @@
 //! Verification: a secret hash's record through the cache, the database only on a miss
 //! (and then only within the caller's failure budget and the bound on concurrent lookups).
+//! Concurrent misses of one hash share one lookup: a burst of requests with one key on a
+//! cold cache (a client starting 200 calls at once) costs one query and one gate slot,
+//! not 200 (which would queue at the gate and turn into 503s).
 
-use std::sync::{Arc, LazyLock};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use metlo_shared::{KeyHash, KeyRecord};
+use tokio::sync::OnceCell;
 
 use super::abuse::LookupGate;
 use super::Error;
 use crate::cache::{Cached, VerifyCache};
 use crate::db::Store;
+
+type Found = Option<Arc<KeyRecord>>;
+
+/// The database side of verification: the bound on concurrent lookups and the lookups
+/// in flight, one per hash.
+pub struct Lookups {
+    gate: LookupGate,
+    in_flight: Mutex<HashMap<KeyHash, Arc<OnceCell<Found>>>>,
+}
+
+impl Lookups {
+    pub fn new(max_concurrent: usize) -> Self {
+        Lookups {
+            gate: LookupGate::new(max_concurrent),
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lookup in flight for `hash`, joined or begun.
+    fn join(&self, hash: &KeyHash) -> Joined<'_> {
+        let mut in_flight = self.in_flight.lock().unwrap();
+        let flight = in_flight.entry(*hash).or_default().clone();
+        Joined {
+            lookups: self,
+            hash: *hash,
+            flight: Some(flight),
+        }
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.in_flight.lock().unwrap().len()
+    }
+}
+
+/// One caller's share of a lookup; the last one out removes it (also when callers are
+/// cancelled mid-lookup), so the map holds only lookups someone still waits for.
+struct Joined<'a> {
+    lookups: &'a Lookups,
+    hash: KeyHash,
+    flight: Option<Arc<OnceCell<Found>>>,
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.lookups.in_flight.lock().unwrap();
+        // Released under the lock, so the count read by the next one out is exact.
+        let flight = self.flight.take().expect("taken only here");
+        if Arc::strong_count(&flight) == 2 {
+            in_flight.remove(&self.hash);
+        }
+    }
+}
 
 /// The record for a secret hash, through the cache. `None`: not a key (unknown, deleted
 /// or past its roll overlap). Expiry is the caller's to check: the record carries it.
@@ -17,10 +75,10 @@ use crate::db::Store;
 pub async fn lookup(
     store: &Store,
     cache: &VerifyCache,
-    gate: &LookupGate,
+    lookups: &Lookups,
     hash: &KeyHash,
     may_query: impl FnOnce() -> Result<(), Error>,
-) -> Result<Option<Arc<KeyRecord>>, Error> {
+) -> Result<Found, Error> {
     // Handles made once (the recorder is installed before the first request): a
     // registry lookup per verification was measurable.
     static HIT: LazyLock<metrics::Counter> =
@@ -37,28 +95,77 @@ pub async fn lookup(
     MISS.increment(1);
     may_query()?;
     // Boxed: the query's future is large, and a cache hit should not carry its size.
-    Box::pin(look_up_uncached(store, cache, gate, hash)).await
+    Box::pin(look_up_uncached(store, cache, lookups, hash)).await
 }
 
 async fn look_up_uncached(
     store: &Store,
     cache: &VerifyCache,
-    gate: &LookupGate,
+    lookups: &Lookups,
     hash: &KeyHash,
-) -> Result<Option<Arc<KeyRecord>>, Error> {
+) -> Result<Found, Error> {
     static LOOKUPS: LazyLock<metrics::Counter> =
         LazyLock::new(|| metrics::counter!("metlo_verify_lookups_total"));
-    let permit = gate.enter().await?;
-    LOOKUPS.increment(1);
-    let record = store
-        .find_by_hash(hash)
-        .await?
-        .map(|k| Arc::new(k.record()));
-    drop(permit);
-    let entry = match &record {
-        Some(r) => Cached::Valid(r.clone()),
-        None => Cached::Absent,
-    };
-    cache.add(hash, entry).await;
-    Ok(record)
+    let joined = lookups.join(hash);
+    let flight = joined.flight.as_ref().expect("held until drop");
+    // A failed lookup (busy gate, database error) is not shared: the next caller in
+    // line tries its own.
+    let found = flight
+        .get_or_try_init(|| async {
+            let permit = lookups.gate.enter().await?;
+            LOOKUPS.increment(1);
+            let record = store
+                .find_by_hash(hash)
+                .await?
+                .map(|k| Arc::new(k.record()));
+            drop(permit);
+            let entry = match &record {
+                Some(r) => Cached::Valid(r.clone()),
+                None => Cached::Absent,
+            };
+            cache.add(hash, entry).await;
+            Ok::<_, Error>(record)
+        })
+        .await?;
+    Ok(found.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use metlo_shared::ApiKey;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn lookups_in_flight_are_shared_and_forgotten() {
+        let store = Store::memory().await;
+        let cache = VerifyCache::memory(Duration::from_secs(60));
+        let lookups = Lookups::new(1);
+        let hash = ApiKey::generate().unwrap().hash();
+        let found = futures_util::future::join_all(
+            (0..50).map(|_| look_up_uncached(&store, &cache, &lookups, &hash)),
+        )
+        .await;
+        assert!(found.iter().all(|f| matches!(f, Ok(None))));
+        assert_eq!(
+            lookups.in_flight(),
+            0,
+            "the last one out removed the lookup"
+        );
+        assert_eq!(cache.get(&hash).await, Some(Cached::Absent));
+
+        // Callers dropped mid-lookup (clients gone) leave nothing behind either.
+        let other = ApiKey::generate().unwrap().hash();
+        let permit = lookups.gate.enter().await.unwrap(); // the lookups wait on the gate
+        let waiting = futures_util::future::join_all(
+            (0..3).map(|_| look_up_uncached(&store, &cache, &lookups, &other)),
+        );
+        assert!(tokio::time::timeout(Duration::from_millis(20), waiting)
+            .await
+            .is_err());
+        drop(permit);
+        assert_eq!(lookups.in_flight(), 0);
+    }
 }
