@@ -201,7 +201,7 @@ impl AuthFailures {
     fn take(&self) -> Vec<AuditEntry> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap());
         let mut sources: Vec<(FailureSource, FailureCount)> = pending.counts.into_iter().collect();
-        sources.sort_unstable_by(|a, b| b.1.count.cmp(&a.1.count));
+        sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.1.count));
         let folded = sources.split_off(sources.len().min(MAX_ROWS_PER_FLUSH));
         let mut entries: Vec<AuditEntry> = sources
             .into_iter()
