@@ -78,14 +78,29 @@ impl VerifyCache {
     }
 
     pub async fn get(&self, hash: &KeyHash) -> Option<Cached> {
+        match self.get_local(hash) {
+            Some(v) => Some(v),
+            None => self.get_shared(hash).await,
+        }
+    }
+
+    /// What this process knows without a round trip: the in-process cache, or Redis's
+    /// near cache (and the tombstones not yet written to Redis). Synchronous, so a cache
+    /// hit on the request path awaits nothing.
+    pub fn get_local(&self, hash: &KeyHash) -> Option<Cached> {
         match &self.inner {
             Inner::Memory(c) => c.get(hash),
-            // The round trip boxed: its future is large, and every verification's
-            // future would carry (and move) its size, cache hit or not.
-            Inner::Redis(r) => match r.local(hash) {
-                Some(v) => Some(v),
-                None => Box::pin(r.fetch(hash)).await,
-            },
+            Inner::Redis(r) => r.local(hash),
+        }
+    }
+
+    /// What the shared cache holds (Redis; nothing for the in-process cache), for a hash
+    /// [`Self::get_local`] did not know.
+    pub async fn get_shared(&self, hash: &KeyHash) -> Option<Cached> {
+        match &self.inner {
+            Inner::Memory(_) => None,
+            // Boxed: the round trip's future is large.
+            Inner::Redis(r) => Box::pin(r.fetch(hash)).await,
         }
     }
 

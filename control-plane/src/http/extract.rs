@@ -1,143 +1,26 @@
-//! What handlers take from a request: the verified caller (the auth middleware puts it
-//! there), the [`Actor`] for the audit log, and JSON bodies whose every rejection is our
-//! JSON error.
+//! What handlers take from a request: the verified caller (the auth layer,
+//! [`super::auth`], puts it there), the [`Actor`] for the audit log, and JSON bodies
+//! whose every rejection is our JSON error.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::header::AUTHORIZATION;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::Extensions;
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::Response;
-use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord, Role};
+use metlo_shared::{KeyRecord, Role};
 use serde::de::DeserializeOwned;
 
 use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::limits::MAX_BODY_BYTES;
 use super::state::AppState;
-use crate::clock::now_unix_seconds;
-use crate::service;
-use crate::service::audit::{Actor, FailureReason};
-use crate::service::verify::lookup;
+use crate::service::audit::Actor;
 
 /// The verified caller, available to handlers as an extension.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Arc<KeyRecord>);
-
-/// Every `/api/v1/*` request carries a key: parse (checksum: garbage never reaches the
-/// database) → hash → cache → database. Unknown, deleted and expired keys get the same
-/// answer: no hint a key once existed. A source past its failure budget gets 429 instead
-/// (and no lookup); a valid key served from the cache never touches the limits.
-pub async fn require_key(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("\u{0}"));
-    let key = match parse_authorization(header) {
-        Ok(key) => key,
-        Err(AuthorizationError::Missing) => {
-            return Err(refuse(
-                &state,
-                &req,
-                FailureReason::Missing,
-                None,
-                "missing API key: send it in the Authorization header",
-            ));
-        }
-        Err(AuthorizationError::Malformed(_)) => {
-            return Err(refuse(
-                &state,
-                &req,
-                FailureReason::Malformed,
-                None,
-                "invalid API key",
-            ));
-        }
-    };
-    let hash = key.hash();
-    // (Borrows of the parts, not of the request: its body is not `Sync`.)
-    let (extensions, headers) = (req.extensions(), req.headers());
-    let queried = AtomicBool::new(false);
-    let found = lookup(&state.store, &state.cache, &state.lookups, &hash, || {
-        queried.store(true, Ordering::Relaxed);
-        if state.recently_valid.contains(&hash) {
-            return Ok(());
-        }
-        let ip = client_ip(extensions, headers, &state.trusted_proxies);
-        state.failure_limiter.check(ip)
-    })
-    .await;
-    let found = match found {
-        Err(limited @ service::Error::TooManyFailures(_)) => {
-            record_failure(&state, &req, FailureReason::Limited, Some(key.identifier()));
-            return Err(limited.into());
-        }
-        found => found?,
-    };
-    let Some(record) = found.filter(|r| !r.is_expired(now_unix_seconds())) else {
-        return Err(refuse(
-            &state,
-            &req,
-            FailureReason::Invalid,
-            Some(key.identifier()),
-            "invalid API key",
-        ));
-    };
-    if queried.load(Ordering::Relaxed) {
-        state.recently_valid.saw(&hash);
-    }
-    state.usage.used(&hash);
-    req.extensions_mut().insert(Caller(record));
-    Ok(next.run(req).await)
-}
-
-/// A failed authentication: counted for the audit log (client IP and route read only
-/// here, off the success path) and against the source's budget — 401, or 429 once the
-/// budget is spent.
-fn refuse(
-    state: &AppState,
-    req: &Request,
-    reason: FailureReason,
-    identifier: Option<String>,
-    message: &'static str,
-) -> ApiError {
-    let ip = record_failure(state, req, reason, identifier);
-    match state.failure_limiter.failed(ip) {
-        Ok(()) => ApiError::Unauthorized(message),
-        Err(limited) => limited.into(),
-    }
-}
-
-/// Counts a failure for the audit log; returns the client IP it was counted for.
-fn record_failure(
-    state: &AppState,
-    req: &Request,
-    reason: FailureReason,
-    identifier: Option<String>,
-) -> Option<IpAddr> {
-    let ip = source_ip(state, req);
-    state.auth_failures.record(
-        ip.map(|ip| ip.to_string()),
-        reason,
-        identifier,
-        route(req.extensions()),
-    );
-    ip
-}
-
-fn source_ip(state: &AppState, req: &Request) -> Option<IpAddr> {
-    client_ip(req.extensions(), req.headers(), &state.trusted_proxies)
-}
 
 /// Who is making a request, for the audit log: the verified key's name and the client IP.
 /// (A wrapper, not an extractor impl on `Actor`: that would make the service's type
@@ -162,7 +45,7 @@ impl FromRequestParts<AppState> for Audited {
 }
 
 /// The route template (never the raw path: it may hold names), for the audit log.
-fn route(extensions: &Extensions) -> Option<String> {
+pub(super) fn route(extensions: &Extensions) -> Option<String> {
     extensions
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
@@ -192,7 +75,7 @@ impl Allowed for Clients {
     const ROLES: &'static [Role] = &[Role::Client, Role::Legacy];
 }
 
-/// Proof that the caller's key (verified by [`require_key`]) has a role the route
+/// Proof that the caller's key (verified by [`super::auth`]) has a role the route
 /// allows. Otherwise 403, counted in the audit log like a failed authentication.
 /// Zero-sized: checking costs a comparison, no copy of the caller.
 pub struct Authorized<A: Allowed>(std::marker::PhantomData<A>);
@@ -201,7 +84,7 @@ impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // `require_key` runs first on every /api/v1 route; without it, refuse (fail closed).
+        // The auth layer runs first on every /api/v1 route; without it, refuse (fail closed).
         let Some(Caller(caller)) = parts.extensions.get::<Caller>() else {
             return Err(ApiError::Unauthorized("invalid API key"));
         };

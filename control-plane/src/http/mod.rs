@@ -6,6 +6,7 @@
 //! ([`error::ApiError`] for every failure).
 
 pub mod audit;
+mod auth;
 mod client_ip;
 pub mod error;
 pub mod extract;
@@ -21,7 +22,6 @@ pub mod usage;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::http::header;
-use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
 use tower::ServiceBuilder;
@@ -41,7 +41,7 @@ pub fn app(state: AppState) -> Router {
         .merge(keys::router())
         .merge(audit::router())
         .merge(usage::router())
-        .layer(from_fn_with_state(state.clone(), extract::require_key))
+        .layer(auth::RequireKeyLayer(state.clone()))
         .merge(ops::api_router())
         .split_for_parts();
     openapi::add_limit_responses(&mut doc);

@@ -68,9 +68,27 @@ impl Drop for Joined<'_> {
     }
 }
 
+static HIT: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "hit"));
+
+/// What this process's cache says about a hash, without waiting for anything (the
+/// request path's fast path): `None` when it does not know.
+pub fn cached(cache: &VerifyCache, hash: &KeyHash) -> Option<Found> {
+    let cached = cache.get_local(hash)?;
+    HIT.increment(1);
+    Some(found(cached))
+}
+
+fn found(cached: Cached) -> Found {
+    match cached {
+        Cached::Valid(record) => Some(record),
+        Cached::Absent => None,
+    }
+}
+
 /// The record for a secret hash, through the cache. `None`: not a key (unknown, deleted
 /// or past its roll overlap). Expiry is the caller's to check: the record carries it.
-/// A cache miss asks `may_query` first (the caller's per-source limit), then the `gate`
+/// A cache miss asks `may_query` first (the caller's per-source limit), then the gate
 /// (concurrent lookups; busy past it).
 pub async fn lookup(
     store: &Store,
@@ -81,16 +99,14 @@ pub async fn lookup(
 ) -> Result<Found, Error> {
     // Handles made once (the recorder is installed before the first request): a
     // registry lookup per verification was measurable.
-    static HIT: LazyLock<metrics::Counter> =
-        LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "hit"));
     static MISS: LazyLock<metrics::Counter> =
         LazyLock::new(|| metrics::counter!("metlo_verify_cache_total", "result" => "miss"));
-    if let Some(cached) = cache.get(hash).await {
+    if let Some(found) = cached(cache, hash) {
+        return Ok(found);
+    }
+    if let Some(shared) = cache.get_shared(hash).await {
         HIT.increment(1);
-        return Ok(match cached {
-            Cached::Valid(record) => Some(record),
-            Cached::Absent => None,
-        });
+        return Ok(found(shared));
     }
     MISS.increment(1);
     may_query()?;

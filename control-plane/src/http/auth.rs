@@ -1,0 +1,197 @@
+//! The auth layer: every `/api/v1/*` request carries a key. Parse (checksum: garbage
+//! never reaches the database) → hash → cache → database; the verified [`Caller`] goes
+//! into the request's extensions for the handlers' [`super::extract::Authorized`].
+//!
+//! A tower layer rather than `from_fn`, for its fast path: a key this process's cache
+//! knows as valid is checked synchronously in `call` and the route is called directly —
+//! no boxed future, no boxed `Next`, no clone of the route. Everything else (a miss, a
+//! Redis round trip, every failure) takes the slow path, one boxed future.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::Request;
+use axum::http::header::AUTHORIZATION;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
+use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
+use tower::{Layer, Service};
+
+use super::client_ip::client_ip;
+use super::error::ApiError;
+use super::extract::{route, Caller};
+use super::state::AppState;
+use crate::clock::now_unix_seconds;
+use crate::service;
+use crate::service::audit::FailureReason;
+use crate::service::verify;
+
+#[derive(Clone)]
+pub struct RequireKeyLayer(pub AppState);
+
+impl<S> Layer<S> for RequireKeyLayer {
+    type Service = RequireKey<S>;
+
+    fn layer(&self, inner: S) -> RequireKey<S> {
+        RequireKey {
+            inner,
+            state: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequireKey<S> {
+    inner: S,
+    state: AppState,
+}
+
+type SlowPath = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl<S> Service<Request> for RequireKey<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<S::Future, SlowPath>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        if let Some(record) = cached_valid(&self.state, &req) {
+            req.extensions_mut().insert(Caller(record));
+            return Either::Left(self.inner.call(req));
+        }
+        // The route that was made ready is the one called; a clone stays for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let state = self.state.clone();
+        Either::Right(Box::pin(async move {
+            match require_key(&state, req).await {
+                Ok(req) => inner.call(req).await,
+                Err(e) => Ok(e.into_response()),
+            }
+        }))
+    }
+}
+
+/// The fast path: a well-formed key that this process's cache holds as valid and not
+/// expired (its use recorded). `None` for anything else, which [`require_key`] decides.
+fn cached_valid(state: &AppState, req: &Request) -> Option<Arc<KeyRecord>> {
+    let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let hash = parse_authorization(Some(header)).ok()?.hash();
+    let record = verify::cached(&state.cache, &hash)??;
+    if record.is_expired(now_unix_seconds()) {
+        return None;
+    }
+    state.usage.used(&hash);
+    Some(record)
+}
+
+/// The slow path: unknown, deleted and expired keys get the same answer (no hint a key
+/// once existed); a source past its failure budget gets 429 instead (and no lookup).
+async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiError> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let key = match parse_authorization(header) {
+        Ok(key) => key,
+        Err(AuthorizationError::Missing) => {
+            return Err(refuse(
+                state,
+                &req,
+                FailureReason::Missing,
+                None,
+                "missing API key: send it in the Authorization header",
+            ));
+        }
+        Err(AuthorizationError::Malformed(_)) => {
+            return Err(refuse(
+                state,
+                &req,
+                FailureReason::Malformed,
+                None,
+                "invalid API key",
+            ));
+        }
+    };
+    let hash = key.hash();
+    // (Borrows of the parts, not of the request: its body is not `Sync`.)
+    let (extensions, headers) = (req.extensions(), req.headers());
+    let queried = AtomicBool::new(false);
+    let found = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || {
+        queried.store(true, Ordering::Relaxed);
+        if state.recently_valid.contains(&hash) {
+            return Ok(());
+        }
+        let ip = client_ip(extensions, headers, &state.trusted_proxies);
+        state.failure_limiter.check(ip)
+    })
+    .await;
+    let found = match found {
+        Err(limited @ service::Error::TooManyFailures(_)) => {
+            record_failure(state, &req, FailureReason::Limited, Some(key.identifier()));
+            return Err(limited.into());
+        }
+        found => found?,
+    };
+    let Some(record) = found.filter(|r| !r.is_expired(now_unix_seconds())) else {
+        return Err(refuse(
+            state,
+            &req,
+            FailureReason::Invalid,
+            Some(key.identifier()),
+            "invalid API key",
+        ));
+    };
+    if queried.load(Ordering::Relaxed) {
+        state.recently_valid.saw(&hash);
+    }
+    state.usage.used(&hash);
+    req.extensions_mut().insert(Caller(record));
+    Ok(req)
+}
+
+/// A failed authentication: counted for the audit log (client IP and route read only
+/// here, off the success path) and against the source's budget — 401, or 429 once the
+/// budget is spent.
+fn refuse(
+    state: &AppState,
+    req: &Request,
+    reason: FailureReason,
+    identifier: Option<String>,
+    message: &'static str,
+) -> ApiError {
+    let ip = record_failure(state, req, reason, identifier);
+    match state.failure_limiter.failed(ip) {
+        Ok(()) => ApiError::Unauthorized(message),
+        Err(limited) => limited.into(),
+    }
+}
+
+/// Counts a failure for the audit log; returns the client IP it was counted for.
+fn record_failure(
+    state: &AppState,
+    req: &Request,
+    reason: FailureReason,
+    identifier: Option<String>,
+) -> Option<IpAddr> {
+    let ip = client_ip(req.extensions(), req.headers(), &state.trusted_proxies);
+    state.auth_failures.record(
+        ip.map(|ip| ip.to_string()),
+        reason,
+        identifier,
+        route(req.extensions()),
+    );
+    ip
+}
