@@ -2,11 +2,17 @@
 //! (database columns) and whole Unix seconds (record expiries). One place, so every
 //! layer agrees on "now" and on rounding.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use chrono::{SecondsFormat, TimeZone, Utc};
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now. (`SystemTime` rather than `Utc::now`: no
+/// calendar date is built on the verification path.)
 pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(since) => since.as_millis() as i64,
+        Err(before) => -(before.duration().as_millis() as i64),
+    }
 }
 
 /// Whole seconds since the Unix epoch, now.

@@ -464,8 +464,12 @@ impl ControlPlane {
             admin_key: admin_key.clone(),
             edge_key: edge_key.clone(),
             client_key: client_key.clone(),
+            // Idle connections are dropped before the server's own idle close (its
+            // header-read timeout, 10 s by default): reusing one just as the server closes
+            // it fails the request.
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
             child,

@@ -26,7 +26,7 @@ use super::client_ip::client_ip;
 use super::error::ApiError;
 use super::extract::{route, Caller};
 use super::state::AppState;
-use crate::clock::now_unix_seconds;
+use crate::clock::{now_ms, unix_seconds};
 use crate::service;
 use crate::service::audit::FailureReason;
 use crate::service::verify;
@@ -90,10 +90,11 @@ fn cached_valid(state: &AppState, req: &Request) -> Option<Arc<KeyRecord>> {
     let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
     let hash = parse_authorization(Some(header)).ok()?.hash();
     let record = verify::cached(&state.cache, &hash)??;
-    if record.is_expired(now_unix_seconds()) {
+    let now = now_ms();
+    if record.is_expired(unix_seconds(now)) {
         return None;
     }
-    state.usage.used(&hash);
+    state.usage.used(&hash, now);
     Some(record)
 }
 
@@ -145,7 +146,8 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
         }
         found => found?,
     };
-    let Some(record) = found.filter(|r| !r.is_expired(now_unix_seconds())) else {
+    let now = now_ms();
+    let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now))) else {
         return Err(refuse(
             state,
             &req,
@@ -157,7 +159,7 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
     if queried.load(Ordering::Relaxed) {
         state.recently_valid.saw(&hash);
     }
-    state.usage.used(&hash);
+    state.usage.used(&hash, now);
     req.extensions_mut().insert(Caller(record));
     Ok(req)
 }

@@ -93,19 +93,19 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 type RequestHandles = (metrics::Counter, metrics::Histogram);
-type HandleMap = HashMap<(&'static str, &'static str, u16), RequestHandles>;
+type HandleMap = HashMap<(&'static str, &'static str, u16), &'static RequestHandles>;
 
 /// Metric handles per (route template, method, status), made once: a request then costs
 /// a read-locked lookup instead of label strings allocated and a registry key built for
-/// each metric. The set is bounded: routes are the router's templates, methods the
+/// each metric (and handles lent, not cloned: no reference counts touched). The set is bounded: routes are the router's templates, methods the
 /// standard ones, statuses three digits.
-fn request_metrics(route: &str, method: &'static str, status: u16) -> RequestHandles {
+fn request_metrics(route: &str, method: &'static str, status: u16) -> &'static RequestHandles {
     static HANDLES: LazyLock<RwLock<HandleMap>> = LazyLock::new(Default::default);
     {
         let map = HANDLES.read().unwrap_or_else(|e| e.into_inner());
-        let map: &HashMap<(&str, &str, u16), RequestHandles> = &map;
+        let map: &HashMap<(&str, &str, u16), &'static RequestHandles> = &map;
         if let Some(handles) = map.get(&(route, method, status)) {
-            return handles.clone();
+            return handles;
         }
     }
     let mut map = HANDLES.write().unwrap_or_else(|e| e.into_inner());
@@ -113,10 +113,9 @@ fn request_metrics(route: &str, method: &'static str, status: u16) -> RequestHan
     map.entry((route, method, status))
         .or_insert_with(|| {
             let status = status.to_string();
-            (
+            Box::leak(Box::new((
                 metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status),
                 metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route),
-            )
+            )))
         })
-        .clone()
 }

@@ -9,21 +9,25 @@
 //! connection's first byte: that wait is bounded here, once per connection.
 //!
 //! Each request's own bounds are here too, before the router: its head's size (a JSON
-//! 431) and its time (a JSON 408). `tokio::time::timeout` polls the request first, so
-//! one answered in its first poll (a cached verification) never arms a timer; tower-http's
-//! `TimeoutLayer` arms one for every request.
+//! 431) and its time (a JSON 408). The timer is made only when the request's first poll
+//! does not answer it, so a cached verification never makes one (tower-http's
+//! `TimeoutLayer` arms one for every request; even an unarmed `tokio::time::timeout`
+//! reads the clock and the runtime handle and drops a timer entry: about 2 % of a
+//! verification).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -54,9 +58,8 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    let mut builder = Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
@@ -89,14 +92,10 @@ pub async fn serve(
                     return Ok::<_, Infallible>(ApiError::HeadersTooLarge.into_response());
                 }
                 req.extensions_mut().insert(ConnectInfo(peer));
-                Ok(
-                    match tokio::time::timeout(request_timeout, router.call(req)).await {
-                        Ok(response) => response.unwrap_or_else(|e| match e {}),
-                        Err(_) => {
-                            ApiError::RequestTimeout(request_timeout.as_secs()).into_response()
-                        }
-                    },
-                )
+                Ok(match within(request_timeout, router.call(req)).await {
+                    Some(response) => response.unwrap_or_else(|e| match e {}),
+                    None => ApiError::RequestTimeout(request_timeout.as_secs()).into_response(),
+                })
             }
         });
         let (builder, watcher) = (builder.clone(), graceful.watcher());
@@ -111,9 +110,9 @@ pub async fn serve(
             {
                 return;
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             // Timeouts and resets end here; nothing to report per connection.
-            let _ = watcher.watch(conn.into_owned()).await;
+            let _ = watcher.watch(conn).await;
             drop(slot);
         });
     }
@@ -124,6 +123,16 @@ pub async fn serve(
     {
         tracing::warn!("stopped with requests still in flight after 30 s");
     }
+}
+
+/// `fut`'s output, or `None` past `limit`; the timer is made only if the first poll is
+/// pending (the limit then counts from there: a first poll is not a wait).
+async fn within<F: Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(out);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
 }
 
 /// The request head's size as limited: target URI plus every header's name and value
