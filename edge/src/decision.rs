@@ -1,6 +1,6 @@
 //! What the Worker decides, as plain functions over plain data.
 
-use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord};
+use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord, META_HEADER};
 
 use crate::config::KV_MIN_EXPIRATION_TTL;
 
@@ -137,14 +137,23 @@ pub fn origin_headers(record: &KeyRecord, forward_authorization: bool) -> Origin
     if !forward_authorization {
         remove.push("Authorization");
     }
-    OriginHeaders {
-        remove,
-        set: vec![
-            ("X-Metlo-Key-Name", header_safe(&record.name)),
-            ("X-Metlo-Key-Type", record.key_type.as_str().into()),
-            ("X-Metlo-Key-Identifier", record.identifier.clone()),
-        ],
+    let mut set = vec![
+        ("X-Metlo-Key-Name", header_safe(&record.name)),
+        ("X-Metlo-Key-Type", record.key_type.as_str().into()),
+        ("X-Metlo-Key-Identifier", record.identifier.clone()),
+    ];
+    // Already encoded by the control plane; anything but base64url is not forwarded (a
+    // value that is not a valid header would fail the whole request).
+    if let Some(meta) = record.meta.as_deref().filter(|m| is_base64url(m)) {
+        set.push((META_HEADER, meta.to_owned()));
     }
+    OriginHeaders { remove, set }
+}
+
+fn is_base64url(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Header values must be visible ASCII: names may be unicode, so percent-encode those
@@ -376,6 +385,21 @@ mod tests {
         assert_eq!(h.set[0].1, "ingest %E2%9C%93");
         assert_eq!(h.set[1].1, "ONBOARDING");
         assert_eq!(origin_headers(&record(None), true).remove, ["Host"]);
+        // The key's meta, as the control plane encoded it; never anything else.
+        let with_meta = KeyRecord {
+            meta: Some("eyJ0ZW5hbnQiOiJhIn0".into()),
+            ..record(None)
+        };
+        let h = origin_headers(&with_meta, false);
+        assert_eq!(
+            h.set.last().unwrap(),
+            &("X-Metlo-Key-Meta", "eyJ0ZW5hbnQiOiJhIn0".to_owned())
+        );
+        let bad = KeyRecord {
+            meta: Some("a b\r\n".into()),
+            ..record(None)
+        };
+        assert_eq!(origin_headers(&bad, false).set.len(), 3);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The control plane's request-body decoding never panics, and what it accepts obeys the
 //! rules: names (1–128 characters, not blank, no control characters, not `.`/`..`),
-//! expiries in the future, roll overlaps within 7 days, usage reports of at most 1,000
-//! entries with no time in the future, audit pages of 1–1000 entries.
+//! expiries in the future, `meta` a JSON object of at most 1 KB, roll overlaps within 7
+//! days, updates that change something, usage reports of at most 1,000 entries with no
+//! time in the future, audit pages of 1–1000 entries.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use metlo_control_plane::http::audit::parse_audit_query;
 use metlo_control_plane::http::decode_json;
 use metlo_control_plane::service::audit::MAX_PAGE;
+use metlo_control_plane::service::key_updates::UpdateKeyRequest;
+use metlo_control_plane::service::meta::MAX_META_BYTES;
 use metlo_control_plane::service::keys::{
     CreateKeyRequest, RollKeyRequest, MAX_NAME_CHARS, MAX_OVERLAP_SECONDS,
 };
@@ -27,6 +30,19 @@ fuzz_target!(|data: &[u8]| {
         assert!(new.name != "." && new.name != "..");
         if let Some(at) = new.expires_at_ms {
             assert!(at > NOW_MS && at % 1000 == 0);
+        }
+        assert_meta(new.meta.as_deref());
+    }
+    let update = decode_json::<UpdateKeyRequest>(data)
+        .ok()
+        .and_then(|r| r.validate(NOW_MS).ok());
+    if let Some(changes) = update {
+        assert!(!changes.is_empty());
+        if let Some(Some(at)) = changes.expires_at_ms {
+            assert!(at > NOW_MS && at % 1000 == 0);
+        }
+        if let Some(meta) = &changes.meta {
+            assert_meta(meta.as_deref());
         }
     }
     let roll = decode_json::<Option<RollKeyRequest>>(data)
@@ -49,3 +65,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Stored meta: a JSON object, compact, at most 1 KB.
+fn assert_meta(meta: Option<&str>) {
+    if let Some(m) = meta {
+        assert!(m.len() <= MAX_META_BYTES);
+        let v: serde_json::Value = serde_json::from_str(m).unwrap();
+        assert!(v.is_object());
+        assert_eq!(v.to_string(), m);
+    }
+}

@@ -20,7 +20,9 @@ pub use authorization::{parse_authorization, AuthorizationError};
 pub use key::{
     ApiKey, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX, RANDOM_LEN,
 };
-pub use record::{KeyRecord, KeyType, KeyTypeError, RecordError, Role, RoleError, RECORD_VERSION};
+pub use record::{
+    KeyRecord, KeyType, KeyTypeError, RecordError, Role, RoleError, META_HEADER, RECORD_VERSION,
+};
 
 /// A regular expression that matches a Metlo API key anywhere in text, for secret
 /// scanners (GitHub secret scanning custom patterns, gitleaks, trufflehog). It matches

@@ -161,7 +161,16 @@ pub struct KeyRecord {
     /// only keys whose role serves traffic.
     #[serde(default)]
     pub role: Role,
+    /// The key's `meta` JSON object, as the edge forwards it to the origin in
+    /// [`META_HEADER`]: base64url without padding of its compact JSON (header values
+    /// must be visible ASCII; JSON may hold any Unicode and quotes). Encoded once, by
+    /// the control plane, so the Worker only copies it. Absent: no metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<String>,
 }
+
+/// The request header that carries a key's `meta` to the origin.
+pub const META_HEADER: &str = "X-Metlo-Key-Meta";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -203,6 +212,7 @@ impl KeyRecord {
             created: "2026-01-01T00:00:00.000Z".into(),
             expires: None,
             role: Role::Client,
+            meta: None,
         }
     }
 }
@@ -221,6 +231,7 @@ mod tests {
             created: "2026-11-27T16:03:49.123Z".into(),
             expires: Some(1_900_000_000),
             role: Role::Client,
+            meta: None,
         }
     }
 

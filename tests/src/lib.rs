@@ -651,6 +651,24 @@ impl ControlPlane {
         self.post(&path, body).await
     }
 
+    /// `PATCH /api/v1/keys/{name}` with `key`; returns status and body.
+    pub async fn patch_as(&self, key: &str, name: &str, body: &Value) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}", encode_path_segment(name));
+        let r = self
+            .request(reqwest::Method::PATCH, &path, Some(key))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// [`Self::patch_as`] with the admin key.
+    pub async fn patch(&self, name: &str, body: Value) -> (StatusCode, Value) {
+        self.patch_as(&self.admin_key, name, &body).await
+    }
+
     /// `GET /api/v1/keys/list` as JSON.
     pub async fn list(&self) -> Vec<Value> {
         let (status, _, text) = self.get("/api/v1/keys/list", Some(&self.admin_key)).await;

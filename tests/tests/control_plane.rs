@@ -50,10 +50,12 @@ async fn create_list_onboarding_delete(backend: Backend) {
         [
             "apiKey",
             "created",
+            "enabled",
             "expiresAt",
             "for",
             "identifier",
             "lastUsed",
+            "meta",
             "name",
             "role"
         ]
@@ -104,10 +106,12 @@ async fn create_list_onboarding_delete(backend: Backend) {
             f,
             [
                 "created",
+                "enabled",
                 "expiresAt",
                 "for",
                 "identifier",
                 "lastUsed",
+                "meta",
                 "name",
                 "role"
             ],

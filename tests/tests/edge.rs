@@ -388,6 +388,7 @@ async fn expired_record_is_refused() {
         created: "2026-01-01T00:00:00.000Z".into(),
         expires: Some(1_700_000_000),
         role: metlo_shared::Role::Client,
+        meta: None,
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -575,6 +576,7 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         created: "2026-01-01T00:00:00.000Z".into(),
         expires: None,
         role: metlo_shared::Role::Client,
+        meta: None,
     }
 }
 

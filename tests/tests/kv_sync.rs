@@ -112,6 +112,101 @@ async fn created_key_is_in_kv_before_its_first_edge_request(backend: Backend) {
     );
 }
 
+/// Waits until `key` gets `want` at the edge; returns how long that took.
+async fn edge_until(s: &Full, key: &str, want: StatusCode, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = s.edge.get("/", Some(key)).send().await.unwrap().status();
+        if status == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() <= within,
+            "still {status} at the edge after {within:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `meta` the origin got with the latest request: the header decoded.
+fn origin_meta(s: &Full) -> Option<String> {
+    use base64::Engine;
+    let seen = s.origin.requests();
+    let header = seen.last()?.headers.get("x-metlo-key-meta")?.clone();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .expect("base64url without padding");
+    Some(String::from_utf8(bytes).expect("UTF-8 JSON"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_and_disable_reach_the_edge() {
+    let s = full(Backend::Postgres, &[]).await;
+    let meta =
+        serde_json::json!({"tenant": "ačme \"quoted\" ✓ 日本", "plan": {"tier": 3}, "q": "a'b\\c"});
+    let (status, body) =
+        s.cp.create(serde_json::json!({"name": "tenant", "meta": meta}))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    edge_until(&s, &key, StatusCode::OK, Duration::ZERO).await;
+    // Byte-exact: the compact JSON the control plane stored and lists.
+    let forwarded = origin_meta(&s).expect("meta forwarded");
+    assert_eq!(forwarded, serde_json::to_string(&meta).unwrap());
+    assert_eq!(serde_json::from_str::<Value>(&forwarded).unwrap(), meta);
+    // A client cannot forge it: its own header is dropped, and a key without meta sends none.
+    let plain = s.cp.create_key("plain", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let r = s
+        .edge
+        .get("/", Some(&plain))
+        .header("X-Metlo-Key-Meta", "eyJ0ZW5hbnQiOiJldmlsIn0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(origin_meta(&s), None, "no meta, and the client's dropped");
+
+    // A change of meta reaches the origin without a new key.
+    let (status, _) =
+        s.cp.patch("tenant", serde_json::json!({"meta": {"tenant": "b"}}))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let started = Instant::now();
+    loop {
+        edge_until(&s, &key, StatusCode::OK, Duration::ZERO).await;
+        if origin_meta(&s).as_deref() == Some(r#"{"tenant":"b"}"#) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "new meta not at the edge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("meta change → at the origin in {:?}", started.elapsed());
+
+    // Disable: refused within the revocation bound, as a deleted key is; the KV record goes.
+    let (status, _) =
+        s.cp.patch("tenant", serde_json::json!({"enabled": false}))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let took = edge_until(&s, &key, StatusCode::UNAUTHORIZED, Duration::from_secs(1)).await;
+    println!("disable → 401 at the edge in {took:?}");
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert!(s.edge.kv_get(&hash(&key)).is_none(), "KV record deleted");
+    // Enable: back once the edge's memory of the refusal (ISOLATE_MISS_MS, 5 s) is over.
+    let (status, _) =
+        s.cp.patch("tenant", serde_json::json!({"enabled": true}))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let took = edge_until(&s, &key, StatusCode::OK, Duration::from_secs(8)).await;
+    println!("enable → 200 at the edge in {took:?}");
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert!(s.edge.kv_get(&hash(&key)).is_some(), "KV record back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_key_is_refused_at_the_edge_within_a_second() {
     // Default settings: keys in active use sit in the isolate cache for up to 500 ms, so

@@ -97,6 +97,12 @@ async fn every_route_for_every_role(backend: Backend) {
             Some(json!({})),
             Admin,
         ),
+        (
+            Method::PATCH,
+            "/api/v1/keys/made".into(),
+            Some(json!({"meta": {"tenant": "t"}})),
+            Admin,
+        ),
         (Method::GET, "/api/v1/audit".into(), None, Admin),
         (Method::GET, "/api/v1/verify".into(), None, Client),
         (
@@ -158,6 +164,7 @@ async fn every_route_for_every_role(backend: Backend) {
         1,
         "only the admin's create went through"
     );
+    assert_eq!(cp.listed("made").await["meta"], json!({"tenant": "t"}));
     assert_eq!(
         cp.verify(&rolled).await,
         StatusCode::UNAUTHORIZED,

@@ -12,6 +12,9 @@ pub enum Cached {
     Valid(Arc<KeyRecord>),
     /// Unknown or deleted: refuse.
     Absent,
+    /// Disabled: refuse, but only for the cache TTL, and a record may replace it (the key
+    /// may be enabled again; a tombstone is for good).
+    Disabled,
 }
 
 /// Tombstones outlive any in-flight verification by a wide margin. Keys are random, so a
@@ -22,7 +25,7 @@ pub(super) const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 pub(super) fn ttl_for(value: &Cached, ttl: Duration) -> Duration {
     match value {
         Cached::Absent => TOMBSTONE_TTL,
-        Cached::Valid(_) => ttl,
+        Cached::Valid(_) | Cached::Disabled => ttl,
     }
 }
 

@@ -121,6 +121,13 @@ impl VerifyCache {
         self.overwrite(hash, Cached::Absent).await
     }
 
+    /// Marks a hash as disabled, here and in every replica's near cache, overwriting any
+    /// cached verification — for the cache TTL only, and a later [`Self::replace`] (the
+    /// key enabled again) overwrites it. False: Redis could not be told (as `revoke`).
+    pub async fn disable(&self, hash: &KeyHash) -> bool {
+        self.overwrite(hash, Cached::Disabled).await
+    }
+
     /// Overwrites what is cached for a hash with a new record (a secret whose end a roll
     /// moved), like [`Self::revoke`] does with a tombstone.
     pub async fn replace(&self, hash: &KeyHash, record: KeyRecord) -> bool {
@@ -165,6 +172,27 @@ mod tests {
         cache.revoke(&hash).await;
         cache.add(&hash, Cached::Valid(record())).await;
         assert_eq!(cache.get(&hash).await, Some(Cached::Absent));
+        // Not even an enable brings a deleted key's hash back.
+        cache.replace(&hash, KeyRecord::sample()).await;
+        assert_eq!(cache.get(&hash).await, Some(Cached::Absent));
+    }
+
+    #[tokio::test]
+    async fn a_disable_is_undone_by_a_record_and_expires() {
+        let cache = VerifyCache::memory(Duration::from_millis(50));
+        let hash = ApiKey::generate().unwrap().hash();
+        cache.add(&hash, Cached::Valid(record())).await;
+        cache.disable(&hash).await;
+        assert_eq!(cache.get(&hash).await, Some(Cached::Disabled));
+        cache.replace(&hash, KeyRecord::sample()).await;
+        assert_eq!(cache.get(&hash).await, Some(Cached::Valid(record())));
+        cache.disable(&hash).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(
+            cache.get(&hash).await,
+            None,
+            "a disable lasts the cache TTL only"
+        );
     }
 
     #[tokio::test]

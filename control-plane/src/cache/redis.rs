@@ -131,6 +131,7 @@ impl RedisCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         match &value {
             Cached::Absent => self.near.insert(*hash, (Cached::Absent, TOMBSTONE_TTL)),
+            Cached::Disabled => self.near.insert(*hash, (Cached::Disabled, self.near_ttl)),
             Cached::Valid(_) => self.near.invalidate(hash),
         }
         let unwritten = |pending: Option<Cached>| {
@@ -356,8 +357,8 @@ async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
     }
 }
 
-/// Overwrites the hash's entry (unlike verification's `SET NX`); a record never
-/// overwrites a tombstone (checked and set atomically, in a script).
+/// Overwrites the hash's entry (unlike verification's `SET NX`); a record or a disable
+/// never overwrites a tombstone (checked and set atomically, in a script).
 fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
     const SET_UNLESS_TOMBSTONE: &str = "if redis.call('GET', KEYS[1]) == '-' then return 0 end \
          redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1";
@@ -369,7 +370,7 @@ fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
             .arg("PX")
             .arg(ttl_ms)
             .to_owned(),
-        Cached::Valid(_) => redis::cmd("EVAL")
+        Cached::Valid(_) | Cached::Disabled => redis::cmd("EVAL")
             .arg(SET_UNLESS_TOMBSTONE)
             .arg(1)
             .arg(redis_key(hash))
@@ -387,12 +388,15 @@ fn encode(value: &Cached) -> String {
     match value {
         Cached::Valid(record) => record.to_json(),
         Cached::Absent => "-".to_owned(),
+        Cached::Disabled => "x".to_owned(),
     }
 }
 
 fn decode(raw: &str) -> Option<Cached> {
-    if raw == "-" {
-        return Some(Cached::Absent);
+    match raw {
+        "-" => return Some(Cached::Absent),
+        "x" => return Some(Cached::Disabled),
+        _ => {}
     }
     // Anything unreadable (say, written by another version) is a miss, not a decision.
     KeyRecord::from_json(raw.as_bytes())
@@ -408,6 +412,7 @@ mod tests {
     fn encoding_round_trips() {
         let record = Arc::new(KeyRecord::sample());
         assert_eq!(decode(&encode(&Cached::Absent)), Some(Cached::Absent));
+        assert_eq!(decode(&encode(&Cached::Disabled)), Some(Cached::Disabled));
         assert_eq!(
             decode(&encode(&Cached::Valid(record.clone()))),
             Some(Cached::Valid(record))

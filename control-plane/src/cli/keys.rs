@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::service::audit::{self, Actor, AuditPage};
+use crate::service::key_updates::{self, UpdateKeyRequest};
 use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, RolledKey};
 
 #[derive(Debug, Args)]
@@ -44,7 +45,36 @@ pub enum KeysCommand {
         /// client (traffic), edge (the Worker's own key) or admin (manages keys).
         #[arg(long, default_value = "client")]
         role: String,
+        /// A JSON object forwarded to the origin with the key's requests (at most 1 KB).
+        #[arg(long)]
+        meta: Option<String>,
     },
+    /// Change a key without re-issuing it (only what is given changes).
+    Update {
+        name: String,
+        /// Accept the key again.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Refuse the key everywhere (like an unknown key) until enabled.
+        #[arg(long)]
+        disable: bool,
+        /// When the key stops working (RFC 3339).
+        #[arg(long, conflicts_with = "no_expiry")]
+        expires_at: Option<String>,
+        /// The key never expires.
+        #[arg(long)]
+        no_expiry: bool,
+        /// A JSON object forwarded to the origin (replaces the key's meta).
+        #[arg(long, conflicts_with = "no_meta")]
+        meta: Option<String>,
+        /// Remove the key's meta.
+        #[arg(long)]
+        no_meta: bool,
+    },
+    /// Refuse a key everywhere until it is enabled again (`keys update NAME --disable`).
+    Disable { name: String },
+    /// Accept a disabled key again (`keys update NAME --enable`).
+    Enable { name: String },
     /// List keys (metadata only), newest first.
     List {
         /// Only ONBOARDING keys.
@@ -79,6 +109,7 @@ enum Output {
     Rolled(RolledKey),
     Deleted(String),
     RoleSet(KeyInfo),
+    Updated(KeyInfo),
     Keys(Vec<KeyInfo>),
     Audit(AuditPage),
 }
@@ -119,11 +150,22 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
             key_type,
             expires_at,
             role,
+            meta,
         } => Output::Created(
             api.send(
                 reqwest::Method::POST,
                 &["api", "v1", "keys", "create"],
-                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role})),
+                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role, "meta": meta_arg(meta)?})),
+            )
+            .await?,
+        ),
+        KeysCommand::Update { name, .. }
+        | KeysCommand::Disable { name }
+        | KeysCommand::Enable { name } => Output::Updated(
+            api.send(
+                reqwest::Method::PATCH,
+                &["api", "v1", "keys", name],
+                Some(update_body(cmd)?),
             )
             .await?,
         ),
@@ -247,12 +289,14 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 key_type,
                 expires_at,
                 role,
+                meta,
             } => {
                 let new = CreateKeyRequest {
                     name: Some(name.clone()),
                     key_for: Some(key_type.clone()),
                     expires_at: expires_at.clone(),
                     role: Some(role.clone()),
+                    meta: meta_arg(meta)?,
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)
@@ -265,6 +309,16 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 // The CLI on the database is root: it may delete the last admin key.
                 keys::delete_key(&store, &config.cache()?, name, false, &actor).await?;
                 Output::Deleted(name.clone())
+            }
+            KeysCommand::Update { name, .. }
+            | KeysCommand::Disable { name }
+            | KeysCommand::Enable { name } => {
+                let changes = serde_json::from_value::<UpdateKeyRequest>(update_body(cmd)?)?
+                    .validate(now_ms())?;
+                Output::Updated(
+                    key_updates::update_key(&store, &config.cache()?, name, &changes, &actor)
+                        .await?,
+                )
             }
             KeysCommand::SetRole { name, role } => {
                 let role = keys::parse_role(Some(role))?;
@@ -296,7 +350,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
             Output::Created(k) => serde_json::to_value(k)?,
             Output::Rolled(k) => serde_json::to_value(k)?,
             Output::Deleted(_) => json!({"status": "OK"}),
-            Output::RoleSet(k) => serde_json::to_value(k)?,
+            Output::RoleSet(k) | Output::Updated(k) => serde_json::to_value(k)?,
             Output::Keys(k) => serde_json::to_value(k)?,
             Output::Audit(p) => serde_json::to_value(p)?,
         };
@@ -326,6 +380,13 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         }
         Output::Deleted(name) => eprintln!("Deleted key {name:?}"),
         Output::RoleSet(k) => eprintln!("Key {:?} now has the role {}", k.name, k.role),
+        Output::Updated(k) => eprintln!(
+            "Key {:?} updated: {}, expires {}, meta {}",
+            k.name,
+            if k.enabled { "enabled" } else { "disabled" },
+            or_dash(&k.expires_at),
+            k.meta.as_ref().map_or("-".to_owned(), Value::to_string)
+        ),
         Output::Keys(keys) => {
             let mut table = new_table(&[
                 "NAME",
@@ -335,6 +396,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
                 "CREATED",
                 "EXPIRES",
                 "LAST USED",
+                "ENABLED",
             ]);
             for k in keys {
                 table.add_row([
@@ -345,6 +407,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
                     k.created.clone(),
                     or_dash(&k.expires_at),
                     or_dash(&k.last_used),
+                    if k.enabled { "yes" } else { "no" }.to_owned(),
                 ]);
             }
             println!("{table}");
@@ -369,6 +432,51 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `--meta` argument as JSON (the service checks that it is an object of at most 1 KB).
+fn meta_arg(meta: &Option<String>) -> anyhow::Result<Option<Value>> {
+    meta.as_deref()
+        .map(|m| serde_json::from_str(m).map_err(|e| anyhow::anyhow!("--meta must be JSON: {e}")))
+        .transpose()
+}
+
+/// The update body (the API's PATCH) for `keys update`, `disable` or `enable`.
+fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
+    let mut body = serde_json::Map::new();
+    match cmd {
+        KeysCommand::Disable { .. } => {
+            body.insert("enabled".into(), false.into());
+        }
+        KeysCommand::Enable { .. } => {
+            body.insert("enabled".into(), true.into());
+        }
+        KeysCommand::Update {
+            enable,
+            disable,
+            expires_at,
+            no_expiry,
+            meta,
+            no_meta,
+            ..
+        } => {
+            if *enable || *disable {
+                body.insert("enabled".into(), (*enable).into());
+            }
+            if let Some(at) = expires_at {
+                body.insert("expiresAt".into(), at.clone().into());
+            } else if *no_expiry {
+                body.insert("expiresAt".into(), Value::Null);
+            }
+            if let Some(meta) = meta_arg(meta)? {
+                body.insert("meta".into(), meta);
+            } else if *no_meta {
+                body.insert("meta".into(), Value::Null);
+            }
+        }
+        _ => unreachable!("only update, disable and enable have an update body"),
+    }
+    Ok(Value::Object(body))
 }
 
 /// Is the URL's host this machine?

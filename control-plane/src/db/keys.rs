@@ -29,7 +29,7 @@ impl Store {
             return Err(StoreError::LimitReached(max_keys));
         }
         sqlx::query(
-            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&key.name)
         .bind(&key.key_hash)
@@ -38,6 +38,7 @@ impl Store {
         .bind(key.created_at_ms)
         .bind(key.expires_at_ms)
         .bind(key.role.as_str())
+        .bind(key.meta.as_deref())
         .execute(&mut *tx)
         .await?;
         self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
@@ -152,10 +153,27 @@ impl Store {
         }))
     }
 
+    /// Refuses (`LastAdmin`) unless a key other than `name` can administer: enabled and
+    /// not expired. The caller holds the quota row's lock, so two such checks never race.
+    pub(super) async fn ensure_another_admin(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
+        let others: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE role IN ('admin', 'legacy') AND name <> $1 \
+             AND disabled_at_ms IS NULL AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .fetch_one(&mut **tx)
+        .await?;
+        if others == 0 {
+            return Err(StoreError::LastAdmin);
+        }
+        Ok(())
+    }
+
     /// Takes the write lock of the key's row (on both databases) before anything else, so
     /// rolls and deletes of one key run one after the other and never take their locks
     /// in opposite orders. False: no such key.
-    async fn lock_key(tx: &mut Tx, name: &str) -> Result<bool, StoreError> {
+    pub(super) async fn lock_key(tx: &mut Tx, name: &str) -> Result<bool, StoreError> {
         let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
             .bind(name)
             .execute(&mut **tx)
@@ -184,19 +202,20 @@ impl Store {
         Ok(keys)
     }
 
-    /// The key a secret hash belongs to: its current secret, or one rolled away whose
-    /// overlap has not ended (then with that secret's identifier, expiring at its end).
+    /// The enabled key a secret hash belongs to: its current secret, or one rolled away
+    /// whose overlap has not ended (then with that secret's identifier, expiring at its
+    /// end). A disabled key's secrets belong to no key, as a deleted one's.
     pub async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<StoredKey>, StoreError> {
         let hex = hash.to_hex();
         let key = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 \
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND disabled_at_ms IS NULL \
              UNION ALL \
              SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
                CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
                  THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
-               k.last_used_ms, k.role \
+               k.last_used_ms, k.role, k.disabled_at_ms, k.meta \
              FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
-             WHERE r.key_hash = $2 AND r.retires_at_ms > $3"
+             WHERE r.key_hash = $2 AND r.retires_at_ms > $3 AND k.disabled_at_ms IS NULL"
         ))
         .bind(&hex)
         .bind(&hex)
@@ -232,17 +251,7 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             if Role::try_from(role).is_ok_and(Role::administers) {
-                let others: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM api_keys WHERE role IN ('admin', 'legacy') AND name <> $1 \
-                     AND (expires_at_ms IS NULL OR expires_at_ms > $2)",
-                )
-                .bind(name)
-                .bind(now_ms())
-                .fetch_one(&mut *tx)
-                .await?;
-                if others == 0 {
-                    return Err(StoreError::LastAdmin);
-                }
+                Self::ensure_another_admin(&mut tx, name).await?;
             }
         }
         // The rolled-away secrets next: deleting the key would cascade to them unseen.
@@ -367,6 +376,8 @@ pub(crate) mod fixtures {
             expires_at_ms: None,
             last_used_ms: None,
             role: Role::Client,
+            disabled_at_ms: None,
+            meta: None,
         }
     }
 

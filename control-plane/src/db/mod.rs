@@ -7,6 +7,7 @@
 //! `sqlite::memory:`.
 
 pub mod audit;
+pub mod key_updates;
 pub mod keys;
 #[cfg(test)]
 mod keys_tests;

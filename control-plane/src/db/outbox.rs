@@ -17,7 +17,7 @@ impl Store {
         kv_key: &str,
         record: KeyRecord,
     ) -> Result<(), StoreError> {
-        if !key.role.serves_traffic() {
+        if !key.serves_traffic() {
             return Ok(());
         }
         self.enqueue(tx, kv_key, Some(record.to_json()), 0).await

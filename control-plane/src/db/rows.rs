@@ -2,6 +2,8 @@
 //! `impl Store` blocks (one file per aggregate) so that every file can use them and
 //! they use nothing back.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use metlo_shared::{KeyRecord, KeyType, Role, RECORD_VERSION};
 
 use crate::clock::{iso8601, unix_seconds};
@@ -14,7 +16,7 @@ pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta";
 
 /// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
 /// carries that secret's hash and identifier, and expires when its overlap ends.)
@@ -32,6 +34,10 @@ pub struct StoredKey {
     pub last_used_ms: Option<i64>,
     #[sqlx(try_from = "String")]
     pub role: Role,
+    /// When the key was disabled; `None`: enabled.
+    pub disabled_at_ms: Option<i64>,
+    /// Compact JSON object, at most 1 KB.
+    pub meta: Option<String>,
 }
 
 impl StoredKey {
@@ -45,7 +51,14 @@ impl StoredKey {
             created: iso8601(self.created_at_ms),
             expires: self.expires_at_ms.map(unix_seconds),
             role: self.role,
+            meta: self.meta.as_deref().map(|m| URL_SAFE_NO_PAD.encode(m)),
         }
+    }
+
+    /// Is this key's traffic let through (its role serves traffic and it is enabled)? Only
+    /// such keys have records in KV.
+    pub fn serves_traffic(&self) -> bool {
+        self.role.serves_traffic() && self.disabled_at_ms.is_none()
     }
 
     /// The record of a secret a roll replaced: the key's, with that secret's identifier,
@@ -63,6 +76,36 @@ impl StoredKey {
     pub fn secret_end(&self, retires_at_ms: i64) -> i64 {
         self.expires_at_ms
             .map_or(retires_at_ms, |e| e.min(retires_at_ms))
+    }
+}
+
+/// What an update of a key changes; `None`: left as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    pub enabled: Option<bool>,
+    /// `Some(None)`: never expires.
+    pub expires_at_ms: Option<Option<i64>>,
+    /// `Some(None)`: no metadata.
+    pub meta: Option<Option<String>>,
+}
+
+impl KeyChanges {
+    pub fn is_empty(&self) -> bool {
+        *self == KeyChanges::default()
+    }
+
+    /// `key` with these changes, disabled (if so) at `now_ms`.
+    pub fn apply(&self, key: &StoredKey, now_ms: i64) -> StoredKey {
+        StoredKey {
+            disabled_at_ms: match self.enabled {
+                None => key.disabled_at_ms,
+                Some(true) => None,
+                Some(false) => key.disabled_at_ms.or(Some(now_ms)),
+            },
+            expires_at_ms: self.expires_at_ms.unwrap_or(key.expires_at_ms),
+            meta: self.meta.clone().unwrap_or_else(|| key.meta.clone()),
+            ..key.clone()
+        }
     }
 }
 

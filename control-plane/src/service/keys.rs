@@ -12,6 +12,7 @@ use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
+use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
 use crate::clock::{iso8601, now_ms};
@@ -46,6 +47,10 @@ pub struct CreateKeyRequest {
     /// `/api/v1/verify`), `edge` (the Worker's own key) or `admin`.
     #[schema(value_type = Option<Role>, example = "client")]
     pub role: Option<String>,
+    /// A JSON object (at most 1 KB as compact JSON) forwarded to the origin with every
+    /// request this key makes through the edge (`X-Metlo-Key-Meta`, base64url JSON).
+    #[schema(value_type = Option<Object>, example = json!({"tenant": "acme"}))]
+    pub meta: Option<serde_json::Value>,
 }
 
 /// A validated create request.
@@ -56,6 +61,8 @@ pub struct NewKey {
     /// Whole seconds, in the future.
     pub expires_at_ms: Option<i64>,
     pub role: Role,
+    /// Compact JSON object.
+    pub meta: Option<String>,
 }
 
 impl CreateKeyRequest {
@@ -69,6 +76,7 @@ impl CreateKeyRequest {
                 .expires_at
                 .map(|v| parse_expires_at(&v, now_ms))
                 .transpose()?,
+            meta: validate_meta(self.meta.unwrap_or_default())?,
         })
     }
 }
@@ -147,6 +155,11 @@ pub struct KeyInfo {
     pub last_used: Option<String>,
     /// What the key may do.
     pub role: Role,
+    /// False: disabled — refused everywhere like an unknown key, until enabled again.
+    pub enabled: bool,
+    /// The JSON object forwarded to the origin; null: none.
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<serde_json::Value>,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -174,6 +187,8 @@ impl From<StoredKey> for KeyInfo {
             expires_at: k.expires_at_ms.map(iso8601),
             last_used: k.last_used_ms.map(iso8601),
             role: k.role,
+            enabled: k.disabled_at_ms.is_none(),
+            meta: meta_value(k.meta.as_deref()),
         }
     }
 }
@@ -308,6 +323,8 @@ pub async fn create_key(
         expires_at_ms: new.expires_at_ms,
         last_used_ms: None,
         role: new.role,
+        disabled_at_ms: None,
+        meta: new.meta.clone(),
     };
     let audit = actor.entry(
         "key.create",
@@ -317,6 +334,7 @@ pub async fn create_key(
             "type": new.key_type.as_str(),
             "role": new.role.as_str(),
             "expiresAt": new.expires_at_ms.map(iso8601),
+            "meta": meta_value(new.meta.as_deref()),
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;

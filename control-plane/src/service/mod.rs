@@ -5,7 +5,9 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod key_updates;
 pub mod keys;
+pub mod meta;
 pub mod usage;
 pub mod verify;
 
@@ -53,8 +55,8 @@ impl From<StoreError> for Error {
             StoreError::DuplicateName => Error::DuplicateName,
             StoreError::LimitReached(max) => Error::LimitReached(max),
             StoreError::LastAdmin => Error::invalid(
-                "this is the last admin key: create another admin key before deleting it \
-                 (the CLI on the database can still delete it)",
+                "this is the last admin key: create another admin key before deleting or \
+                 disabling it (the CLI on the database can still delete it)",
             ),
             StoreError::RoleFixed(role) => Error::invalid(format!(
                 "this key's role is {role}: a key's role is set once (only a legacy key, made \

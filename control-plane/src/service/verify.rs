@@ -82,7 +82,7 @@ pub fn cached(cache: &VerifyCache, hash: &KeyHash) -> Option<Found> {
 fn found(cached: Cached) -> Found {
     match cached {
         Cached::Valid(record) => Some(record),
-        Cached::Absent => None,
+        Cached::Absent | Cached::Disabled => None,
     }
 }
 

@@ -1,0 +1,83 @@
+//! Changes to a key that keep its secret: enable or disable, expiry, metadata. Each
+//! commits the row, its KV updates and its audit row in one transaction.
+
+use super::rows::{AuditEntry, KeyChanges, RetiredSecret, StoredKey, KEY_COLUMNS};
+use super::{Store, StoreError};
+
+impl Store {
+    /// Applies `changes` to the key `name` and republishes it: while it serves traffic
+    /// afterwards, KV gets its records (the current secret, and those still in a roll's
+    /// overlap, deleted again when it ends); once it stops (disabled), KV deletes them.
+    /// `audit` makes the audit row from the key before and after. Disabling the last key
+    /// that can administer is refused. Returns the key after the change and its secrets
+    /// in overlap; `None`: no such key.
+    pub async fn update_key(
+        &self,
+        name: &str,
+        changes: &KeyChanges,
+        now_ms: i64,
+        audit: impl FnOnce(&StoredKey, &StoredKey) -> AuditEntry,
+    ) -> Result<Option<(StoredKey, Vec<RetiredSecret>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !Self::lock_key(&mut tx, name).await? {
+            return Ok(None);
+        }
+        let before: StoredKey = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let after = changes.apply(&before, now_ms);
+        if before.role.administers()
+            && before.disabled_at_ms.is_none()
+            && after.disabled_at_ms.is_some()
+        {
+            // The quota row serializes last-admin checks with deletes (same lock order).
+            sqlx::query("UPDATE key_quota SET used = used WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+            Self::ensure_another_admin(&mut tx, name).await?;
+        }
+        sqlx::query(
+            "UPDATE api_keys SET disabled_at_ms = $1, expires_at_ms = $2, meta = $3 WHERE id = $4",
+        )
+        .bind(after.disabled_at_ms)
+        .bind(after.expires_at_ms)
+        .bind(after.meta.as_deref())
+        .bind(after.id)
+        .execute(&mut *tx)
+        .await?;
+        let retired: Vec<RetiredSecret> = sqlx::query_as(
+            "SELECT key_hash, identifier, retires_at_ms FROM retired_secrets \
+             WHERE key_id = $1 AND retires_at_ms > $2",
+        )
+        .bind(after.id)
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        if after.serves_traffic() {
+            self.enqueue_put(&mut tx, &after, &after.key_hash, after.record())
+                .await?;
+            for secret in &retired {
+                let record = after.retired_record(&secret.identifier, secret.retires_at_ms);
+                self.enqueue_put(&mut tx, &after, &secret.key_hash, record)
+                    .await?;
+                self.enqueue_delete(
+                    &mut tx,
+                    &secret.key_hash,
+                    after.secret_end(secret.retires_at_ms),
+                )
+                .await?;
+            }
+        } else if before.serves_traffic() {
+            for hash in std::iter::once(&after.key_hash).chain(retired.iter().map(|r| &r.key_hash))
+            {
+                self.enqueue_delete(&mut tx, hash, now_ms).await?;
+            }
+        }
+        self.audit_in(&mut tx, &audit(&before, &after)).await?;
+        self.commit_outbox(tx).await?;
+        Ok(Some((after, retired)))
+    }
+}

@@ -1,0 +1,166 @@
+//! Changing a key without re-issuing it: enable / disable, expiry, metadata. The change
+//! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
+
+use metlo_shared::KeyHash;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+use super::audit::Actor;
+use super::keys::{normalize_name, parse_expires_at, KeyInfo};
+use super::meta::{meta_value, validate_meta};
+use super::Error;
+use crate::cache::VerifyCache;
+use crate::clock::{iso8601, now_ms};
+use crate::db::rows::{KeyChanges, StoredKey};
+use crate::db::Store;
+
+/// The body of an update: only the fields given change; `null` clears `expiresAt` and
+/// `meta`. Unknown fields are refused (a misspelt field must not look applied).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyRequest {
+    /// False: the key is refused everywhere (401, as an unknown key) until set true again.
+    pub enabled: Option<bool>,
+    /// RFC 3339, in the future; null: never expires.
+    #[serde(rename = "expiresAt", default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, format = DateTime, example = "2030-01-01T00:00:00Z")]
+    pub expires_at: Option<Option<String>>,
+    /// A JSON object (at most 1 KB compact) forwarded to the origin; null: none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>, example = json!({"tenant": "acme"}))]
+    pub meta: Option<Option<Value>>,
+}
+
+/// A field that is present (`Some`, holding `None` for `null`), as opposed to absent.
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl UpdateKeyRequest {
+    /// The changes asked for, or what is wrong with them.
+    pub fn validate(self, now_ms: i64) -> Result<KeyChanges, Error> {
+        let changes = KeyChanges {
+            enabled: self.enabled,
+            expires_at_ms: self
+                .expires_at
+                .map(|e| e.map(|v| parse_expires_at(&v, now_ms)).transpose())
+                .transpose()?,
+            meta: self
+                .meta
+                .map(|m| validate_meta(m.unwrap_or_default()))
+                .transpose()?,
+        };
+        if changes.is_empty() {
+            return Err(Error::invalid(
+                "nothing to change: give at least one of enabled, expiresAt, meta",
+            ));
+        }
+        Ok(changes)
+    }
+}
+
+/// Applies `changes` to the key `name`; returns it as it is now.
+pub async fn update_key(
+    store: &Store,
+    cache: &VerifyCache,
+    name: &str,
+    changes: &KeyChanges,
+    actor: &Actor,
+) -> Result<KeyInfo, Error> {
+    let name = &normalize_name(name);
+    let (key, retired) = store
+        .update_key(name, changes, now_ms(), |before, after| {
+            actor.entry("key.update", name, changed_fields(before, after))
+        })
+        .await?
+        .ok_or(Error::NotFound("no API key with this name"))?;
+    // This process and (through Redis) every replica apply it at once: a disabled key's
+    // secrets are refused for the cache TTL (then by the database), an enabled key's
+    // records replace that. (A refusal the database gave meanwhile, cached like any
+    // unknown key's, still runs out its TTL.)
+    let mut all_written = true;
+    let secrets = std::iter::once((&key.key_hash, None))
+        .chain(retired.iter().map(|r| (&r.key_hash, Some(r))));
+    for (hex, retired) in secrets {
+        let Ok(hash) = KeyHash::from_hex(hex) else {
+            continue;
+        };
+        all_written &= if key.disabled_at_ms.is_some() {
+            cache.disable(&hash).await
+        } else {
+            let record = match retired {
+                None => key.record(),
+                Some(r) => key.retired_record(&r.identifier, r.retires_at_ms),
+            };
+            cache.replace(&hash, record).await
+        };
+    }
+    if !all_written {
+        tracing::warn!(
+            name,
+            "Redis unreachable: the key's cache entries are not updated yet"
+        );
+    }
+    tracing::info!(name, enabled = key.disabled_at_ms.is_none(), "key updated");
+    Ok(key.into())
+}
+
+/// The audit detail: each field that changed, before and after (never a secret).
+fn changed_fields(before: &StoredKey, after: &StoredKey) -> Value {
+    let (mut old, mut new) = (Map::new(), Map::new());
+    let mut field = |name: &str, b: Value, a: Value| {
+        if b != a {
+            old.insert(name.into(), b);
+            new.insert(name.into(), a);
+        }
+    };
+    field(
+        "enabled",
+        json!(before.disabled_at_ms.is_none()),
+        json!(after.disabled_at_ms.is_none()),
+    );
+    field(
+        "expiresAt",
+        json!(before.expires_at_ms.map(iso8601)),
+        json!(after.expires_at_ms.map(iso8601)),
+    );
+    field(
+        "meta",
+        json!(meta_value(before.meta.as_deref())),
+        json!(meta_value(after.meta.as_deref())),
+    );
+    json!({"before": old, "after": new})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<KeyChanges, Error> {
+        serde_json::from_str::<UpdateKeyRequest>(body)
+            .map_err(|e| Error::invalid(e.to_string()))?
+            .validate(0)
+    }
+
+    #[test]
+    fn absent_null_and_values_differ() {
+        assert!(parse("{}").is_err(), "nothing to change");
+        assert!(parse(r#"{"rateLimit":{}}"#).is_err(), "unknown field");
+        assert!(parse(r#"{"enabled":"no"}"#).is_err());
+        let c = parse(r#"{"enabled":false}"#).unwrap();
+        assert_eq!(
+            (c.enabled, &c.expires_at_ms, &c.meta),
+            (Some(false), &None, &None)
+        );
+        let c = parse(r#"{"expiresAt":null,"meta":null}"#).unwrap();
+        assert_eq!((c.expires_at_ms, c.meta), (Some(None), Some(None)));
+        let c = parse(r#"{"expiresAt":"2030-01-01T00:00:00Z","meta":{"t":"a"}}"#).unwrap();
+        assert_eq!(c.expires_at_ms, Some(Some(1_893_456_000_000)));
+        assert_eq!(c.meta, Some(Some(r#"{"t":"a"}"#.into())));
+        assert!(parse(r#"{"meta":[1]}"#).is_err());
+        assert!(parse(r#"{"expiresAt":"tomorrow"}"#).is_err());
+    }
+}
