@@ -1,7 +1,7 @@
 //! Changes to a key that keep its secret: enable or disable, expiry, metadata. Each
 //! commits the row, its KV updates and its audit row in one transaction.
 
-use super::rows::{AuditEntry, KeyChanges, RetiredSecret, StoredKey, KEY_COLUMNS};
+use super::rows::{AuditEntry, KeyChanges, RetiredSecret, StoredKey};
 use super::{Store, StoreError};
 
 impl Store {
@@ -19,15 +19,9 @@ impl Store {
         audit: impl FnOnce(&StoredKey, &StoredKey) -> AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<RetiredSecret>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if !Self::lock_key(&mut tx, name).await? {
+        let Some(before) = Self::lock_and_read_key(&mut tx, name).await? else {
             return Ok(None);
-        }
-        let before: StoredKey = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
-        ))
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         let after = changes.apply(&before, now_ms);
         if before.role.administers()
             && before.disabled_at_ms.is_none()

@@ -61,15 +61,9 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<Option<Rolled>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if !Self::lock_key(&mut tx, name).await? {
+        let Some(old) = Self::lock_and_read_key(&mut tx, name).await? else {
             return Ok(None);
-        }
-        let old: StoredKey = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
-        ))
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         let now = now_ms();
         let end = if overlap.is_zero() {
             now
@@ -173,13 +167,30 @@ impl Store {
     /// Takes the write lock of the key's row (on both databases) before anything else, so
     /// rolls and deletes of one key run one after the other and never take their locks
     /// in opposite orders. False: no such key.
-    pub(super) async fn lock_key(tx: &mut Tx, name: &str) -> Result<bool, StoreError> {
+    async fn lock_key(tx: &mut Tx, name: &str) -> Result<bool, StoreError> {
         let locked = sqlx::query("UPDATE api_keys SET name = name WHERE name = $1")
             .bind(name)
             .execute(&mut **tx)
             .await?
             .rows_affected();
         Ok(locked > 0)
+    }
+
+    /// [`Self::lock_key`], then the key as it is under that lock. `None`: no such key.
+    pub(super) async fn lock_and_read_key(
+        tx: &mut Tx,
+        name: &str,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        if !Self::lock_key(tx, name).await? {
+            return Ok(None);
+        }
+        let key = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(Some(key))
     }
 
     /// All keys, or those of one type; newest first.
@@ -289,15 +300,9 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if !Self::lock_key(&mut tx, name).await? {
+        let Some(key) = Self::lock_and_read_key(&mut tx, name).await? else {
             return Ok(None);
-        }
-        let key: StoredKey = sqlx::query_as(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
-        ))
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+        };
         if key.role != Role::Legacy {
             return Err(StoreError::RoleFixed(key.role));
         }
