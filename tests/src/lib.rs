@@ -9,6 +9,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,12 +63,26 @@ pub fn control_plane_bin() -> PathBuf {
     path
 }
 
+/// A port for a server a test starts. It is taken below the kernel's ephemeral range:
+/// a port the kernel hands out (`bind(0)`) can be given again at once to any outgoing
+/// connection, and then the server (wrangler, started seconds later) fails to bind
+/// it. Below that range only explicit binds compete, and this process counts its own.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    let span = ephemeral_low.saturating_sub(LOW).max(1);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A fresh, empty PostgreSQL database for one test; returns its URL.
