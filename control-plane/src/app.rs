@@ -92,6 +92,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         recently_valid: RecentlyValid::default(),
         lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
+        key_limits: config.key_limits()?,
     });
     match store.count_legacy().await {
         Ok(0) => {}

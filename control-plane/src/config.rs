@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use crate::cache::VerifyCache;
 use crate::db::Store;
 use crate::kv_sync::client::KvTarget;
+use crate::service::key_limits::KeyLimits;
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Args)]
@@ -204,6 +205,15 @@ impl Config {
         match &self.redis_url {
             Some(url) => VerifyCache::redis(url, ttl),
             None => Ok(VerifyCache::memory(ttl)),
+        }
+    }
+
+    /// The per-key rate-limit counters: in Redis when `REDIS_URL` is set (shared by
+    /// replicas), in this process otherwise.
+    pub fn key_limits(&self) -> anyhow::Result<KeyLimits> {
+        match &self.redis_url {
+            Some(url) => KeyLimits::redis(url),
+            None => Ok(KeyLimits::memory()),
         }
     }
 

@@ -14,11 +14,16 @@
 mod authorization;
 mod base62;
 mod key;
+mod rate_limit;
 mod record;
 
 pub use authorization::{parse_authorization, AuthorizationError};
 pub use key::{
     ApiKey, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX, RANDOM_LEN,
+};
+pub use rate_limit::{
+    Outcome as RateLimitOutcome, RateLimit, RateLimitError, Window as RateLimitWindow,
+    MAX_PERIOD_SECONDS, MAX_REQUESTS, RATELIMIT_HEADER, RATELIMIT_POLICY_HEADER,
 };
 pub use record::{
     KeyRecord, KeyType, KeyTypeError, RecordError, Role, RoleError, META_HEADER, RECORD_VERSION,

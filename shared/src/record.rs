@@ -6,9 +6,14 @@ use core::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped when the record's meaning changes; readers refuse versions they don't know
-/// (fail closed) so an old Worker never misreads a newer record.
-pub const RECORD_VERSION: u32 = 1;
+use crate::rate_limit::RateLimit;
+
+/// The newest record version, bumped when the record's meaning changes; readers refuse
+/// versions they don't know (fail closed) so an old Worker never misreads a newer record.
+/// Version 2 added `rateLimit`: a record is written as 2 only when it carries one (see
+/// [`KeyRecord::version_for`]), so Workers from before limits keep reading every other
+/// record and refuse — rather than admit unlimited — a limited key.
+pub const RECORD_VERSION: u32 = 2;
 
 /// Metlo's key types (`keyFor` on create, `for` in responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -167,6 +172,9 @@ pub struct KeyRecord {
     /// the control plane, so the Worker only copies it. Absent: no metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<String>,
+    /// The key's rate limit; absent: none. Only in version-2 records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The request header that carries a key's `meta` to the origin.
@@ -181,10 +189,20 @@ pub enum RecordError {
 }
 
 impl KeyRecord {
-    /// Decodes a record, refusing unknown versions.
+    /// The version a record must be written as: the oldest that has all it says.
+    pub fn version_for(rate_limit: Option<RateLimit>) -> u32 {
+        if rate_limit.is_some() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Decodes a record, refusing unknown versions (and a limit in a version-1 record,
+    /// which a Worker from before limits would have admitted without it).
     pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         let record: KeyRecord = serde_json::from_slice(bytes)?;
-        if record.v != RECORD_VERSION {
+        if !(KeyRecord::version_for(record.rate_limit)..=RECORD_VERSION).contains(&record.v) {
             return Err(RecordError::UnsupportedVersion(record.v));
         }
         Ok(record)
@@ -205,7 +223,7 @@ impl KeyRecord {
     /// A well-formed record, for tests (change fields with struct update syntax).
     pub fn sample() -> Self {
         KeyRecord {
-            v: RECORD_VERSION,
+            v: 1,
             name: "n".into(),
             key_type: KeyType::Generic,
             identifier: "metlo.abcdefgh".into(),
@@ -213,6 +231,7 @@ impl KeyRecord {
             expires: None,
             role: Role::Client,
             meta: None,
+            rate_limit: None,
         }
     }
 }
@@ -224,7 +243,7 @@ mod tests {
 
     fn sample() -> KeyRecord {
         KeyRecord {
-            v: RECORD_VERSION,
+            v: 1,
             name: "ingest/prod ✓".into(),
             key_type: KeyType::Onboarding,
             identifier: "metlo.AbCd1234".into(),
@@ -232,6 +251,7 @@ mod tests {
             expires: Some(1_900_000_000),
             role: Role::Client,
             meta: None,
+            rate_limit: None,
         }
     }
 
@@ -274,11 +294,32 @@ mod tests {
     }
 
     #[test]
+    fn rate_limited_records_are_version_2_and_only_those() {
+        let limited = KeyRecord {
+            v: 2,
+            rate_limit: Some(RateLimit::new(10, 60).unwrap()),
+            ..sample()
+        };
+        let json = limited.to_json();
+        assert!(
+            json.contains(r#""rateLimit":{"requests":10,"periodSeconds":60}"#),
+            "{json}"
+        );
+        assert_eq!(KeyRecord::from_json(json.as_bytes()).unwrap(), limited);
+        // A limit in a version-1 record: a reader from before limits would drop it.
+        let as_v1 = json.replace(r#""v":2"#, r#""v":1"#);
+        assert!(KeyRecord::from_json(as_v1.as_bytes()).is_err());
+        // Version 2 without a limit is fine (the newest version reads everything older).
+        let plain = sample().to_json().replace(r#""v":1"#, r#""v":2"#);
+        assert!(KeyRecord::from_json(plain.as_bytes()).is_ok());
+    }
+
+    #[test]
     fn refuses_other_versions_and_garbage() {
-        let json = sample().to_json().replace(r#""v":1"#, r#""v":2"#);
+        let json = sample().to_json().replace(r#""v":1"#, r#""v":3"#);
         assert!(matches!(
             KeyRecord::from_json(json.as_bytes()),
-            Err(RecordError::UnsupportedVersion(2))
+            Err(RecordError::UnsupportedVersion(3))
         ));
         assert!(KeyRecord::from_json(b"{}").is_err());
         assert!(KeyRecord::from_json(b"").is_err());

@@ -389,6 +389,7 @@ async fn expired_record_is_refused() {
         expires: Some(1_700_000_000),
         role: metlo_shared::Role::Client,
         meta: None,
+        rate_limit: None,
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -577,6 +578,7 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         expires: None,
         role: metlo_shared::Role::Client,
         meta: None,
+        rate_limit: None,
     }
 }
 

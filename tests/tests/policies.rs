@@ -1,12 +1,13 @@
 //! Key policies on the control plane, through HTTP into the real binary on SQLite and
 //! PostgreSQL: `meta` (stored, validated, listed) and updates without re-issuing
 //! (`PATCH /api/v1/keys/{name}`: disable / enable, expiry, meta), their audit entries,
-//! the last-admin rule, and the CLI's `update` / `disable` / `enable`.
+//! the last-admin rule, the CLI's `update` / `disable` / `enable`, and per-key rate
+//! limits on `/api/v1/verify` (in process, and in Redis shared by two replicas).
 
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::{on_both_backends, run_cli, Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, run_cli, Backend, ControlPlane, Options, Redis, StatusCode};
 use serde_json::{json, Value};
 
 on_both_backends!(
@@ -15,6 +16,8 @@ on_both_backends!(
     updates_change_only_what_is_given_and_are_audited,
     updates_are_admin_only_and_keep_an_admin,
     the_cli_updates_disables_and_enables,
+    a_rate_limited_key_gets_exactly_its_limit_on_verify,
+    rate_limits_are_validated,
 );
 
 /// One-second cache TTL: a tombstone left by a disable is gone a second later.
@@ -265,4 +268,165 @@ async fn the_cli_updates_disables_and_enables(backend: Backend) {
     );
     let table = remote(&["list"]).unwrap();
     assert!(table.lines().next().unwrap().contains("ENABLED"), "{table}");
+}
+
+/// `requests` verifications of `key`: their statuses and the last one's headers.
+async fn verify_n(
+    cp: &ControlPlane,
+    key: &str,
+    n: usize,
+) -> (Vec<StatusCode>, reqwest::header::HeaderMap, Value) {
+    let mut statuses = vec![];
+    let mut last = (Default::default(), Value::Null);
+    for _ in 0..n {
+        let (status, headers, body) = cp.get("/api/v1/verify", Some(key)).await;
+        statuses.push(status);
+        last = (headers, serde_json::from_str(&body).unwrap_or(Value::Null));
+    }
+    (statuses, last.0, last.1)
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header in {headers:?}"))
+        .to_str()
+        .unwrap()
+}
+
+async fn a_rate_limited_key_gets_exactly_its_limit_on_verify(backend: Backend) {
+    let cp = start(backend).await;
+    let limit = json!({"requests": 3, "periodSeconds": 2});
+    let (status, body) = cp
+        .create(json!({"name": "limited", "rateLimit": limit}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rateLimit"], limit);
+    assert_eq!(cp.listed("limited").await["rateLimit"], limit);
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    let free = cp.create_key("unlimited", "GENERIC").await;
+
+    let started = Instant::now();
+    let (statuses, _, _) = verify_n(&cp, &key, 3).await;
+    assert_eq!(statuses, [StatusCode::OK; 3]);
+    let (status, headers, body) = cp.get("/api/v1/verify", Some(&key)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    let retry: u64 = header(&headers, "retry-after").parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(header(&headers, "ratelimit-policy"), r#""key";q=3;w=2"#);
+    assert_eq!(
+        header(&headers, "ratelimit"),
+        format!(r#""key";r=0;t={retry}"#)
+    );
+    // The unlimited key is untouched, and carries no rate-limit headers.
+    let (status, headers, _) = cp.get("/api/v1/verify", Some(&free)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("ratelimit").is_none());
+
+    // The window ends two seconds after its first request: a new one admits 3 again.
+    tokio::time::sleep(Duration::from_millis(2100).saturating_sub(started.elapsed())).await;
+    let (status, headers, _) = cp.get("/api/v1/verify", Some(&key)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(header(&headers, "ratelimit"), r#""key";r=2;t=2"#);
+
+    // A changed limit applies at once (a new window); removing it lifts it.
+    let (status, body) = cp
+        .patch(
+            "limited",
+            json!({"rateLimit": {"requests": 1, "periodSeconds": 60}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (statuses, headers, _) = verify_n(&cp, &key, 2).await;
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    assert_eq!(header(&headers, "ratelimit-policy"), r#""key";q=1;w=60"#);
+    let (status, body) = cp.patch("limited", json!({"rateLimit": null})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rateLimit"], Value::Null);
+    let (statuses, _, _) = verify_n(&cp, &key, 5).await;
+    assert_eq!(statuses, [StatusCode::OK; 5]);
+    let (_, _, text) = cp
+        .get("/api/v1/audit?limit=1000", Some(&cp.admin_key))
+        .await;
+    let page: Value = serde_json::from_str(&text).unwrap();
+    let audit = page["entries"].as_array().unwrap();
+    let update = audit
+        .iter()
+        .find(|e| {
+            e["action"] == "key.update"
+                && e["detail"]["after"]["rateLimit"].is_null()
+                && e["detail"]["before"]["rateLimit"]["requests"] == 1
+        })
+        .unwrap_or_else(|| panic!("no audit entry for removing the limit: {audit:?}"));
+    assert_eq!(update["target"], "limited");
+    cp.assert_log_has_no_secrets();
+}
+
+async fn rate_limits_are_validated(backend: Backend) {
+    let cp = start(backend).await;
+    for (bad, why) in [
+        (json!({"requests": 0, "periodSeconds": 60}), "no requests"),
+        (json!({"requests": 5, "periodSeconds": 0}), "no period"),
+        (json!({"requests": 5, "periodSeconds": 86401}), "over a day"),
+        (json!({"requests": -1, "periodSeconds": 60}), "negative"),
+        (json!({"requests": 1.5, "periodSeconds": 60}), "fraction"),
+        (json!({"requests": 5}), "no period given"),
+        (
+            json!({"requests": 5, "periodSeconds": 60, "burst": 2}),
+            "unknown field",
+        ),
+        (json!([5, 60]), "not an object"),
+    ] {
+        let (status, body) = cp
+            .create(json!({"name": "bad-limit", "rateLimit": bad}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("rateLimit")
+                || body["message"].as_str().unwrap().contains("requests")
+                || body["message"].as_str().unwrap().contains("period"),
+            "{why}: {body}"
+        );
+        cp.create_key("target", "GENERIC").await;
+        let (status, body) = cp.patch("target", json!({"rateLimit": bad})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {body}");
+        cp.delete("target", Some(&cp.admin_key)).await;
+    }
+    assert!(cp.list().await.iter().all(|k| k["name"] != "bad-limit"));
+}
+
+/// With Redis, replicas share one count: 4 requests spread over two replicas of a key
+/// limited to 3 get three 200s and one 429. Redis down: 503, never an uncounted 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_in_redis_are_shared_by_replicas_and_fail_closed() {
+    let mut redis = Redis::start();
+    let a = ControlPlane::start_with(Options::new(Backend::Postgres).redis(redis.url())).await;
+    let b = a.replica().await;
+    let (status, body) = a
+        .create(json!({"name": "shared", "rateLimit": {"requests": 3, "periodSeconds": 60}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    let mut statuses = vec![];
+    for cp in [&a, &b, &a, &b] {
+        statuses.push(cp.verify(&key).await);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    let free = a.create_key("free", "GENERIC").await;
+    redis.stop();
+    let (status, headers, body) = b.get("/api/v1/verify", Some(&key)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.get("retry-after").is_some());
+    // Keys without a limit do not need Redis for this.
+    assert_eq!(b.verify(&free).await, StatusCode::OK);
 }

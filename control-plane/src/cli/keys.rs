@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use comfy_table::{presets, Table};
-use metlo_shared::KeyType;
+use metlo_shared::{KeyType, RateLimit};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
@@ -48,6 +48,9 @@ pub enum KeysCommand {
         /// A JSON object forwarded to the origin with the key's requests (at most 1 KB).
         #[arg(long)]
         meta: Option<String>,
+        /// At most REQUESTS per SECONDS, e.g. 100/60 (429 past it).
+        #[arg(long, value_name = "REQUESTS/SECONDS", value_parser = parse_rate_limit)]
+        rate_limit: Option<RateLimit>,
     },
     /// Change a key without re-issuing it (only what is given changes).
     Update {
@@ -70,6 +73,13 @@ pub enum KeysCommand {
         /// Remove the key's meta.
         #[arg(long)]
         no_meta: bool,
+        /// At most REQUESTS per SECONDS, e.g. 100/60 (a new limit starts a new window).
+        #[arg(long, value_name = "REQUESTS/SECONDS", value_parser = parse_rate_limit,
+            conflicts_with = "no_rate_limit")]
+        rate_limit: Option<RateLimit>,
+        /// Remove the key's rate limit.
+        #[arg(long)]
+        no_rate_limit: bool,
     },
     /// Refuse a key everywhere until it is enabled again (`keys update NAME --disable`).
     Disable { name: String },
@@ -151,11 +161,15 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
             expires_at,
             role,
             meta,
+            rate_limit,
         } => Output::Created(
             api.send(
                 reqwest::Method::POST,
                 &["api", "v1", "keys", "create"],
-                Some(json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role, "meta": meta_arg(meta)?})),
+                Some(
+                    json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role,
+                    "meta": meta_arg(meta)?, "rateLimit": rate_limit}),
+                ),
             )
             .await?,
         ),
@@ -290,6 +304,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 expires_at,
                 role,
                 meta,
+                rate_limit,
             } => {
                 let new = CreateKeyRequest {
                     name: Some(name.clone()),
@@ -297,6 +312,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                     expires_at: expires_at.clone(),
                     role: Some(role.clone()),
                     meta: meta_arg(meta)?,
+                    rate_limit: *rate_limit,
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)
@@ -381,11 +397,12 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         Output::Deleted(name) => eprintln!("Deleted key {name:?}"),
         Output::RoleSet(k) => eprintln!("Key {:?} now has the role {}", k.name, k.role),
         Output::Updated(k) => eprintln!(
-            "Key {:?} updated: {}, expires {}, meta {}",
+            "Key {:?} updated: {}, expires {}, meta {}, rate limit {}",
             k.name,
             if k.enabled { "enabled" } else { "disabled" },
             or_dash(&k.expires_at),
-            k.meta.as_ref().map_or("-".to_owned(), Value::to_string)
+            k.meta.as_ref().map_or("-".to_owned(), Value::to_string),
+            rate_limit_text(k.rate_limit),
         ),
         Output::Keys(keys) => {
             let mut table = new_table(&[
@@ -397,6 +414,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
                 "EXPIRES",
                 "LAST USED",
                 "ENABLED",
+                "RATE LIMIT",
             ]);
             for k in keys {
                 table.add_row([
@@ -408,6 +426,7 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
                     or_dash(&k.expires_at),
                     or_dash(&k.last_used),
                     if k.enabled { "yes" } else { "no" }.to_owned(),
+                    rate_limit_text(k.rate_limit),
                 ]);
             }
             println!("{table}");
@@ -441,6 +460,29 @@ fn meta_arg(meta: &Option<String>) -> anyhow::Result<Option<Value>> {
         .transpose()
 }
 
+/// `--rate-limit REQUESTS/SECONDS`.
+fn parse_rate_limit(s: &str) -> Result<RateLimit, String> {
+    let (requests, seconds) = s
+        .split_once('/')
+        .ok_or("expected REQUESTS/SECONDS, e.g. 100/60")?;
+    let number = |v: &str, what: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{what} must be a whole number"))
+    };
+    RateLimit::new(
+        number(requests, "REQUESTS")?,
+        number(seconds.trim_end_matches('s'), "SECONDS")?,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn rate_limit_text(limit: Option<RateLimit>) -> String {
+    limit.map_or("-".to_owned(), |l| {
+        format!("{}/{}s", l.requests, l.period_seconds)
+    })
+}
+
 /// The update body (the API's PATCH) for `keys update`, `disable` or `enable`.
 fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
     let mut body = serde_json::Map::new();
@@ -458,6 +500,8 @@ fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
             no_expiry,
             meta,
             no_meta,
+            rate_limit,
+            no_rate_limit,
             ..
         } => {
             if *enable || *disable {
@@ -472,6 +516,11 @@ fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
                 body.insert("meta".into(), meta);
             } else if *no_meta {
                 body.insert("meta".into(), Value::Null);
+            }
+            if let Some(limit) = rate_limit {
+                body.insert("rateLimit".into(), json!(limit));
+            } else if *no_rate_limit {
+                body.insert("rateLimit".into(), Value::Null);
             }
         }
         _ => unreachable!("only update, disable and enable have an update body"),

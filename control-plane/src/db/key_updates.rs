@@ -34,11 +34,14 @@ impl Store {
             Self::ensure_another_admin(&mut tx, name).await?;
         }
         sqlx::query(
-            "UPDATE api_keys SET disabled_at_ms = $1, expires_at_ms = $2, meta = $3 WHERE id = $4",
+            "UPDATE api_keys SET disabled_at_ms = $1, expires_at_ms = $2, meta = $3, \
+             rate_limit_requests = $4, rate_limit_period_seconds = $5 WHERE id = $6",
         )
         .bind(after.disabled_at_ms)
         .bind(after.expires_at_ms)
         .bind(after.meta.as_deref())
+        .bind(after.rate_limit_requests)
+        .bind(after.rate_limit_period_seconds)
         .bind(after.id)
         .execute(&mut *tx)
         .await?;

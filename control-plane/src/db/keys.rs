@@ -29,7 +29,8 @@ impl Store {
             return Err(StoreError::LimitReached(max_keys));
         }
         sqlx::query(
-            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&key.name)
         .bind(&key.key_hash)
@@ -39,6 +40,8 @@ impl Store {
         .bind(key.expires_at_ms)
         .bind(key.role.as_str())
         .bind(key.meta.as_deref())
+        .bind(key.rate_limit_requests)
+        .bind(key.rate_limit_period_seconds)
         .execute(&mut *tx)
         .await?;
         self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
@@ -224,7 +227,7 @@ impl Store {
              SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
                CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
                  THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
-               k.last_used_ms, k.role, k.disabled_at_ms, k.meta \
+               k.last_used_ms, k.role, k.disabled_at_ms, k.meta, k.rate_limit_requests, k.rate_limit_period_seconds \
              FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
              WHERE r.key_hash = $2 AND r.retires_at_ms > $3 AND k.disabled_at_ms IS NULL"
         ))
@@ -383,6 +386,8 @@ pub(crate) mod fixtures {
             role: Role::Client,
             disabled_at_ms: None,
             meta: None,
+            rate_limit_requests: None,
+            rate_limit_period_seconds: None,
         }
     }
 

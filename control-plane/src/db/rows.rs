@@ -4,7 +4,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use metlo_shared::{KeyRecord, KeyType, Role, RECORD_VERSION};
+use metlo_shared::{KeyRecord, KeyType, RateLimit, Role};
 
 use crate::clock::{iso8601, unix_seconds};
 
@@ -16,7 +16,7 @@ pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds";
 
 /// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
 /// carries that secret's hash and identifier, and expires when its overlap ends.)
@@ -38,13 +38,41 @@ pub struct StoredKey {
     pub disabled_at_ms: Option<i64>,
     /// Compact JSON object, at most 1 KB.
     pub meta: Option<String>,
+    /// The rate limit, both set or neither ([`StoredKey::rate_limit`]).
+    pub rate_limit_requests: Option<i64>,
+    pub rate_limit_period_seconds: Option<i64>,
 }
 
 impl StoredKey {
+    /// The key's rate limit. A stored pair out of range (written by hand) reads as the
+    /// tightest limit, never as none.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        match (self.rate_limit_requests, self.rate_limit_period_seconds) {
+            (None, None) => None,
+            (requests, period) => Some(
+                requests
+                    .zip(period)
+                    .and_then(|(r, p)| RateLimit::new(r.try_into().ok()?, p.try_into().ok()?).ok())
+                    .unwrap_or(RateLimit {
+                        requests: 1,
+                        period_seconds: metlo_shared::MAX_PERIOD_SECONDS,
+                    }),
+            ),
+        }
+    }
+
+    /// Sets the two rate-limit columns.
+    pub fn set_rate_limit(&mut self, limit: Option<RateLimit>) {
+        self.rate_limit_requests = limit.map(|l| l.requests.into());
+        self.rate_limit_period_seconds = limit.map(|l| l.period_seconds.into());
+    }
+
     /// The record the edge caches in KV for this key.
     pub fn record(&self) -> KeyRecord {
+        let rate_limit = self.rate_limit();
         KeyRecord {
-            v: RECORD_VERSION,
+            v: KeyRecord::version_for(rate_limit),
+            rate_limit,
             name: self.name.clone(),
             key_type: self.key_type,
             identifier: self.identifier.clone(),
@@ -87,6 +115,8 @@ pub struct KeyChanges {
     pub expires_at_ms: Option<Option<i64>>,
     /// `Some(None)`: no metadata.
     pub meta: Option<Option<String>>,
+    /// `Some(None)`: no limit.
+    pub rate_limit: Option<Option<RateLimit>>,
 }
 
 impl KeyChanges {
@@ -96,7 +126,7 @@ impl KeyChanges {
 
     /// `key` with these changes, disabled (if so) at `now_ms`.
     pub fn apply(&self, key: &StoredKey, now_ms: i64) -> StoredKey {
-        StoredKey {
+        let mut changed = StoredKey {
             disabled_at_ms: match self.enabled {
                 None => key.disabled_at_ms,
                 Some(true) => None,
@@ -105,7 +135,11 @@ impl KeyChanges {
             expires_at_ms: self.expires_at_ms.unwrap_or(key.expires_at_ms),
             meta: self.meta.clone().unwrap_or_else(|| key.meta.clone()),
             ..key.clone()
+        };
+        if let Some(limit) = self.rate_limit {
+            changed.set_rate_limit(limit);
         }
+        changed
     }
 }
 

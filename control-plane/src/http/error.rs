@@ -35,6 +35,9 @@ pub enum ApiError {
         role: Role,
         required: &'static [Role],
     },
+    /// The key's rate limit is spent; the window ends in this many seconds.
+    #[error("this key's rate limit is spent; retry in {0} s")]
+    RateLimited(u64),
     /// What the service refused or could not do, said in its own words.
     #[error(transparent)]
     Service(#[from] service::Error),
@@ -81,12 +84,13 @@ impl ApiError {
                 "headers_too_large",
             ),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
-            ApiError::Service(E::Unavailable | E::Busy) => {
+            ApiError::Service(E::Unavailable | E::Busy | E::LimiterUnavailable) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             ApiError::Service(E::TooManyFailures(_)) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
             }
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Service(E::Internal(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -118,11 +122,18 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static(r#"Bearer realm="metlo", error="insufficient_scope""#),
                 );
             }
-            ApiError::Service(service::Error::Unavailable | service::Error::Busy) => {
+            ApiError::Service(
+                service::Error::Unavailable
+                | service::Error::Busy
+                | service::Error::LimiterUnavailable,
+            ) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Service(service::Error::TooManyFailures(wait)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+            }
+            ApiError::RateLimited(wait) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(wait));
             }
             _ => {}
         }

@@ -3,17 +3,17 @@
 
 use axum::extract::{Path, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::patch;
-use axum::Json;
-use metlo_shared::{KeyHash, KeyRecord, KeyType};
+use axum::{Extension, Json};
+use metlo_shared::{KeyHash, KeyRecord, KeyType, RATELIMIT_HEADER, RATELIMIT_POLICY_HEADER};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Admins, Audited, Authorized, Clients, EdgeWorkers, JsonBody};
+use super::extract::{Admins, Audited, Authorized, Caller, Clients, EdgeWorkers, JsonBody};
 use super::state::AppState;
 use crate::clock::now_ms;
 use crate::service::key_updates::{self, UpdateKeyRequest};
@@ -172,14 +172,48 @@ async fn remove(
     Ok(Json(StatusOk { status: "OK" }))
 }
 
-/// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this).
+/// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this). A key
+/// with a rate limit is counted here (apart from the edge's count): past it, 429 with
+/// `Retry-After`; its answers carry `RateLimit-Policy` and `RateLimit`.
 #[utoipa::path(get, path = "/api/v1/verify", tag = "keys",
-    responses((status = 200, body = String, content_type = "text/plain"), (status = 401, body = ErrorBody),
+    responses((status = 200, body = String, content_type = "text/plain", headers(
+            ("RateLimit-Policy" = String, description = "Keys with a rate limit: `\"key\";q=<requests>;w=<seconds>`"),
+            ("RateLimit" = String, description = "Keys with a rate limit: `\"key\";r=<remaining>;t=<seconds to the window's end>`"))),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 429, description = "The key's rate limit is spent until the window ends (`Retry-After`)", body = ErrorBody),
         (status = 503, body = ErrorBody)),
     security(("api_key" = ["client"])))]
-async fn verify(_: Authorized<Clients>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK")
+async fn verify(
+    _: Authorized<Clients>,
+    State(state): State<AppState>,
+    Extension(Caller(caller)): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    const OK: ([(header::HeaderName, &str); 1], &str) =
+        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK");
+    let Some(limit) = caller.rate_limit else {
+        return Ok(OK.into_response());
+    };
+    let outcome = state
+        .key_limits
+        .hit(&caller.name, limit, now_ms().max(0) as u64)
+        .await?;
+    let mut response = if outcome.allowed {
+        OK.into_response()
+    } else {
+        ApiError::RateLimited(outcome.reset_seconds).into_response()
+    };
+    for (name, value) in [
+        (RATELIMIT_POLICY_HEADER, limit.policy_header()),
+        (RATELIMIT_HEADER, outcome.header()),
+    ] {
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
 }
 
 /// The response header of `by-hash` saying how long the Worker may keep the record.

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::AuthFailures;
+use crate::service::key_limits::KeyLimits;
 use crate::service::usage::Usage;
 use crate::service::verify::Lookups;
 
@@ -54,4 +55,6 @@ pub struct Shared {
     pub lookups: Lookups,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<IpNet>,
+    /// Per-key rate limits of `/api/v1/verify`.
+    pub key_limits: KeyLimits,
 }

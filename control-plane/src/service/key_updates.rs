@@ -1,7 +1,7 @@
-//! Changing a key without re-issuing it: enable / disable, expiry, metadata. The change
+//! Changing a key without re-issuing it: enable / disable, expiry, metadata, rate limit. The change
 //! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
 
-use metlo_shared::KeyHash;
+use metlo_shared::{KeyHash, RateLimit};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
@@ -15,8 +15,8 @@ use crate::clock::{iso8601, now_ms};
 use crate::db::rows::{KeyChanges, StoredKey};
 use crate::db::Store;
 
-/// The body of an update: only the fields given change; `null` clears `expiresAt` and
-/// `meta`. Unknown fields are refused (a misspelt field must not look applied).
+/// The body of an update: only the fields given change; `null` clears `expiresAt`,
+/// `meta` and `rateLimit`. Unknown fields are refused (a misspelt field must not look applied).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKeyRequest {
@@ -30,6 +30,11 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Object>, example = json!({"tenant": "acme"}))]
     pub meta: Option<Option<Value>>,
+    /// At most `requests` per `periodSeconds`, at the edge and on `/api/v1/verify`;
+    /// null: no limit. A new limit starts a new window.
+    #[serde(rename = "rateLimit", default, deserialize_with = "present")]
+    #[schema(value_type = Option<RateLimit>)]
+    pub rate_limit: Option<Option<RateLimit>>,
 }
 
 /// A field that is present (`Some`, holding `None` for `null`), as opposed to absent.
@@ -52,10 +57,11 @@ impl UpdateKeyRequest {
                 .meta
                 .map(|m| validate_meta(m.unwrap_or_default()))
                 .transpose()?,
+            rate_limit: self.rate_limit,
         };
         if changes.is_empty() {
             return Err(Error::invalid(
-                "nothing to change: give at least one of enabled, expiresAt, meta",
+                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit",
             ));
         }
         Ok(changes)
@@ -131,6 +137,11 @@ fn changed_fields(before: &StoredKey, after: &StoredKey) -> Value {
         "meta",
         json!(meta_value(before.meta.as_deref())),
         json!(meta_value(after.meta.as_deref())),
+    );
+    field(
+        "rateLimit",
+        json!(before.rate_limit()),
+        json!(after.rate_limit()),
     );
     json!({"before": old, "after": new})
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use metlo_shared::{ApiKey, KeyHash, KeyType, Role};
+use metlo_shared::{ApiKey, KeyHash, KeyType, RateLimit, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use unicode_normalization::UnicodeNormalization;
@@ -51,6 +51,10 @@ pub struct CreateKeyRequest {
     /// request this key makes through the edge (`X-Metlo-Key-Meta`, base64url JSON).
     #[schema(value_type = Option<Object>, example = json!({"tenant": "acme"}))]
     pub meta: Option<serde_json::Value>,
+    /// At most `requests` per `periodSeconds` (a fixed window), at the edge and on
+    /// `/api/v1/verify`; past it, 429. Absent or null: no limit.
+    #[serde(rename = "rateLimit")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A validated create request.
@@ -63,6 +67,7 @@ pub struct NewKey {
     pub role: Role,
     /// Compact JSON object.
     pub meta: Option<String>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl CreateKeyRequest {
@@ -77,6 +82,7 @@ impl CreateKeyRequest {
                 .map(|v| parse_expires_at(&v, now_ms))
                 .transpose()?,
             meta: validate_meta(self.meta.unwrap_or_default())?,
+            rate_limit: self.rate_limit,
         })
     }
 }
@@ -160,6 +166,9 @@ pub struct KeyInfo {
     /// The JSON object forwarded to the origin; null: none.
     #[schema(value_type = Option<Object>)]
     pub meta: Option<serde_json::Value>,
+    /// The key's rate limit; null: none.
+    #[serde(rename = "rateLimit")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -180,6 +189,7 @@ pub struct RolledKey {
 impl From<StoredKey> for KeyInfo {
     fn from(k: StoredKey) -> Self {
         KeyInfo {
+            rate_limit: k.rate_limit(),
             created: iso8601(k.created_at_ms),
             name: k.name,
             identifier: k.identifier,
@@ -313,7 +323,7 @@ pub async fn create_key(
         )));
     }
     let key = generate_key()?;
-    let stored = StoredKey {
+    let mut stored = StoredKey {
         id: 0,
         name: new.name.clone(),
         key_hash: key.hash().to_hex(),
@@ -325,7 +335,10 @@ pub async fn create_key(
         role: new.role,
         disabled_at_ms: None,
         meta: new.meta.clone(),
+        rate_limit_requests: None,
+        rate_limit_period_seconds: None,
     };
+    stored.set_rate_limit(new.rate_limit);
     let audit = actor.entry(
         "key.create",
         &new.name,
@@ -335,6 +348,7 @@ pub async fn create_key(
             "role": new.role.as_str(),
             "expiresAt": new.expires_at_ms.map(iso8601),
             "meta": meta_value(new.meta.as_deref()),
+            "rateLimit": new.rate_limit,
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;

@@ -5,6 +5,7 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod key_limits;
 pub mod key_updates;
 pub mod keys;
 pub mod meta;
@@ -39,6 +40,10 @@ pub enum Error {
     /// Too many lookups of uncached keys at once (503): an overload, retryable.
     #[error("too many key lookups in flight; try again shortly")]
     Busy,
+    /// The rate-limit counter (Redis) did not answer: the request is not let through
+    /// uncounted (503).
+    #[error("the rate-limit store is unavailable; try again shortly")]
+    LimiterUnavailable,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
