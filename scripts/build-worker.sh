@@ -51,6 +51,15 @@ cd "$root"
 wasm="$root/$crate/build/index_bg.wasm"
 features=(--enable-mutable-globals --enable-sign-ext --enable-nontrapping-float-to-int --enable-bulk-memory
           --enable-multivalue --enable-reference-types --enable-exception-handling)
-"$WASM_OPT_BIN" "$wasm" -o "$wasm.stripped" --strip-debug --strip-producers "${features[@]}"
+[ -n "${METLO_KEEP_WASM_NAMES:-}" ] && cp "$wasm" "$wasm.names"
+"$WASM_OPT_BIN" "$wasm" -o "$wasm.stripped" -Oz --strip-debug --strip-producers "${features[@]}"
 mv "$wasm.stripped" "$wasm"
-echo "Worker built: $(wc -c <"$wasm") bytes wasm, $(gzip -9 -c "$wasm" | wc -c) gzipped" >&2
+gzipped="$(gzip -9 -c "$wasm" | wc -c)"
+echo "Worker built: $(wc -c <"$wasm") bytes wasm, $gzipped gzipped" >&2
+# The project's budget for the Worker's wasm (Cloudflare's free plan allows 3 MB for the
+# whole Worker; a small module starts isolates faster). Checked on every build.
+limit=$((128 * 1024))
+if [ "$crate" = edge ] && [ "$gzipped" -gt "$limit" ]; then
+    echo "error: the Worker's wasm is $gzipped bytes gzipped, over its budget of $limit" >&2
+    exit 1
+fi

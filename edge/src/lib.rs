@@ -8,18 +8,24 @@
 //! 4. KV miss → ask the control plane by hash (with a timeout, using the Worker's own
 //!    key). Found → write KV with `expirationTtl` and allow; not found → 401 (remembered
 //!    in the isolate only, never in KV); control plane unreachable → 503 (fail closed).
-//! 5. Allow → proxy to `ORIGIN_URL` with `X-Metlo-Key-*` headers, without `Authorization`.
-//! 6. Key use is reported to the control plane in batches, after the response
+//! 5. A key with a rate limit is counted in its Durable Object ([`limits`]): past the
+//!    limit → 429 with `Retry-After` and `RateLimit-Policy` / `RateLimit`, no origin call.
+//! 6. Allow → proxy to `ORIGIN_URL` with `X-Metlo-Key-*` headers, without `Authorization`.
+//! 7. Key use is reported to the control plane in batches, after the response
 //!    ([`usage`]), for each key's `lastUsed`.
 //!
-//! Everything that decides is plain Rust in [`decision`], [`config`] and
-//! [`isolate_cache`] and [`usage`], unit-tested natively; the wasm-only glue in `worker_glue` moves
-//! bytes between those functions and the Workers runtime.
+//! Everything that decides is plain Rust in [`decision`], [`config`], [`isolate_cache`],
+//! [`limits`] and [`usage`], unit-tested natively; the wasm-only glue (`worker_glue`, and
+//! `limiter_glue` for the Durable Object class) moves bytes between those functions and
+//! the Workers runtime.
 
 pub mod config;
 pub mod decision;
 pub mod isolate_cache;
+pub mod limits;
 pub mod usage;
 
+#[cfg(target_arch = "wasm32")]
+mod limiter_glue;
 #[cfg(target_arch = "wasm32")]
 mod worker_glue;

@@ -5,15 +5,16 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
-use metlo_shared::{KeyHash, KeyRecord};
+use metlo_shared::{KeyHash, KeyRecord, RateLimit, RateLimitOutcome};
 use worker::{
-    console_error, event, AbortController, Context, Delay, Env, Fetch, Headers, Method, Request,
-    RequestInit, RequestRedirect, Response, ResponseBody,
+    console_error, event, AbortController, Context, Delay, Env, Fetch, Headers, Request, Response,
+    ResponseBody,
 };
 
 use crate::config::Config;
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
 use crate::isolate_cache::{Entry, IsolateCache};
+use crate::limits;
 use crate::usage::{self, UsageBuffer};
 
 thread_local! {
@@ -97,9 +98,33 @@ async fn handle(
     if let Err(refusal) = decision::admit(&record, now / 1000) {
         return refuse(refusal, config, source);
     }
+    // Keys without a limit pay nothing here: no I/O, no allocation.
+    let limited = match record.rate_limit {
+        None => None,
+        Some(limit) => match count(&record.name, limit, env, config).await {
+            Ok(outcome) if outcome.allowed => Some((limit, outcome)),
+            Ok(outcome) => {
+                return plain(
+                    limits::rate_limited_response(limit, outcome),
+                    config.decision_header,
+                    source,
+                )
+            }
+            Err(e) => {
+                // Fail closed: an uncounted request is not let through.
+                console_error!("rate limit not counted: {e}");
+                return refuse(Refusal::Unavailable, config, source);
+            }
+        },
+    };
     record_use(hash, now, env, ctx, config);
     match proxy(req, &record, config, source).await {
-        Ok(response) => Ok(response),
+        Ok(response) => match limited {
+            None => Ok(response),
+            Some((limit, outcome)) => {
+                with_headers(response, &limits::limit_headers(limit, outcome))
+            }
+        },
         Err(e) => {
             console_error!("origin unreachable: {e}");
             refuse(Refusal::OriginUnreachable, config, source)
@@ -191,10 +216,8 @@ async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> Lookup {
     {
         return Lookup::Failed("CONTROL_PLANE_KEY is not a valid header value".into());
     }
-    let mut init = RequestInit::new();
-    init.with_method(Method::Get).with_headers(headers);
     let url = format!("{}/api/v1/keys/by-hash/{hex}", config.control_plane_url);
-    let request = match Request::new_with_init(&url, &init) {
+    let request = match new_request(&url, "GET", &headers, None, false) {
         Ok(r) => r,
         Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
     };
@@ -286,11 +309,9 @@ async fn send_usage(
         .set("Authorization", &format!("Bearer {key}"))
         .and_then(|_| headers.set("Content-Type", "application/json"))
         .map_err(|e| e.to_string())?;
-    let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_headers(headers)
-        .with_body(Some(usage::report_body(batch).into()));
-    let request = Request::new_with_init(url, &init).map_err(|e| e.to_string())?;
+    let body = wasm_bindgen::JsValue::from_str(&usage::report_body(batch));
+    let request =
+        new_request(url, "POST", &headers, Some(&body), false).map_err(|e| e.to_string())?;
     match call_control_plane(request, timeout_ms).await {
         Ok((200..=299, _, _)) => Ok(()),
         Ok((status, _, _)) => Err(format!("control plane answered {status}")),
@@ -303,6 +324,42 @@ async fn send_usage(
 /// locally), never a `[vars]` entry.
 fn control_plane_key(env: &Env) -> Option<String> {
     env.secret("CONTROL_PLANE_KEY").map(|s| s.to_string()).ok()
+}
+
+/// Counts one request of the key `name` in its Durable Object, within the control-plane
+/// timeout (a limiter that does not answer fails the request, closed).
+async fn count(
+    name: &str,
+    limit: RateLimit,
+    env: &Env,
+    config: &Config,
+) -> Result<RateLimitOutcome, String> {
+    let call = async {
+        let stub = env
+            .durable_object(limits::LIMITER_BINDING)?
+            .get_by_name(name)?;
+        let mut response = stub.fetch_with_str(&limits::limiter_url(limit)).await?;
+        let status = response.status_code();
+        Ok::<_, worker::Error>((status, response.text().await?))
+    };
+    let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
+    match select(Box::pin(call), timeout).await {
+        Either::Left((Ok((200, body)), _)) => {
+            limits::decode_outcome(&body).ok_or_else(|| "garbled limiter answer".to_owned())
+        }
+        Either::Left((Ok((status, _)), _)) => Err(format!("limiter answered {status}")),
+        Either::Left((Err(e), _)) => Err(e.to_string()),
+        Either::Right(_) => Err("limiter timed out".to_owned()),
+    }
+}
+
+/// The origin's response with `extra` headers (its own headers are immutable: copied).
+fn with_headers(response: Response, extra: &[(&'static str, String)]) -> worker::Result<Response> {
+    let headers = Headers(web_sys::Headers::new_with_headers(&response.headers().0)?);
+    for (name, value) in extra {
+        headers.set(name, value)?;
+    }
+    Ok(response.with_headers(headers))
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
@@ -339,19 +396,34 @@ async fn proxy(
     if let Some(secret) = &config.origin_secret {
         headers.set(decision::ORIGIN_SECRET_HEADER, secret)?;
     }
-    let method = req.method();
-    let has_body = !matches!(method, Method::Get | Method::Head);
-    let mut init = RequestInit::new();
-    init.with_method(method)
-        .with_headers(headers)
-        .with_redirect(RequestRedirect::Manual);
-    if has_body {
-        if let Some(body) = req.inner().body() {
-            init.with_body(Some(body.into()));
-        }
-    }
-    let forwarded = Request::new_with_init(&url, &init)?;
+    let method = req.inner().method();
+    let body = match method.as_str() {
+        "GET" | "HEAD" => None,
+        _ => req.inner().body().map(wasm_bindgen::JsValue::from),
+    };
+    let forwarded = new_request(&url, &method, &headers, body.as_ref(), true)?;
     Fetch::Request(forwarded).send().await
+}
+
+/// A request built on `web_sys` directly: `worker::Request::new_with_init` converts its
+/// whole `RequestInit` (`cf` options through serde) and costs ~10 KB of the bundle.
+fn new_request(
+    url: &str,
+    method: &str,
+    headers: &Headers,
+    body: Option<&wasm_bindgen::JsValue>,
+    manual_redirect: bool,
+) -> worker::Result<Request> {
+    let init = web_sys::RequestInit::new();
+    init.set_method(method);
+    init.set_headers(&headers.0);
+    if let Some(body) = body {
+        init.set_body(body);
+    }
+    if manual_redirect {
+        init.set_redirect(web_sys::RequestRedirect::Manual);
+    }
+    Ok(web_sys::Request::new_with_str_and_init(url, &init)?.into())
 }
 
 /// Milliseconds since the epoch, in one JS call (`Date.now()`).

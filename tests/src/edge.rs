@@ -390,7 +390,9 @@ impl Edge {
         // hook (the tests build once, before they start).
         let config = format!(
             "name = \"metlo-edge-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
-             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n[vars]\n{vars_toml}",
+             [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n\
+             [[durable_objects.bindings]]\nname = \"KEY_LIMITER\"\nclass_name = \"KeyLimiter\"\n\n\
+             [[migrations]]\ntag = \"v1\"\nnew_sqlite_classes = [\"KeyLimiter\"]\n\n[vars]\n{vars_toml}",
             main = worker_main().display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();

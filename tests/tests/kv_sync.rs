@@ -207,6 +207,96 @@ async fn meta_and_disable_reach_the_edge() {
     assert!(s.edge.kv_get(&hash(&key)).is_some(), "KV record back");
 }
 
+/// A key limited to 3 per 2 s, through `wrangler dev` (its record from KV, its count in
+/// the key's Durable Object): exactly 3 requests reach the origin, then 429 with
+/// `Retry-After`, `RateLimit-Policy` and `RateLimit` and no origin call; after
+/// `Retry-After`, a new window. An unlimited key is unaffected and gets no such headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_at_the_edge() {
+    let s = full(Backend::Postgres, &[]).await;
+    let (status, body) = s
+        .cp
+        .create(serde_json::json!({"name": "metered", "rateLimit": {"requests": 3, "periodSeconds": 2}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    let free = s.cp.create_key("free", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let record = s
+        .edge
+        .kv_get(&hash(&key))
+        .expect("the limited key's record in KV");
+    assert!(
+        record.contains(r#""v":2"#) && record.contains(r#""rateLimit""#),
+        "{record}"
+    );
+
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let reached = s.origin.requests().len();
+    let mut seen = vec![];
+    let mut last = None;
+    for _ in 0..5 {
+        let r = s.edge.get("/metered", Some(&key)).send().await.unwrap();
+        seen.push((r.status(), header(&r, "ratelimit")));
+        last = Some(r);
+    }
+    let last = last.unwrap();
+    assert_eq!(
+        seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "{seen:?}\n{}",
+        s.edge.log()
+    );
+    assert_eq!(
+        s.origin.requests().len() - reached,
+        3,
+        "refused requests never reach the origin"
+    );
+    for (i, (_, rate)) in seen.iter().take(3).enumerate() {
+        let rate = rate.as_deref().expect("RateLimit on the origin's answers");
+        assert!(
+            rate.starts_with(&format!(r#""key";r={};t="#, 2 - i)),
+            "{rate}"
+        );
+    }
+    let retry: u64 = header(&last, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(
+        header(&last, "ratelimit-policy").unwrap(),
+        r#""key";q=3;w=2"#
+    );
+    assert_eq!(
+        header(&last, "ratelimit").unwrap(),
+        format!(r#""key";r=0;t={retry}"#)
+    );
+    assert_eq!(header(&last, "content-type").unwrap(), "application/json");
+    let body: Value = last.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+
+    for _ in 0..8 {
+        let r = s.edge.get("/free", Some(&free)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers().get("ratelimit").is_none());
+    }
+
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let r = s.edge.get("/metered", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "a new window");
+    assert!(header(&r, "ratelimit")
+        .unwrap()
+        .starts_with(r#""key";r=2;"#));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_key_is_refused_at_the_edge_within_a_second() {
     // Default settings: keys in active use sit in the isolate cache for up to 500 ms, so
