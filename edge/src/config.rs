@@ -30,6 +30,11 @@ pub struct Config {
     pub retry_after_seconds: u64,
     /// How often an isolate reports key use to the control plane (`lastUsed`); 0: never.
     pub usage_report_ms: u64,
+    /// Most control-plane lookups one isolate has in flight; past it, 503 at once.
+    pub max_concurrent_lookups: u32,
+    /// `Retry-After` seconds on 429 for a client past its budget of unknown keys: the
+    /// `MISS_LIMITER` binding's period.
+    pub miss_retry_after_seconds: u64,
     /// `ORIGIN_SECRET` (a Worker secret): sent to the origin on every proxied request as
     /// `X-Metlo-Origin-Secret`, so it can refuse traffic that did not come through here.
     pub origin_secret: Option<String>,
@@ -89,6 +94,9 @@ impl Config {
             decision_header: flag("DECISION_HEADER"),
             retry_after_seconds: number("RETRY_AFTER_SECONDS", 5)?,
             usage_report_ms: number("USAGE_REPORT_MS", 30_000)?,
+            max_concurrent_lookups: u32::try_from(number("MAX_CONCURRENT_LOOKUPS", 8)?)
+                .unwrap_or(u32::MAX),
+            miss_retry_after_seconds: number("MISS_RETRY_AFTER_SECONDS", 60)?,
             origin_secret: var("ORIGIN_SECRET").filter(|s| !s.is_empty()),
         };
         if config.control_plane_url.starts_with("http://")
@@ -110,9 +118,13 @@ impl Config {
                 "KV_CACHE_TTL_SECONDS must be at least {KV_MIN_CACHE_TTL}"
             )));
         }
-        if config.control_plane_timeout_ms == 0 || config.isolate_capacity == 0 {
+        if config.control_plane_timeout_ms == 0
+            || config.isolate_capacity == 0
+            || config.max_concurrent_lookups == 0
+        {
             return Err(ConfigError(
-                "CONTROL_PLANE_TIMEOUT_MS and ISOLATE_CAPACITY must be positive".into(),
+                "CONTROL_PLANE_TIMEOUT_MS, ISOLATE_CAPACITY and MAX_CONCURRENT_LOOKUPS must be positive"
+                    .into(),
             ));
         }
         Ok(config)
@@ -163,6 +175,8 @@ mod tests {
         assert!(!c.forward_authorization);
         assert!(!c.decision_header);
         assert_eq!(c.usage_report_ms, 30_000);
+        assert_eq!(c.max_concurrent_lookups, 8);
+        assert_eq!(c.miss_retry_after_seconds, 60);
     }
 
     #[test]
@@ -174,6 +188,12 @@ mod tests {
         let mut v = BASE.to_vec();
         v.push(("ISOLATE_HIT_MS", "soon"));
         assert!(Config::from_vars(vars(&v)).is_err());
+        let mut v = BASE.to_vec();
+        v.push(("MAX_CONCURRENT_LOOKUPS", "0"));
+        assert!(
+            Config::from_vars(vars(&v)).is_err(),
+            "no lookup could ever be made"
+        );
         let mut v = BASE.to_vec();
         v[0] = ("ORIGIN_URL", "ftp://x");
         assert!(Config::from_vars(vars(&v)).is_err());

@@ -16,6 +16,12 @@ pub enum Refusal {
     Unavailable,
     /// The key is good but the origin could not be reached: 502.
     OriginUnreachable,
+    /// The client spent its budget of lookups of keys KV does not know (the
+    /// `MISS_LIMITER` binding, per `CF-Connecting-IP`): 429, and no lookup.
+    TooManyMisses,
+    /// This isolate already has its most control-plane lookups in flight: 503 at once,
+    /// rather than a queue an attacker could fill.
+    Busy,
 }
 
 /// A response the glue turns into a real one.
@@ -201,10 +207,19 @@ pub fn refusal_status_and_body(refusal: Refusal) -> (u16, &'static str) {
             502,
             r#"{"error":"bad_gateway","message":"the origin could not be reached"}"#,
         ),
+        Refusal::TooManyMisses => (
+            429,
+            r#"{"error":"too_many_requests","message":"too many unknown API keys from this address; retry later"}"#,
+        ),
+        Refusal::Busy => (
+            503,
+            r#"{"error":"unavailable","message":"too many key lookups in flight; try again shortly"}"#,
+        ),
     }
 }
 
 /// A refusal's headers; the same for every refusal with the same status.
+/// `retry_after_seconds`: the refusal's own (the miss limiter's period for a 429).
 pub fn refusal_headers(refusal: Refusal, retry_after_seconds: u64) -> Vec<(&'static str, String)> {
     let mut headers = vec![("Content-Type", "application/json".to_owned())];
     match refusal {
@@ -212,7 +227,9 @@ pub fn refusal_headers(refusal: Refusal, retry_after_seconds: u64) -> Vec<(&'sta
             "WWW-Authenticate",
             r#"Bearer realm="metlo", error="invalid_token""#.to_owned(),
         )),
-        Refusal::Unavailable => headers.push(("Retry-After", retry_after_seconds.to_string())),
+        Refusal::Unavailable | Refusal::Busy | Refusal::TooManyMisses => {
+            headers.push(("Retry-After", retry_after_seconds.to_string()))
+        }
         Refusal::OriginUnreachable => {}
     }
     headers
@@ -413,6 +430,8 @@ mod tests {
             Refusal::Invalid,
             Refusal::Unavailable,
             Refusal::OriginUnreachable,
+            Refusal::TooManyMisses,
+            Refusal::Busy,
         ] {
             let body: serde_json::Value =
                 serde_json::from_str(refusal_response(refusal, 1).body).unwrap();
@@ -422,5 +441,11 @@ mod tests {
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("Retry-After", "7".to_owned())));
         assert_eq!(refusal_response(Refusal::OriginUnreachable, 1).status, 502);
+        let r = refusal_response(Refusal::TooManyMisses, 60);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("Retry-After", "60".to_owned())));
+        let r = refusal_response(Refusal::Busy, 5);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("Retry-After", "5".to_owned())));
     }
 }

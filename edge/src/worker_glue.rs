@@ -28,6 +28,8 @@ thread_local! {
     static REFUSAL_HEADERS: RefCell<Vec<((u16, &'static str), Headers)>> = const { RefCell::new(Vec::new()) };
     // Key use not yet reported to the control plane.
     static USAGE: RefCell<Option<UsageBuffer>> = const { RefCell::new(None) };
+    // Control-plane lookups this isolate has in flight.
+    static LOOKUPS_IN_FLIGHT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
@@ -90,7 +92,7 @@ async fn handle(
         Ok(hash) => hash,
         Err(refusal) => return refuse(refusal, config, Source::None),
     };
-    let (record, source) = match find(&hash, env, config).await {
+    let (record, source) = match find(&hash, &req, env, config).await {
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
@@ -135,6 +137,7 @@ async fn handle(
 /// Steps 2–4: isolate cache, KV, control plane.
 async fn find(
     hash: &KeyHash,
+    req: &Request,
     env: &Env,
     config: &Config,
 ) -> Result<(KeyRecord, Source), (Refusal, Source)> {
@@ -167,6 +170,14 @@ async fn find(
         // A KV failure is not a decision: ask the control plane instead.
         Err(e) => console_error!("KV read failed: {e}"),
     }
+    // Past KV, a key costs a control-plane call: only within the client's budget of such
+    // lookups and this isolate's bound on them in flight.
+    if !within_miss_budget(req, env).await {
+        return Err((Refusal::TooManyMisses, Source::None));
+    }
+    let Some(_slot) = LookupSlot::take(config.max_concurrent_lookups) else {
+        return Err((Refusal::Busy, Source::None));
+    };
     match ask_control_plane(&hex, env, config).await {
         Lookup::Found {
             record,
@@ -202,6 +213,57 @@ async fn find(
             console_error!("control plane lookup failed: {why}");
             Err((Refusal::Unavailable, Source::ControlPlane))
         }
+    }
+}
+
+/// Does the client (`CF-Connecting-IP`) still have budget for a lookup of a key KV does
+/// not know? The `MISS_LIMITER` binding counts per location; a binding that is missing or
+/// fails says no (fail closed: a flood must not reach the control plane unchecked).
+async fn within_miss_budget(req: &Request, env: &Env) -> bool {
+    // Set by Cloudflare on every request (and by `wrangler dev`); never absent there.
+    let client = req
+        .headers()
+        .get("CF-Connecting-IP")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let limiter = match env.rate_limiter(MISS_LIMITER) {
+        Ok(l) => l,
+        Err(e) => {
+            console_error!("rate-limit binding {MISS_LIMITER} missing: {e}");
+            return false;
+        }
+    };
+    match limiter.limit(client).await {
+        Ok(outcome) => outcome.success,
+        Err(e) => {
+            console_error!("rate-limit binding {MISS_LIMITER} failed: {e}");
+            false
+        }
+    }
+}
+
+/// The Rate Limiting binding that counts each client's lookups past KV.
+const MISS_LIMITER: &str = "MISS_LIMITER";
+
+/// One of this isolate's control-plane lookups in flight; given back when dropped (also
+/// when the request is cancelled).
+struct LookupSlot;
+
+impl LookupSlot {
+    fn take(max: u32) -> Option<LookupSlot> {
+        LOOKUPS_IN_FLIGHT.with(|n| {
+            (n.get() < max).then(|| {
+                n.set(n.get() + 1);
+                LookupSlot
+            })
+        })
+    }
+}
+
+impl Drop for LookupSlot {
+    fn drop(&mut self) {
+        LOOKUPS_IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
     }
 }
 
@@ -457,7 +519,11 @@ fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<R
         if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (status, tag)) {
             return Ok(h.clone());
         }
-        let r = decision::refusal_response(refusal, config.retry_after_seconds);
+        let retry_after = match refusal {
+            Refusal::TooManyMisses => config.miss_retry_after_seconds,
+            _ => config.retry_after_seconds,
+        };
+        let r = decision::refusal_response(refusal, retry_after);
         let h = to_headers(&r, config.decision_header, source)?;
         cache.push(((status, tag), h.clone()));
         Ok(h)

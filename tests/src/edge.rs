@@ -19,6 +19,11 @@ use crate::{free_port, workspace_root};
 /// The Worker's settings that are secrets, never `[vars]`.
 pub const SECRETS: [&str; 2] = ["CONTROL_PLANE_KEY", "ORIGIN_SECRET"];
 
+/// Not a `[vars]` entry: the `MISS_LIMITER` binding's limit per client and minute
+/// (default [`DEFAULT_MISS_LIMIT`]: high, so only tests that ask for it meet it).
+pub const MISS_LIMIT: &str = "MISS_LIMIT";
+pub const DEFAULT_MISS_LIMIT: u32 = 10_000;
+
 /// A request as the origin saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -374,7 +379,12 @@ impl Edge {
         ];
         // Secrets go to `.dev.vars` (what `wrangler secret put` holds in production).
         let mut secrets = format!("CONTROL_PLANE_KEY = {control_plane_key:?}\n");
+        let mut miss_limit = DEFAULT_MISS_LIMIT;
         for (k, v) in vars {
+            if *k == MISS_LIMIT {
+                miss_limit = v.parse().expect("MISS_LIMIT is a number");
+                continue;
+            }
             if SECRETS.contains(k) {
                 secrets.push_str(&format!("{k} = {v:?}\n"));
                 continue;
@@ -392,7 +402,9 @@ impl Edge {
             "name = \"metlo-edge-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
              [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n\
              [[durable_objects.bindings]]\nname = \"KEY_LIMITER\"\nclass_name = \"KeyLimiter\"\n\n\
-             [[migrations]]\ntag = \"v1\"\nnew_sqlite_classes = [\"KeyLimiter\"]\n\n[vars]\n{vars_toml}",
+             [[migrations]]\ntag = \"v1\"\nnew_sqlite_classes = [\"KeyLimiter\"]\n\n\
+             [[ratelimits]]\nname = \"MISS_LIMITER\"\nnamespace_id = \"1001\"\n\
+             simple = {{ limit = {miss_limit}, period = 60 }}\n\n[vars]\n{vars_toml}",
             main = worker_main().display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();

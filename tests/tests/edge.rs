@@ -646,6 +646,76 @@ async fn silent_control_plane_lookup_fails_closed_and_is_not_left_open() {
     assert!(origin.requests().is_empty(), "nothing reached the origin");
 }
 
+/// An isolate keeps at most MAX_CONCURRENT_LOOKUPS control-plane lookups in flight: with
+/// a control plane that never answers and a bound of 2, five new keys at once make two
+/// lookups (503 after the timeout) and three immediate 503s, never a queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_in_flight_are_bounded_per_isolate() {
+    let cp = Silent::start().await;
+    let origin = Origin::start().await;
+    let edge = Edge::start(
+        &cp.url,
+        "edge-worker-secret",
+        &origin.url,
+        &[
+            ("CONTROL_PLANE_TIMEOUT_MS", "2000"),
+            ("MAX_CONCURRENT_LOOKUPS", "2"),
+        ],
+    )
+    .await;
+    let sent = Instant::now();
+    let answers = futures::future::join_all((0..5).map(|_| {
+        let key = ApiKey::generate().unwrap();
+        let request = edge.get("/x", Some(key.expose_secret())).send();
+        async move {
+            let r = request.await.unwrap();
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (
+                status,
+                sent.elapsed(),
+                body["message"].as_str().unwrap().to_owned(),
+            )
+        }
+    }))
+    .await;
+    let (busy, waited): (Vec<_>, Vec<_>) = answers
+        .iter()
+        .partition(|(_, _, message)| message.contains("in flight"));
+    assert!(
+        answers
+            .iter()
+            .all(|(s, _, _)| *s == StatusCode::SERVICE_UNAVAILABLE),
+        "{answers:?}"
+    );
+    assert_eq!((busy.len(), waited.len()), (3, 2), "{answers:?}");
+    assert!(
+        busy.iter()
+            .all(|(_, took, _)| *took < Duration::from_millis(1500)),
+        "{answers:?}"
+    );
+    assert!(
+        waited
+            .iter()
+            .all(|(_, took, _)| *took >= Duration::from_millis(1900)),
+        "{answers:?}"
+    );
+    assert_eq!(
+        cp.connections().len(),
+        2,
+        "only two lookups reached the control plane"
+    );
+    // The slots come back: the next key is looked up again.
+    let key = ApiKey::generate().unwrap();
+    let r = edge
+        .get("/x", Some(key.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(cp.connections().len(), 3);
+}
+
 /// A usage report the control plane never answers is aborted after
 /// CONTROL_PLANE_TIMEOUT_MS: its connection is closed (a fetch merely no longer awaited
 /// would stay open as long as the `waitUntil`, which local workerd never cuts short), and

@@ -297,6 +297,98 @@ async fn rate_limits_at_the_edge() {
         .starts_with(r#""key";r=2;"#));
 }
 
+/// A flood of checksum-valid made-up keys through `wrangler dev` from one client, while a
+/// valid key (in KV) keeps calling from the same client: the valid key never fails, the
+/// control plane sees at most MISS_LIMITER's limit of lookups from that client, and the
+/// rest are 429s answered at the edge. Another client keeps its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_flood_costs_the_client_not_the_control_plane() {
+    const LIMIT: usize = 20;
+    const FLOOD: usize = 300;
+    let s = full(Backend::Postgres, &[("MISS_LIMIT", &LIMIT.to_string())]).await;
+    let valid = s.cp.create_key("steady", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let lookups_before = s.cp.metric("metlo_verify_lookups_total", "").await;
+    let attacker = "203.0.113.7";
+
+    let flood = async {
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        let started = Instant::now();
+        for chunk in (0..FLOOD).collect::<Vec<_>>().chunks(10) {
+            let answers = futures::future::join_all(chunk.iter().map(|_| {
+                let key = ApiKey::generate().unwrap();
+                s.edge
+                    .get("/flood", Some(key.expose_secret()))
+                    .header("CF-Connecting-IP", attacker)
+                    .send()
+            }))
+            .await;
+            for r in answers {
+                *statuses.entry(r.unwrap().status().as_u16()).or_default() += 1;
+            }
+        }
+        (statuses, started.elapsed())
+    };
+    let steady = async {
+        let mut results = vec![];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) || results.len() < 50 {
+            let r = s
+                .edge
+                .get("/steady", Some(&valid))
+                .header("CF-Connecting-IP", attacker)
+                .send()
+                .await
+                .unwrap();
+            results.push(r.status());
+        }
+        results
+    };
+    let ((statuses, took), steady) = tokio::join!(flood, steady);
+    let lookups = s.cp.metric("metlo_verify_lookups_total", "").await - lookups_before;
+    let ok = steady.iter().filter(|s| **s == StatusCode::OK).count();
+    println!(
+        "flood of {FLOOD} made-up keys in {took:?}: {statuses:?}; valid key {ok}/{} OK; \
+         control-plane lookups {lookups} (limit {LIMIT})",
+        steady.len()
+    );
+    assert_eq!(ok, steady.len(), "the valid key never fails: {steady:?}");
+    // (One more: the Worker's own key, the first time it authenticates.)
+    assert!(
+        lookups <= LIMIT as f64 + 1.0,
+        "{lookups} lookups for a limit of {LIMIT}"
+    );
+    // Within the budget: looked up (401), or refused by the isolate's bound on lookups in
+    // flight (503: ten at a time against a bound of eight).
+    let count = |status: u16| statuses.get(&status).copied().unwrap_or(0);
+    assert_eq!(count(401) + count(503), LIMIT, "{statuses:?}");
+    assert_eq!(count(429), FLOOD - LIMIT, "{statuses:?}");
+
+    let r = s
+        .edge
+        .get("/flood", Some(ApiKey::generate().unwrap().expose_secret()))
+        .header("CF-Connecting-IP", attacker)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "60");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_requests");
+    let other = s
+        .edge
+        .get("/flood", Some(ApiKey::generate().unwrap().expose_secret()))
+        .header("CF-Connecting-IP", "198.51.100.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::UNAUTHORIZED,
+        "another client has its own budget"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_key_is_refused_at_the_edge_within_a_second() {
     // Default settings: keys in active use sit in the isolate cache for up to 500 ms, so
