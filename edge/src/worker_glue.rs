@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use metlo_shared::{KeyHash, KeyRecord, RateLimit, RateLimitOutcome};
-use worker::{
-    console_error, event, AbortController, Context, Delay, Env, Fetch, Headers, Request, Response,
-    ResponseBody,
-};
+use wasm_bindgen::prelude::wasm_bindgen;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::{self, JsFuture};
+use worker::{console_error, AbortController, Context, Delay, Env, Fetch, Headers, Request};
 
 use crate::config::Config;
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
@@ -23,9 +23,9 @@ thread_local! {
     // `[vars]` are fixed for an isolate's life: parse them once, not per request (each
     // read crosses the wasm/JS boundary).
     static CONFIG: RefCell<Option<std::rc::Rc<Config>>> = const { RefCell::new(None) };
-    // Refusals always carry the same headers: built once, copied into each Response by
-    // the runtime (three JS calls fewer per refused request).
-    static REFUSAL_HEADERS: RefCell<Vec<((u16, &'static str), Headers)>> = const { RefCell::new(Vec::new()) };
+    // A refusal's body and init (status, headers) are the same every time: made once per
+    // isolate, so each refused request costs one JS call to answer.
+    static REFUSALS: RefCell<Vec<((Refusal, &'static str), (JsValue, web_sys::ResponseInit))>> = const { RefCell::new(Vec::new()) };
     // Key use not yet reported to the control plane.
     static USAGE: RefCell<Option<UsageBuffer>> = const { RefCell::new(None) };
     // Control-plane lookups this isolate has in flight.
@@ -65,34 +65,92 @@ impl Source {
     }
 }
 
-#[event(fetch)]
-async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
+#[wasm_bindgen]
+extern "C" {
+    /// The runtime's `fetch`, called directly: `worker::Fetch` adds a `RequestInit` per
+    /// call and rebuilds the response it gets.
+    #[wasm_bindgen(js_name = fetch)]
+    fn global_fetch(request: &web_sys::Request) -> js_sys::Promise;
+
+    /// `new Response(body, init)` with a body already in JS (web_sys's constructors take
+    /// a Rust string and copy it across each time).
+    #[wasm_bindgen(js_name = Response)]
+    type NewResponse;
+    #[wasm_bindgen(constructor, js_class = "Response", catch)]
+    fn new(body: &JsValue, init: &web_sys::ResponseInit) -> Result<NewResponse, JsValue>;
+}
+
+fn new_response(
+    body: &JsValue,
+    init: &web_sys::ResponseInit,
+) -> Result<web_sys::Response, JsValue> {
+    NewResponse::new(body, init).map(JsCast::unchecked_into)
+}
+
+/// The Worker's `fetch` handler, exported by hand rather than by `#[event(fetch)]`: what
+/// is decided without I/O (no key, a malformed one, one this isolate knows is unknown)
+/// is answered synchronously — no future, no promise, no conversion of the request —
+/// and everything else returns a promise of the response.
+#[wasm_bindgen]
+pub fn fetch(req: web_sys::Request, env: Env, ctx: worker::worker_sys::Context) -> JsValue {
     let config = match config(&env) {
         Ok(c) => c,
         Err(e) => {
             console_error!("edge misconfigured: {e}");
-            return plain(
+            return respond(plain(
                 decision::refusal_response(Refusal::Unavailable, 30),
                 false,
                 Source::None,
-            );
+            ));
         }
     };
-    handle(req, &env, &ctx, &config).await
+    let header = req.headers().get("Authorization").ok().flatten();
+    let hash = match decision::check_header(header.as_deref()) {
+        Ok(hash) => hash,
+        Err(refusal) => return respond(refuse(refusal, &config, Source::None)),
+    };
+    let cached = match with_cache(&config, |c| c.get(&hash, now_ms())) {
+        Some(Entry::Unknown) => return respond(refuse(Refusal::Invalid, &config, Source::Isolate)),
+        Some(Entry::Valid(record)) => Some(record),
+        None => None,
+    };
+    let ctx = Context::new(ctx);
+    wasm_bindgen_futures::future_to_promise(async move {
+        Ok(respond(
+            handle(req, hash, cached, &env, &ctx, &config).await,
+        ))
+    })
+    .into()
 }
 
+/// The response as the runtime takes it; an error (a JS call that threw) is a 500.
+fn respond(response: worker::Result<web_sys::Response>) -> JsValue {
+    match response {
+        Ok(r) => r.into(),
+        Err(e) => {
+            console_error!("{e}");
+            let init = web_sys::ResponseInit::new();
+            init.set_status(500);
+            web_sys::Response::new_with_opt_str_and_init(Some("internal error"), &init)
+                .map_or_else(|e| e, JsValue::from)
+        }
+    }
+}
+
+/// Steps 2–7 for a well-formed key (`cached`: what the isolate cache had).
 async fn handle(
-    req: Request,
+    req: web_sys::Request,
+    hash: KeyHash,
+    cached: Option<KeyRecord>,
     env: &Env,
     ctx: &Context,
     config: &Config,
-) -> worker::Result<Response> {
-    let header = req.headers().get("Authorization")?;
-    let hash = match decision::check_header(header.as_deref()) {
-        Ok(hash) => hash,
-        Err(refusal) => return refuse(refusal, config, Source::None),
+) -> worker::Result<web_sys::Response> {
+    let found = match cached {
+        Some(record) => Ok((record, Source::Isolate)),
+        None => find(&hash, &req, env, config).await,
     };
-    let (record, source) = match find(&hash, &req, env, config).await {
+    let (record, source) = match found {
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
@@ -134,19 +192,14 @@ async fn handle(
     }
 }
 
-/// Steps 2–4: isolate cache, KV, control plane.
+/// Steps 3–4, for a key the isolate cache does not know: KV, then the control plane.
 async fn find(
     hash: &KeyHash,
-    req: &Request,
+    req: &web_sys::Request,
     env: &Env,
     config: &Config,
 ) -> Result<(KeyRecord, Source), (Refusal, Source)> {
     let now_ms = now_ms();
-    match with_cache(config, |c| c.get(hash, now_ms)) {
-        Some(Entry::Valid(record)) => return Ok((record, Source::Isolate)),
-        Some(Entry::Unknown) => return Err((Refusal::Invalid, Source::Isolate)),
-        None => {}
-    }
     let hex = hash.to_hex();
     let kv = env.kv("KEYS").map_err(|e| {
         console_error!("KV binding KEYS missing: {e}");
@@ -219,7 +272,7 @@ async fn find(
 /// Does the client (`CF-Connecting-IP`) still have budget for a lookup of a key KV does
 /// not know? The `MISS_LIMITER` binding counts per location; a binding that is missing or
 /// fails says no (fail closed: a flood must not reach the control plane unchecked).
-async fn within_miss_budget(req: &Request, env: &Env) -> bool {
+async fn within_miss_budget(req: &web_sys::Request, env: &Env) -> bool {
     // Set by Cloudflare on every request (and by `wrangler dev`); never absent there.
     let client = req
         .headers()
@@ -415,28 +468,35 @@ async fn count(
     }
 }
 
-/// The origin's response with `extra` headers (its own headers are immutable: copied).
-fn with_headers(response: Response, extra: &[(&'static str, String)]) -> worker::Result<Response> {
-    let headers = Headers(web_sys::Headers::new_with_headers(&response.headers().0)?);
+/// The origin's response with `extra` headers (its own headers are immutable: copied),
+/// its body streamed through.
+fn with_headers(
+    response: web_sys::Response,
+    extra: &[(&'static str, String)],
+) -> worker::Result<web_sys::Response> {
+    let headers = web_sys::Headers::new_with_headers(&response.headers())?;
     for (name, value) in extra {
         headers.set(name, value)?;
     }
-    Ok(response.with_headers(headers))
+    let init = web_sys::ResponseInit::new();
+    init.set_status(response.status());
+    init.set_status_text(&response.status_text());
+    init.set_headers(&headers);
+    Ok(web_sys::Response::new_with_opt_readable_stream_and_init(
+        response.body().as_ref(),
+        &init,
+    )?)
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
 async fn proxy(
-    req: Request,
+    req: web_sys::Request,
     record: &KeyRecord,
     config: &Config,
     source: Source,
-) -> worker::Result<Response> {
-    // The raw URL string: `req.url()` would parse it with the `url` crate and pull its
-    // IDNA tables (~100 KB) into the wasm.
-    let url = decision::origin_request_url(&config.origin_url, &req.inner().url());
-    let headers = Headers(web_sys::Headers::new_with_headers(
-        req.inner().headers().as_ref(),
-    )?);
+) -> worker::Result<web_sys::Response> {
+    let url = decision::origin_request_url(&config.origin_url, &req.url());
+    let headers = Headers(web_sys::Headers::new_with_headers(&req.headers())?);
     let changes = decision::origin_headers(record, config.forward_authorization);
     for name in changes.remove {
         headers.delete(name)?;
@@ -458,13 +518,15 @@ async fn proxy(
     if let Some(secret) = &config.origin_secret {
         headers.set(decision::ORIGIN_SECRET_HEADER, secret)?;
     }
-    let method = req.inner().method();
+    let method = req.method();
     let body = match method.as_str() {
         "GET" | "HEAD" => None,
-        _ => req.inner().body().map(wasm_bindgen::JsValue::from),
+        _ => req.body().map(JsValue::from),
     };
     let forwarded = new_request(&url, &method, &headers, body.as_ref(), true)?;
-    Fetch::Request(forwarded).send().await
+    // The origin's response as it is: returned, not rebuilt.
+    let response = JsFuture::from(global_fetch(forwarded.inner())).await?;
+    Ok(response.unchecked_into())
 }
 
 /// A request built on `web_sys` directly: `worker::Request::new_with_init` converts its
@@ -507,41 +569,48 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
     })
 }
 
-fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<Response> {
-    let (status, body) = decision::refusal_status_and_body(refusal);
+fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<web_sys::Response> {
     let tag = if config.decision_header {
         source.as_str()
     } else {
         ""
     };
-    let headers = REFUSAL_HEADERS.with(|cell| -> worker::Result<Headers> {
+    REFUSALS.with(|cell| {
         let mut cache = cell.borrow_mut();
-        if let Some((_, h)) = cache.iter().find(|(k, _)| *k == (status, tag)) {
-            return Ok(h.clone());
+        if let Some((_, (body, init))) = cache.iter().find(|(k, _)| *k == (refusal, tag)) {
+            // One JS call. (A Response itself cannot be kept: its body belongs to the
+            // request that made it.)
+            return Ok(new_response(body, init)?);
         }
         let retry_after = match refusal {
             Refusal::TooManyMisses => config.miss_retry_after_seconds,
             _ => config.retry_after_seconds,
         };
         let r = decision::refusal_response(refusal, retry_after);
-        let h = to_headers(&r, config.decision_header, source)?;
-        cache.push(((status, tag), h.clone()));
-        Ok(h)
-    })?;
-    Ok(
-        Response::from_body(ResponseBody::Body(body.as_bytes().to_vec()))?
-            .with_status(status)
-            .with_headers(headers),
-    )
+        let headers = to_headers(&r, config.decision_header, source)?;
+        let init = web_sys::ResponseInit::new();
+        init.set_status(r.status);
+        init.set_headers(&headers.0);
+        let body = JsValue::from_str(r.body);
+        let response = new_response(&body, &init)?;
+        cache.push(((refusal, tag), (body, init)));
+        Ok(response)
+    })
 }
 
-fn plain(r: PlainResponse, decision_header: bool, source: Source) -> worker::Result<Response> {
+fn plain(
+    r: PlainResponse,
+    decision_header: bool,
+    source: Source,
+) -> worker::Result<web_sys::Response> {
     let headers = to_headers(&r, decision_header, source)?;
-    Ok(
-        Response::from_body(ResponseBody::Body(r.body.as_bytes().to_vec()))?
-            .with_status(r.status)
-            .with_headers(headers),
-    )
+    let init = web_sys::ResponseInit::new();
+    init.set_status(r.status);
+    init.set_headers(&headers.0);
+    Ok(web_sys::Response::new_with_opt_str_and_init(
+        Some(r.body),
+        &init,
+    )?)
 }
 
 fn to_headers(r: &PlainResponse, decision_header: bool, source: Source) -> worker::Result<Headers> {
