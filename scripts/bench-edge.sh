@@ -8,6 +8,29 @@ cd "$(dirname "$0")/.."
 ./scripts/build-worker.sh tests/bench/edge/rust-baseline
 cargo build --locked --release -q -p metlo-control-plane -p metlo-tests --bins
 
+# EDGE_BASELINE=<git revision>: also build that revision's Worker and measure it
+# interleaved with this one (the "before" of a change). Built in a worktree that shares
+# this checkout's node_modules, with a wasm target dir of its own kept between runs
+# (target-wasm-baseline/: sharing target-wasm/ would let one build's artifact stand in
+# for the other's).
+before_worker=""
+if [ -n "${EDGE_BASELINE:-}" ]; then
+    tree="$(mktemp -d)/before"
+    git worktree add -q --detach "$tree" "$EDGE_BASELINE"
+    ln -s "$PWD/node_modules" "$tree/node_modules"
+    # Older than the installed packages: the worktree's build must not run `npm ci`, which
+    # would empty the shared node_modules.
+    touch -d @0 "$tree/package-lock.json"
+    mkdir -p target-wasm-baseline
+    ln -s "$PWD/target-wasm-baseline" "$tree/target-wasm"
+    echo "building the Worker at $EDGE_BASELINE ($(git rev-parse --short "$EDGE_BASELINE"))" >&2
+    (cd "$tree" && ./scripts/build-worker.sh >/dev/null)
+    mkdir -p target/bench-edge-before
+    cp -r "$tree/edge/build/." target/bench-edge-before/
+    git worktree remove --force "$tree"
+    before_worker="$PWD/target/bench-edge-before/index.js"
+fi
+
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 target/release/bare-axum "127.0.0.1:$port" 2>/dev/null &
 origin=$!
@@ -15,4 +38,8 @@ data="$(mktemp -d)"
 trap 'kill $origin 2>/dev/null; rm -rf "$data"' EXIT
 # A real key, made the way an operator makes one.
 key="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench 2>/dev/null)"
-ORIGIN_URL="http://127.0.0.1:$port" METLO_KEY="$key" node tests/bench/edge/run.mjs
+# And one with a rate limit it never reaches: what counting costs.
+limited="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-limited \
+    --rate-limit 1000000000/60 2>/dev/null)"
+ORIGIN_URL="http://127.0.0.1:$port" METLO_KEY="$key" METLO_LIMITED_KEY="$limited" \
+    BEFORE_WORKER="$before_worker" node tests/bench/edge/run.mjs

@@ -1,7 +1,9 @@
 // Edge benchmark: our Rust Worker against JavaScript baselines, all under workerd via
 // Miniflare's API (the engine `wrangler dev` uses, without wrangler's Node proxy in the
 // request path, which otherwise caps every Worker at ~400 req/s here). Load from wrk.
-// Env: ORIGIN_URL (a fast origin), METLO_KEY (a valid key), ROUNDS, SECONDS.
+// Env: ORIGIN_URL (a fast origin), METLO_KEY (a valid key), METLO_LIMITED_KEY (a valid key
+// with a rate limit it never reaches), BEFORE_WORKER (optional: another build of our
+// Worker, measured alongside as "before"), ROUNDS, SECONDS.
 import { Miniflare } from "miniflare";
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
@@ -14,17 +16,28 @@ const here = dirname(fileURLToPath(import.meta.url));
 const root = join(here, "..", "..", "..");
 const ORIGIN_URL = process.env.ORIGIN_URL;
 const KEY = process.env.METLO_KEY;
+const LIMITED_KEY = process.env.METLO_LIMITED_KEY;
+const BEFORE_WORKER = process.env.BEFORE_WORKER || "";
 const ROUNDS = Number(process.env.ROUNDS || 3);
 const SECONDS = Number(process.env.SECONDS || 5);
 const PATH = "/api/v1/verify";
-if (!ORIGIN_URL || !KEY) throw new Error("ORIGIN_URL and METLO_KEY must be set");
+if (!ORIGIN_URL || !KEY || !LIMITED_KEY) throw new Error("ORIGIN_URL, METLO_KEY and METLO_LIMITED_KEY must be set");
 
 const hash = createHash("sha256").update(KEY).digest("hex");
 const record = JSON.stringify({ v: 1, name: "bench", for: "GENERIC", identifier: KEY.slice(0, 14), created: "2026-01-01T00:00:00.000Z" });
+const limitedHash = createHash("sha256").update(LIMITED_KEY).digest("hex");
+const limitedRecord = JSON.stringify({ v: 2, name: "bench-limited", for: "GENERIC", identifier: LIMITED_KEY.slice(0, 14),
+  created: "2026-01-01T00:00:00.000Z", rateLimit: { requests: 1000000000, periodSeconds: 60 } });
+// Our Worker's bindings besides KV: the per-key limiter and the miss limiter.
+const ours = { durableObjects: { KEY_LIMITER: { className: "KeyLimiter", useSQLite: true } },
+  ratelimits: { MISS_LIMITER: { simple: { limit: 30, period: 60 } } },
+  modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }] };
 const common = { compatibilityDate: "2025-09-01", modules: true, kvNamespaces: ["KEYS"],
   bindings: { ORIGIN_URL, CONTROL_PLANE_URL: "http://127.0.0.1:9", CONTROL_PLANE_KEY: "unused" } };
 const workers = {
-  rust: { ...common, scriptPath: join(root, "edge/build/index.js"), modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }] },
+  rust: { ...common, ...ours, scriptPath: join(root, "edge/build/index.js") },
+  // (Without the Durable Object binding: a build from before limits has no such class.)
+  ...(BEFORE_WORKER ? { before: { ...common, modulesRules: ours.modulesRules, scriptPath: BEFORE_WORKER } } : {}),
   js: { ...common, scriptPath: join(here, "js-auth.js") },
   // Baselines built exactly like ours (same worker crate, toolchain and wasm-opt): the
   // ratios against these measure what our checks cost.
@@ -43,7 +56,9 @@ async function start(name) {
   const t0 = performance.now();
   const mf = new Miniflare(workers[name]);
   const url = (await mf.ready).toString().replace(/\/$/, "");
-  await (await mf.getKVNamespace("KEYS")).put(hash, record);
+  const kv = await mf.getKVNamespace("KEYS");
+  await kv.put(hash, record);
+  await kv.put(limitedHash, limitedRecord);
   const first = await fetch(url + PATH, { headers: { Authorization: KEY } });
   await first.arrayBuffer();
   return { mf, url, startupMs: performance.now() - t0, firstStatus: first.status };
@@ -83,7 +98,8 @@ for (const name of Object.keys(workers)) started[name] = await start(name);
 if (started.rust.firstStatus !== 200 || started.js.firstStatus !== 200)
   throw new Error(`warm-up failed: rust ${started.rust.firstStatus}, js ${started.js.firstStatus}`);
 
-const runs = { rust: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [] };
+const runs = { rust: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [], rustLimited: [],
+  ...(BEFORE_WORKER ? { before: [], beforeGarbage: [] } : {}) };
 const cpu = Object.fromEntries(Object.keys(runs).map((k) => [k, []]));
 console.log(`edge throughput under workerd (Miniflare API), wrk -t1 -c16 -d${SECONDS}s, ${ROUNDS} interleaved rounds, medians`);
 for (let round = 1; round <= ROUNDS; round++) {
@@ -94,12 +110,17 @@ for (let round = 1; round <= ROUNDS; round++) {
   const g = wrk(started.rust.url, "garbage");
   const rp = wrk(started.rustPassthrough.url, KEY);
   const re = wrk(started.rustEmpty.url, "garbage");
-  if (r.non2xx || j.non2xx || p.non2xx || rp.non2xx) throw new Error("a valid-key request failed");
+  const l = wrk(started.rust.url, LIMITED_KEY);
+  const b = BEFORE_WORKER ? wrk(started.before.url, KEY) : null;
+  const bg = BEFORE_WORKER ? wrk(started.before.url, "garbage") : null;
+  if (r.non2xx || j.non2xx || p.non2xx || rp.non2xx || l.non2xx || b?.non2xx) throw new Error("a valid-key request failed");
+  runs.rustLimited.push(l.rps); cpu.rustLimited.push(l.cpuUs);
+  if (b) { runs.before.push(b.rps); runs.beforeGarbage.push(bg.rps); cpu.before.push(b.cpuUs); cpu.beforeGarbage.push(bg.cpuUs); }
   runs.passthrough.push(p.rps); runs.rust.push(r.rps); runs.js.push(j.rps); runs.empty.push(e.rps); runs.rustGarbage.push(g.rps);
   runs.rustPassthrough.push(rp.rps); runs.rustEmpty.push(re.rps);
   for (const [k, v] of Object.entries({ rust: r, js: j, passthrough: p, empty: e, rustGarbage: g, rustPassthrough: rp, rustEmpty: re }))
     cpu[k].push(v.cpuUs);
-  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
+  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours limited ${l.rps.toFixed(0)} |${b ? ` before ${b.rps.toFixed(0)} | before garbage ${bg.rps.toFixed(0)} |` : ""} ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
 }
 const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
 console.log(`  valid key (isolate/KV hit), proxied: ours ${m.rust.toFixed(0)} req/s`);
@@ -111,6 +132,10 @@ console.log(`    ÷ empty Worker, Rust (${m.rustEmpty.toFixed(0)}): ${(m.rustGar
 console.log(`    ÷ empty Worker, JavaScript (${m.empty.toFixed(0)}): ${(m.rustGarbage / m.empty).toFixed(2)}  (for reference: the worker crate's JS↔wasm cost)`);
 const c = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, median(v)]));
 console.log(`  workerd CPU per request (µs, medians; robust to machine load): ours ${c.rust.toFixed(0)} | rust pass-through ${c.rustPassthrough.toFixed(0)} | js auth ${c.js.toFixed(0)} | ours garbage ${c.rustGarbage.toFixed(0)} | rust empty ${c.rustEmpty.toFixed(0)} | js empty ${c.empty.toFixed(0)}`);
+console.log(`  the JavaScript floor for a refusal: garbage ÷ js empty ${(c.empty / c.rustGarbage).toFixed(2)} by CPU, ${(m.rustGarbage / m.empty).toFixed(2)} by req/s (target >= 0.87)`);
+console.log(`  a rate-limited key (one Durable Object call per request): ${c.rustLimited.toFixed(0)} µs CPU, +${(c.rustLimited - c.rust).toFixed(0)} µs over an unlimited key (${(c.rust / c.rustLimited).toFixed(2)}× its throughput by CPU; ${m.rustLimited.toFixed(0)} req/s)`);
+if (BEFORE_WORKER)
+  console.log(`  against the build before (EDGE_BASELINE): unlimited valid key ${c.rust.toFixed(0)} vs ${c.before.toFixed(0)} µs CPU (${((c.rust / c.before - 1) * 100).toFixed(1)} %, target within 3 %), req/s ratio ${(m.rust / m.before).toFixed(2)}; garbage ${c.rustGarbage.toFixed(0)} vs ${c.beforeGarbage.toFixed(0)} µs (${((c.rustGarbage / c.beforeGarbage - 1) * 100).toFixed(1)} %)`);
 console.log(`    as throughput ratios: valid ÷ rust pass-through ${(c.rustPassthrough / c.rust).toFixed(2)} (target >= 0.90), ÷ js auth ${(c.js / c.rust).toFixed(2)} (target >= 1.0); garbage ÷ rust empty ${(c.rustEmpty / c.rustGarbage).toFixed(2)} (target >= 0.95)`);
 const wasm = readFileSync(join(root, "edge/build/index_bg.wasm"));
 const js = readFileSync(join(root, "edge/build/index.js"));
