@@ -1,7 +1,8 @@
 //! The control plane's request-body decoding never panics, and what it accepts obeys the
 //! rules: names (1–128 characters, not blank, no control characters, not `.`/`..`),
 //! expiries in the future, `meta` a JSON object of at most 1 KB, roll overlaps within 7
-//! days, updates that change something, usage reports of at most 1,000 entries with no
+//! days, rate limits within their bounds (1–10⁹ requests per 1–86,400 s), updates that
+//! change something, usage reports of at most 1,000 entries with no
 //! time in the future, audit pages of 1–1000 entries.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
@@ -32,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(at > NOW_MS && at % 1000 == 0);
         }
         assert_meta(new.meta.as_deref());
+        assert_rate_limit(new.rate_limit);
     }
     let update = decode_json::<UpdateKeyRequest>(data)
         .ok()
@@ -43,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(meta) = &changes.meta {
             assert_meta(meta.as_deref());
+        }
+        if let Some(limit) = changes.rate_limit {
+            assert_rate_limit(limit);
         }
     }
     let roll = decode_json::<Option<RollKeyRequest>>(data)
@@ -65,6 +70,17 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// A rate limit within its bounds, and one that round-trips through its JSON.
+fn assert_rate_limit(limit: Option<metlo_shared::RateLimit>) {
+    if let Some(l) = limit {
+        assert!((1..=metlo_shared::MAX_REQUESTS).contains(&l.requests));
+        assert!((1..=metlo_shared::MAX_PERIOD_SECONDS).contains(&l.period_seconds));
+        let again: metlo_shared::RateLimit =
+            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(again, l);
+    }
+}
 
 /// Stored meta: a JSON object, compact, at most 1 KB.
 fn assert_meta(meta: Option<&str>) {

@@ -19,8 +19,9 @@ const POLICY_NAME: &str = "key";
 pub const RATELIMIT_POLICY_HEADER: &str = "ratelimit-policy";
 pub const RATELIMIT_HEADER: &str = "ratelimit";
 
-/// At most `requests` per `period_seconds`. Deserialized through [`RateLimit::new`]: no
-/// record or request holds one out of range (a zero period would never refuse).
+// Deserialized through `RateLimit::new`: no record or request holds one out of range (a
+// zero period would never refuse).
+/// At most `requests` per `periodSeconds`, counted in a fixed window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", try_from = "RawRateLimit")]
