@@ -80,6 +80,15 @@ extern "C" {
     fn new(body: &JsValue, init: &web_sys::ResponseInit) -> Result<NewResponse, JsValue>;
 }
 
+// The request's `Authorization` in one JS call (web_sys takes two, and copies the header's
+// name across each time): every request needs it, refused ones most of all.
+#[wasm_bindgen(
+    inline_js = "export function authorization(r) { return r.headers.get('Authorization'); }"
+)]
+extern "C" {
+    fn authorization(request: &web_sys::Request) -> Option<String>;
+}
+
 fn new_response(
     body: &JsValue,
     init: &web_sys::ResponseInit,
@@ -104,7 +113,7 @@ pub fn fetch(req: web_sys::Request, env: Env, ctx: worker::worker_sys::Context) 
             ));
         }
     };
-    let header = req.headers().get("Authorization").ok().flatten();
+    let header = authorization(&req);
     let hash = match decision::check_header(header.as_deref()) {
         Ok(hash) => hash,
         Err(refusal) => return respond(refuse(refusal, &config, Source::None)),
