@@ -57,6 +57,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
             "lastUsed",
             "meta",
             "name",
+            "rateLimit",
             "role"
         ]
     );
@@ -113,6 +114,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
                 "lastUsed",
                 "meta",
                 "name",
+                "rateLimit",
                 "role"
             ],
             "list never shows the key"
