@@ -93,6 +93,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
         key_limits: config.key_limits()?,
+        list_unpaged_max: config.list_unpaged_max,
     });
     match store.count_legacy().await {
         Ok(0) => {}

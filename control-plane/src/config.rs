@@ -27,6 +27,10 @@ pub struct Config {
     /// Most keys the instance may hold.
     #[arg(long, env = "MAX_API_KEYS", default_value_t = 100, global = true)]
     pub max_api_keys: u64,
+    /// Most keys a list answers as one plain array (Metlo's shape); past it, a list
+    /// without `?limit=` is a 400 that says to page.
+    #[arg(long, env = "LIST_UNPAGED_MAX", default_value_t = 1000, global = true)]
+    pub list_unpaged_max: u64,
     /// How long a verification result is cached.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 5, global = true)]
     pub cache_ttl_seconds: u64,

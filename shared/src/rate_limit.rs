@@ -24,7 +24,11 @@ pub const RATELIMIT_HEADER: &str = "ratelimit";
 /// At most `requests` per `periodSeconds`, counted in a fixed window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
-#[serde(rename_all = "camelCase", try_from = "RawRateLimit")]
+#[serde(
+    rename_all = "camelCase",
+    try_from = "RawRateLimit",
+    deny_unknown_fields
+)]
 pub struct RateLimit {
     /// Requests admitted per window: 1 to 1,000,000,000.
     #[cfg_attr(
@@ -74,7 +78,7 @@ impl<'de> Deserialize<'de> for RawRateLimit {
                             ))
                         }
                     };
-                    if slot.replace(map.next_value::<u32>()?).is_some() {
+                    if slot.replace(map.next_value::<Whole>()?.0).is_some() {
                         return Err(A::Error::custom(format_args!("duplicate field `{field}`")));
                     }
                 }
@@ -94,6 +98,43 @@ impl TryFrom<RawRateLimit> for RateLimit {
 
     fn try_from(raw: RawRateLimit) -> Result<Self, RateLimitError> {
         RateLimit::new(raw.requests, raw.period_seconds)
+    }
+}
+
+/// A whole number, also when written as one (`60.0` is an integer to JSON Schema).
+struct Whole(u32);
+
+impl<'de> Deserialize<'de> for Whole {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Number;
+        impl<'de> serde::de::Visitor<'de> for Number {
+            type Value = Whole;
+
+            fn expecting(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+                f.write_str("a whole number from 0 to 4294967295")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Whole, E> {
+                u32::try_from(v)
+                    .map(Whole)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Whole, E> {
+                u32::try_from(v)
+                    .map(Whole)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Whole, E> {
+                if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+                    Ok(Whole(v as u32))
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(Number)
     }
 }
 
@@ -277,6 +318,9 @@ mod tests {
             r#"{"requests":5}"#,
             r#"[5,10]"#,
             r#"{"requests":5,"requests":6,"periodSeconds":10}"#,
+            r#"{"requests":5.5,"periodSeconds":10}"#,
+            r#"{"requests":-5,"periodSeconds":10}"#,
+            r#"{"requests":"5","periodSeconds":10}"#,
         ] {
             assert!(serde_json::from_str::<RateLimit>(bad).is_err(), "{bad}");
         }

@@ -15,7 +15,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::service::audit::{self, Actor, AuditPage};
 use crate::service::key_updates::{self, UpdateKeyRequest};
-use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, RolledKey};
+use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, KeyPage, RolledKey};
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
@@ -90,6 +90,12 @@ pub enum KeysCommand {
         /// Only ONBOARDING keys.
         #[arg(long)]
         onboarding: bool,
+        /// One page of this many keys (1–1000) instead of all of them.
+        #[arg(long)]
+        limit: Option<i64>,
+        /// The page after this one (the previous page's next cursor).
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Delete a key by name.
     Delete { name: String },
@@ -121,6 +127,8 @@ enum Output {
     RoleSet(KeyInfo),
     Updated(KeyInfo),
     Keys(Vec<KeyInfo>),
+    /// One page, when only one was asked for.
+    KeyPage(KeyPage),
     Audit(AuditPage),
 }
 
@@ -186,19 +194,23 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
         KeysCommand::SetRole { .. } => anyhow::bail!(
             "set-role runs on the database only (without --url): it changes what a key may do"
         ),
-        KeysCommand::List { onboarding } => Output::Keys(
-            api.send(
-                reqwest::Method::GET,
-                &[
-                    "api",
-                    "v1",
-                    "keys",
-                    if *onboarding { "onboarding" } else { "list" },
-                ],
-                None,
-            )
-            .await?,
-        ),
+        KeysCommand::List {
+            onboarding,
+            limit,
+            cursor,
+        } => {
+            let route = if *onboarding { "onboarding" } else { "list" };
+            let page = |limit: i64, cursor: Option<String>| {
+                let mut url = api.url(&["api", "v1", "keys", route]);
+                url.query_pairs_mut()
+                    .append_pair("limit", &limit.to_string());
+                if let Some(c) = &cursor {
+                    url.query_pairs_mut().append_pair("cursor", c);
+                }
+                api.send_to::<KeyPage>(reqwest::Method::GET, url, None)
+            };
+            list_pages(*limit, cursor.clone(), page).await?
+        }
         KeysCommand::Delete { name } => {
             let _: Value = api
                 .send(
@@ -317,9 +329,17 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)
             }
-            KeysCommand::List { onboarding } => {
+            KeysCommand::List {
+                onboarding,
+                limit,
+                cursor,
+            } => {
                 let only = onboarding.then_some(KeyType::Onboarding);
-                Output::Keys(keys::list_keys(&store, only).await?)
+                let store = &store;
+                let page = |limit: i64, cursor: Option<String>| async move {
+                    Ok(keys::list_page(store, only, limit, cursor.as_deref()).await?)
+                };
+                list_pages(*limit, cursor.clone(), page).await?
             }
             KeysCommand::Delete { name } => {
                 // The CLI on the database is root: it may delete the last admin key.
@@ -368,12 +388,12 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
             Output::Deleted(_) => json!({"status": "OK"}),
             Output::RoleSet(k) | Output::Updated(k) => serde_json::to_value(k)?,
             Output::Keys(k) => serde_json::to_value(k)?,
+            Output::KeyPage(p) => serde_json::to_value(p)?,
             Output::Audit(p) => serde_json::to_value(p)?,
         };
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     match output {
         // The key alone on stdout, so `KEY=$(… keys create …)` works.
         Output::Created(k) => {
@@ -404,33 +424,8 @@ fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
             k.meta.as_ref().map_or("-".to_owned(), Value::to_string),
             rate_limit_text(k.rate_limit),
         ),
-        Output::Keys(keys) => {
-            let mut table = new_table(&[
-                "NAME",
-                "IDENTIFIER",
-                "TYPE",
-                "ROLE",
-                "CREATED",
-                "EXPIRES",
-                "LAST USED",
-                "ENABLED",
-                "RATE LIMIT",
-            ]);
-            for k in keys {
-                table.add_row([
-                    k.name.clone(),
-                    k.identifier.clone(),
-                    k.key_for.to_string(),
-                    k.role.to_string(),
-                    k.created.clone(),
-                    or_dash(&k.expires_at),
-                    or_dash(&k.last_used),
-                    if k.enabled { "yes" } else { "no" }.to_owned(),
-                    rate_limit_text(k.rate_limit),
-                ]);
-            }
-            println!("{table}");
-        }
+        Output::Keys(keys) => print_keys(keys, None),
+        Output::KeyPage(page) => print_keys(&page.keys, page.next_cursor.as_deref()),
         Output::Audit(page) => {
             let mut table = new_table(&["ID", "AT", "ACTOR", "ACTION", "TARGET", "IP", "DETAIL"]);
             for e in &page.entries {
@@ -458,6 +453,67 @@ fn meta_arg(meta: &Option<String>) -> anyhow::Result<Option<Value>> {
     meta.as_deref()
         .map(|m| serde_json::from_str(m).map_err(|e| anyhow::anyhow!("--meta must be JSON: {e}")))
         .transpose()
+}
+
+fn or_dash(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+/// A table of keys; `next`: the cursor of the page after them.
+fn print_keys(keys: &[KeyInfo], next: Option<&str>) {
+    let mut table = new_table(&[
+        "NAME",
+        "IDENTIFIER",
+        "TYPE",
+        "ROLE",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+        "ENABLED",
+        "RATE LIMIT",
+    ]);
+    for k in keys {
+        table.add_row([
+            k.name.clone(),
+            k.identifier.clone(),
+            k.key_for.to_string(),
+            k.role.to_string(),
+            k.created.clone(),
+            or_dash(&k.expires_at),
+            or_dash(&k.last_used),
+            if k.enabled { "yes" } else { "no" }.to_owned(),
+            rate_limit_text(k.rate_limit),
+        ]);
+    }
+    println!("{table}");
+    if let Some(next) = next {
+        eprintln!("More: --cursor {next}");
+    }
+}
+
+/// One page (`--limit` or `--cursor` given), or every key, a page of the most at a time.
+async fn list_pages<F, Fut>(
+    limit: Option<i64>,
+    cursor: Option<String>,
+    page: F,
+) -> anyhow::Result<Output>
+where
+    F: Fn(i64, Option<String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<KeyPage>>,
+{
+    if limit.is_some() || cursor.is_some() {
+        let p = page(limit.unwrap_or(keys::DEFAULT_LIST_PAGE), cursor).await?;
+        return Ok(Output::KeyPage(p));
+    }
+    let (mut all, mut cursor) = (Vec::new(), None);
+    loop {
+        let p = page(keys::MAX_LIST_PAGE, cursor).await?;
+        all.extend(p.keys);
+        match p.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return Ok(Output::Keys(all)),
+        }
+    }
 }
 
 /// `--rate-limit REQUESTS/SECONDS`.

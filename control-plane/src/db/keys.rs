@@ -198,22 +198,39 @@ impl Store {
 
     /// All keys, or those of one type; newest first.
     pub async fn list_keys(&self, only: Option<KeyType>) -> Result<Vec<StoredKey>, StoreError> {
-        let keys = match only {
-            None => {
-                sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at_ms DESC, id DESC"))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            Some(t) => {
-                sqlx::query_as(&format!(
-                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE key_type = $1 ORDER BY created_at_ms DESC, id DESC"
-                ))
-                .bind(t.as_str())
-                .fetch_all(&self.pool)
-                .await?
-            }
+        self.list_keys_page(only, None, i64::MAX).await
+    }
+
+    /// At most `limit` keys (all, or of one type), newest first — by `(created_at_ms, id)`
+    /// descending — starting after `after` (the last key of the previous page). A key made
+    /// or deleted during a walk never makes another one be skipped or repeated.
+    pub async fn list_keys_page(
+        &self,
+        only: Option<KeyType>,
+        after: Option<(i64, i64)>,
+        limit: i64,
+    ) -> Result<Vec<StoredKey>, StoreError> {
+        let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
         };
-        Ok(keys)
+        if only.is_some() {
+            sql += &format!(" AND key_type = {}", next());
+        }
+        if after.is_some() {
+            sql += &format!(" AND (created_at_ms, id) < ({}, {})", next(), next());
+        }
+        sql += &format!(" ORDER BY created_at_ms DESC, id DESC LIMIT {}", next());
+        let mut query = sqlx::query_as(&sql);
+        if let Some(t) = only {
+            query = query.bind(t.as_str());
+        }
+        if let Some((created, id)) = after {
+            query = query.bind(created).bind(id);
+        }
+        Ok(query.bind(limit).fetch_all(&self.pool).await?)
     }
 
     /// The enabled key a secret hash belongs to: its current secret, or one rolled away

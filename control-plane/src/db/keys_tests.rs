@@ -278,3 +278,44 @@ async fn only_traffic_keys_reach_kv_and_a_legacy_role_is_set_once() {
         .is_none());
     assert_eq!(store.count_legacy().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn pages_walk_every_key_once_in_list_order_ties_included() {
+    let store = Store::memory().await;
+    // Three share one creation time: the id breaks the tie.
+    for (i, created) in [10, 20, 20, 20, 30, 40, 50].into_iter().enumerate() {
+        let kind = if i % 2 == 0 {
+            KeyType::Onboarding
+        } else {
+            KeyType::Generic
+        };
+        let mut k = key(&format!("k{i}"), kind);
+        k.created_at_ms = created;
+        store
+            .insert_key(&k, 100, &audit("key.create", &k.name))
+            .await
+            .unwrap();
+    }
+    for only in [None, Some(KeyType::Onboarding)] {
+        let all = store.list_keys(only).await.unwrap();
+        let mut walked = vec![];
+        let mut after = None;
+        loop {
+            let page = store.list_keys_page(only, after, 2).await.unwrap();
+            assert!(page.len() <= 2);
+            let Some(last) = page.last() else { break };
+            after = Some((last.created_at_ms, last.id));
+            walked.extend(page);
+        }
+        assert_eq!(walked, all, "{only:?}");
+    }
+    assert_eq!(store.list_keys(None).await.unwrap().len(), 7);
+    assert_eq!(
+        store
+            .list_keys(Some(KeyType::Onboarding))
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+}

@@ -134,6 +134,13 @@ pub fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     } else {
         body
     };
+    // Every body is an object (or empty / null where a route allows it); serde would
+    // also take a struct from an array, by position.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected an object, not an array".into(),
+        ));
+    }
     // With the field's path, so a bad nested value says where it is.
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {

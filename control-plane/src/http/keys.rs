@@ -1,14 +1,14 @@
 //! The keys resource: Metlo's routes, paths and JSON field names, exactly; and the two
 //! routes the edge Worker and Metlo's ingestors call (`by-hash`, `verify`).
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::patch;
 use axum::{Extension, Json};
 use metlo_shared::{KeyHash, KeyRecord, KeyType, RATELIMIT_HEADER, RATELIMIT_POLICY_HEADER};
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -18,7 +18,7 @@ use super::state::AppState;
 use crate::clock::now_ms;
 use crate::service::key_updates::{self, UpdateKeyRequest};
 use crate::service::keys::{
-    self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
+    self, CreateKeyRequest, CreatedKey, KeyInfo, KeyPage, RollKeyRequest, RolledKey,
 };
 use crate::service::verify;
 
@@ -129,30 +129,77 @@ async fn update(
     ))
 }
 
-/// List all keys (metadata only), newest first.
-#[utoipa::path(get, path = "/api/v1/keys/list", tag = "keys",
-    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody),
+/// `?limit=&cursor=` of the list routes.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Keys per page, 1–1000 (default 100). Given (or `cursor` given), the answer is a
+    /// page `{keys, nextCursor}`; neither given, Metlo's plain array.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// The previous page's `nextCursor`, as it is.
+    cursor: Option<String>,
+}
+
+/// Every key (Metlo's plain array, without `limit` and `cursor`), or one page of them.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum KeyList {
+    All(Vec<KeyInfo>),
+    Page(KeyPage),
+}
+
+async fn list_response(
+    state: &AppState,
+    only: Option<KeyType>,
+    query: Option<&str>,
+) -> Result<Json<KeyList>, ApiError> {
+    let q: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    if q.limit.is_none() && q.cursor.is_none() {
+        let all = keys::list_unpaged(&state.store, only, state.list_unpaged_max).await?;
+        return Ok(Json(KeyList::All(all)));
+    }
+    let limit = match q.limit {
+        None => keys::DEFAULT_LIST_PAGE,
+        Some(v) => v.trim().parse().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "limit must be a whole number from 1 to {}",
+                keys::MAX_LIST_PAGE
+            ))
+        })?,
+    };
+    // An empty cursor is the first page.
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+    let page = keys::list_page(&state.store, only, limit, cursor).await?;
+    Ok(Json(KeyList::Page(page)))
+}
+
+/// List keys (metadata only), newest first: all of them as Metlo's plain array (up to
+/// `LIST_UNPAGED_MAX`, past which a 400 says to page), or a page with `?limit=&cursor=`.
+#[utoipa::path(get, path = "/api/v1/keys/list", tag = "keys", params(ListQuery),
+    responses((status = 200, body = KeyList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = ["admin"])))]
 async fn list(
     _: Authorized<Admins>,
     State(state): State<AppState>,
-) -> Result<Json<Vec<KeyInfo>>, ApiError> {
-    Ok(Json(keys::list_keys(&state.store, None).await?))
+    RawQuery(query): RawQuery,
+) -> Result<Json<KeyList>, ApiError> {
+    list_response(&state, None, query.as_deref()).await
 }
 
-/// List ONBOARDING keys only, newest first.
-#[utoipa::path(get, path = "/api/v1/keys/onboarding", tag = "keys",
-    responses((status = 200, body = [KeyInfo]), (status = 401, body = ErrorBody),
+/// List ONBOARDING keys only, newest first; paged as `/api/v1/keys/list`.
+#[utoipa::path(get, path = "/api/v1/keys/onboarding", tag = "keys", params(ListQuery),
+    responses((status = 200, body = KeyList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = ["admin"])))]
 async fn onboarding(
     _: Authorized<Admins>,
     State(state): State<AppState>,
-) -> Result<Json<Vec<KeyInfo>>, ApiError> {
-    Ok(Json(
-        keys::list_keys(&state.store, Some(KeyType::Onboarding)).await?,
-    ))
+    RawQuery(query): RawQuery,
+) -> Result<Json<KeyList>, ApiError> {
+    list_response(&state, Some(KeyType::Onboarding), query.as_deref()).await
 }
 
 /// Delete a key by name. It is refused everywhere on the control plane at once.

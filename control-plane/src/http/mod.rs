@@ -45,6 +45,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ops::api_router())
         .split_for_parts();
     openapi::add_limit_responses(&mut doc);
+    openapi::document_updates(&mut doc);
     // Serialised once: the document never changes while the process runs.
     let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
     let router = router

@@ -63,3 +63,35 @@ pub fn add_limit_responses(doc: &mut utoipa::openapi::OpenApi) {
         }
     }
 }
+
+/// Keys named `create`, `list` or `onboarding` (names Metlo allowed) are updated at their
+/// fixed paths, which a fixed route wins over `{name}` for: the document lists those
+/// PATCHes too, as the `{name}` one with the name fixed, so `Allow` and the document agree.
+/// And an update must change something: `{}` is a 400, said as `minProperties: 1`.
+pub fn document_updates(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(update) = doc
+        .paths
+        .paths
+        .get("/api/v1/keys/{name}")
+        .and_then(|item| item.patch.clone())
+    else {
+        return;
+    };
+    for name in ["create", "list", "onboarding"] {
+        let mut op = update.clone();
+        op.operation_id = Some(format!("update_key_named_{name}"));
+        op.summary = Some(format!("Update the key named `{name}`"));
+        op.parameters = None;
+        if let Some(item) = doc.paths.paths.get_mut(&format!("/api/v1/keys/{name}")) {
+            item.patch = Some(op);
+        }
+    }
+    if let Some(RefOr::T(Schema::Object(object))) = doc
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("UpdateKeyRequest"))
+    {
+        object.min_properties = Some(1);
+    }
+}

@@ -57,4 +57,6 @@ pub struct Shared {
     pub trusted_proxies: Vec<IpNet>,
     /// Per-key rate limits of `/api/v1/verify`.
     pub key_limits: KeyLimits,
+    /// Most keys a list answers without paging (`LIST_UNPAGED_MAX`).
+    pub list_unpaged_max: u64,
 }

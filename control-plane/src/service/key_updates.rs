@@ -21,6 +21,8 @@ use crate::db::Store;
 #[serde(deny_unknown_fields)]
 pub struct UpdateKeyRequest {
     /// False: the key is refused everywhere (401, as an unknown key) until set true again.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(nullable = false)]
     pub enabled: Option<bool>,
     /// RFC 3339, in the future; null: never expires.
     #[serde(rename = "expiresAt", default, deserialize_with = "present")]
@@ -35,6 +37,11 @@ pub struct UpdateKeyRequest {
     #[serde(rename = "rateLimit", default, deserialize_with = "present")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
+}
+
+/// A field that may be absent but, when present, not `null` (nothing to clear).
+fn not_null<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// A field that is present (`Some`, holding `None` for `null`), as opposed to absent.
