@@ -4,9 +4,7 @@
 //! (the limit in the object's URL, the outcome in its answer), the window as stored, and
 //! the responses; the wasm glue only moves them.
 
-use metlo_shared::{
-    RateLimit, RateLimitOutcome, RateLimitWindow, RATELIMIT_HEADER, RATELIMIT_POLICY_HEADER,
-};
+use metlo_shared::{RateLimit, RateLimitOutcome, RateLimitWindow};
 
 use crate::decision::PlainResponse;
 
@@ -88,14 +86,6 @@ pub fn decode_outcome(body: &str) -> Option<RateLimitOutcome> {
     })
 }
 
-/// `RateLimit-Policy` and `RateLimit`, for a limited key's every answer.
-pub fn limit_headers(limit: RateLimit, outcome: RateLimitOutcome) -> [(&'static str, String); 2] {
-    [
-        (RATELIMIT_POLICY_HEADER, limit.policy_header()),
-        (RATELIMIT_HEADER, outcome.header()),
-    ]
-}
-
 /// 429 for a key past its limit: the origin is not called. The body is the control
 /// plane's for the same case.
 pub fn rate_limited_response(limit: RateLimit, outcome: RateLimitOutcome) -> PlainResponse {
@@ -103,7 +93,7 @@ pub fn rate_limited_response(limit: RateLimit, outcome: RateLimitOutcome) -> Pla
         ("Content-Type", "application/json".to_owned()),
         ("Retry-After", outcome.reset_seconds.to_string()),
     ];
-    headers.extend(limit_headers(limit, outcome));
+    headers.extend(outcome.headers(limit));
     PlainResponse {
         status: 429,
         headers,

@@ -190,9 +190,7 @@ async fn handle(
     match proxy(req, &record, config, source).await {
         Ok(response) => match limited {
             None => Ok(response),
-            Some((limit, outcome)) => {
-                with_headers(response, &limits::limit_headers(limit, outcome))
-            }
+            Some((limit, outcome)) => with_headers(response, &outcome.headers(limit)),
         },
         Err(e) => {
             console_error!("origin unreachable: {e}");

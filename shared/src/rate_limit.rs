@@ -235,6 +235,15 @@ impl Outcome {
         Outcome::new(limit, allowed, count, left_ms)
     }
 
+    /// `RateLimit-Policy` and `RateLimit` for this outcome of `limit`: what a limited
+    /// key's every answer carries, at the edge and on the control plane.
+    pub fn headers(&self, limit: RateLimit) -> [(&'static str, String); 2] {
+        [
+            (RATELIMIT_POLICY_HEADER, limit.policy_header()),
+            (RATELIMIT_HEADER, self.header()),
+        ]
+    }
+
     /// `RateLimit`'s value: `"key";r=<remaining>;t=<seconds to reset>`.
     pub fn header(&self) -> String {
         format!(

@@ -6,7 +6,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::patch;
 use axum::{Extension, Json};
-use metlo_shared::{KeyHash, KeyRecord, KeyType, RATELIMIT_HEADER, RATELIMIT_POLICY_HEADER};
+use metlo_shared::{KeyHash, KeyRecord, KeyType};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -250,10 +250,7 @@ async fn verify(
     } else {
         ApiError::RateLimited(outcome.reset_seconds).into_response()
     };
-    for (name, value) in [
-        (RATELIMIT_POLICY_HEADER, limit.policy_header()),
-        (RATELIMIT_HEADER, outcome.header()),
-    ] {
+    for (name, value) in outcome.headers(limit) {
         if let Ok(value) = header::HeaderValue::from_str(&value) {
             response
                 .headers_mut()
