@@ -15,9 +15,9 @@
 //!    ([`usage`]), for each key's `lastUsed`.
 //!
 //! Everything that decides is plain Rust in [`decision`], [`config`], [`isolate_cache`],
-//! [`limits`] and [`usage`], unit-tested natively; the wasm-only glue (`worker_glue`, and
-//! `limiter_glue` for the Durable Object class) moves bytes between those functions and
-//! the Workers runtime.
+//! [`limits`] and [`usage`], unit-tested natively; the wasm-only glue (`worker_glue`,
+//! `control_plane_glue` for its calls to the control plane, and `limiter_glue` for the
+//! Durable Object class) moves bytes between those functions and the Workers runtime.
 
 pub mod config;
 pub mod decision;
@@ -25,6 +25,8 @@ pub mod isolate_cache;
 pub mod limits;
 pub mod usage;
 
+#[cfg(target_arch = "wasm32")]
+mod control_plane_glue;
 #[cfg(target_arch = "wasm32")]
 mod limiter_glue;
 #[cfg(target_arch = "wasm32")]

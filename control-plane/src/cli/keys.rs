@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::service::audit::{self, Actor, AuditPage};
+use crate::service::key_lists::{self, KeyPage};
 use crate::service::key_updates::{self, UpdateKeyRequest};
-use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, KeyPage, RolledKey};
+use crate::service::keys::{self, CreateKeyRequest, CreatedKey, KeyInfo, RolledKey};
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
@@ -337,7 +338,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 let only = onboarding.then_some(KeyType::Onboarding);
                 let store = &store;
                 let page = |limit: i64, cursor: Option<String>| async move {
-                    Ok(keys::list_page(store, only, limit, cursor.as_deref()).await?)
+                    Ok(key_lists::list_page(store, only, limit, cursor.as_deref()).await?)
                 };
                 list_pages(*limit, cursor.clone(), page).await?
             }
@@ -502,12 +503,12 @@ where
     Fut: std::future::Future<Output = anyhow::Result<KeyPage>>,
 {
     if limit.is_some() || cursor.is_some() {
-        let p = page(limit.unwrap_or(keys::DEFAULT_LIST_PAGE), cursor).await?;
+        let p = page(limit.unwrap_or(key_lists::DEFAULT_LIST_PAGE), cursor).await?;
         return Ok(Output::KeyPage(p));
     }
     let (mut all, mut cursor) = (Vec::new(), None);
     loop {
-        let p = page(keys::MAX_LIST_PAGE, cursor).await?;
+        let p = page(key_lists::MAX_LIST_PAGE, cursor).await?;
         all.extend(p.keys);
         match p.next_cursor {
             Some(next) => cursor = Some(next),

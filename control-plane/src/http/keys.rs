@@ -16,9 +16,10 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Admins, Audited, Authorized, Caller, Clients, EdgeWorkers, JsonBody};
 use super::state::AppState;
 use crate::clock::now_ms;
+use crate::service::key_lists::{self, KeyPage};
 use crate::service::key_updates::{self, UpdateKeyRequest};
 use crate::service::keys::{
-    self, CreateKeyRequest, CreatedKey, KeyInfo, KeyPage, RollKeyRequest, RolledKey,
+    self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
 };
 use crate::service::verify;
 
@@ -157,21 +158,21 @@ async fn list_response(
     let q: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
     if q.limit.is_none() && q.cursor.is_none() {
-        let all = keys::list_unpaged(&state.store, only, state.list_unpaged_max).await?;
+        let all = key_lists::list_unpaged(&state.store, only, state.list_unpaged_max).await?;
         return Ok(Json(KeyList::All(all)));
     }
     let limit = match q.limit {
-        None => keys::DEFAULT_LIST_PAGE,
+        None => key_lists::DEFAULT_LIST_PAGE,
         Some(v) => v.trim().parse().map_err(|_| {
             ApiError::BadRequest(format!(
                 "limit must be a whole number from 1 to {}",
-                keys::MAX_LIST_PAGE
+                key_lists::MAX_LIST_PAGE
             ))
         })?,
     };
     // An empty cursor is the first page.
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
-    let page = keys::list_page(&state.store, only, limit, cursor).await?;
+    let page = key_lists::list_page(&state.store, only, limit, cursor).await?;
     Ok(Json(KeyList::Page(page)))
 }
 

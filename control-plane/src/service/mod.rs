@@ -6,6 +6,7 @@
 pub mod abuse;
 pub mod audit;
 pub mod key_limits;
+pub mod key_lists;
 pub mod key_updates;
 pub mod keys;
 pub mod meta;
