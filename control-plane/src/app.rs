@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::http::state::{AppState, Shared};
 use crate::kv_sync::client::KvClient;
 use crate::kv_sync::drainer::{self, SyncStatus};
+use crate::kv_sync::reconcile::{self, ReconcileStatus};
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
 use crate::service::usage::{self, Usage};
@@ -33,10 +34,20 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
             }
             tokio::spawn(drainer::drain_forever(
                 store.clone(),
-                client,
+                client.clone(),
                 status.clone(),
             ));
-            Some(status)
+            let every = config.kv.kv_reconcile_interval;
+            let reconcile = (!every.is_zero()).then(|| {
+                let reconcile = Arc::new(ReconcileStatus::new(every));
+                tokio::spawn(reconcile::reconcile_forever(
+                    store.clone(),
+                    client,
+                    reconcile.clone(),
+                ));
+                reconcile
+            });
+            Some((status, reconcile))
         }
         None => {
             tracing::warn!(
@@ -84,7 +95,8 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         store: store.clone(),
         cache,
         max_api_keys: config.max_api_keys,
-        kv_sync,
+        kv_reconcile: kv_sync.as_ref().and_then(|(_, r)| r.clone()),
+        kv_sync: kv_sync.map(|(s, _)| s),
         edge_keep_seconds,
         usage,
         auth_failures,

@@ -161,6 +161,28 @@ pub struct KvConfig {
         global = true
     )]
     pub kv_sync_delete_echo_seconds: u64,
+    /// Compare KV with the database this often and fix what drifted (e.g. 1h, 30m or
+    /// seconds; 0: only on demand, with `keys kv-reconcile`). Each run lists the whole
+    /// namespace: one KV API call per 1,000 keys.
+    #[arg(
+        long,
+        env = "KV_RECONCILE_INTERVAL",
+        default_value = "0",
+        value_parser = parse_interval,
+        global = true
+    )]
+    pub kv_reconcile_interval: Duration,
+}
+
+/// A duration in seconds (`3600`) or humantime's form (`1h`, `30m`).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let d = match s.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like 3600, 30m or 1h: {e}"))?,
+    };
+    Ok(d)
 }
 
 /// One `TRUSTED_PROXIES` entry: `10.0.0.0/8`, `203.0.113.7`, `2001:db8::/32`.

@@ -1,7 +1,7 @@
 // Local stand-in for Cloudflare's Workers KV REST API, for development and tests only
-// (never deployed). It speaks the subset the control plane's KV sync uses — bulk put and
-// bulk delete, bearer token, the {success, errors, messages, result} envelope — and writes
-// the KV namespace bound as KEYS. Run by `wrangler dev` with the same --persist-to as the
+// (never deployed). It speaks the subset the control plane's KV sync uses — bulk put (with
+// metadata), bulk delete, listing keys with a cursor, reading one value, bearer token, the
+// {success, errors, messages, result} envelope — and writes the KV namespace bound as KEYS. Run by `wrangler dev` with the same --persist-to as the
 // edge Worker, it updates the very KV the edge reads, so the control plane's real HTTP
 // client is exercised end to end with no Cloudflare account.
 //
@@ -11,14 +11,15 @@
 // the caller gave up meanwhile, as a real API may (a timed-out request is not an undone
 // one); {"unsuccessful": 2, "count": 1} makes the next call succeed as a whole but leave
 // out the first 2 keys of its body and list them in `unsuccessful_keys`, as Cloudflare's
-// bulk API may. GET /__stats returns what was received (keys put and deleted, the last
+// bulk API may. Any of these with {"after": 3} spares the next 3 calls first.
+// GET /__stats returns what was received (keys put and deleted, the last
 // expiration_ttl per key); POST /__stats clears it. (A refusing
 // target is a stopped one.)
 
-const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete)$/;
-let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0 };
+const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete|keys|values\/[^/]+)$/;
+let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0, after: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, puts: [], deletes: [], ttls: {} });
+const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, puts: [], deletes: [], ttls: {} });
 let stats = emptyStats();
 
 const envelope = (status, ok, errors = [], result = null) =>
@@ -44,7 +45,9 @@ export default {
       return envelope(403, false, [{ code: 10000, message: "Authentication error" }]);
     let delayMs = 0;
     let skip = 0;
-    if (faults.count > 0 && faults.unsuccessful > 0) {
+    if (faults.count > 0 && faults.after > 0) {
+      faults.after--;
+    } else if (faults.count > 0 && faults.unsuccessful > 0) {
       faults.count--;
       skip = faults.unsuccessful;
     } else if (faults.count > 0 && faults.delayMs > 0) {
@@ -55,6 +58,16 @@ export default {
       const headers = faults.status === 429 ? { "retry-after": "1" } : {};
       return new Response(JSON.stringify({ success: false, errors: [{ code: 10001, message: "injected fault" }] }),
         { status: faults.status, headers: { "content-type": "application/json", ...headers } });
+    }
+    if (m[2].startsWith("values/")) {
+      if (request.method !== "GET") return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+      const value = await env.KEYS.get(decodeURIComponent(m[2].slice("values/".length)));
+      if (value === null) return envelope(404, false, [{ code: 10009, message: "get: 'key not found'" }]);
+      return new Response(value);
+    }
+    if (m[2] === "keys") {
+      if (request.method !== "GET") return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+      return list(url, env);
     }
     let body;
     try { body = await request.json(); } catch { return envelope(400, false, [{ code: 10026, message: "bad JSON" }]); }
@@ -77,21 +90,54 @@ async function apply(route, method, body, env, skip) {
   const result = { successful_key_count: body.length, unsuccessful_keys: unsuccessful };
   if (route === "bulk" && method === "PUT") {
     stats.putRequests++;
-    for (const item of body) {
+    await inGroups(body, (item) => {
       const options = item.expiration_ttl ? { expirationTtl: item.expiration_ttl } : {};
-      await env.KEYS.put(item.key, item.value, options);
+      if (item.metadata !== undefined) options.metadata = item.metadata;
       stats.puts.push(item.key);
       stats.ttls[item.key] = item.expiration_ttl ?? null;
-    }
+      return env.KEYS.put(item.key, item.value, options);
+    });
     return envelope(200, true, [], result);
   }
   if (route === "bulk/delete" && method === "POST") {
     stats.deleteRequests++;
-    for (const key of body) {
-      await env.KEYS.delete(key);
+    await inGroups(body, (key) => {
       stats.deletes.push(key);
-    }
+      return env.KEYS.delete(key);
+    });
     return envelope(200, true, [], result);
   }
   return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+}
+
+// Applies `write` to every item, a few hundred at a time (a bulk call carries up to
+// 10,000; one at a time made resyncing a large namespace needlessly slow).
+async function inGroups(items, write) {
+  for (let i = 0; i < items.length; i += 100) await Promise.all(items.slice(i, i + 100).map(write));
+}
+
+// GET …/keys?limit=&cursor=&prefix=: as Cloudflare's, one page of names (sorted, with
+// expiration and metadata) and `result_info.cursor`, empty on the last page.
+async function list(url, env) {
+  const limit = Number(url.searchParams.get("limit") ?? 1000);
+  if (!Number.isInteger(limit) || limit < 10 || limit > 1000)
+    return envelope(400, false, [{ code: 10026, message: "limit must be 10 to 1000" }]);
+  const options = { limit };
+  const cursor = url.searchParams.get("cursor");
+  if (cursor) options.cursor = cursor;
+  const prefix = url.searchParams.get("prefix");
+  if (prefix) options.prefix = prefix;
+  stats.listRequests++;
+  const page = await env.KEYS.list(options);
+  const result = page.keys.map((k) => {
+    const item = { name: k.name };
+    if (k.expiration !== undefined) item.expiration = k.expiration;
+    if (k.metadata !== undefined) item.metadata = k.metadata;
+    return item;
+  });
+  const next = page.list_complete ? "" : page.cursor;
+  return new Response(JSON.stringify({ success: true, errors: [], messages: [], result,
+    result_info: { count: result.length, cursor: next } }), {
+    headers: { "content-type": "application/json" },
+  });
 }

@@ -212,6 +212,13 @@ impl KeyRecord {
         serde_json::to_string(self).expect("a KeyRecord always serializes")
     }
 
+    /// What a KV entry's metadata carries (`{"d": …}`) so that a reconcile can tell a
+    /// current record from a stale one by listing keys, without reading every value.
+    pub fn digest(json: &str) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(&Sha256::digest(json.as_bytes())[..8])
+    }
+
     /// True once `now_unix_seconds` has reached the expiry.
     pub fn is_expired(&self, now_unix_seconds: u64) -> bool {
         self.expires.is_some_and(|e| now_unix_seconds >= e)
@@ -238,6 +245,19 @@ impl KeyRecord {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn digest_tells_records_apart() {
+        let a = KeyRecord::sample().to_json();
+        let b = KeyRecord {
+            name: "m".into(),
+            ..KeyRecord::sample()
+        }
+        .to_json();
+        assert_eq!(KeyRecord::digest(&a), KeyRecord::digest(&a));
+        assert_ne!(KeyRecord::digest(&a), KeyRecord::digest(&b));
+        assert_eq!(KeyRecord::digest(&a).len(), 16);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -313,6 +313,102 @@ impl KvApi {
             .await;
     }
 
+    fn api(&self, suffix: &str) -> String {
+        format!(
+            "{}/client/v4/accounts/local/storage/kv/namespaces/{KV_NAMESPACE}/{suffix}",
+            self.url
+        )
+    }
+
+    /// Every entry, through the API's paged list: (name, metadata digest if any).
+    pub async fn list_all(&self) -> Vec<(String, Option<String>)> {
+        let client = reqwest::Client::new();
+        let mut all = vec![];
+        let mut cursor = String::new();
+        loop {
+            let mut request = client.get(self.api("keys")).bearer_auth(KV_API_TOKEN);
+            if !cursor.is_empty() {
+                request = request.query(&[("cursor", &cursor)]);
+            }
+            let page: Value = request.send().await.unwrap().json().await.unwrap();
+            assert_eq!(page["success"], true, "{page}");
+            for k in page["result"].as_array().unwrap() {
+                all.push((
+                    k["name"].as_str().unwrap().to_owned(),
+                    k["metadata"]["d"].as_str().map(str::to_owned),
+                ));
+            }
+            cursor = page["result_info"]["cursor"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            if cursor.is_empty() {
+                return all;
+            }
+        }
+    }
+
+    /// One value, through the API (`None`: no such key).
+    pub async fn value(&self, key: &str) -> Option<String> {
+        let r = reqwest::Client::new()
+            .get(self.api(&format!("values/{key}")))
+            .bearer_auth(KV_API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => Some(r.text().await.unwrap()),
+            404 => None,
+            s => panic!("value {key}: {s}"),
+        }
+    }
+
+    /// Writes entries behind the control plane's back (drift): `(key, value, metadata)`.
+    pub async fn put_raw(&self, items: &[(String, String, Option<Value>)]) {
+        let body: Vec<Value> = items
+            .iter()
+            .map(|(k, v, m)| match m {
+                Some(m) => json!({"key": k, "value": v, "metadata": m}),
+                None => json!({"key": k, "value": v}),
+            })
+            .collect();
+        let r = reqwest::Client::new()
+            .put(self.api("bulk"))
+            .bearer_auth(KV_API_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Deletes entries behind the control plane's back (drift).
+    pub async fn delete_raw(&self, keys: &[String]) {
+        let r = reqwest::Client::new()
+            .post(self.api("bulk/delete"))
+            .bearer_auth(KV_API_TOKEN)
+            .json(keys)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Makes the calls after the next `after` fail with `status`, `count` times.
+    pub async fn inject_faults_after(&self, after: u32, status: u16, count: u32) {
+        self.set_faults(json!({"status": status, "count": count, "after": after}))
+            .await;
+    }
+
+    /// Clears what `stats` reports.
+    pub async fn reset_stats(&self) {
+        reqwest::Client::new()
+            .post(format!("{}/__stats", self.url))
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// Every key in the local KV it writes.
     pub fn kv_keys(&self) -> Vec<String> {
         local_kv_keys(self.dir.path(), &self.state)

@@ -11,6 +11,7 @@ use metlo_shared::{KeyType, RateLimit};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use super::bulk;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::service::audit::{self, Actor, AuditPage};
@@ -110,6 +111,15 @@ pub enum KeysCommand {
     /// Give a legacy key (made before roles existed, with every power) its one role:
     /// client, edge or admin. A key's role is set once.
     SetRole { name: String, role: String },
+    /// Store many new client keys at once (PREFIX-1 … PREFIX-COUNT), for benchmarks and
+    /// load tests; the keys are written only to --keys-file.
+    Seed(bulk::SeedArgs),
+    /// Write every live key's record to Workers KV (a new, replaced or emptied
+    /// namespace), in bulk calls of up to 10,000; an interrupted run resumes.
+    KvResync(bulk::ResyncArgs),
+    /// Compare what Workers KV holds with the database and fix it: delete strays, put
+    /// what is missing, rewrite stale records.
+    KvReconcile(bulk::ReconcileArgs),
     /// Show the audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -134,6 +144,22 @@ enum Output {
 }
 
 pub async fn run(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
+    match (&args.command, &args.url) {
+        (KeysCommand::Seed(a), None) => return bulk::seed(config, a, args.json).await,
+        (KeysCommand::KvResync(a), None) => return bulk::kv_resync(config, a, args.json).await,
+        (KeysCommand::KvReconcile(a), None) => {
+            return bulk::kv_reconcile(config, a, args.json).await
+        }
+        (
+            KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_),
+            Some(_),
+        ) => {
+            anyhow::bail!(
+                "seed, kv-resync and kv-reconcile run on the database only (without --url)"
+            )
+        }
+        _ => {}
+    }
     let output = match &args.url {
         Some(url) => remote(url, &args.command).await?,
         None => local(config, &args.command).await?,
@@ -192,6 +218,9 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
             )
             .await?,
         ),
+        KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_) => {
+            anyhow::bail!("this command runs on the database only (without --url)")
+        }
         KeysCommand::SetRole { .. } => anyhow::bail!(
             "set-role runs on the database only (without --url): it changes what a key may do"
         ),
@@ -369,6 +398,9 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 Output::Rolled(
                     keys::roll_key(&store, &config.cache()?, name, overlap, &actor).await?,
                 )
+            }
+            KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_) => {
+                anyhow::bail!("bulk commands are run by `run`")
             }
             KeysCommand::Audit { limit, before } => {
                 let (limit, before) = audit::check_page(*limit, *before)?;

@@ -1,5 +1,6 @@
 //! The command line: `serve`, `migrate`, and the `keys` admin commands.
 
+pub mod bulk;
 pub mod keys;
 
 use clap::{Parser, Subcommand};

@@ -3,14 +3,16 @@
 //!
 //! One [`Store`] type; its SQL is split one file per aggregate: `keys` (keys, their
 //! rolled-away secrets and the quota), `outbox` (KV updates waiting to be sent), `audit`
-//! and `usage`; the row types they share are in `rows`. Each file's tests run in-crate on
+//! `usage`, and `kv_state` (what Workers KV should hold); the row types they share are in `rows`. Each file's tests run in-crate on
 //! `sqlite::memory:`.
 
 pub mod audit;
+pub mod bulk;
 pub mod key_updates;
 pub mod keys;
 #[cfg(test)]
 mod keys_tests;
+pub mod kv_state;
 pub mod outbox;
 pub mod rows;
 pub mod usage;

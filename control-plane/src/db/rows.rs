@@ -214,3 +214,21 @@ pub enum Sent<'a> {
         error: &'a str,
     },
 }
+
+/// One entry KV should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    /// The secret's hash (hex): the KV key.
+    pub key: String,
+    /// The record's JSON: the KV value.
+    pub value: String,
+}
+
+/// Where an interrupted resync stopped.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ResyncCheckpoint {
+    /// Every entry up to this hash has been written.
+    pub after_hash: String,
+    pub done: i64,
+    pub started_at_ms: i64,
+}

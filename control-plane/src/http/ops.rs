@@ -59,6 +59,20 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "lastError": *sync.last_error.lock().unwrap(),
         });
     }
+    body["kvReconcile"] = match &state.kv_reconcile {
+        None => json!("off"),
+        Some(r) => {
+            let mut v = json!({ "intervalSeconds": r.interval.as_secs() });
+            if let Some(last) = r.last() {
+                v["last"] = json!({
+                    "at": crate::clock::iso8601(last.at_ms),
+                    "report": last.report,
+                    "error": last.error,
+                });
+            }
+            v
+        }
+    };
     (status, Json(body))
 }
 

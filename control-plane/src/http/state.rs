@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::cache::VerifyCache;
 use crate::db::Store;
 use crate::kv_sync::drainer::SyncStatus;
+use crate::kv_sync::reconcile::ReconcileStatus;
 use ipnet::IpNet;
 
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
@@ -40,6 +41,8 @@ pub struct Shared {
     pub metrics: PrometheusHandle,
     /// The KV sync's status, when a KV target is configured.
     pub kv_sync: Option<Arc<SyncStatus>>,
+    /// The periodic KV reconcile (`KV_RECONCILE_INTERVAL`), when on.
+    pub kv_reconcile: Option<Arc<ReconcileStatus>>,
     /// How long the edge may keep a record it looked up (the `X-Metlo-Kv-Ttl-Seconds` of
     /// `by-hash`): long while the KV sync deletes what is revoked, the cache TTL without it.
     pub edge_keep_seconds: u64,

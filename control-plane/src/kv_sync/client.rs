@@ -1,5 +1,6 @@
 //! A client for Cloudflare's Workers KV REST API — the subset the sync needs: bulk put
-//! (with `expiration_ttl`) and bulk delete. Checks the response envelope's `success`, not
+//! (with `expiration_ttl`, and the record's digest as metadata), bulk delete, and listing
+//! keys with a cursor. Checks the response envelope's `success`, not
 //! just the status; tells rate limiting and server errors apart so the caller can back off.
 
 use std::time::Duration;
@@ -64,21 +65,63 @@ fn network_error(e: reqwest::Error) -> KvError {
     }
 }
 
+/// Most names one list call returns (Cloudflare's maximum).
+pub const LIST_PAGE: usize = 1000;
+
 #[derive(Serialize)]
 struct BulkPutItem<'a> {
     key: &'a str,
     value: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     expiration_ttl: Option<u64>,
+    metadata: Digest,
+}
+
+/// A KV entry's metadata: the digest of its record ([`metlo_shared::KeyRecord::digest`]),
+/// written by the control plane and the edge alike.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub d: String,
+}
+
+/// One name from a list call.
+#[derive(Deserialize, Debug, Clone)]
+pub struct ListedKey {
+    pub name: String,
+    /// The record's digest, when the entry carries one.
+    #[serde(default, deserialize_with = "digest_or_none")]
+    pub metadata: Option<Digest>,
+}
+
+/// Metadata of another shape (written by hand, or by something else) reads as none: the
+/// entry is then seen as stale and rewritten, never trusted.
+fn digest_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Digest>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// One page of names, and the cursor of the next (`None` after the last).
+#[derive(Debug)]
+pub struct KeyListPage {
+    pub keys: Vec<ListedKey>,
+    pub cursor: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct Envelope {
+struct Envelope<R> {
     success: bool,
     #[serde(default)]
     errors: Vec<ApiMessage>,
+    #[serde(default = "Option::default")]
+    result: Option<R>,
     #[serde(default)]
-    result: Option<BulkResult>,
+    result_info: Option<ResultInfo>,
+}
+
+#[derive(Deserialize, Default)]
+struct ResultInfo {
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
 /// A bulk write or delete can succeed as a whole while naming keys it did not apply.
@@ -132,12 +175,15 @@ impl KvClient {
                     key: k,
                     value: v,
                     expiration_ttl: item_ttl(self.target.expiration_ttl, v, now),
+                    metadata: Digest {
+                        d: metlo_shared::KeyRecord::digest(v),
+                    },
                 })
                 .collect();
-            unsent.extend(
-                self.send(self.http.put(self.url("bulk")).json(&body))
-                    .await?,
-            );
+            let (result, _) = self
+                .send::<BulkResult>(self.http.put(self.url("bulk")).json(&body))
+                .await?;
+            unsent.extend(result.unwrap_or_default().unsuccessful_keys);
         }
         Ok(unsent)
     }
@@ -147,16 +193,36 @@ impl KvClient {
     pub async fn bulk_delete(&self, keys: &[String]) -> Result<Vec<String>, KvError> {
         let mut unsent = vec![];
         for chunk in keys.chunks(MAX_BULK) {
-            unsent.extend(
-                self.send(self.http.post(self.url("bulk/delete")).json(chunk))
-                    .await?,
-            );
+            let (result, _) = self
+                .send::<BulkResult>(self.http.post(self.url("bulk/delete")).json(chunk))
+                .await?;
+            unsent.extend(result.unwrap_or_default().unsuccessful_keys);
         }
         Ok(unsent)
     }
 
-    /// One API call; its `unsuccessful_keys` when it succeeded.
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Vec<String>, KvError> {
+    /// One page of the namespace's names, in byte order, after `cursor` (`None`: the
+    /// first page).
+    pub async fn list_keys(&self, cursor: Option<&str>) -> Result<KeyListPage, KvError> {
+        let mut query = vec![("limit", LIST_PAGE.to_string())];
+        if let Some(c) = cursor {
+            query.push(("cursor", c.to_owned()));
+        }
+        let (keys, info) = self
+            .send::<Vec<ListedKey>>(self.http.get(self.url("keys")).query(&query))
+            .await?;
+        let cursor = info.and_then(|i| i.cursor).filter(|c| !c.is_empty());
+        Ok(KeyListPage {
+            keys: keys.unwrap_or_default(),
+            cursor,
+        })
+    }
+
+    /// One API call; its `result` (and `result_info`) when it succeeded.
+    async fn send<R: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(Option<R>, Option<ResultInfo>), KvError> {
         let response = request
             .bearer_auth(&self.target.api_token)
             .send()
@@ -175,9 +241,9 @@ impl KvClient {
             return Err(KvError::Server(status));
         }
         let text = response.text().await.map_err(network_error)?;
-        match serde_json::from_str::<Envelope>(&text) {
+        match serde_json::from_str::<Envelope<R>>(&text) {
             Ok(env) if env.success && (200..300).contains(&status) => {
-                Ok(env.result.unwrap_or_default().unsuccessful_keys)
+                Ok((env.result, env.result_info))
             }
             Ok(env) => Err(KvError::Rejected {
                 status,

@@ -10,6 +10,7 @@ pub mod key_lists;
 pub mod key_updates;
 pub mod keys;
 pub mod meta;
+pub mod seed;
 pub mod usage;
 pub mod verify;
 

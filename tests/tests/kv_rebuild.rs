@@ -1,0 +1,335 @@
+//! Rebuilding and reconciling Workers KV from the database (`keys kv-resync`,
+//! `keys kv-reconcile`, `KV_RECONCILE_INTERVAL`): real control plane CLI and server, the
+//! local KV API stand-in under `wrangler dev`, and the edge writing KV on a lookup.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use metlo_shared::{ApiKey, KeyRecord};
+use metlo_tests::edge::{Edge, KvApi, Origin};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
+use serde_json::{json, Value};
+
+on_both_backends!(reconcile_fixes_drift_and_leaves_a_correct_kv_untouched);
+
+fn options(backend: Backend, kv: &KvApi) -> Options {
+    kv.control_plane_env()
+        .into_iter()
+        .fold(Options::new(backend), |o, (k, v)| o.env(k, v))
+}
+
+fn hash(key: &str) -> String {
+    ApiKey::parse(key).unwrap().hash().to_hex()
+}
+
+fn cli_json(cp: &ControlPlane, args: &[&str]) -> Value {
+    let out = cp
+        .cli(args)
+        .unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed {out:?}: {e}"))
+}
+
+/// The record the control plane serves for a hash (what KV should hold under it).
+async fn record(cp: &ControlPlane, hash: &str) -> Option<String> {
+    let (status, _, body) = cp
+        .get(&format!("/api/v1/keys/by-hash/{hash}"), Some(&cp.edge_key))
+        .await;
+    (status == StatusCode::OK).then(|| KeyRecord::from_json(body.as_bytes()).unwrap().to_json())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes() {
+    const SEEDED: usize = 100_000;
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let cp =
+        ControlPlane::start_with(options(Backend::Sqlite, &kv).env("MAX_API_KEYS", SEEDED + 100))
+            .await;
+    let keys_file = state.path().join("seeded-keys");
+    let seeded = cli_json(
+        &cp,
+        &[
+            "keys",
+            "seed",
+            "--count",
+            &SEEDED.to_string(),
+            "--prefix",
+            "bulk",
+            "--keys-file",
+            keys_file.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(seeded["seeded"], SEEDED);
+    let text = std::fs::read_to_string(&keys_file).unwrap();
+    let seeded_hashes: Vec<String> = text.lines().map(hash).collect();
+    assert_eq!(seeded_hashes.len(), SEEDED);
+    // Seeded keys are real keys.
+    let first = text.lines().next().unwrap();
+    assert_eq!(cp.verify(first).await, StatusCode::OK);
+    // A key in a roll's overlap (both secrets belong in KV), a disabled one (none).
+    let rolled_old = cp.create_key("rolled", "GENERIC").await;
+    let (status, body) = cp
+        .roll("rolled", Some(json!({"overlapSeconds": 3600})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let rolled_new = body["apiKey"].as_str().unwrap().to_owned();
+    let disabled = cp.create_key("disabled", "GENERIC").await;
+    let (status, _) = cp.patch("disabled", json!({"enabled": false})).await;
+    assert_eq!(status, StatusCode::OK);
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+
+    // Empty the namespace (a new environment), then rebuild it, failing part way first.
+    let before: Vec<String> = kv.list_all().await.into_iter().map(|(k, _)| k).collect();
+    kv.delete_raw(&before).await;
+    assert!(kv.list_all().await.is_empty());
+    kv.inject_faults_after(3, 400, 1).await;
+    let failed = cp.cli(&["keys", "kv-resync", "--json"]).unwrap_err();
+    assert!(failed.contains("Run it again to resume"), "{failed}");
+    let partial = kv.list_all().await.len();
+    assert_eq!(
+        partial, 30_000,
+        "three bulk calls of 10,000 landed before the fault"
+    );
+
+    let done = cli_json(&cp, &["keys", "kv-resync", "--json"]);
+    assert_eq!(done["resumedAfter"], 30_000, "{done}");
+    // The seeded keys, both secrets of the roll, the harness's client key.
+    let expected_total = SEEDED + 3;
+    assert_eq!(done["written"], (expected_total - 30_000) as u64, "{done}");
+    println!(
+        "kv-resync into the local stand-in: {} records in {:.1} s = {:.0} keys/s",
+        done["written"],
+        done["seconds"].as_f64().unwrap(),
+        done["keysPerSecond"].as_f64().unwrap()
+    );
+
+    let held: BTreeMap<String, Option<String>> = kv.list_all().await.into_iter().collect();
+    let mut expected: BTreeSet<String> = seeded_hashes.iter().cloned().collect();
+    expected.insert(hash(&rolled_old));
+    expected.insert(hash(&rolled_new));
+    let held_names: BTreeSet<String> = held.keys().cloned().collect();
+    assert!(held_names.is_superset(&expected));
+    assert_eq!(held_names.len(), expected_total);
+    for h in held_names.difference(&expected) {
+        assert!(
+            record(&cp, h).await.is_some(),
+            "{h} is the harness's live client key"
+        );
+    }
+    assert!(!held.contains_key(&hash(&disabled)));
+    // Values and their digests are the control plane's records (a sample, and the roll).
+    let sample = seeded_hashes
+        .iter()
+        .step_by(SEEDED / 200)
+        .cloned()
+        .chain([hash(&rolled_old), hash(&rolled_new)]);
+    for h in sample {
+        let want = record(&cp, &h).await.expect("a live key");
+        assert_eq!(kv.value(&h).await.as_deref(), Some(want.as_str()));
+        assert_eq!(held[&h].as_deref(), Some(KeyRecord::digest(&want).as_str()));
+    }
+    cp.assert_log_has_no_secrets();
+}
+
+async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backend) {
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let cp = ControlPlane::start_with(options(backend, &kv)).await;
+    let mut keys = vec![];
+    for i in 0..20 {
+        keys.push(cp.create_key(&format!("k{i}"), "GENERIC").await);
+    }
+    let (_, body) = cp.roll("k0", Some(json!({"overlapSeconds": 3600}))).await;
+    let k0_new = body["apiKey"].as_str().unwrap().to_owned();
+    let gone = cp.create_key("gone", "GENERIC").await;
+    let (status, _) = cp.delete("gone", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    // What the outbox pushed: these keys, and the harness's own client keys.
+    let expected: BTreeSet<String> = kv.list_all().await.into_iter().map(|(k, _)| k).collect();
+    let ours: BTreeSet<String> = keys.iter().chain([&k0_new]).map(|k| hash(k)).collect();
+    assert!(expected.is_superset(&ours));
+    for h in &expected {
+        assert!(record(&cp, h).await.is_some(), "{h} is a live key's");
+    }
+
+    // The edge writes KV on a lookup (a key KV lost): with the same digest, so that entry
+    // is as current as a pushed one.
+    let origin = Origin::start().await;
+    let edge =
+        Edge::start_on_state(Some(state.path()), &cp.url, &cp.edge_key, &origin.url, &[]).await;
+    kv.delete_raw(&[hash(&keys[5])]).await;
+    let r = edge.get("/", Some(&keys[5])).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = origin.requests();
+    assert_eq!(
+        seen.last().unwrap().headers["x-metlo-edge-source"],
+        "control-plane"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kv.value(&hash(&keys[5])).await.is_none() {
+        assert!(Instant::now() < deadline, "the edge wrote no KV entry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A correct KV: nothing to fix, nothing written.
+    kv.reset_stats().await;
+    let report = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    assert_eq!(
+        report["drift"],
+        json!({"strays": 0, "missing": 0, "stale": 0}),
+        "{report}"
+    );
+    assert_eq!(report["writes"], 0);
+    assert_eq!(report["expected"], expected.len());
+    let stats = kv.stats().await;
+    assert_eq!(
+        (
+            stats["putRequests"].clone(),
+            stats["deleteRequests"].clone()
+        ),
+        (json!(0), json!(0))
+    );
+
+    // Drift: two strays (a deleted key's record back, a name that is no key), three
+    // missing, two stale (an old record with a digest of its own, one without metadata).
+    let stray_record =
+        KeyRecord::from_json(record(&cp, &hash(&keys[1])).await.unwrap().as_bytes()).unwrap();
+    let gone_value = KeyRecord {
+        name: "gone".into(),
+        ..stray_record.clone()
+    }
+    .to_json();
+    let stale_value = KeyRecord {
+        name: "renamed".into(),
+        ..stray_record.clone()
+    }
+    .to_json();
+    kv.put_raw(&[
+        (
+            hash(&gone),
+            gone_value.clone(),
+            Some(json!({"d": KeyRecord::digest(&gone_value)})),
+        ),
+        ("not-a-key".into(), "x".into(), None),
+        (
+            hash(&keys[2]),
+            stale_value.clone(),
+            Some(json!({"d": KeyRecord::digest(&stale_value)})),
+        ),
+        (
+            hash(&keys[3]),
+            record(&cp, &hash(&keys[3])).await.unwrap(),
+            None,
+        ),
+    ])
+    .await;
+    kv.delete_raw(&[hash(&keys[6]), hash(&keys[7]), hash(&k0_new)])
+        .await;
+
+    let dry = cli_json(&cp, &["keys", "kv-reconcile", "--dry-run", "--json"]);
+    assert_eq!(
+        dry["drift"],
+        json!({"strays": 2, "missing": 3, "stale": 2}),
+        "{dry}"
+    );
+    assert_eq!(dry["writes"], 0);
+    assert_eq!(
+        kv.list_all().await.len(),
+        expected.len() + 2 - 3,
+        "a dry run writes nothing"
+    );
+
+    let fixed = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    assert_eq!(
+        fixed["drift"],
+        json!({"strays": 2, "missing": 3, "stale": 2}),
+        "{fixed}"
+    );
+    assert_eq!(fixed["writes"], 7);
+    let held: BTreeMap<String, Option<String>> = kv.list_all().await.into_iter().collect();
+    assert_eq!(held.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    for h in &expected {
+        let want = record(&cp, h).await.unwrap();
+        assert_eq!(kv.value(h).await.as_deref(), Some(want.as_str()), "{h}");
+        assert_eq!(held[h].as_deref(), Some(KeyRecord::digest(&want).as_str()));
+    }
+    kv.reset_stats().await;
+    let again = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    assert_eq!(again["writes"], 0, "{again}");
+    let stats = kv.stats().await;
+    assert_eq!(
+        (
+            stats["putRequests"].clone(),
+            stats["deleteRequests"].clone()
+        ),
+        (json!(0), json!(0))
+    );
+
+    // A resync rewrites every entry, and each finished one leaves no resume point.
+    for _ in 0..2 {
+        let resync = cli_json(&cp, &["keys", "kv-resync", "--json"]);
+        assert_eq!(resync["resumedAfter"], 0, "{resync}");
+        assert_eq!(resync["written"], expected.len(), "{resync}");
+    }
+    let after: BTreeSet<String> = kv.list_all().await.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(after, expected);
+    drop(edge);
+    cp.assert_log_has_no_secrets();
+}
+
+/// `KV_RECONCILE_INTERVAL`: the server reconciles on its own and reports the drift it
+/// found in `/readyz` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_reconcile_reports_drift() {
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let cp =
+        ControlPlane::start_with(options(Backend::Sqlite, &kv).env("KV_RECONCILE_INTERVAL", "2s"))
+            .await;
+    let key = cp.create_key("k", "GENERIC").await;
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    kv.put_raw(&[("stray".into(), "x".into(), None)]).await;
+    kv.delete_raw(&[hash(&key)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let last = loop {
+        let (status, body) = cp.ops_get("/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["kvReconcile"]["intervalSeconds"], 2);
+        let last = &body["kvReconcile"]["last"];
+        if last["report"]["drift"]["strays"] == 1 {
+            break last.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile reported drift: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        last["report"]["drift"],
+        json!({"strays": 1, "missing": 1, "stale": 0}),
+        "{last}"
+    );
+    assert_eq!(last["error"], Value::Null);
+    assert_eq!(cp.metric("metlo_kv_drift_fixed_total", "stray").await, 1.0);
+    let held: Vec<String> = kv.list_all().await.into_iter().map(|(k, _)| k).collect();
+    assert!(
+        held.contains(&hash(&key)) && !held.contains(&"stray".to_owned()),
+        "{held:?}"
+    );
+    // The next run finds nothing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = cp.ops_get("/readyz").await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        if body["kvReconcile"]["last"]["report"]["drift"]["strays"] == 0 {
+            assert_eq!(cp.metric("metlo_kv_drift{", "stray").await, 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second reconcile: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
