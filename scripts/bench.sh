@@ -20,3 +20,5 @@ fi
 PG_FSYNC=on ./scripts/stack.sh target/release/bench
 # A flood of checksum-valid made-up keys beside a valid key's steady calls (PostgreSQL).
 PG_FSYNC=on ./scripts/stack.sh target/release/flood
+# Scale: 1,000 vs 1,000,000 keys on PostgreSQL (seeded with `keys seed`).
+PG_FSYNC=on ./scripts/stack.sh target/release/scale

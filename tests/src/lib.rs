@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod bench;
 pub mod edge;
 
 pub use reqwest::StatusCode;
@@ -495,6 +496,15 @@ impl ControlPlane {
         }
     }
 
+    /// One of the settings it runs with.
+    pub fn setting(&self, name: &str) -> Option<String> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
     /// The embedded SQLite database file (on the SQLite backend).
     pub fn sqlite_file(&self) -> PathBuf {
         self._dir.path().join("data/metlo.db")
@@ -503,9 +513,17 @@ impl ControlPlane {
     /// Another server process on the same database and cache (a second replica). It must
     /// not outlive `self`, whose temporary directory may hold the database.
     pub async fn replica(&self) -> ControlPlane {
+        self.replica_with(&[]).await
+    }
+
+    /// A replica with some settings changed (e.g. no verification cache).
+    pub async fn replica_with(&self, changes: &[(&str, &str)]) -> ControlPlane {
+        let mut env = self.env.clone();
+        env.retain(|(k, _)| !changes.iter().any(|(c, _)| c == k));
+        env.extend(changes.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("replica.log");
-        let child = spawn_server(&self.env, &log_path, "127.0.0.1:0");
+        let child = spawn_server(&env, &log_path, "127.0.0.1:0");
         let url = wait_for_listening(&log_path, Duration::from_secs(30));
         // A baseline build from before the ops listener serves those routes on the API port.
         let ops_url = find_url(&std::fs::read_to_string(&log_path).unwrap(), OPS_LINE)
@@ -519,7 +537,7 @@ impl ControlPlane {
             client: self.client.clone(),
             child,
             log_path,
-            env: self.env.clone(),
+            env,
             _dir: dir,
             secrets: self.secrets.clone(),
         }
@@ -692,6 +710,23 @@ impl ControlPlane {
     }
 
     /// The list entry of one key.
+    /// How many keys there are, walking the paged list (past `LIST_UNPAGED_MAX` the
+    /// plain list is refused).
+    pub async fn count_keys(&self) -> usize {
+        let mut count = 0;
+        let mut path = "/api/v1/keys/list?limit=1000".to_owned();
+        loop {
+            let (status, _, body) = self.get(&path, Some(&self.admin_key)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let page: Value = serde_json::from_str(&body).unwrap();
+            count += page["keys"].as_array().unwrap().len();
+            match page["nextCursor"].as_str() {
+                Some(c) => path = format!("/api/v1/keys/list?limit=1000&cursor={c}"),
+                None => return count,
+            }
+        }
+    }
+
     pub async fn listed(&self, name: &str) -> Value {
         self.list()
             .await

@@ -5,105 +5,12 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use metlo_tests::bench::{
+    median, mib, rss_kib, with_peak_rss, wrk, wrk_with_cpu, CONNECTIONS, SECONDS,
+};
 use metlo_tests::{free_port, wait_for_port, Backend, ControlPlane, Options, Redis};
 
 const ROUNDS: usize = 3;
-const SECONDS: u64 = 5;
-const CONNECTIONS: u32 = 32;
-
-fn wrk(url: &str, key: Option<&str>, script: Option<&str>) -> (f64, u64) {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", &format!("-c{CONNECTIONS}"), &format!("-d{SECONDS}s")]);
-    if let Some(k) = key {
-        cmd.args(["-H", &format!("Authorization: {k}")]);
-    }
-    if let Some(s) = script {
-        cmd.args(["-s", s]);
-    }
-    let out = cmd
-        .arg(url)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("wrk not found: run scripts/install-deps.sh");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected wrk output:\n{text}"));
-    let non2xx = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0);
-    (rps, non2xx)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Runs `f` while sampling `pid`'s RSS; returns f's result and the peak RSS in KiB.
-fn with_peak_rss<T>(pid: u32, f: impl FnOnce() -> T) -> (T, u64) {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            peak
-        })
-    };
-    let result = f();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    (result, sampler.join().unwrap())
-}
-
-/// CPU time (user + system) the process has used, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15; `fields` starts at field 3.
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-}
-
-/// Runs wrk against a server and returns (req/s, microseconds of server CPU per request):
-/// the CPU figure does not depend on how busy the rest of the machine is.
-fn wrk_with_cpu(pid: u32, url: &str, key: &str) -> (f64, f64) {
-    let before = cpu_ticks(pid);
-    let (rps, bad) = wrk(url, Some(key), None);
-    assert_eq!(bad, 0, "every verification must succeed");
-    let ticks = cpu_ticks(pid) - before;
-    (rps, ticks as f64 * 10_000.0 / (rps * SECONDS as f64))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 / 1024.0)
-}
 
 #[tokio::main]
 async fn main() {
@@ -267,10 +174,7 @@ end
         Some(script.to_str().unwrap()),
     );
     let _ = std::fs::remove_file(&script);
-    let (_, _, list) = pg.get("/api/v1/keys/list", Some(&pg.admin_key)).await;
-    let stored = serde_json::from_str::<Vec<serde_json::Value>>(&list)
-        .unwrap()
-        .len();
+    let stored = pg.count_keys().await;
     println!(
         "key creates on PostgreSQL (fsync on): {:.0} creates/s  (target >= 1000/s); {} non-2xx, {} keys stored",
         rps * (1.0 - bad as f64 / (rps * SECONDS as f64)).max(0.0),
