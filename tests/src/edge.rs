@@ -289,7 +289,8 @@ impl KvApi {
             .await;
     }
 
-    async fn set_faults(&self, faults: Value) {
+    /// Sets the stand-in's faults (`dev/kv-api/worker.js` lists them).
+    pub async fn set_faults(&self, faults: Value) {
         let r = reqwest::Client::new()
             .post(format!("{}/__faults", self.url))
             .json(&faults)

@@ -548,6 +548,11 @@ impl ControlPlane {
         run_cli(&self.env, args, &self.log_path)
     }
 
+    /// What [`run_cli`] needs to run the CLI from another thread: the settings and the log.
+    pub fn cli_env(&self) -> (Vec<(String, String)>, PathBuf) {
+        (self.env.clone(), self.log_path.clone())
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

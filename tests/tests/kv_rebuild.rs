@@ -92,8 +92,11 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
         "three bulk calls of 10,000 landed before the fault"
     );
 
+    // Two 429s on the way (the stand-in sends Retry-After: 1): waited out, not fatal.
+    kv.inject_faults_after(2, 429, 2).await;
     let done = cli_json(&cp, &["keys", "kv-resync", "--json"]);
     assert_eq!(done["resumedAfter"], 30_000, "{done}");
+    assert_eq!(done["rateLimited"], 2, "{done}");
     // The seeded keys, both secrets of the roll, the harness's client key.
     let expected_total = SEEDED + 3;
     assert_eq!(done["written"], (expected_total - 30_000) as u64, "{done}");
@@ -241,6 +244,9 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
         "a dry run writes nothing"
     );
 
+    // The put call (after one list call) leaves a key unapplied, as Cloudflare may: sent again.
+    kv.set_faults(json!({"unsuccessful": 1, "count": 1, "after": 1}))
+        .await;
     let fixed = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(
         fixed["drift"],
@@ -332,4 +338,37 @@ async fn periodic_reconcile_reports_drift() {
         assert!(Instant::now() < deadline, "no second reconcile: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A key deleted while a resync's write of it is in flight: the outbox's delete lands
+/// first, the slow write after it — and the resync, reading the key back, deletes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_never_resurrects_a_key_deleted_meanwhile() {
+    let state = tempfile::tempdir().unwrap();
+    let kv = KvApi::start(state.path()).await;
+    let cp = ControlPlane::start_with(
+        options(Backend::Sqlite, &kv).env("KV_SYNC_DELETE_ECHO_SECONDS", 0),
+    )
+    .await;
+    let doomed = cp.create_key("doomed", "GENERIC").await;
+    let kept = cp.create_key("kept", "GENERIC").await;
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    // The resync's one bulk put waits 3 s, then applies the write.
+    kv.inject_delay(Duration::from_secs(3), 1).await;
+    let env_cp = cp.cli_env();
+    let resync = std::thread::spawn(move || {
+        metlo_tests::run_cli(&env_cp.0, &["keys", "kv-resync", "--json"], &env_cp.1)
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (status, _) = cp.delete("doomed", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    cp.wait_outbox_drained(Duration::from_secs(30)).await;
+    let out = resync.join().unwrap().expect("resync");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["written"], 3, "{report}");
+    let held: BTreeSet<String> = kv.list_all().await.into_iter().map(|(k, _)| k).collect();
+    assert!(held.contains(&hash(&kept)));
+    assert!(!held.contains(&hash(&doomed)), "the late write was undone");
+    let stats = kv.stats().await;
+    assert!(stats["deletes"].as_array().unwrap().len() >= 2, "{stats}");
 }
