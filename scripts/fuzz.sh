@@ -17,7 +17,7 @@ if ! rustc --version >/dev/null 2>&1; then
     exit 0
 fi
 # FUZZ_TARGETS: a space-separated subset (default: all).
-read -r -a targets <<<"${FUZZ_TARGETS:-key_parse authorization kv_record create_request}"
+read -r -a targets <<<"${FUZZ_TARGETS:-key_parse authorization kv_record create_request leak_report}"
 "$TOOLS/bin/cargo-fuzz" build -O >&2
 # Seeds with a well-formed key are made here, fresh, rather than committed: a committed
 # string of a key's exact shape would set off secret scanners (ours included).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system packages the project needs (PostgreSQL server binaries, Redis, wrk),
+# Installs the system packages the project needs (PostgreSQL server binaries, Redis, wrk,
+# openssl),
 # only when missing. Safe to run again.
 set -euo pipefail
 
@@ -8,6 +9,8 @@ pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 [ -n "$(pg_bindir)" ] && [ -x "$(pg_bindir)/initdb" ] || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v wrk >/dev/null || need+=(wrk)
+# Makes the P-256 key the schema fuzzing's stand-in for GitHub's keys endpoint serves.
+command -v openssl >/dev/null || need+=(openssl)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

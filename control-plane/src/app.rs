@@ -12,6 +12,7 @@ use crate::kv_sync::drainer::{self, SyncStatus};
 use crate::kv_sync::reconcile::{self, ReconcileStatus};
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
+use crate::service::github_keys::GitHubKeys;
 use crate::service::usage::{self, Usage};
 use crate::service::verify::Lookups;
 use crate::{http, telemetry};
@@ -106,6 +107,8 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
         key_limits: config.key_limits()?,
         list_unpaged_max: config.list_unpaged_max,
+        leak_mode: config.leak_revocation,
+        github_keys: Arc::new(GitHubKeys::new(&config.github_keys_url)?),
     });
     match store.count_legacy().await {
         Ok(0) => {}

@@ -31,6 +31,24 @@ pub struct Config {
     /// without `?limit=` is a 400 that says to page.
     #[arg(long, env = "LIST_UNPAGED_MAX", default_value_t = 1000, global = true)]
     pub list_unpaged_max: u64,
+    /// What a GitHub secret-scanning report of one of our keys does: revoke it (and
+    /// audit), notify (audit only), or off (no route).
+    #[arg(
+        long,
+        env = "LEAK_REVOCATION",
+        value_enum,
+        default_value = "revoke",
+        global = true
+    )]
+    pub leak_revocation: crate::service::leaks::LeakMode,
+    /// Where GitHub's secret-scanning public keys are fetched from.
+    #[arg(
+        long,
+        env = "GITHUB_KEYS_URL",
+        default_value = crate::service::github_keys::GITHUB_KEYS_URL,
+        global = true
+    )]
+    pub github_keys_url: String,
     /// How long a verification result is cached.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 5, global = true)]
     pub cache_ttl_seconds: u64,

@@ -147,6 +147,12 @@ impl KeyHash {
         hex::encode(self.0)
     }
 
+    /// The SHA-256 of any text, well-formed key or not: the hash a key with this text
+    /// would have (a leak report's `token_hash` for every token it names).
+    pub fn of_text(text: &str) -> Self {
+        KeyHash(Sha256::digest(text.as_bytes()).into())
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -256,6 +262,7 @@ mod tests {
         let expected = hex::encode(Sha256::digest(key.expose_secret().as_bytes()));
         assert_eq!(key.hash().to_hex(), expected);
         assert_eq!(KeyHash::from_hex(&expected).unwrap(), key.hash());
+        assert_eq!(KeyHash::of_text(key.expose_secret()), key.hash());
         assert!(KeyHash::from_hex(&expected.to_uppercase()).is_err());
         assert!(KeyHash::from_hex(&expected[1..]).is_err());
         assert!(KeyHash::from_hex("zz").is_err());

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 pub mod bench;
 pub mod edge;
+pub mod github;
 
 pub use reqwest::StatusCode;
 

@@ -1,6 +1,7 @@
-//! The `keys` commands that work on every key at once, directly on the database: `seed`
-//! (many keys for benchmarks), `kv-resync` (rebuild Workers KV) and `kv-reconcile`
-//! (compare KV with the database and fix it). Progress goes to stderr: a bar on a
+//! The `keys` commands that work on many keys at once, directly on the database: `seed`
+//! (many keys for benchmarks), `kv-resync` (rebuild Workers KV), `kv-reconcile`
+//! (compare KV with the database and fix it) and `leaked-check` (which keys in some text
+//! are ours). Progress goes to stderr: a bar on a
 //! terminal, a summary line otherwise; `--json` prints the summary as JSON on stdout.
 
 use std::io::IsTerminal;
@@ -17,6 +18,7 @@ use crate::kv_sync::client::KvClient;
 use crate::kv_sync::reconcile::reconcile;
 use crate::kv_sync::resync::{resync, Progress};
 use crate::service::audit::Actor;
+use crate::service::leaks::check_text;
 use crate::service::seed::{seed_keys, SeedRequest};
 
 #[derive(Debug, Args)]
@@ -167,6 +169,48 @@ pub async fn kv_reconcile(
             report.elapsed.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+pub async fn leaked_check(config: &Config, json_out: bool) -> anyhow::Result<()> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| anyhow::anyhow!("reading stdin: {e}"))?;
+    let store = config.open_store().await?;
+    let result = check_text(&store, &text).await;
+    store.close().await;
+    let found = result?;
+    if json_out {
+        println!("{}", serde_json::to_string(&found)?);
+        return Ok(());
+    }
+    let live = found
+        .iter()
+        .filter(|f| f.status == "live" || f.status == "rolled-away")
+        .count();
+    if !found.is_empty() {
+        let mut table = comfy_table::Table::new();
+        table
+            .load_preset(comfy_table::presets::NOTHING)
+            .set_header(["IDENTIFIER", "STATUS", "KEY"]);
+        for f in &found {
+            table.add_row([
+                f.identifier.as_str(),
+                f.status,
+                f.name.as_deref().unwrap_or("-"),
+            ]);
+        }
+        println!("{table}");
+    }
+    eprintln!(
+        "{} key-shaped strings with a valid checksum; {live} of them work here{}",
+        found.len(),
+        if live > 0 {
+            ": revoke them (keys delete NAME, or keys roll NAME for a rolled-away secret's key)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 

@@ -120,6 +120,9 @@ pub enum KeysCommand {
     /// Compare what Workers KV holds with the database and fix it: delete strays, put
     /// what is missing, rewrite stale records.
     KvReconcile(bulk::ReconcileArgs),
+    /// Read text on stdin (a log, a file, a paste) and say which key-shaped strings in it
+    /// are keys of this instance: live, rolled away, revoked, or not ours.
+    LeakedCheck,
     /// Show the audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -150,6 +153,7 @@ pub async fn run(config: &Config, args: KeysArgs) -> anyhow::Result<()> {
         (KeysCommand::KvReconcile(a), None) => {
             return bulk::kv_reconcile(config, a, args.json).await
         }
+        (KeysCommand::LeakedCheck, None) => return bulk::leaked_check(config, args.json).await,
         (
             KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_),
             Some(_),
@@ -218,7 +222,10 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
             )
             .await?,
         ),
-        KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_) => {
+        KeysCommand::Seed(_)
+        | KeysCommand::KvResync(_)
+        | KeysCommand::KvReconcile(_)
+        | KeysCommand::LeakedCheck => {
             anyhow::bail!("this command runs on the database only (without --url)")
         }
         KeysCommand::SetRole { .. } => anyhow::bail!(
@@ -399,9 +406,10 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                     keys::roll_key(&store, &config.cache()?, name, overlap, &actor).await?,
                 )
             }
-            KeysCommand::Seed(_) | KeysCommand::KvResync(_) | KeysCommand::KvReconcile(_) => {
-                anyhow::bail!("bulk commands are run by `run`")
-            }
+            KeysCommand::Seed(_)
+            | KeysCommand::KvResync(_)
+            | KeysCommand::KvReconcile(_)
+            | KeysCommand::LeakedCheck => anyhow::bail!("bulk commands are run by `run`"),
             KeysCommand::Audit { limit, before } => {
                 let (limit, before) = audit::check_page(*limit, *before)?;
                 Output::Audit(audit::page(&store, limit, before).await?)

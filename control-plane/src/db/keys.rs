@@ -304,6 +304,7 @@ impl Store {
         let now = now_ms();
         for hash in std::iter::once(&deleted.key_hash).chain(&retired) {
             self.enqueue_delete(&mut tx, hash, now).await?;
+            Self::record_revoked(&mut tx, hash, now).await?;
         }
         self.audit_in(&mut tx, audit).await?;
         self.commit_outbox(tx).await?;

@@ -14,6 +14,7 @@ pub mod keys;
 mod keys_tests;
 pub mod kv_state;
 pub mod outbox;
+pub mod revocations;
 pub mod rows;
 pub mod usage;
 

@@ -232,3 +232,14 @@ pub struct ResyncCheckpoint {
     pub done: i64,
     pub started_at_ms: i64,
 }
+
+/// Whose a secret's hash is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretOwner {
+    /// A key's current secret (the key may be disabled or expired).
+    Current(StoredKey),
+    /// A secret a roll replaced, still on record (in or just past its overlap).
+    RolledAway(StoredKey),
+    /// A secret of a key since deleted, or revoked as leaked.
+    Revoked,
+}

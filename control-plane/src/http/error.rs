@@ -38,6 +38,13 @@ pub enum ApiError {
     /// The key's rate limit is spent; the window ends in this many seconds.
     #[error("this key's rate limit is spent; retry in {0} s")]
     RateLimited(u64),
+    /// A signed request (a leak report) whose signature does not hold.
+    #[error("{0}")]
+    BadSignature(String),
+    /// Something this request needs from elsewhere is unavailable (e.g. GitHub's keys):
+    /// retry later.
+    #[error("{0}")]
+    DependencyUnavailable(String),
     /// What the service refused or could not do, said in its own words.
     #[error(transparent)]
     Service(#[from] service::Error),
@@ -68,6 +75,8 @@ impl ApiError {
         use service::Error as E;
         match self {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::BadSignature(_) => (StatusCode::UNAUTHORIZED, "bad_signature"),
+            ApiError::DependencyUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::BadRequest(_) | ApiError::Service(E::Invalid(_) | E::DuplicateName) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
             }
@@ -134,6 +143,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::RateLimited(wait) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(wait));
+            }
+            ApiError::DependencyUnavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
             }
             _ => {}
         }

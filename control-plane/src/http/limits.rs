@@ -7,3 +7,5 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest usage report: one of 1,000 entries is about 85 KB.
 pub const MAX_REPORT_BYTES: usize = 128 * 1024;
+/// Largest leak report: GitHub may send many tokens at once (10,000 are about 2 MB).
+pub const MAX_LEAK_REPORT_BYTES: usize = 8 * 1024 * 1024;

@@ -11,6 +11,7 @@ mod client_ip;
 pub mod error;
 pub mod extract;
 pub mod keys;
+mod leaks;
 pub mod limits;
 mod metrics;
 mod openapi;
@@ -43,6 +44,7 @@ pub fn app(state: AppState) -> Router {
         .merge(usage::router())
         .layer(auth::RequireKeyLayer(state.clone()))
         .merge(ops::api_router())
+        .merge(leaks::router())
         .split_for_parts();
     openapi::add_limit_responses(&mut doc);
     openapi::document_updates(&mut doc);

@@ -73,6 +73,14 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             v
         }
     };
+    body["leakRevocation"] = match state.leak_mode {
+        crate::service::leaks::LeakMode::Off => json!("off"),
+        mode => json!({
+            "mode": mode,
+            "githubKeysUrl": state.github_keys.url(),
+            "githubKeys": state.github_keys.status(),
+        }),
+    };
     (status, Json(body))
 }
 

@@ -8,6 +8,8 @@ use crate::cache::VerifyCache;
 use crate::db::Store;
 use crate::kv_sync::drainer::SyncStatus;
 use crate::kv_sync::reconcile::ReconcileStatus;
+use crate::service::github_keys::GitHubKeys;
+use crate::service::leaks::LeakMode;
 use ipnet::IpNet;
 
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
@@ -62,4 +64,8 @@ pub struct Shared {
     pub key_limits: KeyLimits,
     /// Most keys a list answers without paging (`LIST_UNPAGED_MAX`).
     pub list_unpaged_max: u64,
+    /// What a GitHub leak report does (`LEAK_REVOCATION`).
+    pub leak_mode: LeakMode,
+    /// GitHub's secret-scanning keys (`GITHUB_KEYS_URL`), fetched on first use.
+    pub github_keys: Arc<GitHubKeys>,
 }

@@ -16,7 +16,7 @@ use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
 use crate::clock::{iso8601, now_ms};
-use crate::db::rows::{Rolled, StoredKey};
+use crate::db::rows::{AuditEntry, Rolled, StoredKey};
 use crate::db::Store;
 
 /// Longest accepted key name, in characters.
@@ -424,10 +424,24 @@ pub async fn delete_key(
 ) -> Result<(), Error> {
     let name = &normalize_name(name);
     let audit = actor.entry("key.delete", name, json!({}));
-    let (deleted, retired) = store
-        .delete_key(name, keep_last_admin, &audit)
+    delete_key_audited(store, cache, name, keep_last_admin, &audit)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
+    Ok(())
+}
+
+/// Deletes a key with `audit` as its audit entry (a leak report's, say); `None`: no such
+/// key. Its cache entries become tombstones.
+pub(crate) async fn delete_key_audited(
+    store: &Store,
+    cache: &VerifyCache,
+    name: &str,
+    keep_last_admin: bool,
+    audit: &AuditEntry,
+) -> Result<Option<()>, Error> {
+    let Some((deleted, retired)) = store.delete_key(name, keep_last_admin, audit).await? else {
+        return Ok(None);
+    };
     let mut all_revoked = true;
     for hex in std::iter::once(&deleted.key_hash).chain(&retired) {
         if let Ok(hash) = KeyHash::from_hex(hex) {
@@ -443,7 +457,7 @@ pub async fn delete_key(
         );
     }
     tracing::info!(name, identifier = %deleted.identifier, "key deleted");
-    Ok(())
+    Ok(Some(()))
 }
 
 /// Gives a legacy key (made before roles) its one role; its cache entries are replaced

@@ -5,10 +5,12 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod github_keys;
 pub mod key_limits;
 pub mod key_lists;
 pub mod key_updates;
 pub mod keys;
+pub mod leaks;
 pub mod meta;
 pub mod seed;
 pub mod usage;
