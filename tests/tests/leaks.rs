@@ -184,7 +184,9 @@ type Case<'a> = (
 async fn reports_that_do_not_check_out_change_nothing() {
     let github_key = GitHubKey::generate("k1", true);
     let impostor = GitHubKey::generate("k1", true);
-    let github = GitHubKeysEndpoint::start(&[&github_key]).await;
+    // Still listed, no longer current (GitHub rotating): its reports are accepted.
+    let previous = GitHubKey::generate("k0", false);
+    let github = GitHubKeysEndpoint::start(&[&github_key, &previous]).await;
     let cp = control_plane(Backend::Sqlite, &github, &[]).await;
     let live = cp.create_key("live", "GENERIC").await;
     let body = report(&[&live]);
@@ -283,6 +285,8 @@ async fn reports_that_do_not_check_out_change_nothing() {
     assert_eq!(feedback[0]["label"], "false_positive");
     assert_eq!(cp.verify(&live).await, StatusCode::OK);
     assert!(leak_audits(&cp).await.is_empty());
+    let (status, feedback) = signed(&cp, &previous, report(&[made_up.expose_secret()])).await;
+    assert_eq!(status, StatusCode::OK, "{feedback}");
     assert!(cp.metric("metlo_leak_reports_total", "mismatch").await >= 2.0);
     cp.assert_log_has_no_secrets();
 }
