@@ -1,0 +1,249 @@
+//! `make dev` as a user runs it: start, wait for the printed curl, run it, stop it — with
+//! Ctrl-C, SIGTERM or SIGHUP to its process group, behind `| tee` and `| head`, or by
+//! a child dying — and check that no process it started is left and every port is free;
+//! and a start with a port already taken fails with one clear line, starting nothing.
+//! (On free ports of its own, with its own data and KV state.)
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use metlo_tests::{free_port, unique_suffix, workspace_root};
+
+const PORT_VARS: [&str; 7] = [
+    "DEV_CONTROL_PLANE_PORT",
+    "DEV_OPS_PORT",
+    "DEV_EDGE_PORT",
+    "DEV_KV_API_PORT",
+    "DEV_ORIGIN_PORT",
+    "DEV_EDGE_INSPECTOR_PORT",
+    "DEV_KV_INSPECTOR_PORT",
+];
+
+struct Setup {
+    ports: Vec<(&'static str, u16)>,
+    env: Vec<(String, String)>,
+    /// In every process's environment: how what a run left behind is found.
+    mark: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(&str, u16)> = PORT_VARS.iter().map(|v| (*v, free_port())).collect();
+        let mark = format!("dev-test-{}", unique_suffix());
+        let mut env: Vec<(String, String)> = ports
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string()))
+            .collect();
+        env.push((
+            "DEV_STATE_DIR".into(),
+            dir.path().join("state").display().to_string(),
+        ));
+        env.push((
+            "DATA_DIR".into(),
+            dir.path().join("data").display().to_string(),
+        ));
+        env.push(("METLO_DEV_TEST_MARK".into(), mark.clone()));
+        Setup {
+            ports,
+            env,
+            mark,
+            _dir: dir,
+        }
+    }
+
+    fn port(&self, var: &str) -> u16 {
+        self.ports.iter().find(|(k, _)| *k == var).unwrap().1
+    }
+
+    /// `shell` run by bash in the repository, in its own process group (as a terminal
+    /// runs a command), stdout piped to the test.
+    fn spawn(&self, shell: &str) -> Child {
+        Command::new("bash")
+            .args(["-c", shell])
+            .current_dir(workspace_root())
+            .envs(self.env.iter().cloned())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Processes (not yet reaped) that carry this setup's mark.
+    fn leftovers(&self) -> Vec<String> {
+        let needle = format!("METLO_DEV_TEST_MARK={}", self.mark);
+        let mut found = vec![];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+                let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                found.push(format!(
+                    "{pid}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                ));
+            }
+        }
+        found
+    }
+
+    /// Within 10 s: nothing of the run left, every port free.
+    fn assert_cleaned_up(&self, how: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.leftovers();
+            let busy: Vec<u16> = self
+                .ports
+                .iter()
+                .map(|(_, p)| *p)
+                .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_err())
+                .collect();
+            if left.is_empty() && busy.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{how}: left running {left:#?}, ports still taken {busy:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Reads the run's stdout until the printed curl through the edge; returns the demo key.
+fn wait_for_banner(child: &mut Child) -> (String, BufReader<std::process::ChildStdout>) {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "make dev ended before printing its curl"
+        );
+        if let Some(rest) = line.trim().strip_prefix("curl -s -H 'Authorization: ") {
+            let key = rest.split('\'').next().unwrap().to_owned();
+            return (key, out);
+        }
+        assert!(Instant::now() < deadline, "no curl printed");
+    }
+}
+
+/// The printed curl works: the demo key through the edge reaches the origin.
+fn curl_through_edge(setup: &Setup, key: &str) {
+    let url = format!("http://127.0.0.1:{}/hello?x=1", setup.port("DEV_EDGE_PORT"));
+    let status = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: {key}"),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "200");
+}
+
+fn signal_group(child: &Child, signal: i32) {
+    // SAFETY: kill(2) of the group the test made for this run.
+    unsafe { libc::kill(-(child.id() as i32), signal) };
+}
+
+/// Waits for the run to end; its exit code.
+fn finish(mut child: Child) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "make dev did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn make_dev_starts_what_it_says_and_always_cleans_up() {
+    // Ctrl-C (SIGINT to the terminal's process group), through the script a user runs.
+    let setup = Setup::new();
+    let mut run = setup.spawn("exec ./scripts/dev.sh");
+    let (key, _out) = wait_for_banner(&mut run);
+    curl_through_edge(&setup, &key);
+    signal_group(&run, libc::SIGINT);
+    assert_eq!(finish(run), Some(0));
+    setup.assert_cleaned_up("SIGINT");
+
+    // The program the script ends in, for the other ways (the build is done).
+    for (how, signal) in [("SIGTERM", libc::SIGTERM), ("SIGHUP", libc::SIGHUP)] {
+        let mut run = setup.spawn("exec target/debug/dev");
+        let (key, _out) = wait_for_banner(&mut run);
+        curl_through_edge(&setup, &key);
+        signal_group(&run, signal);
+        finish(run);
+        setup.assert_cleaned_up(how);
+    }
+
+    // `| tee`, then Ctrl-C: tee dies with everything else in the group.
+    let log = setup._dir.path().join("dev.log");
+    let mut run = setup.spawn(&format!("target/debug/dev | tee {}", log.display()));
+    let (key, _out) = wait_for_banner(&mut run);
+    curl_through_edge(&setup, &key);
+    signal_group(&run, libc::SIGINT);
+    finish(run);
+    setup.assert_cleaned_up("| tee, then SIGINT");
+
+    // `| head -n 1`: the reader goes after one line, whatever the run is doing then.
+    let run = setup.spawn("target/debug/dev | head -n 1");
+    finish(run);
+    setup.assert_cleaned_up("| head -n 1");
+
+    // A child dies: the rest is stopped, and the run fails.
+    let mut run = setup.spawn("exec target/debug/dev");
+    let (_, _out) = wait_for_banner(&mut run);
+    let control_plane = setup
+        .leftovers()
+        .into_iter()
+        .find(|p| p.contains("metlo-control-plane serve"))
+        .expect("the control plane is running");
+    let pid: i32 = control_plane.split(':').next().unwrap().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut stderr = String::new();
+    let mut err = run.stderr.take().unwrap();
+    let code = finish(run);
+    std::io::Read::read_to_string(&mut err, &mut stderr).unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("the control plane exited"), "{stderr}");
+    setup.assert_cleaned_up("a child dying");
+
+    // A port already taken: one clear line naming it and its holder, nothing started.
+    let edge_port = setup.port("DEV_EDGE_PORT");
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", edge_port)).unwrap();
+    let mut run = setup.spawn("exec target/debug/dev");
+    let mut err = run.stderr.take().unwrap();
+    let code = finish(run);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut err, &mut stderr).unwrap();
+    assert_eq!(code, Some(1));
+    let expected = format!(
+        "make dev: port {edge_port} (edge Worker) is already in use by pid {}",
+        std::process::id()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert!(stderr.contains("set DEV_EDGE_PORT"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    drop(squatter);
+    setup.assert_cleaned_up("a port taken");
+}
