@@ -72,6 +72,7 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
     let usage_capacity =
         usize::try_from(config.max_api_keys.saturating_mul(2)).unwrap_or(usize::MAX);
     let usage = Arc::new(Usage::new(config.track_last_used, usage_capacity.max(1000)));
+    tokio::spawn(usage::prune_forever(store.clone(), config.usage_retention));
     if usage.enabled() {
         tokio::spawn(usage::flush_forever(
             store.clone(),

@@ -58,6 +58,9 @@ pub struct Config {
     /// How long audit-log entries are kept, e.g. `90d`, `12h` (`0s`: forever).
     #[arg(long, env = "AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration, global = true)]
     pub audit_retention: Duration,
+    /// How long per-key hourly request counts are kept, e.g. `90d` (`0s`: forever).
+    #[arg(long, env = "USAGE_RETENTION", default_value = "90d", value_parser = humantime::parse_duration, global = true)]
+    pub usage_retention: Duration,
     /// How often last-use times are written: at most one write per key per interval.
     #[arg(
         long,

@@ -114,7 +114,7 @@ pub(crate) fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, conf
 async fn send_usage(
     url: &str,
     key: &str,
-    batch: &[(KeyHash, u64)],
+    batch: &[usage::Use],
     timeout_ms: u64,
 ) -> Result<(), String> {
     let headers = Headers::new();

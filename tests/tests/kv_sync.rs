@@ -881,6 +881,90 @@ async fn edge_reports_usage_for_last_used() {
     );
 }
 
+/// Requests per hour are exact: N through the edge (reported with counts) and M verified
+/// by the control plane are N + M in the key's usage once flushed, and stay so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_are_exact() {
+    let s = full_with(
+        Backend::Sqlite,
+        &[("USAGE_REPORT_MS", "300")],
+        &[("LAST_USED_FLUSH_SECONDS", "1")],
+    )
+    .await;
+    let key = s.cp.create_key("counted", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let (edge_n, cp_n) = (23, 11);
+    for _ in 0..edge_n {
+        assert_eq!(edge_status(&s, &key).await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for _ in 0..cp_n {
+        assert_eq!(s.cp.verify(&key).await, StatusCode::OK);
+    }
+    // Refusals are not uses.
+    assert_eq!(s.cp.verify("metlo.nope").await, StatusCode::UNAUTHORIZED);
+    // The last edge use is reported with the first request after the interval.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let other = s.cp.create_key("other", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert_eq!(edge_status(&s, &other).await, StatusCode::OK);
+    let usage = |name: &'static str| {
+        let cp = &s.cp;
+        async move {
+            let (status, _, body) = cp
+                .get(&format!("/api/v1/keys/{name}/usage"), Some(&cp.admin_key))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            serde_json::from_str::<Value>(&body).unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let u = usage("counted").await;
+        if u["total"] == edge_n + cp_n {
+            let hours = u["hours"].as_array().unwrap();
+            assert_eq!(hours.len(), 24, "{u}");
+            assert_eq!(
+                hours[23]["requests"].as_u64().unwrap() + hours[22]["requests"].as_u64().unwrap(),
+                (edge_n + cp_n) as u64
+            );
+            break;
+        }
+        assert!(
+            u["total"].as_u64().unwrap() <= (edge_n + cp_n) as u64,
+            "counted more than made: {u}"
+        );
+        assert!(Instant::now() < deadline, "not counted: {u}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        usage("counted").await["total"],
+        edge_n + cp_n,
+        "no use counted twice"
+    );
+    // Bad windows are 400s; an unknown key a 404.
+    for q in [
+        "?from=yesterday",
+        "?from=2026-01-01T00:00:00Z&to=2025-01-01T00:00:00Z",
+        "?from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+    ] {
+        let (status, _, _) =
+            s.cp.get(
+                &format!("/api/v1/keys/counted/usage{q}"),
+                Some(&s.cp.admin_key),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{q}");
+    }
+    let (status, _, _) =
+        s.cp.get("/api/v1/keys/nope/usage", Some(&s.cp.admin_key))
+            .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = s.cp.get("/api/v1/keys/counted/usage", Some(&key)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
 /// Deletes scheduled for the end of a long overlap do not hold back what is due now: a
 /// key deleted during a one-hour overlap, and a key rolled again without overlap, leave
 /// KV at once (on PostgreSQL the drainer orders each key's updates).

@@ -243,3 +243,39 @@ pub enum SecretOwner {
     /// A secret of a key since deleted, or revoked as leaked.
     Revoked,
 }
+
+/// Milliseconds in an hour: usage is counted per hour since the epoch.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// One key's uses since the last flush: its latest time, and requests per hour.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uses {
+    pub last_ms: i64,
+    /// (hour since the epoch, requests); a flush a minute sees one or two hours.
+    pub hours: Vec<(i64, u64)>,
+}
+
+impl Uses {
+    /// `count` requests, the last at `at_ms`.
+    pub fn add(&mut self, at_ms: i64, count: u64) {
+        self.last_ms = self.last_ms.max(at_ms);
+        if count == 0 {
+            return;
+        }
+        let hour = at_ms.div_euclid(HOUR_MS);
+        match self.hours.iter_mut().find(|(h, _)| *h == hour) {
+            Some((_, n)) => *n += count,
+            None => self.hours.push((hour, count)),
+        }
+    }
+
+    pub fn merge(&mut self, other: Uses) {
+        self.last_ms = self.last_ms.max(other.last_ms);
+        for (hour, count) in other.hours {
+            match self.hours.iter_mut().find(|(h, _)| *h == hour) {
+                Some((_, n)) => *n += count,
+                None => self.hours.push((hour, count)),
+            }
+        }
+    }
+}

@@ -1,43 +1,109 @@
-//! Last-use times, written in batches by the usage flusher.
+//! Key use, written in batches by the usage flusher: last-use times and requests per hour.
 
+use super::rows::Uses;
 use super::{Store, StoreError};
 
-/// Uses per statement (two parameters each): one short statement per batch, so a flush
-/// never holds SQLite's writer lock (or Postgres row locks) for long.
+/// Keys per transaction: short statements, so a flush never holds SQLite's writer lock
+/// (or Postgres row locks) for long.
 pub const USAGE_BATCH: usize = 500;
 
 impl Store {
-    /// Records when keys were last used, given by secret hash (current or rolled away), one
-    /// statement per [`USAGE_BATCH`] uses, each committed on its own; a time never moves
-    /// backwards. Unknown hashes change nothing.
-    pub async fn record_usage(&self, used: &[(String, i64)]) -> Result<(), StoreError> {
-        let mut used = used.to_vec();
-        // Hash order, so two replicas flushing at once rarely lock rows in opposite orders
-        // (a deadlock victim's batch is retried with the next flush).
-        used.sort_unstable();
-        for batch in used.chunks(USAGE_BATCH) {
-            let values: Vec<String> = (0..batch.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+    /// Records the uses of keys given by secret hash (current or rolled away), in one
+    /// transaction: each key's last-use time (never moving backwards) and its requests per
+    /// hour (added). Unknown hashes change nothing.
+    pub async fn record_usage(&self, used: &[(String, Uses)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let values: Vec<String> = (0..used.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "WITH used (h, t) AS (VALUES {}), \
+             hit (id, t) AS ( \
+               SELECT k.id, u.t FROM used u JOIN api_keys k ON k.key_hash = u.h \
+               UNION ALL \
+               SELECT r.key_id, u.t FROM used u JOIN retired_secrets r ON r.key_hash = u.h), \
+             latest (id, t) AS (SELECT id, MAX(t) FROM hit GROUP BY id) \
+             UPDATE api_keys SET last_used_ms = (SELECT t FROM latest WHERE latest.id = api_keys.id) \
+             WHERE id IN (SELECT id FROM latest) \
+             AND (last_used_ms IS NULL OR last_used_ms < (SELECT t FROM latest WHERE latest.id = api_keys.id))",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (hash, uses) in used {
+            q = q.bind(hash).bind(uses.last_ms);
+        }
+        q.execute(&mut *tx).await?;
+        let counted: Vec<(&String, i64, i64)> = used
+            .iter()
+            .flat_map(|(hash, uses)| {
+                uses.hours
+                    .iter()
+                    .map(move |(hour, n)| (hash, *hour, i64::try_from(*n).unwrap_or(i64::MAX)))
+            })
+            .collect();
+        if !counted.is_empty() {
+            let values: Vec<String> = (0..counted.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
                 .collect();
+            // (`WHERE true`: SQLite needs it to tell the upsert's ON from a join's.)
             let sql = format!(
-                "WITH used (h, t) AS (VALUES {}), \
-                 hit (id, t) AS ( \
-                   SELECT k.id, u.t FROM used u JOIN api_keys k ON k.key_hash = u.h \
-                   UNION ALL \
-                   SELECT r.key_id, u.t FROM used u JOIN retired_secrets r ON r.key_hash = u.h), \
-                 latest (id, t) AS (SELECT id, MAX(t) FROM hit GROUP BY id) \
-                 UPDATE api_keys SET last_used_ms = (SELECT t FROM latest WHERE latest.id = api_keys.id) \
-                 WHERE id IN (SELECT id FROM latest) \
-                 AND (last_used_ms IS NULL OR last_used_ms < (SELECT t FROM latest WHERE latest.id = api_keys.id))",
+                "WITH counted (h, hour, n) AS (VALUES {}), \
+                 secrets (id, h) AS (SELECT id, key_hash FROM api_keys \
+                   UNION ALL SELECT key_id, key_hash FROM retired_secrets) \
+                 INSERT INTO key_usage (key_id, hour, requests) \
+                 SELECT s.id, c.hour, SUM(c.n) FROM counted c JOIN secrets s ON s.h = c.h \
+                 WHERE true GROUP BY s.id, c.hour \
+                 ON CONFLICT (key_id, hour) DO UPDATE SET requests = key_usage.requests + excluded.requests",
                 values.join(", ")
             );
             let mut q = sqlx::query(&sql);
-            for (hash, at_ms) in batch {
-                q = q.bind(hash).bind(*at_ms);
+            for (hash, hour, n) in counted {
+                q = q.bind(hash).bind(hour).bind(n);
             }
-            q.execute(&self.pool).await?;
+            q.execute(&mut *tx).await?;
         }
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// The key `name`'s requests per hour from `from_hour` to `to_hour` (both included;
+    /// hours without requests left out); `None`: no such key.
+    pub async fn key_usage(
+        &self,
+        name: &str,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<Option<Vec<(i64, i64)>>, StoreError> {
+        let id: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(id) = id else { return Ok(None) };
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT hour, requests FROM key_usage WHERE key_id = $1 AND hour >= $2 AND hour <= $3 ORDER BY hour",
+        )
+        .bind(id)
+        .bind(from_hour)
+        .bind(to_hour)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Some(rows))
+    }
+
+    /// Deletes hourly counts older than `before_hour`, at most `limit` rows; how many.
+    pub async fn prune_usage(&self, before_hour: i64, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM key_usage WHERE (key_id, hour) IN \
+             (SELECT key_id, hour FROM key_usage WHERE hour < $1 LIMIT $2)",
+        )
+        .bind(before_hour)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// Which of these secret hashes belong to a key (current or rolled away, still in its
@@ -71,7 +137,57 @@ mod tests {
     use metlo_shared::{ApiKey, KeyType};
 
     use crate::db::keys::fixtures::{audit, key, roll};
+    use crate::db::rows::{Uses, HOUR_MS};
     use crate::db::Store;
+
+    /// A use at `t` that counts no request.
+    fn at(t: i64) -> Uses {
+        Uses {
+            last_ms: t,
+            hours: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_add_up_per_hour_by_either_secret_and_are_pruned() {
+        let store = Store::memory().await;
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        let mut a = Uses::default();
+        a.add(5 * HOUR_MS + 1, 3);
+        a.add(6 * HOUR_MS + 1, 2);
+        store
+            .record_usage(&[(k.key_hash.clone(), a)])
+            .await
+            .unwrap();
+        // A roll: the old secret's requests count for the same key.
+        let (new, _) = roll(&store, "k", Duration::from_secs(60)).await;
+        let mut old = Uses::default();
+        old.add(6 * HOUR_MS + 2, 4);
+        let mut current = Uses::default();
+        current.add(6 * HOUR_MS + 3, 1);
+        store
+            .record_usage(&[(k.key_hash.clone(), old), (new.hash().to_hex(), current)])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.key_usage("k", 0, 100).await.unwrap(),
+            Some(vec![(5, 3), (6, 7)])
+        );
+        assert_eq!(
+            store.key_usage("k", 6, 6).await.unwrap(),
+            Some(vec![(6, 7)])
+        );
+        assert_eq!(store.key_usage("nope", 0, 100).await.unwrap(), None);
+        assert_eq!(store.prune_usage(6, 100).await.unwrap(), 1);
+        assert_eq!(
+            store.key_usage("k", 0, 100).await.unwrap(),
+            Some(vec![(6, 7)])
+        );
+    }
 
     async fn last_used(store: &Store, name: &str) -> Option<i64> {
         let keys = store.list_keys(None).await.unwrap();
@@ -91,26 +207,26 @@ mod tests {
             .unwrap();
         store.record_usage(&[]).await.unwrap();
         store
-            .record_usage(&[(k.key_hash.clone(), 2_000)])
+            .record_usage(&[(k.key_hash.clone(), at(2_000))])
             .await
             .unwrap();
         assert_eq!(last_used(&store, "k").await, Some(2_000));
         store
-            .record_usage(&[(k.key_hash.clone(), 1_000)])
+            .record_usage(&[(k.key_hash.clone(), at(1_000))])
             .await
             .unwrap();
         assert_eq!(last_used(&store, "k").await, Some(2_000), "never backwards");
         // After a roll, a use of the old secret (in its overlap) still counts.
         roll(&store, "k", Duration::from_secs(60)).await;
         store
-            .record_usage(&[(k.key_hash.clone(), 3_000)])
+            .record_usage(&[(k.key_hash.clone(), at(3_000))])
             .await
             .unwrap();
         assert_eq!(last_used(&store, "k").await, Some(3_000));
         // Unknown hashes change nothing, and are not known.
         let unknown = ApiKey::generate().unwrap().hash().to_hex();
         store
-            .record_usage(&[(unknown.clone(), 9_000)])
+            .record_usage(&[(unknown.clone(), at(9_000))])
             .await
             .unwrap();
         assert_eq!(last_used(&store, "k").await, Some(3_000));
@@ -135,11 +251,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let mut used: Vec<(String, i64)> = (0..2 * super::USAGE_BATCH)
-            .map(|i| (ApiKey::generate().unwrap().hash().to_hex(), i as i64))
+        let mut used: Vec<(String, Uses)> = (0..super::USAGE_BATCH - 2)
+            .map(|i| (ApiKey::generate().unwrap().hash().to_hex(), at(i as i64)))
             .collect();
-        used.push((keys[0].key_hash.clone(), 5_000));
-        used.push((keys[1].key_hash.clone(), 6_000));
+        used.push((keys[0].key_hash.clone(), at(5_000)));
+        used.push((keys[1].key_hash.clone(), at(6_000)));
         store.record_usage(&used).await.unwrap();
         assert_eq!(last_used(&store, "k0").await, Some(5_000));
         assert_eq!(last_used(&store, "k1").await, Some(6_000));

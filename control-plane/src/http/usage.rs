@@ -1,21 +1,59 @@
-//! Key uses reported by the edge Worker, for `lastUsed`.
+//! Key use: reported by the edge Worker (for `lastUsed` and the hourly counts), and read
+//! back per key.
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::Json;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Authorized, EdgeWorkers, JsonBody};
+use super::extract::{Admins, Authorized, EdgeWorkers, JsonBody};
 use super::limits::MAX_REPORT_BYTES;
 use super::state::AppState;
 use crate::clock::now_ms;
-use crate::service::usage::{self, UsageReport};
+use crate::service::usage::{self, KeyUsage, UsageReport};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)))
+    OpenApiRouter::new()
+        .routes(routes!(report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)))
+        .routes(routes!(key_usage))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// The window's start, RFC 3339 (default: 23 hours before `to`).
+    #[param(format = DateTime)]
+    from: Option<String>,
+    /// The window's end, RFC 3339 (default: now). At most 31 days after `from`.
+    #[param(format = DateTime)]
+    to: Option<String>,
+}
+
+/// A key's requests per hour (verifications here and requests let through at the edge,
+/// counted up to the last flush of `LAST_USED_FLUSH_SECONDS`).
+#[utoipa::path(get, path = "/api/v1/keys/{name}/usage", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded"), UsageQuery),
+    responses((status = 200, body = KeyUsage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn key_usage(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<KeyUsage>, ApiError> {
+    let q: UsageQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let (first, last) = usage::usage_window(q.from.as_deref(), q.to.as_deref(), now_ms())?;
+    let name = crate::service::keys::normalize_name(&name);
+    Ok(Json(
+        usage::key_usage(&state.store, &name, first, last).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -1,27 +1,31 @@
-//! When each key was last used, without a database write per request: verifications
-//! here and reports from the edge only update an in-memory map (latest time per key), and
-//! a background task writes it out every `LAST_USED_FLUSH_SECONDS` (default 60), in short
-//! statements of 500 uses — at most one write per key per interval, however busy the key.
-//! Edge reports are taken only for hashes of existing keys, and the map holds at most
-//! twice `MAX_API_KEYS` keys: made-up hashes cannot grow it.
+//! When each key was last used and how many requests it made per hour, without a database
+//! write per request: verifications here and reports from the edge only update an
+//! in-memory map (latest time and per-hour counts per key), and a background task writes it
+//! out every `LAST_USED_FLUSH_SECONDS` (default 60), 500 keys per transaction — at most one
+//! write per key per interval, however busy the key. Edge reports are taken only for
+//! hashes of existing keys, and the map holds at most twice `MAX_API_KEYS` keys: made-up
+//! hashes cannot grow it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metlo_shared::KeyHash;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::Error;
+use crate::clock::iso8601;
+use crate::db::rows::{Uses, HOUR_MS};
+use crate::db::usage::USAGE_BATCH;
 use crate::db::Store;
 
-type Pending = HashMap<KeyHash, i64, foldhash::fast::RandomState>;
+type Pending = HashMap<KeyHash, Uses, foldhash::fast::RandomState>;
 
 /// Most entries one usage report may carry.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
 
-/// Last-use times not yet written, by secret hash; at most `capacity` keys (uses of
+/// Uses not yet written, by secret hash; at most `capacity` keys (uses of
 /// other keys past it are dropped and counted in `metlo_usage_dropped_total`). Hashed
 /// with foldhash (seeded per process): SipHash over 32 bytes was a measurable part of a
 /// cached verification.
@@ -49,24 +53,26 @@ impl Usage {
     /// A successful verification at `now_ms` (the caller's clock reading: one per request).
     pub fn used(&self, hash: &KeyHash, now_ms: i64) {
         if self.enabled {
-            self.used_at(&[(*hash, now_ms)]);
+            self.used_at(&[(*hash, now_ms, 1)]);
         }
     }
 
-    /// Uses at the given times (from the edge); keeps the latest per key.
-    pub fn used_at(&self, uses: &[(KeyHash, i64)]) {
+    /// `count` uses, the last at `at_ms` (from the edge: counted in that hour).
+    pub fn used_at(&self, uses: &[(KeyHash, i64, u64)]) {
         if !self.enabled {
             return;
         }
         let mut dropped = 0;
         let mut pending = self.pending.lock().unwrap();
-        for (hash, at_ms) in uses {
+        for (hash, at_ms, count) in uses {
             let full = pending.len() >= self.capacity;
             match pending.get_mut(hash) {
-                Some(t) => *t = (*t).max(*at_ms),
+                Some(u) => u.add(*at_ms, *count),
                 None if full => dropped += 1,
                 None => {
-                    pending.insert(*hash, *at_ms);
+                    let mut u = Uses::default();
+                    u.add(*at_ms, *count);
+                    pending.insert(*hash, u);
                 }
             }
         }
@@ -76,34 +82,152 @@ impl Usage {
         }
     }
 
+    /// Uses that could not be written: back in, merged with any taken meanwhile.
+    fn put_back(&self, batch: Vec<(KeyHash, Uses)>) {
+        let mut pending = self.pending.lock().unwrap();
+        for (hash, uses) in batch {
+            pending.entry(hash).or_default().merge(uses);
+        }
+    }
+
     /// Everything pending, emptying the map in one step (a use recorded meanwhile lands
     /// in the next batch, never in neither).
-    fn take(&self) -> Vec<(KeyHash, i64)> {
+    fn take(&self) -> Vec<(KeyHash, Uses)> {
         std::mem::take(&mut *self.pending.lock().unwrap())
             .into_iter()
             .collect()
     }
 }
 
-/// Writes pending last-use times every `every`, for as long as the process runs; a failed
-/// write is put back and retried.
+/// Writes pending uses every `every`, for as long as the process runs, [`USAGE_BATCH`]
+/// keys per transaction; a batch that fails is put back (with every batch after it) and
+/// retried, and one that committed is never counted again.
 pub async fn flush_forever(store: Store, usage: Arc<Usage>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
-        let batch = usage.take();
-        if batch.is_empty() {
-            continue;
+        flush(&store, &usage).await;
+    }
+}
+
+/// One flush (also run by tests through the server's interval).
+pub async fn flush(store: &Store, usage: &Usage) {
+    let mut batch = usage.take();
+    // Hash order, so two replicas flushing at once rarely lock rows in opposite orders.
+    batch.sort_unstable_by_key(|(h, _)| *h.as_bytes());
+    let mut rest = batch.as_slice();
+    while !rest.is_empty() {
+        let (chunk, after) = rest.split_at(rest.len().min(USAGE_BATCH));
+        let rows: Vec<(String, Uses)> =
+            chunk.iter().map(|(h, u)| (h.to_hex(), u.clone())).collect();
+        if let Err(e) = store.record_usage(&rows).await {
+            tracing::warn!(error = %e, keys = rest.len(), "recording key use failed; will retry");
+            usage.put_back(rest.to_vec());
+            return;
         }
-        let rows: Vec<(String, i64)> = batch.iter().map(|(h, t)| (h.to_hex(), *t)).collect();
-        match store.record_usage(&rows).await {
-            Ok(()) => {
-                metrics::counter!("metlo_last_used_writes_total").increment(rows.len() as u64)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, keys = rows.len(), "recording last use failed; will retry");
-                usage.used_at(&batch);
+        metrics::counter!("metlo_last_used_writes_total").increment(rows.len() as u64);
+        rest = after;
+    }
+}
+
+/// Longest window a usage query may cover: 31 days of hours.
+pub const MAX_USAGE_HOURS: i64 = 31 * 24;
+
+/// One key's requests per hour.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyUsage {
+    pub name: String,
+    /// The first hour's start (RFC 3339).
+    pub from: String,
+    /// The last hour's end (RFC 3339).
+    pub to: String,
+    /// Requests in the whole window.
+    pub total: u64,
+    /// Every hour of the window, oldest first (hours without requests count 0).
+    pub hours: Vec<HourUsage>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HourUsage {
+    /// The hour's start (RFC 3339).
+    pub start: String,
+    pub requests: u64,
+}
+
+/// The hours a query covers (`from` and `to` RFC 3339, both optional: `to` is now, `from`
+/// 24 hours before it): from the hour holding `from` to the one holding `to`.
+pub fn usage_window(
+    from: Option<&str>,
+    to: Option<&str>,
+    now_ms: i64,
+) -> Result<(i64, i64), Error> {
+    let parse = |name: &str, v: &str| -> Result<i64, Error> {
+        chrono::DateTime::parse_from_rfc3339(v.trim())
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| Error::invalid(format!("{name} must be an RFC 3339 date-time with a time zone, e.g. 2030-01-01T00:00:00Z")))
+    };
+    let to_ms = to.map(|v| parse("to", v)).transpose()?.unwrap_or(now_ms);
+    let from_ms = from
+        .map(|v| parse("from", v))
+        .transpose()?
+        .unwrap_or(to_ms - 23 * HOUR_MS);
+    let (first, last) = (from_ms.div_euclid(HOUR_MS), to_ms.div_euclid(HOUR_MS));
+    if first > last {
+        return Err(Error::invalid("from must not be after to"));
+    }
+    if last - first + 1 > MAX_USAGE_HOURS {
+        return Err(Error::invalid(format!(
+            "at most {MAX_USAGE_HOURS} hours (31 days) per query"
+        )));
+    }
+    Ok((first, last))
+}
+
+/// The key `name`'s requests per hour in the window (counted up to the last flush).
+pub async fn key_usage(
+    store: &Store,
+    name: &str,
+    first: i64,
+    last: i64,
+) -> Result<KeyUsage, Error> {
+    let counted = store
+        .key_usage(name, first, last)
+        .await?
+        .ok_or(Error::NotFound("no API key with this name"))?;
+    let counted: HashMap<i64, i64> = counted.into_iter().collect();
+    let hours: Vec<HourUsage> = (first..=last)
+        .map(|h| HourUsage {
+            start: iso8601(h * HOUR_MS),
+            requests: counted.get(&h).copied().unwrap_or(0).max(0) as u64,
+        })
+        .collect();
+    Ok(KeyUsage {
+        name: name.to_owned(),
+        from: iso8601(first * HOUR_MS),
+        to: iso8601((last + 1) * HOUR_MS),
+        total: hours.iter().map(|h| h.requests).sum(),
+        hours,
+    })
+}
+
+/// Deletes hourly counts older than `retention`, every hour, for as long as the process
+/// runs (0: kept forever).
+pub async fn prune_forever(store: Store, retention: Duration) {
+    if retention.is_zero() {
+        return;
+    }
+    loop {
+        let before = (crate::clock::now_ms() - retention.as_millis() as i64).div_euclid(HOUR_MS);
+        loop {
+            match store.prune_usage(before, 1000).await {
+                Ok(1000) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning old usage counts failed; will retry");
+                    break;
+                }
             }
         }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
     }
 }
 
@@ -112,11 +236,11 @@ pub async fn flush_forever(store: Store, usage: Arc<Usage>, every: Duration) {
 pub async fn report(
     store: &Store,
     usage: &Usage,
-    uses: Vec<(KeyHash, i64)>,
+    uses: Vec<(KeyHash, i64, u64)>,
 ) -> Result<(usize, usize), Error> {
-    let hexes: Vec<String> = uses.iter().map(|(h, _)| h.to_hex()).collect();
+    let hexes: Vec<String> = uses.iter().map(|(h, _, _)| h.to_hex()).collect();
     let known = store.known_hashes(&hexes).await?;
-    let taken: Vec<(KeyHash, i64)> = uses
+    let taken: Vec<(KeyHash, i64, u64)> = uses
         .into_iter()
         .zip(&hexes)
         .filter(|(_, hex)| known.contains(*hex))
@@ -134,27 +258,46 @@ pub struct UsageReport {
     /// used, in milliseconds since the epoch. At most 1,000 entries.
     #[schema(value_type = HashMap<String, u64>)]
     pub used: HashMap<String, i64>,
+    /// How many requests each key made since the last report, counted in the hour of its
+    /// last use (keys of `used` only; a key left out counts none — Workers from before
+    /// counts send none).
+    #[serde(default)]
+    pub counts: HashMap<String, u64>,
 }
+
+/// Most requests one report may count for a key.
+pub const MAX_REPORTED_COUNT: u64 = 1_000_000_000;
 
 impl UsageReport {
     /// The uses reported, or what is wrong with the report: every hash well-formed,
     /// every time a non-negative integer (times in the future count as now).
-    pub fn validate(self, now_ms: i64) -> Result<Vec<(KeyHash, i64)>, Error> {
+    pub fn validate(mut self, now_ms: i64) -> Result<Vec<(KeyHash, i64, u64)>, Error> {
         if self.used.len() > MAX_REPORT_ENTRIES {
             return Err(Error::invalid(format!(
                 "at most {MAX_REPORT_ENTRIES} entries per report"
             )));
         }
+        if let Some(stray) = self.counts.keys().find(|h| !self.used.contains_key(*h)) {
+            return Err(Error::invalid(format!(
+                "counts.{stray}: every key of `counts` must also be in `used`"
+            )));
+        }
         self.used
             .into_iter()
-            .map(|(hash, at)| {
-                let hash = KeyHash::from_hex(&hash).map_err(|_| {
+            .map(|(hex, at)| {
+                let hash = KeyHash::from_hex(&hex).map_err(|_| {
                     Error::invalid("every key of `used` must be a SHA-256 in lowercase hex")
                 })?;
                 if at < 0 {
                     return Err(Error::invalid("times must be milliseconds since the epoch"));
                 }
-                Ok((hash, at.min(now_ms)))
+                let count = self.counts.remove(&hex).unwrap_or(0);
+                if count > MAX_REPORTED_COUNT {
+                    return Err(Error::invalid(format!(
+                        "counts: at most {MAX_REPORTED_COUNT} per key per report"
+                    )));
+                }
+                Ok((hash, at.min(now_ms), count))
             })
             .collect()
     }
@@ -166,11 +309,15 @@ mod tests {
     use metlo_shared::ApiKey;
 
     #[test]
-    fn keeps_the_latest_use_and_takes_everything_once() {
+    fn keeps_the_latest_use_counts_per_hour_and_takes_everything_once() {
         let usage = Usage::new(true, 10);
         let a = ApiKey::generate().unwrap().hash();
-        usage.used_at(&[(a, 20), (a, 10)]);
-        assert_eq!(usage.take(), vec![(a, 20)]);
+        let hour = 3_600_000;
+        usage.used_at(&[(a, 20, 1), (a, 10, 2), (a, hour + 5, 4)]);
+        let taken = usage.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].1.last_ms, hour + 5);
+        assert_eq!(taken[0].1.hours, vec![(0, 3), (1, 4)]);
         assert!(usage.take().is_empty());
         let off = Usage::new(false, 10);
         off.used(&a, 30);
@@ -178,14 +325,44 @@ mod tests {
     }
 
     #[test]
+    fn put_back_merges_with_uses_taken_meanwhile() {
+        let usage = Usage::new(true, 10);
+        let a = ApiKey::generate().unwrap().hash();
+        usage.used(&a, 100);
+        let failed = usage.take();
+        usage.used(&a, 50);
+        usage.put_back(failed);
+        let again = usage.take();
+        assert_eq!(again[0].1.last_ms, 100);
+        assert_eq!(again[0].1.hours, vec![(0, 2)]);
+    }
+
+    #[test]
     fn bounded_keys_already_pending_still_move() {
         let usage = Usage::new(true, 2);
         let keys: Vec<KeyHash> = (0..3).map(|_| ApiKey::generate().unwrap().hash()).collect();
-        usage.used_at(&[(keys[0], 1), (keys[1], 1), (keys[2], 1)]);
-        usage.used_at(&[(keys[0], 5)]);
+        usage.used_at(&[(keys[0], 1, 1), (keys[1], 1, 1), (keys[2], 1, 1)]);
+        usage.used_at(&[(keys[0], 5, 1)]);
         let mut taken = usage.take();
         taken.sort_by_key(|(h, _)| *h != keys[0]);
         assert_eq!(taken.len(), 2, "the third was dropped");
-        assert_eq!(taken[0], (keys[0], 5));
+        assert_eq!(taken[0].1.last_ms, 5);
+        assert_eq!(taken[0].1.hours, vec![(0, 2)]);
+    }
+
+    #[test]
+    fn counts_name_keys_of_used_only() {
+        let a = ApiKey::generate().unwrap().hash().to_hex();
+        let b = ApiKey::generate().unwrap().hash().to_hex();
+        let report = |counts: Vec<(&str, u64)>| UsageReport {
+            used: HashMap::from([(a.clone(), 10)]),
+            counts: counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        assert_eq!(report(vec![(&a, 7)]).validate(100).unwrap()[0].2, 7);
+        assert_eq!(report(vec![]).validate(100).unwrap()[0].2, 0);
+        assert!(report(vec![(&b, 1)]).validate(100).is_err());
+        assert!(report(vec![(&a, MAX_REPORTED_COUNT + 1)])
+            .validate(100)
+            .is_err());
     }
 }
