@@ -8,7 +8,8 @@
 //!   reached) and dies with this process (`PR_SET_PDEATHSIG`);
 //! - readiness is our children's: a child that exits during the start fails it with its
 //!   last log lines, and since the ports were free, what answers is ours;
-//! - SIGINT, SIGTERM, SIGHUP, a closed stdout (`| tee`, `| head`) or a child exiting stops
+//! - SIGINT, SIGTERM, SIGHUP, a closed stdout (`| tee`, `| head`; noticed during the
+//!   start too) or a child exiting stops
 //!   every process group (SIGTERM, then SIGKILL after 5 s) and exits — non-zero when a
 //!   child died or the start failed.
 
@@ -420,6 +421,11 @@ async fn main() -> ExitCode {
                 );
                 return fail(&mut procs, &msg);
             }
+            // Whoever reads our output has gone (`| head`): nobody would see the banner.
+            if stdout_closed() {
+                stop_all(&mut procs);
+                return ExitCode::SUCCESS;
+            }
             tokio::select! {
                 _ = int.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
                 _ = term.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
@@ -437,6 +443,9 @@ async fn main() -> ExitCode {
     }
     // The keys made above reach KV through the outbox.
     for _ in 0..100 {
+        if stdout_closed() {
+            break;
+        }
         let ready = http
             .get(format!("http://127.0.0.1:{ops}/readyz"))
             .send()
