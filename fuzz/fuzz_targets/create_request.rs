@@ -14,7 +14,7 @@ use metlo_control_plane::service::meta::MAX_META_BYTES;
 use metlo_control_plane::service::keys::{
     CreateKeyRequest, RollKeyRequest, MAX_NAME_CHARS, MAX_OVERLAP_SECONDS,
 };
-use metlo_control_plane::service::usage::{UsageReport, MAX_REPORT_ENTRIES};
+use metlo_control_plane::service::usage::{UsageReport, MAX_REPORTED_COUNT, MAX_REPORT_ENTRIES};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 
@@ -61,7 +61,8 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|r| r.validate(NOW_MS).ok());
     if let Some(used) = usage {
         assert!(used.len() <= MAX_REPORT_ENTRIES);
-        assert!(used.iter().all(|(_, at)| (0..=NOW_MS).contains(at)));
+        assert!(used.iter().all(|(_, at, _)| (0..=NOW_MS).contains(at)));
+        assert!(used.iter().all(|(_, _, n)| *n <= MAX_REPORTED_COUNT));
     }
     if let Ok(query) = std::str::from_utf8(data) {
         if let Ok((limit, before)) = parse_audit_query(Some(query)) {
