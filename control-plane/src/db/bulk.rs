@@ -4,10 +4,6 @@
 use super::rows::{AuditEntry, StoredKey};
 use super::{Store, StoreError};
 
-/// Rows per INSERT: 10 parameters each stays under SQLite's limit of 32,766 (and
-/// Postgres's 65,535).
-const ROWS_PER_INSERT: usize = 500;
-
 impl Store {
     /// Inserts `keys` in one transaction, with one audit row for all of them, within the
     /// quota like single creates. Nothing goes to the outbox: KV gets seeded keys from
@@ -19,46 +15,8 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let n = keys.len() as i64;
-        let reserved =
-            sqlx::query("UPDATE key_quota SET used = used + $1 WHERE id = 1 AND used + $1 <= $2")
-                .bind(n)
-                .bind(i64::try_from(max_keys).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if reserved == 0 {
-            return Err(StoreError::LimitReached(max_keys));
-        }
-        for chunk in keys.chunks(ROWS_PER_INSERT) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    let p = (1..=10)
-                        .map(|j| format!("${}", i * 10 + j))
-                        .collect::<Vec<_>>();
-                    format!("({})", p.join(", "))
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds) VALUES {values}"
-            );
-            let mut query = sqlx::query(&sql);
-            for key in chunk {
-                query = query
-                    .bind(&key.name)
-                    .bind(&key.key_hash)
-                    .bind(&key.identifier)
-                    .bind(key.key_type.as_str())
-                    .bind(key.created_at_ms)
-                    .bind(key.expires_at_ms)
-                    .bind(key.role.as_str())
-                    .bind(key.meta.as_deref())
-                    .bind(key.rate_limit_requests)
-                    .bind(key.rate_limit_period_seconds);
-            }
-            query.execute(&mut *tx).await?;
-        }
+        Self::reserve_quota(&mut tx, keys.len() as i64, max_keys).await?;
+        Self::insert_rows(&mut tx, keys).await?;
         self.audit_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())

@@ -8,6 +8,10 @@ use super::rows::{AuditEntry, RetiredSecret, Rolled, StoredKey, Tx, KEY_COLUMNS}
 use super::{Store, StoreError};
 use crate::clock::{ceil_to_second, now_ms};
 
+/// Rows per INSERT: 10 parameters each stays under SQLite's limit of 32,766 (and
+/// Postgres's 65,535).
+const ROWS_PER_INSERT: usize = 500;
+
 impl Store {
     /// Inserts a key unless its name is taken or `max_keys` are stored. The quota row is
     /// locked first, so concurrent creates are serialized and the limit is exact.
@@ -19,35 +23,64 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        Self::reserve_quota(&mut tx, 1, max_keys).await?;
+        Self::insert_rows(&mut tx, std::slice::from_ref(key)).await?;
+        self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
+            .await?;
+        self.audit_in(&mut tx, audit).await?;
+        self.commit_outbox(tx).await?;
+        Ok(())
+    }
+
+    /// Takes `n` places of the key quota (its row locked until the transaction ends, so
+    /// the limit is exact), or refuses with `LimitReached`.
+    pub(super) async fn reserve_quota(
+        tx: &mut Tx,
+        n: i64,
+        max_keys: u64,
+    ) -> Result<(), StoreError> {
         let reserved =
-            sqlx::query("UPDATE key_quota SET used = used + 1 WHERE id = 1 AND used < $1")
+            sqlx::query("UPDATE key_quota SET used = used + $1 WHERE id = 1 AND used + $1 <= $2")
+                .bind(n)
                 .bind(i64::try_from(max_keys).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?
                 .rows_affected();
         if reserved == 0 {
             return Err(StoreError::LimitReached(max_keys));
         }
-        sqlx::query(
-            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(&key.name)
-        .bind(&key.key_hash)
-        .bind(&key.identifier)
-        .bind(key.key_type.as_str())
-        .bind(key.created_at_ms)
-        .bind(key.expires_at_ms)
-        .bind(key.role.as_str())
-        .bind(key.meta.as_deref())
-        .bind(key.rate_limit_requests)
-        .bind(key.rate_limit_period_seconds)
-        .execute(&mut *tx)
-        .await?;
-        self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
-            .await?;
-        self.audit_in(&mut tx, audit).await?;
-        self.commit_outbox(tx).await?;
+        Ok(())
+    }
+
+    /// Inserts new keys' rows, [`ROWS_PER_INSERT`] per statement.
+    pub(super) async fn insert_rows(tx: &mut Tx, keys: &[StoredKey]) -> Result<(), StoreError> {
+        for chunk in keys.chunks(ROWS_PER_INSERT) {
+            let values = (0..chunk.len())
+                .map(|i| {
+                    let p: Vec<String> = (1..=10).map(|j| format!("${}", i * 10 + j)).collect();
+                    format!("({})", p.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds) VALUES {values}"
+            );
+            let mut query = sqlx::query(&sql);
+            for key in chunk {
+                query = query
+                    .bind(&key.name)
+                    .bind(&key.key_hash)
+                    .bind(&key.identifier)
+                    .bind(key.key_type.as_str())
+                    .bind(key.created_at_ms)
+                    .bind(key.expires_at_ms)
+                    .bind(key.role.as_str())
+                    .bind(key.meta.as_deref())
+                    .bind(key.rate_limit_requests)
+                    .bind(key.rate_limit_period_seconds);
+            }
+            query.execute(&mut **tx).await?;
+        }
         Ok(())
     }
 
@@ -392,21 +425,7 @@ pub(crate) mod fixtures {
     /// A new key's row (its secret is dropped: tests work with hashes).
     pub(crate) fn key(name: &str, key_type: KeyType) -> StoredKey {
         let secret = ApiKey::generate().unwrap();
-        StoredKey {
-            id: 0,
-            name: name.to_owned(),
-            key_hash: secret.hash().to_hex(),
-            identifier: secret.identifier(),
-            key_type,
-            created_at_ms: now_ms(),
-            expires_at_ms: None,
-            last_used_ms: None,
-            role: Role::Client,
-            disabled_at_ms: None,
-            meta: None,
-            rate_limit_requests: None,
-            rate_limit_period_seconds: None,
-        }
+        StoredKey::new(&secret, name.to_owned(), key_type, Role::Client, now_ms())
     }
 
     pub(crate) fn audit(action: &'static str, target: &str) -> AuditEntry {

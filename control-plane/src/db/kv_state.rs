@@ -48,11 +48,7 @@ impl Store {
     /// `secrets_where` (on `r.key_hash`), in byte order; `$1` is now (ms).
     fn entries_sql(&self, keys_where: &str, secrets_where: &str, page: &str) -> String {
         let c = self.bytewise();
-        let columns = super::rows::KEY_COLUMNS
-            .split(", ")
-            .map(|col| format!("k.{col}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let columns = super::rows::key_columns_of("k");
         let serving = [Role::Client, Role::Edge, Role::Admin, Role::Legacy]
             .iter()
             .filter(|r| r.serves_traffic())

@@ -30,11 +30,7 @@ impl Store {
             {
                 owners.insert(key.key_hash.clone(), SecretOwner::Current(key));
             }
-            let columns = KEY_COLUMNS
-                .split(", ")
-                .map(|c| format!("k.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let columns = super::rows::key_columns_of("k");
             let rolled = format!(
                 "SELECT r.key_hash AS secret_hash, {columns} FROM retired_secrets r \
                  JOIN api_keys k ON k.id = r.key_id WHERE r.key_hash IN ({list})"

@@ -18,6 +18,15 @@ pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
 pub(super) const KEY_COLUMNS: &str =
     "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds";
 
+/// [`KEY_COLUMNS`], each as `alias.column` (for joins).
+pub(super) fn key_columns_of(alias: &str) -> String {
+    KEY_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A stored key: everything but the secret. (Looked up by a rolled-away secret, it
 /// carries that secret's hash and identifier, and expires when its overlap ends.)
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -44,6 +53,32 @@ pub struct StoredKey {
 }
 
 impl StoredKey {
+    /// A new key's row for `secret`: enabled, never used, no expiry, meta or limit (its
+    /// `id` is assigned by the database).
+    pub fn new(
+        secret: &metlo_shared::ApiKey,
+        name: String,
+        key_type: KeyType,
+        role: Role,
+        created_at_ms: i64,
+    ) -> Self {
+        StoredKey {
+            id: 0,
+            name,
+            key_hash: secret.hash().to_hex(),
+            identifier: secret.identifier(),
+            key_type,
+            created_at_ms,
+            expires_at_ms: None,
+            last_used_ms: None,
+            role,
+            disabled_at_ms: None,
+            meta: None,
+            rate_limit_requests: None,
+            rate_limit_period_seconds: None,
+        }
+    }
+
     /// The key's rate limit. A stored pair out of range (written by hand) reads as the
     /// tightest limit, never as none.
     pub fn rate_limit(&self) -> Option<RateLimit> {

@@ -324,19 +324,9 @@ pub async fn create_key(
     }
     let key = generate_key()?;
     let mut stored = StoredKey {
-        id: 0,
-        name: new.name.clone(),
-        key_hash: key.hash().to_hex(),
-        identifier: key.identifier(),
-        key_type: new.key_type,
-        created_at_ms: now_ms(),
         expires_at_ms: new.expires_at_ms,
-        last_used_ms: None,
-        role: new.role,
-        disabled_at_ms: None,
         meta: new.meta.clone(),
-        rate_limit_requests: None,
-        rate_limit_period_seconds: None,
+        ..StoredKey::new(&key, new.name.clone(), new.key_type, new.role, now_ms())
     };
     stored.set_rate_limit(new.rate_limit);
     let audit = actor.entry(

@@ -52,21 +52,14 @@ pub async fn seed_keys(
                 writeln!(out, "{}", secret.expose_secret())
                     .map_err(|e| Error::Internal(anyhow::anyhow!("writing the keys file: {e}")))?;
             }
-            batch.push(StoredKey {
-                id: 0,
-                name: format!("{}-{}", request.prefix, request.start + stored + i),
-                key_hash: secret.hash().to_hex(),
-                identifier: secret.identifier(),
-                key_type: request.key_type,
-                created_at_ms: now,
-                expires_at_ms: None,
-                last_used_ms: None,
-                role: Role::Client,
-                disabled_at_ms: None,
-                meta: None,
-                rate_limit_requests: None,
-                rate_limit_period_seconds: None,
-            });
+            let name = format!("{}-{}", request.prefix, request.start + stored + i);
+            batch.push(StoredKey::new(
+                &secret,
+                name,
+                request.key_type,
+                Role::Client,
+                now,
+            ));
         }
         let first = request.start + stored;
         let audit = actor.entry(
