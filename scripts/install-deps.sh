@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the project needs (PostgreSQL server binaries, Redis, wrk,
-# openssl),
+# openssl, Chromium and ChromeDriver),
 # only when missing. Safe to run again.
 set -euo pipefail
 
@@ -11,6 +11,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v wrk >/dev/null || need+=(wrk)
 # Makes the P-256 key the schema fuzzing's stand-in for GitHub's keys endpoint serves.
 command -v openssl >/dev/null || need+=(openssl)
+# The console's browser tests drive Debian's headless Chromium through ChromeDriver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

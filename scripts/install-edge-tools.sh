@@ -24,8 +24,10 @@ if ! "$TOOLS/bin/worker-build" --version 2>/dev/null | grep -q "$worker_build_ve
     cargo install -q worker-build --version "=$worker_build_version" --locked --root "$TOOLS" --force
 fi
 
-# npm packages, pinned by package-lock.json; npm's own cache makes re-installs fast.
-if [ ! -x node_modules/.bin/wrangler ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+# npm packages (and axe-core, injected by the console tests), pinned by package-lock.json;
+# npm's own cache makes re-installs fast.
+if [ ! -x node_modules/.bin/wrangler ] || [ ! -f node_modules/axe-core/axe.min.js ] \
+    || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     npm ci --no-audit --no-fund --loglevel=error >&2
 fi
 

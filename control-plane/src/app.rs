@@ -12,6 +12,7 @@ use crate::kv_sync::drainer::{self, SyncStatus};
 use crate::kv_sync::reconcile::{self, ReconcileStatus};
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
+use crate::service::console::SessionRules;
 use crate::service::github_keys::GitHubKeys;
 use crate::service::usage::{self, Usage};
 use crate::service::verify::Lookups;
@@ -110,6 +111,10 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         list_unpaged_max: config.list_unpaged_max,
         leak_mode: config.leak_revocation,
         github_keys: Arc::new(GitHubKeys::new(&config.github_keys_url)?),
+        console: SessionRules {
+            idle: config.console_idle_timeout,
+            secure_cookie: config.console_secure_cookie,
+        },
     });
     match store.count_legacy().await {
         Ok(0) => {}

@@ -61,6 +61,15 @@ pub struct Config {
     /// How long per-key hourly request counts are kept, e.g. `90d` (`0s`: forever).
     #[arg(long, env = "USAGE_RETENTION", default_value = "90d", value_parser = humantime::parse_duration, global = true)]
     pub usage_retention: Duration,
+    /// A console session ends after this long without a request (`30m`, `2h`, seconds).
+    #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_interval, global = true)]
+    pub console_idle_timeout: Duration,
+    /// Mark the console's session cookie `Secure` even when the request did not arrive
+    /// over TLS as far as this process can tell (TLS ended by a proxy not in
+    /// `TRUSTED_PROXIES`). Requests with `X-Forwarded-Proto: https` from a trusted proxy
+    /// get it anyway.
+    #[arg(long, env = "CONSOLE_SECURE_COOKIE", default_value_t = false, action = clap::ArgAction::Set, global = true)]
+    pub console_secure_cookie: bool,
     /// How often last-use times are written: at most one write per key per interval.
     #[arg(
         long,

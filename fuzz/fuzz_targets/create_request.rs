@@ -65,9 +65,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(used.iter().all(|(_, _, n)| *n <= MAX_REPORTED_COUNT));
     }
     if let Ok(query) = std::str::from_utf8(data) {
-        if let Ok((limit, before)) = parse_audit_query(Some(query)) {
+        if let Ok((limit, before, filter)) = parse_audit_query(Some(query)) {
             assert!((1..=MAX_PAGE).contains(&limit));
             assert!(before.is_none_or(|b| b >= 1));
+            let blank = |v: &Option<String>| v.as_ref().is_some_and(|v| v.trim().is_empty());
+            assert!(!blank(&filter.action) && !blank(&filter.actor));
         }
     }
 });

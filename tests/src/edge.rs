@@ -624,3 +624,47 @@ impl Drop for Edge {
         }
     }
 }
+
+/// The whole system on one local KV: the KV API stand-in, a control plane syncing to it,
+/// an echo origin, and the Worker under `wrangler dev` reading that KV.
+pub struct Stack {
+    pub kv: KvApi,
+    pub cp: crate::ControlPlane,
+    pub origin: Origin,
+    pub edge: Edge,
+    _state: tempfile::TempDir,
+}
+
+impl Stack {
+    /// `edge_vars`: the Worker's settings; `cp_env`: extra control-plane settings.
+    pub async fn start(
+        backend: crate::Backend,
+        edge_vars: &[(&str, &str)],
+        cp_env: &[(&str, &str)],
+    ) -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let kv = KvApi::start(state.path()).await;
+        let options = kv
+            .control_plane_env()
+            .into_iter()
+            .chain(cp_env.iter().map(|(k, v)| (*k, v.to_string())))
+            .fold(crate::Options::new(backend), |o, (k, v)| o.env(k, v));
+        let cp = crate::ControlPlane::start_with(options).await;
+        let origin = Origin::start().await;
+        let edge = Edge::start_on_state(
+            Some(state.path()),
+            &cp.url,
+            &cp.edge_key,
+            &origin.url,
+            edge_vars,
+        )
+        .await;
+        Stack {
+            kv,
+            cp,
+            origin,
+            edge,
+            _state: state,
+        }
+    }
+}

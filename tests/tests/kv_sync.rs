@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord};
-use metlo_tests::edge::{Edge, KvApi, Origin};
+use metlo_tests::edge::{KvApi, Stack};
 use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
 use serde_json::Value;
 
@@ -18,13 +18,7 @@ on_both_backends!(
     unsuccessful_keys_of_a_bulk_call_are_sent_again,
 );
 
-struct Full {
-    kv: KvApi,
-    cp: ControlPlane,
-    origin: Origin,
-    edge: Edge,
-    _state: tempfile::TempDir,
-}
+type Full = Stack;
 
 fn options(backend: Backend, kv: &KvApi) -> Options {
     kv.control_plane_env()
@@ -33,34 +27,12 @@ fn options(backend: Backend, kv: &KvApi) -> Options {
 }
 
 async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
-    full_with(backend, edge_vars, &[]).await
+    Stack::start(backend, edge_vars, &[]).await
 }
 
 /// `cp_env`: extra control-plane settings.
 async fn full_with(backend: Backend, edge_vars: &[(&str, &str)], cp_env: &[(&str, &str)]) -> Full {
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let options = cp_env
-        .iter()
-        .fold(options(backend, &kv), |o, (k, v)| o.env(k, v));
-    let cp = ControlPlane::start_with(options).await;
-    let worker_key = cp.edge_key.clone();
-    let origin = Origin::start().await;
-    let edge = Edge::start_on_state(
-        Some(state.path()),
-        &cp.url,
-        &worker_key,
-        &origin.url,
-        edge_vars,
-    )
-    .await;
-    Full {
-        kv,
-        cp,
-        origin,
-        edge,
-        _state: state,
-    }
+    Stack::start(backend, edge_vars, cp_env).await
 }
 
 fn hash(key: &str) -> String {

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::bulk;
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::db::rows::AuditFilter;
 use crate::service::audit::{self, Actor, AuditPage};
 use crate::service::key_lists::{self, KeyPage};
 use crate::service::key_updates::{self, UpdateKeyRequest};
@@ -130,6 +131,12 @@ pub enum KeysCommand {
         /// Only entries older than this id (the previous page's nextBefore).
         #[arg(long)]
         before: Option<i64>,
+        /// Only entries of this action (`key.create`, `auth.failed`, …).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries by this actor (a key's name).
+        #[arg(long)]
+        actor: Option<String>,
     },
 }
 
@@ -269,8 +276,18 @@ async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
             )
             .await?,
         ),
-        KeysCommand::Audit { limit, before } => {
+        KeysCommand::Audit {
+            limit,
+            before,
+            action,
+            actor,
+        } => {
             let mut api_audit = api.url(&["api", "v1", "audit"]);
+            for (name, value) in [("action", action), ("actor", actor)] {
+                if let Some(value) = value {
+                    api_audit.query_pairs_mut().append_pair(name, value);
+                }
+            }
             api_audit
                 .query_pairs_mut()
                 .append_pair("limit", &limit.to_string());
@@ -410,9 +427,18 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
             | KeysCommand::KvResync(_)
             | KeysCommand::KvReconcile(_)
             | KeysCommand::LeakedCheck => anyhow::bail!("bulk commands are run by `run`"),
-            KeysCommand::Audit { limit, before } => {
+            KeysCommand::Audit {
+                limit,
+                before,
+                action,
+                actor,
+            } => {
                 let (limit, before) = audit::check_page(*limit, *before)?;
-                Output::Audit(audit::page(&store, limit, before).await?)
+                let filter = AuditFilter {
+                    action: action.clone(),
+                    actor: actor.clone(),
+                };
+                Output::Audit(audit::page(&store, limit, before, &filter).await?)
             }
         })
     }

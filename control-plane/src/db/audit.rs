@@ -1,7 +1,7 @@
 //! The audit log: appended in the transaction of the change it records, or in batches
 //! (failed authentications); read newest first; pruned past its retention.
 
-use super::rows::{AuditEntry, AuditRow, Tx};
+use super::rows::{AuditEntry, AuditFilter, AuditRow, Tx};
 use super::{Store, StoreError};
 use crate::clock::now_ms;
 
@@ -46,19 +46,30 @@ impl Store {
         .rows_affected())
     }
 
-    /// Audit rows, newest first, with ids below `before` when given.
+    /// Audit rows, newest first, with ids below `before` when given, that pass `filter`
+    /// (an index each: `(action, id)`, `(actor, id)`).
     pub async fn list_audit(
         &self,
         limit: i64,
         before: Option<i64>,
+        filter: &AuditFilter,
     ) -> Result<Vec<AuditRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT id, at_ms, actor, action, target, ip, detail FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2",
-        )
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        let mut sql = String::from(
+            "SELECT id, at_ms, actor, action, target, ip, detail FROM audit_log WHERE id < $1",
+        );
+        let mut n = 1;
+        for (column, value) in [("action", &filter.action), ("actor", &filter.actor)] {
+            if value.is_some() {
+                n += 1;
+                sql.push_str(&format!(" AND {column} = ${n}"));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
+        let mut q = sqlx::query_as(&sql).bind(before.unwrap_or(i64::MAX));
+        for value in [&filter.action, &filter.actor].into_iter().flatten() {
+            q = q.bind(value);
+        }
+        Ok(q.bind(limit).fetch_all(&self.pool).await?)
     }
 }
 
@@ -68,6 +79,7 @@ mod tests {
 
     use crate::clock::now_ms;
     use crate::db::keys::fixtures::{audit, key};
+    use crate::db::rows::AuditFilter;
     use crate::db::Store;
 
     /// Retention deletes by `at_ms`: through an index, not a scan.
@@ -101,7 +113,10 @@ mod tests {
             .append_audit(&[audit("auth.failed", "x"), audit("auth.failed", "y")])
             .await
             .unwrap();
-        let all = store.list_audit(10, None).await.unwrap();
+        let all = store
+            .list_audit(10, None, &AuditFilter::default())
+            .await
+            .unwrap();
         assert_eq!(
             all.iter()
                 .map(|r| r.target.as_deref().unwrap())
@@ -111,9 +126,41 @@ mod tests {
         assert_eq!(all[2].action, "key.create");
         assert_eq!(all[2].actor.as_deref(), Some("tester"));
         assert_eq!(all[2].detail, "{}");
-        let page = store.list_audit(1, Some(all[0].id)).await.unwrap();
+        let page = store
+            .list_audit(1, Some(all[0].id), &AuditFilter::default())
+            .await
+            .unwrap();
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].id, all[1].id);
+        let only = |action: Option<&str>, actor: Option<&str>| AuditFilter {
+            action: action.map(str::to_owned),
+            actor: actor.map(str::to_owned),
+        };
+        let targets = |rows: Vec<crate::db::rows::AuditRow>| {
+            rows.into_iter()
+                .map(|r| r.target.unwrap())
+                .collect::<Vec<_>>()
+        };
+        let failed = store
+            .list_audit(10, None, &only(Some("auth.failed"), None))
+            .await
+            .unwrap();
+        assert_eq!(targets(failed), ["y", "x"]);
+        let failed = store
+            .list_audit(10, Some(all[0].id), &only(Some("auth.failed"), None))
+            .await
+            .unwrap();
+        assert_eq!(targets(failed), ["x"], "filtered and paged");
+        let by_tester = store
+            .list_audit(10, None, &only(None, Some("tester")))
+            .await
+            .unwrap();
+        assert_eq!(targets(by_tester).len(), 3);
+        let none = store
+            .list_audit(10, None, &only(Some("key.create"), Some("someone else")))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "both filters apply");
         assert_eq!(store.prune_audit(now_ms() - 60_000, 10).await.unwrap(), 0);
         assert_eq!(
             store.prune_audit(now_ms() + 1, 2).await.unwrap(),
@@ -121,6 +168,10 @@ mod tests {
             "bounded"
         );
         assert_eq!(store.prune_audit(now_ms() + 1, 2).await.unwrap(), 1);
-        assert!(store.list_audit(10, None).await.unwrap().is_empty());
+        assert!(store
+            .list_audit(10, None, &AuditFilter::default())
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

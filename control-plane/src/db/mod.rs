@@ -3,7 +3,7 @@
 //!
 //! One [`Store`] type; its SQL is split one file per aggregate: `keys` (keys, their
 //! rolled-away secrets and the quota), `outbox` (KV updates waiting to be sent), `audit`
-//! `usage`, and `kv_state` (what Workers KV should hold); the row types they share are in `rows`. Each file's tests run in-crate on
+//! `usage`, `sessions` (the console's), and `kv_state` (what Workers KV should hold); the row types they share are in `rows`. Each file's tests run in-crate on
 //! `sqlite::memory:`.
 
 pub mod audit;
@@ -16,6 +16,7 @@ pub mod kv_state;
 pub mod outbox;
 pub mod revocations;
 pub mod rows;
+pub mod sessions;
 pub mod usage;
 
 use std::path::Path;

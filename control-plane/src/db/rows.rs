@@ -221,6 +221,23 @@ pub struct AuditRow {
     pub detail: String,
 }
 
+/// Which audit rows a page holds: all, or only one action's, or one actor's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub action: Option<String>,
+    pub actor: Option<String>,
+}
+
+/// A stored console session (its token only as a hash).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SessionRow {
+    /// The hash of the admin key the session acts as.
+    pub key_hash: String,
+    pub csrf_token: String,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+}
+
 /// One pending KV update.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OutboxRow {

@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 
 use axum::extract::Request;
 use axum::http::header::AUTHORIZATION;
+use axum::http::{Extensions, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
 use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
@@ -110,7 +111,8 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
         Err(AuthorizationError::Missing) => {
             return Err(refuse(
                 state,
-                &req,
+                req.extensions(),
+                req.headers(),
                 FailureReason::Missing,
                 None,
                 "missing API key: send it in the Authorization header",
@@ -119,7 +121,8 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
         Err(AuthorizationError::Malformed(_)) => {
             return Err(refuse(
                 state,
-                &req,
+                req.extensions(),
+                req.headers(),
                 FailureReason::Malformed,
                 None,
                 "invalid API key",
@@ -141,7 +144,13 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
     .await;
     let found = match found {
         Err(limited @ service::Error::TooManyFailures(_)) => {
-            record_failure(state, &req, FailureReason::Limited, Some(key.identifier()));
+            record_failure(
+                state,
+                req.extensions(),
+                req.headers(),
+                FailureReason::Limited,
+                Some(key.identifier()),
+            );
             return Err(limited.into());
         }
         found => found?,
@@ -150,7 +159,8 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
     let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now))) else {
         return Err(refuse(
             state,
-            &req,
+            req.extensions(),
+            req.headers(),
             FailureReason::Invalid,
             Some(key.identifier()),
             "invalid API key",
@@ -166,15 +176,16 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
 
 /// A failed authentication: counted for the audit log (client IP and route read only
 /// here, off the success path) and against the source's budget — 401, or 429 once the
-/// budget is spent.
-fn refuse(
+/// budget is spent. (Also the console's sign-in's.)
+pub(super) fn refuse(
     state: &AppState,
-    req: &Request,
+    extensions: &Extensions,
+    headers: &HeaderMap,
     reason: FailureReason,
     identifier: Option<String>,
     message: &'static str,
 ) -> ApiError {
-    let ip = record_failure(state, req, reason, identifier);
+    let ip = record_failure(state, extensions, headers, reason, identifier);
     match state.failure_limiter.failed(ip) {
         Ok(()) => ApiError::Unauthorized(message),
         Err(limited) => limited.into(),
@@ -182,18 +193,19 @@ fn refuse(
 }
 
 /// Counts a failure for the audit log; returns the client IP it was counted for.
-fn record_failure(
+pub(super) fn record_failure(
     state: &AppState,
-    req: &Request,
+    extensions: &Extensions,
+    headers: &HeaderMap,
     reason: FailureReason,
     identifier: Option<String>,
 ) -> Option<IpAddr> {
-    let ip = client_ip(req.extensions(), req.headers(), &state.trusted_proxies);
+    let ip = client_ip(extensions, headers, &state.trusted_proxies);
     state.auth_failures.record(
         ip.map(|ip| ip.to_string()),
         reason,
         identifier,
-        route(req.extensions()),
+        route(extensions),
     );
     ip
 }

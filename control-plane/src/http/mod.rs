@@ -8,6 +8,7 @@
 pub mod audit;
 mod auth;
 mod client_ip;
+mod console;
 pub mod error;
 pub mod extract;
 pub mod keys;
@@ -55,6 +56,7 @@ pub fn app(state: AppState) -> Router {
             "/openapi.json",
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
         )
+        .merge(console::router(&state))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         // One stack applied once (outermost first): each `Router::layer` call would box
         // every route again, a clone and a boxed future more per request. (The head-size

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::AuthFailures;
+use crate::service::console::SessionRules;
 use crate::service::key_limits::KeyLimits;
 use crate::service::usage::Usage;
 use crate::service::verify::Lookups;
@@ -68,4 +69,6 @@ pub struct Shared {
     pub leak_mode: LeakMode,
     /// GitHub's secret-scanning keys (`GITHUB_KEYS_URL`), fetched on first use.
     pub github_keys: Arc<GitHubKeys>,
+    /// Console sessions' idle timeout and cookie (`CONSOLE_*`).
+    pub console: SessionRules,
 }

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use super::Error;
 use crate::clock::{iso8601, now_ms};
-use crate::db::rows::{AuditEntry, AuditRow};
+use crate::db::rows::{AuditEntry, AuditFilter, AuditRow};
 use crate::db::Store;
 use metlo_shared::{KeyRecord, Role};
 
@@ -369,9 +369,14 @@ pub fn check_page(limit: i64, before: Option<i64>) -> Result<(i64, Option<i64>),
 }
 
 /// One page of the audit log, newest first (shared by the route and the CLI).
-pub async fn page(store: &Store, limit: i64, before: Option<i64>) -> Result<AuditPage, Error> {
+pub async fn page(
+    store: &Store,
+    limit: i64,
+    before: Option<i64>,
+    filter: &AuditFilter,
+) -> Result<AuditPage, Error> {
     // One row more than asked tells whether there is a next page.
-    let rows = store.list_audit(limit + 1, before).await?;
+    let rows = store.list_audit(limit + 1, before, filter).await?;
     let more = rows.len() as i64 > limit;
     let entries: Vec<AuditEntryOut> = rows
         .into_iter()

@@ -5,6 +5,7 @@
 
 pub mod abuse;
 pub mod audit;
+pub mod console;
 pub mod github_keys;
 pub mod key_limits;
 pub mod key_lists;

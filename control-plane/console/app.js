@@ -1,0 +1,617 @@
+// The admin console: plain JavaScript, no framework, no build step. Every page is drawn
+// from the path (/console/keys, /console/keys/<name>, /console/audit, /console/sign-in);
+// every change goes to /console/api/v1/* with the session's CSRF token. Text from the
+// server is only ever set as text (never parsed as HTML).
+'use strict';
+
+const TYPES = ['GENERIC', 'ONBOARDING', 'GCP', 'AWS'];
+const ROLES = ['client', 'edge', 'admin'];
+const ACTIONS = ['key.create', 'key.delete', 'key.roll', 'key.update', 'key.leaked', 'key.seed',
+  'auth.failed', 'console.sign_in', 'console.sign_out'];
+const API = '/console/api/v1';
+
+let session = null; // {name, role, csrfToken, idleTimeoutSeconds} while signed in
+const main = document.getElementById('main');
+
+// ---- small DOM helpers ----------------------------------------------------------------
+
+/** An element with attributes (`on*` functions become listeners) and children. */
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith('on') && typeof value === 'function') el.addEventListener(name.slice(2), value);
+    else if (value === true) el.setAttribute(name, '');
+    else el.setAttribute(name, String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [name, value] of Object.entries(attrs || {})) el.setAttribute(name, String(value));
+  for (const child of children.flat()) {
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+function announce(text) {
+  const region = document.getElementById('announce');
+  region.textContent = '';
+  setTimeout(() => { region.textContent = text; }, 50);
+}
+
+function when(iso) {
+  if (!iso) return '—';
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
+}
+
+/** A text field or select with its label, hint and error line, tied by ids. */
+function field(id, label, control, hint) {
+  control.id = id;
+  const described = [hint ? `${id}-hint` : null, `${id}-error`].filter(Boolean).join(' ');
+  control.setAttribute('aria-describedby', described);
+  return h('div', { class: 'field' },
+    h('label', { for: id }, label),
+    control,
+    hint ? h('span', { class: 'hint', id: `${id}-hint` }, hint) : null,
+    h('p', { class: 'error', id: `${id}-error`, 'aria-live': 'polite' }));
+}
+
+function setError(id, message) {
+  const line = document.getElementById(`${id}-error`);
+  const control = document.getElementById(id);
+  if (line) line.textContent = message || '';
+  if (control && control.matches('input, select')) {
+    if (message) control.setAttribute('aria-invalid', 'true');
+    else control.removeAttribute('aria-invalid');
+  }
+}
+
+// ---- the API ---------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: 'application/json' };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  if (method !== 'GET' && session) headers['X-CSRF-Token'] = session.csrfToken;
+  let response;
+  try {
+    response = await fetch(path, {
+      method, headers, credentials: 'same-origin',
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (e) {
+    throw new ApiError(0, 'network', 'The control plane cannot be reached. Check your connection and try again.');
+  }
+  let data = null;
+  try { data = await response.json(); } catch (e) { data = null; }
+  if (response.ok) return data;
+  const message = (data && data.message) || `${response.status} ${response.statusText}`;
+  if (response.status === 401 && path !== '/console/sign-in') {
+    // No message on the first visit (no session yet), one when a session ended.
+    signedOut(path === '/console/session' ? '' : message);
+  }
+  const retry = response.headers.get('Retry-After');
+  const suffix = response.status === 429 && retry ? ` (try again in ${retry} s)` : '';
+  throw new ApiError(response.status, data && data.error, message + suffix);
+}
+
+const enc = encodeURIComponent;
+
+// ---- navigation ------------------------------------------------------------------------
+
+function go(path, replace) {
+  if (replace) history.replaceState(null, '', path);
+  else history.pushState(null, '', path);
+  render();
+}
+
+document.addEventListener('click', (event) => {
+  const link = event.target.closest('a[data-nav]');
+  if (!link || event.ctrlKey || event.metaKey || event.shiftKey || event.button !== 0) return;
+  event.preventDefault();
+  go(link.getAttribute('href'));
+});
+window.addEventListener('popstate', render);
+
+let afterSignIn = '/console/keys';
+let signedOutMessage = '';
+
+function signedOut(message) {
+  session = null;
+  signedOutMessage = message || '';
+  if (!location.pathname.startsWith('/console/sign-in')) {
+    afterSignIn = location.pathname;
+    go('/console/sign-in', true);
+  }
+}
+
+function showBar() {
+  const bar = document.getElementById('bar');
+  bar.hidden = !session;
+  document.getElementById('who').textContent = session ? `Signed in as ${session.name}` : '';
+  for (const link of bar.querySelectorAll('a[data-nav]')) {
+    const current = location.pathname.startsWith(link.getAttribute('href'));
+    if (current) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+}
+
+function page(title, ...content) {
+  document.title = `${title} · Metlo keys console`;
+  main.replaceChildren(h('h1', {}, title), ...content);
+  showBar();
+}
+
+async function render() {
+  const path = location.pathname.replace(/\/+$/, '') || '/console';
+  if (path === '/console/sign-in') return signInPage();
+  if (!session) {
+    try {
+      session = await api('GET', '/console/session');
+    } catch (e) {
+      if (e.status !== 401) {
+        page('Console unavailable', h('p', { class: 'error', role: 'alert' }, e.message));
+      }
+      return;
+    }
+  }
+  if (path === '/console' || path === '/console/keys') return keysPage();
+  if (path === '/console/audit') return auditPage();
+  const match = path.match(/^\/console\/keys\/([^/]+)$/);
+  if (match) return keyPage(decodeURIComponent(match[1]));
+  page('Not found', h('p', {}, 'No console page here. ', h('a', { href: '/console/keys', 'data-nav': '' }, 'Go to the keys.')));
+}
+
+// ---- sign in and out -------------------------------------------------------------------
+
+function signInPage() {
+  const key = h('input', { type: 'password', name: 'key', autocomplete: 'off', spellcheck: 'false', required: true });
+  const form = h('form', { class: 'panel', novalidate: true },
+    field('key', 'Admin key', key, 'Paste an admin API key. It is exchanged for a session and not kept in the browser.'),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Sign in')));
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    setError('key', '');
+    const value = key.value.trim();
+    if (!value) { setError('key', 'Enter an admin key.'); key.focus(); return; }
+    try {
+      session = await api('POST', '/console/sign-in', { key: value });
+    } catch (e) {
+      setError('key', e.message);
+      key.focus();
+      return;
+    }
+    key.value = '';
+    signedOutMessage = '';
+    const next = afterSignIn.startsWith('/console/sign-in') ? '/console/keys' : afterSignIn;
+    go(next, true);
+    announce(`Signed in as ${session.name}`);
+  });
+  session = null;
+  const wrap = h('div', { class: 'signin' },
+    signedOutMessage ? h('p', { class: 'error', role: 'alert' }, signedOutMessage) : null, form);
+  page('Sign in to the keys console', wrap);
+  main.querySelector('h1').classList.add('signin');
+  key.focus();
+}
+
+document.getElementById('sign-out').addEventListener('click', async () => {
+  try {
+    await api('POST', '/console/sign-out');
+  } catch (e) {
+    if (e.status !== 401) { announce(e.message); return; }
+  }
+  session = null;
+  signedOutMessage = 'Signed out.';
+  afterSignIn = '/console/keys';
+  go('/console/sign-in', true);
+});
+
+// ---- keys ------------------------------------------------------------------------------
+
+/** Which field of the create form an API error is about. */
+function errorField(e) {
+  const m = e.message.toLowerCase();
+  if (e.code === 'limit_reached') return 'create-form';
+  if (m.includes('name')) return 'new-name';
+  if (m.includes('keyfor') || m.includes('type')) return 'new-type';
+  if (m.includes('role')) return 'new-role';
+  if (m.includes('expires')) return 'new-expires';
+  if (m.includes('ratelimit') || m.includes('requests') || m.includes('period')) return 'new-requests';
+  return 'create-form';
+}
+
+function secretPanel(title, apiKey, note) {
+  const input = h('input', { type: 'text', readonly: true, value: apiKey, 'aria-label': 'The new API key', class: 'mono' });
+  const copied = h('span', { class: 'success', 'aria-live': 'polite' });
+  const copy = h('button', {
+    type: 'button',
+    onclick: async () => {
+      input.select();
+      try {
+        await navigator.clipboard.writeText(apiKey);
+        copied.textContent = 'Copied to the clipboard.';
+      } catch (e) {
+        copied.textContent = 'Selected: press Ctrl+C (⌘C) to copy.';
+      }
+    },
+  }, 'Copy');
+  const panel = h('section', { class: 'secret', 'aria-labelledby': 'secret-title', id: 'secret' },
+    h('h2', { id: 'secret-title' }, title),
+    h('p', {}, h('strong', {}, 'Copy this key now: it is shown only this once. '), note),
+    h('div', { class: 'row' }, input, copy),
+    h('div', { class: 'actions' }, copied,
+      h('button', { type: 'button', class: 'secondary', onclick: () => panel.remove() }, 'Done, I have copied it')));
+  return panel;
+}
+
+function createForm(onCreated) {
+  const name = h('input', { type: 'text', maxlength: 128, autocomplete: 'off', required: true });
+  const type = h('select', {}, TYPES.map((t) => h('option', { value: t }, t)));
+  const role = h('select', {}, ROLES.map((r) => h('option', { value: r }, r)));
+  const expires = h('input', { type: 'datetime-local' });
+  const requests = h('input', { type: 'number', min: 1, step: 1, inputmode: 'numeric' });
+  const period = h('input', { type: 'number', min: 1, max: 86400, step: 1, value: 60, inputmode: 'numeric' });
+  const form = h('form', { class: 'panel', 'aria-labelledby': 'create-title', novalidate: true },
+    h('h2', { id: 'create-title' }, 'Create a key'),
+    h('div', { class: 'fields' },
+      field('new-name', 'Name', name, 'Unique, up to 128 characters.'),
+      field('new-type', 'Type', type),
+      field('new-role', 'Role', role, 'client: API traffic; edge: the Worker; admin: this console and the API.'),
+      field('new-expires', 'Expires (optional)', expires, 'Your local time. Empty: never.'),
+      field('new-requests', 'Rate limit: requests (optional)', requests, 'Empty: no limit.'),
+      field('new-period', 'per seconds', period)),
+    h('p', { class: 'error', id: 'create-form-error', role: 'alert' }),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create key')));
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'create-form']) setError(id, '');
+    const body = { name: name.value, keyFor: type.value, role: role.value };
+    if (!name.value.trim()) { setError('new-name', 'Enter a name for the key.'); name.focus(); return; }
+    if (expires.value) {
+      const at = new Date(expires.value);
+      if (Number.isNaN(at.getTime())) { setError('new-expires', 'Enter a date and time.'); return; }
+      body.expiresAt = at.toISOString().replace(/\.\d{3}Z$/, 'Z');
+    }
+    if (requests.value) {
+      body.rateLimit = { requests: Number(requests.value), periodSeconds: Number(period.value) };
+    }
+    try {
+      const created = await api('POST', `${API}/keys/create`, body);
+      form.reset();
+      onCreated(created);
+    } catch (e) {
+      const id = errorField(e);
+      setError(id, e.message);
+      const control = document.getElementById(id);
+      if (control && control.focus && id !== 'create-form') control.focus();
+    }
+  });
+  return form;
+}
+
+function rateText(limit) {
+  return limit ? `${limit.requests} / ${limit.periodSeconds} s` : '—';
+}
+
+function keysPage() {
+  const filterName = h('input', { type: 'search', autocomplete: 'off' });
+  const filterType = h('select', {}, h('option', { value: '' }, 'All types'), TYPES.map((t) => h('option', { value: t }, t)));
+  const tbody = h('tbody');
+  const count = h('p', { class: 'muted', 'aria-live': 'polite' });
+  const more = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Load more keys');
+  const listError = h('p', { class: 'error', role: 'alert' });
+  const secretSlot = h('div');
+  let keys = [];
+  let cursor = null;
+
+  const showSecret = (panel) => {
+    secretSlot.replaceChildren(panel);
+    panel.querySelector('input').focus();
+  };
+
+  const draw = () => {
+    const needle = filterName.value.trim().toLowerCase();
+    const shown = keys.filter((k) => (!needle || k.name.toLowerCase().includes(needle))
+      && (!filterType.value || k.for === filterType.value));
+    tbody.replaceChildren(...shown.map(row));
+    count.textContent = `${shown.length} of ${keys.length} loaded key${keys.length === 1 ? '' : 's'} shown`
+      + (cursor ? ' (more to load)' : '');
+    more.hidden = !cursor;
+  };
+
+  const load = async (reset) => {
+    listError.textContent = '';
+    try {
+      const params = new URLSearchParams({ limit: '100' });
+      if (!reset && cursor) params.set('cursor', cursor);
+      const pageOfKeys = await api('GET', `${API}/keys/list?${params}`);
+      keys = reset ? pageOfKeys.keys : keys.concat(pageOfKeys.keys);
+      cursor = pageOfKeys.nextCursor || null;
+      draw();
+    } catch (e) {
+      listError.textContent = `Could not load the keys: ${e.message}`;
+    }
+  };
+
+  const row = (k) => {
+    const link = h('a', { href: `/console/keys/${enc(k.name)}`, 'data-nav': '' }, k.name);
+    const toggle = h('button', {
+      type: 'button', class: 'secondary small',
+      'aria-label': `${k.enabled ? 'Disable' : 'Enable'} ${k.name}`,
+      onclick: async () => {
+        try {
+          await api('PATCH', `${API}/keys/${enc(k.name)}`, { enabled: !k.enabled });
+          announce(`${k.name} ${k.enabled ? 'disabled' : 'enabled'}`);
+          await load(true);
+        } catch (e) { listError.textContent = `${k.name}: ${e.message}`; }
+      },
+    }, k.enabled ? 'Disable' : 'Enable');
+    return h('tr', { 'data-key': k.name },
+      h('td', {}, link),
+      h('td', { class: 'mono' }, k.identifier),
+      h('td', {}, k.for),
+      h('td', {}, k.role),
+      h('td', {}, when(k.created)),
+      h('td', {}, when(k.expiresAt)),
+      h('td', {}, k.lastUsed ? when(k.lastUsed) : 'never'),
+      h('td', {}, h('span', { class: k.enabled ? 'tag' : 'tag off' }, k.enabled ? 'enabled' : 'disabled')),
+      h('td', {}, rateText(k.rateLimit)),
+      h('td', {}, h('div', { class: 'actions' },
+        h('button', { type: 'button', class: 'secondary small', 'aria-label': `Roll ${k.name}`, onclick: () => rollDialog(k, showSecret, () => load(true)) }, 'Roll'),
+        toggle,
+        h('button', { type: 'button', class: 'danger small', 'aria-label': `Delete ${k.name}`, onclick: () => deleteDialog(k, () => load(true)) }, 'Delete'))));
+  };
+
+  filterName.addEventListener('input', draw);
+  filterType.addEventListener('change', draw);
+  more.addEventListener('click', () => load(false));
+
+  const table = h('div', { class: 'table-wrap', role: 'region', 'aria-label': 'Keys', tabindex: '0' },
+    h('table', {},
+      h('thead', {}, h('tr', {}, ['Name', 'Identifier', 'Type', 'Role', 'Created', 'Expires', 'Last used', 'Status', 'Rate limit', 'Actions']
+        .map((c) => h('th', { scope: 'col' }, c)))),
+      tbody));
+  page('API keys',
+    secretSlot,
+    createForm((created) => {
+      showSecret(secretPanel(`Key “${created.name}” created`, created.apiKey,
+        `Its public identifier is ${created.identifier}.`));
+      announce(`Key ${created.name} created`);
+      load(true);
+    }),
+    h('section', { 'aria-labelledby': 'list-title' },
+      h('h2', { id: 'list-title' }, 'Keys'),
+      h('div', { class: 'fields' },
+        field('filter-name', 'Filter by name', filterName),
+        field('filter-type', 'Filter by type', filterType)),
+      count, listError, table, h('div', { class: 'actions' }, more)));
+  load(true);
+}
+
+function dialog(title, ...content) {
+  const d = h('dialog', { 'aria-labelledby': 'dialog-title' }, h('h2', { id: 'dialog-title' }, title), ...content);
+  d.addEventListener('close', () => d.remove());
+  document.body.append(d);
+  d.showModal();
+  return d;
+}
+
+function rollDialog(k, showSecret, reload) {
+  const overlap = h('input', { type: 'number', min: 0, max: 604800, step: 1, value: 0, inputmode: 'numeric' });
+  const form = h('form', { method: 'dialog', novalidate: true },
+    h('p', {}, `Issue a new secret for “${k.name}”. The current secret keeps working for the overlap, then is refused everywhere.`),
+    field('roll-overlap', 'Overlap in seconds (0 to 604800)', overlap),
+    h('div', { class: 'actions' },
+      h('button', { type: 'submit' }, 'Roll key'),
+      h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
+  const d = dialog(`Roll ${k.name}`, form);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    setError('roll-overlap', '');
+    try {
+      const rolled = await api('POST', `${API}/keys/${enc(k.name)}/roll`, { overlapSeconds: Number(overlap.value || 0) });
+      d.close();
+      showSecret(secretPanel(`Key “${rolled.name}” rolled`, rolled.apiKey,
+        `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}.`));
+      announce(`Key ${rolled.name} rolled`);
+      reload();
+    } catch (e) {
+      setError('roll-overlap', e.message);
+      overlap.focus();
+    }
+  });
+  overlap.focus();
+}
+
+function deleteDialog(k, reload) {
+  const typed = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false' });
+  const confirm = h('button', { type: 'submit', class: 'danger', disabled: true }, 'Delete key');
+  typed.addEventListener('input', () => { confirm.disabled = typed.value !== k.name; });
+  const form = h('form', { method: 'dialog', novalidate: true },
+    h('p', {}, 'Deleting a key refuses it everywhere and cannot be undone.'),
+    field('delete-confirm', `Type the key’s name (${k.name}) to confirm`, typed),
+    h('div', { class: 'actions' }, confirm,
+      h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
+  const d = dialog(`Delete ${k.name}?`, form);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (typed.value !== k.name) { setError('delete-confirm', 'The name does not match.'); return; }
+    try {
+      await api('DELETE', `${API}/keys/${enc(k.name)}/delete`);
+      d.close();
+      announce(`Key ${k.name} deleted`);
+      reload();
+    } catch (e) {
+      setError('delete-confirm', e.message);
+    }
+  });
+  typed.focus();
+}
+
+// ---- one key: its usage ----------------------------------------------------------------
+
+/** Requests per hour as bars, drawn by hand: 24 or 168 rectangles need no chart library. */
+function usageChart(usage) {
+  const width = 720; const height = 220; const left = 44; const bottom = 28; const top = 12;
+  const hours = usage.hours;
+  const peak = Math.max(1, ...hours.map((x) => x.requests));
+  const plotW = width - left - 8; const plotH = height - top - bottom;
+  const slot = plotW / hours.length;
+  const bars = hours.map((x, i) => {
+    const barH = (x.requests / peak) * plotH;
+    const start = new Date(x.start);
+    return svg('rect', {
+      class: 'bar-rect', x: (left + i * slot + slot * 0.1).toFixed(2), y: (top + plotH - barH).toFixed(2),
+      width: Math.max(1, slot * 0.8).toFixed(2), height: barH.toFixed(2), 'data-requests': x.requests,
+    }, svg('title', {}, `${start.toLocaleString()}: ${x.requests} request${x.requests === 1 ? '' : 's'}`));
+  });
+  const labelEvery = hours.length > 48 ? 24 : 6;
+  const labels = hours.map((x, i) => (i % labelEvery === 0
+    ? svg('text', { x: (left + i * slot).toFixed(2), y: height - 8 },
+      hours.length > 48 ? new Date(x.start).toLocaleDateString() : new Date(x.start).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }))
+    : null)).filter(Boolean);
+  return svg('svg', {
+    class: 'usage', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-labelledby': 'chart-title chart-summary',
+  },
+  svg('line', { class: 'axis', x1: left, y1: top + plotH, x2: width - 8, y2: top + plotH }),
+  svg('line', { class: 'axis', x1: left, y1: top, x2: left, y2: top + plotH }),
+  svg('text', { x: 4, y: top + 10 }, String(peak)),
+  svg('text', { x: 4, y: top + plotH }, '0'),
+  ...labels, ...bars);
+}
+
+function keyPage(name) {
+  const chartSlot = h('div');
+  const summary = h('p', { id: 'chart-summary', 'aria-live': 'polite' });
+  const error = h('p', { class: 'error', role: 'alert' });
+  const details = h('dl', { class: 'meta' });
+  let span = 24;
+  const buttons = [24, 168].map((hours) => h('button', {
+    type: 'button', 'aria-pressed': String(hours === span), 'data-hours': hours,
+    onclick: () => { span = hours; for (const b of buttons) b.setAttribute('aria-pressed', String(Number(b.dataset.hours) === span)); loadUsage(); },
+  }, hours === 24 ? 'Last 24 hours' : 'Last 7 days'));
+
+  const loadUsage = async () => {
+    error.textContent = '';
+    const to = new Date();
+    const from = new Date(to.getTime() - (span - 1) * 3600 * 1000);
+    const params = new URLSearchParams({ from: from.toISOString(), to: to.toISOString() });
+    try {
+      const usage = await api('GET', `${API}/keys/${enc(name)}/usage?${params}`);
+      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush).`;
+      summary.dataset.total = String(usage.total);
+      chartSlot.replaceChildren(usageChart(usage));
+    } catch (e) {
+      error.textContent = e.status === 404 ? `There is no key named “${name}”.` : `Could not load the usage: ${e.message}`;
+      chartSlot.replaceChildren();
+    }
+  };
+
+  const loadDetails = async () => {
+    // The list is the only read of key metadata: page through it for this key.
+    let cursor = '';
+    for (let i = 0; i < 100; i += 1) {
+      const params = new URLSearchParams({ limit: '1000', cursor });
+      const found = await api('GET', `${API}/keys/list?${params}`);
+      const k = found.keys.find((x) => x.name === name);
+      if (k) {
+        details.replaceChildren(...[
+          ['Identifier', k.identifier], ['Type', k.for], ['Role', k.role], ['Created', when(k.created)],
+          ['Expires', when(k.expiresAt)], ['Last used', k.lastUsed ? when(k.lastUsed) : 'never'],
+          ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
+        ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', {}, value)]));
+        return;
+      }
+      if (!found.nextCursor) return;
+      cursor = found.nextCursor;
+    }
+  };
+
+  page(name,
+    h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
+    details,
+    h('section', { 'aria-labelledby': 'chart-title' },
+      h('h2', { id: 'chart-title' }, 'Requests per hour'),
+      h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
+      summary, error, h('figure', { class: 'chart' }, chartSlot)));
+  loadDetails().catch((e) => { error.textContent = `Could not load the key: ${e.message}`; });
+  loadUsage();
+}
+
+// ---- the audit log ---------------------------------------------------------------------
+
+function auditPage() {
+  const params = new URLSearchParams(location.search);
+  const action = h('input', { type: 'text', list: 'audit-actions', autocomplete: 'off', value: params.get('action') || '' });
+  const actor = h('input', { type: 'text', autocomplete: 'off', value: params.get('actor') || '' });
+  const tbody = h('tbody');
+  const error = h('p', { class: 'error', role: 'alert' });
+  const older = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Older entries');
+  const newest = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Newest entries');
+  let before = null;
+
+  const load = async () => {
+    error.textContent = '';
+    const q = new URLSearchParams({ limit: '50' });
+    if (action.value.trim()) q.set('action', action.value.trim());
+    if (actor.value.trim()) q.set('actor', actor.value.trim());
+    if (before) q.set('before', String(before));
+    try {
+      const entries = await api('GET', `${API}/audit?${q}`);
+      tbody.replaceChildren(...entries.entries.map((e) => h('tr', {},
+        h('td', {}, when(e.at)), h('td', {}, e.actor || '—'), h('td', { class: 'mono' }, e.action),
+        h('td', {}, e.target || '—'), h('td', { class: 'mono' }, e.ip || '—'),
+        h('td', { class: 'mono' }, e.detail && Object.keys(e.detail).length ? JSON.stringify(e.detail) : ''))));
+      if (!entries.entries.length) tbody.replaceChildren(h('tr', {}, h('td', { colspan: 6 }, 'No entries.')));
+      older.hidden = !entries.nextBefore;
+      older.dataset.before = entries.nextBefore || '';
+      newest.hidden = !before;
+    } catch (e) {
+      error.textContent = `Could not load the audit log: ${e.message}`;
+    }
+  };
+
+  const form = h('form', { class: 'panel', role: 'search', 'aria-label': 'Filter the audit log' },
+    h('div', { class: 'fields' },
+      field('audit-action', 'Action', action, 'For example key.create or auth.failed.'),
+      field('audit-actor', 'Actor (key name)', actor)),
+    h('datalist', { id: 'audit-actions' }, ACTIONS.map((a) => h('option', { value: a }))),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Filter')));
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    before = null;
+    const q = new URLSearchParams();
+    if (action.value.trim()) q.set('action', action.value.trim());
+    if (actor.value.trim()) q.set('actor', actor.value.trim());
+    history.replaceState(null, '', `/console/audit${q.toString() ? `?${q}` : ''}`);
+    load();
+  });
+  older.addEventListener('click', () => { before = Number(older.dataset.before); load(); });
+  newest.addEventListener('click', () => { before = null; load(); });
+
+  page('Audit log', form, error,
+    h('div', { class: 'table-wrap', role: 'region', 'aria-label': 'Audit entries', tabindex: '0' },
+      h('table', {},
+        h('thead', {}, h('tr', {}, ['Time', 'Actor', 'Action', 'Key', 'IP', 'Detail'].map((c) => h('th', { scope: 'col' }, c)))),
+        tbody)),
+    h('div', { class: 'actions' }, newest, older));
+  load();
+}
+
+render();

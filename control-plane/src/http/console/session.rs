@@ -1,0 +1,317 @@
+//! Signing in and out, and the layer that lets a session stand in for its admin key.
+
+use std::sync::Arc;
+
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::clock::{now_ms, unix_seconds};
+use crate::http::auth::{record_failure, refuse};
+use crate::http::client_ip::client_ip;
+use crate::http::error::ApiError;
+use crate::http::extract::{decode_json, route, Admins, Allowed, Audited, Caller};
+use crate::http::limits::MAX_BODY_BYTES;
+use crate::http::state::AppState;
+use crate::service::audit::{Actor, FailureReason};
+use crate::service::console::{self, Session};
+use crate::service::{self, verify};
+
+const COOKIE: &str = "metlo_console";
+
+/// The session of a signed-in request (put there by [`require_session`]).
+#[derive(Clone)]
+pub struct SignedIn {
+    token: Arc<str>,
+    csrf_token: Arc<str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignIn {
+    key: String,
+}
+
+/// What the page knows of its session.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    name: String,
+    role: metlo_shared::Role,
+    csrf_token: String,
+    idle_timeout_seconds: u64,
+}
+
+fn info(record: &KeyRecord, csrf_token: &str, state: &AppState) -> SessionInfo {
+    SessionInfo {
+        name: record.name.clone(),
+        role: record.role,
+        csrf_token: csrf_token.to_owned(),
+        idle_timeout_seconds: state.console.idle.as_secs(),
+    }
+}
+
+/// `POST /console/sign-in` `{"key": "…"}`: an admin key → a session cookie. Every failure
+/// is audited and spends the source's failed-authentication budget, like a bad key on the
+/// API (so sign-in is no faster a way to guess keys).
+pub async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
+    match open_session(&state, req).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn open_session(state: &AppState, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (extensions, headers) = (&parts.extensions, &parts.headers);
+    if !same_origin(headers) {
+        return Err(cross_site());
+    }
+    let body = to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY_BYTES))?;
+    let SignIn { key } = decode_json(&body)?;
+    let refused = |reason, identifier, message| {
+        refuse(state, extensions, headers, reason, identifier, message)
+    };
+    let key = match parse_authorization(Some(key.trim())) {
+        Ok(key) => key,
+        Err(AuthorizationError::Missing) => {
+            return Err(refused(FailureReason::Missing, None, "enter an admin key"))
+        }
+        Err(AuthorizationError::Malformed(_)) => {
+            return Err(refused(
+                FailureReason::Malformed,
+                None,
+                "this is not an API key: check that it was copied whole",
+            ))
+        }
+    };
+    let hash = key.hash();
+    let ip = client_ip(extensions, headers, &state.trusted_proxies);
+    let found = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || {
+        state.failure_limiter.check(ip)
+    })
+    .await;
+    let found = match found {
+        Err(limited @ service::Error::TooManyFailures(_)) => {
+            record_failure(
+                state,
+                extensions,
+                headers,
+                FailureReason::Limited,
+                Some(key.identifier()),
+            );
+            return Err(limited.into());
+        }
+        found => found?,
+    };
+    let now = now_ms();
+    let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now))) else {
+        return Err(refused(
+            FailureReason::Invalid,
+            Some(key.identifier()),
+            "invalid API key: unknown, deleted, disabled or expired",
+        ));
+    };
+    if !Admins::ROLES.contains(&record.role) {
+        state.auth_failures.record_forbidden(
+            ip.map(|ip| ip.to_string()),
+            route(extensions),
+            &record,
+            Admins::ROLES,
+        );
+        state.failure_limiter.failed(ip)?;
+        return Err(service::Error::Forbidden(format!(
+            "only an admin key can sign in to the console; this key's role is {}",
+            record.role.as_str()
+        ))
+        .into());
+    }
+    let opened = console::open(&state.store, &state.console, &hash, now).await?;
+    let actor = Actor {
+        name: Some(record.name.clone()),
+        ip: ip.map(|ip| ip.to_string()),
+        role: Some(record.role),
+    };
+    state
+        .store
+        .append_audit(&[actor.entry("console.sign_in", &record.name, json!({}))])
+        .await
+        .map_err(service::Error::from)?;
+    let cookie = format!(
+        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict{}",
+        opened.token,
+        if secure(state, extensions, headers) {
+            "; Secure"
+        } else {
+            ""
+        }
+    );
+    let mut response = Json(info(&record, &opened.csrf_token, state)).into_response();
+    set_cookie(&mut response, &cookie);
+    Ok(response)
+}
+
+/// `GET /console/session`: who is signed in, and the CSRF token for the page's changes.
+pub async fn current(
+    State(state): State<AppState>,
+    Extension(Caller(caller)): Extension<Caller>,
+    Extension(signed_in): Extension<SignedIn>,
+) -> Json<SessionInfo> {
+    Json(info(&caller, &signed_in.csrf_token, &state))
+}
+
+/// `POST /console/sign-out`: ends the session and clears the cookie.
+pub async fn sign_out(
+    State(state): State<AppState>,
+    Audited(actor): Audited,
+    Extension(signed_in): Extension<SignedIn>,
+) -> Result<Response, ApiError> {
+    console::end(&state.store, &signed_in.token).await?;
+    let name = actor.name.clone().unwrap_or_default();
+    state
+        .store
+        .append_audit(&[actor.entry("console.sign_out", &name, json!({}))])
+        .await
+        .map_err(service::Error::from)?;
+    let mut response = Json(json!({"status": "OK"})).into_response();
+    set_cookie(
+        &mut response,
+        &format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    Ok(response)
+}
+
+/// The layer of every signed-in route: a session in force, acting as an admin key that is
+/// still valid, and on every change the session's CSRF token and a same-origin request.
+pub async fn require_session(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match admit(&state, &mut req).await {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
+    const SIGNED_OUT: &str = "not signed in, or the console session has ended: sign in again";
+    let Some(token) = cookie(req.headers()) else {
+        return Err(ApiError::Unauthorized(SIGNED_OUT));
+    };
+    let now = now_ms();
+    let Some(session) = console::find(&state.store, &state.console, &token, now).await? else {
+        return Err(ApiError::Unauthorized(SIGNED_OUT));
+    };
+    if changes_state(req.method()) {
+        if !same_origin(req.headers()) {
+            return Err(cross_site());
+        }
+        if !csrf_sent(req.headers(), &session) {
+            return Err(service::Error::Forbidden(
+                "missing or wrong X-CSRF-Token: reload the console".into(),
+            )
+            .into());
+        }
+    }
+    // The key the session acts as, as it is now (cached like any key).
+    let record = verify::lookup(
+        &state.store,
+        &state.cache,
+        &state.lookups,
+        &session.key_hash,
+        || Ok(()),
+    )
+    .await?
+    .filter(|r| !r.is_expired(unix_seconds(now)) && Admins::ROLES.contains(&r.role));
+    let Some(record) = record else {
+        console::end(&state.store, &token).await?;
+        return Err(ApiError::Unauthorized(
+            "the admin key of this session was deleted, disabled, rolled or has expired: sign in again",
+        ));
+    };
+    state.usage.used(&session.key_hash, now);
+    req.extensions_mut().insert(Caller(record));
+    req.extensions_mut().insert(SignedIn {
+        token: token.into(),
+        csrf_token: session.csrf_token.into(),
+    });
+    Ok(())
+}
+
+fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn csrf_sent(headers: &HeaderMap, session: &Session) -> bool {
+    headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|sent| session.csrf_matches(sent))
+}
+
+/// A browser says where a request comes from (`Sec-Fetch-Site`, `Origin`); whatever it
+/// says must be this origin. A client that says nothing (curl) still needs the token.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        if site != "same-origin" {
+            return false;
+        }
+    }
+    match text(header::ORIGIN) {
+        None => true,
+        Some(origin) => {
+            let authority = origin.split_once("://").map(|(_, rest)| rest);
+            authority.is_some() && authority == text(header::HOST)
+        }
+    }
+}
+
+fn cross_site() -> ApiError {
+    service::Error::Forbidden("cross-site request refused".into()).into()
+}
+
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// `Secure` when configured, or when a trusted proxy says the client came over TLS.
+fn secure(state: &AppState, extensions: &axum::http::Extensions, headers: &HeaderMap) -> bool {
+    state.console.secure_cookie || {
+        let peer = extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_canonical());
+        let trusted = peer.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        trusted
+            && headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+    }
+}
+
+fn set_cookie(response: &mut Response, cookie: &str) {
+    if let Ok(value) = HeaderValue::from_str(cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
