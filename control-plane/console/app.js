@@ -6,7 +6,7 @@
 
 const TYPES = ['GENERIC', 'ONBOARDING', 'GCP', 'AWS'];
 const ROLES = ['client', 'edge', 'admin'];
-const ACTIONS = ['key.create', 'key.delete', 'key.roll', 'key.update', 'key.leaked', 'key.seed',
+const ACTIONS = ['key.create', 'key.delete', 'key.roll', 'key.update', 'key.set_role', 'key.leaked', 'key.seed',
   'auth.failed', 'console.sign_in', 'console.sign_out'];
 const API = '/console/api/v1';
 
@@ -112,11 +112,27 @@ async function api(method, path, body) {
 
 const enc = encodeURIComponent;
 
+/** Runs `work` with `button` disabled, so a second click or Enter sends nothing twice. */
+async function busy(button, work) {
+  if (button.disabled) return;
+  button.disabled = true;
+  button.setAttribute('aria-busy', 'true');
+  try { await work(); } finally {
+    button.disabled = false;
+    button.removeAttribute('aria-busy');
+  }
+}
+
 // ---- navigation ------------------------------------------------------------------------
+
+// After a navigation the new page's heading takes the focus (screen readers announce it);
+// not on the first load.
+let focusHeading = false;
 
 function go(path, replace) {
   if (replace) history.replaceState(null, '', path);
   else history.pushState(null, '', path);
+  focusHeading = true;
   render();
 }
 
@@ -126,7 +142,7 @@ document.addEventListener('click', (event) => {
   event.preventDefault();
   go(link.getAttribute('href'));
 });
-window.addEventListener('popstate', render);
+window.addEventListener('popstate', () => { focusHeading = true; render(); });
 
 let afterSignIn = '/console/keys';
 let signedOutMessage = '';
@@ -135,7 +151,7 @@ function signedOut(message) {
   session = null;
   signedOutMessage = message || '';
   if (!location.pathname.startsWith('/console/sign-in')) {
-    afterSignIn = location.pathname;
+    afterSignIn = location.pathname + location.search;
     go('/console/sign-in', true);
   }
 }
@@ -153,8 +169,11 @@ function showBar() {
 
 function page(title, ...content) {
   document.title = `${title} · Metlo keys console`;
-  main.replaceChildren(h('h1', {}, title), ...content);
+  const heading = h('h1', { tabindex: '-1' }, title);
+  main.replaceChildren(heading, ...content);
   showBar();
+  if (focusHeading) heading.focus();
+  focusHeading = false;
 }
 
 async function render() {
@@ -173,7 +192,9 @@ async function render() {
   if (path === '/console' || path === '/console/keys') return keysPage();
   if (path === '/console/audit') return auditPage();
   const match = path.match(/^\/console\/keys\/([^/]+)$/);
-  if (match) return keyPage(decodeURIComponent(match[1]));
+  let name = null;
+  try { name = match && decodeURIComponent(match[1]); } catch (e) { name = null; }
+  if (name) return keyPage(name);
   page('Not found', h('p', {}, 'No console page here. ', h('a', { href: '/console/keys', 'data-nav': '' }, 'Go to the keys.')));
 }
 
@@ -184,8 +205,12 @@ function signInPage() {
   const form = h('form', { class: 'panel', novalidate: true },
     field('key', 'Admin key', key, 'Paste an admin API key. It is exchanged for a session and not kept in the browser.'),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Sign in')));
-  form.addEventListener('submit', async (event) => {
+  const submit = form.querySelector('button[type=submit]');
+  form.addEventListener('submit', (event) => {
     event.preventDefault();
+    busy(submit, () => signIn());
+  });
+  const signIn = async () => {
     setError('key', '');
     const value = key.value.trim();
     if (!value) { setError('key', 'Enter an admin key.'); key.focus(); return; }
@@ -201,7 +226,7 @@ function signInPage() {
     const next = afterSignIn.startsWith('/console/sign-in') ? '/console/keys' : afterSignIn;
     go(next, true);
     announce(`Signed in as ${session.name}`);
-  });
+  };
   session = null;
   const wrap = h('div', { class: 'signin' },
     signedOutMessage ? h('p', { class: 'error', role: 'alert' }, signedOutMessage) : null, form);
@@ -228,6 +253,7 @@ document.getElementById('sign-out').addEventListener('click', async () => {
 function errorField(e) {
   const m = e.message.toLowerCase();
   if (e.code === 'limit_reached') return 'create-form';
+  if (m.includes('meta')) return 'new-meta';
   if (m.includes('name')) return 'new-name';
   if (m.includes('keyfor') || m.includes('type')) return 'new-type';
   if (m.includes('role')) return 'new-role';
@@ -256,7 +282,10 @@ function secretPanel(title, apiKey, note) {
     h('p', {}, h('strong', {}, 'Copy this key now: it is shown only this once. '), note),
     h('div', { class: 'row' }, input, copy),
     h('div', { class: 'actions' }, copied,
-      h('button', { type: 'button', class: 'secondary', onclick: () => panel.remove() }, 'Done, I have copied it')));
+      h('button', {
+        type: 'button', class: 'secondary',
+        onclick: () => { panel.remove(); document.getElementById('list-title').focus(); },
+      }, 'Done, I have copied it')));
   return panel;
 }
 
@@ -267,6 +296,7 @@ function createForm(onCreated) {
   const expires = h('input', { type: 'datetime-local' });
   const requests = h('input', { type: 'number', min: 1, step: 1, inputmode: 'numeric' });
   const period = h('input', { type: 'number', min: 1, max: 86400, step: 1, value: 60, inputmode: 'numeric' });
+  const meta = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const form = h('form', { class: 'panel', 'aria-labelledby': 'create-title', novalidate: true },
     h('h2', { id: 'create-title' }, 'Create a key'),
     h('div', { class: 'fields' },
@@ -275,12 +305,17 @@ function createForm(onCreated) {
       field('new-role', 'Role', role, 'client: API traffic; edge: the Worker; admin: this console and the API.'),
       field('new-expires', 'Expires (optional)', expires, 'Your local time. Empty: never.'),
       field('new-requests', 'Rate limit: requests (optional)', requests, 'Empty: no limit.'),
-      field('new-period', 'per seconds', period)),
+      field('new-period', 'per seconds', period),
+      field('new-meta', 'Metadata (optional)', meta, 'A JSON object sent to the origin with each request, e.g. {"tenant":"acme"}.')),
     h('p', { class: 'error', id: 'create-form-error', role: 'alert' }),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create key')));
-  form.addEventListener('submit', async (event) => {
+  const submit = form.querySelector('button[type=submit]');
+  form.addEventListener('submit', (event) => {
     event.preventDefault();
-    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'create-form']) setError(id, '');
+    busy(submit, () => create());
+  });
+  const create = async () => {
+    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'create-form']) setError(id, '');
     const body = { name: name.value, keyFor: type.value, role: role.value };
     if (!name.value.trim()) { setError('new-name', 'Enter a name for the key.'); name.focus(); return; }
     if (expires.value) {
@@ -290,6 +325,15 @@ function createForm(onCreated) {
     }
     if (requests.value) {
       body.rateLimit = { requests: Number(requests.value), periodSeconds: Number(period.value) };
+    }
+    if (meta.value.trim()) {
+      try {
+        body.meta = JSON.parse(meta.value);
+      } catch (e) {
+        setError('new-meta', 'This is not JSON: write an object such as {"tenant":"acme"}.');
+        meta.focus();
+        return;
+      }
     }
     try {
       const created = await api('POST', `${API}/keys/create`, body);
@@ -301,7 +345,7 @@ function createForm(onCreated) {
       const control = document.getElementById(id);
       if (control && control.focus && id !== 'create-form') control.focus();
     }
-  });
+  };
   return form;
 }
 
@@ -329,7 +373,17 @@ function keysPage() {
     const needle = filterName.value.trim().toLowerCase();
     const shown = keys.filter((k) => (!needle || k.name.toLowerCase().includes(needle))
       && (!filterType.value || k.for === filterType.value));
+    // A redraw removes the focused row's button: give the focus back to the same button
+    // of the redrawn row (or the list's heading), not to the page's body.
+    const before = document.activeElement;
+    const oldRow = tbody.contains(before) ? before.closest('tr') : null;
+    const place = oldRow ? [...oldRow.querySelectorAll('button')].indexOf(before) : -1;
     tbody.replaceChildren(...shown.map(row));
+    if (oldRow) {
+      const newRow = [...tbody.rows].find((r) => r.dataset.key === oldRow.dataset.key);
+      const same = newRow ? newRow.querySelectorAll('button')[place] : null;
+      (same || document.getElementById('list-title')).focus();
+    }
     count.textContent = `${shown.length} of ${keys.length} loaded key${keys.length === 1 ? '' : 's'} shown`
       + (cursor ? ' (more to load)' : '');
     more.hidden = !cursor;
@@ -364,12 +418,12 @@ function keysPage() {
     }, k.enabled ? 'Disable' : 'Enable');
     return h('tr', { 'data-key': k.name },
       h('td', {}, link),
-      h('td', { class: 'mono' }, k.identifier),
+      h('td', { class: 'mono nowrap' }, k.identifier),
       h('td', {}, k.for),
       h('td', {}, k.role),
-      h('td', {}, when(k.created)),
-      h('td', {}, when(k.expiresAt)),
-      h('td', {}, k.lastUsed ? when(k.lastUsed) : 'never'),
+      h('td', { class: 'nowrap' }, when(k.created)),
+      h('td', { class: 'nowrap' }, when(k.expiresAt)),
+      h('td', { class: 'nowrap' }, k.lastUsed ? when(k.lastUsed) : 'never'),
       h('td', {}, h('span', { class: k.enabled ? 'tag' : 'tag off' }, k.enabled ? 'enabled' : 'disabled')),
       h('td', {}, rateText(k.rateLimit)),
       h('td', {}, h('div', { class: 'actions' },
@@ -396,7 +450,7 @@ function keysPage() {
       load(true);
     }),
     h('section', { 'aria-labelledby': 'list-title' },
-      h('h2', { id: 'list-title' }, 'Keys'),
+      h('h2', { id: 'list-title', tabindex: '-1' }, 'Keys'),
       h('div', { class: 'fields' },
         field('filter-name', 'Filter by name', filterName),
         field('filter-type', 'Filter by type', filterType)),
@@ -414,27 +468,34 @@ function dialog(title, ...content) {
 
 function rollDialog(k, showSecret, reload) {
   const overlap = h('input', { type: 'number', min: 0, max: 604800, step: 1, value: 0, inputmode: 'numeric' });
+  const own = session && k.name === session.name;
   const form = h('form', { method: 'dialog', novalidate: true },
     h('p', {}, `Issue a new secret for “${k.name}”. The current secret keeps working for the overlap, then is refused everywhere.`),
+    own ? h('p', { class: 'error' }, 'This is the key you are signed in with: your session ends when its current secret does. Copy the new key to sign in again.') : null,
     field('roll-overlap', 'Overlap in seconds (0 to 604800)', overlap),
     h('div', { class: 'actions' },
       h('button', { type: 'submit' }, 'Roll key'),
       h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
   const d = dialog(`Roll ${k.name}`, form);
-  form.addEventListener('submit', async (event) => {
+  const submit = form.querySelector('button[type=submit]');
+  form.addEventListener('submit', (event) => {
     event.preventDefault();
-    setError('roll-overlap', '');
-    try {
-      const rolled = await api('POST', `${API}/keys/${enc(k.name)}/roll`, { overlapSeconds: Number(overlap.value || 0) });
-      d.close();
-      showSecret(secretPanel(`Key “${rolled.name}” rolled`, rolled.apiKey,
-        `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}.`));
-      announce(`Key ${rolled.name} rolled`);
-      reload();
-    } catch (e) {
-      setError('roll-overlap', e.message);
-      overlap.focus();
-    }
+    busy(submit, async () => {
+      setError('roll-overlap', '');
+      try {
+        const rolled = await api('POST', `${API}/keys/${enc(k.name)}/roll`, { overlapSeconds: Number(overlap.value || 0) });
+        d.close();
+        showSecret(secretPanel(`Key “${rolled.name}” rolled`, rolled.apiKey,
+          `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}.`));
+        announce(`Key ${rolled.name} rolled`);
+        // Rolling the session's own key may end the session: keep the new key on screen
+        // rather than reloading into a sign-in page.
+        if (!own) reload();
+      } catch (e) {
+        setError('roll-overlap', e.message);
+        overlap.focus();
+      }
+    });
   });
   overlap.focus();
 }
@@ -449,17 +510,19 @@ function deleteDialog(k, reload) {
     h('div', { class: 'actions' }, confirm,
       h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
   const d = dialog(`Delete ${k.name}?`, form);
-  form.addEventListener('submit', async (event) => {
+  form.addEventListener('submit', (event) => {
     event.preventDefault();
     if (typed.value !== k.name) { setError('delete-confirm', 'The name does not match.'); return; }
-    try {
-      await api('DELETE', `${API}/keys/${enc(k.name)}/delete`);
-      d.close();
-      announce(`Key ${k.name} deleted`);
-      reload();
-    } catch (e) {
-      setError('delete-confirm', e.message);
-    }
+    busy(confirm, async () => {
+      try {
+        await api('DELETE', `${API}/keys/${enc(k.name)}/delete`);
+        d.close();
+        announce(`Key ${k.name} deleted`);
+        reload();
+      } catch (e) {
+        setError('delete-confirm', e.message);
+      }
+    });
   });
   typed.focus();
 }
@@ -535,6 +598,7 @@ function keyPage(name) {
           ['Identifier', k.identifier], ['Type', k.for], ['Role', k.role], ['Created', when(k.created)],
           ['Expires', when(k.expiresAt)], ['Last used', k.lastUsed ? when(k.lastUsed) : 'never'],
           ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
+          ['Metadata', k.meta ? JSON.stringify(k.meta) : '—'],
         ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', {}, value)]));
         return;
       }

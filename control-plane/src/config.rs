@@ -62,7 +62,7 @@ pub struct Config {
     #[arg(long, env = "USAGE_RETENTION", default_value = "90d", value_parser = humantime::parse_duration, global = true)]
     pub usage_retention: Duration,
     /// A console session ends after this long without a request (`30m`, `2h`, seconds).
-    #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_interval, global = true)]
+    #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_positive_interval, global = true)]
     pub console_idle_timeout: Duration,
     /// Mark the console's session cookie `Secure` even when the request did not arrive
     /// over TLS as far as this process can tell (TLS ended by a proxy not in
@@ -212,6 +212,15 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
         Err(_) => humantime::parse_duration(s)
             .map_err(|e| format!("{s:?} is not a duration like 3600, 30m or 1h: {e}"))?,
     };
+    Ok(d)
+}
+
+/// An interval of at least a second.
+fn parse_positive_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_interval(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is too short: at least 1 second"));
+    }
     Ok(d)
 }
 

@@ -263,6 +263,29 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
         .lock()
         .unwrap()
         .push(ok.body["apiKey"].as_str().unwrap().to_owned());
+    // A page served over TLS (its Origin says https) gets a Secure cookie.
+    let host = cp.url.trim_start_matches("http://").to_owned();
+    let tls_page = send(
+        cp.client
+            .post(format!("{}/console/sign-in", cp.url))
+            .header("origin", format!("https://{host}"))
+            .json(&json!({"key": cp.admin_key})),
+    )
+    .await;
+    assert_eq!(tls_page.status, StatusCode::OK, "{}", tls_page.body);
+    assert!(tls_page.headers[SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .contains("; Secure"));
+    // A proxy's X-Forwarded-Host counts only from a trusted proxy.
+    let forwarded = |cp: &ControlPlane| {
+        cp.client
+            .post(format!("{}/console/sign-in", cp.url))
+            .header("origin", "https://keys.example.com")
+            .header("x-forwarded-host", "keys.example.com")
+            .json(&json!({"key": cp.admin_key}))
+    };
+    assert_eq!(send(forwarded(&cp)).await.status, StatusCode::FORBIDDEN);
     // Secure cookies: configured, or a trusted proxy saying the client came over TLS.
     drop(cp);
     let secure =
@@ -286,6 +309,8 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
         .to_str()
         .unwrap()
         .contains("; Secure"));
+    let behind_proxy = send(forwarded(&proxied)).await;
+    assert_eq!(behind_proxy.status, StatusCode::OK, "{}", behind_proxy.body);
 }
 
 async fn failed_sign_ins_are_audited_and_limited(backend: Backend) {
@@ -560,8 +585,94 @@ async fn the_console_in_chromium() {
     )
     .await;
 
-    // Roll: a new secret shown once; the old one (no overlap) stops.
+    // Disable, then enable: the edge follows.
     b.goto(&format!("{base}/console/keys")).await;
+    b.find("button[aria-label='Disable browser-made']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    b.find("button[aria-label='Enable browser-made']").await;
+    edge_becomes(&s, &key, StatusCode::UNAUTHORIZED).await;
+    b.find("button[aria-label='Enable browser-made']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    b.find("button[aria-label='Disable browser-made']").await;
+    // The redrawn row's button has the focus (the keyboard stays where it was).
+    b.until(
+        "the focus back on the row",
+        "return document.activeElement.getAttribute('aria-label') === 'Disable browser-made';",
+        Duration::from_secs(5),
+    )
+    .await;
+    edge_becomes(&s, &key, StatusCode::OK).await;
+
+    // The policy fields: bad metadata is refused next to its field; a rate limit and
+    // metadata are stored and listed.
+    b.find("#new-name")
+        .await
+        .send_keys("with-policy")
+        .await
+        .unwrap();
+    b.find("#new-meta")
+        .await
+        .send_keys("{tenant: acme}")
+        .await
+        .unwrap();
+    b.find("#new-meta")
+        .await
+        .send_keys("\u{E007}")
+        .await
+        .unwrap();
+    b.until(
+        "the metadata error",
+        "return document.getElementById('new-meta-error').textContent.includes('not JSON');",
+        Duration::from_secs(5),
+    )
+    .await;
+    b.find("#new-meta").await.clear().await.unwrap();
+    b.find("#new-meta")
+        .await
+        .send_keys("{\"tenant\":\"acme\"}")
+        .await
+        .unwrap();
+    b.find("#new-requests")
+        .await
+        .send_keys("100")
+        .await
+        .unwrap();
+    b.find("#new-meta")
+        .await
+        .send_keys("\u{E007}")
+        .await
+        .unwrap();
+    let policy_key = b
+        .find("#secret input")
+        .await
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap();
+    cp.secrets.lock().unwrap().push(policy_key);
+    b.until(
+        "the rate limit in the table",
+        "const r = document.querySelector('tr[data-key=\"with-policy\"]'); return !!r && r.textContent.includes('100 / 60 s');",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        cp.listed("with-policy").await["meta"],
+        json!({"tenant": "acme"})
+    );
+    b.find("#secret button.secondary")
+        .await
+        .click()
+        .await
+        .unwrap();
+
+    // Roll: a new secret shown once; the old one (no overlap) stops.
     b.find("button[aria-label='Roll browser-made']")
         .await
         .click()

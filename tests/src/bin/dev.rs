@@ -475,6 +475,9 @@ async fn main() -> ExitCode {
     curl -s -H 'Authorization: {demo_key}' http://127.0.0.1:{edge}/hello?x=1
     curl -s -i http://127.0.0.1:{edge}/hello                                  # 401
 
+  The admin console (sign in with the admin key above):
+    http://127.0.0.1:{cp}/console
+
   The control plane's API (admin key; the demo key gets 403 here):
     curl -s -H 'Authorization: {admin_key}' http://127.0.0.1:{cp}/api/v1/keys/list
     curl -s http://127.0.0.1:{ops}/readyz                                     # ops port

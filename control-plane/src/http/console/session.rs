@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::body::to_bytes;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, Extensions, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
+use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -16,8 +17,7 @@ use crate::clock::{now_ms, unix_seconds};
 use crate::http::auth::{record_failure, refuse};
 use crate::http::client_ip::client_ip;
 use crate::http::error::ApiError;
-use crate::http::extract::{decode_json, route, Admins, Allowed, Audited, Caller};
-use crate::http::limits::MAX_BODY_BYTES;
+use crate::http::extract::{route, Admins, Allowed, Audited, Caller, JsonBody};
 use crate::http::state::AppState;
 use crate::service::audit::{Actor, FailureReason};
 use crate::service::console::{self, Session};
@@ -34,7 +34,7 @@ pub struct SignedIn {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SignIn {
+pub struct SignIn {
     key: String,
 }
 
@@ -60,23 +60,16 @@ fn info(record: &KeyRecord, csrf_token: &str, state: &AppState) -> SessionInfo {
 /// `POST /console/sign-in` `{"key": "…"}`: an admin key → a session cookie. Every failure
 /// is audited and spends the source's failed-authentication budget, like a bad key on the
 /// API (so sign-in is no faster a way to guess keys).
-pub async fn sign_in(State(state): State<AppState>, req: Request) -> Response {
-    match open_session(&state, req).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn open_session(state: &AppState, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (extensions, headers) = (&parts.extensions, &parts.headers);
-    if !same_origin(headers) {
+pub async fn sign_in(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    JsonBody(SignIn { key }): JsonBody<SignIn>,
+) -> Result<Response, ApiError> {
+    let (state, extensions, headers) = (&state, &extensions, &headers);
+    if !same_origin(state, extensions, headers) {
         return Err(cross_site());
     }
-    let body = to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY_BYTES))?;
-    let SignIn { key } = decode_json(&body)?;
     let refused = |reason, identifier, message| {
         refuse(state, extensions, headers, reason, identifier, message)
     };
@@ -134,7 +127,7 @@ async fn open_session(state: &AppState, req: Request) -> Result<Response, ApiErr
         ))
         .into());
     }
-    let opened = console::open(&state.store, &state.console, &hash, now).await?;
+    // Audited first: a session is never open without its entry.
     let actor = Actor {
         name: Some(record.name.clone()),
         ip: ip.map(|ip| ip.to_string()),
@@ -145,14 +138,11 @@ async fn open_session(state: &AppState, req: Request) -> Result<Response, ApiErr
         .append_audit(&[actor.entry("console.sign_in", &record.name, json!({}))])
         .await
         .map_err(service::Error::from)?;
+    let opened = console::open(&state.store, &state.console, &hash, now).await?;
     let cookie = format!(
-        "{COOKIE}={}; Path=/console; HttpOnly; SameSite=Strict{}",
+        "{COOKIE}={}{}",
         opened.token,
-        if secure(state, extensions, headers) {
-            "; Secure"
-        } else {
-            ""
-        }
+        cookie_attributes(state, extensions, headers)
     );
     let mut response = Json(info(&record, &opened.csrf_token, state)).into_response();
     set_cookie(&mut response, &cookie);
@@ -171,6 +161,8 @@ pub async fn current(
 /// `POST /console/sign-out`: ends the session and clears the cookie.
 pub async fn sign_out(
     State(state): State<AppState>,
+    headers: HeaderMap,
+    extensions: Extensions,
     Audited(actor): Audited,
     Extension(signed_in): Extension<SignedIn>,
 ) -> Result<Response, ApiError> {
@@ -184,7 +176,10 @@ pub async fn sign_out(
     let mut response = Json(json!({"status": "OK"})).into_response();
     set_cookie(
         &mut response,
-        &format!("{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"),
+        &format!(
+            "{COOKIE}={}; Max-Age=0",
+            cookie_attributes(&state, &extensions, &headers)
+        ),
     );
     Ok(response)
 }
@@ -196,10 +191,15 @@ pub async fn require_session(
     mut req: Request,
     next: Next,
 ) -> Response {
-    match admit(&state, &mut req).await {
+    let mut response = match admit(&state, &mut req).await {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
-    }
+    };
+    // Session answers (the CSRF token, keys, the audit log) are never cached.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
@@ -212,7 +212,7 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
         return Err(ApiError::Unauthorized(SIGNED_OUT));
     };
     if changes_state(req.method()) {
-        if !same_origin(req.headers()) {
+        if !same_origin(state, req.extensions(), req.headers()) {
             return Err(cross_site());
         }
         if !csrf_sent(req.headers(), &session) {
@@ -239,6 +239,16 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
         ));
     };
     state.usage.used(&session.key_hash, now);
+    // A session administers, nothing more: a legacy key (every power) signs in with the
+    // admin role only, so the console's copy of the edge and client routes refuses it.
+    let record = if record.role == Role::Legacy {
+        Arc::new(KeyRecord {
+            role: Role::Admin,
+            ..(*record).clone()
+        })
+    } else {
+        record
+    };
     req.extensions_mut().insert(Caller(record));
     req.extensions_mut().insert(SignedIn {
         token: token.into(),
@@ -259,21 +269,30 @@ fn csrf_sent(headers: &HeaderMap, session: &Session) -> bool {
 }
 
 /// A browser says where a request comes from (`Sec-Fetch-Site`, `Origin`); whatever it
-/// says must be this origin. A client that says nothing (curl) still needs the token.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let text = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or(""));
-    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
-        if site != "same-origin" {
-            return false;
-        }
+/// says must be this origin: the `Host`, or the `X-Forwarded-Host` of a trusted proxy
+/// (which may rewrite `Host`). A client that says nothing (curl) still needs the token.
+fn same_origin(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    if text("sec-fetch-site").is_some_and(|site| site != "same-origin") {
+        return false;
     }
-    match text(header::ORIGIN) {
-        None => true,
-        Some(origin) => {
-            let authority = origin.split_once("://").map(|(_, rest)| rest);
-            authority.is_some() && authority == text(header::HOST)
-        }
-    }
+    let Some(origin) = text("origin") else {
+        return true;
+    };
+    let Some((_, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    text("host") == Some(authority)
+        || (from_trusted_proxy(state, extensions)
+            && text("x-forwarded-host")
+                .is_some_and(|h| h.split(',').next_back().map(str::trim) == Some(authority)))
+}
+
+fn from_trusted_proxy(state: &AppState, extensions: &Extensions) -> bool {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical())
+        .is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)))
 }
 
 fn cross_site() -> ApiError {
@@ -292,18 +311,23 @@ fn cookie(headers: &HeaderMap) -> Option<String> {
         .filter(|value| !value.is_empty())
 }
 
-/// `Secure` when configured, or when a trusted proxy says the client came over TLS.
-fn secure(state: &AppState, extensions: &axum::http::Extensions, headers: &HeaderMap) -> bool {
-    state.console.secure_cookie || {
-        let peer = extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip().to_canonical());
-        let trusted = peer.is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)));
-        trusted
-            && headers
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+/// The cookie's attributes. `Secure` when configured, when the browser's `Origin` is
+/// `https://` (the page came over TLS, whatever the proxies in between), or when a
+/// trusted proxy says the client came over TLS.
+fn cookie_attributes(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+) -> &'static str {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let secure = state.console.secure_cookie
+        || text("origin").is_some_and(|o| o.starts_with("https://"))
+        || (from_trusted_proxy(state, extensions)
+            && text("x-forwarded-proto").is_some_and(|p| p.trim().eq_ignore_ascii_case("https")));
+    if secure {
+        "; Path=/console; HttpOnly; SameSite=Strict; Secure"
+    } else {
+        "; Path=/console; HttpOnly; SameSite=Strict"
     }
 }
 
