@@ -626,8 +626,8 @@ function auditPage() {
   const actor = h('input', { type: 'text', autocomplete: 'off', value: params.get('actor') || '' });
   const tbody = h('tbody');
   const error = h('p', { class: 'error', role: 'alert' });
-  const older = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Older entries');
-  const newest = h('button', { type: 'button', class: 'secondary', hidden: true }, 'Newest entries');
+  const older = h('button', { type: 'button', class: 'secondary older', hidden: true }, 'Older entries');
+  const newest = h('button', { type: 'button', class: 'secondary newest', hidden: true }, 'Newest entries');
   let before = null;
 
   const load = async () => {

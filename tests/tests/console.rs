@@ -718,6 +718,41 @@ async fn the_console_in_chromium() {
     .await;
     edge_becomes(&s, &rolled, StatusCode::UNAUTHORIZED).await;
 
+    // The audit log, paged: 50 more creates make two pages of `key.create`.
+    for i in 0..50 {
+        let (status, made) = cp.create(json!({"name": format!("bulk-{i}")})).await;
+        assert_eq!(status, StatusCode::OK, "{made}");
+    }
+    b.goto(&format!("{base}/console/audit?action=key.create"))
+        .await;
+    b.until(
+        "a full first page",
+        "return document.querySelectorAll('tbody tr').length === 50 && !document.querySelector('button.older').hidden;",
+        Duration::from_secs(5),
+    )
+    .await;
+    let (_, _, all) = cp
+        .get(
+            "/api/v1/audit?action=key.create&limit=1000",
+            Some(&cp.admin_key),
+        )
+        .await;
+    let creates = serde_json::from_str::<Value>(&all).unwrap()["entries"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(creates > 50 && creates < 100, "{creates}");
+    b.find("button.older").await.click().await.unwrap();
+    // The older page ends with the first key ever made (the harness's admin key).
+    let older_page = format!(
+        "const rows = [...document.querySelectorAll('tbody tr')]; return rows.length === {} \
+         && rows[rows.length - 1].cells[3].textContent === 'admin' \
+         && document.querySelector('button.older').hidden && !document.querySelector('button.newest').hidden;",
+        creates - 50
+    );
+    b.until("the older page", &older_page, Duration::from_secs(5))
+        .await;
+
     // The audit log, filtered by action.
     b.goto(&format!("{base}/console/audit")).await;
     let action = b.find("#audit-action").await;
