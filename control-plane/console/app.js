@@ -586,22 +586,27 @@ function keyPage(name) {
     }
   };
 
+  const show = (k) => {
+    details.replaceChildren(...[
+      ['Identifier', k.identifier], ['Type', k.for], ['Role', k.role], ['Created', when(k.created)],
+      ['Expires', when(k.expiresAt)], ['Last used', k.lastUsed ? when(k.lastUsed) : 'never'],
+      ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
+      ['Metadata', k.meta ? JSON.stringify(k.meta) : '—'],
+    ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', {}, value)]));
+  };
+
   const loadDetails = async () => {
-    // The list is the only read of key metadata: page through it for this key.
+    // GET /keys/list and /keys/onboarding are the lists: keys of those names are found
+    // in the list.
+    if (name !== 'list' && name !== 'onboarding') {
+      show(await api('GET', `${API}/keys/${enc(name)}`));
+      return;
+    }
     let cursor = '';
-    for (let i = 0; i < 100; i += 1) {
-      const params = new URLSearchParams({ limit: '1000', cursor });
-      const found = await api('GET', `${API}/keys/list?${params}`);
+    for (;;) {
+      const found = await api('GET', `${API}/keys/list?${new URLSearchParams({ limit: '1000', cursor })}`);
       const k = found.keys.find((x) => x.name === name);
-      if (k) {
-        details.replaceChildren(...[
-          ['Identifier', k.identifier], ['Type', k.for], ['Role', k.role], ['Created', when(k.created)],
-          ['Expires', when(k.expiresAt)], ['Last used', k.lastUsed ? when(k.lastUsed) : 'never'],
-          ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
-          ['Metadata', k.meta ? JSON.stringify(k.meta) : '—'],
-        ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', {}, value)]));
-        return;
-      }
+      if (k) { show(k); return; }
       if (!found.nextCursor) return;
       cursor = found.nextCursor;
     }
@@ -614,7 +619,9 @@ function keyPage(name) {
       h('h2', { id: 'chart-title' }, 'Requests per hour'),
       h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
       summary, error, h('figure', { class: 'chart' }, chartSlot)));
-  loadDetails().catch((e) => { error.textContent = `Could not load the key: ${e.message}`; });
+  loadDetails().catch((e) => {
+    if (e.status !== 404) error.textContent = `Could not load the key: ${e.message}`;
+  });
   loadUsage();
 }
 

@@ -166,8 +166,20 @@ async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
     }
     let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
     let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let path_of = |name: &str| {
+        format!(
+            "/api/v1/keys/{}",
+            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        )
+    };
     for name in names {
         assert!(list.iter().any(|e| e["name"] == name), "{name} listed");
+        // One key by name: its listed metadata, exactly.
+        let (status, _, one) = cp.get(&path_of(name), Some(&cp.admin_key)).await;
+        assert_eq!(status, StatusCode::OK, "GET {name:?}: {one}");
+        let one: Value = serde_json::from_str(&one).unwrap();
+        assert_eq!(&one, list.iter().find(|e| e["name"] == name).unwrap());
+        assert!(one.get("apiKey").is_none(), "never the key");
         assert_eq!(
             cp.delete(name, Some(&cp.admin_key)).await.0,
             StatusCode::OK,
@@ -179,6 +191,16 @@ async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
         serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
         3,
         "only the harness's keys left: {text}"
+    );
+    let (status, _, gone) = cp.get(&path_of("with space"), Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "deleted: {gone}");
+    // A key named like the create route is read there (GET of `create` is its).
+    cp.create_key("create", "GENERIC").await;
+    let (status, _, named) = cp.get("/api/v1/keys/create", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK, "{named}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&named).unwrap()["name"],
+        "create"
     );
 }
 

@@ -103,6 +103,8 @@ async fn every_route_for_every_role(backend: Backend) {
             Some(json!({"meta": {"tenant": "t"}})),
             Admin,
         ),
+        (Method::GET, "/api/v1/keys/made".into(), None, Admin),
+        (Method::GET, "/api/v1/keys/made/usage".into(), None, Admin),
         (Method::GET, "/api/v1/audit".into(), None, Admin),
         (Method::GET, "/api/v1/verify".into(), None, Client),
         (

@@ -229,6 +229,16 @@ impl Store {
         Ok(Some(key))
     }
 
+    /// The key with this name (its metadata; never shown its secret).
+    pub async fn key_by_name(&self, name: &str) -> Result<Option<StoredKey>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// All keys, or those of one type; newest first.
     pub async fn list_keys(&self, only: Option<KeyType>) -> Result<Vec<StoredKey>, StoreError> {
         self.list_keys_page(only, None, i64::MAX).await

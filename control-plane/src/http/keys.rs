@@ -4,7 +4,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::patch;
+use axum::routing::{get, patch};
 use axum::{Extension, Json};
 use metlo_shared::{KeyHash, KeyRecord, KeyType};
 use serde::{Deserialize, Serialize};
@@ -31,10 +31,12 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(remove))
         .routes(routes!(roll))
         .routes(routes!(update))
+        .routes(routes!(show))
         .routes(routes!(by_hash))
         .routes(routes!(verify));
     // A fixed path wins over `{name}`, so keys named like one (Metlo allowed these names)
-    // get their PATCH here, next to the fixed route's own method.
+    // get their PATCH here, next to the fixed route's own method (and `create` its GET;
+    // GET of `list` and `onboarding` are the lists).
     for name in ["create", "list", "onboarding"] {
         router = router.route(
             &format!("/api/v1/keys/{name}"),
@@ -45,7 +47,12 @@ pub fn router() -> OpenApiRouter<AppState> {
             ),
         );
     }
-    router
+    router.route(
+        "/api/v1/keys/create",
+        get(|who: Authorized<Admins>, state: State<AppState>| {
+            show(who, state, Path("create".to_owned()))
+        }),
+    )
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -128,6 +135,22 @@ async fn update(
     Ok(Json(
         key_updates::update_key(&state.store, &state.cache, &name, &changes, &actor).await?,
     ))
+}
+
+/// One key's metadata (never the key). A key named `list` or `onboarding` is read from
+/// the lists: those paths are theirs.
+#[utoipa::path(get, path = "/api/v1/keys/{name}", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded")),
+    responses((status = 200, body = KeyInfo), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn show(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    Ok(Json(key_lists::key_info(&state.store, &name).await?))
 }
 
 /// `?limit=&cursor=` of the list routes.

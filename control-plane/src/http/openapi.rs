@@ -66,7 +66,8 @@ pub fn add_limit_responses(doc: &mut utoipa::openapi::OpenApi) {
 
 /// Keys named `create`, `list` or `onboarding` (names Metlo allowed) are updated at their
 /// fixed paths, which a fixed route wins over `{name}` for: the document lists those
-/// PATCHes too, as the `{name}` one with the name fixed, so `Allow` and the document agree.
+/// PATCHes too (and `create`'s GET), as the `{name}` ones with the name fixed, so `Allow`
+/// and the document agree.
 /// And an update must change something: `{}` is a 400, said as `minProperties: 1`.
 pub fn document_updates(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{RefOr, Schema};
@@ -85,6 +86,20 @@ pub fn document_updates(doc: &mut utoipa::openapi::OpenApi) {
         op.parameters = None;
         if let Some(item) = doc.paths.paths.get_mut(&format!("/api/v1/keys/{name}")) {
             item.patch = Some(op);
+        }
+    }
+    // And `create`'s GET: the key named `create` (the lists own GET of theirs).
+    if let Some(mut show) = doc
+        .paths
+        .paths
+        .get("/api/v1/keys/{name}")
+        .and_then(|item| item.get.clone())
+    {
+        show.operation_id = Some("show_key_named_create".into());
+        show.summary = Some("The key named `create`".into());
+        show.parameters = None;
+        if let Some(item) = doc.paths.paths.get_mut("/api/v1/keys/create") {
+            item.get = Some(show);
         }
     }
     if let Some(RefOr::T(Schema::Object(object))) = doc

@@ -1,4 +1,4 @@
-//! Listing keys: Metlo's plain array (bounded), or pages by an opaque cursor.
+//! Reading keys: one by name, Metlo's plain array (bounded), or pages by an opaque cursor.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -89,6 +89,15 @@ fn decode_cursor(cursor: &str) -> Result<(i64, i64), Error> {
         )),
         _ => Err(invalid()),
     }
+}
+
+/// One key's metadata, by name.
+pub async fn key_info(store: &Store, name: &str) -> Result<KeyInfo, Error> {
+    store
+        .key_by_name(&super::keys::normalize_name(name))
+        .await?
+        .map(KeyInfo::from)
+        .ok_or(Error::NotFound("no API key with this name"))
 }
 
 #[cfg(test)]
