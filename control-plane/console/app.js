@@ -370,9 +370,7 @@ function keysPage() {
   };
 
   const draw = () => {
-    const needle = filterName.value.trim().toLowerCase();
-    const shown = keys.filter((k) => (!needle || k.name.toLowerCase().includes(needle))
-      && (!filterType.value || k.for === filterType.value));
+    const shown = keys;
     // A redraw removes the focused row's button: give the focus back to the same button
     // of the redrawn row (or the list's heading), not to the page's body.
     const before = document.activeElement;
@@ -384,17 +382,24 @@ function keysPage() {
       const same = newRow ? newRow.querySelectorAll('button')[place] : null;
       (same || document.getElementById('list-title')).focus();
     }
-    count.textContent = `${shown.length} of ${keys.length} loaded key${keys.length === 1 ? '' : 's'} shown`
-      + (cursor ? ' (more to load)' : '');
+    const filtered = filterName.value.trim() || filterType.value;
+    count.textContent = `${shown.length} key${shown.length === 1 ? '' : 's'}${filtered ? ' matching' : ''}`
+      + (cursor ? ' shown, more to load' : '');
     more.hidden = !cursor;
   };
 
+  let loads = 0;
   const load = async (reset) => {
     listError.textContent = '';
+    const mine = ++loads; // only the latest request's answer is drawn
     try {
+      // Filtered by the server, so a filter finds keys not loaded yet.
       const params = new URLSearchParams({ limit: '100' });
+      if (filterName.value.trim()) params.set('name', filterName.value.trim());
+      if (filterType.value) params.set('type', filterType.value);
       if (!reset && cursor) params.set('cursor', cursor);
       const pageOfKeys = await api('GET', `${API}/keys/list?${params}`);
+      if (mine !== loads) return;
       keys = reset ? pageOfKeys.keys : keys.concat(pageOfKeys.keys);
       cursor = pageOfKeys.nextCursor || null;
       draw();
@@ -432,8 +437,12 @@ function keysPage() {
         h('button', { type: 'button', class: 'danger small', 'aria-label': `Delete ${k.name}`, onclick: () => deleteDialog(k, () => load(true)) }, 'Delete'))));
   };
 
-  filterName.addEventListener('input', draw);
-  filterType.addEventListener('change', draw);
+  let typing = null;
+  filterName.addEventListener('input', () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => load(true), 250);
+  });
+  filterType.addEventListener('change', () => load(true));
   more.addEventListener('click', () => load(false));
 
   const table = h('div', { class: 'table-wrap', role: 'region', 'aria-label': 'Keys', tabindex: '0' },

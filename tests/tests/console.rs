@@ -666,6 +666,41 @@ async fn the_console_in_chromium() {
         cp.listed("with-policy").await["meta"],
         json!({"tenant": "acme"})
     );
+    // Filters (by the server): by a part of the name, and by type.
+    b.find("#filter-name")
+        .await
+        .send_keys("POLICY")
+        .await
+        .unwrap();
+    b.until(
+        "the name filter",
+        "return [...document.querySelectorAll('tbody tr')].map(r => r.dataset.key).join(',') === 'with-policy';",
+        Duration::from_secs(5),
+    )
+    .await;
+    b.find("#filter-name").await.clear().await.unwrap();
+    b.find("#filter-type")
+        .await
+        .select_by_value("ONBOARDING")
+        .await
+        .unwrap();
+    b.until(
+        "the type filter",
+        "return document.querySelectorAll('tbody tr').length === 0 && document.querySelector('section p.muted').textContent.startsWith('0 keys');",
+        Duration::from_secs(5),
+    )
+    .await;
+    b.find("#filter-type")
+        .await
+        .select_by_value("")
+        .await
+        .unwrap();
+    b.until(
+        "every key again",
+        "return document.querySelectorAll('tbody tr').length > 3;",
+        Duration::from_secs(5),
+    )
+    .await;
     b.find("#secret button.secondary")
         .await
         .click()

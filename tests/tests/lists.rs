@@ -12,6 +12,7 @@ on_both_backends!(
     a_walk_sees_every_key_once_while_keys_come_and_go,
     unpaged_lists_stay_arrays_up_to_their_limit,
     bad_paging_parameters_are_400,
+    lists_filter_by_name_and_type,
 );
 
 async fn start(backend: Backend, unpaged_max: u32) -> ControlPlane {
@@ -189,5 +190,45 @@ async fn bad_paging_parameters_are_400(backend: Backend) {
         let (status, body) = page(&cp, "list", query).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
         assert_eq!(body["error"], "bad_request");
+    }
+}
+
+async fn lists_filter_by_name_and_type(backend: Backend) {
+    let cp = start(backend, 1000).await;
+    for (name, kind) in [
+        ("Tenant_A", "GENERIC"),
+        ("tenant-b", "ONBOARDING"),
+        ("tenantXc", "GCP"),
+        ("other", "GENERIC"),
+    ] {
+        cp.create_key(name, kind).await;
+    }
+    let sorted = |v: &Value| {
+        let mut n = names(&v["keys"]);
+        n.sort();
+        n
+    };
+    // A filter answers a page, even without `limit`.
+    let (status, body) = page(&cp, "list", "name=TENANT").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sorted(&body), ["Tenant_A", "tenant-b", "tenantXc"]);
+    assert!(body["nextCursor"].is_null());
+    // `_` is a character, not LIKE's wildcard.
+    let (_, body) = page(&cp, "list", "name=t_").await;
+    assert_eq!(sorted(&body), ["Tenant_A"]);
+    let (_, body) = page(&cp, "list", "name=tenant&type=GENERIC").await;
+    assert_eq!(sorted(&body), ["Tenant_A"]);
+    let (_, body) = page(&cp, "onboarding", "name=tenant").await;
+    assert_eq!(sorted(&body), ["tenant-b"]);
+    // Paged through a filter: two keys a page, each once.
+    let (_, first) = page(&cp, "list", "name=tenant&limit=2").await;
+    let cursor = first["nextCursor"].as_str().unwrap().to_owned();
+    let (_, second) = page(&cp, "list", &format!("name=tenant&limit=2&cursor={cursor}")).await;
+    let mut walked = [names(&first["keys"]), names(&second["keys"])].concat();
+    walked.sort();
+    assert_eq!(walked, ["Tenant_A", "tenant-b", "tenantXc"]);
+    for (route, query) in [("list", "type=generic"), ("onboarding", "type=GCP")] {
+        let (status, body) = page(&cp, route, query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{route}?{query}: {body}");
     }
 }

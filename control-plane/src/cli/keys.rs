@@ -391,7 +391,7 @@ async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<Output> {
                 let only = onboarding.then_some(KeyType::Onboarding);
                 let store = &store;
                 let page = |limit: i64, cursor: Option<String>| async move {
-                    Ok(key_lists::list_page(store, only, limit, cursor.as_deref()).await?)
+                    Ok(key_lists::list_page(store, only, None, limit, cursor.as_deref()).await?)
                 };
                 list_pages(*limit, cursor.clone(), page).await?
             }

@@ -241,15 +241,17 @@ impl Store {
 
     /// All keys, or those of one type; newest first.
     pub async fn list_keys(&self, only: Option<KeyType>) -> Result<Vec<StoredKey>, StoreError> {
-        self.list_keys_page(only, None, i64::MAX).await
+        self.list_keys_page(only, None, None, i64::MAX).await
     }
 
-    /// At most `limit` keys (all, or of one type), newest first — by `(created_at_ms, id)`
-    /// descending — starting after `after` (the last key of the previous page). A key made
-    /// or deleted during a walk never makes another one be skipped or repeated.
+    /// At most `limit` keys (all, or of one type, or whose name contains `name_part`,
+    /// ASCII letters in any case), newest first — by `(created_at_ms, id)` descending —
+    /// starting after `after` (the last key of the previous page). A key made or deleted
+    /// during a walk never makes another one be skipped or repeated.
     pub async fn list_keys_page(
         &self,
         only: Option<KeyType>,
+        name_part: Option<&str>,
         after: Option<(i64, i64)>,
         limit: i64,
     ) -> Result<Vec<StoredKey>, StoreError> {
@@ -262,6 +264,9 @@ impl Store {
         if only.is_some() {
             sql += &format!(" AND key_type = {}", next());
         }
+        if name_part.is_some() {
+            sql += &format!(" AND LOWER(name) LIKE {} ESCAPE '\\'", next());
+        }
         if after.is_some() {
             sql += &format!(" AND (created_at_ms, id) < ({}, {})", next(), next());
         }
@@ -269,6 +274,18 @@ impl Store {
         let mut query = sqlx::query_as(&sql);
         if let Some(t) = only {
             query = query.bind(t.as_str());
+        }
+        if let Some(part) = name_part {
+            // LIKE's own characters taken literally.
+            let escaped: String = part
+                .to_ascii_lowercase()
+                .chars()
+                .flat_map(|c| match c {
+                    '%' | '_' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            query = query.bind(format!("%{escaped}%"));
         }
         if let Some((created, id)) = after {
             query = query.bind(created).bind(id);

@@ -301,7 +301,7 @@ async fn pages_walk_every_key_once_in_list_order_ties_included() {
         let mut walked = vec![];
         let mut after = None;
         loop {
-            let page = store.list_keys_page(only, after, 2).await.unwrap();
+            let page = store.list_keys_page(only, None, after, 2).await.unwrap();
             assert!(page.len() <= 2);
             let Some(last) = page.last() else { break };
             after = Some((last.created_at_ms, last.id));
@@ -318,4 +318,53 @@ async fn pages_walk_every_key_once_in_list_order_ties_included() {
             .len(),
         4
     );
+}
+
+#[tokio::test]
+async fn pages_filter_by_a_part_of_the_name() {
+    let store = Store::memory().await;
+    for (name, kind) in [
+        ("Alpha_1", KeyType::Generic),
+        ("alpha-2", KeyType::Onboarding),
+        ("beta%", KeyType::Generic),
+        ("gamma", KeyType::Generic),
+        ("x\\y", KeyType::Generic),
+    ] {
+        let k = key(name, kind);
+        store
+            .insert_key(&k, 100, &audit("key.create", name))
+            .await
+            .unwrap();
+    }
+    let names = |keys: Vec<StoredKey>| {
+        let mut names: Vec<String> = keys.into_iter().map(|k| k.name).collect();
+        names.sort();
+        names
+    };
+    let find = |only, part| {
+        let store = &store;
+        async move {
+            names(
+                store
+                    .list_keys_page(only, Some(part), None, 100)
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    assert_eq!(
+        find(None, "ALPHA").await,
+        ["Alpha_1", "alpha-2"],
+        "any case"
+    );
+    assert_eq!(
+        find(Some(KeyType::Generic), "alpha").await,
+        ["Alpha_1"],
+        "and the type"
+    );
+    // LIKE's wildcards and escape are plain characters here.
+    assert_eq!(find(None, "_").await, ["Alpha_1"]);
+    assert_eq!(find(None, "%").await, ["beta%"]);
+    assert_eq!(find(None, "\\").await, ["x\\y"]);
+    assert!(find(None, "delta").await.is_empty());
 }

@@ -163,6 +163,13 @@ pub struct ListQuery {
     limit: Option<String>,
     /// The previous page's `nextCursor`, as it is.
     cursor: Option<String>,
+    /// Only keys whose name contains this (ASCII letters in any case). Given, the answer
+    /// is a page.
+    name: Option<String>,
+    /// Only keys of this type. Given, the answer is a page.
+    #[serde(rename = "type")]
+    #[param(value_type = Option<KeyType>)]
+    key_type: Option<String>,
 }
 
 /// Every key (Metlo's plain array, without `limit` and `cursor`), or one page of them.
@@ -180,7 +187,28 @@ async fn list_response(
 ) -> Result<Json<KeyList>, ApiError> {
     let q: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    if q.limit.is_none() && q.cursor.is_none() {
+    let only = match q
+        .key_type
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        None => only,
+        Some(t) => {
+            let wanted = t.parse::<KeyType>().map_err(|_| {
+                ApiError::BadRequest("type must be GENERIC, ONBOARDING, GCP or AWS".into())
+            })?;
+            if only.is_some_and(|o| o != wanted) {
+                return Err(ApiError::BadRequest(
+                    "type: the onboarding list has ONBOARDING keys only".into(),
+                ));
+            }
+            Some(wanted)
+        }
+    };
+    let name = q.name.as_deref().filter(|n| !n.is_empty());
+    let filtered = name.is_some() || q.key_type.is_some();
+    if q.limit.is_none() && q.cursor.is_none() && !filtered {
         let all = key_lists::list_unpaged(&state.store, only, state.list_unpaged_max).await?;
         return Ok(Json(KeyList::All(all)));
     }
@@ -195,7 +223,7 @@ async fn list_response(
     };
     // An empty cursor is the first page.
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
-    let page = key_lists::list_page(&state.store, only, limit, cursor).await?;
+    let page = key_lists::list_page(&state.store, only, name, limit, cursor).await?;
     Ok(Json(KeyList::Page(page)))
 }
 

@@ -33,7 +33,7 @@ pub async fn list_unpaged(
     max: u64,
 ) -> Result<Vec<KeyInfo>, Error> {
     let fetch = i64::try_from(max).unwrap_or(i64::MAX - 1) + 1;
-    let keys = store.list_keys_page(only, None, fetch).await?;
+    let keys = store.list_keys_page(only, None, None, fetch).await?;
     if keys.len() as u64 > max {
         return Err(Error::invalid(format!(
             "there are more than {max} keys to list in one response: ask for them a page \
@@ -43,11 +43,13 @@ pub async fn list_unpaged(
     Ok(keys.into_iter().map(KeyInfo::from).collect())
 }
 
-/// At most `limit` keys, newest first, after `cursor` (a previous page's `nextCursor`).
-/// Keys made or deleted during a walk never make another key be skipped or repeated.
+/// At most `limit` keys, newest first, after `cursor` (a previous page's `nextCursor`),
+/// of one type and with `name_part` in their name when given. Keys made or deleted
+/// during a walk never make another key be skipped or repeated.
 pub async fn list_page(
     store: &Store,
     only: Option<KeyType>,
+    name_part: Option<&str>,
     limit: i64,
     cursor: Option<&str>,
 ) -> Result<KeyPage, Error> {
@@ -57,7 +59,9 @@ pub async fn list_page(
         )));
     }
     let after = cursor.map(decode_cursor).transpose()?;
-    let mut keys = store.list_keys_page(only, after, limit + 1).await?;
+    let mut keys = store
+        .list_keys_page(only, name_part, after, limit + 1)
+        .await?;
     let more = keys.len() as i64 > limit;
     keys.truncate(limit as usize);
     let next_cursor = keys
