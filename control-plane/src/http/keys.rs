@@ -187,12 +187,7 @@ async fn list_response(
 ) -> Result<Json<KeyList>, ApiError> {
     let q: ListQuery = serde_urlencoded::from_str(query.unwrap_or(""))
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    let only = match q
-        .key_type
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
+    let only = match q.key_type.as_deref().map(str::trim) {
         None => only,
         Some(t) => {
             let wanted = t.parse::<KeyType>().map_err(|_| {
