@@ -42,9 +42,14 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
     const SEEDED: usize = 100_000;
     let state = tempfile::tempdir().unwrap();
     let kv = KvApi::start(state.path()).await;
-    let cp =
-        ControlPlane::start_with(options(Backend::Sqlite, &kv).env("MAX_API_KEYS", SEEDED + 100))
-            .await;
+    // No delete echo: the disabled key's echo, 60 s on, would land among the injected
+    // faults on a slow run and take one of them (the counts below are exact).
+    let cp = ControlPlane::start_with(
+        options(Backend::Sqlite, &kv)
+            .env("MAX_API_KEYS", SEEDED + 100)
+            .env("KV_SYNC_DELETE_ECHO_SECONDS", 0),
+    )
+    .await;
     let keys_file = state.path().join("seeded-keys");
     let seeded = cli_json(
         &cp,
