@@ -20,7 +20,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{Extensions, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
-use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord};
+use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord};
 use tower::{Layer, Service};
 
 use super::client_ip::client_ip;
@@ -102,36 +102,65 @@ fn cached_valid(state: &AppState, req: &Request) -> Option<Arc<KeyRecord>> {
 /// The slow path: unknown, deleted and expired keys get the same answer (no hint a key
 /// once existed); a source past its failure budget gets 429 instead (and no lookup).
 async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiError> {
+    const SAY: Refusals = Refusals {
+        missing: "missing API key: send it in the Authorization header",
+        malformed: "invalid API key",
+        invalid: "invalid API key",
+    };
     let header = req
         .headers()
         .get(AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("\u{0}"));
-    let key = match parse_authorization(header) {
+    let (record, hash) = authenticate(state, req.extensions(), req.headers(), header, &SAY).await?;
+    state.usage.used(&hash, now_ms());
+    req.extensions_mut().insert(Caller(record));
+    Ok(req)
+}
+
+/// What a refused key is told, by the entry point that refused it.
+pub(super) struct Refusals {
+    pub missing: &'static str,
+    pub malformed: &'static str,
+    pub invalid: &'static str,
+}
+
+/// The key check every entry point shares (the API's key layer, the console's sign-in):
+/// parse (checksum: garbage never reaches the database) → hash → cache → database under
+/// the source's failure budget (skipped for a key valid lately); every refusal audited
+/// and counted. The valid, unexpired record and its hash.
+pub(super) async fn authenticate(
+    state: &AppState,
+    extensions: &Extensions,
+    headers: &HeaderMap,
+    presented: Option<&str>,
+    say: &Refusals,
+) -> Result<(Arc<KeyRecord>, KeyHash), ApiError> {
+    let key = match parse_authorization(presented) {
         Ok(key) => key,
         Err(AuthorizationError::Missing) => {
+            let reason = FailureReason::Missing;
             return Err(refuse(
                 state,
-                req.extensions(),
-                req.headers(),
-                FailureReason::Missing,
+                extensions,
+                headers,
+                reason,
                 None,
-                "missing API key: send it in the Authorization header",
+                say.missing,
             ));
         }
         Err(AuthorizationError::Malformed(_)) => {
+            let reason = FailureReason::Malformed;
             return Err(refuse(
                 state,
-                req.extensions(),
-                req.headers(),
-                FailureReason::Malformed,
+                extensions,
+                headers,
+                reason,
                 None,
-                "invalid API key",
+                say.malformed,
             ));
         }
     };
     let hash = key.hash();
-    // (Borrows of the parts, not of the request: its body is not `Sync`.)
-    let (extensions, headers) = (req.extensions(), req.headers());
     let queried = AtomicBool::new(false);
     let found = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || {
         queried.store(true, Ordering::Relaxed);
@@ -144,40 +173,26 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
     .await;
     let found = match found {
         Err(limited @ service::Error::TooManyFailures(_)) => {
-            record_failure(
-                state,
-                req.extensions(),
-                req.headers(),
-                FailureReason::Limited,
-                Some(key.identifier()),
-            );
+            let (reason, id) = (FailureReason::Limited, Some(key.identifier()));
+            record_failure(state, extensions, headers, reason, id);
             return Err(limited.into());
         }
         found => found?,
     };
-    let now = now_ms();
-    let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now))) else {
-        return Err(refuse(
-            state,
-            req.extensions(),
-            req.headers(),
-            FailureReason::Invalid,
-            Some(key.identifier()),
-            "invalid API key",
-        ));
+    let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now_ms()))) else {
+        let (reason, id) = (FailureReason::Invalid, Some(key.identifier()));
+        return Err(refuse(state, extensions, headers, reason, id, say.invalid));
     };
     if queried.load(Ordering::Relaxed) {
         state.recently_valid.saw(&hash);
     }
-    state.usage.used(&hash, now);
-    req.extensions_mut().insert(Caller(record));
-    Ok(req)
+    Ok((record, hash))
 }
 
 /// A failed authentication: counted for the audit log (client IP and route read only
 /// here, off the success path) and against the source's budget — 401, or 429 once the
-/// budget is spent. (Also the console's sign-in's.)
-pub(super) fn refuse(
+/// budget is spent.
+fn refuse(
     state: &AppState,
     extensions: &Extensions,
     headers: &HeaderMap,
@@ -193,7 +208,7 @@ pub(super) fn refuse(
 }
 
 /// Counts a failure for the audit log; returns the client IP it was counted for.
-pub(super) fn record_failure(
+fn record_failure(
     state: &AppState,
     extensions: &Extensions,
     headers: &HeaderMap,

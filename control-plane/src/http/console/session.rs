@@ -9,17 +9,17 @@ use axum::http::{header, Extensions, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use metlo_shared::{parse_authorization, AuthorizationError, KeyRecord, Role};
+use metlo_shared::{KeyRecord, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clock::{now_ms, unix_seconds};
-use crate::http::auth::{record_failure, refuse};
+use crate::http::auth::{authenticate, Refusals};
 use crate::http::client_ip::client_ip;
 use crate::http::error::ApiError;
 use crate::http::extract::{route, Admins, Allowed, Audited, Caller, JsonBody};
 use crate::http::state::AppState;
-use crate::service::audit::{Actor, FailureReason};
+use crate::service::audit::Actor;
 use crate::service::console::{self, Session};
 use crate::service::{self, verify};
 
@@ -70,49 +70,14 @@ pub async fn sign_in(
     if !same_origin(state, extensions, headers) {
         return Err(cross_site());
     }
-    let refused = |reason, identifier, message| {
-        refuse(state, extensions, headers, reason, identifier, message)
+    const SAY: Refusals = Refusals {
+        missing: "enter an admin key",
+        malformed: "this is not an API key: check that it was copied whole",
+        invalid: "invalid API key: unknown, deleted, disabled or expired",
     };
-    let key = match parse_authorization(Some(key.trim())) {
-        Ok(key) => key,
-        Err(AuthorizationError::Missing) => {
-            return Err(refused(FailureReason::Missing, None, "enter an admin key"))
-        }
-        Err(AuthorizationError::Malformed(_)) => {
-            return Err(refused(
-                FailureReason::Malformed,
-                None,
-                "this is not an API key: check that it was copied whole",
-            ))
-        }
-    };
-    let hash = key.hash();
-    let ip = client_ip(extensions, headers, &state.trusted_proxies);
-    let found = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || {
-        state.failure_limiter.check(ip)
-    })
-    .await;
-    let found = match found {
-        Err(limited @ service::Error::TooManyFailures(_)) => {
-            record_failure(
-                state,
-                extensions,
-                headers,
-                FailureReason::Limited,
-                Some(key.identifier()),
-            );
-            return Err(limited.into());
-        }
-        found => found?,
-    };
+    let (record, hash) = authenticate(state, extensions, headers, Some(key.trim()), &SAY).await?;
     let now = now_ms();
-    let Some(record) = found.filter(|r| !r.is_expired(unix_seconds(now))) else {
-        return Err(refused(
-            FailureReason::Invalid,
-            Some(key.identifier()),
-            "invalid API key: unknown, deleted, disabled or expired",
-        ));
-    };
+    let ip = client_ip(extensions, headers, &state.trusted_proxies);
     if !Admins::ROLES.contains(&record.role) {
         state.auth_failures.record_forbidden(
             ip.map(|ip| ip.to_string()),
