@@ -447,6 +447,35 @@ async fn usage_reports_take_only_existing_keys(backend: Backend) {
 
 metlo_tests::on_both_backends!(slow_clients_cannot_hold_connections);
 
+/// One whole HTTP/1.1 response (head and its `Content-Length` body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed before a whole answer: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// A client sending its request head slowly, or nothing at all, is dropped after
 /// `HEADER_READ_TIMEOUT_SECONDS` (both used to hold their connection for as long as they
 /// liked), one sending its body slowly is answered 408 after `REQUEST_TIMEOUT_SECONDS`,
@@ -485,6 +514,39 @@ async fn slow_clients_cannot_hold_connections(backend: Backend) {
         );
     };
     assert!(closed >= Duration::from_millis(900), "{closed:?}");
+
+    // The header timeout is per request head, not per connection: a keep-alive client
+    // asking every 600 ms is served for longer than the timeout, and a slow head on that
+    // same connection afterwards still gets its whole second (the connection's timer,
+    // armed for an earlier head, is carried forward, not fired early or forgotten).
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for i in 0..6 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut kept).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+    }
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {} // a 408 before the close is fine
+            Err(_) => panic!("a slow head on a kept-alive connection was never timed out"),
+        }
+    }
+    let closed = started.elapsed();
+    assert!(
+        closed >= Duration::from_millis(900) && closed < Duration::from_secs(3),
+        "{closed:?}"
+    );
 
     // A whole head, then a body that trickles: past `REQUEST_TIMEOUT_SECONDS` a JSON 408
     // (the header timeout no longer applies once the head is read).

@@ -8,6 +8,7 @@
 pub mod audit;
 mod auth;
 mod client_ip;
+mod conn_timer;
 mod console;
 pub mod error;
 pub mod extract;

@@ -6,7 +6,8 @@
 //! proxies speak, and cleartext HTTP/2 would need a protocol sniff that waits for a
 //! silent client's first byte with no timeout at all. Hyper's header timeout also closes
 //! a keep-alive connection idle that long between requests, but does not run before a
-//! connection's first byte: that wait is bounded here, once per connection.
+//! connection's first byte: that wait is bounded here, once per connection. Its timer is
+//! one per connection (`conn_timer.rs`), not a timer-wheel entry per request.
 //!
 //! Each request's own bounds are here too, before the router: its head's size (a JSON
 //! 431) and its time (a JSON 408). The timer is made only when the request's first poll
@@ -27,12 +28,13 @@ use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower_service::Service;
 
+use super::conn_timer::ConnectionTimer;
 use super::error::ApiError;
 use super::limits::MAX_HEADER_BYTES;
 
@@ -59,9 +61,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut builder = Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    builder.header_read_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -98,7 +98,8 @@ pub async fn serve(
                 })
             }
         });
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (mut builder, watcher) = (builder.clone(), graceful.watcher());
+        builder.timer(ConnectionTimer::new());
         let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             // A connection that never sends a first byte is bounded like a slow head.
