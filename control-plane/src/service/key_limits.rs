@@ -70,43 +70,54 @@ impl KeyLimits {
                 let mut window = window.lock().unwrap_or_else(|e| e.into_inner());
                 Ok(window.hit(limit, now_ms))
             }
+            // Boxed: the Redis round trip's future is kilobytes, and a future that size
+            // inside `hit` would be moved with every `/verify` call, limited or not.
             KeyLimits::Redis { client, conn } => {
-                let counted = tokio::time::timeout(REDIS_TIMEOUT, async {
-                    let conn = conn
-                        .get_or_try_init(|| async {
-                            let config = ConnectionManagerConfig::new()
-                                .set_connection_timeout(REDIS_TIMEOUT)
-                                .set_response_timeout(REDIS_TIMEOUT)
-                                .set_number_of_retries(1);
-                            ConnectionManager::new_with_config(client.clone(), config).await
-                        })
-                        .await?;
-                    // EVAL, not EVALSHA: the script is short, and a Redis restarted
-                    // without it cached needs no second round trip.
-                    redis::cmd("EVAL")
-                        .arg(HIT_SCRIPT)
-                        .arg(1)
-                        .arg(format!("metlo:rl:{counter}"))
-                        .arg(limit.period_ms())
-                        .query_async::<(u64, i64)>(&mut conn.clone())
-                        .await
+                Box::pin(Self::hit_redis(client, conn, &counter, limit)).await
+            }
+        }
+    }
+
+    async fn hit_redis(
+        client: &redis::Client,
+        conn: &OnceCell<ConnectionManager>,
+        counter: &str,
+        limit: RateLimit,
+    ) -> Result<RateLimitOutcome, Error> {
+        let counted = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let conn = conn
+                .get_or_try_init(|| async {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(REDIS_TIMEOUT)
+                        .set_response_timeout(REDIS_TIMEOUT)
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_with_config(client.clone(), config).await
                 })
-                .await;
-                match counted {
-                    Ok(Ok((count, left_ms))) => Ok(RateLimitOutcome::from_count(
-                        limit,
-                        count,
-                        left_ms.max(0) as u64,
-                    )),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "rate limit not counted: Redis failed");
-                        Err(Error::LimiterUnavailable)
-                    }
-                    Err(_) => {
-                        tracing::warn!("rate limit not counted: Redis timed out");
-                        Err(Error::LimiterUnavailable)
-                    }
-                }
+                .await?;
+            // EVAL, not EVALSHA: the script is short, and a Redis restarted without it
+            // cached needs no second round trip.
+            redis::cmd("EVAL")
+                .arg(HIT_SCRIPT)
+                .arg(1)
+                .arg(format!("metlo:rl:{counter}"))
+                .arg(limit.period_ms())
+                .query_async::<(u64, i64)>(&mut conn.clone())
+                .await
+        })
+        .await;
+        match counted {
+            Ok(Ok((count, left_ms))) => Ok(RateLimitOutcome::from_count(
+                limit,
+                count,
+                left_ms.max(0) as u64,
+            )),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "rate limit not counted: Redis failed");
+                Err(Error::LimiterUnavailable)
+            }
+            Err(_) => {
+                tracing::warn!("rate limit not counted: Redis timed out");
+                Err(Error::LimiterUnavailable)
             }
         }
     }
