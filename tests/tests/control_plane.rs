@@ -395,6 +395,28 @@ async fn bad_requests_are_400_json(backend: Backend) {
         r.json::<Value>().await.unwrap()["error"],
         "payload_too_large"
     );
+    // Chunked (no length announced): refused once the body passes the limit.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = cp.url.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let chunk = "x".repeat(4096);
+        let mut raw = format!(
+            "POST /api/v1/keys/create HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n",
+            cp.admin_key
+        );
+        for _ in 0..5 {
+            raw.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        raw.push_str("0\r\n\r\n");
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 512];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("payload_too_large"), "{answer}");
+    }
     // Oversized request heads: a JSON 431 from our limit (16 KiB), and hyper's own 431
     // for far more than that; a big but acceptable head still works.
     let head_with = |bytes: usize| {

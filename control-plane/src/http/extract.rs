@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::request::Parts;
 use axum::http::Extensions;
-use axum::http::StatusCode;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use metlo_shared::{KeyRecord, Role};
 use serde::de::DeserializeOwned;
 
@@ -108,7 +109,7 @@ impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
 /// A JSON body, whatever the Content-Type (Metlo's clients do not all send one), whose
 /// rejections are JSON errors like every other (axum's own `Json` answers 415/422 in
 /// plain text). An empty body reads as `null`, so `JsonBody<Option<T>>` takes an empty
-/// body. `LIMIT` is the route's body limit (its `DefaultBodyLimit`), for the 413's message.
+/// body. `LIMIT` is the route's body limit: a longer body is answered 413.
 pub struct JsonBody<T, const LIMIT: usize = MAX_BODY_BYTES>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
@@ -116,14 +117,29 @@ impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| match e.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(LIMIT),
-                _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
-            })?;
-        decode_json(&body).map(JsonBody)
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        decode_json(&read_body(req, LIMIT).await?).map(JsonBody)
+    }
+}
+
+/// The whole body, at most `limit` bytes (413 past it). Each route that reads a body says
+/// its limit here, rather than a `DefaultBodyLimit` layer that would put its setting in
+/// the extensions of every request, bodiless or not. A body announced as longer is
+/// refused before a byte of it is read; a chunked or lying one when it reaches the limit.
+pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let announced = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge(limit)),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 

@@ -3,23 +3,21 @@
 //! of GitHub's published keys, is the only credential. Everything is checked before
 //! anything changes.
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::header::CONTENT_LENGTH;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
 use axum::Json;
-use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::Audited;
+use super::extract::{read_body, Audited};
 use super::limits::MAX_LEAK_REPORT_BYTES;
 use super::state::AppState;
 use crate::service::github_keys::SignatureError;
 use crate::service::leaks::{self, LeakAlert, LeakFeedback, LeakMode};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(github).layer(DefaultBodyLimit::max(MAX_LEAK_REPORT_BYTES)))
+    OpenApiRouter::new().routes(routes!(github))
 }
 
 /// A GitHub secret-scanning report (partner program): tokens matching this service's key
@@ -50,7 +48,7 @@ async fn github(
             "leak reports are off (LEAK_REVOCATION=off)".into(),
         ));
     }
-    let body = read_body(request).await?;
+    let body = read_body(request, MAX_LEAK_REPORT_BYTES).await?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let checked = state
         .github_keys
@@ -84,23 +82,4 @@ async fn github(
     .await?;
     metrics::counter!("metlo_leak_reports_total", "result" => "ok").increment(1);
     Ok(Json(feedback))
-}
-
-/// The raw body (the signature covers its exact bytes). One announced as larger than the
-/// limit is refused at once, before a byte of it is read.
-async fn read_body(request: Request) -> Result<Bytes, ApiError> {
-    let announced = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_LEAK_REPORT_BYTES as u64) {
-        return Err(ApiError::PayloadTooLarge(MAX_LEAK_REPORT_BYTES));
-    }
-    // Chunked, or lying: the route's body limit (DefaultBodyLimit) stops it there.
-    Bytes::from_request(request, &())
-        .await
-        .map_err(|e| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(MAX_LEAK_REPORT_BYTES),
-            _ => ApiError::BadRequest(format!("could not read the request body: {e}")),
-        })
 }

@@ -23,7 +23,6 @@ pub mod state;
 pub mod usage;
 
 use axum::body::Bytes;
-use axum::extract::DefaultBodyLimit;
 use axum::http::header;
 use axum::routing::get;
 use axum::Router;
@@ -33,7 +32,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use error::ApiError;
-use limits::MAX_BODY_BYTES;
 use state::AppState;
 
 pub use extract::decode_json;
@@ -62,11 +60,7 @@ pub fn app(state: AppState) -> Router {
         // One stack applied once (outermost first): each `Router::layer` call would box
         // every route again, a clone and a boxed future more per request. (The head-size
         // limit and the request timeout are the accept loop's: `server.rs`.)
-        .layer(
-            ServiceBuilder::new()
-                .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-                .layer(metrics::TrackRequestsLayer),
-        );
+        .layer(ServiceBuilder::new().layer(metrics::TrackRequestsLayer));
     // A span and two events per request, wanted only when debugging
     // (`RUST_LOG=tower_http=debug`): left out otherwise, not merely filtered.
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {

@@ -1,11 +1,11 @@
 //! Key use: reported by the edge Worker (for `lastUsed` and the hourly counts), and read
 //! back per key.
 
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
@@ -17,7 +17,7 @@ use crate::service::usage::{self, KeyUsage, UsageReport};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)))
+        .routes(routes!(report))
         .routes(routes!(key_usage))
 }
 
