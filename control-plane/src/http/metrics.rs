@@ -1,9 +1,10 @@
 //! Request metrics: a count and a duration per route template, method and status.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{LazyLock, RwLock};
+use std::sync::{LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
@@ -93,29 +94,57 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 type RequestHandles = (metrics::Counter, metrics::Histogram);
-type HandleMap = HashMap<(&'static str, &'static str, u16), &'static RequestHandles>;
+type HandleMap = HashMap<
+    (&'static str, &'static str, u16),
+    &'static RequestHandles,
+    foldhash::fast::RandomState,
+>;
 
 /// Metric handles per (route template, method, status), made once: a request then costs
-/// a read-locked lookup instead of label strings allocated and a registry key built for
-/// each metric (and handles lent, not cloned: no reference counts touched). The set is bounded: routes are the router's templates, methods the
-/// standard ones, statuses three digits.
+/// a lookup in its thread's own map (no lock, no cache line shared with the other
+/// workers) instead of label strings allocated and a registry key built for each metric
+/// (and handles lent, not cloned: no reference counts touched). The set is bounded:
+/// routes are the router's templates, methods the standard ones, statuses three digits.
 fn request_metrics(route: &str, method: &'static str, status: u16) -> &'static RequestHandles {
-    static HANDLES: LazyLock<RwLock<HandleMap>> = LazyLock::new(Default::default);
-    {
-        let map = HANDLES.read().unwrap_or_else(|e| e.into_inner());
-        let map: &HashMap<(&str, &str, u16), &'static RequestHandles> = &map;
-        if let Some(handles) = map.get(&(route, method, status)) {
-            return handles;
-        }
+    thread_local! {
+        static NEAR: RefCell<HandleMap> = RefCell::default();
     }
-    let mut map = HANDLES.write().unwrap_or_else(|e| e.into_inner());
-    let route: &'static str = Box::leak(route.to_owned().into_boxed_str());
-    map.entry((route, method, status))
-        .or_insert_with(|| {
-            let status = status.to_string();
-            Box::leak(Box::new((
-                metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status),
-                metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route),
-            )))
+    NEAR.with(|near| {
+        let found = {
+            let map = near.borrow();
+            let map: &HashMap<(&str, &str, u16), &'static RequestHandles, _> = &map;
+            map.get(&(route, method, status)).copied()
+        };
+        found.unwrap_or_else(|| {
+            let (route, handles) = shared_request_metrics(route, method, status);
+            near.borrow_mut().insert((route, method, status), handles);
+            handles
         })
+    })
+}
+
+/// The process's one set of handles (a thread's first request of a kind): its route
+/// template leaked once, with the handles.
+fn shared_request_metrics(
+    route: &str,
+    method: &'static str,
+    status: u16,
+) -> (&'static str, &'static RequestHandles) {
+    type Shared =
+        HashMap<(&'static str, &'static str, u16), (&'static str, &'static RequestHandles)>;
+    static SHARED: LazyLock<Mutex<Shared>> = LazyLock::new(Default::default);
+    let mut map = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let found = {
+        let map: &HashMap<(&str, &str, u16), (&'static str, &'static RequestHandles)> = &map;
+        map.get(&(route, method, status)).copied()
+    };
+    found.unwrap_or_else(|| {
+        let route: &'static str = Box::leak(route.to_owned().into_boxed_str());
+        let handles: &'static RequestHandles = Box::leak(Box::new((
+            metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status.to_string()),
+            metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route),
+        )));
+        map.insert((route, method, status), (route, handles));
+        (route, handles)
+    })
 }
