@@ -69,9 +69,10 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         (Some(_), ttl) => ttl,
         (None, _) => config.cache_ttl_seconds,
     };
-    // Every key, and as many secrets again in a roll's overlap.
+    // Every key, as many secrets again in a roll's overlap, and room for busy keys counted
+    // by more than one worker thread until a flush merges them.
     let usage_capacity =
-        usize::try_from(config.max_api_keys.saturating_mul(2)).unwrap_or(usize::MAX);
+        usize::try_from(config.max_api_keys.saturating_mul(3)).unwrap_or(usize::MAX);
     let usage = Arc::new(Usage::new(config.track_last_used, usage_capacity.max(1000)));
     tokio::spawn(usage::prune_forever(store.clone(), config.usage_retention));
     if usage.enabled() {

@@ -3,10 +3,12 @@
 //! in-memory map (latest time and per-hour counts per key), and a background task writes it
 //! out every `LAST_USED_FLUSH_SECONDS` (default 60), 500 keys per transaction — at most one
 //! write per key per interval, however busy the key. Edge reports are taken only for
-//! hashes of existing keys, and the map holds at most twice `MAX_API_KEYS` keys: made-up
-//! hashes cannot grow it.
+//! hashes of existing keys, and the maps hold at most 3 × `MAX_API_KEYS` entries: made-up
+//! hashes cannot grow them.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,22 +27,30 @@ type Pending = HashMap<KeyHash, Uses, foldhash::fast::RandomState>;
 /// Most entries one usage report may carry.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
 
-/// Uses not yet written, by secret hash; at most `capacity` keys (uses of
+/// Pending maps, one per thread (up to this many): two workers verifying one busy key do
+/// not take turns on one lock and pass its cache line back and forth.
+const SHARDS: usize = 8;
+
+/// Uses not yet written, by secret hash; at most `capacity` entries in all (uses of
 /// other keys past it are dropped and counted in `metlo_usage_dropped_total`). Hashed
 /// with foldhash (seeded per process): SipHash over 32 bytes was a measurable part of a
 /// cached verification.
 pub struct Usage {
-    pending: Mutex<Pending>,
+    shards: [Mutex<Pending>; SHARDS],
+    /// Entries in all shards (a key used from two threads is two until the flush merges
+    /// them): touched only when an entry is added or taken, never per use.
+    entries: AtomicUsize,
     enabled: bool,
     capacity: usize,
 }
 
 impl Usage {
-    /// `capacity`: keys pending at most (the instance's key limit, with room for secrets
-    /// in a roll's overlap, is enough).
+    /// `capacity`: entries pending at most (the instance's key limit, with room for
+    /// secrets in a roll's overlap and for a busy key seen by several threads, is enough).
     pub fn new(enabled: bool, capacity: usize) -> Self {
         Usage {
-            pending: Mutex::new(Pending::default()),
+            shards: Default::default(),
+            entries: AtomicUsize::new(0),
             enabled,
             capacity,
         }
@@ -48,6 +58,15 @@ impl Usage {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// This thread's shard.
+    fn shard(&self) -> &Mutex<Pending> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        &self.shards[SHARD.with(|s| *s)]
     }
 
     /// A successful verification at `now_ms` (the caller's clock reading: one per request).
@@ -63,18 +82,27 @@ impl Usage {
             return;
         }
         let mut dropped = 0;
-        let mut pending = self.pending.lock().unwrap();
+        let mut pending = self.shard().lock().unwrap_or_else(|e| e.into_inner());
         for (hash, at_ms, count) in uses {
-            let full = pending.len() >= self.capacity;
-            match pending.get_mut(hash) {
-                Some(u) => u.add(*at_ms, *count),
-                None if full => dropped += 1,
-                None => {
-                    let mut u = Uses::default();
-                    u.add(*at_ms, *count);
-                    pending.insert(*hash, u);
-                }
+            if let Some(u) = pending.get_mut(hash) {
+                u.add(*at_ms, *count);
+                continue;
             }
+            // A new entry, if there is room (claimed before it is added, so two threads
+            // cannot both take the last place).
+            let claimed = self
+                .entries
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < self.capacity).then_some(n + 1)
+                })
+                .is_ok();
+            if !claimed {
+                dropped += 1;
+                continue;
+            }
+            let mut u = Uses::default();
+            u.add(*at_ms, *count);
+            pending.insert(*hash, u);
         }
         drop(pending);
         if dropped > 0 {
@@ -82,20 +110,38 @@ impl Usage {
         }
     }
 
-    /// Uses that could not be written: back in, merged with any taken meanwhile.
+    /// Uses that could not be written: back in, merged with any taken meanwhile (room or
+    /// not: they were counted once already).
     fn put_back(&self, batch: Vec<(KeyHash, Uses)>) {
-        let mut pending = self.pending.lock().unwrap();
+        let mut pending = self.shard().lock().unwrap_or_else(|e| e.into_inner());
         for (hash, uses) in batch {
-            pending.entry(hash).or_default().merge(uses);
+            match pending.entry(hash) {
+                Entry::Occupied(mut e) => e.get_mut().merge(uses),
+                Entry::Vacant(e) => {
+                    self.entries.fetch_add(1, Ordering::Relaxed);
+                    e.insert(uses);
+                }
+            }
         }
     }
 
-    /// Everything pending, emptying the map in one step (a use recorded meanwhile lands
-    /// in the next batch, never in neither).
+    /// Everything pending, each key once (a use recorded meanwhile lands in the next
+    /// batch, never in neither).
     fn take(&self) -> Vec<(KeyHash, Uses)> {
-        std::mem::take(&mut *self.pending.lock().unwrap())
-            .into_iter()
-            .collect()
+        let mut all = Pending::default();
+        for shard in &self.shards {
+            let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            self.entries.fetch_sub(taken.len(), Ordering::Relaxed);
+            for (hash, uses) in taken {
+                match all.entry(hash) {
+                    Entry::Occupied(mut e) => e.get_mut().merge(uses),
+                    Entry::Vacant(e) => {
+                        e.insert(uses);
+                    }
+                }
+            }
+        }
+        all.into_iter().collect()
     }
 }
 
@@ -348,6 +394,34 @@ mod tests {
         assert_eq!(taken.len(), 2, "the third was dropped");
         assert_eq!(taken[0].1.last_ms, 5);
         assert_eq!(taken[0].1.hours, vec![(0, 2)]);
+    }
+
+    #[test]
+    fn uses_from_several_threads_are_taken_as_one_entry_per_key() {
+        let usage = Arc::new(Usage::new(true, 3));
+        let a = ApiKey::generate().unwrap().hash();
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let usage = usage.clone();
+                std::thread::spawn(move || {
+                    for n in 0..100 {
+                        usage.used(&a, i * 1000 + n);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Four threads, three places: if each thread has its own shard, one's uses do
+        // not fit; what was counted merges into one entry per key.
+        let taken = usage.take();
+        assert_eq!(taken.len(), 1);
+        let counted: u64 = taken[0].1.hours.iter().map(|(_, n)| n).sum();
+        assert!(counted == 300 || counted == 400, "{counted}");
+        // Taking frees the places.
+        usage.used(&a, 1);
+        assert_eq!(usage.take()[0].1.hours, vec![(0, 1)]);
     }
 
     #[test]
