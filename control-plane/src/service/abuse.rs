@@ -32,9 +32,13 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::Error;
 
-/// Sources tracked at once; past it, idle (refilled) sources are dropped, at most once a
-/// second; sources beyond that are not limited here (the [`LookupGate`] still is).
+/// Sources tracked at once (per generation); sources beyond that are not limited here
+/// (the [`LookupGate`] still is).
 const MAX_SOURCES: usize = 100_000;
+
+/// A bucket untouched this long has refilled (a whole budget comes back in a minute), so
+/// forgetting it changes nothing.
+const GENERATION: Duration = Duration::from_secs(60);
 
 /// The unit a budget belongs to: one IPv4 address, or an IPv6 /64 (one subscriber's
 /// network: a single host can use any address of it).
@@ -46,14 +50,58 @@ pub fn source_of(ip: IpAddr) -> IpNet {
     IpNet::new(ip, prefix).expect("prefix in range").trunc()
 }
 
+#[derive(Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
+type Sources = HashMap<IpNet, Bucket, foldhash::fast::RandomState>;
+
+/// Buckets in two generations: those touched in this one, and in the one before. Every
+/// `GENERATION` the older map is dropped whole — one free, no sweep over a hundred
+/// thousand buckets holding up a worker (a flood from many addresses fills the map) —
+/// and each map gets its full size on its first source, so it never grows (a rehash
+/// of a large map would stall the same way).
 struct Buckets {
-    by_source: HashMap<IpNet, Bucket>,
-    last_prune: Option<Instant>,
+    current: Sources,
+    previous: Sources,
+    since: Instant,
+}
+
+impl Buckets {
+    fn rotate_if_due(&mut self, now: Instant) {
+        if now.duration_since(self.since) >= GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+            // Two generations without a failure: nothing in either is still spent.
+            if now.duration_since(self.since) >= 2 * GENERATION {
+                self.previous = Sources::default();
+            }
+            self.since = now;
+        }
+    }
+
+    fn get(&self, source: &IpNet) -> Option<&Bucket> {
+        self.current
+            .get(source)
+            .or_else(|| self.previous.get(source))
+    }
+
+    /// The source's bucket in this generation (brought over from the last one, or new);
+    /// `None` when this generation is full.
+    fn touch(&mut self, source: IpNet, fresh: Bucket) -> Option<&mut Bucket> {
+        if !self.current.contains_key(&source) {
+            if self.current.len() >= MAX_SOURCES {
+                return None;
+            }
+            if self.current.capacity() == 0 {
+                self.current.reserve(MAX_SOURCES);
+            }
+            let bucket = self.previous.remove(&source).unwrap_or(fresh);
+            self.current.insert(source, bucket);
+        }
+        self.current.get_mut(&source)
+    }
 }
 
 /// Failed authentications per source (see the module docs).
@@ -68,8 +116,9 @@ impl FailureLimiter {
         FailureLimiter {
             per_minute,
             buckets: Mutex::new(Buckets {
-                by_source: HashMap::new(),
-                last_prune: None,
+                current: Sources::default(),
+                previous: Sources::default(),
+                since: Instant::now(),
             }),
         }
     }
@@ -80,20 +129,22 @@ impl FailureLimiter {
             .min(f64::from(self.per_minute))
     }
 
-    /// How long until a token is back (whole seconds, at least 1).
     fn wait(&self, tokens: f64) -> Duration {
         let rate = f64::from(self.per_minute) / 60.0;
         Duration::from_secs(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
     }
 
-    /// `Err(retry after)` when `ip`'s source has no failure left to spend (spends nothing).
+    /// Before a lookup: `Err` (429) when the source has no token left. Spends nothing.
     pub fn check(&self, ip: Option<IpAddr>) -> Result<(), Error> {
+        self.check_at(ip, Instant::now())
+    }
+
+    fn check_at(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Error> {
         let (Some(ip), true) = (ip, self.per_minute > 0) else {
             return Ok(());
         };
-        let now = Instant::now();
-        let buckets = self.buckets.lock().unwrap();
-        match buckets.by_source.get(&source_of(ip)) {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get(&source_of(ip)) {
             Some(b) => {
                 let tokens = self.refilled(b, now);
                 if tokens < 1.0 {
@@ -105,35 +156,24 @@ impl FailureLimiter {
         }
     }
 
-    /// A failed authentication from `ip`: spends a token, or `Err(retry after)` when there
-    /// was none (the caller answers 429 instead of 401).
+    /// A failed authentication: spends a token; `Err` (429) when there was none left.
     pub fn failed(&self, ip: Option<IpAddr>) -> Result<(), Error> {
+        self.failed_at(ip, Instant::now())
+    }
+
+    fn failed_at(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Error> {
         let (Some(ip), true) = (ip, self.per_minute > 0) else {
             return Ok(());
         };
-        let source = source_of(ip);
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap();
-        if !buckets.by_source.contains_key(&source) && buckets.by_source.len() >= MAX_SOURCES {
-            if buckets
-                .last_prune
-                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-            {
-                return Ok(());
-            }
-            buckets.last_prune = Some(now);
-            let full = f64::from(self.per_minute);
-            buckets
-                .by_source
-                .retain(|_, b| self.refilled(b, now) < full);
-            if buckets.by_source.len() >= MAX_SOURCES {
-                return Ok(());
-            }
-        }
-        let bucket = buckets.by_source.entry(source).or_insert(Bucket {
+        let full = Bucket {
             tokens: f64::from(self.per_minute),
             at: now,
-        });
+        };
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.rotate_if_due(now);
+        let Some(bucket) = buckets.touch(source_of(ip), full) else {
+            return Ok(());
+        };
         let tokens = self.refilled(bucket, now);
         bucket.at = now;
         if tokens < 1.0 {
@@ -151,7 +191,8 @@ impl FailureLimiter {
 
     #[cfg(test)]
     fn sources(&self) -> usize {
-        self.buckets.lock().unwrap().by_source.len()
+        let buckets = self.buckets.lock().unwrap();
+        buckets.current.len() + buckets.previous.len()
     }
 }
 
@@ -255,6 +296,46 @@ mod tests {
             off.failed(ip("10.0.0.1")).unwrap();
         }
         assert_eq!(off.sources(), 0);
+    }
+
+    #[test]
+    fn spent_budgets_outlive_a_generation_and_refilled_ones_are_forgotten() {
+        // Two failures a minute: a token every 30 s.
+        let limiter = FailureLimiter::new(2);
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        limiter.failed_at(ip("10.0.0.1"), at(0)).unwrap();
+        limiter.failed_at(ip("10.0.0.1"), at(0)).unwrap();
+        assert!(limiter.failed_at(ip("10.0.0.1"), at(0)).is_err());
+        // Near the generation's end it spends again (1.97 tokens back, 0.97 left).
+        limiter.failed_at(ip("10.0.0.1"), at(59)).unwrap();
+        // Another source opens the next generation; the first's bucket comes over from
+        // the older map with what it has left (1.03), not as a fresh budget of 2.
+        limiter.failed_at(ip("10.0.0.2"), at(61)).unwrap();
+        limiter.failed_at(ip("10.0.0.1"), at(61)).unwrap();
+        assert!(limiter.check_at(ip("10.0.0.1"), at(61)).is_err());
+        assert!(limiter.failed_at(ip("10.0.0.1"), at(61)).is_err());
+        // Two quiet generations later, both maps are gone.
+        limiter.failed_at(ip("10.0.0.4"), at(200)).unwrap();
+        assert_eq!(limiter.sources(), 1);
+    }
+
+    #[test]
+    fn a_full_generation_stops_tracking_new_sources_only() {
+        let limiter = FailureLimiter::new(1);
+        let now = Instant::now();
+        for i in 0..MAX_SOURCES as u32 {
+            let source = Some(IpAddr::from(i.to_be_bytes()));
+            limiter.failed_at(source, now).unwrap();
+        }
+        assert!(limiter
+            .failed_at(Some(IpAddr::from(0u32.to_be_bytes())), now)
+            .is_err());
+        let new = Some(IpAddr::from(u32::MAX.to_be_bytes()));
+        for _ in 0..3 {
+            assert!(limiter.failed_at(new, now).is_ok(), "untracked");
+        }
+        assert_eq!(limiter.sources(), MAX_SOURCES);
     }
 
     #[test]
