@@ -129,12 +129,13 @@ impl FailureLimiter {
             .min(f64::from(self.per_minute))
     }
 
+    /// How long until a token is back (whole seconds, at least 1).
     fn wait(&self, tokens: f64) -> Duration {
         let rate = f64::from(self.per_minute) / 60.0;
         Duration::from_secs(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
     }
 
-    /// Before a lookup: `Err` (429) when the source has no token left. Spends nothing.
+    /// `Err(retry after)` when `ip`'s source has no failure left to spend (spends nothing).
     pub fn check(&self, ip: Option<IpAddr>) -> Result<(), Error> {
         self.check_at(ip, Instant::now())
     }
@@ -156,7 +157,8 @@ impl FailureLimiter {
         }
     }
 
-    /// A failed authentication: spends a token; `Err` (429) when there was none left.
+    /// A failed authentication from `ip`: spends a token, or `Err(retry after)` when there
+    /// was none (the caller answers 429 instead of 401).
     pub fn failed(&self, ip: Option<IpAddr>) -> Result<(), Error> {
         self.failed_at(ip, Instant::now())
     }

@@ -133,12 +133,7 @@ impl Usage {
             let taken = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
             self.entries.fetch_sub(taken.len(), Ordering::Relaxed);
             for (hash, uses) in taken {
-                match all.entry(hash) {
-                    Entry::Occupied(mut e) => e.get_mut().merge(uses),
-                    Entry::Vacant(e) => {
-                        e.insert(uses);
-                    }
-                }
+                all.entry(hash).or_default().merge(uses);
             }
         }
         all.into_iter().collect()

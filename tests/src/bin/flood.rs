@@ -256,12 +256,7 @@ fn pin_apart(server: u32) {
     }
     let rest = format!("1-{}", cores - 1);
     for (cpus, pid) in [("0", server), (rest.as_str(), std::process::id())] {
-        let ok = Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if !quietly("taskset", &["-a", "-p", "-c", cpus, &pid.to_string()]) {
             eprintln!("taskset failed: running unpinned");
         }
     }
@@ -269,21 +264,21 @@ fn pin_apart(server: u32) {
     let postgres = Command::new("pgrep").args(["-x", "postgres"]).output();
     let pids = postgres.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     for pid in pids.unwrap_or_default().split_whitespace() {
-        let pinned = Command::new("taskset")
-            .args(["-a", "-p", "-c", &rest, pid])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        let niced = Command::new("renice")
-            .args(["-n", "10", "-p", pid])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !(pinned && niced) {
+        let pinned = quietly("taskset", &["-a", "-p", "-c", &rest, pid]);
+        if !(pinned && quietly("renice", &["-n", "10", "-p", pid])) {
             eprintln!("could not pin or renice PostgreSQL process {pid}");
         }
     }
     println!("  control plane pinned to core 0; probe, load generator and PostgreSQL (nice 10) to cores {rest}");
+}
+
+/// Runs `program` with `args`, its output discarded; whether it succeeded.
+fn quietly(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 async fn probe_once(cp: &ControlPlane) -> bool {
