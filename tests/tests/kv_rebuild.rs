@@ -43,11 +43,14 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
     let state = tempfile::tempdir().unwrap();
     let kv = KvApi::start(state.path()).await;
     // No delete echo: the disabled key's echo, 60 s on, would land among the injected
-    // faults on a slow run and take one of them (the counts below are exact).
+    // faults on a slow run and take one of them (the counts below are exact). A long KV
+    // timeout: the stand-in takes about 7 s per 10,000-key call on an idle machine, so
+    // under load one passed the default 10 s and its retry took a fault meant for later.
     let cp = ControlPlane::start_with(
         options(Backend::Sqlite, &kv)
             .env("MAX_API_KEYS", SEEDED + 100)
-            .env("KV_SYNC_DELETE_ECHO_SECONDS", 0),
+            .env("KV_SYNC_DELETE_ECHO_SECONDS", 0)
+            .env("KV_SYNC_TIMEOUT_MS", 120_000),
     )
     .await;
     let keys_file = state.path().join("seeded-keys");
