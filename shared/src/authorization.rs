@@ -1,6 +1,6 @@
 //! The `Authorization` header: `Bearer <key>` or the bare key (Metlo's clients send it bare).
 
-use crate::key::{ApiKey, ParseKeyError};
+use crate::key::{ApiKeyRef, ParseKeyError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorizationError {
@@ -11,28 +11,28 @@ pub enum AuthorizationError {
 }
 
 /// Extracts the key from an `Authorization` header value (`None` when the header is
-/// absent). Leading and trailing whitespace is ignored; the scheme is case-insensitive.
-pub fn parse_authorization(header: Option<&str>) -> Result<ApiKey, AuthorizationError> {
-    let value = header.map(str::trim).unwrap_or_default();
-    if value.is_empty() {
+/// absent), borrowed from it. Leading and trailing whitespace is ignored; the scheme is
+/// case-insensitive. Whitespace is ASCII's (HTTP's own is spaces and tabs).
+pub fn parse_authorization(header: Option<&str>) -> Result<ApiKeyRef<'_>, AuthorizationError> {
+    let value = header.map(str::trim_ascii).unwrap_or_default();
+    if value.is_empty() || value.eq_ignore_ascii_case("bearer") {
         return Err(AuthorizationError::Missing);
     }
-    if value.eq_ignore_ascii_case("bearer") {
-        return Err(AuthorizationError::Missing);
-    }
-    let token = match value.split_once(char::is_whitespace) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim_start(),
+    let token = match value.bytes().position(|b| b.is_ascii_whitespace()) {
+        // The split is at an ASCII byte: both sides are whole UTF-8.
+        Some(at) if value[..at].eq_ignore_ascii_case("bearer") => value[at..].trim_ascii_start(),
         _ => value,
     };
     if token.is_empty() {
         return Err(AuthorizationError::Missing);
     }
-    Ok(ApiKey::parse(token)?)
+    Ok(ApiKeyRef::parse(token)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::ApiKey;
 
     #[test]
     fn accepts_bare_and_bearer() {
@@ -46,7 +46,7 @@ mod tests {
         ] {
             assert_eq!(
                 parse_authorization(Some(&header)).unwrap(),
-                key,
+                key.borrowed(),
                 "{header:?}"
             );
         }
@@ -71,6 +71,10 @@ mod tests {
         assert!(parse_authorization(Some(&format!("Basic {}", key.expose_secret()))).is_err());
         assert!(
             parse_authorization(Some(&format!("Bearer {} extra", key.expose_secret()))).is_err()
+        );
+        // HTTP's whitespace only: a no-break space does not separate a scheme.
+        assert!(
+            parse_authorization(Some(&format!("Bearer\u{a0}{}", key.expose_secret()))).is_err()
         );
     }
 }

@@ -66,6 +66,58 @@ impl ApiKey {
     /// Checks prefix, length, alphabet and checksum, in O(1) and without allocating
     /// on failure. Nothing that fails here can be a key we issued.
     pub fn parse(input: &str) -> Result<Self, ParseKeyError> {
+        Ok(ApiKeyRef::parse(input)?.to_key())
+    }
+
+    /// The full key, for the one response that hands it out.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The public identifier, `metlo.` + the first 8 body characters (≈ 48 bits,
+    /// leaving > 160 secret bits).
+    pub fn identifier(&self) -> String {
+        self.borrowed().identifier()
+    }
+
+    /// SHA-256 of the full key: what is stored and looked up.
+    pub fn hash(&self) -> KeyHash {
+        self.borrowed().hash()
+    }
+
+    /// Borrowed (checked when this key was made or parsed).
+    pub fn borrowed(&self) -> ApiKeyRef<'_> {
+        ApiKeyRef(&self.0)
+    }
+}
+
+impl Drop for ApiKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({}…)", self.identifier())
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}…", self.identifier())
+    }
+}
+
+/// A key checked in place (as [`ApiKey::parse`] checks it) and borrowed from where it
+/// was presented: verification hashes it and is done, with no copy of the secret to
+/// allocate and then wipe. Prints only its identifier, like [`ApiKey`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ApiKeyRef<'a>(&'a str);
+
+impl<'a> ApiKeyRef<'a> {
+    /// Checks prefix, length, alphabet and checksum, in O(1) and without allocating.
+    pub fn parse(input: &'a str) -> Result<Self, ParseKeyError> {
         let bytes = input.as_bytes();
         if !bytes.starts_with(PREFIX.as_bytes()) {
             return Err(ParseKeyError::WrongPrefix);
@@ -85,41 +137,33 @@ impl ApiKey {
         if !bool::from(expected.ct_eq(checksum)) {
             return Err(ParseKeyError::BadChecksum);
         }
-        Ok(Self(input.to_owned()))
-    }
-
-    /// The full key, for the one response that hands it out.
-    pub fn expose_secret(&self) -> &str {
-        &self.0
-    }
-
-    /// The public identifier, `metlo.` + the first 8 body characters (≈ 48 bits,
-    /// leaving > 160 secret bits).
-    pub fn identifier(&self) -> String {
-        self.0[..PREFIX.len() + IDENTIFIER_LEN].to_owned()
+        Ok(Self(input))
     }
 
     /// SHA-256 of the full key: what is stored and looked up.
     pub fn hash(&self) -> KeyHash {
         KeyHash(Sha256::digest(self.0.as_bytes()).into())
     }
-}
 
-impl Drop for ApiKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
+    /// The public identifier (see [`ApiKey::identifier`]).
+    pub fn identifier(&self) -> String {
+        self.0[..PREFIX.len() + IDENTIFIER_LEN].to_owned()
+    }
+
+    /// The full key.
+    pub fn expose_secret(&self) -> &'a str {
+        self.0
+    }
+
+    /// An owned copy (zeroed when dropped).
+    pub fn to_key(&self) -> ApiKey {
+        ApiKey(self.0.to_owned())
     }
 }
 
-impl fmt::Debug for ApiKey {
+impl fmt::Debug for ApiKeyRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKey({}…)", self.identifier())
-    }
-}
-
-impl fmt::Display for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}…", self.identifier())
+        write!(f, "ApiKeyRef({}…)", self.identifier())
     }
 }
 

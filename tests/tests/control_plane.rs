@@ -622,8 +622,23 @@ async fn ops_routes(backend: Backend) {
     cp.verify(&cp.client_key).await;
     cp.verify(&cp.client_key).await;
     cp.verify("nope").await;
+    // Routes outside the key check are counted too, and an unknown path as one label.
+    let (status, _, _) = cp.get("/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = cp.get("/openapi.json", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = cp.get("/no/such/route", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, metrics) = cp.ops_get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
+    for counted in [
+        // (The harness polled /healthz while waiting for the server.)
+        r#"http_requests_total{method="GET",route="/healthz",status="200"} "#,
+        r#"http_requests_total{method="GET",route="/openapi.json",status="200"} 1"#,
+        r#"http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
     assert!(
         metrics
             .contains(r#"http_requests_total{method="GET",route="/api/v1/verify",status="200"} 2"#),

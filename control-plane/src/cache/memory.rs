@@ -8,15 +8,18 @@ use moka::Expiry;
 use super::entry::{ttl_for, Cached};
 
 /// moka's sync cache: a hit is a plain call, no future to build and poll (every cached
-/// verification goes through here).
-pub(super) type LocalCache = moka::sync::Cache<KeyHash, (Cached, Duration)>;
+/// verification goes through here). Hashed with foldhash, seeded per process: SipHash,
+/// moka's default, cost about 1 % of a verification; a SHA-256 taken raw would let
+/// anyone grind keys into one bucket.
+pub(super) type LocalCache =
+    moka::sync::Cache<KeyHash, (Cached, Duration), foldhash::fast::RandomState>;
 
 /// Also the near cache in front of Redis.
 pub(super) fn local_cache() -> LocalCache {
     moka::sync::Cache::builder()
         .max_capacity(100_000)
         .expire_after(PerEntryTtl)
-        .build()
+        .build_with_hasher(foldhash::fast::RandomState::default())
 }
 
 /// Each entry carries its own time to live (verifications vs tombstones).

@@ -38,29 +38,38 @@ pub use extract::decode_json;
 
 /// The whole HTTP service.
 pub fn app(state: AppState) -> Router {
+    // Each `layer` call boxes every route again (a clone and a boxed future more per
+    // request), so every route gets exactly one: the key check and the metrics in one
+    // stack (outermost first) where a key is required, the metrics alone elsewhere.
+    // (The head-size limit and the request timeout are the accept loop's: `server.rs`.)
     let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(keys::router())
         .merge(audit::router())
         .merge(usage::router())
-        .layer(auth::RequireKeyLayer(state.clone()))
-        .merge(ops::api_router())
-        .merge(leaks::router())
+        .layer(
+            ServiceBuilder::new()
+                .layer(metrics::TrackRequestsLayer)
+                .layer(auth::RequireKeyLayer(state.clone())),
+        )
+        .merge(
+            ops::api_router()
+                .merge(leaks::router())
+                .layer(metrics::TrackRequestsLayer),
+        )
         .split_for_parts();
     openapi::add_limit_responses(&mut doc);
     openapi::document_updates(&mut doc);
     // Serialised once: the document never changes while the process runs.
     let doc = Bytes::from(serde_json::to_vec(&doc).expect("the OpenAPI document serialises"));
-    let router = router
+    let rest = Router::new()
         .route(
             "/openapi.json",
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
         )
         .merge(console::router(&state))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        // One stack applied once (outermost first): each `Router::layer` call would box
-        // every route again, a clone and a boxed future more per request. (The head-size
-        // limit and the request timeout are the accept loop's: `server.rs`.)
-        .layer(ServiceBuilder::new().layer(metrics::TrackRequestsLayer));
+        .layer(metrics::TrackRequestsLayer);
+    let router = router.merge(rest);
     // A span and two events per request, wanted only when debugging
     // (`RUST_LOG=tower_http=debug`): left out otherwise, not merely filtered.
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
