@@ -19,7 +19,8 @@ mod record;
 
 pub use authorization::{parse_authorization, AuthorizationError};
 pub use key::{
-    ApiKey, ApiKeyRef, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX, RANDOM_LEN,
+    ApiKey, ApiKeyRef, KeyHash, KeyHashError, ParseKeyError, CHECKSUM_LEN, KEY_LEN, PREFIX,
+    RANDOM_LEN,
 };
 pub use rate_limit::{
     Outcome as RateLimitOutcome, RateLimit, RateLimitError, Window as RateLimitWindow,

@@ -24,8 +24,9 @@ use metlo_shared::{parse_authorization, AuthorizationError, KeyHash, KeyRecord};
 use tower::{Layer, Service};
 
 use super::client_ip::client_ip;
+use super::context::RequestContext;
 use super::error::ApiError;
-use super::extract::{route, Caller};
+use super::extract::route;
 use super::state::AppState;
 use crate::clock::{now_ms, unix_seconds};
 use crate::service;
@@ -69,7 +70,7 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         if let Some(record) = cached_valid(&self.state, &req) {
-            req.extensions_mut().insert(Caller(record));
+            RequestContext::set_caller(req.extensions_mut(), record);
             return Either::Left(self.inner.call(req));
         }
         // The route that was made ready is the one called; a clone stays for the next.
@@ -113,7 +114,7 @@ async fn require_key(state: &AppState, mut req: Request) -> Result<Request, ApiE
         .map(|v| v.to_str().unwrap_or("\u{0}"));
     let (record, hash) = authenticate(state, req.extensions(), req.headers(), header, &SAY).await?;
     state.usage.used(&hash, now_ms());
-    req.extensions_mut().insert(Caller(record));
+    RequestContext::set_caller(req.extensions_mut(), record);
     Ok(req)
 }
 

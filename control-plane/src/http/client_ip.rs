@@ -3,18 +3,19 @@
 //! address of `X-Forwarded-For` that is not itself a trusted proxy. Entries left of that
 //! one were written by the client and prove nothing.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use axum::extract::ConnectInfo;
 use axum::http::{Extensions, HeaderMap};
 use ipnet::IpNet;
+
+use super::context::RequestContext;
 
 pub fn client_ip(
     extensions: &Extensions,
     headers: &HeaderMap,
     trusted: &[IpNet],
 ) -> Option<IpAddr> {
-    let peer = extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
+    let peer = RequestContext::peer(extensions)?.ip();
     Some(forwarded_client(peer, headers, trusted))
 }
 

@@ -14,14 +14,26 @@ use metlo_shared::{KeyRecord, Role};
 use serde::de::DeserializeOwned;
 
 use super::client_ip::client_ip;
+use super::context::RequestContext;
 use super::error::ApiError;
 use super::limits::MAX_BODY_BYTES;
 use super::state::AppState;
 use crate::service::audit::Actor;
 
-/// The verified caller, available to handlers as an extension.
+/// The verified caller (the key check or the console's session put it in the request's
+/// context). Without one the request is refused: fail closed.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Arc<KeyRecord>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        RequestContext::caller(&parts.extensions)
+            .map(|caller| Caller(caller.clone()))
+            .ok_or(ApiError::Unauthorized("invalid API key"))
+    }
+}
 
 /// Who is making a request, for the audit log: the verified key's name and the client IP.
 /// (A wrapper, not an extractor impl on `Actor`: that would make the service's type
@@ -35,12 +47,12 @@ impl FromRequestParts<AppState> for Audited {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let caller = parts.extensions.get::<Caller>();
+        let caller = RequestContext::caller(&parts.extensions);
         Ok(Audited(Actor {
-            name: caller.map(|c| c.0.name.clone()),
+            name: caller.map(|c| c.name.clone()),
             ip: client_ip(&parts.extensions, &parts.headers, &state.trusted_proxies)
                 .map(|ip| ip.to_string()),
-            role: caller.map(|c| c.0.role),
+            role: caller.map(|c| c.role),
         }))
     }
 }
@@ -86,7 +98,7 @@ impl<A: Allowed> FromRequestParts<AppState> for Authorized<A> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         // The auth layer runs first on every /api/v1 route; without it, refuse (fail closed).
-        let Some(Caller(caller)) = parts.extensions.get::<Caller>() else {
+        let Some(caller) = RequestContext::caller(&parts.extensions) else {
             return Err(ApiError::Unauthorized("invalid API key"));
         };
         if A::ROLES.contains(&caller.role) {

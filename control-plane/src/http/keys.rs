@@ -5,7 +5,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
-use axum::{Extension, Json};
+use axum::Json;
 use metlo_shared::{KeyHash, KeyRecord, KeyType};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -281,7 +281,7 @@ async fn remove(
 async fn verify(
     _: Authorized<Clients>,
     State(state): State<AppState>,
-    Extension(Caller(caller)): Extension<Caller>,
+    Caller(caller): Caller,
 ) -> Result<Response, ApiError> {
     // A `&str` answers as `text/plain; charset=utf-8` by itself (a header set again
     // from a string would be parsed and inserted for every call).

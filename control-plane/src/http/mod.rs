@@ -10,6 +10,7 @@ mod auth;
 mod client_ip;
 mod conn_timer;
 mod console;
+mod context;
 pub mod error;
 pub mod extract;
 pub mod keys;

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::Incoming;
@@ -35,6 +34,7 @@ use tokio::sync::Semaphore;
 use tower_service::Service;
 
 use super::conn_timer::ConnectionTimer;
+use super::context::RequestContext;
 use super::error::ApiError;
 use super::limits::MAX_HEADER_BYTES;
 
@@ -52,7 +52,7 @@ pub struct ConnectionLimits {
 }
 
 /// Serves `router` on `listener` until `stop` resolves, then lets open requests finish
-/// (up to 30 s). Each request carries its peer's `ConnectInfo<SocketAddr>`.
+/// (up to 30 s). Each request carries its peer in its [`RequestContext`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -91,7 +91,7 @@ pub async fn serve(
                 if head_size(&req) > MAX_HEADER_BYTES {
                     return Ok::<_, Infallible>(ApiError::HeadersTooLarge.into_response());
                 }
-                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(RequestContext::from_peer(peer));
                 Ok(match within(request_timeout, router.call(req)).await {
                     Some(response) => response.unwrap_or_else(|e| match e {}),
                     None => ApiError::RequestTimeout(request_timeout.as_secs()).into_response(),

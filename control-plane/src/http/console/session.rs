@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, Extensions, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +14,7 @@ use serde_json::json;
 use crate::clock::{now_ms, unix_seconds};
 use crate::http::auth::{authenticate, Refusals};
 use crate::http::client_ip::client_ip;
+use crate::http::context::RequestContext;
 use crate::http::error::ApiError;
 use crate::http::extract::{route, Admins, Allowed, Audited, Caller, JsonBody};
 use crate::http::state::AppState;
@@ -117,7 +116,7 @@ pub async fn sign_in(
 /// `GET /console/session`: who is signed in, and the CSRF token for the page's changes.
 pub async fn current(
     State(state): State<AppState>,
-    Extension(Caller(caller)): Extension<Caller>,
+    Caller(caller): Caller,
     Extension(signed_in): Extension<SignedIn>,
 ) -> Json<SessionInfo> {
     Json(info(&caller, &signed_in.csrf_token, &state))
@@ -214,7 +213,7 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
     } else {
         record
     };
-    req.extensions_mut().insert(Caller(record));
+    RequestContext::set_caller(req.extensions_mut(), record);
     req.extensions_mut().insert(SignedIn {
         token: token.into(),
         csrf_token: session.csrf_token.into(),
@@ -254,9 +253,8 @@ fn same_origin(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -
 }
 
 fn from_trusted_proxy(state: &AppState, extensions: &Extensions) -> bool {
-    extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_canonical())
+    RequestContext::peer(extensions)
+        .map(|peer| peer.ip().to_canonical())
         .is_some_and(|ip| state.trusted_proxies.iter().any(|n| n.contains(&ip)))
 }
 
