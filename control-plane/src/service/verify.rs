@@ -5,6 +5,7 @@
 //! not 200 (which would queue at the gate and turn into 503s).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use metlo_shared::{KeyHash, KeyRecord};
@@ -17,11 +18,12 @@ use crate::db::Store;
 
 type Found = Option<Arc<KeyRecord>>;
 
-/// The database side of verification: the bound on concurrent lookups and the lookups
-/// in flight, one per hash.
+/// The database side of verification: the bound on concurrent lookups, the lookups in
+/// flight (one per hash), and the hashes lately found to be no key.
 pub struct Lookups {
     gate: LookupGate,
     in_flight: Mutex<HashMap<KeyHash, Arc<OnceCell<Found>>>>,
+    missed: MissedOnce,
 }
 
 impl Lookups {
@@ -29,6 +31,7 @@ impl Lookups {
         Lookups {
             gate: LookupGate::new(max_concurrent),
             in_flight: Mutex::new(HashMap::new()),
+            missed: MissedOnce::new(),
         }
     }
 
@@ -46,6 +49,38 @@ impl Lookups {
     #[cfg(test)]
     fn in_flight(&self) -> usize {
         self.in_flight.lock().unwrap().len()
+    }
+}
+
+/// Hashes the database lately said were no key, to cache "absent" only for a hash asked
+/// about again: a flood of made-up keys (each new) then costs no cache entry (in Redis, no
+/// write) and no eviction work, while a client retrying one unknown key is answered from
+/// the cache from its third try. A fixed table of fingerprints, one per slot: a newer
+/// miss overwrites an older one, so memory stays 128 KiB whatever the flood, and a
+/// forgotten miss costs one more lookup (within the caller's failure budget).
+/// Tombstones of deleted keys do not come through here: a delete writes its own.
+struct MissedOnce {
+    slots: Box<[AtomicU64]>,
+}
+
+impl MissedOnce {
+    const SLOTS: usize = 16 * 1024;
+
+    fn new() -> Self {
+        MissedOnce {
+            slots: (0..Self::SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records a miss of `hash`; whether it had missed before (and is still remembered).
+    /// A SHA-256 is uniform, so its own bytes choose the slot and the fingerprint (a
+    /// crafted collision only makes a miss forgotten sooner).
+    fn missed_again(&self, hash: &KeyHash) -> bool {
+        let bytes = hash.as_bytes();
+        let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let slot = &self.slots[word(0) as usize % Self::SLOTS];
+        let fingerprint = word(8) | 1; // never the empty slot's 0
+        slot.swap(fingerprint, Ordering::Relaxed) == fingerprint
     }
 }
 
@@ -136,10 +171,13 @@ async fn look_up_uncached(
                 .map(|k| Arc::new(k.record()));
             drop(permit);
             let entry = match &record {
-                Some(r) => Cached::Valid(r.clone()),
-                None => Cached::Absent,
+                Some(r) => Some(Cached::Valid(r.clone())),
+                None if lookups.missed.missed_again(hash) => Some(Cached::Absent),
+                None => None,
             };
-            cache.add(hash, entry).await;
+            if let Some(entry) = entry {
+                cache.add(hash, entry).await;
+            }
             Ok::<_, Error>(record)
         })
         .await?;
@@ -170,7 +208,16 @@ mod tests {
             0,
             "the last one out removed the lookup"
         );
-        assert_eq!(cache.get(&hash).await, Some(Cached::Absent));
+        assert_eq!(cache.get(&hash).await, None, "one miss caches nothing");
+        assert!(matches!(
+            look_up_uncached(&store, &cache, &lookups, &hash).await,
+            Ok(None)
+        ));
+        assert_eq!(
+            cache.get(&hash).await,
+            Some(Cached::Absent),
+            "the second caches the absence"
+        );
 
         // Callers dropped mid-lookup (clients gone) leave nothing behind either.
         let other = ApiKey::generate().unwrap().hash();
@@ -183,5 +230,37 @@ mod tests {
             .is_err());
         drop(permit);
         assert_eq!(lookups.in_flight(), 0);
+    }
+}
+
+#[cfg(test)]
+mod missed_once_tests {
+    use metlo_shared::{ApiKey, KeyHash};
+
+    use super::MissedOnce;
+
+    /// `of` with hex digit `at` changed: 1 is in the slot's bits, 20 in the fingerprint.
+    fn changed(of: &KeyHash, at: usize) -> KeyHash {
+        let mut hex = of.to_hex();
+        let digit = if hex.as_bytes()[at] == b'0' { "1" } else { "0" };
+        hex.replace_range(at..at + 1, digit);
+        KeyHash::from_hex(&hex).unwrap()
+    }
+
+    #[test]
+    fn a_miss_is_remembered_until_its_slot_is_taken() {
+        let missed = MissedOnce::new();
+        let a = ApiKey::generate().unwrap().hash();
+        let b = changed(&changed(&a, 1), 20); // another slot
+        assert!(!missed.missed_again(&a));
+        assert!(!missed.missed_again(&b));
+        assert!(missed.missed_again(&a));
+        assert!(missed.missed_again(&a), "still remembered");
+        // Another miss in b's slot: b is forgotten (one more lookup), never confused.
+        let other = changed(&b, 20);
+        assert!(!missed.missed_again(&other));
+        assert!(!missed.missed_again(&b));
+        assert!(missed.missed_again(&b));
+        assert!(missed.missed_again(&a), "other slots untouched");
     }
 }
