@@ -10,7 +10,8 @@
 //! one per connection (`conn_timer.rs`), not a timer-wheel entry per request.
 //!
 //! Each request's own bounds are here too, before the router: its head's size (a JSON
-//! 431) and its time (a JSON 408). The timer is made only when the request's first poll
+//! 431) and its time (a JSON 408); and a handler that panics is answered with a JSON 500
+//! (no panic is known, but a bug should cost a request, not a silent reset). The timer is made only when the request's first poll
 //! does not answer it, so a cached verification never makes one (tower-http's
 //! `TimeoutLayer` arms one for every request; even an unarmed `tokio::time::timeout`
 //! reads the clock and the runtime handle and drops a timer entry: about 2 % of a
@@ -18,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -25,6 +27,7 @@ use std::time::Duration;
 
 use axum::response::IntoResponse;
 use axum::Router;
+use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1::Builder;
 use hyper_util::rt::TokioIo;
@@ -37,6 +40,7 @@ use super::conn_timer::ConnectionTimer;
 use super::context::RequestContext;
 use super::error::ApiError;
 use super::limits::MAX_HEADER_BYTES;
+use crate::service;
 
 /// How long in-flight requests may take to finish after a stop signal.
 const DRAIN_FOR: Duration = Duration::from_secs(30);
@@ -92,9 +96,16 @@ pub async fn serve(
                     return Ok::<_, Infallible>(ApiError::HeadersTooLarge.into_response());
                 }
                 req.extensions_mut().insert(RequestContext::from_peer(peer));
-                Ok(match within(request_timeout, router.call(req)).await {
-                    Some(response) => response.unwrap_or_else(|e| match e {}),
-                    None => ApiError::RequestTimeout(request_timeout.as_secs()).into_response(),
+                let answer = AssertUnwindSafe(within(request_timeout, router.call(req)));
+                Ok(match answer.catch_unwind().await {
+                    Ok(Some(response)) => response.unwrap_or_else(|e| match e {}),
+                    Ok(None) => ApiError::RequestTimeout(request_timeout.as_secs()).into_response(),
+                    // The panic hook has printed it; without this the client would see the
+                    // connection drop with no answer.
+                    Err(_) => ApiError::Service(service::Error::Internal(anyhow::anyhow!(
+                        "the request's handler panicked"
+                    )))
+                    .into_response(),
                 })
             }
         });
@@ -145,4 +156,40 @@ fn head_size<B>(req: &hyper::Request<B>) -> usize {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len())
             .sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+
+    use super::*;
+
+    /// A handler's panic is answered (a JSON 500), and the server goes on serving, on
+    /// the same connection too.
+    #[tokio::test]
+    async fn a_panicking_handler_gets_a_500_not_a_dropped_connection() {
+        let router = Router::new()
+            .route("/boom", get(|| async { panic!("a bug") as &'static str }))
+            .route("/ok", get(|| async { "fine" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 8,
+            request_timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(listener, router, limits, std::future::pending()));
+        // One connection for both calls: a panic must not close it either.
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let boom = client.get(format!("{base}/boom")).send().await.unwrap();
+        assert_eq!(boom.status(), 500);
+        let body: serde_json::Value = boom.json().await.unwrap();
+        assert_eq!(body["error"], "internal");
+        let ok = client.get(format!("{base}/ok")).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(ok.text().await.unwrap(), "fine");
+    }
 }
