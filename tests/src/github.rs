@@ -16,7 +16,6 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
 use serde_json::{json, Value};
 
-use crate::free_port;
 
 /// One key pair; `id` is what `Github-Public-Key-Identifier` names.
 pub struct GitHubKey {
@@ -79,10 +78,12 @@ impl GitHubKeysEndpoint {
                 axum::routing::get(serve_keys),
             )
             .with_state(shared.clone());
-        let listener =
-            tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], free_port())))
-                .await
-                .unwrap();
+        // Bound here and held: a port the kernel picks cannot be taken between a check
+        // and the bind (`free_port` is for servers another process starts later; a CI
+        // run once lost this bind to EADDRINUSE).
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
         let url = format!(
             "http://{}/meta/public_keys/secret_scanning",
             listener.local_addr().unwrap()
