@@ -16,7 +16,6 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
 use serde_json::{json, Value};
 
-
 /// One key pair; `id` is what `Github-Public-Key-Identifier` names.
 pub struct GitHubKey {
     pub id: String,
