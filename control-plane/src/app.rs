@@ -1,11 +1,18 @@
 //! The composition root: builds the store, the cache and the request state from the
-//! configuration, spawns every background task, and runs `serve` or `migrate`.
-//! Nothing else in the crate spawns a task or wires layers together.
+//! configuration, and the background tasks beside them. [`build`] makes an [`App`]
+//! without serving it (tests drive its router in process and run its periodic work on
+//! demand with [`App::flush`]); [`serve`] runs one until SIGTERM / Ctrl-C. Nothing else
+//! in the crate spawns a task or wires layers together.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+
+use crate::cache::Task;
 use crate::config::Config;
+use crate::db::Store;
 use crate::http::state::{AppState, Shared};
 use crate::kv_sync::client::KvClient;
 use crate::kv_sync::drainer::{self, SyncStatus};
@@ -18,8 +25,29 @@ use crate::service::usage::{self, Usage};
 use crate::service::verify::Lookups;
 use crate::{http, telemetry};
 
-/// The REST service with everything behind it, until SIGTERM / Ctrl-C.
-pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow::Result<()> {
+/// The service, built and not yet serving.
+pub struct App {
+    /// What every handler shares.
+    pub state: AppState,
+    /// The API (`/api/v1/*`, the console, `/openapi.json`).
+    pub router: Router,
+    /// The ops port's routes (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_router: Router,
+    /// The accept loop's bounds.
+    pub limits: http::server::ConnectionLimits,
+    /// The periodic work (flushes, the KV drainer, pruning); [`serve`] spawns them.
+    pub tasks: Vec<Task>,
+    /// The KV client, when KV sync is on (what [`App::flush`] drains the outbox to).
+    kv_client: Option<KvClient>,
+}
+
+fn task(f: impl Future<Output = ()> + Send + 'static) -> Task {
+    Box::pin(f)
+}
+
+/// Builds everything the configuration names, without serving or spawning anything.
+pub async fn build(config: &Config) -> anyhow::Result<App> {
+    let mut tasks: Vec<Task> = Vec::new();
     let mut store = config.open_store().await?;
     let kv_sync = match config.kv.target()? {
         Some(target) => {
@@ -32,24 +60,24 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
                 .clone()
                 .filter(|u| u.starts_with("postgres"))
             {
-                tokio::spawn(drainer::listen(url, status.clone()));
+                tasks.push(task(drainer::listen(url, status.clone())));
             }
-            tokio::spawn(drainer::drain_forever(
+            tasks.push(task(drainer::drain_forever(
                 store.clone(),
                 client.clone(),
                 status.clone(),
-            ));
+            )));
             let every = config.kv.kv_reconcile_interval;
             let reconcile = (!every.is_zero()).then(|| {
                 let reconcile = Arc::new(ReconcileStatus::new(every));
-                tokio::spawn(reconcile::reconcile_forever(
+                tasks.push(task(reconcile::reconcile_forever(
                     store.clone(),
-                    client,
+                    client.clone(),
                     reconcile.clone(),
-                ));
+                )));
                 reconcile
             });
-            Some((status, reconcile))
+            Some((status, reconcile, client))
         }
         None => {
             tracing::warn!(
@@ -74,33 +102,35 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
     let usage_capacity =
         usize::try_from(config.max_api_keys.saturating_mul(3)).unwrap_or(usize::MAX);
     let usage = Arc::new(Usage::new(config.track_last_used, usage_capacity.max(1000)));
-    tokio::spawn(usage::prune_forever(store.clone(), config.usage_retention));
+    tasks.push(task(usage::prune_forever(
+        store.clone(),
+        config.usage_retention,
+    )));
     if usage.enabled() {
-        tokio::spawn(usage::flush_forever(
+        tasks.push(task(usage::flush_forever(
             store.clone(),
             usage.clone(),
             Duration::from_secs(config.last_used_flush_seconds.max(1)),
-        ));
+        )));
     }
     let auth_failures = Arc::new(AuthFailures::default());
-    tokio::spawn(audit::flush_forever(
+    tasks.push(task(audit::flush_forever(
         store.clone(),
         auth_failures.clone(),
         config.audit_retention,
-    ));
+    )));
     let cache = config.cache()?;
-    for task in cache.background_tasks() {
-        tokio::spawn(task);
-    }
+    tasks.extend(cache.background_tasks());
     let metrics = telemetry::init_metrics()?;
-    tokio::spawn(telemetry::upkeep_forever(metrics.clone()));
+    tasks.push(task(telemetry::upkeep_forever(metrics.clone())));
+    let kv_client = kv_sync.as_ref().map(|(_, _, client)| client.clone());
     let state = AppState::new(Shared {
         metrics,
         store: store.clone(),
         cache,
         max_api_keys: config.max_api_keys,
-        kv_reconcile: kv_sync.as_ref().and_then(|(_, r)| r.clone()),
-        kv_sync: kv_sync.map(|(s, _)| s),
+        kv_reconcile: kv_sync.as_ref().and_then(|(_, r, _)| r.clone()),
+        kv_sync: kv_sync.map(|(s, _, _)| s),
         edge_keep_seconds,
         usage,
         auth_failures,
@@ -117,6 +147,42 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
             secure_cookie: config.console_secure_cookie,
         },
     });
+    let limits = http::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
+        max_connections: config.max_connections,
+        request_timeout: Duration::from_secs(config.request_timeout_seconds.max(1)),
+    };
+    Ok(App {
+        router: http::app(state.clone()),
+        ops_router: http::ops_app(state.clone()),
+        state,
+        limits,
+        tasks,
+        kv_client,
+    })
+}
+
+impl App {
+    /// Runs the periodic work once, now, to completion: failed authentications into the
+    /// audit log, pending key uses into the store, and the KV outbox to KV (when on).
+    /// What the background tasks do on their intervals, for tests that must see it done.
+    pub async fn flush(&self) {
+        audit::flush_failures(&self.state.store, &self.state.auth_failures).await;
+        usage::flush(&self.state.store, &self.state.usage).await;
+        if let Some(client) = &self.kv_client {
+            drainer::drain_all(&self.state.store, client).await;
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+}
+
+/// The REST service with everything behind it, until SIGTERM / Ctrl-C.
+pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow::Result<()> {
+    let app = build(&config).await?;
+    let store = app.state.store.clone();
     match store.count_legacy().await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -126,12 +192,18 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
         ),
         Err(e) => tracing::warn!(error = %e, "could not count legacy keys"),
     }
-    let limits = http::server::ConnectionLimits {
-        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),
-        max_connections: config.max_connections,
-        request_timeout: Duration::from_secs(config.request_timeout_seconds.max(1)),
-    };
-    http::serve(listen_addr, ops_addr, limits, state).await?;
+    for task in app.tasks {
+        tokio::spawn(task);
+    }
+    http::serve(
+        listen_addr,
+        ops_addr,
+        app.limits,
+        app.state,
+        app.router,
+        app.ops_router,
+    )
+    .await?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -7,6 +7,7 @@
 //! - [`service`]: what the control plane does (keys, audit log, last use)
 //! - [`db`], [`cache`], [`kv_sync`]: the store, the verification cache, the KV sync
 //! - [`config`], [`clock`], [`telemetry`]: settings, time, logs and metrics
+//! - `test_util` (tests only): the service in process, with callers and replies
 
 pub mod app;
 pub mod cache;
@@ -18,3 +19,5 @@ pub mod http;
 pub mod kv_sync;
 pub mod service;
 pub mod telemetry;
+#[cfg(test)]
+pub(crate) mod test_util;

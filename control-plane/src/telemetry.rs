@@ -24,9 +24,15 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
-/// Installs the global Prometheus recorder. Call once per process, then run
-/// [`upkeep_forever`].
+/// Installs the global Prometheus recorder on the first call (the recorder is
+/// process-wide; later calls, as by tests that build several apps, get the same handle),
+/// then run [`upkeep_forever`].
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("http_request_duration_seconds".into()),
@@ -35,6 +41,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
             ],
         )?
         .install_recorder()?;
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 

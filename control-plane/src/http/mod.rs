@@ -7,13 +7,19 @@
 
 pub mod audit;
 mod auth;
+#[cfg(test)]
+mod auth_tests;
 mod client_ip;
 mod conn_timer;
 mod console;
-mod context;
+pub(crate) mod context;
 pub mod error;
 pub mod extract;
+#[cfg(test)]
+mod key_lists_tests;
 pub mod keys;
+#[cfg(test)]
+mod keys_tests;
 mod leaks;
 pub mod limits;
 mod metrics;
@@ -95,6 +101,8 @@ pub async fn serve(
     ops_addr: &str,
     limits: server::ConnectionLimits,
     state: AppState,
+    api: Router,
+    ops: Router,
 ) -> anyhow::Result<()> {
     let listener = bind(listen_addr).await?;
     let ops_listener = bind(ops_addr).await?;
@@ -111,13 +119,8 @@ pub async fn serve(
         ops_listener.local_addr()?
     );
     tracing::info!(cache = state.cache.kind(), backend = ?state.store.backend(), "listening on http://{}", listener.local_addr()?);
-    let ops = server::serve(
-        ops_listener,
-        ops_app(state.clone()),
-        limits,
-        until_stopped(stopped.clone()),
-    );
-    let api = server::serve(listener, app(state), limits, until_stopped(stopped));
+    let ops = server::serve(ops_listener, ops, limits, until_stopped(stopped.clone()));
+    let api = server::serve(listener, api, limits, until_stopped(stopped));
     tokio::join!(api, ops);
     Ok(())
 }

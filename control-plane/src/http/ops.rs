@@ -90,3 +90,48 @@ async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use serde_json::json;
+
+    use crate::db::Backend;
+    use crate::test_util::{on_both_backends, TestApp};
+
+    on_both_backends!(ops_routes_are_off_the_api_port);
+
+    // Moved from `tests/tests/roles.rs`.
+    async fn ops_routes_are_off_the_api_port(backend: Backend) {
+        let app = TestApp::on(backend).build().await;
+        assert_eq!(app.anonymous().get("/healthz").await.status, StatusCode::OK);
+        for path in ["/readyz", "/metrics"] {
+            let reply = app.anonymous().get(path).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::NOT_FOUND,
+                "{path} on the API port"
+            );
+            assert_eq!(
+                app.ops_get(path).await.status,
+                StatusCode::OK,
+                "{path} on ops"
+            );
+        }
+        assert_eq!(app.ops_get("/healthz").await.status, StatusCode::OK);
+        let readyz = app.ops_get("/readyz").await.json();
+        assert_eq!(readyz["database"], "ok");
+        assert_eq!(readyz["kvSync"], "off");
+        let doc = app.anonymous().get("/openapi.json").await.json();
+        assert!(doc["paths"].get("/readyz").is_none());
+        assert_eq!(
+            doc["paths"]["/api/v1/keys/create"]["post"]["security"][0]["api_key"],
+            json!(["admin"])
+        );
+        assert_eq!(
+            doc["paths"]["/api/v1/verify"]["get"]["security"][0]["api_key"],
+            json!(["client"])
+        );
+        assert!(doc["components"]["schemas"]["Role"].is_object());
+    }
+}

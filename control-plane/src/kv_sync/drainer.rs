@@ -59,6 +59,22 @@ pub async fn drain_forever(store: Store, client: KvClient, status: Arc<SyncStatu
     }
 }
 
+/// Sends the whole outbox now, batch after batch, until it is empty or a batch fails
+/// (`App::flush`, for tests; the running server has [`drain_forever`]).
+pub async fn drain_all(store: &Store, client: &KvClient) {
+    loop {
+        match drain_once(store, client).await {
+            Ok(sent) if sent > 0 => continue,
+            Ok(_) => break,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "KV sync failed");
+                break;
+            }
+        }
+    }
+    update_depth_metrics(store).await;
+}
+
 /// One batch. Returns how many rows it handled, or the error and an optional wait.
 async fn drain_once(store: &Store, client: &KvClient) -> Result<usize, (String, Option<Duration>)> {
     let claim = store

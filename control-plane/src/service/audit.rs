@@ -292,6 +292,18 @@ pub async fn flush_forever(store: Store, failures: Arc<AuthFailures>, retention:
     }
 }
 
+/// Writes the failed authentications gathered so far, now (what [`flush_forever`] does
+/// on its interval; `App::flush` for tests). Put back if the write fails.
+pub async fn flush_failures(store: &Store, failures: &AuthFailures) {
+    let entries = failures.take();
+    if entries.is_empty() {
+        return;
+    }
+    if let Err(e) = store.append_audit(&entries).await {
+        tracing::warn!(error = %e, pending = entries.len(), "audit log write failed");
+    }
+}
+
 /// Deletes what is past `before_ms`, a bounded batch at a time, letting other writers
 /// in between.
 async fn prune(store: &Store, before_ms: i64) {

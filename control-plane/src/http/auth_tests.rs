@@ -1,0 +1,265 @@
+//! Who may call what, in process on both backends (moved from `tests/tests/roles.rs`):
+//! every route × every role (and no key, a garbage key), what a refusal says and audits,
+//! which roles the edge is told about, and who may mint powerful keys.
+
+use axum::http::{Method, StatusCode};
+use metlo_shared::ApiKey;
+use serde_json::{json, Value};
+
+use crate::db::Backend;
+use crate::test_util::{on_both_backends, TestApp};
+
+on_both_backends!(every_route_for_every_role, only_admins_make_powerful_keys);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Who {
+    NoKey,
+    Garbage,
+    Client,
+    Edge,
+    Admin,
+}
+
+const CALLERS: [Who; 5] = [
+    Who::NoKey,
+    Who::Garbage,
+    Who::Client,
+    Who::Edge,
+    // Last: its calls succeed and change things (delete, roll).
+    Who::Admin,
+];
+
+async fn every_route_for_every_role(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    app.create_key("victim", "GENERIC").await;
+    let rolled = app.create_key("rolled", "GENERIC").await;
+    let client_hash = ApiKey::parse(&app.client_key).unwrap().hash().to_hex();
+    use Who::*;
+    // (method, path, body, the one role allowed)
+    let routes: Vec<(Method, String, Option<Value>, Who)> = vec![
+        (
+            Method::POST,
+            "/api/v1/keys/create".into(),
+            Some(json!({"name": "made"})),
+            Admin,
+        ),
+        (Method::GET, "/api/v1/keys/list".into(), None, Admin),
+        (Method::GET, "/api/v1/keys/onboarding".into(), None, Admin),
+        (
+            Method::DELETE,
+            "/api/v1/keys/victim/delete".into(),
+            None,
+            Admin,
+        ),
+        (
+            Method::POST,
+            "/api/v1/keys/rolled/roll".into(),
+            Some(json!({})),
+            Admin,
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/keys/made".into(),
+            Some(json!({"meta": {"tenant": "t"}})),
+            Admin,
+        ),
+        (Method::GET, "/api/v1/keys/made".into(), None, Admin),
+        (Method::GET, "/api/v1/keys/made/usage".into(), None, Admin),
+        (Method::GET, "/api/v1/audit".into(), None, Admin),
+        (Method::GET, "/api/v1/verify".into(), None, Client),
+        (
+            Method::GET,
+            format!("/api/v1/keys/by-hash/{client_hash}"),
+            None,
+            Edge,
+        ),
+        (
+            Method::POST,
+            "/api/v1/usage".into(),
+            Some(json!({"used": {}})),
+            Edge,
+        ),
+    ];
+    let mut refused = 0;
+    for (method, path, body, allowed) in &routes {
+        for who in CALLERS {
+            let caller = match who {
+                NoKey => app.anonymous(),
+                Garbage => app.with_key("metlo.garbage"),
+                Client => app.as_client(),
+                Edge => app.as_edge(),
+                Admin => app.as_admin(),
+            };
+            let reply = caller.send(method.clone(), path, body.clone()).await;
+            let what = format!("{who:?} {method} {path}: {}", reply.text);
+            match who {
+                NoKey | Garbage => {
+                    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{what}");
+                    assert_eq!(reply.json()["error"], "unauthorized", "{what}");
+                }
+                w if w == *allowed => assert_eq!(reply.status, StatusCode::OK, "{what}"),
+                w => {
+                    refused += 1;
+                    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{what}");
+                    assert!(reply
+                        .header("www-authenticate")
+                        .unwrap()
+                        .contains("insufficient_scope"));
+                    let v = reply.json();
+                    assert_eq!(v["error"], "forbidden", "{what}");
+                    let message = v["message"].as_str().unwrap();
+                    let role = format!("{w:?}").to_lowercase();
+                    let needed = format!("{allowed:?}").to_lowercase();
+                    assert!(
+                        message.contains(&format!("({role})")) && message.ends_with(&needed),
+                        "{what}"
+                    );
+                }
+            }
+        }
+    }
+    // What the refused calls would have done did not happen; the admin's calls did.
+    let list = app.list().await;
+    let names: Vec<&str> = list.iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert!(
+        names.contains(&"made") && !names.contains(&"victim"),
+        "{names:?}"
+    );
+    assert_eq!(
+        list.iter().filter(|k| k["name"] == "made").count(),
+        1,
+        "only the admin's create went through"
+    );
+    assert_eq!(app.listed("made").await["meta"], json!({"tenant": "t"}));
+    assert_eq!(
+        app.with_key(&rolled).get("/api/v1/verify").await.status,
+        StatusCode::UNAUTHORIZED,
+        "rolled once, by the admin"
+    );
+
+    // Each refusal is in the audit log like a failed authentication: who, which route,
+    // which role it had and which it needed.
+    app.flush().await;
+    let page = app.as_admin().get("/api/v1/audit?limit=1000").await.json();
+    let forbidden: Vec<&Value> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "auth.failed" && e["detail"]["reason"] == "forbidden")
+        .collect();
+    let counted: u64 = forbidden
+        .iter()
+        .map(|e| e["detail"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, refused, "{forbidden:#?}");
+    let client_on_create = forbidden
+        .iter()
+        .find(|e| e["actor"] == "client" && e["detail"]["route"] == "/api/v1/keys/create")
+        .expect("the client's create attempt is audited");
+    assert_eq!(client_on_create["detail"]["role"], "client");
+    assert_eq!(
+        client_on_create["detail"]["required"],
+        json!(["admin", "legacy"])
+    );
+    // Failures are filed by network, with the addresses seen.
+    assert_eq!(client_on_create["ip"], "127.0.0.0/24");
+    assert_eq!(
+        client_on_create["detail"]["addresses"],
+        json!(["127.0.0.1"])
+    );
+
+    // Roles are shown in lists.
+    assert_eq!(app.listed("admin").await["role"], "admin");
+    assert_eq!(app.listed("edge-worker").await["role"], "edge");
+    assert_eq!(app.listed("made").await["role"], "client");
+    // The edge is told nothing about admin or edge keys: by-hash answers 404 for them.
+    for key in [&app.admin_key, &app.edge_key] {
+        let hash = ApiKey::parse(key).unwrap().hash().to_hex();
+        let reply = app
+            .as_edge()
+            .get(&format!("/api/v1/keys/by-hash/{hash}"))
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    }
+    let record = app
+        .as_edge()
+        .get(&format!("/api/v1/keys/by-hash/{client_hash}"))
+        .await;
+    assert_eq!(record.json()["role"], "client");
+}
+
+async fn only_admins_make_powerful_keys(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let create = |body: Value| {
+        let app = &app;
+        async move { app.as_admin().post("/api/v1/keys/create", body).await }
+    };
+    // Metlo's body makes a client key.
+    let reply = create(json!({"name": "metlo", "keyFor": "GENERIC"})).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["role"], "client");
+    for role in ["admin", "edge", "client"] {
+        let reply = create(json!({"name": format!("new-{role}"), "role": role})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_eq!(reply.json()["role"], role);
+    }
+    // The new admin key administers; the new edge key looks keys up; neither is traffic.
+    let body = create(json!({"name": "admin-2", "role": "admin"}))
+        .await
+        .json();
+    let admin2 = body["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.with_key(&admin2).get("/api/v1/keys/list").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.with_key(&admin2).get("/api/v1/verify").await.status,
+        StatusCode::FORBIDDEN
+    );
+    for bad in [json!("legacy"), json!("root"), json!("Admin"), json!(1)] {
+        let reply = create(json!({"name": "bad-role", "role": bad})).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            reply.text
+        );
+        assert_eq!(reply.json()["error"], "bad_request");
+    }
+    // A client key cannot create any key, an edge key neither.
+    for caller in [app.as_client(), app.as_edge()] {
+        let reply = caller
+            .post(
+                "/api/v1/keys/create",
+                json!({"name": "by-non-admin", "role": "client"}),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
+    }
+    // A roll keeps the role.
+    let rolled = app
+        .as_admin()
+        .send(Method::POST, "/api/v1/keys/admin-2/roll", None)
+        .await
+        .json();
+    assert_eq!(rolled["role"], "admin");
+    let new_secret = rolled["apiKey"].as_str().unwrap();
+    assert_eq!(
+        app.with_key(new_secret)
+            .get("/api/v1/keys/list")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // The create is audited with the role.
+    let page = app.as_admin().get("/api/v1/audit?limit=100").await.json();
+    let created = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "key.create" && e["target"] == "new-edge")
+        .unwrap()
+        .clone();
+    assert_eq!(created["detail"]["role"], "edge");
+    assert_eq!(created["actor"], "admin");
+}

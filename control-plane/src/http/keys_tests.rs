@@ -1,0 +1,161 @@
+//! The keys routes' own rules, in process on both backends (moved from
+//! `tests/tests/roles.rs`): the last admin key stays, and names that could impersonate
+//! another are refused.
+
+use axum::http::StatusCode;
+use serde_json::json;
+
+use crate::db::Backend;
+use crate::test_util::{on_both_backends, TestApp};
+
+on_both_backends!(
+    the_last_admin_key_stays,
+    names_that_could_impersonate_are_refused
+);
+
+fn delete_path(name: &str) -> String {
+    format!("/api/v1/keys/{}/delete", encode(name))
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn the_last_admin_key_stays(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let reply = app.as_admin().delete(&delete_path("admin")).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+    assert!(reply.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("last admin key"));
+    assert_eq!(
+        app.as_admin().get("/api/v1/keys/list").await.status,
+        StatusCode::OK
+    );
+    // With a second admin, the first can go — and then the second is the last.
+    let body = app
+        .as_admin()
+        .post(
+            "/api/v1/keys/create",
+            json!({"name": "admin-2", "role": "admin"}),
+        )
+        .await
+        .json();
+    let admin2 = body["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.with_key(&admin2)
+            .delete(&delete_path("admin"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.with_key(&admin2)
+            .delete(&delete_path("admin-2"))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    // Two admins deleting each other at once: one wins, one admin key is left.
+    let body = app
+        .with_key(&admin2)
+        .post(
+            "/api/v1/keys/create",
+            json!({"name": "admin-3", "role": "admin"}),
+        )
+        .await
+        .json();
+    let admin3 = body["apiKey"].as_str().unwrap().to_owned();
+    let (as2, as3) = (app.with_key(&admin2), app.with_key(&admin3));
+    let (del3, del2) = (delete_path("admin-3"), delete_path("admin-2"));
+    let (a, b) = tokio::join!(as2.delete(&del3), as3.delete(&del2));
+    let oks = [a.status, b.status]
+        .iter()
+        .filter(|s| **s == StatusCode::OK)
+        .count();
+    assert_eq!(oks, 1, "{a:?} {b:?}");
+    let survivor = if a.status == StatusCode::OK {
+        &admin2
+    } else {
+        &admin3
+    };
+    let list: Vec<serde_json::Value> =
+        serde_json::from_value(app.with_key(survivor).get("/api/v1/keys/list").await.json())
+            .unwrap();
+    assert_eq!(
+        list.iter().filter(|k| k["role"] == "admin").count(),
+        1,
+        "{list:?}"
+    );
+}
+
+async fn names_that_could_impersonate_are_refused(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let create = |name: &str| {
+        let body = json!({ "name": name });
+        let app = &app;
+        async move { app.as_admin().post("/api/v1/keys/create", body).await }
+    };
+    for (name, why) in [
+        ("admin\u{202e}", "format"),
+        ("ad\u{200b}min", "format"),
+        ("\u{feff}admin", "format"),
+        ("\u{2066}x\u{2069}", "format"),
+        (" admin", "whitespace"),
+        ("admin ", "whitespace"),
+        ("admin\u{a0}", "whitespace"),
+        ("by-hash", "path"),
+    ] {
+        let reply = create(name).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{name:?}: {}",
+            reply.text
+        );
+        assert!(
+            reply.json()["message"].as_str().unwrap().contains(why),
+            "{name:?}: {}",
+            reply.text
+        );
+    }
+    // Names are stored in NFC: "é" typed decomposed is the same name as precomposed.
+    let decomposed = "caf\u{65}\u{301}";
+    let precomposed = "caf\u{e9}";
+    let reply = create(decomposed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json()["name"], precomposed);
+    let reply = create(precomposed).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+    assert!(reply.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("already exists"));
+    // Deleting by either spelling finds it.
+    assert_eq!(
+        app.as_admin().delete(&delete_path(decomposed)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.as_admin()
+            .delete(&delete_path(precomposed))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // Names that are route words elsewhere still work end to end.
+    for name in ["create", "list", "onboarding", "verify", "roll", "delete"] {
+        app.create_key(name, "GENERIC").await;
+        let reply = app.as_admin().delete(&delete_path(name)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{name}: {}", reply.text);
+    }
+}
