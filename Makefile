@@ -1,12 +1,16 @@
 # `make dev` runs the system locally; `make test` runs every test; `make bench` measures.
 SHELL := /bin/bash
-.PHONY: dev test bench worker fuzz soak audit
+.PHONY: dev test test-fast bench worker fuzz soak audit
 
 dev:
 	./scripts/dev.sh
 
 test:
 	./scripts/test.sh
+
+# Unit and in-process tests only (a couple of minutes once built).
+test-fast:
+	./scripts/test-fast.sh
 
 bench:
 	./scripts/bench.sh

@@ -15,7 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/install-deps.sh
+# Nothing from the system's packages: SQLite is built in, and PostgreSQL / Redis are the
+# user's own when DATABASE_URL / REDIS_URL name them. (The tests' packages, Chromium
+# among them, are `make test`'s.)
 ./scripts/build-worker.sh
 cargo build --locked -q -p metlo-control-plane -p metlo-tests --bins
 

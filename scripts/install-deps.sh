@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Installs the system packages the project needs (PostgreSQL server binaries, Redis, wrk,
-# openssl, Chromium and ChromeDriver),
-# only when missing. Safe to run again.
+# Installs the system packages the tests and benchmarks need (PostgreSQL server binaries,
+# Redis, wrk, openssl, Chromium and ChromeDriver), only when missing. Safe to run again.
+# `--only PKG…` installs just those (`make test-fast` needs only postgresql; `make dev`
+# needs none of them).
 set -euo pipefail
+
+only=()
+if [ "${1:-}" = "--only" ]; then shift; only=("$@"); fi
+wanted() { [ ${#only[@]} -eq 0 ] || [[ " ${only[*]} " == *" $1 "* ]]; }
 
 need=()
 pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
-[ -n "$(pg_bindir)" ] && [ -x "$(pg_bindir)/initdb" ] || need+=(postgresql)
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v wrk >/dev/null || need+=(wrk)
+wanted postgresql && { [ -n "$(pg_bindir)" ] && [ -x "$(pg_bindir)/initdb" ] || need+=(postgresql); }
+wanted redis-server && { command -v redis-server >/dev/null || need+=(redis-server); }
+wanted wrk && { command -v wrk >/dev/null || need+=(wrk); }
 # Makes the P-256 key the schema fuzzing's stand-in for GitHub's keys endpoint serves.
-command -v openssl >/dev/null || need+=(openssl)
+wanted openssl && { command -v openssl >/dev/null || need+=(openssl); }
 # The console's browser tests drive Debian's headless Chromium through ChromeDriver.
-command -v chromium >/dev/null || need+=(chromium)
-command -v chromedriver >/dev/null || need+=(chromium-driver)
+wanted chromium && { command -v chromium >/dev/null || need+=(chromium); }
+wanted chromium-driver && { command -v chromedriver >/dev/null || need+=(chromium-driver); }
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

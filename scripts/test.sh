@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests, then the end-to-end suites against the real binaries —
-# the control plane with throwaway PostgreSQL and Redis, and the edge Worker under real
-# `wrangler dev`. Installs what it needs first (cached outside the repo after the first run).
+# Runs every test: unit and in-process tests, then the end-to-end suites against the real
+# binaries — the control plane with throwaway PostgreSQL and Redis, the edge Worker under
+# real `wrangler dev`, the console in Chromium — and schema fuzzing. Installs what it
+# needs first (cached outside the repo after the first run). Prints how long each phase
+# took at the end. Arguments are passed to every test binary (a name filter).
+# Not here: coverage-guided fuzzing (`make fuzz`; see README, Contributing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install-deps.sh
+source scripts/phases.sh
+trap print_phases EXIT
+
+phase "install (system packages, Worker tools)" \
+    bash -c './scripts/install-deps.sh && ./scripts/install-edge-tools.sh'
 # Dependency audit (licenses, bans, sources; advisories when their database is reachable).
-./scripts/audit.sh
+phase "audit (cargo-deny)" ./scripts/audit.sh
 # No module cycle in any crate (cargo-modules; ARCHITECTURE.md states the rule).
-./scripts/check-modules.sh metlo-control-plane metlo-shared metlo-edge
-./scripts/build-worker.sh
-# The Worker deploys as documented (dry run of the production environment).
-./scripts/deploy-check.sh
-cargo build --locked -p metlo-control-plane
-./scripts/stack.sh cargo test --locked --workspace -- "$@"
+phase "module check (cargo-modules)" \
+    ./scripts/check-modules.sh metlo-control-plane metlo-shared metlo-edge
+# The Worker builds within its budget and deploys as documented (dry run).
+phase "Worker build + deploy check" bash -c './scripts/build-worker.sh && ./scripts/deploy-check.sh'
+phase "build (workspace, tests)" cargo build --locked --workspace --tests --bins
+# One PostgreSQL for all the tests (each test makes its own database in it).
+./scripts/stack.sh ./scripts/test-suites.sh "$@"
 # Schema fuzzing of the control plane's OpenAPI document (bounded).
-./scripts/schemathesis.sh
-# Fuzzing smoke: every parser target briefly (`make fuzz` runs them longer).
-FUZZ_SECONDS="${FUZZ_SECONDS:-15}" ./scripts/fuzz.sh
+phase "schemathesis" ./scripts/schemathesis.sh

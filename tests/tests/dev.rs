@@ -1,8 +1,11 @@
 //! `make dev` as a user runs it: start, wait for the printed curl, run it, stop it — with
-//! Ctrl-C, SIGTERM or SIGHUP to its process group, behind `| tee` and `| head`, or by
-//! a child dying — and check that no process it started is left and every port is free;
-//! and a start with a port already taken fails with one clear line, starting nothing.
-//! (On free ports of its own, with its own data and KV state.)
+//! Ctrl-C typed in a real terminal (a pseudo-terminal from `script`: the line discipline
+//! sends SIGINT to the foreground job, `make` and its children and `tee` alike), with and
+//! without `2>&1 | tee`, SIGTERM to the process group of `make dev | cat`, SIGHUP, `| head`,
+//! or a child dying — and check that no process it started is left and every port is free
+//! within 10 s; a healthy start prints no warning; and a start with a port already taken
+//! fails with one clear line, starting nothing. (On free ports of its own, with its own
+//! data and KV state.)
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -57,6 +60,21 @@ impl Setup {
 
     fn port(&self, var: &str) -> u16 {
         self.ports.iter().find(|(k, _)| *k == var).unwrap().1
+    }
+
+    /// `shell` run in a pseudo-terminal (`script`), as typed at a terminal: its output
+    /// comes back on stdout; writing `\x03` to its stdin is Ctrl-C.
+    fn spawn_in_terminal(&self, shell: &str) -> Child {
+        Command::new("script")
+            .args(["-q", "-f", "-e", "-c", shell, "/dev/null"])
+            .current_dir(workspace_root())
+            .envs(self.env.iter().cloned())
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script (util-linux)")
     }
 
     /// `shell` run by bash in the repository, in its own process group (as a terminal
@@ -122,21 +140,39 @@ impl Setup {
 
 /// Reads the run's stdout until the printed curl through the edge; returns the demo key.
 fn wait_for_banner(child: &mut Child) -> (String, BufReader<std::process::ChildStdout>) {
+    let (key, out, _) = wait_for_banner_and_output(child);
+    (key, out)
+}
+
+/// [`wait_for_banner`], and everything printed before the curl.
+fn wait_for_banner_and_output(
+    child: &mut Child,
+) -> (String, BufReader<std::process::ChildStdout>, String) {
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut line = String::new();
+    let mut before = String::new();
     loop {
         line.clear();
         assert!(
             out.read_line(&mut line).unwrap() > 0,
-            "make dev ended before printing its curl"
+            "make dev ended before printing its curl:\n{before}"
         );
         if let Some(rest) = line.trim().strip_prefix("curl -s -H 'Authorization: ") {
             let key = rest.split('\'').next().unwrap().to_owned();
-            return (key, out);
+            return (key, out, before);
         }
+        before.push_str(&line);
         assert!(Instant::now() < deadline, "no curl printed");
     }
+}
+
+/// Types Ctrl-C at the run's terminal.
+fn ctrl_c(run: &mut Child) {
+    use std::io::Write;
+    let stdin = run.stdin.as_mut().unwrap();
+    stdin.write_all(b"\x03").unwrap();
+    stdin.flush().unwrap();
 }
 
 /// The printed curl works: the demo key through the edge reaches the origin.
@@ -178,33 +214,47 @@ fn finish(mut child: Child) -> Option<i32> {
 
 #[test]
 fn make_dev_starts_what_it_says_and_always_cleans_up() {
-    // Ctrl-C (SIGINT to the terminal's process group), through the script a user runs.
+    // `make dev` in a terminal, then Ctrl-C: the line discipline sends SIGINT to the whole
+    // foreground job. The first run builds what is missing; a healthy start warns of
+    // nothing (the KV stand-in answers before the control plane's KV sync starts).
     let setup = Setup::new();
-    let mut run = setup.spawn("exec ./scripts/dev.sh");
+    let mut run = setup.spawn_in_terminal("make dev");
+    let (key, _out, before) = wait_for_banner_and_output(&mut run);
+    assert!(
+        !before.contains("WARN") && !before.contains("KV sync failed"),
+        "a healthy start printed a warning:\n{before}"
+    );
+    curl_through_edge(&setup, &key);
+    ctrl_c(&mut run);
+    finish(run);
+    setup.assert_cleaned_up("make dev in a terminal, then Ctrl-C");
+
+    // The same behind `2>&1 | tee`: tee dies at once with the rest of the job, so every
+    // line the supervisor writes while stopping goes to a closed pipe.
+    let log = setup._dir.path().join("dev.log");
+    let mut run = setup.spawn_in_terminal(&format!("make dev 2>&1 | tee {}", log.display()));
     let (key, _out) = wait_for_banner(&mut run);
     curl_through_edge(&setup, &key);
-    signal_group(&run, libc::SIGINT);
-    assert_eq!(finish(run), Some(0));
-    setup.assert_cleaned_up("SIGINT");
+    ctrl_c(&mut run);
+    finish(run);
+    setup.assert_cleaned_up("make dev 2>&1 | tee, then Ctrl-C in the terminal");
+
+    // SIGTERM to the process group of `make dev | cat` (make passes SIGTERM on to its
+    // child as well; cat dies with the group).
+    let mut run = setup.spawn("make dev | cat");
+    let (key, _out) = wait_for_banner(&mut run);
+    curl_through_edge(&setup, &key);
+    signal_group(&run, libc::SIGTERM);
+    finish(run);
+    setup.assert_cleaned_up("SIGTERM to the group of make dev | cat");
 
     // The program the script ends in, for the other ways (the build is done).
-    for (how, signal) in [("SIGTERM", libc::SIGTERM), ("SIGHUP", libc::SIGHUP)] {
-        let mut run = setup.spawn("exec target/debug/dev");
-        let (key, _out) = wait_for_banner(&mut run);
-        curl_through_edge(&setup, &key);
-        signal_group(&run, signal);
-        finish(run);
-        setup.assert_cleaned_up(how);
-    }
-
-    // `| tee`, then Ctrl-C: tee dies with everything else in the group.
-    let log = setup._dir.path().join("dev.log");
-    let mut run = setup.spawn(&format!("target/debug/dev | tee {}", log.display()));
+    let mut run = setup.spawn("exec target/debug/dev");
     let (key, _out) = wait_for_banner(&mut run);
     curl_through_edge(&setup, &key);
-    signal_group(&run, libc::SIGINT);
+    signal_group(&run, libc::SIGHUP);
     finish(run);
-    setup.assert_cleaned_up("| tee, then SIGINT");
+    setup.assert_cleaned_up("SIGHUP");
 
     // `| head -n 1`: the reader goes after one line, during the start — which stops there,
     // not when it comes to print the banner.

@@ -1,6 +1,7 @@
 //! Who may call what, in process on both backends (moved from `tests/tests/roles.rs`):
 //! every route × every role (and no key, a garbage key), what a refusal says and audits,
-//! which roles the edge is told about, and who may mint powerful keys.
+//! which roles the edge is told about, and who may mint powerful keys; and how failed
+//! authentications are filed in the audit log (moved from `tests/tests/abuse.rs`).
 
 use axum::http::{Method, StatusCode};
 use metlo_shared::ApiKey;
@@ -9,7 +10,11 @@ use serde_json::{json, Value};
 use crate::db::Backend;
 use crate::test_util::{on_both_backends, TestApp};
 
-on_both_backends!(every_route_for_every_role, only_admins_make_powerful_keys);
+on_both_backends!(
+    every_route_for_every_role,
+    only_admins_make_powerful_keys,
+    failed_authentications_are_filed_by_network_and_capped,
+);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Who {
@@ -262,4 +267,84 @@ async fn only_admins_make_powerful_keys(backend: Backend) {
         .clone();
     assert_eq!(created["detail"]["role"], "edge");
     assert_eq!(created["actor"], "admin");
+}
+
+fn made_up_key() -> String {
+    ApiKey::generate().unwrap().expose_secret().to_owned()
+}
+
+/// Every `auth.failed` audit row, newest first.
+async fn failures(app: &TestApp) -> Vec<Value> {
+    let reply = app.as_admin().get("/api/v1/audit?limit=1000").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "auth.failed")
+        .cloned()
+        .collect()
+}
+
+/// Failed authentications are filed per network (IPv4 /24, IPv6 /64), so rotating
+/// addresses makes no new rows; a flush writes at most 100 rows and folds the rest into
+/// one that says how many — and no failure goes uncounted.
+async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend) {
+    let app = TestApp::on(backend)
+        .env("AUTH_FAILURES_PER_MINUTE", 0)
+        .env("MAX_CONCURRENT_LOOKUPS", 1000)
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .build()
+        .await;
+    let fail_from = |xff: String| {
+        let app = &app;
+        async move {
+            let reply = app
+                .with_key(&made_up_key())
+                .header("X-Forwarded-For", &xff)
+                .get("/api/v1/verify")
+                .await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
+        }
+    };
+    for xff in [
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.3",
+        "2001:db8:1:2::1",
+        "2001:db8:1:2:ffff::9",
+    ] {
+        fail_from(xff.to_owned()).await;
+    }
+    app.flush().await;
+    let rows = failures(&app).await;
+    let by_ip = |ip: &str| -> Vec<&Value> { rows.iter().filter(|r| r["ip"] == ip).collect() };
+    let v4 = by_ip("203.0.113.0/24");
+    assert_eq!(v4.len(), 1, "{rows:?}");
+    assert_eq!(v4[0]["detail"]["count"], 3);
+    assert_eq!(v4[0]["detail"]["addresses"].as_array().unwrap().len(), 3);
+    let v6 = by_ip("2001:db8:1:2::/64");
+    assert_eq!(v6.len(), 1, "{rows:?}");
+    assert_eq!(v6[0]["detail"]["count"], 2);
+
+    // 300 networks at once, one flush: at most 100 rows and one folded row, none lost.
+    let before = rows.len();
+    let flood: Vec<_> = (0..300)
+        .map(|i| fail_from(format!("10.{}.{}.1", i / 256, i % 256)))
+        .collect();
+    futures_util::future::join_all(flood).await;
+    app.flush().await;
+    let rows = failures(&app).await;
+    let new = &rows[..rows.len() - before];
+    let folded: Vec<_> = new
+        .iter()
+        .filter(|r| r["detail"]["reason"] == "many sources")
+        .collect();
+    assert_eq!(folded.len(), 1, "one overflow row: {new:?}");
+    assert_eq!(new.len(), 101, "100 networks and the overflow row");
+    let counted: u64 = new
+        .iter()
+        .map(|r| r["detail"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 300, "every failure counted");
 }

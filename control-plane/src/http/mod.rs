@@ -28,6 +28,8 @@ mod ops;
 pub mod server;
 pub mod state;
 pub mod usage;
+#[cfg(test)]
+mod usage_tests;
 
 use axum::body::Bytes;
 use axum::http::header;

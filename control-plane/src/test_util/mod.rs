@@ -179,6 +179,7 @@ impl TestApp {
             app: self,
             authorization: None,
             peer: PEER.parse().unwrap(),
+            headers: Vec::new(),
         }
     }
 
@@ -242,12 +243,19 @@ pub struct Caller<'a> {
     app: &'a TestApp,
     authorization: Option<String>,
     peer: SocketAddr,
+    headers: Vec<(String, String)>,
 }
 
 impl Caller<'_> {
     /// From another TCP peer (the failure budgets and the audit log go by address).
     pub fn from_peer(mut self, peer: &str) -> Self {
         self.peer = peer.parse().expect("a socket address");
+        self
+    }
+
+    /// One more header on every request (`X-Forwarded-For`, `Origin`, `Cookie`…).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -281,6 +289,9 @@ impl Caller<'_> {
     /// send it with [`Caller::send_request`].
     pub fn request(&self, method: Method, path: &str) -> axum::http::request::Builder {
         let mut request = Request::builder().method(method).uri(path);
+        for (name, value) in &self.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
         if let Some(key) = &self.authorization {
             request = request.header(
                 header::AUTHORIZATION,

@@ -9,9 +9,14 @@
 //! - readiness is our children's: a child that exits during the start fails it with its
 //!   last log lines, and since the ports were free, what answers is ours;
 //! - SIGINT, SIGTERM, SIGHUP, a closed stdout (`| tee`, `| head`; noticed during the
-//!   start too) or a child exiting stops
-//!   every process group (SIGTERM, then SIGKILL after 5 s) and exits — non-zero when a
-//!   child died or the start failed.
+//!   start too) or a child exiting stops every process group and every descendant found
+//!   under our children, even one that left its group (SIGTERM, then SIGKILL after 5 s),
+//!   and exits — non-zero when a child died or the start failed;
+//! - nothing it writes can fail the stop: behind `make dev 2>&1 | tee`, Ctrl-C kills tee
+//!   with us, and a write to the closed pipe (`eprintln!` panics on one) must not end
+//!   this process before its children;
+//! - the KV API stand-in answers before the control plane starts, so the control plane's
+//!   first KV sync finds it (a healthy start prints no warning).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
@@ -60,6 +65,12 @@ fn say(text: &str) -> bool {
     out.write_all(text.as_bytes())
         .and_then(|_| out.flush())
         .is_ok()
+}
+
+/// Writes a line to stderr; never panics (stderr may be a pipe whose reader is gone).
+fn tell(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{text}").and_then(|_| err.flush());
 }
 
 /// Is stdout a pipe whose reader has gone?
@@ -211,26 +222,84 @@ fn spawn(name: &'static str, mut cmd: Command, log: Option<&Path>) -> std::io::R
     Ok(Proc { name, child, log })
 }
 
-/// Stops every process group: SIGTERM, then SIGKILL to what is left after 5 s.
-fn stop_all(procs: &mut [Proc]) {
-    for p in procs.iter() {
-        // SAFETY: plain kill(2) of the child's process group.
-        unsafe { libc::kill(-(p.child.id() as i32), libc::SIGTERM) };
+/// Every descendant of `roots` (pids), from each process's parent in /proc.
+fn descendants(roots: &[i32]) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = vec![];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid));
+        }
     }
+    let mut found: Vec<i32> = roots.to_vec();
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(
+            parent_of
+                .iter()
+                .filter(|(_, ppid)| *ppid == p)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    found.split_off(roots.len())
+}
+
+/// Stops every process group and every descendant (one that made its own group or
+/// session too): SIGTERM, then SIGKILL to what is left after 5 s.
+fn stop_all(procs: &mut [Proc]) {
+    let roots: Vec<i32> = procs.iter().map(|p| p.child.id() as i32).collect();
+    // Found before any signal: once a parent exits, its children are re-parented away.
+    let mut others = descendants(&roots);
+    let signal_all = |others: &[i32], signal: i32| {
+        for pid in &roots {
+            // SAFETY: plain kill(2) of the child's process group, then of each process.
+            unsafe { libc::kill(-pid, signal) };
+        }
+        for pid in others {
+            unsafe { libc::kill(*pid, signal) };
+        }
+    };
+    signal_all(&others, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
-    let alive = |p: &Proc| unsafe { libc::kill(-(p.child.id() as i32), 0) } == 0;
-    while Instant::now() < deadline && procs.iter().any(alive) {
+    let alive = |pid: i32, group: bool| {
+        let target = if group { -pid } else { pid };
+        // SAFETY: signal 0 only checks that the target exists.
+        unsafe { libc::kill(target, 0) == 0 }
+    };
+    loop {
         for p in procs.iter_mut() {
             let _ = p.child.try_wait();
         }
+        // Reaped or zombie children of others are gone from the count once they exit.
+        others.retain(|pid| alive(*pid, false) && !is_zombie(*pid));
+        let any = roots.iter().any(|pid| alive(*pid, true)) || !others.is_empty();
+        if !any || Instant::now() >= deadline {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    signal_all(&others, libc::SIGKILL);
     for p in procs.iter_mut() {
-        if alive(p) {
-            unsafe { libc::kill(-(p.child.id() as i32), libc::SIGKILL) };
-        }
         let _ = p.child.wait();
     }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 /// The first child that has exited, and how.
@@ -245,7 +314,7 @@ fn exited(procs: &mut [Proc]) -> Option<(usize, String)> {
 }
 
 fn fail(procs: &mut [Proc], message: &str) -> ExitCode {
-    eprintln!("make dev: {message}");
+    tell(&format!("make dev: {message}"));
     stop_all(procs);
     ExitCode::FAILURE
 }
@@ -255,12 +324,12 @@ async fn main() -> ExitCode {
     let ports = match ports() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("make dev: {e}");
+            tell(&format!("make dev: {e}"));
             return ExitCode::FAILURE;
         }
     };
     if let Some(line) = taken_port(&ports) {
-        eprintln!("{line}");
+        tell(&line);
         return ExitCode::FAILURE;
     }
     // The signals first, so that none arriving during the start is missed.
@@ -352,93 +421,102 @@ async fn main() -> ExitCode {
     let mut procs: Vec<Proc> = vec![];
     let mut origin_cmd = Command::new(root.join("target/debug/demo-origin"));
     origin_cmd.arg(origin.to_string());
-    let starts = [
-        (
-            "demo origin",
-            origin_cmd,
-            Some(PathBuf::from(".dev-origin.log")),
-        ),
-        (
-            "KV API stand-in",
-            npx_wrangler(
-                Some("dev/kv-api/wrangler.toml"),
-                kv,
-                port("DEV_KV_INSPECTOR_PORT"),
-                &[],
+    // In two waves: the control plane's KV sync starts at once, so the KV stand-in must
+    // answer first (else its first pushes fail and warn); the Worker calls the control
+    // plane.
+    let waves = [
+        vec![
+            (
+                "demo origin",
+                origin_cmd,
+                Some(PathBuf::from(".dev-origin.log")),
+                format!("http://127.0.0.1:{origin}/"),
             ),
-            Some(PathBuf::from(".wrangler-kv-api.log")),
-        ),
-        (
-            "control plane",
-            {
-                let mut c = Command::new(&bin);
-                c.arg("serve").envs(env.clone());
-                c
-            },
-            None,
-        ),
-        (
-            "edge Worker",
-            npx_wrangler(
+            (
+                "KV API stand-in",
+                npx_wrangler(
+                    Some("dev/kv-api/wrangler.toml"),
+                    kv,
+                    port("DEV_KV_INSPECTOR_PORT"),
+                    &[],
+                ),
+                Some(PathBuf::from(".wrangler-kv-api.log")),
+                format!("http://127.0.0.1:{kv}/__stats"),
+            ),
+        ],
+        vec![
+            (
+                "control plane",
+                {
+                    let mut c = Command::new(&bin);
+                    c.arg("serve").envs(env.clone());
+                    c
+                },
                 None,
-                edge,
-                port("DEV_EDGE_INSPECTOR_PORT"),
-                &[
-                    format!("CONTROL_PLANE_URL:http://127.0.0.1:{cp}"),
-                    format!("ORIGIN_URL:http://127.0.0.1:{origin}"),
-                ],
+                format!("http://127.0.0.1:{cp}/healthz"),
             ),
-            Some(PathBuf::from(".wrangler-edge.log")),
-        ),
+            (
+                "edge Worker",
+                npx_wrangler(
+                    None,
+                    edge,
+                    port("DEV_EDGE_INSPECTOR_PORT"),
+                    &[
+                        format!("CONTROL_PLANE_URL:http://127.0.0.1:{cp}"),
+                        format!("ORIGIN_URL:http://127.0.0.1:{origin}"),
+                    ],
+                ),
+                Some(PathBuf::from(".wrangler-edge.log")),
+                format!("http://127.0.0.1:{edge}/"),
+            ),
+        ],
     ];
-    for (name, cmd, log) in starts {
-        match spawn(name, cmd, log.as_deref()) {
-            Ok(p) => procs.push(p),
-            Err(e) => return fail(&mut procs, &format!("cannot start the {name}: {e}")),
-        }
-    }
 
     // Ready when each of our children answers; one that exits first fails the start.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();
-    let checks = [
-        ("control plane", format!("http://127.0.0.1:{cp}/healthz")),
-        ("KV API stand-in", format!("http://127.0.0.1:{kv}/__stats")),
-        ("edge Worker", format!("http://127.0.0.1:{edge}/")),
-        ("demo origin", format!("http://127.0.0.1:{origin}/")),
-    ];
     let deadline = Instant::now() + Duration::from_secs(120);
-    for (name, url) in &checks {
-        loop {
-            if let Some((i, status)) = exited(&mut procs) {
-                let p = &procs[i];
-                let msg = format!(
-                    "the {} exited during the start ({status}); its last lines:\n{}",
-                    p.name,
-                    p.log.tail()
-                );
-                return fail(&mut procs, &msg);
+    for wave in waves {
+        let mut checks = vec![];
+        for (name, cmd, log, url) in wave {
+            match spawn(name, cmd, log.as_deref()) {
+                Ok(p) => procs.push(p),
+                Err(e) => return fail(&mut procs, &format!("cannot start the {name}: {e}")),
             }
-            // Whoever reads our output has gone (`| head`): nobody would see the banner.
-            if stdout_closed() {
-                stop_all(&mut procs);
-                return ExitCode::SUCCESS;
+            checks.push((name, url));
+        }
+        for (name, url) in &checks {
+            loop {
+                if let Some((i, status)) = exited(&mut procs) {
+                    let p = &procs[i];
+                    let msg = format!(
+                        "the {} exited during the start ({status}); its last lines:\n{}",
+                        p.name,
+                        p.log.tail()
+                    );
+                    return fail(&mut procs, &msg);
+                }
+                // Whoever reads our output has gone (`| head`): nobody would see the banner.
+                if stdout_closed() {
+                    stop_all(&mut procs);
+                    return ExitCode::SUCCESS;
+                }
+                tokio::select! {
+                    _ = int.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
+                    _ = term.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
+                    _ = hup.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
+                    r = http.get(url).send() => if r.is_ok() { break },
+                }
+                if Instant::now() > deadline {
+                    return fail(
+                        &mut procs,
+                        &format!("the {name} did not answer at {url} within 120 s"),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::select! {
-                _ = int.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
-                _ = term.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
-                _ = hup.recv() => return { stop_all(&mut procs); ExitCode::SUCCESS },
-                r = http.get(url).send() => if r.is_ok() { break },
-            }
-            if Instant::now() > deadline {
-                return fail(
-                    &mut procs,
-                    &format!("the {name} did not answer at {url} within 120 s"),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     // The keys made above reach KV through the outbox.
@@ -511,7 +589,7 @@ async fn main() -> ExitCode {
             }
         }
     }
-    eprintln!("stopping…");
+    tell("stopping…");
     stop_all(&mut procs);
     ExitCode::SUCCESS
 }
