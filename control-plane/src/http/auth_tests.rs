@@ -14,6 +14,7 @@ on_both_backends!(
     every_route_for_every_role,
     only_admins_make_powerful_keys,
     failed_authentications_are_filed_by_network_and_capped,
+    every_api_route_refuses_bad_keys,
 );
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -347,4 +348,93 @@ async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend
         .map(|r| r["detail"]["count"].as_u64().unwrap())
         .sum();
     assert_eq!(counted, 300, "every failure counted");
+}
+
+/// Moved from `tests/tests/control_plane.rs`: every way a key can be missing or wrong is a
+/// JSON 401 with `WWW-Authenticate` on every key-guarded route, and changes nothing.
+async fn every_api_route_refuses_bad_keys(backend: Backend) {
+    use axum::body::Body;
+    use axum::http::HeaderValue;
+    let app = TestApp::on(backend).build().await;
+    let deleted = app.create_key("to-delete", "GENERIC").await;
+    assert_eq!(
+        app.with_key(&deleted).get("/api/v1/verify").await.status,
+        StatusCode::OK
+    );
+    let reply = app.as_admin().delete("/api/v1/keys/to-delete/delete").await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let valid = ApiKey::generate().unwrap();
+    let mut bad_checksum = valid.expose_secret().to_owned();
+    let last = bad_checksum.pop().unwrap();
+    bad_checksum.push(if last == 'a' { 'b' } else { 'a' });
+    let unknown = made_up_key();
+    let admin_key = &app.admin_key;
+    let candidates: Vec<Option<String>> = vec![
+        None,
+        Some(String::new()),
+        Some("Bearer".into()),
+        Some("garbage".into()),
+        Some(format!("Basic {admin_key}")),
+        Some(bad_checksum),
+        Some(unknown),
+        Some(deleted),
+        Some(format!("{} ", &admin_key[..admin_key.len() - 1])),
+    ];
+    let hash = "0".repeat(64);
+    let routes = [
+        (Method::POST, "/api/v1/keys/create".to_owned()),
+        (Method::GET, "/api/v1/keys/list".to_owned()),
+        (Method::GET, "/api/v1/keys/onboarding".to_owned()),
+        (Method::DELETE, "/api/v1/keys/admin/delete".to_owned()),
+        (Method::GET, "/api/v1/verify".to_owned()),
+        (Method::GET, format!("/api/v1/keys/by-hash/{hash}")),
+    ];
+    for (method, path) in &routes {
+        for key in &candidates {
+            let caller = match key {
+                Some(k) => app.with_key(k),
+                None => app.anonymous(),
+            };
+            let request = caller
+                .request(method.clone(), path)
+                .body(Body::from(r#"{"name":"x"}"#))
+                .unwrap();
+            let reply = caller.send_request(request).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert!(reply
+                .header("www-authenticate")
+                .unwrap()
+                .starts_with("Bearer"));
+            let body = reply.json();
+            assert_eq!(body["error"], "unauthorized");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+    // A non-UTF-8 header value is refused, not a crash.
+    let caller = app.anonymous();
+    let mut request = caller
+        .request(Method::GET, "/api/v1/verify")
+        .body(Body::empty())
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_bytes(b"metlo.\xff\xfe").unwrap(),
+    );
+    assert_eq!(
+        caller.send_request(request).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Nothing was created or deleted by refused requests.
+    let names: Vec<String> = app
+        .list()
+        .await
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["client", "edge-worker", "admin"],
+        "the first keys only"
+    );
 }

@@ -1,6 +1,6 @@
 //! The keys routes' own rules, in process on both backends (moved from
-//! `tests/tests/roles.rs`): the last admin key stays, and names that could impersonate
-//! another are refused.
+//! `tests/tests/roles.rs` and `control_plane.rs`): the last admin key stays, names that
+//! could impersonate another are refused, bad bodies are JSON 400s and long ones 413s.
 
 use axum::http::StatusCode;
 use serde_json::json;
@@ -10,7 +10,8 @@ use crate::test_util::{on_both_backends, TestApp};
 
 on_both_backends!(
     the_last_admin_key_stays,
-    names_that_could_impersonate_are_refused
+    names_that_could_impersonate_are_refused,
+    bad_requests_are_400_json,
 );
 
 fn delete_path(name: &str) -> String {
@@ -158,4 +159,72 @@ async fn names_that_could_impersonate_are_refused(backend: Backend) {
         let reply = app.as_admin().delete(&delete_path(name)).await;
         assert_eq!(reply.status, StatusCode::OK, "{name}: {}", reply.text);
     }
+}
+
+async fn bad_requests_are_400_json(backend: Backend) {
+    use axum::body::Body;
+    use axum::http::Method;
+    let app = TestApp::on(backend).build().await;
+    app.create_key("taken", "GENERIC").await;
+    let long = "x".repeat(129);
+    let cases: Vec<(&str, String)> = vec![
+        ("duplicate", json!({"name": "taken"}).to_string()),
+        ("missing name", json!({"keyFor": "GENERIC"}).to_string()),
+        ("null name", json!({"name": null}).to_string()),
+        ("empty name", json!({"name": ""}).to_string()),
+        ("blank name", json!({"name": "   "}).to_string()),
+        ("control char", json!({"name": "a\u{0007}b"}).to_string()),
+        ("long name", json!({"name": long}).to_string()),
+        // URLs normalize these path segments away: such a key could never be deleted.
+        ("dot name", json!({"name": "."}).to_string()),
+        ("dot-dot name", json!({"name": ".."}).to_string()),
+        (
+            "invalid type",
+            json!({"name": "n", "keyFor": "ADMIN"}).to_string(),
+        ),
+        (
+            "lower-case type",
+            json!({"name": "n", "keyFor": "generic"}).to_string(),
+        ),
+        (
+            "type not a string",
+            json!({"name": "n", "keyFor": 3}).to_string(),
+        ),
+        ("name not a string", json!({"name": 3}).to_string()),
+        ("malformed JSON", "{\"name\": ".to_owned()),
+        ("not an object", "[1,2]".to_owned()),
+        ("empty body", String::new()),
+    ];
+    let admin = app.as_admin();
+    let raw_create = |body: String| {
+        admin
+            .request(Method::POST, "/api/v1/keys/create")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    for (what, body) in cases {
+        let reply = admin.send_request(raw_create(body)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}");
+        let body = reply.json();
+        assert_eq!(body["error"], "bad_request", "{what}: {body}");
+        assert!(!body["message"].as_str().unwrap().is_empty());
+    }
+    // 128 characters (not bytes) is fine.
+    let ok = "é".repeat(128);
+    let reply = admin
+        .post("/api/v1/keys/create", json!({ "name": ok }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // Oversized bodies are refused with 413 before parsing.
+    let huge = json!({"name": "x".repeat(64 * 1024)}).to_string();
+    let reply = admin.send_request(raw_create(huge)).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.json()["error"], "payload_too_large");
+    // Nothing was stored by the bad requests: the three first keys, taken, and é….
+    assert_eq!(app.list().await.len(), 5);
+    // Unknown routes are JSON 404s.
+    let reply = admin.get("/api/v1/nope").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.json()["error"], "not_found");
 }
