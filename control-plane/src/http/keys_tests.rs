@@ -228,3 +228,26 @@ async fn bad_requests_are_400_json(backend: Backend) {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.json()["error"], "not_found");
 }
+
+#[tokio::test]
+async fn a_key_is_refused_from_its_expiry_on_with_the_clock_moved() {
+    let app = TestApp::new().await;
+    // Whole seconds, as expiries are kept.
+    let expires = crate::clock::iso8601((crate::clock::now_ms() / 1000 + 60) * 1000);
+    let reply = app
+        .as_admin()
+        .post(
+            "/api/v1/keys/create",
+            json!({"name": "short-lived", "expiresAt": expires}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let key = reply.json()["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(app.with_key(&key).get("/api/v1/verify").await.status, StatusCode::OK);
+    // Cached as valid now; its expiry still holds once the clock passes it.
+    app.advance(std::time::Duration::from_secs(61));
+    let reply = app.with_key(&key).get("/api/v1/verify").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
+    // Still listed (and counted) until deleted.
+    assert_eq!(app.listed("short-lived").await["expiresAt"], expires.as_str());
+}
