@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use metlo_tests::{Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{Backend, ControlPlane, StackBuilder, StatusCode};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -11,9 +11,10 @@ use sqlx::Connection;
 /// with `Retry-After` (it was a 500), and the create goes through once the lock is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_busy_is_503_with_retry_after() {
-    let cp =
-        ControlPlane::start_with(Options::new(Backend::Sqlite).env("SQLITE_BUSY_TIMEOUT_MS", 300))
-            .await;
+    let cp = ControlPlane::start_with(
+        StackBuilder::new(Backend::Sqlite).env("SQLITE_BUSY_TIMEOUT_MS", 300),
+    )
+    .await;
     let url = format!("sqlite://{}", cp.sqlite_file().display());
     let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
     sqlx::query("BEGIN IMMEDIATE")
@@ -48,7 +49,8 @@ async fn sqlite_busy_is_503_with_retry_after() {
 async fn a_burst_with_one_key_on_a_cold_cache_costs_one_lookup() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let cp =
-            ControlPlane::start_with(Options::new(backend).env("MAX_CONCURRENT_LOOKUPS", 2)).await;
+            ControlPlane::start_with(StackBuilder::new(backend).env("MAX_CONCURRENT_LOOKUPS", 2))
+                .await;
         assert_eq!(
             cp.metric("metlo_verify_lookups_total", "").await,
             0.0,
@@ -106,9 +108,10 @@ fn client_from(ip: &str) -> reqwest::Client {
 /// served from the cache, are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_keys_are_limited_per_source() {
-    let cp =
-        ControlPlane::start_with(Options::new(Backend::Sqlite).env("AUTH_FAILURES_PER_MINUTE", 10))
-            .await;
+    let cp = ControlPlane::start_with(
+        StackBuilder::new(Backend::Sqlite).env("AUTH_FAILURES_PER_MINUTE", 10),
+    )
+    .await;
     assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
     let verify = format!("{}/api/v1/verify", cp.url);
     for _ in 0..10 {
@@ -189,7 +192,7 @@ async fn made_up_keys_are_limited_per_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let cp = ControlPlane::start_with(
-        Options::new(Backend::Sqlite)
+        StackBuilder::new(Backend::Sqlite)
             .env("AUTH_FAILURES_PER_MINUTE", 5)
             .env("TRUSTED_PROXIES", "127.0.0.1/32, ::1"),
     )
@@ -248,7 +251,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 async fn concurrent_lookups_are_bounded() {
     let db = metlo_tests::fresh_postgres_database().await;
     let cp = ControlPlane::start_with(
-        Options::new(Backend::Postgres)
+        StackBuilder::new(Backend::Postgres)
             .env("DATABASE_URL", &db)
             .env("MAX_CONCURRENT_LOOKUPS", 1)
             .env("TRUSTED_PROXIES", "127.0.0.1"),
@@ -340,7 +343,7 @@ async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
 async fn slow_clients_cannot_hold_connections(backend: Backend) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cp = ControlPlane::start_with(
-        Options::new(backend)
+        StackBuilder::new(backend)
             .env("HEADER_READ_TIMEOUT_SECONDS", 1)
             .env("REQUEST_TIMEOUT_SECONDS", 2)
             .env("MAX_CONNECTIONS", 4),

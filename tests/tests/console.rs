@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use metlo_tests::browser::Browser;
-use metlo_tests::edge::Stack;
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Stack, StackBuilder, StatusCode};
 use reqwest::header::{HeaderMap, COOKIE, SET_COOKIE};
 use serde_json::{json, Value};
 
@@ -79,8 +78,8 @@ async fn console_create(cp: &ControlPlane, s: &Session, name: &str, csrf: Option
 }
 
 async fn a_session_acts_as_its_admin_key_until_it_ends(backend: Backend) {
-    let cp =
-        ControlPlane::start_with(Options::new(backend).env("CONSOLE_IDLE_TIMEOUT", "3s")).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("CONSOLE_IDLE_TIMEOUT", "3s"))
+        .await;
     // Pages and files carry the policy: no inline script, no framing, nothing elsewhere.
     for path in [
         "/console",
@@ -289,14 +288,16 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
     // Secure cookies: configured, or a trusted proxy saying the client came over TLS.
     drop(cp);
     let secure =
-        ControlPlane::start_with(Options::new(backend).env("CONSOLE_SECURE_COOKIE", "true")).await;
+        ControlPlane::start_with(StackBuilder::new(backend).env("CONSOLE_SECURE_COOKIE", "true"))
+            .await;
     let set = sign_in(&secure, &secure.admin_key).await;
     assert!(set.headers[SET_COOKIE]
         .to_str()
         .unwrap()
         .contains("; Secure"));
     let proxied =
-        ControlPlane::start_with(Options::new(backend).env("TRUSTED_PROXIES", "127.0.0.1")).await;
+        ControlPlane::start_with(StackBuilder::new(backend).env("TRUSTED_PROXIES", "127.0.0.1"))
+            .await;
     let via_tls = send(
         proxied
             .client
@@ -315,7 +316,8 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
 
 async fn failed_sign_ins_are_audited_and_limited(backend: Backend) {
     let cp =
-        ControlPlane::start_with(Options::new(backend).env("AUTH_FAILURES_PER_MINUTE", "4")).await;
+        ControlPlane::start_with(StackBuilder::new(backend).env("AUTH_FAILURES_PER_MINUTE", "4"))
+            .await;
     // The admin key is used once first: a key known valid keeps working from a source
     // past its failure budget (below, to read the audit log).
     let (status, _, _) = cp.get("/api/v1/audit", Some(&cp.admin_key)).await;
@@ -376,12 +378,12 @@ async fn failed_sign_ins_are_audited_and_limited(backend: Backend) {
 /// The console in real headless Chromium, against the whole system.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_chromium() {
-    let s = Stack::start(
-        Backend::Sqlite,
-        &[("USAGE_REPORT_MS", "300")],
-        &[("LAST_USED_FLUSH_SECONDS", "1")],
-    )
-    .await;
+    let s = StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .edge(&[("USAGE_REPORT_MS", "300")])
+        .env("LAST_USED_FLUSH_SECONDS", "1")
+        .build()
+        .await;
     let cp = &s.cp;
     let b = Browser::start().await;
     let base = &cp.url;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use metlo_shared::ApiKey;
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, Redis, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Redis, StackBuilder, StatusCode};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -322,7 +322,7 @@ async fn oversized_heads_and_chunked_bodies(backend: Backend) {
 
 async fn limit_reached_has_metlo_message(backend: Backend) {
     // The harness's three keys (admin, edge, client) and two more.
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 5)).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("MAX_API_KEYS", 5)).await;
     cp.create_key("two", "GENERIC").await;
     cp.create_key("three", "GENERIC").await;
     let (status, body) = cp.create(json!({"name": "four"})).await;
@@ -344,7 +344,7 @@ async fn limit_reached_has_metlo_message(backend: Backend) {
 }
 
 async fn concurrent_creates_with_one_name(backend: Backend) {
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 1000)).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("MAX_API_KEYS", 1000)).await;
     let results =
         futures::future::join_all((0..200).map(|_| cp.create(json!({"name": "same"})))).await;
     let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
@@ -365,7 +365,7 @@ async fn concurrent_creates_with_one_name(backend: Backend) {
 
 async fn concurrent_creates_at_the_limit(backend: Backend) {
     const MAX: usize = 20;
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", MAX)).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("MAX_API_KEYS", MAX)).await;
     for i in 0..MAX - 4 {
         cp.create_key(&format!("pre-{i}"), "GENERIC").await;
     }
@@ -390,8 +390,8 @@ async fn concurrent_creates_at_the_limit(backend: Backend) {
 async fn deleted_key_is_refused_at_once(backend: Backend) {
     let mut redis = Redis::start();
     for opts in [
-        Options::new(backend),
-        Options::new(backend).redis(redis.url()),
+        StackBuilder::new(backend),
+        StackBuilder::new(backend).redis(redis.url()),
     ] {
         let cp = ControlPlane::start_with(opts).await;
         for round in 0..5 {
@@ -543,7 +543,7 @@ async fn ops_routes(backend: Backend) {
 async fn redis_outage_falls_back_to_the_database() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let mut redis = Redis::start();
-        let cp = ControlPlane::start_with(Options::new(backend).redis(redis.url())).await;
+        let cp = ControlPlane::start_with(StackBuilder::new(backend).redis(redis.url())).await;
         let key = cp.create_key("verified", "GENERIC").await;
         assert_eq!(cp.verify(&key).await, StatusCode::OK);
         assert!(
@@ -616,7 +616,7 @@ async fn redis_outage_falls_back_to_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_on_one_replica_is_refused_by_another() {
     let redis = Redis::start();
-    let a = ControlPlane::start_with(Options::new(Backend::Postgres).redis(redis.url())).await;
+    let a = ControlPlane::start_with(StackBuilder::new(Backend::Postgres).redis(redis.url())).await;
     let b = a.replica().await;
     let mut waits = vec![];
     for round in 0..20 {
@@ -665,8 +665,8 @@ async fn graceful_shutdown_on_sigterm() {
 
 #[tokio::test]
 async fn json_logs() {
-    let cp =
-        ControlPlane::start_with(Options::new(Backend::Sqlite).env("LOG_FORMAT", "json")).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(Backend::Sqlite).env("LOG_FORMAT", "json"))
+        .await;
     cp.create_key("json-logged", "GENERIC").await;
     let log = cp.log();
     let line = log

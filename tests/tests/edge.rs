@@ -6,25 +6,20 @@ use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord, KeyType, RECORD_VERSION};
 use metlo_tests::edge::{Edge, Origin};
-use metlo_tests::{Backend, ControlPlane, StatusCode};
-
-struct Stack {
-    cp: ControlPlane,
-    origin: Origin,
-    edge: Edge,
-}
+use metlo_tests::{Backend, Stack, StackBuilder, StatusCode};
 
 async fn stack(vars: &[(&str, &str)]) -> Stack {
-    let cp = ControlPlane::start(Backend::Sqlite).await;
-    // The Worker's own key: what `wrangler secret put CONTROL_PLANE_KEY` would hold.
-    let worker_key = cp.edge_key.clone();
-    let origin = Origin::start().await;
-    let edge = Edge::start(&cp.url, &worker_key, &origin.url, vars).await;
-    Stack { cp, origin, edge }
+    // The Worker's own key (what `wrangler secret put CONTROL_PLANE_KEY` would hold) is
+    // the control plane's edge key; no KV sync: every miss asks the control plane.
+    StackBuilder::new(Backend::Sqlite).edge(vars).build().await
 }
 
-impl Stack {
+trait ByHashCalls {
     /// How many times the Worker has asked the control plane about a hash.
+    async fn by_hash_calls(&self) -> f64;
+}
+
+impl ByHashCalls for Stack {
     async fn by_hash_calls(&self) -> f64 {
         self.cp.metric("http_requests_total", "by-hash").await
     }

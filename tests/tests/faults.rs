@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::{Backend, ControlPlane, Options, PartitionProxy, Postgres, Redis, StatusCode};
+use metlo_tests::{
+    Backend, ControlPlane, PartitionProxy, Postgres, Redis, StackBuilder, StatusCode,
+};
 use serde_json::json;
 
 /// PostgreSQL stopped during traffic: admin routes answer 503 with Retry-After (never 500,
@@ -14,7 +16,7 @@ async fn postgres_outage_and_recovery() {
     let pg = Postgres::start();
     // A long cache TTL so the warmed keys stay cached through the outage.
     let cp = ControlPlane::start_with(
-        Options::new(Backend::Postgres)
+        StackBuilder::new(Backend::Postgres)
             .env("DATABASE_URL", pg.url())
             .env("CACHE_TTL_SECONDS", 60),
     )
@@ -115,7 +117,7 @@ async fn redis_flapping() {
     let redis = Redis::start();
     let network = PartitionProxy::start(redis.port).await;
     let a = ControlPlane::start_with(
-        Options::new(Backend::Postgres)
+        StackBuilder::new(Backend::Postgres)
             .redis(network.url())
             .env("CACHE_TTL_SECONDS", 30)
             // Deleted keys are asked about in a loop: decisions, not the budget, are tested.

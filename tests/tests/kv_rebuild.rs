@@ -6,17 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord};
-use metlo_tests::edge::{Edge, KvApi, Origin};
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, StackBuilder, StatusCode};
 use serde_json::{json, Value};
 
 on_both_backends!(reconcile_fixes_drift_and_leaves_a_correct_kv_untouched);
-
-fn options(backend: Backend, kv: &KvApi) -> Options {
-    kv.control_plane_env()
-        .into_iter()
-        .fold(Options::new(backend), |o, (k, v)| o.env(k, v))
-}
 
 fn hash(key: &str) -> String {
     ApiKey::parse(key).unwrap().hash().to_hex()
@@ -40,20 +33,21 @@ async fn record(cp: &ControlPlane, hash: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes() {
     const SEEDED: usize = 100_000;
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
     // No delete echo: the disabled key's echo, 60 s on, would land among the injected
     // faults on a slow run and take one of them (the counts below are exact). A long KV
     // timeout: the stand-in takes about 7 s per 10,000-key call on an idle machine, so
     // under load one passed the default 10 s and its retry took a fault meant for later.
-    let cp = ControlPlane::start_with(
-        options(Backend::Sqlite, &kv)
-            .env("MAX_API_KEYS", SEEDED + 100)
-            .env("KV_SYNC_DELETE_ECHO_SECONDS", 0)
-            .env("KV_SYNC_TIMEOUT_MS", 120_000),
-    )
-    .await;
-    let keys_file = state.path().join("seeded-keys");
+    let stack = StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .env("MAX_API_KEYS", SEEDED + 100)
+        .env("KV_SYNC_DELETE_ECHO_SECONDS", 0)
+        .env("KV_SYNC_TIMEOUT_MS", 120_000)
+        .build()
+        .await;
+    let state = stack.kv_state().to_owned();
+    let kv = &stack.kv;
+    let cp = &stack.cp;
+    let keys_file = state.join("seeded-keys");
     let seeded = cli_json(
         &cp,
         &[
@@ -144,9 +138,9 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
 }
 
 async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backend) {
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let cp = ControlPlane::start_with(options(backend, &kv)).await;
+    let stack = StackBuilder::new(backend).kv().build().await;
+    let kv = &stack.kv;
+    let cp = &stack.cp;
     let mut keys = vec![];
     for i in 0..20 {
         keys.push(cp.create_key(&format!("k{i}"), "GENERIC").await);
@@ -167,9 +161,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
 
     // The edge writes KV on a lookup (a key KV lost): with the same digest, so that entry
     // is as current as a pushed one.
-    let origin = Origin::start().await;
-    let edge =
-        Edge::start_on_state(Some(state.path()), &cp.url, &cp.edge_key, &origin.url, &[]).await;
+    let (origin, edge) = stack.another_edge(&[]).await;
     kv.delete_raw(&[hash(&keys[5])]).await;
     let r = edge.get("/", Some(&keys[5])).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -297,11 +289,13 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
 /// found in `/readyz` and `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_reconcile_reports_drift() {
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let cp =
-        ControlPlane::start_with(options(Backend::Sqlite, &kv).env("KV_RECONCILE_INTERVAL", "2s"))
-            .await;
+    let stack = StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .env("KV_RECONCILE_INTERVAL", "2s")
+        .build()
+        .await;
+    let kv = &stack.kv;
+    let cp = &stack.cp;
     let key = cp.create_key("k", "GENERIC").await;
     cp.wait_outbox_drained(Duration::from_secs(30)).await;
     kv.put_raw(&[("stray".into(), "x".into(), None)]).await;
@@ -352,12 +346,13 @@ async fn periodic_reconcile_reports_drift() {
 /// first, the slow write after it — and the resync, reading the key back, deletes it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_never_resurrects_a_key_deleted_meanwhile() {
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let cp = ControlPlane::start_with(
-        options(Backend::Sqlite, &kv).env("KV_SYNC_DELETE_ECHO_SECONDS", 0),
-    )
-    .await;
+    let stack = StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .env("KV_SYNC_DELETE_ECHO_SECONDS", 0)
+        .build()
+        .await;
+    let kv = &stack.kv;
+    let cp = &stack.cp;
     let doomed = cp.create_key("doomed", "GENERIC").await;
     let kept = cp.create_key("kept", "GENERIC").await;
     cp.wait_outbox_drained(Duration::from_secs(30)).await;

@@ -6,8 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord};
-use metlo_tests::edge::{KvApi, Stack};
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, Stack, StackBuilder, StatusCode};
 use serde_json::Value;
 
 // The outbox is written in the key's own transaction on both stores.
@@ -20,19 +19,20 @@ on_both_backends!(
 
 type Full = Stack;
 
-fn options(backend: Backend, kv: &KvApi) -> Options {
-    kv.control_plane_env()
-        .into_iter()
-        .fold(Options::new(backend), |o, (k, v)| o.env(k, v))
-}
-
 async fn full(backend: Backend, edge_vars: &[(&str, &str)]) -> Full {
-    Stack::start(backend, edge_vars, &[]).await
+    full_with(backend, edge_vars, &[]).await
 }
 
 /// `cp_env`: extra control-plane settings.
 async fn full_with(backend: Backend, edge_vars: &[(&str, &str)], cp_env: &[(&str, &str)]) -> Full {
-    Stack::start(backend, edge_vars, cp_env).await
+    cp_env
+        .iter()
+        .fold(
+            StackBuilder::new(backend).kv().edge(edge_vars),
+            |b, (k, v)| b.env(k, v),
+        )
+        .build()
+        .await
 }
 
 fn hash(key: &str) -> String {
@@ -618,9 +618,8 @@ async fn outbox_survives_sigkill(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_send_every_update_exactly_once() {
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let a = ControlPlane::start_with(options(Backend::Postgres, &kv)).await;
+    let s = StackBuilder::new(Backend::Postgres).kv().build().await;
+    let (kv, a) = (&s.kv, &s.cp);
     let b = a.replica().await;
     a.wait_outbox_drained(Duration::from_secs(10)).await;
     reqwest::Client::new()
@@ -631,12 +630,12 @@ async fn two_replicas_send_every_update_exactly_once() {
 
     let names: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
     let created = futures::future::join_all(names.iter().enumerate().map(|(i, n)| {
-        let cp = if i % 2 == 0 { &a } else { &b };
+        let cp = if i % 2 == 0 { a } else { &b };
         async move { hash(&cp.create_key(n, "GENERIC").await) }
     }))
     .await;
     futures::future::join_all(names.iter().take(30).enumerate().map(|(i, n)| {
-        let cp = if i % 2 == 0 { &b } else { &a };
+        let cp = if i % 2 == 0 { &b } else { a };
         async move { assert_eq!(cp.delete(n, Some(&cp.admin_key)).await.0, StatusCode::OK) }
     }))
     .await;

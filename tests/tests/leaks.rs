@@ -6,9 +6,8 @@
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyHash};
-use metlo_tests::edge::{Edge, KvApi, Origin};
 use metlo_tests::github::{GitHubKey, GitHubKeysEndpoint};
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{on_both_backends, Backend, ControlPlane, StackBuilder, StatusCode};
 use serde_json::{json, Value};
 
 on_both_backends!(a_batch_of_ten_thousand_tokens_is_handled_in_one_pass);
@@ -77,7 +76,7 @@ async fn control_plane(
     env: &[(&str, &str)],
 ) -> ControlPlane {
     let options = env.iter().fold(
-        Options::new(backend)
+        StackBuilder::new(backend)
             .env("GITHUB_KEYS_URL", &github.url)
             .env("MAX_API_KEYS", 1000),
         |o, (k, v)| o.env(k, v),
@@ -89,16 +88,13 @@ async fn control_plane(
 async fn a_signed_report_revokes_the_key_everywhere_and_a_replay_changes_nothing() {
     let github_key = GitHubKey::generate("k1", true);
     let github = GitHubKeysEndpoint::start(&[&github_key]).await;
-    let state = tempfile::tempdir().unwrap();
-    let kv = KvApi::start(state.path()).await;
-    let options = kv.control_plane_env().into_iter().fold(
-        Options::new(Backend::Sqlite).env("GITHUB_KEYS_URL", &github.url),
-        |o, (k, v)| o.env(k, v),
-    );
-    let cp = ControlPlane::start_with(options).await;
-    let origin = Origin::start().await;
-    let edge =
-        Edge::start_on_state(Some(state.path()), &cp.url, &cp.edge_key, &origin.url, &[]).await;
+    let stack = StackBuilder::new(Backend::Sqlite)
+        .env("GITHUB_KEYS_URL", &github.url)
+        .kv()
+        .edge(&[])
+        .build()
+        .await;
+    let (kv, cp, edge) = (&stack.kv, &stack.cp, &stack.edge);
     let leaked = cp.create_key("leaky", "GENERIC").await;
     let other = cp.create_key("other", "GENERIC").await;
     cp.wait_outbox_drained(Duration::from_secs(30)).await;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{SecondsFormat, TimeZone, Utc};
 use metlo_shared::ApiKey;
 use metlo_tests::{
-    assert_no_keys_in, on_both_backends, run_cli, Backend, ControlPlane, Options, Redis, StatusCode,
+    assert_no_keys_in, on_both_backends, run_cli, Backend, ControlPlane, Redis, StackBuilder,
+    StatusCode,
 };
 use serde_json::{json, Value};
 
@@ -58,7 +59,7 @@ fn secret(body: &Value) -> String {
 }
 
 async fn expiry(backend: Backend) {
-    let cp = ControlPlane::start_with(Options::new(backend).env("MAX_API_KEYS", 6)).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("MAX_API_KEYS", 6)).await;
     for (bad, why) in [
         (json!("2020-01-01T00:00:00Z"), "in the future"),
         (json!(iso(now_ms() - 1000)), "in the future"),
@@ -334,7 +335,7 @@ async fn delete_racing_a_roll(backend: Backend) {
 async fn roll_overlap_with_redis_and_two_replicas() {
     let redis = Redis::start();
     let a = ControlPlane::start_with(
-        Options::new(Backend::Postgres)
+        StackBuilder::new(Backend::Postgres)
             .redis(redis.url())
             .env("CACHE_TTL_SECONDS", 60),
     )
@@ -364,8 +365,8 @@ async fn roll_overlap_with_redis_and_two_replicas() {
 }
 
 async fn last_used_is_coalesced(backend: Backend) {
-    let cp =
-        ControlPlane::start_with(Options::new(backend).env("LAST_USED_FLUSH_SECONDS", 2)).await;
+    let cp = ControlPlane::start_with(StackBuilder::new(backend).env("LAST_USED_FLUSH_SECONDS", 2))
+        .await;
     let a = cp.create_key("a", "GENERIC").await;
     let b = cp.create_key("b", "GENERIC").await;
     assert_eq!(cp.listed("a").await["lastUsed"], Value::Null, "never used");
@@ -449,7 +450,8 @@ async fn audit_log_records_who_did_what(backend: Backend) {
     // 150 failures from one address: what the audit log makes of them, not the
     // failed-authentication budget (tests/abuse.rs), is tested here.
     let cp =
-        ControlPlane::start_with(Options::new(backend).env("AUTH_FAILURES_PER_MINUTE", 0)).await;
+        ControlPlane::start_with(StackBuilder::new(backend).env("AUTH_FAILURES_PER_MINUTE", 0))
+            .await;
     let audit = |query: &'static str| {
         let cp = &cp;
         async move {
@@ -589,7 +591,8 @@ async fn audit_log_records_who_did_what(backend: Backend) {
 }
 
 async fn audit_entries_past_their_retention_are_deleted(backend: Backend) {
-    let cp = ControlPlane::start_with(Options::new(backend).env("AUDIT_RETENTION", "3s")).await;
+    let cp =
+        ControlPlane::start_with(StackBuilder::new(backend).env("AUDIT_RETENTION", "3s")).await;
     let entries = || async {
         let (status, _, text) = cp.get("/api/v1/audit", Some(&cp.admin_key)).await;
         assert_eq!(status, StatusCode::OK, "{text}");

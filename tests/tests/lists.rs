@@ -3,14 +3,14 @@
 //! (paging, filters, the plain array's limit, 400s) are tested in process beside the
 //! handlers (`control-plane/src/http/key_lists_tests.rs`).
 
-use metlo_tests::{on_both_backends, run_cli, Backend, ControlPlane, Options};
+use metlo_tests::{on_both_backends, run_cli, Backend, ControlPlane, StackBuilder};
 use serde_json::Value;
 
 on_both_backends!(the_cli_walks_the_pages);
 
 async fn the_cli_walks_the_pages(backend: Backend) {
     let cp = ControlPlane::start_with(
-        Options::new(backend)
+        StackBuilder::new(backend)
             .env("MAX_API_KEYS", 1000)
             .env("LIST_UNPAGED_MAX", 5),
     )

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::{on_both_backends, run_cli, Backend, ControlPlane, Options, Redis, StatusCode};
+use metlo_tests::{
+    on_both_backends, run_cli, Backend, ControlPlane, Redis, StackBuilder, StatusCode,
+};
 use serde_json::{json, Value};
 
 on_both_backends!(
@@ -22,7 +24,7 @@ on_both_backends!(
 
 /// One-second cache TTL: a tombstone left by a disable is gone a second later.
 async fn start(backend: Backend) -> ControlPlane {
-    ControlPlane::start_with(Options::new(backend).env("CACHE_TTL_SECONDS", 1)).await
+    ControlPlane::start_with(StackBuilder::new(backend).env("CACHE_TTL_SECONDS", 1)).await
 }
 
 async fn meta_is_validated_stored_and_listed(backend: Backend) {
@@ -407,7 +409,7 @@ async fn rate_limits_are_validated(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_in_redis_are_shared_by_replicas_and_fail_closed() {
     let mut redis = Redis::start();
-    let a = ControlPlane::start_with(Options::new(Backend::Postgres).redis(redis.url())).await;
+    let a = ControlPlane::start_with(StackBuilder::new(Backend::Postgres).redis(redis.url())).await;
     let b = a.replica().await;
     let (status, body) = a
         .create(json!({"name": "shared", "rateLimit": {"requests": 3, "periodSeconds": 60}}))

@@ -243,11 +243,17 @@ async fn a_key_is_refused_from_its_expiry_on_with_the_clock_moved() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     let key = reply.json()["apiKey"].as_str().unwrap().to_owned();
-    assert_eq!(app.with_key(&key).get("/api/v1/verify").await.status, StatusCode::OK);
+    assert_eq!(
+        app.with_key(&key).get("/api/v1/verify").await.status,
+        StatusCode::OK
+    );
     // Cached as valid now; its expiry still holds once the clock passes it.
     app.advance(std::time::Duration::from_secs(61));
     let reply = app.with_key(&key).get("/api/v1/verify").await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
     // Still listed (and counted) until deleted.
-    assert_eq!(app.listed("short-lived").await["expiresAt"], expires.as_str());
+    assert_eq!(
+        app.listed("short-lived").await["expiresAt"],
+        expires.as_str()
+    );
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use metlo_tests::bench::{
     median, mib, rss_kib, with_peak_rss, wrk, wrk_with_cpu, CONNECTIONS, SECONDS,
 };
-use metlo_tests::{free_port, wait_for_port, Backend, ControlPlane, Options, Redis};
+use metlo_tests::{free_port, wait_for_port, Backend, ControlPlane, Redis, StackBuilder};
 
 /// Five: with three, one slow stretch of the shared machine moved a median by 10 %.
 const ROUNDS: usize = 5;
@@ -26,19 +26,21 @@ async fn main() {
     let bare_url = format!("http://127.0.0.1:{bare_port}/api/v1/verify");
 
     let redis = Redis::start();
-    let memory = ControlPlane::start_with(Options::new(Backend::Sqlite)).await;
-    let shared = ControlPlane::start_with(Options::new(Backend::Sqlite).redis(redis.url())).await;
+    let memory = ControlPlane::start_with(StackBuilder::new(Backend::Sqlite)).await;
+    let shared =
+        ControlPlane::start_with(StackBuilder::new(Backend::Sqlite).redis(redis.url())).await;
     // The same as `memory` without last-use tracking and request counting: what they cost
     // verification.
-    let untracked =
-        ControlPlane::start_with(Options::new(Backend::Sqlite).env("TRACK_LAST_USED", "false"))
-            .await;
+    let untracked = ControlPlane::start_with(
+        StackBuilder::new(Backend::Sqlite).env("TRACK_LAST_USED", "false"),
+    )
+    .await;
     // Another build (METLO_BASELINE_BIN, e.g. the previous commit's: scripts/bench.sh
     // builds it from BENCH_BASELINE), measured interleaved with this one.
     let baseline = match std::env::var("METLO_BASELINE_BIN") {
         Ok(bin) => Some(
             ControlPlane::start_with(
-                Options::new(Backend::Sqlite).env("METLO_CONTROL_PLANE_BIN", bin),
+                StackBuilder::new(Backend::Sqlite).env("METLO_CONTROL_PLANE_BIN", bin),
             )
             .await,
         ),
@@ -157,9 +159,10 @@ async fn main() {
     drop(shared);
 
     // Creates on PostgreSQL (durable: scripts/bench.sh runs it with fsync on).
-    let pg =
-        ControlPlane::start_with(Options::new(Backend::Postgres).env("MAX_API_KEYS", 100_000_000))
-            .await;
+    let pg = ControlPlane::start_with(
+        StackBuilder::new(Backend::Postgres).env("MAX_API_KEYS", 100_000_000),
+    )
+    .await;
     let script = std::env::temp_dir().join(format!("metlo-create-{}.lua", std::process::id()));
     std::fs::write(
         &script,

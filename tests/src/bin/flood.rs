@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::{Backend, ControlPlane, Options};
+use metlo_tests::{Backend, ControlPlane, StackBuilder};
 
 const SECONDS: u64 = 10;
 const CONNECTIONS: u32 = 100;
@@ -166,7 +166,7 @@ async fn main() {
 
     let cp = Arc::new(
         ControlPlane::start_with(
-            Options::new(Backend::Postgres)
+            StackBuilder::new(Backend::Postgres)
                 .env("TRUSTED_PROXIES", "127.0.0.1")
                 // Pinned to one core below: one worker thread, as tokio would choose if
                 // started there (two workers on one core wait for each other's time slice).

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use metlo_tests::bench::{median, mib, rss_kib, with_peak_rss, wrk_p99, SECONDS};
-use metlo_tests::{Backend, ControlPlane, Options, StatusCode};
+use metlo_tests::{Backend, ControlPlane, StackBuilder, StatusCode};
 use serde_json::json;
 
 const ROUNDS: usize = 3;
@@ -43,7 +43,7 @@ fn rotation_script(keys: &[String], path: &std::path::Path) {
 
 async fn instance(keys: usize, dir: &std::path::Path, backend: Backend) -> Instance {
     let cp = ControlPlane::start_with(
-        Options::new(backend)
+        StackBuilder::new(backend)
             .env("MAX_API_KEYS", keys + 10_000)
             .env("LIST_UNPAGED_MAX", 1000),
     )

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
-use metlo_tests::edge::{Edge, KvApi, Origin};
-use metlo_tests::{Backend, ControlPlane, Options, Redis, StatusCode};
+use metlo_tests::edge::Edge;
+use metlo_tests::Stack;
+use metlo_tests::{Backend, Redis, StackBuilder, StatusCode};
 
 #[derive(Default)]
 struct Tally {
@@ -47,6 +48,22 @@ impl Tally {
     }
 }
 
+/// One part of the shared stack, cloned into each task.
+struct Part<T: 'static>(Arc<Stack>, fn(&Stack) -> &T);
+
+impl<T> Clone for Part<T> {
+    fn clone(&self) -> Self {
+        Part(self.0.clone(), self.1)
+    }
+}
+
+impl<T> std::ops::Deref for Part<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        (self.1)(&self.0)
+    }
+}
+
 /// One request through the edge on the churn path, tallied.
 async fn churn_at_edge(edge: &Edge, tally: &Mutex<Tally>, kind: &str, key: &str, ok: &[u16]) {
     let t = Instant::now();
@@ -74,21 +91,18 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
-    let state = tempfile::tempdir().unwrap();
     let redis = Redis::start();
-    let kv = KvApi::start(state.path()).await;
-    let opts = kv.control_plane_env().into_iter().fold(
-        Options::new(Backend::Postgres)
+    let stack = Arc::new(
+        StackBuilder::new(Backend::Postgres)
             .redis(redis.url())
-            .env("MAX_API_KEYS", 1_000_000),
-        |o, (k, v)| o.env(k, v),
+            .env("MAX_API_KEYS", 1_000_000)
+            .kv()
+            .edge(&[])
+            .build()
+            .await,
     );
-    let cp = Arc::new(ControlPlane::start_with(opts).await);
-    let worker_key = cp.edge_key.clone();
-    let origin = Origin::start().await;
-    let edge = Arc::new(
-        Edge::start_on_state(Some(state.path()), &cp.url, &worker_key, &origin.url, &[]).await,
-    );
+    let cp = Part(stack.clone(), |s| &s.cp);
+    let edge = Part(stack.clone(), |s| &*s.edge);
     let valid: Vec<String> = {
         let mut v = vec![];
         for i in 0..20 {
