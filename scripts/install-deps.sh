@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests and benchmarks need (PostgreSQL server binaries,
-# Redis, wrk, openssl, Chromium and ChromeDriver), only when missing. Safe to run again.
+# Redis, wrk, openssl, Chromium and ChromeDriver, tmux), only when missing. Safe to run again.
 # `--only PKG…` installs just those (`make test-fast` needs only postgresql; `make dev`
 # needs none of them).
 set -euo pipefail
@@ -19,6 +19,8 @@ wanted openssl && { command -v openssl >/dev/null || need+=(openssl); }
 # The console's browser tests drive Debian's headless Chromium through ChromeDriver.
 wanted chromium && { command -v chromium >/dev/null || need+=(chromium); }
 wanted chromium-driver && { command -v chromedriver >/dev/null || need+=(chromium-driver); }
+# `make dev`'s own test types Ctrl-C into a real terminal: a tmux session.
+wanted tmux && { command -v tmux >/dev/null || need+=(tmux); }
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}" >&2

@@ -1,5 +1,5 @@
 //! `make dev` as a user runs it: start, wait for the printed curl, run it, stop it — with
-//! Ctrl-C typed in a real terminal (a pseudo-terminal from `script`: the line discipline
+//! Ctrl-C typed in a real terminal (tmux, with an interactive bash: the line discipline
 //! sends SIGINT to the foreground job, `make` and its children and `tee` alike), with and
 //! without `2>&1 | tee`, SIGTERM to the process group of `make dev | cat`, SIGHUP, `| head`,
 //! or a child dying — and check that no process it started is left and every port is free
@@ -62,19 +62,57 @@ impl Setup {
         self.ports.iter().find(|(k, _)| *k == var).unwrap().1
     }
 
-    /// `shell` run in a pseudo-terminal (`script`), as typed at a terminal: its output
-    /// comes back on stdout; writing `\x03` to its stdin is Ctrl-C.
-    fn spawn_in_terminal(&self, shell: &str) -> Child {
-        Command::new("script")
-            .args(["-q", "-f", "-e", "-c", shell, "/dev/null"])
-            .current_dir(workspace_root())
-            .envs(self.env.iter().cloned())
-            .process_group(0)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("script (util-linux)")
+    /// `command` typed at an interactive bash in a real terminal: a tmux session of the
+    /// test's own (its own server socket), as a user runs `make dev` — bash runs it as
+    /// the terminal's foreground job, so Ctrl-C reaches make, the supervisor and `tee`.
+    fn open_terminal(&self, command: &str) -> Terminal {
+        static TERMINALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = TERMINALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = format!("{}-tmux-{n}", self.mark);
+        let screen = self._dir.path().join(format!("{socket}.screen"));
+        let tmux = |args: &[&str]| {
+            let status = Command::new("tmux")
+                .arg("-L")
+                .arg(&socket)
+                .args(args)
+                .current_dir(workspace_root())
+                // The terminal itself does not carry the mark: only the typed command does.
+                .envs(
+                    self.env
+                        .iter()
+                        .filter(|(k, _)| k != "METLO_DEV_TEST_MARK")
+                        .cloned(),
+                )
+                .env("PS1", "$ ")
+                .stdin(Stdio::null())
+                .status()
+                .expect("tmux (scripts/install-deps.sh installs it)");
+            assert!(status.success(), "tmux {args:?}");
+        };
+        tmux(&[
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "dev",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            "bash --norc --noprofile -i",
+        ]);
+        tmux(&[
+            "pipe-pane",
+            "-t",
+            "dev",
+            "-o",
+            &format!("cat >> {}", screen.display()),
+        ]);
+        let typed = format!("METLO_DEV_TEST_MARK={} {command}", self.mark);
+        tmux(&["send-keys", "-t", "dev", "-l", &typed]);
+        tmux(&["send-keys", "-t", "dev", "Enter"]);
+        Terminal { socket, screen }
     }
 
     /// `shell` run by bash in the repository, in its own process group (as a terminal
@@ -138,41 +176,89 @@ impl Setup {
     }
 }
 
-/// Reads the run's stdout until the printed curl through the edge; returns the demo key.
-fn wait_for_banner(child: &mut Child) -> (String, BufReader<std::process::ChildStdout>) {
-    let (key, out, _) = wait_for_banner_and_output(child);
-    (key, out)
+impl Drop for Setup {
+    /// A failed test leaves nothing running: whatever carries the mark is killed.
+    fn drop(&mut self) {
+        for process in self.leftovers() {
+            if let Some(pid) = process
+                .split(':')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) of a process this test started (it carries the mark).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
-/// [`wait_for_banner`], and everything printed before the curl.
-fn wait_for_banner_and_output(
-    child: &mut Child,
-) -> (String, BufReader<std::process::ChildStdout>, String) {
+/// Reads the run's stdout until the printed curl through the edge; returns the demo key.
+fn wait_for_banner(child: &mut Child) -> (String, BufReader<std::process::ChildStdout>) {
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut line = String::new();
-    let mut before = String::new();
     loop {
         line.clear();
         assert!(
             out.read_line(&mut line).unwrap() > 0,
-            "make dev ended before printing its curl:\n{before}"
+            "make dev ended before printing its curl"
         );
         if let Some(rest) = line.trim().strip_prefix("curl -s -H 'Authorization: ") {
             let key = rest.split('\'').next().unwrap().to_owned();
-            return (key, out, before);
+            return (key, out);
         }
-        before.push_str(&line);
         assert!(Instant::now() < deadline, "no curl printed");
     }
 }
 
-/// Types Ctrl-C at the run's terminal.
-fn ctrl_c(run: &mut Child) {
-    use std::io::Write;
-    let stdin = run.stdin.as_mut().unwrap();
-    stdin.write_all(b"\x03").unwrap();
-    stdin.flush().unwrap();
+/// A tmux session of the test's own; killed (with its server) on drop.
+struct Terminal {
+    socket: String,
+    /// Everything the terminal showed (`pipe-pane`).
+    screen: std::path::PathBuf,
+}
+
+impl Terminal {
+    fn keys(&self, keys: &str) {
+        let status = Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", "-t", "dev", keys])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Types Ctrl-C.
+    fn ctrl_c(&self) {
+        self.keys("C-c");
+    }
+
+    /// Waits until the terminal shows the printed curl through the edge; returns the
+    /// demo key and everything shown before it.
+    fn wait_for_banner(&self) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let shown = std::fs::read_to_string(&self.screen).unwrap_or_default();
+            let curl = shown.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("curl -s -H 'Authorization: ")
+                    .map(|rest| rest.split('\'').next().unwrap().to_owned())
+            });
+            if let Some(key) = curl {
+                let before = shown[..shown.find("curl -s -H").unwrap()].to_owned();
+                return (key, before);
+            }
+            assert!(Instant::now() < deadline, "no curl printed:\n{shown}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
 }
 
 /// The printed curl works: the demo key through the edge reaches the origin.
@@ -180,7 +266,7 @@ fn curl_through_edge(setup: &Setup, key: &str) {
     let url = format!("http://127.0.0.1:{}/hello?x=1", setup.port("DEV_EDGE_PORT"));
     let status = Command::new("curl")
         .args([
-            "-s",
+            "-sS",
             "-o",
             "/dev/null",
             "-w",
@@ -191,7 +277,12 @@ fn curl_through_edge(setup: &Setup, key: &str) {
         ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&status.stdout), "200");
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout),
+        "200",
+        "curl: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 }
 
 fn signal_group(child: &Child, signal: i32) {
@@ -218,26 +309,26 @@ fn make_dev_starts_what_it_says_and_always_cleans_up() {
     // foreground job. The first run builds what is missing; a healthy start warns of
     // nothing (the KV stand-in answers before the control plane's KV sync starts).
     let setup = Setup::new();
-    let mut run = setup.spawn_in_terminal("make dev");
-    let (key, _out, before) = wait_for_banner_and_output(&mut run);
+    let terminal = setup.open_terminal("make dev");
+    let (key, before) = terminal.wait_for_banner();
     assert!(
         !before.contains("WARN") && !before.contains("KV sync failed"),
         "a healthy start printed a warning:\n{before}"
     );
     curl_through_edge(&setup, &key);
-    ctrl_c(&mut run);
-    finish(run);
+    terminal.ctrl_c();
     setup.assert_cleaned_up("make dev in a terminal, then Ctrl-C");
+    drop(terminal);
 
     // The same behind `2>&1 | tee`: tee dies at once with the rest of the job, so every
     // line the supervisor writes while stopping goes to a closed pipe.
     let log = setup._dir.path().join("dev.log");
-    let mut run = setup.spawn_in_terminal(&format!("make dev 2>&1 | tee {}", log.display()));
-    let (key, _out) = wait_for_banner(&mut run);
+    let terminal = setup.open_terminal(&format!("make dev 2>&1 | tee {}", log.display()));
+    let (key, _) = terminal.wait_for_banner();
     curl_through_edge(&setup, &key);
-    ctrl_c(&mut run);
-    finish(run);
+    terminal.ctrl_c();
     setup.assert_cleaned_up("make dev 2>&1 | tee, then Ctrl-C in the terminal");
+    drop(terminal);
 
     // SIGTERM to the process group of `make dev | cat` (make passes SIGTERM on to its
     // child as well; cat dies with the group).
