@@ -13,7 +13,11 @@ DENY_VERSION=0.20.2
 export PATH="$TOOLS/bin:$PATH"
 if ! cargo-deny --version 2>/dev/null | grep -q " $DENY_VERSION\$"; then
     echo "installing cargo-deny $DENY_VERSION into $TOOLS (a few minutes, once)" >&2
-    cargo install -q cargo-deny --version "=$DENY_VERSION" --locked --root "$TOOLS" --force
+    # A tool, not the product: built for a short build (no LTO, many codegen units,
+    # light optimisation) rather than for speed — it runs for seconds.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+        CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false \
+        cargo install -q cargo-deny --version "=$DENY_VERSION" --locked --root "$TOOLS" --force
 fi
 
 cargo deny --log-level error check licenses bans sources

@@ -9,8 +9,12 @@ cd "$(dirname "$0")/.."
 TOOLS="${METLO_TOOLS_DIR:-$HOME/.cache/metlo-edge-auth/tools}"
 version=0.27.0   # 0.28 needs Rust 1.98
 if ! "$TOOLS/bin/cargo-modules" --version 2>/dev/null | grep -q " $version\$"; then
-    echo "installing cargo-modules $version into $TOOLS (about 7 minutes, once)" >&2
-    cargo install -q cargo-modules --version "=$version" --locked --root "$TOOLS" --force
+    echo "installing cargo-modules $version into $TOOLS (a few minutes, once)" >&2
+    # A tool, not the product: built for a short build (no LTO, many codegen units,
+    # light optimisation) rather than for speed — it runs for seconds.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+        CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_DEBUG=false \
+        cargo install -q cargo-modules --version "=$version" --locked --root "$TOOLS" --force
 fi
 for crate in "${@:-metlo-control-plane}"; do
     PATH="$TOOLS/bin:$PATH" cargo modules dependencies -p "$crate" --lib --cfg-test \
