@@ -39,6 +39,17 @@ pub struct App {
     pub tasks: Vec<Task>,
     /// The KV client, when KV sync is on (what [`App::flush`] drains the outbox to).
     kv_client: Option<KvClient>,
+    /// How long audit entries are kept (`AUDIT_RETENTION`), for [`App::flush`]'s prune.
+    audit_retention: Duration,
+}
+
+/// What one [`App::flush`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    /// Audit rows of failed authentications.
+    pub audit_rows: usize,
+    /// Keys whose last use and counts were written.
+    pub usage_rows: usize,
 }
 
 fn task(f: impl Future<Output = ()> + Send + 'static) -> Task {
@@ -159,18 +170,26 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         limits,
         tasks,
         kv_client,
+        audit_retention: config.audit_retention,
     })
 }
 
 impl App {
     /// Runs the periodic work once, now, to completion: failed authentications into the
-    /// audit log, pending key uses into the store, and the KV outbox to KV (when on).
-    /// What the background tasks do on their intervals, for tests that must see it done.
-    pub async fn flush(&self) {
-        audit::flush_failures(&self.state.store, &self.state.auth_failures).await;
-        usage::flush(&self.state.store, &self.state.usage).await;
+    /// audit log and entries past `AUDIT_RETENTION` out of it, pending key uses into the
+    /// store, and the KV outbox to KV (when on). What the background tasks do on their
+    /// intervals, for tests that must see it done.
+    pub async fn flush(&self) -> Flushed {
+        let store = &self.state.store;
+        let audit_rows = audit::flush_failures(store, &self.state.auth_failures).await;
+        audit::prune_past(store, self.audit_retention).await;
+        let usage_rows = usage::flush(store, &self.state.usage).await;
         if let Some(client) = &self.kv_client {
-            drainer::drain_all(&self.state.store, client).await;
+            drainer::drain_all(store, client).await;
+        }
+        Flushed {
+            audit_rows,
+            usage_rows,
         }
     }
 

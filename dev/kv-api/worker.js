@@ -19,7 +19,7 @@
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete|keys|values\/[^/]+)$/;
 let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0, after: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, puts: [], deletes: [], ttls: {} });
+const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, delayed: 0, puts: [], deletes: [], ttls: {} });
 let stats = emptyStats();
 
 const envelope = (status, ok, errors = [], result = null) =>
@@ -72,6 +72,7 @@ export default {
     let body;
     try { body = await request.json(); } catch { return envelope(400, false, [{ code: 10026, message: "bad JSON" }]); }
     if (delayMs > 0) {
+      stats.delayed++; // a test can wait for a held request instead of guessing
       // waitUntil: the late write happens even if the caller disconnects first.
       const late = sleep(delayMs).then(() => apply(m[2], request.method, body, env, 0));
       ctx.waitUntil(late);

@@ -278,6 +278,8 @@ async fn concurrent_lookups_are_bounded() {
                 .status()
         }
     });
+    // Time for the slow lookups to be sent and take the gate's slots (nothing to watch
+    // from outside: they are in flight by design).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     let flood = (0..20).map(|i| {

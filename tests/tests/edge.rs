@@ -420,7 +420,19 @@ async fn origin_down_is_502_not_401() {
     let s = stack(&[]).await;
     let key = s.cp.create_key("k", "GENERIC").await;
     s.origin.stop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Until its listener is closed (the aborted task drops it).
+    let port = s.origin.port();
+    metlo_tests::time::wait_for(
+        "the origin's port to close",
+        Duration::from_secs(10),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     let r = s.edge.get("/", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
 }

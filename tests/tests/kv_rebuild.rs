@@ -362,7 +362,11 @@ async fn resync_never_resurrects_a_key_deleted_meanwhile() {
     let resync = std::thread::spawn(move || {
         metlo_tests::run_cli(&env_cp.0, &["keys", "kv-resync", "--json"], &env_cp.1)
     });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Until the resync's delayed bulk put is in flight (the stand-in holds it 3 s).
+    metlo_tests::time::wait_for("the resync's bulk put", Duration::from_secs(30), || async {
+        (kv.stats().await["delayed"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
     let (status, _) = cp.delete("doomed", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::OK);
     cp.wait_outbox_drained(Duration::from_secs(30)).await;

@@ -439,9 +439,17 @@ async fn kv_outage_loses_nothing_and_resurrects_nothing(backend: Backend) {
             StatusCode::OK
         );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, ready) = s.cp.ops_get("/readyz").await;
-    let ready: Value = serde_json::from_str(&ready).unwrap();
+    // Until the drainer has tried and failed (its error is shown).
+    let ready = metlo_tests::time::wait_for(
+        "the KV error in /readyz",
+        Duration::from_secs(10),
+        || async {
+            let (_, ready) = s.cp.ops_get("/readyz").await;
+            let ready: Value = serde_json::from_str(&ready).unwrap();
+            ready["kvSync"]["lastError"].is_string().then_some(ready)
+        },
+    )
+    .await;
     assert!(
         ready["kvSync"]["outboxDepth"].as_i64().unwrap() > 0,
         "{ready}"
@@ -918,6 +926,8 @@ async fn usage_counts_are_exact() {
         assert!(Instant::now() < deadline, "not counted: {u}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A negative check, so time must pass: two more flushes (LAST_USED_FLUSH_SECONDS=1,
+    // the shortest) would have shown a use counted twice.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         usage("counted").await["total"],

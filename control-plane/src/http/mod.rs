@@ -6,6 +6,8 @@
 //! ([`error::ApiError`] for every failure).
 
 pub mod audit;
+#[cfg(test)]
+mod audit_tests;
 mod auth;
 #[cfg(test)]
 mod auth_tests;

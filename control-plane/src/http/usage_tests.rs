@@ -1,5 +1,7 @@
 //! Edge usage reports, in process on both backends (moved from `tests/tests/abuse.rs`):
-//! only hashes of existing keys are taken, and flushes never fail a create beside them.
+//! only hashes of existing keys are taken, and flushes never fail a create beside them;
+//! and `lastUsed` (moved from `tests/tests/lifecycle.rs`): many uses between two flushes
+//! are one write, the latest use wins and never moves back, the future is now.
 
 use axum::http::StatusCode;
 use metlo_shared::ApiKey;
@@ -8,7 +10,10 @@ use serde_json::{json, Map, Value};
 use crate::db::Backend;
 use crate::test_util::{on_both_backends, TestApp};
 
-on_both_backends!(usage_reports_take_only_existing_keys);
+on_both_backends!(
+    usage_reports_take_only_existing_keys,
+    last_used_is_coalesced
+);
 
 /// Edge usage reports are taken only for hashes of existing keys (made-up ones used to
 /// fill an unbounded map, each costing an `UPDATE`), and flushes in short batches never
@@ -51,7 +56,7 @@ async fn usage_reports_take_only_existing_keys(backend: Backend) {
             "/api/v1/keys/create",
             json!({"name": format!("beside-{i}"), "keyFor": "GENERIC"}),
         );
-        let (reply, ()) = tokio::join!(create, app.flush());
+        let (reply, _) = tokio::join!(create, app.flush());
         assert_eq!(
             reply.status,
             StatusCode::OK,
@@ -60,4 +65,93 @@ async fn usage_reports_take_only_existing_keys(backend: Backend) {
         );
     }
     assert!(app.listed("k299").await["lastUsed"].is_string());
+}
+
+fn ms_of(iso: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(iso.as_str().expect("a date-time string"))
+        .unwrap()
+        .timestamp_millis()
+}
+
+async fn last_used_is_coalesced(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let now_ms = crate::clock::now_ms;
+    let a = app.create_key("a", "GENERIC").await;
+    let b = app.create_key("b", "GENERIC").await;
+    assert_eq!(app.listed("a").await["lastUsed"], Value::Null, "never used");
+    app.flush().await;
+
+    let started = now_ms();
+    for _ in 0..300 {
+        assert_eq!(
+            app.with_key(&a).get("/api/v1/verify").await.status,
+            StatusCode::OK
+        );
+    }
+    let finished = now_ms();
+    let flushed = app.flush().await;
+    assert_eq!(
+        flushed.usage_rows, 1,
+        "300 verifications of one key: one write"
+    );
+    let used = ms_of(&app.listed("a").await["lastUsed"]);
+    assert!(
+        used >= started - 5 && used <= finished + 5,
+        "{used} in [{started}, {finished}]"
+    );
+    assert_eq!(app.listed("b").await["lastUsed"], Value::Null);
+
+    // Reported by the edge (what the Worker sends): latest wins, the future is now.
+    let hash_b = ApiKey::parse(&b).unwrap().hash().to_hex();
+    let hash_a = ApiKey::parse(&a).unwrap().hash().to_hex();
+    let unknown = ApiKey::generate().unwrap().hash().to_hex();
+    let earlier = now_ms() - 60_000;
+    let reply = app
+        .as_edge()
+        .post(
+            "/api/v1/usage",
+            json!({"used": {hash_b.clone(): earlier, hash_a.clone(): earlier, unknown: earlier}}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 2, "unknown": 1}),
+        "only existing keys are taken"
+    );
+    app.flush().await;
+    assert_eq!(ms_of(&app.listed("b").await["lastUsed"]), earlier);
+    assert_eq!(
+        ms_of(&app.listed("a").await["lastUsed"]),
+        used,
+        "never moves back"
+    );
+    let far_future = now_ms() + 86_400_000;
+    let reply = app
+        .as_edge()
+        .post(
+            "/api/v1/usage",
+            json!({"used": {hash_b.clone(): far_future}}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    app.flush().await;
+    assert!(ms_of(&app.listed("b").await["lastUsed"]) <= now_ms());
+
+    let many: Map<String, Value> = (0..1001)
+        .map(|_| (ApiKey::generate().unwrap().hash().to_hex(), json!(1)))
+        .collect();
+    for bad in [
+        json!({"used": {"nothex": 1}}),
+        json!({"used": {hash_b.clone(): -1}}),
+        json!({"used": {hash_b.to_uppercase(): 1}}),
+        json!({"used": []}),
+        json!({}),
+        json!({"used": {}, "extra": 1}),
+        json!({ "used": many }),
+    ] {
+        let reply = app.as_edge().post("/api/v1/usage", bad).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+        assert_eq!(reply.json()["error"], "bad_request");
+    }
 }

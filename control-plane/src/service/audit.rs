@@ -293,14 +293,26 @@ pub async fn flush_forever(store: Store, failures: Arc<AuthFailures>, retention:
 }
 
 /// Writes the failed authentications gathered so far, now (what [`flush_forever`] does
-/// on its interval; `App::flush` for tests). Put back if the write fails.
-pub async fn flush_failures(store: &Store, failures: &AuthFailures) {
+/// on its interval; `App::flush` for tests); the rows written. A failed write is logged.
+pub async fn flush_failures(store: &Store, failures: &AuthFailures) -> usize {
     let entries = failures.take();
     if entries.is_empty() {
-        return;
+        return 0;
     }
-    if let Err(e) = store.append_audit(&entries).await {
-        tracing::warn!(error = %e, pending = entries.len(), "audit log write failed");
+    match store.append_audit(&entries).await {
+        Ok(()) => entries.len(),
+        Err(e) => {
+            tracing::warn!(error = %e, pending = entries.len(), "audit log write failed");
+            0
+        }
+    }
+}
+
+/// Deletes entries older than `retention` now (zero: none), as [`flush_forever`] does
+/// every quarter of it.
+pub async fn prune_past(store: &Store, retention: Duration) {
+    if !retention.is_zero() {
+        prune(store, now_ms() - retention.as_millis() as i64).await;
     }
 }
 

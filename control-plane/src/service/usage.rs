@@ -150,8 +150,9 @@ pub async fn flush_forever(store: Store, usage: Arc<Usage>, every: Duration) {
     }
 }
 
-/// One flush (also run by tests through the server's interval).
-pub async fn flush(store: &Store, usage: &Usage) {
+/// One flush, now: the rows written (each key's latest use and count since the last).
+pub async fn flush(store: &Store, usage: &Usage) -> usize {
+    let mut written = 0;
     let mut batch = usage.take();
     // Hash order, so two replicas flushing at once rarely lock rows in opposite orders.
     batch.sort_unstable_by_key(|(h, _)| *h.as_bytes());
@@ -163,11 +164,13 @@ pub async fn flush(store: &Store, usage: &Usage) {
         if let Err(e) = store.record_usage(&rows).await {
             tracing::warn!(error = %e, keys = rest.len(), "recording key use failed; will retry");
             usage.put_back(rest.to_vec());
-            return;
+            return written;
         }
         metrics::counter!("metlo_last_used_writes_total").increment(rows.len() as u64);
+        written += rows.len();
         rest = after;
     }
+    written
 }
 
 /// Longest window a usage query may cover: 31 days of hours.

@@ -194,7 +194,7 @@ impl TestApp {
     }
 
     /// Runs the periodic work now (audit, usage, KV outbox); see [`App::flush`].
-    pub async fn flush(&self) {
+    pub async fn flush(&self) -> crate::app::Flushed {
         self.app.flush().await
     }
 

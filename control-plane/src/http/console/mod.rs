@@ -8,6 +8,8 @@
 
 mod assets;
 mod session;
+#[cfg(test)]
+mod tests;
 
 use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
