@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use metlo_tests::browser::Browser;
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Stack, StackBuilder, StatusCode};
-use reqwest::header::{HeaderMap, COOKIE, SET_COOKIE};
+use metlo_tests::{Backend, Stack, StackBuilder, StatusCode};
 use serde_json::{json, Value};
 
 // The console's HTTP rules (headers, cookies, sessions, CSRF and origin checks, failed

@@ -190,6 +190,24 @@ async fn a_session_acts_as_its_admin_key_until_it_ends(backend: Backend) {
     );
 }
 
+async fn create_victim(caller: Caller<'_>) -> Reply {
+    caller
+        .post(
+            "/console/api/v1/keys/create",
+            json!({"name": "csrf-victim"}),
+        )
+        .await
+}
+
+/// A sign-in through a proxy that names another host (trusted or not).
+async fn forwarded(app: &TestApp) -> Reply {
+    browser(app)
+        .header("origin", "https://keys.example.com")
+        .header("x-forwarded-host", "keys.example.com")
+        .post("/console/sign-in", json!({ "key": app.admin_key }))
+        .await
+}
+
 async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
     let app = TestApp::on(backend).build().await;
     let s = session_of(&sign_in(&app, &app.admin_key).await);
@@ -202,19 +220,11 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
             reply.text
         );
     }
-    let create = |caller: Caller<'_>| async move {
-        caller
-            .post(
-                "/console/api/v1/keys/create",
-                json!({"name": "csrf-victim"}),
-            )
-            .await
-    };
     // The right token, sent from another site (what a browser says of a cross-site post).
     let with_token = || s.caller(&app).header("x-csrf-token", &s.csrf);
-    let cross = create(with_token().header("origin", "http://attacker.example")).await;
+    let cross = create_victim(with_token().header("origin", "http://attacker.example")).await;
     assert_eq!(cross.status, StatusCode::FORBIDDEN, "{}", cross.text);
-    let same_site = create(with_token().header("sec-fetch-site", "same-site")).await;
+    let same_site = create_victim(with_token().header("sec-fetch-site", "same-site")).await;
     assert_eq!(
         same_site.status,
         StatusCode::FORBIDDEN,
@@ -246,13 +256,6 @@ async fn changes_need_the_csrf_token_and_this_origin(backend: Backend) {
     assert_eq!(tls_page.status, StatusCode::OK, "{}", tls_page.text);
     assert!(tls_page.header("set-cookie").unwrap().contains("; Secure"));
     // A proxy's X-Forwarded-Host counts only from a trusted proxy.
-    let forwarded = |app: &TestApp| {
-        let key = app.admin_key.clone();
-        let caller = browser(app)
-            .header("origin", "https://keys.example.com")
-            .header("x-forwarded-host", "keys.example.com");
-        async move { caller.post("/console/sign-in", json!({ "key": key })).await }
-    };
     assert_eq!(forwarded(&app).await.status, StatusCode::FORBIDDEN);
     // Secure cookies: configured, or a trusted proxy saying the client came over TLS.
     let secure = TestApp::on(backend)
