@@ -52,7 +52,7 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
     let cp = &stack.cp;
     let keys_file = state.join("seeded-keys");
     let seeded = cli_json(
-        &cp,
+        cp,
         &[
             "keys",
             "seed",
@@ -99,7 +99,7 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
 
     // Two 429s on the way (the stand-in sends Retry-After: 1): waited out, not fatal.
     kv.inject_faults_after(2, 429, 2).await;
-    let done = cli_json(&cp, &["keys", "kv-resync", "--json"]);
+    let done = cli_json(cp, &["keys", "kv-resync", "--json"]);
     assert_eq!(done["resumedAfter"], 30_000, "{done}");
     assert_eq!(done["rateLimited"], 2, "{done}");
     // The seeded keys, both secrets of the roll, the harness's client key.
@@ -121,7 +121,7 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
     assert_eq!(held_names.len(), expected_total);
     for h in held_names.difference(&expected) {
         assert!(
-            record(&cp, h).await.is_some(),
+            record(cp, h).await.is_some(),
             "{h} is the harness's live client key"
         );
     }
@@ -133,7 +133,7 @@ async fn resync_fills_an_empty_namespace_with_exactly_the_database_and_resumes()
         .cloned()
         .chain([hash(&rolled_old), hash(&rolled_new)]);
     for h in sample {
-        let want = record(&cp, &h).await.expect("a live key");
+        let want = record(cp, &h).await.expect("a live key");
         assert_eq!(kv.value(&h).await.as_deref(), Some(want.as_str()));
         assert_eq!(held[&h].as_deref(), Some(KeyRecord::digest(&want).as_str()));
     }
@@ -159,7 +159,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     let ours: BTreeSet<String> = keys.iter().chain([&k0_new]).map(|k| hash(k)).collect();
     assert!(expected.is_superset(&ours));
     for h in &expected {
-        assert!(record(&cp, h).await.is_some(), "{h} is a live key's");
+        assert!(record(cp, h).await.is_some(), "{h} is a live key's");
     }
 
     // The edge writes KV on a lookup (a key KV lost): with the same digest, so that entry
@@ -181,7 +181,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
 
     // A correct KV: nothing to fix, nothing written.
     kv.reset_stats().await;
-    let report = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    let report = cli_json(cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(
         report["drift"],
         json!({"strays": 0, "missing": 0, "stale": 0}),
@@ -201,7 +201,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     // Drift: two strays (a deleted key's record back, a name that is no key), three
     // missing, two stale (an old record with a digest of its own, one without metadata).
     let stray_record =
-        KeyRecord::from_json(record(&cp, &hash(&keys[1])).await.unwrap().as_bytes()).unwrap();
+        KeyRecord::from_json(record(cp, &hash(&keys[1])).await.unwrap().as_bytes()).unwrap();
     let gone_value = KeyRecord {
         name: "gone".into(),
         ..stray_record.clone()
@@ -226,7 +226,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
         ),
         (
             hash(&keys[3]),
-            record(&cp, &hash(&keys[3])).await.unwrap(),
+            record(cp, &hash(&keys[3])).await.unwrap(),
             None,
         ),
     ])
@@ -234,7 +234,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     kv.delete_raw(&[hash(&keys[6]), hash(&keys[7]), hash(&k0_new)])
         .await;
 
-    let dry = cli_json(&cp, &["keys", "kv-reconcile", "--dry-run", "--json"]);
+    let dry = cli_json(cp, &["keys", "kv-reconcile", "--dry-run", "--json"]);
     assert_eq!(
         dry["drift"],
         json!({"strays": 2, "missing": 3, "stale": 2}),
@@ -250,7 +250,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     // The put call (after one list call) leaves a key unapplied, as Cloudflare may: sent again.
     kv.set_faults(json!({"unsuccessful": 1, "count": 1, "after": 1}))
         .await;
-    let fixed = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    let fixed = cli_json(cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(
         fixed["drift"],
         json!({"strays": 2, "missing": 3, "stale": 2}),
@@ -260,12 +260,12 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     let held: BTreeMap<String, Option<String>> = kv.list_all().await.into_iter().collect();
     assert_eq!(held.keys().cloned().collect::<BTreeSet<_>>(), expected);
     for h in &expected {
-        let want = record(&cp, h).await.unwrap();
+        let want = record(cp, h).await.unwrap();
         assert_eq!(kv.value(h).await.as_deref(), Some(want.as_str()), "{h}");
         assert_eq!(held[h].as_deref(), Some(KeyRecord::digest(&want).as_str()));
     }
     kv.reset_stats().await;
-    let again = cli_json(&cp, &["keys", "kv-reconcile", "--json"]);
+    let again = cli_json(cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(again["writes"], 0, "{again}");
     let stats = kv.stats().await;
     assert_eq!(
@@ -278,7 +278,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
 
     // A resync rewrites every entry, and each finished one leaves no resume point.
     for _ in 0..2 {
-        let resync = cli_json(&cp, &["keys", "kv-resync", "--json"]);
+        let resync = cli_json(cp, &["keys", "kv-resync", "--json"]);
         assert_eq!(resync["resumedAfter"], 0, "{resync}");
         assert_eq!(resync["written"], expected.len(), "{resync}");
     }

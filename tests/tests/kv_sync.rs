@@ -688,7 +688,7 @@ async fn two_replicas_send_every_update_exactly_once() {
     let mut candidates = created.clone();
     candidates.push(hash(&a.client_key));
     candidates.extend(kv_keys.iter().cloned());
-    assert_eq!(kv_keys, live_hashes(&a, &candidates).await);
+    assert_eq!(kv_keys, live_hashes(a, &candidates).await);
 }
 
 fn now_ms() -> i64 {

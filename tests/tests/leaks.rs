@@ -108,7 +108,7 @@ async fn a_signed_report_revokes_the_key_everywhere_and_a_replay_changes_nothing
     let made_up = ApiKey::generate().unwrap();
     let tokens = [leaked.as_str(), "metlo.not-a-key", made_up.expose_secret()];
     let reported = Instant::now();
-    let (status, feedback) = signed(&cp, &github_key, report(&tokens)).await;
+    let (status, feedback) = signed(cp, &github_key, report(&tokens)).await;
     assert_eq!(status, StatusCode::OK, "{feedback}");
     let expected = json!([
         {"token_hash": token_hash(&leaked), "token_type": TYPE, "label": "true_positive"},
@@ -144,7 +144,7 @@ async fn a_signed_report_revokes_the_key_everywhere_and_a_replay_changes_nothing
         .iter()
         .any(|(k, _)| *k == token_hash(&leaked)));
 
-    let audits = leak_audits(&cp).await;
+    let audits = leak_audits(cp).await;
     assert_eq!(audits.len(), 1);
     let a = &audits[0];
     assert_eq!(a["target"], "leaky");
@@ -158,10 +158,10 @@ async fn a_signed_report_revokes_the_key_everywhere_and_a_replay_changes_nothing
     );
 
     // The same report again (GitHub retries): the same answer, nothing more done.
-    let (status, again) = signed(&cp, &github_key, report(&tokens)).await;
+    let (status, again) = signed(cp, &github_key, report(&tokens)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again, expected);
-    assert_eq!(leak_audits(&cp).await.len(), 1);
+    assert_eq!(leak_audits(cp).await.len(), 1);
     assert_eq!(cp.verify(&other).await, StatusCode::OK);
     assert_eq!(cp.metric("metlo_leak_revoked_total", "").await, 1.0);
     cp.assert_log_has_no_secrets();

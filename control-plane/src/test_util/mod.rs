@@ -250,7 +250,7 @@ pub struct Caller<'a> {
 
 impl Caller<'_> {
     /// From another TCP peer (the failure budgets and the audit log go by address).
-    pub fn from_peer(mut self, peer: &str) -> Self {
+    pub fn peer(mut self, peer: &str) -> Self {
         self.peer = peer.parse().expect("a socket address");
         self
     }
