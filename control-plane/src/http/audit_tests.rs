@@ -148,13 +148,7 @@ async fn audit_log_records_who_did_what(backend: Backend) {
         "?limit=1.5",
     ] {
         let reply = admin.get(&format!("/api/v1/audit{bad}")).await;
-        assert_eq!(
-            reply.status,
-            StatusCode::BAD_REQUEST,
-            "{bad}: {}",
-            reply.text
-        );
-        assert_eq!(reply.json()["error"], "bad_request");
+        reply.assert_error(StatusCode::BAD_REQUEST, "bad_request", bad);
     }
 
     // Never a secret: no key handed out, nor its secret part, nor a refused one.

@@ -343,6 +343,14 @@ impl Reply {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
     }
 
+    /// Asserts a JSON error answer: this status and this `error` code (`what` names the
+    /// case in the message).
+    #[track_caller]
+    pub fn assert_error(&self, status: StatusCode, error: &str, what: &str) {
+        assert_eq!(self.status, status, "{what}: {}", self.text);
+        assert_eq!(self.json()["error"], error, "{what}");
+    }
+
     /// A header as text.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
