@@ -22,6 +22,22 @@ where
     }
 }
 
+/// ISO 8601 with milliseconds, UTC (the API's date-times).
+pub fn iso(ms: i64) -> String {
+    use chrono::TimeZone;
+    chrono::Utc
+        .timestamp_millis_opt(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Milliseconds since the epoch of an API date-time.
+pub fn ms_of(v: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a date-time string"))
+        .unwrap()
+        .timestamp_millis()
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

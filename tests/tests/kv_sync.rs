@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyRecord};
+use metlo_tests::time::{iso, ms_of, now_ms, sleep_until};
 use metlo_tests::{on_both_backends, Backend, ControlPlane, Stack, StackBuilder, StatusCode};
 use serde_json::Value;
 
@@ -689,31 +690,6 @@ async fn two_replicas_send_every_update_exactly_once() {
     candidates.push(hash(&a.client_key));
     candidates.extend(kv_keys.iter().cloned());
     assert_eq!(kv_keys, live_hashes(a, &candidates).await);
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn iso(ms: i64) -> String {
-    use chrono::TimeZone;
-    chrono::Utc
-        .timestamp_millis_opt(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn ms_of(v: &Value) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
-        .unwrap()
-        .timestamp_millis()
-}
-
-async fn sleep_until(ms: i64) {
-    let wait = ms - now_ms();
-    if wait > 0 {
-        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-    }
 }
 
 async fn edge_status(s: &Full, key: &str) -> StatusCode {

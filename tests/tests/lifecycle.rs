@@ -1,10 +1,8 @@
 //! Key lifecycle beyond Metlo, through HTTP into the real binary on SQLite and
 //! PostgreSQL: expiry, roll with overlap, last used, the audit log, the CLI over HTTP.
 
-use std::time::Duration;
-
-use chrono::{SecondsFormat, TimeZone, Utc};
 use metlo_shared::ApiKey;
+use metlo_tests::time::{iso, ms_of, now_ms, sleep_until};
 use metlo_tests::{
     assert_no_keys_in, on_both_backends, run_cli, Backend, ControlPlane, Redis, StackBuilder,
     StatusCode,
@@ -22,32 +20,9 @@ on_both_backends!(
     admin_cli_over_http,
 );
 
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-fn iso(ms: i64) -> String {
-    Utc.timestamp_millis_opt(ms)
-        .unwrap()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn ms_of(iso: &Value) -> i64 {
-    chrono::DateTime::parse_from_rfc3339(iso.as_str().expect("a date-time string"))
-        .unwrap()
-        .timestamp_millis()
-}
-
 /// The first whole second at least `ms_from_now` ahead.
 fn whole_second_ahead(ms_from_now: i64) -> i64 {
     (now_ms() + ms_from_now + 999) / 1000 * 1000
-}
-
-async fn sleep_until(ms: i64) {
-    let wait = ms - now_ms();
-    if wait > 0 {
-        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-    }
 }
 
 fn secret(body: &Value) -> String {
