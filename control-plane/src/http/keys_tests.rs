@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use serde_json::json;
 
 use crate::db::Backend;
-use crate::test_util::{on_both_backends, TestApp};
+use crate::test_util::{encode_segment, on_both_backends, TestApp};
 
 on_both_backends!(
     the_last_admin_key_stays,
@@ -15,19 +15,7 @@ on_both_backends!(
 );
 
 fn delete_path(name: &str) -> String {
-    format!("/api/v1/keys/{}/delete", encode(name))
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    format!("/api/v1/keys/{}/delete", encode_segment(name))
 }
 
 async fn the_last_admin_key_stays(backend: Backend) {

@@ -19,6 +19,8 @@ pub mod error;
 pub mod extract;
 #[cfg(test)]
 mod key_lists_tests;
+#[cfg(test)]
+mod key_updates_tests;
 pub mod keys;
 #[cfg(test)]
 mod keys_tests;

@@ -232,6 +232,48 @@ impl TestApp {
             .unwrap_or_else(|| panic!("{name} not listed"))
     }
 
+    // Shortcuts named as the end-to-end harness's `ControlPlane` ones, so that a test
+    // reads the same in both.
+
+    /// `POST /api/v1/keys/create` as the admin: status and body.
+    pub async fn create(&self, body: Value) -> (StatusCode, Value) {
+        let reply = self.as_admin().post("/api/v1/keys/create", body).await;
+        (reply.status, json_or_null(&reply.text))
+    }
+
+    /// `PATCH /api/v1/keys/{name}` as the admin: status and body.
+    pub async fn patch(&self, name: &str, body: Value) -> (StatusCode, Value) {
+        let key = self.admin_key.clone();
+        self.patch_as(&key, name, &body).await
+    }
+
+    /// `PATCH /api/v1/keys/{name}` with `key`: status and body.
+    pub async fn patch_as(&self, key: &str, name: &str, body: &Value) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}", encode_segment(name));
+        let reply = self.with_key(key).patch(&path, body.clone()).await;
+        (reply.status, json_or_null(&reply.text))
+    }
+
+    /// `DELETE /api/v1/keys/{name}/delete` with `key` (or none): status and body.
+    pub async fn delete(&self, name: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}/delete", encode_segment(name));
+        let caller = key.map_or_else(|| self.anonymous(), |k| self.with_key(k));
+        let reply = caller.delete(&path).await;
+        (reply.status, json_or_null(&reply.text))
+    }
+
+    /// A GET with `key` (or none): status, headers and body text.
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let caller = key.map_or_else(|| self.anonymous(), |k| self.with_key(k));
+        let reply = caller.get(path).await;
+        (reply.status, reply.headers, reply.text)
+    }
+
+    /// `GET /api/v1/verify` with `key`: the status.
+    pub async fn verify(&self, key: &str) -> StatusCode {
+        self.with_key(key).get("/api/v1/verify").await.status
+    }
+
     /// A GET on the ops routes (`/readyz`, `/metrics`).
     pub async fn ops_get(&self, path: &str) -> Reply {
         let request = Request::get(path).body(Body::empty()).unwrap();
@@ -355,6 +397,23 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+}
+
+fn json_or_null(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// A name as one path segment (percent-encoded but for letters and digits).
+pub fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// A directory for the test's SQLite file: in memory (`/dev/shm`) where there is one.
