@@ -40,6 +40,22 @@ else
     fi
 fi
 
+# Up to date: the same inputs (sources, manifests, lockfile, this script, the tools) as the
+# last build that passed. Each `make dev` start and the deploy check then cost nothing.
+fingerprint="$( { find "$crate" shared -path "$crate/build" -prune -o -path "$crate/target" -prune \
+                    -o -type f \( -name '*.rs' -o -name Cargo.toml \) -print | LC_ALL=C sort \
+                    | xargs sha256sum
+                  sha256sum Cargo.lock Cargo.toml scripts/build-worker.sh
+                  echo "$mode"; "$TOOLS/bin/worker-build" --version; "$WASM_BINDGEN_BIN" --version
+                } | sha256sum | cut -d' ' -f1 )"
+stamp="$root/$crate/build/.inputs-sha256"
+if [ -z "${METLO_KEEP_WASM_NAMES:-}" ] && [ -f "$root/$crate/build/index_bg.wasm" ] \
+    && [ "$(cat "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
+    echo "Worker in $crate up to date" >&2
+    exit 0
+fi
+rm -f "$stamp"
+
 echo "building the Worker in $crate ($mode)" >&2
 cd "$crate"
 "$TOOLS/bin/worker-build" --release >&2
@@ -63,3 +79,4 @@ if [ "$crate" = edge ] && [ "$gzipped" -gt "$limit" ]; then
     echo "error: the Worker's wasm is $gzipped bytes gzipped, over its budget of $limit" >&2
     exit 1
 fi
+echo "$fingerprint" > "$stamp"
