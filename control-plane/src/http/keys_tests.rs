@@ -1,14 +1,23 @@
 //! The keys routes' own rules, in process on both backends (moved from
-//! `tests/tests/roles.rs` and `control_plane.rs`): the last admin key stays, names that
-//! could impersonate another are refused, bad bodies are JSON 400s and long ones 413s.
+//! `tests/tests/roles.rs` and `control_plane.rs`): Metlo's create, list, onboarding and
+//! delete shapes; any name, by path; one winner of 200 racing creates of a name or of
+//! the last slot; the last admin key stays, names that could impersonate another are
+//! refused, bad bodies are JSON 400s and long ones 413s.
+
+use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde_json::json;
+use metlo_shared::ApiKey;
+use serde_json::{json, Value};
 
 use crate::db::Backend;
 use crate::test_util::{encode_segment, on_both_backends, TestApp};
 
 on_both_backends!(
+    create_list_onboarding_delete,
+    names_with_spaces_slashes_and_unicode,
+    concurrent_creates_with_one_name,
+    concurrent_creates_at_the_limit,
     the_last_admin_key_stays,
     names_that_could_impersonate_are_refused,
     bad_requests_are_400_json,
@@ -243,5 +252,227 @@ async fn a_key_is_refused_from_its_expiry_on_with_the_clock_moved() {
     assert_eq!(
         app.listed("short-lived").await["expiresAt"],
         expires.as_str()
+    );
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, as JavaScript's `toISOString` (Metlo's format).
+fn is_iso8601_millis(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 24
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'.',
+            23 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+async fn create_list_onboarding_delete(backend: Backend) {
+    let cp = TestApp::on(backend).build().await;
+
+    let (status, created) = cp
+        .create(json!({"name": "ingestor", "keyFor": "GENERIC"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let obj = created.as_object().unwrap();
+    let mut fields: Vec<_> = obj.keys().map(String::as_str).collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "apiKey",
+            "created",
+            "enabled",
+            "expiresAt",
+            "for",
+            "identifier",
+            "lastUsed",
+            "meta",
+            "name",
+            "rateLimit",
+            "role"
+        ]
+    );
+    assert_eq!(created["role"], "client", "Metlo's body makes a client key");
+    let key = ApiKey::parse(created["apiKey"].as_str().unwrap()).expect("a well-formed key");
+    assert_eq!(created["identifier"], key.identifier());
+    assert_eq!(created["name"], "ingestor");
+    assert_eq!(created["for"], "GENERIC");
+    assert!(
+        is_iso8601_millis(created["created"].as_str().unwrap()),
+        "{created}"
+    );
+
+    // keyFor defaults to GENERIC; every type is accepted.
+    let (status, d) = cp.create(json!({"name": "default-type"})).await;
+    assert_eq!(
+        (status, d["for"].as_str()),
+        (StatusCode::OK, Some("GENERIC"))
+    );
+    for t in ["GCP", "AWS"] {
+        let (status, body) = cp
+            .create(json!({"name": format!("k-{t}"), "keyFor": t}))
+            .await;
+        assert_eq!((status, body["for"].as_str()), (StatusCode::OK, Some(t)));
+    }
+    let mut onboarding_names = vec![];
+    for i in 0..3 {
+        let name = format!("onboard-{i}");
+        cp.create_key(&name, "ONBOARDING").await;
+        onboarding_names.push(name);
+        cp.advance(Duration::from_millis(5)); // distinct creation times
+    }
+
+    let (status, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(list.len(), 10, "the harness's 3 keys and 7: {text}");
+    for entry in &list {
+        let mut f: Vec<_> = entry
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        f.sort();
+        assert_eq!(
+            f,
+            [
+                "created",
+                "enabled",
+                "expiresAt",
+                "for",
+                "identifier",
+                "lastUsed",
+                "meta",
+                "name",
+                "rateLimit",
+                "role"
+            ],
+            "list never shows the key"
+        );
+    }
+    assert!(!text.contains(key.expose_secret()));
+    let ingestor = list.iter().find(|e| e["name"] == "ingestor").unwrap();
+    assert_eq!(ingestor["identifier"], created["identifier"]);
+    assert_eq!(ingestor["created"], created["created"]);
+
+    let (status, _, text) = cp.get("/api/v1/keys/onboarding", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK);
+    let onboarding: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let names: Vec<&str> = onboarding
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    onboarding_names.reverse();
+    assert_eq!(names, onboarding_names, "ONBOARDING only, newest first");
+    assert!(onboarding.iter().all(|e| e["for"] == "ONBOARDING"));
+
+    assert_eq!(
+        cp.delete("ingestor", Some(&cp.admin_key)).await,
+        (StatusCode::OK, json!({"status": "OK"}))
+    );
+    let (status, body) = cp.delete("ingestor", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not_found");
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert!(!text.contains("\"ingestor\""));
+    // The name is free again.
+    cp.create_key("ingestor", "GENERIC").await;
+}
+
+async fn names_with_spaces_slashes_and_unicode(backend: Backend) {
+    let cp = TestApp::on(backend).build().await;
+    let names = [
+        "with space",
+        "a/b/c",
+        "ünïcödé ✓ 键",
+        "50%?#&=+",
+        "...",
+        "trailing-dot.",
+        "./x",
+    ];
+    for name in names {
+        let key = cp.create_key(name, "GENERIC").await;
+        assert_eq!(cp.verify(&key).await, StatusCode::OK);
+    }
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let path_of = |name: &str| format!("/api/v1/keys/{}", encode_segment(name));
+    for name in names {
+        assert!(list.iter().any(|e| e["name"] == name), "{name} listed");
+        // One key by name: its listed metadata, exactly.
+        let (status, _, one) = cp.get(&path_of(name), Some(&cp.admin_key)).await;
+        assert_eq!(status, StatusCode::OK, "GET {name:?}: {one}");
+        let one: Value = serde_json::from_str(&one).unwrap();
+        assert_eq!(&one, list.iter().find(|e| e["name"] == name).unwrap());
+        assert!(one.get("apiKey").is_none(), "never the key");
+        assert_eq!(
+            cp.delete(name, Some(&cp.admin_key)).await.0,
+            StatusCode::OK,
+            "delete {name:?}"
+        );
+    }
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        3,
+        "only the harness's keys left: {text}"
+    );
+    let (status, _, gone) = cp.get(&path_of("with space"), Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "deleted: {gone}");
+    // A key named like the create route is read there (GET of `create` is its).
+    cp.create_key("create", "GENERIC").await;
+    let (status, _, named) = cp.get("/api/v1/keys/create", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::OK, "{named}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&named).unwrap()["name"],
+        "create"
+    );
+}
+
+async fn concurrent_creates_with_one_name(backend: Backend) {
+    let cp = TestApp::on(backend).env("MAX_API_KEYS", 1000).build().await;
+    let results =
+        futures_util::future::join_all((0..200).map(|_| cp.create(json!({"name": "same"})))).await;
+    let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let dup = results
+        .iter()
+        .filter(|(s, b)| {
+            *s == StatusCode::BAD_REQUEST
+                && b["message"].as_str().unwrap().contains("already exists")
+        })
+        .count();
+    assert_eq!(
+        (ok, dup),
+        (1, 199),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+}
+
+async fn concurrent_creates_at_the_limit(backend: Backend) {
+    const MAX: usize = 20;
+    let cp = TestApp::on(backend).env("MAX_API_KEYS", MAX).build().await;
+    for i in 0..MAX - 4 {
+        cp.create_key(&format!("pre-{i}"), "GENERIC").await;
+    }
+    // The harness's 3 + 16 = MAX − 1 keys stored.
+    let results = futures_util::future::join_all(
+        (0..200).map(|i| cp.create(json!({"name": format!("race-{i}")}))),
+    )
+    .await;
+    let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+    let limited = results
+        .iter()
+        .filter(|(s, b)| *s == StatusCode::BAD_REQUEST && b["error"] == "limit_reached")
+        .count();
+    assert_eq!((ok, limited), (1, 199));
+    let (_, _, text) = cp.get("/api/v1/keys/list", Some(&cp.admin_key)).await;
+    assert_eq!(
+        serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
+        MAX
     );
 }
