@@ -9,9 +9,10 @@
 //! - readiness is our children's: a child that exits during the start fails it with its
 //!   last log lines, and since the ports were free, what answers is ours;
 //! - SIGINT, SIGTERM, SIGHUP, a closed stdout (`| tee`, `| head`; noticed during the
-//!   start too) or a child exiting stops every process group and every descendant found
-//!   under our children, even one that left its group (SIGTERM, then SIGKILL after 5 s),
-//!   and exits — non-zero when a child died or the start failed;
+//!   start too) or a child exiting stops every process group and every descendant, even
+//!   one that left its group or lost its parent (this process is their subreaper; SIGTERM,
+//!   then SIGKILL after 5 s to what is still there), and exits — non-zero when a child
+//!   died or the start failed;
 //! - nothing it writes can fail the stop: behind `make dev 2>&1 | tee`, Ctrl-C kills tee
 //!   with us, and a write to the closed pipe (`eprintln!` panics on one) must not end
 //!   this process before its children;
@@ -253,44 +254,52 @@ fn descendants(roots: &[i32]) -> Vec<i32> {
     found.split_off(roots.len())
 }
 
-/// Stops every process group and every descendant (one that made its own group or
-/// session too): SIGTERM, then SIGKILL to what is left after 5 s.
+/// Stops everything this process started. It is the subreaper of its descendants (set
+/// first thing in `main`), so a process whose parent has exited is re-parented here and
+/// the walk from this process still finds it. SIGTERM to each child's process group and
+/// to every live descendant; after 5 s, SIGKILL to the descendants still there, found
+/// afresh (no pid kept across the wait is signalled: it could have been reused).
 fn stop_all(procs: &mut [Proc]) {
-    let roots: Vec<i32> = procs.iter().map(|p| p.child.id() as i32).collect();
-    // Found before any signal: once a parent exits, its children are re-parented away.
-    let mut others = descendants(&roots);
-    let signal_all = |others: &[i32], signal: i32| {
-        for pid in &roots {
-            // SAFETY: plain kill(2) of the child's process group, then of each process.
-            unsafe { libc::kill(-pid, signal) };
-        }
-        for pid in others {
-            unsafe { libc::kill(*pid, signal) };
-        }
+    let me = std::process::id() as i32;
+    let live = || {
+        descendants(&[me])
+            .into_iter()
+            .filter(|pid| !is_zombie(*pid))
+            .collect::<Vec<i32>>()
     };
-    signal_all(&others, libc::SIGTERM);
+    for p in procs.iter() {
+        // SAFETY: plain kill(2) of the child's process group (its pid is not yet reaped).
+        unsafe { libc::kill(-(p.child.id() as i32), libc::SIGTERM) };
+    }
+    for pid in live() {
+        // SAFETY: plain kill(2) of a process just found under this one.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
-    let alive = |pid: i32, group: bool| {
-        let target = if group { -pid } else { pid };
-        // SAFETY: signal 0 only checks that the target exists.
-        unsafe { libc::kill(target, 0) == 0 }
-    };
     loop {
         for p in procs.iter_mut() {
             let _ = p.child.try_wait();
         }
-        // Reaped or zombie children of others are gone from the count once they exit.
-        others.retain(|pid| alive(*pid, false) && !is_zombie(*pid));
-        let any = roots.iter().any(|pid| alive(*pid, true)) || !others.is_empty();
-        if !any || Instant::now() >= deadline {
+        reap_orphans();
+        if live().is_empty() || Instant::now() >= deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    signal_all(&others, libc::SIGKILL);
+    for pid in live() {
+        // SAFETY: as above, found just now.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     for p in procs.iter_mut() {
         let _ = p.child.wait();
     }
+    reap_orphans();
+}
+
+/// Reaps the exited processes re-parented here (this process is their subreaper).
+fn reap_orphans() {
+    // SAFETY: waitpid(2) without blocking; a null status pointer is allowed.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -321,6 +330,10 @@ fn fail(procs: &mut [Proc], message: &str) -> ExitCode {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // Orphans of our children (wrangler's node and workerd when `npm exec` dies first) are
+    // re-parented here instead of to init, so `stop_all` still finds them.
+    // SAFETY: prctl(2) on this process only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     let ports = match ports() {
         Ok(p) => p,
         Err(e) => {
@@ -422,8 +435,8 @@ async fn main() -> ExitCode {
     let mut origin_cmd = Command::new(root.join("target/debug/demo-origin"));
     origin_cmd.arg(origin.to_string());
     // In two waves: the control plane's KV sync starts at once, so the KV stand-in must
-    // answer first (else its first pushes fail and warn); the Worker calls the control
-    // plane.
+    // answer first (else its first pushes fail and warn). The Worker, which asks the
+    // control plane only when a request comes, starts beside it.
     let waves = [
         vec![
             (
