@@ -40,13 +40,15 @@ else
     fi
 fi
 
-# Up to date: the same inputs (sources, manifests, lockfile, this script, the tools) as the
-# last build that passed. Each `make dev` start and the deploy check then cost nothing.
+# Up to date: the same inputs (sources, manifests, lockfiles — wasm-opt and esbuild come
+# from npm's —, this script, the compiler, the tools, RUSTFLAGS) as the last build that
+# passed. Each `make dev` start and the deploy check then cost nothing.
 fingerprint="$( { find "$crate" shared -path "$crate/build" -prune -o -path "$crate/target" -prune \
                     -o -type f \( -name '*.rs' -o -name Cargo.toml \) -print | LC_ALL=C sort \
                     | xargs sha256sum
-                  sha256sum Cargo.lock Cargo.toml scripts/build-worker.sh
-                  echo "$mode"; "$TOOLS/bin/worker-build" --version; "$WASM_BINDGEN_BIN" --version
+                  sha256sum Cargo.lock Cargo.toml package-lock.json scripts/build-worker.sh
+                  echo "$mode"; rustc -vV; "$TOOLS/bin/worker-build" --version; "$WASM_BINDGEN_BIN" --version
+                  env | grep -E '^(CARGO_ENCODED_)?RUSTFLAGS=' || true
                 } | sha256sum | cut -d' ' -f1 )"
 stamp="$root/$crate/build/.inputs-sha256"
 if [ -z "${METLO_KEEP_WASM_NAMES:-}" ] && [ -f "$root/$crate/build/index_bg.wasm" ] \
