@@ -8,7 +8,7 @@ dev:
 test:
 	./scripts/test.sh
 
-# Unit and in-process tests only (a couple of minutes once built).
+# Unit and in-process tests only (about 40 s once built).
 test-fast:
 	./scripts/test-fast.sh
 

@@ -15,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing from the system's packages: SQLite is built in, and PostgreSQL / Redis are the
-# user's own when DATABASE_URL / REDIS_URL name them. (The tests' packages, Chromium
-# among them, are `make test`'s.)
+# None of the tests' system packages (Chromium and the rest are `make test`'s): SQLite is
+# built in, and PostgreSQL / Redis are the user's own when DATABASE_URL / REDIS_URL name
+# them. (Without a rustup wasm32 target, build-worker.sh installs Debian's rustc-web.)
 ./scripts/build-worker.sh
 cargo build --locked -q -p metlo-control-plane -p metlo-tests --bins
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers with cargo-fuzz (libFuzzer, nightly): key parsing, Authorization
 # parsing, the KV-record decoder, and the control plane's create-body decoding. Each
-# target runs FUZZ_SECONDS (default 60; CI's smoke uses 30) from the committed seeds in
+# target runs FUZZ_SECONDS (default 60) from the committed seeds in
 # fuzz/seeds/ plus a working corpus in fuzz/corpus/ (git-ignored). Prints executions and
 # crashes per target; exits non-zero on any crash.
 set -euo pipefail

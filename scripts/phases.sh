@@ -14,7 +14,7 @@ phase() {
 }
 
 print_phases() {
-    [ -s "$METLO_PHASES" ] || return 0
+    [ -s "$METLO_PHASES" ] || { rm -f "$METLO_PHASES"; return 0; }
     python3 - "$METLO_PHASES" <<'PY' >&2
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -26,4 +26,5 @@ for name, secs, result in rows:
     print(f"{name:<{width}}  {s // 60:>4}m{s % 60:02}s  {result}")
 print(f"{'total':<{width}}  {total // 60:>4}m{total % 60:02}s")
 PY
+    rm -f "$METLO_PHASES"
 }

@@ -175,10 +175,10 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
 }
 
 impl App {
-    /// Runs the periodic work once, now, to completion: failed authentications into the
-    /// audit log and entries past `AUDIT_RETENTION` out of it, pending key uses into the
-    /// store, and the KV outbox to KV (when on). What the background tasks do on their
-    /// intervals, for tests that must see it done.
+    /// Runs the periodic work tests wait on once, now, to completion: failed
+    /// authentications into the audit log and entries past `AUDIT_RETENTION` out of it,
+    /// pending key uses into the store, and the KV outbox to KV (when on). Not run here:
+    /// the hourly usage prune, the KV reconcile, the Redis cache's tasks, metrics upkeep.
     pub async fn flush(&self) -> Flushed {
         let store = &self.state.store;
         let audit_rows = audit::flush_failures(store, &self.state.auth_failures).await;

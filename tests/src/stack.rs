@@ -155,15 +155,15 @@ pub struct Stack {
 
 impl Stack {
     /// Starts (or restarts) the Worker with these settings, in front of a new echo
-    /// origin, on the stack's local KV.
+    /// origin, on the stack's local KV (with `.kv()`; a KV of its own without).
     pub async fn start_edge(&mut self, vars: &[(&str, &str)]) {
         let (origin, edge) = self.another_edge(vars).await;
         self.origin = Part::new(Some(origin), "edge(..)");
         self.edge = Part::new(Some(edge), "edge(..)");
     }
 
-    /// A Worker of the test's own (with its own echo origin) on the stack's local KV and
-    /// control plane, beside the stack's parts.
+    /// A Worker of the test's own (with its own echo origin) on the stack's control plane
+    /// and local KV (with `.kv()`; a KV of its own without), beside the stack's parts.
     pub async fn another_edge(&self, vars: &[(&str, &str)]) -> (Origin, Edge) {
         let origin = Origin::start().await;
         let state = self.kv.is_running().then(|| self.state.path());

@@ -1,5 +1,6 @@
 //! Key lifecycle beyond Metlo, through HTTP into the real binary on SQLite and
-//! PostgreSQL: expiry, roll with overlap, last used, the audit log, the CLI over HTTP.
+//! PostgreSQL: expiry, roll with overlap (also with Redis and replicas), the CLI over
+//! HTTP. (Last use and the audit log are tested in process beside their handlers.)
 
 use metlo_shared::ApiKey;
 use metlo_tests::time::{iso, ms_of, now_ms, sleep_until};
