@@ -1,19 +1,21 @@
 //! Key updates and policies on the control plane, in process on both backends (moved
 //! from `tests/tests/policies.rs`): `meta` validated, stored and listed; `PATCH` changes
 //! only what is given and is audited before/after; updates are admin-only and keep an
-//! admin; rate limits validated at create and update.
+//! admin; rate limits validated at create and update, and a limited key gets exactly its
+//! limit on `/api/v1/verify` (its window ended on the moved clock).
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
 use crate::db::Backend;
-use crate::test_util::{on_both_backends, TestApp};
+use crate::test_util::{on_both_backends, Reply, TestApp};
 
 on_both_backends!(
     meta_is_validated_stored_and_listed,
     updates_change_only_what_is_given_and_are_audited,
     updates_are_admin_only_and_keep_an_admin,
     rate_limits_are_validated,
+    a_rate_limited_key_gets_exactly_its_limit_on_verify,
 );
 
 async fn start(backend: Backend) -> TestApp {
@@ -207,4 +209,80 @@ async fn rate_limits_are_validated(backend: Backend) {
         cp.delete("target", Some(&cp.admin_key)).await;
     }
     assert!(cp.list().await.iter().all(|k| k["name"] != "bad-limit"));
+}
+
+/// `count` verifications of `key`: their statuses and the last reply.
+async fn verify_n(app: &TestApp, key: &str, count: usize) -> (Vec<StatusCode>, Reply) {
+    let mut statuses = vec![];
+    let mut last = None;
+    for _ in 0..count {
+        let reply = app.with_key(key).get("/api/v1/verify").await;
+        statuses.push(reply.status);
+        last = Some(reply);
+    }
+    (statuses, last.expect("at least one request"))
+}
+
+async fn a_rate_limited_key_gets_exactly_its_limit_on_verify(backend: Backend) {
+    let app = start(backend).await;
+    let limit = json!({"requests": 3, "periodSeconds": 2});
+    let (status, body) = app
+        .create(json!({"name": "limited", "rateLimit": limit}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rateLimit"], limit);
+    assert_eq!(app.listed("limited").await["rateLimit"], limit);
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    let free = app.create_key("unlimited", "GENERIC").await;
+
+    let (statuses, _) = verify_n(&app, &key, 3).await;
+    assert_eq!(statuses, [StatusCode::OK; 3]);
+    let reply = app.with_key(&key).get("/api/v1/verify").await;
+    reply.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "the fourth");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(reply.header("ratelimit-policy"), Some(r#""key";q=3;w=2"#));
+    assert_eq!(
+        reply.header("ratelimit"),
+        Some(format!(r#""key";r=0;t={retry}"#).as_str())
+    );
+    // The unlimited key is untouched, and carries no rate-limit headers.
+    let reply = app.with_key(&free).get("/api/v1/verify").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.header("ratelimit").is_none());
+
+    // The window ends two seconds after its first request, within Retry-After: a new
+    // one admits 3 again.
+    app.advance(std::time::Duration::from_secs(retry));
+    let reply = app.with_key(&key).get("/api/v1/verify").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.header("ratelimit"), Some(r#""key";r=2;t=2"#));
+
+    // A changed limit applies at once (a new window); removing it lifts it.
+    let (status, body) = app
+        .patch(
+            "limited",
+            json!({"rateLimit": {"requests": 1, "periodSeconds": 60}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (statuses, last) = verify_n(&app, &key, 2).await;
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    assert_eq!(last.header("ratelimit-policy"), Some(r#""key";q=1;w=60"#));
+    let (status, body) = app.patch("limited", json!({"rateLimit": null})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["rateLimit"], Value::Null);
+    let (statuses, _) = verify_n(&app, &key, 5).await;
+    assert_eq!(statuses, [StatusCode::OK; 5]);
+    let page = app.as_admin().get("/api/v1/audit?limit=1000").await.json();
+    let audit = page["entries"].as_array().unwrap();
+    let update = audit
+        .iter()
+        .find(|e| {
+            e["action"] == "key.update"
+                && e["detail"]["after"]["rateLimit"].is_null()
+                && e["detail"]["before"]["rateLimit"]["requests"] == 1
+        })
+        .unwrap_or_else(|| panic!("no audit entry for removing the limit: {audit:?}"));
+    assert_eq!(update["target"], "limited");
 }

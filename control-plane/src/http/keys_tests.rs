@@ -2,7 +2,8 @@
 //! `tests/tests/roles.rs` and `control_plane.rs`): Metlo's create, list, onboarding and
 //! delete shapes; any name, by path; one winner of 200 racing creates of a name or of
 //! the last slot; the last admin key stays, names that could impersonate another are
-//! refused, bad bodies are JSON 400s and long ones 413s.
+//! refused, bad bodies are JSON 400s and long ones 413s; the key limit's message is
+//! Metlo's; a deleted key (cached as valid) is refused at once, as a caller too.
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ on_both_backends!(
     the_last_admin_key_stays,
     names_that_could_impersonate_are_refused,
     bad_requests_are_400_json,
+    limit_reached_has_metlo_message,
+    deleted_key_is_refused_at_once,
 );
 
 fn delete_path(name: &str) -> String {
@@ -224,35 +227,6 @@ async fn bad_requests_are_400_json(backend: Backend) {
     let reply = admin.get("/api/v1/nope").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.json()["error"], "not_found");
-}
-
-#[tokio::test]
-async fn a_key_is_refused_from_its_expiry_on_with_the_clock_moved() {
-    let app = TestApp::new().await;
-    // Whole seconds, as expiries are kept.
-    let expires = crate::clock::iso8601((crate::clock::now_ms() / 1000 + 60) * 1000);
-    let reply = app
-        .as_admin()
-        .post(
-            "/api/v1/keys/create",
-            json!({"name": "short-lived", "expiresAt": expires}),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    let key = reply.json()["apiKey"].as_str().unwrap().to_owned();
-    assert_eq!(
-        app.with_key(&key).get("/api/v1/verify").await.status,
-        StatusCode::OK
-    );
-    // Cached as valid now; its expiry still holds once the clock passes it.
-    app.advance(std::time::Duration::from_secs(61));
-    let reply = app.with_key(&key).get("/api/v1/verify").await;
-    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
-    // Still listed (and counted) until deleted.
-    assert_eq!(
-        app.listed("short-lived").await["expiresAt"],
-        expires.as_str()
-    );
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, as JavaScript's `toISOString` (Metlo's format).
@@ -474,5 +448,67 @@ async fn concurrent_creates_at_the_limit(backend: Backend) {
     assert_eq!(
         serde_json::from_str::<Vec<Value>>(&text).unwrap().len(),
         MAX
+    );
+}
+
+async fn limit_reached_has_metlo_message(backend: Backend) {
+    // The three keys every test app has (admin, edge, client) and two more.
+    let app = TestApp::on(backend).env("MAX_API_KEYS", 5).build().await;
+    app.create_key("two", "GENERIC").await;
+    app.create_key("three", "GENERIC").await;
+    let (status, body) = app.create(json!({"name": "four"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "limit_reached");
+    assert_eq!(
+        body["message"],
+        "Maximum API Key Limit Reached: 5. Consider deleting any that are not in use."
+    );
+    // Deleting frees a slot.
+    let admin = app.admin_key.clone();
+    assert_eq!(app.delete("two", Some(&admin)).await.0, StatusCode::OK);
+    app.create_key("four", "GENERIC").await;
+    assert_eq!(
+        app.create(json!({"name": "five"})).await.0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+/// With the in-process cache (`deleted_key_is_refused_at_once_with_redis` in
+/// `tests/tests/control_plane.rs` has Redis).
+async fn deleted_key_is_refused_at_once(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let admin = app.admin_key.clone();
+    for round in 0..5 {
+        let name = format!("short-lived-{round}");
+        let key = app.create_key(&name, "GENERIC").await;
+        // Warm the cache: the key is now cached as valid.
+        for _ in 0..3 {
+            assert_eq!(app.verify(&key).await, StatusCode::OK);
+        }
+        assert_eq!(app.delete(&name, Some(&admin)).await.0, StatusCode::OK);
+        assert_eq!(
+            app.verify(&key).await,
+            StatusCode::UNAUTHORIZED,
+            "deleted key refused immediately"
+        );
+        let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
+        let reply = app
+            .as_edge()
+            .get(&format!("/api/v1/keys/by-hash/{hash}"))
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    }
+    // A deleted caller cannot act either.
+    let (_, made) = app
+        .create(json!({"name": "self-deleting", "role": "admin"}))
+        .await;
+    let key = made["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.delete("self-deleting", Some(&key)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.with_key(&key).get("/api/v1/keys/list").await.status,
+        StatusCode::UNAUTHORIZED
     );
 }

@@ -20,6 +20,8 @@ pub mod extract;
 #[cfg(test)]
 mod key_lists_tests;
 #[cfg(test)]
+mod key_rolls_tests;
+#[cfg(test)]
 mod key_updates_tests;
 pub mod keys;
 #[cfg(test)]

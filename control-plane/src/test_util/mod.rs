@@ -262,6 +262,22 @@ impl TestApp {
         (reply.status, json_or_null(&reply.text))
     }
 
+    /// `POST /api/v1/keys/{name}/roll` as the admin, with `body` (or none): status and body.
+    pub async fn roll(&self, name: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let path = format!("/api/v1/keys/{}/roll", encode_segment(name));
+        let reply = self.as_admin().send(Method::POST, &path, body).await;
+        (reply.status, json_or_null(&reply.text))
+    }
+
+    /// Moves the clock to `at_ms` (milliseconds since the epoch), unless it is already
+    /// there or past it.
+    pub fn advance_to(&self, at_ms: i64) {
+        let now = crate::clock::now_ms();
+        if at_ms > now {
+            self.advance(std::time::Duration::from_millis((at_ms - now) as u64));
+        }
+    }
+
     /// A GET with `key` (or none): status, headers and body text.
     pub async fn get(&self, path: &str, key: Option<&str>) -> (StatusCode, HeaderMap, String) {
         let caller = key.map_or_else(|| self.anonymous(), |k| self.with_key(k));
