@@ -130,7 +130,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         auth_failures.clone(),
         config.audit_retention,
     )));
-    let cache = config.cache()?;
+    let cache = config.cache(&store).await?;
     tasks.extend(cache.background_tasks());
     let metrics = telemetry::init_metrics()?;
     tasks.push(task(telemetry::upkeep_forever(metrics.clone())));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::IpNet;
 
-use crate::cache::VerifyCache;
+use crate::cache::{redis_client, RecordKey, VerifyCache};
 use crate::db::Store;
 use crate::kv_sync::client::KvTarget;
 use crate::service::key_limits::KeyLimits;
@@ -21,9 +21,14 @@ pub struct Config {
     /// Where the embedded SQLite database lives when DATABASE_URL is unset.
     #[arg(long, env = "DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
-    /// redis://…; unset: an in-process cache (one replica only).
+    /// redis://… or rediss://… (TLS), with user:password@ for AUTH; unset: an in-process
+    /// cache (one replica only).
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed Redis's TLS certificate (rediss:// only); unset:
+    /// the public roots.
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<PathBuf>,
     /// Most keys the instance may hold.
     #[arg(long, env = "MAX_API_KEYS", default_value_t = 100, global = true)]
     pub max_api_keys: u64,
@@ -263,12 +268,27 @@ impl KvConfig {
 }
 
 impl Config {
-    /// The verification cache: Redis when `REDIS_URL` is set. (A server also runs its
-    /// background tasks; see `VerifyCache::background_tasks`.)
-    pub fn cache(&self) -> anyhow::Result<VerifyCache> {
+    /// A client for `REDIS_URL` (with `REDIS_CA_FILE`), when it is set. Does not connect.
+    fn redis_client(&self) -> anyhow::Result<Option<redis::Client>> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let ca = match &self.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read REDIS_CA_FILE {}: {e}", path.display())
+            })?),
+            None => None,
+        };
+        Ok(Some(redis_client(url, ca.as_deref())?))
+    }
+
+    /// The verification cache: Redis when `REDIS_URL` is set, its records tagged with
+    /// the instance's key from `store`. (A server also runs its background tasks; see
+    /// `VerifyCache::background_tasks`.)
+    pub async fn cache(&self, store: &Store) -> anyhow::Result<VerifyCache> {
         let ttl = Duration::from_secs(self.cache_ttl_seconds);
-        match &self.redis_url {
-            Some(url) => VerifyCache::redis(url, ttl),
+        match self.redis_client()? {
+            Some(client) => Ok(VerifyCache::redis(client, ttl, record_key(store).await?)),
             None => Ok(VerifyCache::memory(ttl)),
         }
     }
@@ -276,10 +296,10 @@ impl Config {
     /// The per-key rate-limit counters: in Redis when `REDIS_URL` is set (shared by
     /// replicas), in this process otherwise.
     pub fn key_limits(&self) -> anyhow::Result<KeyLimits> {
-        match &self.redis_url {
-            Some(url) => KeyLimits::redis(url),
-            None => Ok(KeyLimits::memory()),
-        }
+        Ok(match self.redis_client()? {
+            Some(client) => KeyLimits::redis(client),
+            None => KeyLimits::memory(),
+        })
     }
 
     /// The store, migrated, writing the outbox when a KV target is configured.
@@ -297,4 +317,18 @@ impl Config {
         store.migrate().await?;
         Ok(store)
     }
+}
+
+/// The key that tags records in Redis: 256 random bits made by the first process that
+/// needed them and kept in the database, so every replica has it and Redis never does.
+async fn record_key(store: &Store) -> anyhow::Result<RecordKey> {
+    let mut fresh = [0u8; 32];
+    getrandom::fill(&mut fresh).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let stored = store
+        .instance_secret("redis_record_key", &hex::encode(fresh))
+        .await?;
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(stored.trim(), &mut key)
+        .map_err(|_| anyhow::anyhow!("the stored redis_record_key is not 64 hex digits"))?;
+    Ok(RecordKey::new(key))
 }

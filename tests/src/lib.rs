@@ -14,6 +14,7 @@ pub mod github;
 pub mod process;
 pub mod stack;
 pub mod time;
+pub mod tls;
 
 pub use client::encode_path_segment;
 pub use control_plane::{

@@ -85,6 +85,43 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Self {
+        let pg = Self::init();
+        pg.restart();
+        pg
+    }
+
+    /// A server that takes only TLS: `ssl = on` with this certificate and key (PEM), and
+    /// only `hostssl` lines in `pg_hba.conf`, so a plain connection is refused.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let pg = Self::init();
+        let data = pg.dir.path().join("data");
+        std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(data.join("server.key"), key_pem).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = data.join("server.key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&data)
+                .status()
+                .unwrap();
+        }
+        pg.restart();
+        pg
+    }
+
+    fn init() -> Self {
         let bindir = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL not installed: run scripts/install-deps.sh")
             .filter_map(|e| Some(e.ok()?.path().join("bin")))
@@ -116,7 +153,6 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        pg.restart();
         pg
     }
 
@@ -133,6 +169,17 @@ impl Postgres {
 
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The URL with another host name (for TLS: the name checked against the
+    /// certificate) and query (`sslmode=…&sslrootcert=…`).
+    pub fn url_with(&self, host: &str, query: &str) -> String {
+        format!("postgres://postgres@{host}:{}/postgres?{query}", self.port)
+    }
+
+    /// The server's log (for what it said about a refused connection).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
     pub fn restart(&self) {
@@ -174,7 +221,7 @@ impl Drop for Postgres {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -231,6 +278,43 @@ impl Redis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// One command over RESP (no client crate needed); the reply's first line.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        s.write_all(request.as_bytes()).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// `GET key`: the value, if there is one.
+    pub fn get(&self, key: &str) -> Option<String> {
+        use std::io::{BufRead, Write};
+        let s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        (&s).write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes())
+            .unwrap();
+        let mut reader = std::io::BufReader::new(&s);
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        let len: i64 = header.trim().trim_start_matches('$').parse().unwrap();
+        if len < 0 {
+            return None;
+        }
+        let mut value = vec![0u8; len as usize + 2];
+        reader.read_exact(&mut value).unwrap();
+        value.truncate(len as usize);
+        Some(String::from_utf8(value).unwrap())
     }
 
     /// Number of keys in Redis (via the RESP protocol, no client crate needed).

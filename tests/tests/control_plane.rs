@@ -297,6 +297,59 @@ async fn ops_routes(backend: Backend) {
     );
 }
 
+/// Whoever can write to Redis cannot make up a caller: a record written there for a
+/// made-up key — copied from a real one's, its role raised to admin — is not taken
+/// (the control plane tags its records with a secret Redis never sees).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_written_into_redis_by_someone_else_is_not_a_key() {
+    let redis = Redis::start();
+    let cp =
+        ControlPlane::start_with(StackBuilder::new(Backend::Postgres).redis(redis.url())).await;
+    let real = cp.create_key("real", "GENERIC").await;
+    let real_hash = ApiKey::parse(&real).unwrap().hash().to_hex();
+    let (status, _, record) = cp
+        .get(
+            &format!("/api/v1/keys/by-hash/{real_hash}"),
+            Some(&cp.edge_key),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let made_up = ApiKey::generate().unwrap();
+    let mut forged: Value = serde_json::from_str(&record).unwrap();
+    forged["role"] = json!("admin");
+    forged["identifier"] = json!(made_up.identifier());
+    forged["name"] = json!("intruder");
+    let forged = forged.to_string();
+    let hash = made_up.hash().to_hex();
+    assert_eq!(
+        redis.command(&["SET", &format!("metlo:verify:{hash}"), &forged]),
+        "+OK"
+    );
+    let (status, _, _) = cp
+        .get("/api/v1/keys/list", Some(made_up.expose_secret()))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a forged record was taken"
+    );
+    // The same for a real key's entry copied whole (its tag binds it to that key).
+    let genuine = redis
+        .get(&format!("metlo:verify:{real_hash}"))
+        .expect("the real key is cached in Redis");
+    let other = ApiKey::generate().unwrap();
+    let other_entry = format!("metlo:verify:{}", other.hash().to_hex());
+    assert_eq!(redis.command(&["SET", &other_entry, &genuine]), "+OK");
+    assert_eq!(
+        cp.verify(other.expose_secret()).await,
+        StatusCode::UNAUTHORIZED,
+        "a copied record was taken"
+    );
+    let (_, metrics) = cp.ops_get("/metrics").await;
+    assert!(metrics.contains("metlo_cache_forged_total"), "{metrics}");
+    assert_eq!(cp.verify(&real).await, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_the_database() {
     for backend in [Backend::Sqlite, Backend::Postgres] {

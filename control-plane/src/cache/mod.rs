@@ -6,6 +6,9 @@
 //! read the database just before a delete cannot re-cache the deleted key afterwards:
 //! a deleted key is refused at once, with no TTL window.
 //!
+//! Records in Redis are tagged (HMAC-SHA256 under a secret kept in the database, never in
+//! Redis): a value someone else wrote there is ignored, never taken for a key's record.
+//!
 //! With Redis, each replica also keeps a small near cache (≤ 1 s) so a hot key costs no
 //! network round trip. A delete publishes the hash on [`REVOKED_CHANNEL`]; every replica
 //! evicts it from its near cache. The near cache is used only while that subscription is
@@ -27,7 +30,7 @@ use std::time::Duration;
 
 use metlo_shared::{KeyHash, KeyRecord};
 
-pub use self::redis::REVOKED_CHANNEL;
+pub use self::redis::{client as redis_client, RecordKey, REVOKED_CHANNEL};
 
 pub use self::entry::{Cached, Task};
 
@@ -54,11 +57,14 @@ impl VerifyCache {
     /// Does not connect yet: the service must start (and verify through the database)
     /// even when Redis is down. A server runs [`Self::background_tasks`]; the CLI, which
     /// only revokes, does not (and so never trusts a near cache).
-    pub fn redis(url: &str, ttl: Duration) -> anyhow::Result<Self> {
-        Ok(VerifyCache {
+    /// Records in Redis carry a tag made with `record_key` ([`RecordKey`]).
+    pub fn redis(client: ::redis::Client, ttl: Duration, record_key: RecordKey) -> Self {
+        VerifyCache {
             ttl,
-            inner: Inner::Redis(std::sync::Arc::new(redis::RedisCache::new(url, ttl)?)),
-        })
+            inner: Inner::Redis(std::sync::Arc::new(redis::RedisCache::new(
+                client, ttl, record_key,
+            ))),
+        }
     }
 
     /// What a server must run beside this cache: with Redis, rewriting the tombstones it

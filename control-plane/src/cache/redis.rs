@@ -28,6 +28,8 @@ pub const REVOKED_CHANNEL: &str = "metlo:revoked";
 
 pub(super) struct RedisCache {
     client: redis::Client,
+    record_key: RecordKey,
+    last_forged_warning_ms: AtomicU64,
     conn: OnceCell<ConnectionManager>,
     last_warning_ms: AtomicU64,
     /// After a failure, lookups skip Redis until this time (ms since `started`) or until
@@ -58,12 +60,66 @@ pub(super) fn background_tasks(cache: &Arc<RedisCache>) -> Vec<Task> {
     tasks
 }
 
+/// A Redis client for `url` (`redis://` or `rediss://`, with `user:password@` for AUTH):
+/// over TLS, the server's certificate is checked against `ca_pem` (PEM) when given, the
+/// public roots otherwise. Does not connect.
+pub fn client(url: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<redis::Client> {
+    // The one TLS provider of this build (ring); redis asks for the process default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(pem) = ca_pem else {
+        return redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"));
+    };
+    if !url.starts_with("rediss://") {
+        anyhow::bail!("REDIS_CA_FILE is set, so REDIS_URL must be rediss:// (Redis over TLS)");
+    }
+    // redis takes an empty set of roots without complaint, then refuses every server.
+    if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("REDIS_CA_FILE holds no PEM certificate");
+    }
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
+    };
+    redis::Client::build_with_tls(url, certificates)
+        .map_err(|e| anyhow::anyhow!("invalid REDIS_URL or REDIS_CA_FILE: {e}"))
+}
+
+/// Authenticates the records kept in Redis: whoever can write to Redis, without this
+/// key, cannot make a record that is taken for one of ours.
+#[derive(Clone)]
+pub struct RecordKey([u8; 32]);
+
+impl RecordKey {
+    pub fn new(key: [u8; 32]) -> Self {
+        RecordKey(key)
+    }
+
+    /// HMAC-SHA256 of the entry's Redis key and value, hex.
+    fn tag(&self, redis_key: &str, value: &str) -> String {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any length");
+        mac.update(redis_key.as_bytes());
+        mac.update(b"\n");
+        mac.update(value.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn verify(&self, redis_key: &str, value: &str, tag: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.tag(redis_key, value)
+            .as_bytes()
+            .ct_eq(tag.as_bytes())
+            .into()
+    }
+}
+
 impl RedisCache {
-    pub(super) fn new(url: &str, ttl: Duration) -> anyhow::Result<Self> {
-        let client =
-            redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        Ok(RedisCache {
+    pub(super) fn new(client: redis::Client, ttl: Duration, record_key: RecordKey) -> Self {
+        RedisCache {
             client,
+            record_key,
+            last_forged_warning_ms: AtomicU64::new(0),
             conn: OnceCell::new(),
             last_warning_ms: AtomicU64::new(0),
             down_until_ms: AtomicU64::new(0),
@@ -76,7 +132,7 @@ impl RedisCache {
             has_unwritten: AtomicBool::new(false),
             ttl,
             write_lock: tokio::sync::Mutex::new(()),
-        })
+        }
     }
 
     /// What this replica knows without asking Redis (a write not yet in Redis, the near
@@ -103,7 +159,14 @@ impl RedisCache {
             .run::<Option<String>>(redis::cmd("GET").arg(redis_key(hash)))
             .await
             .flatten()?;
-        let value = decode(&raw)?;
+        let value = match decode(&self.record_key, hash, &raw) {
+            Decoded::Value(value) => value,
+            Decoded::Unreadable => return None,
+            Decoded::Forged => {
+                self.forged();
+                return None;
+            }
+        };
         self.remember(hash, &value, generation);
         Some(value)
     }
@@ -115,7 +178,7 @@ impl RedisCache {
         }
         let cmd = redis::cmd("SET")
             .arg(redis_key(hash))
-            .arg(encode(&value))
+            .arg(encode(&self.record_key, hash, &value))
             .arg("NX")
             .arg("PX")
             .arg(self.ttl.as_millis() as u64)
@@ -180,7 +243,7 @@ impl RedisCache {
     /// may be lost (a replica resubscribing clears its near cache); the SET must succeed.
     async fn write_entry(&self, hash: &KeyHash, value: &Cached) -> bool {
         if self
-            .run::<redis::Value>(&set_command(hash, value, self.ttl))
+            .run::<redis::Value>(&set_command(&self.record_key, hash, value, self.ttl))
             .await
             .is_none()
         {
@@ -263,6 +326,25 @@ impl RedisCache {
         }
     }
 
+    /// A value under a key's entry that this service did not write (or that was changed):
+    /// a miss, counted, and logged at most every 5 s.
+    fn forged(&self) {
+        metrics::counter!("metlo_cache_forged_total").increment(1);
+        let now = self.now_ms();
+        let last = self.last_forged_warning_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 5_000)
+            && self
+                .last_forged_warning_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "a record in Redis failed its authentication check (written by someone \
+                 without this instance's key): ignored, verified through the database"
+            );
+        }
+    }
+
     /// Forgets everything in the near cache (used whenever revocations may have been missed).
     fn distrust_near(&self) {
         self.near_live.store(false, Ordering::SeqCst);
@@ -293,7 +375,7 @@ async fn retry_tombstones(cache: std::sync::Weak<RedisCache>) {
             let mut conn = c.client.get_multiplexed_async_connection().await?;
             let mut pipe = redis::pipe();
             for (hash, value) in &pending {
-                pipe.add_command(set_command(hash, value, c.ttl))
+                pipe.add_command(set_command(&c.record_key, hash, value, c.ttl))
                     .ignore()
                     .cmd("PUBLISH")
                     .arg(REVOKED_CHANNEL)
@@ -359,14 +441,14 @@ async fn follow_revocations(cache: std::sync::Weak<RedisCache>) {
 
 /// Overwrites the hash's entry (unlike verification's `SET NX`); a record or a disable
 /// never overwrites a tombstone (checked and set atomically, in a script).
-fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
+fn set_command(key: &RecordKey, hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
     const SET_UNLESS_TOMBSTONE: &str = "if redis.call('GET', KEYS[1]) == '-' then return 0 end \
          redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1";
     let ttl_ms = ttl_for(value, ttl).as_millis() as u64;
     match value {
         Cached::Absent => redis::cmd("SET")
             .arg(redis_key(hash))
-            .arg(encode(value))
+            .arg(encode(key, hash, value))
             .arg("PX")
             .arg(ttl_ms)
             .to_owned(),
@@ -374,7 +456,7 @@ fn set_command(hash: &KeyHash, value: &Cached, ttl: Duration) -> redis::Cmd {
             .arg(SET_UNLESS_TOMBSTONE)
             .arg(1)
             .arg(redis_key(hash))
-            .arg(encode(value))
+            .arg(encode(key, hash, value))
             .arg(ttl_ms)
             .to_owned(),
     }
@@ -384,24 +466,48 @@ fn redis_key(hash: &KeyHash) -> String {
     format!("metlo:verify:{}", hash.to_hex())
 }
 
-fn encode(value: &Cached) -> String {
+/// A tombstone (`-`) or a disable (`x`) as is (forging one only refuses a key); a record
+/// as `<tag>.<json>`, the tag binding it to its entry's key.
+fn encode(key: &RecordKey, hash: &KeyHash, value: &Cached) -> String {
     match value {
-        Cached::Valid(record) => record.to_json(),
+        Cached::Valid(record) => {
+            let json = record.to_json();
+            format!("{}.{json}", key.tag(&redis_key(hash), &json))
+        }
         Cached::Absent => "-".to_owned(),
         Cached::Disabled => "x".to_owned(),
     }
 }
 
-fn decode(raw: &str) -> Option<Cached> {
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Value(Cached),
+    /// Not in this version's format (say, written by an older one): a miss.
+    Unreadable,
+    /// A record whose tag does not match: not written by this instance.
+    Forged,
+}
+
+fn decode(key: &RecordKey, hash: &KeyHash, raw: &str) -> Decoded {
     match raw {
-        "-" => return Some(Cached::Absent),
-        "x" => return Some(Cached::Disabled),
+        "-" => return Decoded::Value(Cached::Absent),
+        "x" => return Decoded::Value(Cached::Disabled),
         _ => {}
     }
-    // Anything unreadable (say, written by another version) is a miss, not a decision.
-    KeyRecord::from_json(raw.as_bytes())
-        .ok()
-        .map(|r| Cached::Valid(Arc::new(r)))
+    let Some((tag, json)) = raw.split_once('.') else {
+        return if raw.starts_with('{') {
+            Decoded::Forged
+        } else {
+            Decoded::Unreadable
+        };
+    };
+    if !key.verify(&redis_key(hash), json, tag) {
+        return Decoded::Forged;
+    }
+    match KeyRecord::from_json(json.as_bytes()) {
+        Ok(record) => Decoded::Value(Cached::Valid(Arc::new(record))),
+        Err(_) => Decoded::Unreadable,
+    }
 }
 
 #[cfg(test)]
@@ -410,13 +516,40 @@ mod tests {
 
     #[test]
     fn encoding_round_trips() {
+        let key = RecordKey::new([7; 32]);
+        let hash = KeyHash::of_text("a key");
         let record = Arc::new(KeyRecord::sample());
-        assert_eq!(decode(&encode(&Cached::Absent)), Some(Cached::Absent));
-        assert_eq!(decode(&encode(&Cached::Disabled)), Some(Cached::Disabled));
-        assert_eq!(
-            decode(&encode(&Cached::Valid(record.clone()))),
-            Some(Cached::Valid(record))
-        );
-        assert_eq!(decode("garbage"), None);
+        for value in [
+            Cached::Absent,
+            Cached::Disabled,
+            Cached::Valid(record.clone()),
+        ] {
+            assert_eq!(
+                decode(&key, &hash, &encode(&key, &hash, &value)),
+                Decoded::Value(value)
+            );
+        }
+        assert_eq!(decode(&key, &hash, "garbage"), Decoded::Unreadable);
+    }
+
+    /// Whoever writes to Redis without the instance's key cannot make a record: a bare
+    /// record (the format before tags), a record under another key's tag, a record
+    /// tagged with another instance's key, and a changed record are all refused.
+    #[test]
+    fn records_without_this_instance_tag_are_refused() {
+        let key = RecordKey::new([7; 32]);
+        let hash = KeyHash::of_text("a key");
+        let other_hash = KeyHash::of_text("another key");
+        let record = Cached::Valid(Arc::new(KeyRecord::sample()));
+        let json = KeyRecord::sample().to_json();
+        assert_eq!(decode(&key, &hash, &json), Decoded::Forged);
+        let moved = encode(&key, &other_hash, &record);
+        assert_eq!(decode(&key, &hash, &moved), Decoded::Forged);
+        let foreign = encode(&RecordKey::new([8; 32]), &hash, &record);
+        assert_eq!(decode(&key, &hash, &foreign), Decoded::Forged);
+        let genuine = encode(&key, &hash, &record);
+        let changed = genuine.replacen("\"role\":\"", "\"role\":\"x", 1);
+        assert_ne!(changed, genuine);
+        assert_eq!(decode(&key, &hash, &changed), Decoded::Forged);
     }
 }

@@ -16,6 +16,7 @@ pub mod kv_state;
 pub mod outbox;
 pub mod revocations;
 pub mod rows;
+pub mod secrets;
 pub mod sessions;
 pub mod usage;
 
@@ -34,6 +35,41 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 pub enum Backend {
     Postgres,
     Sqlite,
+}
+
+/// A PostgreSQL URL as libpq would read it, for sqlx: `sslmode=require` with an
+/// `sslrootcert` checks the server's certificate against that CA in libpq (it then acts
+/// as `verify-ca`), where sqlx would check nothing. Other URLs are returned as given.
+pub fn libpq_compatible(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let Ok(mut pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(query) else {
+        return url.to_owned();
+    };
+    let root_cert = pairs
+        .iter()
+        .any(|(k, _)| matches!(k.as_str(), "sslrootcert" | "ssl-root-cert" | "ssl-ca"));
+    let mut changed = false;
+    for (name, value) in &mut pairs {
+        if matches!(name.as_str(), "sslmode" | "ssl-mode") && value == "require" && root_cert {
+            *value = "verify-ca".to_owned();
+            changed = true;
+        }
+    }
+    match serde_urlencoded::to_string(&pairs) {
+        Ok(query) if changed => format!("{base}?{query}"),
+        _ => url.to_owned(),
+    }
+}
+
+/// Whether a connection failed in TLS (a certificate refused, TLS required or refused).
+fn tls_failure(e: &sqlx::Error) -> bool {
+    let text = e.to_string();
+    matches!(e, sqlx::Error::Tls(_))
+        || ["certificate", "TLS", "SSL", "no encryption"]
+            .iter()
+            .any(|word| text.contains(word))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,9 +190,18 @@ impl Store {
             }),
         };
         let pool = options
-            .connect(&url)
+            .connect(&libpq_compatible(&url))
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+            .map_err(|e| {
+                let hint = if tls_failure(&e) {
+                    " (TLS: sslrootcert must name the CA that signed the server's certificate, \
+                     and the URL's host must be a name in that certificate; sslmode=disable \
+                     is refused by a server that only accepts TLS)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("cannot connect to the database: {e}{hint}")
+            })?;
         Ok(Store::from_pool(pool, backend))
     }
 
@@ -256,6 +301,22 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("DATABASE_URL must start with"));
+    }
+
+    #[test]
+    fn require_with_a_root_certificate_checks_it_as_libpq_does() {
+        assert_eq!(
+            libpq_compatible("postgres://u@db/x?sslmode=require&sslrootcert=%2Fca.pem"),
+            "postgres://u@db/x?sslmode=verify-ca&sslrootcert=%2Fca.pem"
+        );
+        for unchanged in [
+            "postgres://u@db/x?sslmode=require",
+            "postgres://u@db/x?sslmode=verify-full&sslrootcert=%2Fca.pem",
+            "postgres://u@db/x",
+            "sqlite:///data/metlo.db?mode=rwc",
+        ] {
+            assert_eq!(libpq_compatible(unchanged), unchanged);
+        }
     }
 
     /// An upgrade: keys stored before roles existed become legacy keys, which keep every

@@ -172,7 +172,7 @@ async fn send(
 /// Wakes this replica's drainer when any replica enqueues (Postgres `NOTIFY`).
 pub async fn listen(url: String, status: Arc<SyncStatus>) {
     loop {
-        match sqlx::postgres::PgListener::connect(&url).await {
+        match sqlx::postgres::PgListener::connect(&crate::db::libpq_compatible(&url)).await {
             Ok(mut listener) => {
                 if listener.listen(OUTBOX_CHANNEL).await.is_ok() {
                     while listener.recv().await.is_ok() {

@@ -48,12 +48,11 @@ impl KeyLimits {
     }
 
     /// Does not connect yet (as the cache: the service starts while Redis is down).
-    pub fn redis(url: &str) -> anyhow::Result<Self> {
-        Ok(KeyLimits::Redis {
-            client: redis::Client::open(url)
-                .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?,
+    pub fn redis(client: redis::Client) -> Self {
+        KeyLimits::Redis {
+            client,
             conn: OnceCell::new(),
-        })
+        }
     }
 
     /// Counts one request of the key `name` against `limit` at `now_ms`.

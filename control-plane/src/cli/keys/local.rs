@@ -51,7 +51,7 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
             }
             KeysCommand::Delete { name } => {
                 // The CLI on the database is root: it may delete the last admin key.
-                keys::delete_key(&store, &config.cache()?, name, false, &actor).await?;
+                keys::delete_key(&store, &config.cache(&store).await?, name, false, &actor).await?;
                 Output::Deleted(name.clone())
             }
             KeysCommand::Update { name, .. }
@@ -60,13 +60,22 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                 let changes = serde_json::from_value::<UpdateKeyRequest>(update_body(cmd)?)?
                     .validate(now_ms())?;
                 Output::Updated(
-                    key_updates::update_key(&store, &config.cache()?, name, &changes, &actor)
-                        .await?,
+                    key_updates::update_key(
+                        &store,
+                        &config.cache(&store).await?,
+                        name,
+                        &changes,
+                        &actor,
+                    )
+                    .await?,
                 )
             }
             KeysCommand::SetRole { name, role } => {
                 let role = keys::parse_role(Some(role))?;
-                Output::RoleSet(keys::set_role(&store, &config.cache()?, name, role, &actor).await?)
+                Output::RoleSet(
+                    keys::set_role(&store, &config.cache(&store).await?, name, role, &actor)
+                        .await?,
+                )
             }
             KeysCommand::Roll {
                 name,
@@ -74,7 +83,8 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
             } => {
                 let overlap = keys::overlap(*overlap_seconds)?;
                 Output::Rolled(
-                    keys::roll_key(&store, &config.cache()?, name, overlap, &actor).await?,
+                    keys::roll_key(&store, &config.cache(&store).await?, name, overlap, &actor)
+                        .await?,
                 )
             }
             KeysCommand::Seed(_)
