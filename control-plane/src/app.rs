@@ -147,7 +147,14 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
         auth_failures,
         failure_limiter: FailureLimiter::new(config.auth_failures_per_minute),
         recently_valid: RecentlyValid::default(),
+        // Bounded, and forgotten after a while (a token is never valid later: a session's
+        // token is made at sign-in and never reused).
+        unknown_sessions: moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(std::time::Duration::from_secs(600))
+            .build(),
         lookups: Lookups::new(config.max_concurrent_lookups),
+        trusted_lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
         key_limits: config.key_limits()?,
         list_unpaged_max: config.list_unpaged_max,

@@ -258,6 +258,21 @@ async fn concurrent_lookups_are_bounded() {
     )
     .await;
     assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK);
+    // A key the edge has not asked for yet: its `by-hash` lookup will miss the cache.
+    // (The edge's own key is known: the Worker calls all the time.)
+    let uncached = cp.create_key("not cached", "GENERIC").await;
+    let made_up_hash = metlo_shared::ApiKey::generate().unwrap().hash().to_hex();
+    let (status, _, _) = cp
+        .get(
+            &format!("/api/v1/keys/by-hash/{made_up_hash}"),
+            Some(&cp.edge_key),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let uncached_hash = metlo_shared::ApiKey::parse(&uncached)
+        .unwrap()
+        .hash()
+        .to_hex();
     let mut locker = sqlx::PgConnection::connect(&db).await.unwrap();
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
     sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
@@ -300,8 +315,29 @@ async fn concurrent_lookups_are_bounded() {
     );
     assert_eq!(cp.verify(&cp.client_key).await, StatusCode::OK, "cached");
     assert_eq!(cp.metric("metlo_lookups_refused_total", "").await, 20.0);
+    // The edge's lookups have a gate of their own: with the public one full, a KV miss
+    // at the edge waits for the database (locked here) instead of getting a 503.
+    let by_hash = tokio::spawn({
+        let (client, url, key) = (
+            cp.client.clone(),
+            format!("{}/api/v1/keys/by-hash/{uncached_hash}", cp.url),
+            cp.edge_key.clone(),
+        );
+        async move {
+            client
+                .get(&url)
+                .header("Authorization", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // Time for it to reach the gate (a 503 would be answered at once).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     assert_eq!(stuck.await.unwrap(), StatusCode::UNAUTHORIZED);
+    assert_eq!(by_hash.await.unwrap(), StatusCode::OK);
 }
 
 // Failed authentications filed by network, and edge usage reports: in process, in

@@ -23,9 +23,15 @@ impl Store {
             return Ok(None);
         };
         let after = changes.apply(&before, now_ms);
+        // Disabled, or given an expiry (or an earlier one): it will stop administering.
+        let ends_sooner = match (before.expires_at_ms, after.expires_at_ms) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(b), Some(a)) => a < b,
+        };
         if before.role.administers()
             && before.disabled_at_ms.is_none()
-            && after.disabled_at_ms.is_some()
+            && (after.disabled_at_ms.is_some() || ends_sooner)
         {
             // The quota row serializes last-admin checks with deletes (same lock order).
             sqlx::query("UPDATE key_quota SET used = used WHERE id = 1")
@@ -72,6 +78,13 @@ impl Store {
             {
                 self.enqueue_delete(&mut tx, hash, now_ms).await?;
             }
+        }
+        if after.disabled_at_ms.is_some() {
+            // Disabled (enabling it again later does not bring its sessions back).
+            let ended: Vec<String> = std::iter::once(after.key_hash.clone())
+                .chain(retired.iter().map(|r| r.key_hash.clone()))
+                .collect();
+            Self::end_sessions_in(&mut tx, &ended).await?;
         }
         self.audit_in(&mut tx, &audit(&before, &after)).await?;
         self.commit_outbox(tx).await?;

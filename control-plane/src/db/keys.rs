@@ -175,6 +175,8 @@ impl Store {
                     .await?;
             }
         }
+        let ended: Vec<String> = changed.iter().map(|s| s.key_hash.clone()).collect();
+        Self::end_sessions_in(&mut tx, &ended).await?;
         self.audit_in(&mut tx, audit).await?;
         self.commit_outbox(tx).await?;
         Ok(Some(Rolled {
@@ -366,6 +368,10 @@ impl Store {
             self.enqueue_delete(&mut tx, hash, now).await?;
             Self::record_revoked(&mut tx, hash, now).await?;
         }
+        let ended: Vec<String> = std::iter::once(deleted.key_hash.clone())
+            .chain(retired.iter().cloned())
+            .collect();
+        Self::end_sessions_in(&mut tx, &ended).await?;
         self.audit_in(&mut tx, audit).await?;
         self.commit_outbox(tx).await?;
         Ok(Some((deleted, retired)))

@@ -1,10 +1,28 @@
 //! Console sessions: opened at sign-in, read and touched on every console request,
 //! ended by sign-out, the idle timeout or the absolute lifetime.
 
-use super::rows::SessionRow;
+use super::rows::{SessionRow, Tx};
 use super::{Store, StoreError};
 
 impl Store {
+    /// Ends, in `tx`, every session opened with one of these secrets (a roll, a delete or
+    /// a disable of their key: a session never outlives the secret it was opened with
+    /// being replaced or stopped, overlap or not).
+    pub(super) async fn end_sessions_in(
+        tx: &mut Tx,
+        key_hashes: &[String],
+    ) -> Result<u64, StoreError> {
+        let mut ended = 0;
+        for hash in key_hashes {
+            ended += sqlx::query("DELETE FROM console_sessions WHERE key_hash = $1")
+                .bind(hash)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected();
+        }
+        Ok(ended)
+    }
+
     /// Stores a new session; also deletes every session idle since `stale_before_ms` or
     /// opened before `born_before_ms` (sign-ins are rare, so this keeps the table small).
     pub async fn open_session(

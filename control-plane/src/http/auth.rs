@@ -163,7 +163,12 @@ pub(super) async fn authenticate(
     };
     let hash = key.hash();
     let queried = AtomicBool::new(false);
-    let found = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || {
+    let gate = if state.recently_valid.contains(&hash) {
+        &state.trusted_lookups
+    } else {
+        &state.lookups
+    };
+    let found = verify::lookup(&state.store, &state.cache, gate, &hash, || {
         queried.store(true, Ordering::Relaxed);
         if state.recently_valid.contains(&hash) {
             return Ok(());
@@ -193,7 +198,7 @@ pub(super) async fn authenticate(
 /// A failed authentication: counted for the audit log (client IP and route read only
 /// here, off the success path) and against the source's budget — 401, or 429 once the
 /// budget is spent.
-fn refuse(
+pub(super) fn refuse(
     state: &AppState,
     extensions: &Extensions,
     headers: &HeaderMap,

@@ -332,11 +332,18 @@ async fn by_hash(
     let hash = KeyHash::from_hex(&hash).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     // Only traffic keys exist for the edge: an admin or edge key's hash is "not found".
     // The edge is one source for all its clients: no per-source budget here (the Worker
-    // limits its own), only the bound on concurrent lookups.
-    let record = verify::lookup(&state.store, &state.cache, &state.lookups, &hash, || Ok(()))
-        .await?
-        .filter(|r| r.role.serves_traffic())
-        .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
+    // limits its own), only the bound on concurrent lookups — its own, which public
+    // callers cannot fill.
+    let record = verify::lookup(
+        &state.store,
+        &state.cache,
+        &state.trusted_lookups,
+        &hash,
+        || Ok(()),
+    )
+    .await?
+    .filter(|r| r.role.serves_traffic())
+    .ok_or_else(|| ApiError::NotFound("no API key with this hash".into()))?;
     Ok((
         [
             (header::CACHE_CONTROL, "no-store".to_owned()),

@@ -55,10 +55,18 @@ pub struct Shared {
     pub auth_failures: Arc<AuthFailures>,
     /// Failed-authentication budget per source (429 past it).
     pub failure_limiter: FailureLimiter,
-    /// Keys valid lately: their lookups skip the failure budget.
+    /// Keys (and console session tokens) valid lately: their lookups skip the failure
+    /// budget.
     pub recently_valid: RecentlyValid,
+    /// Console cookies that named no session (by SHA-256): refused without a lookup.
+    pub unknown_sessions: moka::sync::Cache<metlo_shared::KeyHash, ()>,
     /// Bound on concurrent lookups of uncached keys (503 past it).
     pub lookups: Lookups,
+    /// The same bound, apart, for lookups public traffic cannot cause: the edge's
+    /// `by-hash` and the authentication of keys valid lately. A flood of made-up keys
+    /// fills `lookups` only, so it cannot turn every KV miss at the edge, or a real
+    /// caller whose cache entry just expired, into a 503.
+    pub trusted_lookups: Lookups,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<IpNet>,
     /// Per-key rate limits of `/api/v1/verify`.

@@ -32,8 +32,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::Error;
 
-/// Sources tracked at once (per generation); sources beyond that are not limited here
-/// (the [`LookupGate`] still is).
+/// Sources tracked at once (per generation); sources beyond that share one bucket (one
+/// source's budget for all of them: a flood from more addresses than this is limited as
+/// hard as one address, never not at all).
 const MAX_SOURCES: usize = 100_000;
 
 /// A bucket untouched this long has refilled (a whole budget comes back in a minute), so
@@ -67,6 +68,8 @@ struct Buckets {
     current: Sources,
     previous: Sources,
     since: Instant,
+    /// The bucket every source shares once `current` is full.
+    overflow: Bucket,
 }
 
 impl Buckets {
@@ -85,14 +88,15 @@ impl Buckets {
         self.current
             .get(source)
             .or_else(|| self.previous.get(source))
+            .or_else(|| (self.current.len() >= MAX_SOURCES).then_some(&self.overflow))
     }
 
     /// The source's bucket in this generation (brought over from the last one, or new);
-    /// `None` when this generation is full.
-    fn touch(&mut self, source: IpNet, fresh: Bucket) -> Option<&mut Bucket> {
+    /// the shared overflow bucket when this generation is full.
+    fn touch(&mut self, source: IpNet, fresh: Bucket) -> &mut Bucket {
         if !self.current.contains_key(&source) {
             if self.current.len() >= MAX_SOURCES {
-                return None;
+                return &mut self.overflow;
             }
             if self.current.capacity() == 0 {
                 self.current.reserve(MAX_SOURCES);
@@ -100,7 +104,7 @@ impl Buckets {
             let bucket = self.previous.remove(&source).unwrap_or(fresh);
             self.current.insert(source, bucket);
         }
-        self.current.get_mut(&source)
+        self.current.get_mut(&source).expect("inserted above")
     }
 }
 
@@ -119,6 +123,10 @@ impl FailureLimiter {
                 current: Sources::default(),
                 previous: Sources::default(),
                 since: Instant::now(),
+                overflow: Bucket {
+                    tokens: f64::from(per_minute),
+                    at: Instant::now(),
+                },
             }),
         }
     }
@@ -173,9 +181,7 @@ impl FailureLimiter {
         };
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         buckets.rotate_if_due(now);
-        let Some(bucket) = buckets.touch(source_of(ip), full) else {
-            return Ok(());
-        };
+        let bucket = buckets.touch(source_of(ip), full);
         let tokens = self.refilled(bucket, now);
         bucket.at = now;
         if tokens < 1.0 {
@@ -323,20 +329,26 @@ mod tests {
     }
 
     #[test]
-    fn a_full_generation_stops_tracking_new_sources_only() {
-        let limiter = FailureLimiter::new(1);
+    fn a_full_generation_puts_new_sources_in_one_shared_bucket() {
+        let limiter = FailureLimiter::new(2);
         let now = Instant::now();
         for i in 0..MAX_SOURCES as u32 {
             let source = Some(IpAddr::from(i.to_be_bytes()));
             limiter.failed_at(source, now).unwrap();
         }
+        limiter
+            .failed_at(Some(IpAddr::from(0u32.to_be_bytes())), now)
+            .unwrap();
         assert!(limiter
             .failed_at(Some(IpAddr::from(0u32.to_be_bytes())), now)
             .is_err());
-        let new = Some(IpAddr::from(u32::MAX.to_be_bytes()));
-        for _ in 0..3 {
-            assert!(limiter.failed_at(new, now).is_ok(), "untracked");
-        }
+        // Past the table's size, new sources share one budget of 2: the third failure
+        // among them, from any of them, is refused.
+        let new = |i: u32| Some(IpAddr::from((u32::MAX - i).to_be_bytes()));
+        limiter.failed_at(new(0), now).unwrap();
+        limiter.failed_at(new(1), now).unwrap();
+        assert!(limiter.check_at(new(2), now).is_err(), "shared and spent");
+        assert!(limiter.failed_at(new(3), now).is_err());
         assert_eq!(limiter.sources(), MAX_SOURCES);
     }
 

@@ -7,18 +7,18 @@ use axum::http::{header, Extensions, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use metlo_shared::{KeyRecord, Role};
+use metlo_shared::{KeyHash, KeyRecord, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clock::{now_ms, unix_seconds};
-use crate::http::auth::{authenticate, Refusals};
+use crate::http::auth::{authenticate, refuse, Refusals};
 use crate::http::client_ip::client_ip;
 use crate::http::context::RequestContext;
 use crate::http::error::ApiError;
 use crate::http::extract::{route, Admins, Allowed, Audited, Caller, JsonBody};
 use crate::http::state::AppState;
-use crate::service::audit::Actor;
+use crate::service::audit::{Actor, FailureReason};
 use crate::service::console::{self, Session};
 use crate::service::{self, verify};
 
@@ -172,9 +172,23 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
         return Err(ApiError::Unauthorized(SIGNED_OUT));
     };
     let now = now_ms();
+    // A cookie is looked up only within the source's failed-authentication budget (a
+    // session in use lately skips it, as a key valid lately does): an unknown cookie —
+    // made up, or of a session that ended — is a failed authentication, audited and
+    // spent like a bad key, and remembered so it costs no second lookup.
+    let token_hash = KeyHash::of_text(&token);
+    if state.unknown_sessions.contains_key(&token_hash) {
+        return Err(refuse_cookie(state, req));
+    }
+    if !state.recently_valid.contains(&token_hash) {
+        let ip = client_ip(req.extensions(), req.headers(), &state.trusted_proxies);
+        state.failure_limiter.check(ip)?;
+    }
     let Some(session) = console::find(&state.store, &state.console, &token, now).await? else {
-        return Err(ApiError::Unauthorized(SIGNED_OUT));
+        state.unknown_sessions.insert(token_hash, ());
+        return Err(refuse_cookie(state, req));
     };
+    state.recently_valid.saw(&token_hash);
     if changes_state(req.method()) {
         if !same_origin(state, req.extensions(), req.headers()) {
             return Err(cross_site());
@@ -190,7 +204,8 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
     let record = verify::lookup(
         &state.store,
         &state.cache,
-        &state.lookups,
+        // A session's key was valid at sign-in: not public traffic's gate.
+        &state.trusted_lookups,
         &session.key_hash,
         || Ok(()),
     )
@@ -219,6 +234,17 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
         csrf_token: session.csrf_token.into(),
     });
     Ok(())
+}
+
+fn refuse_cookie(state: &AppState, req: &Request) -> ApiError {
+    refuse(
+        state,
+        req.extensions(),
+        req.headers(),
+        FailureReason::Invalid,
+        None,
+        "not signed in, or the console session has ended: sign in again",
+    )
 }
 
 fn changes_state(method: &Method) -> bool {

@@ -1,7 +1,8 @@
 //! The console's HTTP rules, in process on both backends (moved from
 //! `tests/tests/console.rs`; the whole console in Chromium stays there): page headers,
 //! the session cookie, a session acting as its admin key until idle, sign-out or its key
-//! disabled, CSRF and origin checks, Secure cookies, failed sign-ins audited and limited.
+//! disabled, CSRF and origin checks, Secure cookies, failed sign-ins audited and limited;
+//! a roll (overlap or not), delete or disable of its key ends a session for good.
 
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ on_both_backends!(
     a_session_acts_as_its_admin_key_until_it_ends,
     changes_need_the_csrf_token_and_this_origin,
     failed_sign_ins_are_audited_and_limited,
+    a_session_ends_when_its_key_is_rolled_deleted_or_disabled,
+    unknown_cookies_spend_the_source_budget,
 );
 
 /// The authority the requests are addressed to (`Host`), and this origin.
@@ -338,4 +341,106 @@ async fn failed_sign_ins_are_audited_and_limited(backend: Backend) {
         let t = t.to_string();
         assert!(!t.contains(made_up.expose_secret()) && !t.contains(another.expose_secret()));
     }
+}
+
+/// A session never outlives a change of its key's secret: a roll ends it even while the
+/// old secret is still in its overlap (a stolen cookie must not outlive the roll that
+/// answers the theft), and a disable ends it even if the key is enabled again.
+async fn a_session_ends_when_its_key_is_rolled_deleted_or_disabled(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let admin = app.admin_key.clone();
+    let signed_in = |name: &'static str| {
+        let app = &app;
+        async move {
+            let (status, made) = app.create(json!({"name": name, "role": "admin"})).await;
+            assert_eq!(status, StatusCode::OK, "{made}");
+            let key = made["apiKey"].as_str().unwrap().to_owned();
+            let s = session_of(&sign_in(app, &key).await);
+            assert_eq!(s.get(app, "/console/session").await.status, StatusCode::OK);
+            (key, s)
+        }
+    };
+
+    let (old, s) = signed_in("rolled").await;
+    let (status, body) = app
+        .roll("rolled", Some(json!({"overlapSeconds": 3600})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        app.with_key(&old).get("/api/v1/keys/list").await.status,
+        StatusCode::OK,
+        "the old secret is in its overlap"
+    );
+    let ended = s.get(&app, "/console/session").await;
+    assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.text);
+
+    let (_, s) = signed_in("disabled").await;
+    assert_eq!(
+        app.patch("disabled", json!({"enabled": false})).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.patch("disabled", json!({"enabled": true})).await.0,
+        StatusCode::OK
+    );
+    let ended = s.get(&app, "/console/session").await;
+    assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.text);
+
+    let (_, s) = signed_in("deleted").await;
+    assert_eq!(app.delete("deleted", Some(&admin)).await.0, StatusCode::OK);
+    let ended = s.get(&app, "/console/session").await;
+    assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.text);
+}
+
+/// A made-up session cookie costs a lookup only within the source's failed-authentication
+/// budget, like a made-up key: past it, 429 before any lookup; a session in use from the
+/// same source goes on, and other sources are untouched.
+async fn unknown_cookies_spend_the_source_budget(backend: Backend) {
+    let app = TestApp::on(backend)
+        .env("AUTH_FAILURES_PER_MINUTE", 3)
+        .build()
+        .await;
+    let s = session_of(&sign_in(&app, &app.admin_key).await);
+    assert_eq!(s.get(&app, "/console/session").await.status, StatusCode::OK);
+    let junk = |i: usize| format!("metlo_console=made-up-{i}");
+    for i in 0..3 {
+        let reply = browser(&app)
+            .header("cookie", &junk(i))
+            .get("/console/session")
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text);
+    }
+    for i in [3, 0] {
+        let reply = browser(&app)
+            .header("cookie", &junk(i))
+            .get("/console/session")
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.text
+        );
+    }
+    assert_eq!(
+        s.get(&app, "/console/session").await.status,
+        StatusCode::OK,
+        "a session in use is not locked out by its neighbours"
+    );
+    let other = browser(&app)
+        .peer("198.51.100.7:5000")
+        .header("cookie", &junk(9))
+        .get("/console/session")
+        .await;
+    assert_eq!(other.status, StatusCode::UNAUTHORIZED);
+    app.flush().await;
+    let failures = app
+        .as_admin()
+        .get("/api/v1/audit?action=auth.failed")
+        .await
+        .json();
+    assert!(
+        !failures["entries"].as_array().unwrap().is_empty(),
+        "audited: {failures}"
+    );
 }
