@@ -316,6 +316,14 @@ fn make_dev_starts_what_it_says_and_always_cleans_up() {
         "a healthy start printed a warning:\n{before}"
     );
     curl_through_edge(&setup, &key);
+    let vars = metlo_tests::workspace_root().join(".dev.vars");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&vars).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        ".dev.vars holds the Worker's key: its owner's only"
+    );
     terminal.ctrl_c();
     setup.assert_cleaned_up("make dev in a terminal, then Ctrl-C");
     drop(terminal);

@@ -301,6 +301,11 @@ async fn keys_endpoint_down_is_a_503_and_a_new_key_is_fetched_when_named() {
     let (status, value, headers) = post(&cp, body.clone(), Some("k1"), Some(&signature)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{value}");
     assert_eq!(headers["retry-after"], "60");
+    assert!(
+        !value.to_string().contains("127.0.0.1"),
+        "the public answer names GITHUB_KEYS_URL ({}): {value}",
+        github.url
+    );
     assert_eq!(cp.verify(&live).await, StatusCode::OK);
     let (_, ready) = cp.ops_get("/readyz").await;
     let ready: Value = serde_json::from_str(&ready).unwrap();

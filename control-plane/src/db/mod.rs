@@ -303,6 +303,18 @@ mod tests {
         assert!(err.to_string().contains("DATABASE_URL must start with"));
     }
 
+    #[tokio::test]
+    async fn lists_by_type_have_their_paging_index() {
+        let store = Store::memory().await;
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM pragma_index_info('api_keys_by_type_created') ORDER BY seqno",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(columns, ["key_type", "created_at_ms", "id"]);
+    }
+
     #[test]
     fn require_with_a_root_certificate_checks_it_as_libpq_does() {
         assert_eq!(

@@ -17,6 +17,7 @@ on_both_backends!(
     roll_twice_during_an_overlap,
     concurrent_rolls,
     delete_racing_a_roll,
+    rolling_a_disabled_key_keeps_every_secret_refused,
 );
 
 /// How far before an end "just before" is: the real clock goes on too, and a request
@@ -311,4 +312,31 @@ async fn delete_racing_a_roll(backend: Backend) {
             assert_eq!(app.verify(&secret(&rolled)).await, StatusCode::UNAUTHORIZED);
         }
     }
+}
+
+/// A roll of a disabled key gives the old secret an overlap, but the key is still
+/// disabled: neither secret may work (the cache once took the overlap's record as valid).
+async fn rolling_a_disabled_key_keeps_every_secret_refused(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let old = app.create_key("off", "GENERIC").await;
+    assert_eq!(app.verify(&old).await, StatusCode::OK);
+    let (status, body) = app.patch("off", json!({"enabled": false})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.verify(&old).await, StatusCode::UNAUTHORIZED);
+    let (status, rolled) = app.roll("off", Some(json!({"overlapSeconds": 60}))).await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    assert_eq!(
+        app.verify(&old).await,
+        StatusCode::UNAUTHORIZED,
+        "old secret"
+    );
+    assert_eq!(
+        app.verify(&secret(&rolled)).await,
+        StatusCode::UNAUTHORIZED,
+        "new secret"
+    );
+    // Enabled again: the new secret works, the old one within its overlap too.
+    let (status, body) = app.patch("off", json!({"enabled": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.verify(&secret(&rolled)).await, StatusCode::OK);
 }

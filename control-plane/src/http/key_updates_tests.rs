@@ -148,13 +148,22 @@ async fn updates_are_admin_only_and_keep_an_admin(backend: Backend) {
         "nothing changed"
     );
 
-    // The only admin key cannot be disabled (nobody could manage keys any more) …
+    // The only admin key cannot be disabled, nor given an expiry (nobody could manage
+    // keys any more) …
     let (status, body) = cp.patch("admin", json!({"enabled": false})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("last admin key"),
         "{body}"
     );
+    let soon = crate::clock::iso8601((crate::clock::now_ms() / 1000 + 3600) * 1000);
+    let (status, body) = cp.patch("admin", json!({"expiresAt": soon})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("last admin key"),
+        "{body}"
+    );
+    assert_eq!(cp.listed("admin").await["expiresAt"], Value::Null);
     // … once there is another, it can; then that one is the last.
     let (status, body) = cp.create(json!({"name": "admin-2", "role": "admin"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -65,7 +65,10 @@ async fn github(
             SignatureError::UnknownKey | SignatureError::Mismatch => {
                 ApiError::BadSignature(e.to_string())
             }
-            SignatureError::KeysUnavailable(_) => ApiError::DependencyUnavailable(e.to_string()),
+            // The reason (with GITHUB_KEYS_URL) is in the log and /readyz, not public.
+            SignatureError::KeysUnavailable(_) => ApiError::DependencyUnavailable(
+                "GitHub's secret-scanning keys are unavailable: retry later".into(),
+            ),
             _ => ApiError::BadRequest(e.to_string()),
         });
     }

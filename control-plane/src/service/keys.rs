@@ -242,6 +242,29 @@ pub fn validate_name(name: Option<&str>) -> Result<String, Error> {
             "name must not contain invisible format characters (bidi controls, zero-width characters)",
         ));
     }
+    // Line and paragraph separators end a line in logs; the Hangul fillers are letters
+    // drawn as nothing, and variation selectors change nothing visible.
+    if raw.chars().any(|c| {
+        matches!(
+            c.general_category(),
+            GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator
+        ) || matches!(
+            c,
+            '\u{115f}'
+                | '\u{1160}'
+                | '\u{3164}'
+                | '\u{ffa0}'
+                | '\u{034f}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{e0100}'..='\u{e01ef}'
+        )
+    }) {
+        return Err(Error::invalid(
+            "name must not contain line separators or characters drawn as nothing \
+             (Hangul fillers, variation selectors)",
+        ));
+    }
     if raw.trim() != raw {
         return Err(Error::invalid("name must not start or end with whitespace"));
     }
@@ -383,6 +406,9 @@ pub async fn roll_key(
         };
         all_written &= if secret.retires_at_ms <= now {
             cache.revoke(&hash).await
+        } else if rolled.key.disabled_at_ms.is_some() {
+            // A disabled key's old secret stays refused through the overlap.
+            cache.disable(&hash).await
         } else {
             let record = rolled
                 .key

@@ -296,6 +296,21 @@ fn stop_all(procs: &mut [Proc]) {
     reap_orphans();
 }
 
+/// Writes `text` to `path`, readable and writable by its owner only (it holds a key),
+/// whatever mode an older copy had.
+fn write_private(path: &str, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())
+}
+
 /// Reaps the exited processes re-parented here (this process is their subreaper).
 fn reap_orphans() {
     // SAFETY: waitpid(2) without blocking; a null status pointer is allowed.
@@ -404,10 +419,10 @@ async fn main() -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(&mut [], &e),
     };
-    // Git-ignored; wrangler reads the Worker's secret from it.
-    if let Err(e) = std::fs::write(
+    // Git-ignored; wrangler reads the Worker's secret from it. Its owner's only.
+    if let Err(e) = write_private(
         ".dev.vars",
-        format!("CONTROL_PLANE_KEY = \"{worker_key}\"\n"),
+        &format!("CONTROL_PLANE_KEY = \"{worker_key}\"\n"),
     ) {
         return fail(&mut [], &format!("cannot write .dev.vars: {e}"));
     }
