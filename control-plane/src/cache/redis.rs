@@ -315,13 +315,7 @@ impl RedisCache {
         let now = self.now_ms();
         self.down_until_ms
             .store(now + REDIS_BACKOFF.as_millis() as u64, Ordering::Relaxed);
-        let last = self.last_warning_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 5_000)
-            && self
-                .last_warning_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if once_in_5_s(&self.last_warning_ms, now) {
             tracing::warn!(error, "Redis unavailable; verifying through the database");
         }
     }
@@ -330,14 +324,7 @@ impl RedisCache {
     /// a miss, counted, and logged at most every 5 s.
     fn forged(&self) {
         metrics::counter!("metlo_cache_forged_total").increment(1);
-        let now = self.now_ms();
-        let last = self.last_forged_warning_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 5_000)
-            && self
-                .last_forged_warning_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if once_in_5_s(&self.last_forged_warning_ms, self.now_ms()) {
             tracing::warn!(
                 "a record in Redis failed its authentication check (written by someone \
                  without this instance's key): ignored, verified through the database"
@@ -351,6 +338,16 @@ impl RedisCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.near.invalidate_all();
     }
+}
+
+/// Whether a warning last logged at `last` (ms; 0: never) may be logged again at `now`:
+/// at most one every 5 s, whichever thread gets there first.
+fn once_in_5_s(last: &AtomicU64, now: u64) -> bool {
+    let before = last.load(Ordering::Relaxed);
+    (before == 0 || now.saturating_sub(before) >= 5_000)
+        && last
+            .compare_exchange(before, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Writes the tombstones (and replacements) that Redis missed, for as long as the cache
