@@ -7,6 +7,9 @@ use super::{Store, StoreError};
 /// (or Postgres row locks) for long.
 pub const USAGE_BATCH: usize = 500;
 
+/// (key, hour) counts per statement: 3 parameters each.
+const PAIRS_PER_STATEMENT: usize = 5_000;
+
 impl Store {
     /// Records the uses of keys given by secret hash (current or rolled away), in one
     /// transaction: each key's last-use time (never moving backwards) and its requests per
@@ -44,7 +47,10 @@ impl Store {
                     .map(move |(hour, n)| (hash, *hour, i64::try_from(*n).unwrap_or(i64::MAX)))
             })
             .collect();
-        if !counted.is_empty() {
+        // Statements of at most PAIRS_PER_STATEMENT (three parameters each): under
+        // SQLite's 32,766 and PostgreSQL's 65,535 bound parameters, however many hours the
+        // batch's keys were used in.
+        for counted in counted.chunks(PAIRS_PER_STATEMENT) {
             let values: Vec<String> = (0..counted.len())
                 .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
                 .collect();
@@ -61,7 +67,7 @@ impl Store {
             );
             let mut q = sqlx::query(&sql);
             for (hash, hour, n) in counted {
-                q = q.bind(hash).bind(hour).bind(n);
+                q = q.bind(*hash).bind(*hour).bind(*n);
             }
             q.execute(&mut *tx).await?;
         }
@@ -187,6 +193,36 @@ mod tests {
             store.key_usage("k", 0, 100).await.unwrap(),
             Some(vec![(6, 7)])
         );
+    }
+
+    /// A whole batch of keys each counted in 49 hours (two days of an edge's reports):
+    /// 73,500 parameters in one statement would pass both SQLite's and PostgreSQL's
+    /// bound, and the flush would fail and be retried for ever.
+    #[tokio::test]
+    async fn a_full_batch_of_keys_over_two_days_is_written() {
+        let store = Store::memory().await;
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        let mut rows = vec![];
+        for i in 0..super::USAGE_BATCH {
+            let mut uses = Uses::default();
+            for hour in 0..49 {
+                uses.add(hour * HOUR_MS, 1);
+            }
+            let hash = if i == 0 {
+                k.key_hash.clone()
+            } else {
+                ApiKey::generate().unwrap().hash().to_hex()
+            };
+            rows.push((hash, uses));
+        }
+        store.record_usage(&rows).await.unwrap();
+        let counted = store.key_usage("k", 0, 100).await.unwrap().unwrap();
+        assert_eq!(counted.len(), 49);
+        assert!(counted.iter().all(|(_, n)| *n == 1));
     }
 
     async fn last_used(store: &Store, name: &str) -> Option<i64> {

@@ -62,6 +62,8 @@ pub struct UsageAccepted {
     pub accepted: usize,
     /// Hashes that name no key (deleted meanwhile, or made up), ignored.
     pub unknown: usize,
+    /// Uses older than 48 hours, not counted.
+    pub stale: usize,
 }
 
 /// Report key uses seen at the edge (the Worker sends these in batches), for `lastUsed`.
@@ -75,7 +77,12 @@ async fn report(
     State(state): State<AppState>,
     JsonBody(report): JsonBody<UsageReport, MAX_REPORT_BYTES>,
 ) -> Result<Json<UsageAccepted>, ApiError> {
-    let used = report.validate(now_ms())?;
-    let (accepted, unknown) = usage::report(&state.store, &state.usage, used).await?;
-    Ok(Json(UsageAccepted { accepted, unknown }))
+    let now = now_ms();
+    let used = report.validate(now)?;
+    let (accepted, unknown, stale) = usage::report(&state.store, &state.usage, used, now).await?;
+    Ok(Json(UsageAccepted {
+        accepted,
+        unknown,
+        stale,
+    }))
 }

@@ -1,7 +1,8 @@
 //! Edge usage reports, in process on both backends (moved from `tests/tests/abuse.rs`):
 //! only hashes of existing keys are taken, and flushes never fail a create beside them;
 //! and `lastUsed` (moved from `tests/tests/lifecycle.rs`): many uses between two flushes
-//! are one write, the latest use wins and never moves back, the future is now.
+//! are one write, the latest use wins and never moves back, the future is now; uses older
+//! than 48 hours are not counted (each hour a key is counted in is a row).
 
 use axum::http::StatusCode;
 use metlo_shared::ApiKey;
@@ -12,7 +13,8 @@ use crate::test_util::{on_both_backends, TestApp};
 
 on_both_backends!(
     usage_reports_take_only_existing_keys,
-    last_used_is_coalesced
+    last_used_is_coalesced,
+    uses_older_than_two_days_are_not_counted
 );
 
 /// Edge usage reports are taken only for hashes of existing keys (made-up ones used to
@@ -31,7 +33,10 @@ async fn usage_reports_take_only_existing_keys(backend: Backend) {
         .post("/api/v1/usage", json!({ "used": used }))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    assert_eq!(reply.json(), json!({"accepted": 1, "unknown": 999}));
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 1, "unknown": 999, "stale": 0})
+    );
     assert!(
         app.listed("client").await["lastUsed"].is_null(),
         "not before a flush"
@@ -116,7 +121,7 @@ async fn last_used_is_coalesced(backend: Backend) {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(
         reply.json(),
-        json!({"accepted": 2, "unknown": 1}),
+        json!({"accepted": 2, "unknown": 1, "stale": 0}),
         "only existing keys are taken"
     );
     app.flush().await;
@@ -154,4 +159,39 @@ async fn last_used_is_coalesced(backend: Backend) {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
         assert_eq!(reply.json()["error"], "bad_request");
     }
+}
+
+/// An edge key cannot make the control plane count a key in any past hour: uses older
+/// than 48 hours are left out (and said to be), newer ones are counted.
+async fn uses_older_than_two_days_are_not_counted(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let key = app.create_key("k", "GENERIC").await;
+    let hash = ApiKey::parse(&key).unwrap().hash().to_hex();
+    let hour = 3_600_000;
+    let now = crate::clock::now_ms();
+    for (at, stale) in [(now - 49 * hour, 1), (now - 47 * hour, 0)] {
+        let reply = app
+            .as_edge()
+            .post(
+                "/api/v1/usage",
+                json!({"used": {&hash: at}, "counts": {&hash: 5}}),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_eq!(reply.json()["stale"], stale, "{}", reply.text);
+        assert_eq!(reply.json()["accepted"], 1 - stale, "{}", reply.text);
+    }
+    app.flush().await;
+    let from = crate::clock::iso8601(now - 72 * hour);
+    let reply = app
+        .as_admin()
+        .get(&format!("/api/v1/keys/k/usage?from={from}"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(
+        reply.json()["total"],
+        5,
+        "only the use within 48 hours: {}",
+        reply.text
+    );
 }

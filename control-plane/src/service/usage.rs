@@ -151,6 +151,9 @@ pub async fn flush_forever(store: Store, usage: Arc<Usage>, every: Duration) {
 }
 
 /// One flush, now: the rows written (each key's latest use and count since the last).
+/// A batch the database cannot take because it is down is put back (with every batch
+/// after it) and retried; one it refuses for any other reason is split until the rows
+/// it refuses are found, and those are dropped with a log line — never retried forever.
 pub async fn flush(store: &Store, usage: &Usage) -> usize {
     let mut written = 0;
     let mut batch = usage.take();
@@ -159,18 +162,63 @@ pub async fn flush(store: &Store, usage: &Usage) -> usize {
     let mut rest = batch.as_slice();
     while !rest.is_empty() {
         let (chunk, after) = rest.split_at(rest.len().min(USAGE_BATCH));
-        let rows: Vec<(String, Uses)> =
-            chunk.iter().map(|(h, u)| (h.to_hex(), u.clone())).collect();
-        if let Err(e) = store.record_usage(&rows).await {
-            tracing::warn!(error = %e, keys = rest.len(), "recording key use failed; will retry");
-            usage.put_back(rest.to_vec());
-            return written;
+        let write = |part: Vec<(KeyHash, Uses)>| async move {
+            let rows: Vec<(String, Uses)> =
+                part.into_iter().map(|(h, u)| (h.to_hex(), u)).collect();
+            store.record_usage(&rows).await
+        };
+        match write_around_refusals(chunk.to_vec(), write).await {
+            Ok(n) => {
+                metrics::counter!("metlo_last_used_writes_total").increment(n as u64);
+                written += n;
+            }
+            Err((e, left)) => {
+                tracing::warn!(error = %e, keys = rest.len(), "recording key use failed; will retry");
+                let mut back = left;
+                back.extend_from_slice(after);
+                usage.put_back(back);
+                return written;
+            }
         }
-        metrics::counter!("metlo_last_used_writes_total").increment(rows.len() as u64);
-        written += rows.len();
         rest = after;
     }
     written
+}
+
+/// Writes `rows` with `write`, in halves around what it refuses for a reason other than
+/// an outage (a row refused alone is dropped, counted and logged). `Err` with the rows
+/// not written yet when the database is unavailable. `Ok`: how many were written.
+async fn write_around_refusals<F, Fut>(
+    rows: Vec<(KeyHash, Uses)>,
+    write: F,
+) -> Result<usize, (crate::db::StoreError, Vec<(KeyHash, Uses)>)>
+where
+    F: Fn(Vec<(KeyHash, Uses)>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::db::StoreError>>,
+{
+    let mut written = 0;
+    let mut parts = vec![rows];
+    while let Some(mut part) = parts.pop() {
+        match write(part.clone()).await {
+            Ok(()) => written += part.len(),
+            Err(e @ crate::db::StoreError::Unavailable(_)) => {
+                for other in parts {
+                    part.extend(other);
+                }
+                return Err((e, part));
+            }
+            Err(e) if part.len() == 1 => {
+                metrics::counter!("metlo_usage_dropped_total").increment(1);
+                tracing::warn!(error = %e, "the database refuses one key's use counts: dropped");
+            }
+            Err(_) => {
+                let second = part.split_off(part.len() / 2);
+                parts.push(second);
+                parts.push(part);
+            }
+        }
+    }
+    Ok(written)
 }
 
 /// Longest window a usage query may cover: 31 days of hours.
@@ -275,13 +323,26 @@ pub async fn prune_forever(store: Store, retention: Duration) {
     }
 }
 
-/// Takes an edge report's uses of keys that exist (one query); returns how many were
-/// taken and how many named no key.
+/// How old a reported use may be: older ones are not counted (an edge that could not
+/// report for two days has lost them anyway, and each hour a key is counted in is a row).
+pub const MAX_REPORT_AGE: Duration = Duration::from_secs(48 * 3600);
+
+/// Takes an edge report's uses of keys that exist (one query), within
+/// [`MAX_REPORT_AGE`] of `now_ms`; returns how many were taken, how many named no key
+/// and how many were too old.
 pub async fn report(
     store: &Store,
     usage: &Usage,
     uses: Vec<(KeyHash, i64, u64)>,
-) -> Result<(usize, usize), Error> {
+    now_ms: i64,
+) -> Result<(usize, usize, usize), Error> {
+    let oldest = now_ms - MAX_REPORT_AGE.as_millis() as i64;
+    let reported = uses.len();
+    let uses: Vec<(KeyHash, i64, u64)> = uses
+        .into_iter()
+        .filter(|(_, at, _)| *at >= oldest)
+        .collect();
+    let stale = reported - uses.len();
     let hexes: Vec<String> = uses.iter().map(|(h, _, _)| h.to_hex()).collect();
     let known = store.known_hashes(&hexes).await?;
     let taken: Vec<(KeyHash, i64, u64)> = uses
@@ -291,7 +352,7 @@ pub async fn report(
         .map(|(use_, _)| use_)
         .collect();
     usage.used_at(&taken);
-    Ok((taken.len(), hexes.len() - taken.len()))
+    Ok((taken.len(), hexes.len() - taken.len(), stale))
 }
 
 /// A batch of key uses seen by an edge Worker.
@@ -351,6 +412,44 @@ impl UsageReport {
 mod tests {
     use super::*;
     use metlo_shared::ApiKey;
+
+    /// A batch the database refuses (not an outage) is split until the refused rows are
+    /// found; only they are dropped. An outage stops the writing and hands back the rest.
+    #[tokio::test]
+    async fn refused_rows_are_dropped_and_an_outage_hands_the_rest_back() {
+        use crate::db::StoreError;
+        let rows: Vec<(KeyHash, Uses)> = (0..37)
+            .map(|_| (ApiKey::generate().unwrap().hash(), Uses::default()))
+            .collect();
+        let bad = [rows[3].0, rows[30].0];
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let written = write_around_refusals(rows.clone(), |part| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let refused = part.iter().any(|(h, _)| bad.contains(h));
+            async move {
+                match refused {
+                    true => Err(StoreError::Other(sqlx::Error::Protocol("refused".into()))),
+                    false => Ok(()),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(written, 35, "all but the two refused rows");
+        assert!(
+            calls.load(Ordering::Relaxed) < 37,
+            "found by halves, not one by one"
+        );
+
+        let down = write_around_refusals(rows.clone(), |_| async {
+            Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+        })
+        .await;
+        let Err((_, left)) = down else {
+            panic!("an outage is an error")
+        };
+        assert_eq!(left.len(), 37, "nothing lost");
+    }
 
     #[test]
     fn keeps_the_latest_use_counts_per_hour_and_takes_everything_once() {
