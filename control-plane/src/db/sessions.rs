@@ -1,10 +1,33 @@
 //! Console sessions: opened at sign-in, read and touched on every console request,
 //! ended by sign-out, the idle timeout or the absolute lifetime.
 
-use super::rows::{SessionRow, Tx};
+use super::rows::{AuditEntry, SessionRow, Tx};
 use super::{Store, StoreError};
 
 impl Store {
+    /// Ends every console session opened with any secret of the key `name` ("sign out
+    /// everywhere"), audited in the same transaction; how many. `None`: no such key.
+    pub async fn end_sessions_of_key(
+        &self,
+        name: &str,
+        audit: &AuditEntry,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(key) = Self::lock_and_read_key(&mut tx, name).await? else {
+            return Ok(None);
+        };
+        let mut hashes: Vec<String> =
+            sqlx::query_scalar("SELECT key_hash FROM retired_secrets WHERE key_id = $1")
+                .bind(key.id)
+                .fetch_all(&mut *tx)
+                .await?;
+        hashes.push(key.key_hash);
+        let ended = Self::end_sessions_in(&mut tx, &hashes).await?;
+        self.audit_in(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(Some(ended))
+    }
+
     /// Ends, in `tx`, every session opened with one of these secrets (a roll, a delete or
     /// a disable of their key: a session never outlives the secret it was opened with
     /// being replaced or stopped, overlap or not).

@@ -71,6 +71,12 @@ async fn every_route_for_every_role(backend: Backend) {
         ),
         (Method::GET, "/api/v1/keys/made".into(), None, Admin),
         (Method::GET, "/api/v1/keys/made/usage".into(), None, Admin),
+        (
+            Method::DELETE,
+            "/api/v1/keys/made/sessions".into(),
+            None,
+            Admin,
+        ),
         (Method::GET, "/api/v1/audit".into(), None, Admin),
         (Method::GET, "/api/v1/verify".into(), None, Client),
         (

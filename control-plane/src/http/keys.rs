@@ -29,6 +29,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list))
         .routes(routes!(onboarding))
         .routes(routes!(remove))
+        .routes(routes!(end_sessions))
         .routes(routes!(roll))
         .routes(routes!(update))
         .routes(routes!(show))
@@ -264,6 +265,30 @@ async fn remove(
 ) -> Result<Json<StatusOk>, ApiError> {
     keys::delete_key(&state.store, &state.cache, &name, true, &actor).await?;
     Ok(Json(StatusOk { status: "OK" }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionsEnded {
+    /// Console sessions ended.
+    pub ended: u64,
+}
+
+/// Sign out everywhere: end every console session opened with this key (any of its
+/// secrets). For a session cookie that may have leaked; the key itself keeps working.
+#[utoipa::path(delete, path = "/api/v1/keys/{name}/sessions", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded")),
+    responses((status = 200, body = SessionsEnded), (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn end_sessions(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+    Audited(actor): Audited,
+    Path(name): Path<String>,
+) -> Result<Json<SessionsEnded>, ApiError> {
+    let ended = keys::end_sessions(&state.store, &name, &actor).await?;
+    Ok(Json(SessionsEnded { ended }))
 }
 
 /// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this). A key

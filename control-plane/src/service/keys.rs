@@ -427,6 +427,19 @@ pub async fn roll_key(
     Ok(RolledKey::new(key, rolled))
 }
 
+/// Ends every console session opened with the key `name` (any of its secrets): "sign
+/// out everywhere", for a key whose session cookie may have leaked. How many ended.
+pub async fn end_sessions(store: &Store, name: &str, actor: &Actor) -> Result<u64, Error> {
+    let name = &normalize_name(name);
+    let audit = actor.entry("key.sessions_end", name, json!({}));
+    let ended = store
+        .end_sessions_of_key(name, &audit)
+        .await?
+        .ok_or(Error::NotFound("no API key with this name"))?;
+    tracing::info!(name, ended, "console sessions of the key ended");
+    Ok(ended)
+}
+
 /// Deletes a key and every secret of it still in a roll's overlap, and revokes them in
 /// the verification cache.
 /// `keep_last_admin`: refuse to delete the last key that can administer (the API

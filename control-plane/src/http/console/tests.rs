@@ -18,6 +18,7 @@ on_both_backends!(
     failed_sign_ins_are_audited_and_limited,
     a_session_ends_when_its_key_is_rolled_deleted_or_disabled,
     unknown_cookies_spend_the_source_budget,
+    signing_a_key_out_everywhere_ends_only_its_sessions,
 );
 
 /// The authority the requests are addressed to (`Host`), and this origin.
@@ -443,4 +444,51 @@ async fn unknown_cookies_spend_the_source_budget(backend: Backend) {
         !failures["entries"].as_array().unwrap().is_empty(),
         "audited: {failures}"
     );
+}
+
+/// "Sign out everywhere" for a key (`DELETE /api/v1/keys/{name}/sessions`, and the same
+/// from the console): every session opened with it ends, others go on, the key itself
+/// keeps working, and it is audited.
+async fn signing_a_key_out_everywhere_ends_only_its_sessions(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let (status, made) = app.create(json!({"name": "ops", "role": "admin"})).await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    let ops = made["apiKey"].as_str().unwrap().to_owned();
+    let first = session_of(&sign_in(&app, &ops).await);
+    let second = session_of(&sign_in(&app, &ops).await);
+    let other = session_of(&sign_in(&app, &app.admin_key).await);
+
+    let reply = app.as_admin().delete("/api/v1/keys/ops/sessions").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json()["ended"], 2);
+    for s in [&first, &second] {
+        let ended = s.get(&app, "/console/session").await;
+        assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.text);
+    }
+    assert_eq!(
+        other.get(&app, "/console/session").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.with_key(&ops).get("/api/v1/keys/list").await.status,
+        StatusCode::OK,
+        "the key itself keeps working"
+    );
+    let audit = app
+        .as_admin()
+        .get("/api/v1/audit?action=key.sessions_end")
+        .await
+        .json();
+    assert_eq!(audit["entries"][0]["target"], "ops", "{audit}");
+    // From the console too (the admin routes are there with the session's CSRF token).
+    let mine = other
+        .caller(&app)
+        .header("x-csrf-token", &other.csrf)
+        .header("origin", ORIGIN)
+        .delete("/console/api/v1/keys/admin/sessions")
+        .await;
+    assert_eq!(mine.status, StatusCode::OK, "{}", mine.text);
+    assert_eq!(mine.json()["ended"], 1);
+    let reply = app.as_admin().delete("/api/v1/keys/nope/sessions").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text);
 }
