@@ -163,14 +163,16 @@ pub(super) async fn authenticate(
     };
     let hash = key.hash();
     let queried = AtomicBool::new(false);
-    let gate = if state.recently_valid.contains(&hash) {
+    // A key valid lately skips the budget and takes the gate public traffic cannot fill.
+    let trusted = state.recently_valid.contains(&hash);
+    let gate = if trusted {
         &state.trusted_lookups
     } else {
         &state.lookups
     };
     let found = verify::lookup(&state.store, &state.cache, gate, &hash, || {
         queried.store(true, Ordering::Relaxed);
-        if state.recently_valid.contains(&hash) {
+        if trusted {
             return Ok(());
         }
         let ip = client_ip(extensions, headers, &state.trusted_proxies);
