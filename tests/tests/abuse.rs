@@ -317,6 +317,7 @@ async fn concurrent_lookups_are_bounded() {
     assert_eq!(cp.metric("metlo_lookups_refused_total", "").await, 20.0);
     // The edge's lookups have a gate of their own: with the public one full, a KV miss
     // at the edge waits for the database (locked here) instead of getting a 503.
+    let lookups_before = cp.metric("metlo_verify_lookups_total", "").await;
     let by_hash = tokio::spawn({
         let (client, url, key) = (
             cp.client.clone(),
@@ -333,8 +334,14 @@ async fn concurrent_lookups_are_bounded() {
                 .status()
         }
     });
-    // Time for it to reach the gate (a 503 would be answered at once).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until it is past the gate and waiting on the lock (counted), or answered (a 503).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cp.metric("metlo_verify_lookups_total", "").await <= lookups_before
+        && !by_hash.is_finished()
+    {
+        assert!(Instant::now() < deadline, "the edge's lookup went nowhere");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     assert_eq!(stuck.await.unwrap(), StatusCode::UNAUTHORIZED);
     assert_eq!(by_hash.await.unwrap(), StatusCode::OK);
