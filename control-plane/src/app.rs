@@ -124,7 +124,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
             Duration::from_secs(config.last_used_flush_seconds.max(1)),
         )));
     }
-    let auth_failures = Arc::new(AuthFailures::default());
+    let auth_failures = Arc::new(AuthFailures::new(config.audit_failure_rows_per_minute));
     tasks.push(task(audit::flush_forever(
         store.clone(),
         auth_failures.clone(),

@@ -42,6 +42,11 @@ pub fn advance(by: std::time::Duration) {
     OFFSET_MS.with(|o| o.set(o.get() + by.as_millis() as i64));
 }
 
+/// A monotonic "now" for intervals (rate buckets), moved with [`advance`] in tests.
+pub fn instant() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_millis(offset_ms().max(0) as u64)
+}
+
 /// Whole seconds since the Unix epoch, now.
 pub fn now_unix_seconds() -> u64 {
     unix_seconds(now_ms())

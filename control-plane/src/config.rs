@@ -100,6 +100,15 @@ pub struct Config {
         global = true
     )]
     pub auth_failures_per_minute: u32,
+    /// Most failed-authentication rows the audit log gets per minute (the busiest sources
+    /// first), plus one row summing up what was not itemised.
+    #[arg(
+        long,
+        env = "AUDIT_FAILURE_ROWS_PER_MINUTE",
+        default_value_t = 60,
+        global = true
+    )]
+    pub audit_failure_rows_per_minute: u32,
     /// Most database lookups of uncached keys at once; past it, 503 at once.
     #[arg(
         long,

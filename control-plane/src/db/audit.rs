@@ -71,6 +71,19 @@ impl Store {
         }
         Ok(q.bind(limit).fetch_all(&self.pool).await?)
     }
+
+    /// Bytes the audit log takes on disk, its indexes included (for the tests' figures).
+    #[cfg(test)]
+    pub async fn audit_bytes(&self) -> Result<i64, StoreError> {
+        let sql = match self.backend {
+            super::Backend::Postgres => "SELECT pg_total_relation_size('audit_log')::BIGINT",
+            super::Backend::Sqlite => {
+                "SELECT CAST(COALESCE(SUM(pgsize), 0) AS BIGINT) FROM dbstat \
+                 WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = 'audit_log')"
+            }
+        };
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use crate::test_util::{on_both_backends, TestApp};
 on_both_backends!(
     audit_log_records_who_did_what,
     audit_entries_past_their_retention_are_deleted,
+    ten_minutes_of_junk_cost_a_bounded_number_of_rows,
 );
 
 async fn audit_log_records_who_did_what(backend: Backend) {
@@ -197,4 +198,110 @@ async fn audit_entries_past_their_retention_are_deleted(backend: Backend) {
     );
     // The key itself is not touched by the audit log's retention.
     assert_eq!(app.listed("old").await["name"], "old");
+}
+
+/// Issue 28's measurement: ten minutes (simulated) of junk from one IPv4 address
+/// cycling missing, malformed and made-up keys over key-guarded routes and the console's
+/// sign-in, then from 1,000 IPv6 /64s each sending a made-up key every 20 seconds. Each
+/// gets at most the minute's cap of rows plus one summary a minute, and every failure is
+/// counted in them. Prints rows and bytes (`--nocapture`).
+async fn ten_minutes_of_junk_cost_a_bounded_number_of_rows(backend: Backend) {
+    const SECONDS: usize = 600;
+    const CAP: u64 = 60;
+    let routes = ["/api/v1/verify", "/api/v1/keys/list", "/api/v1/audit"];
+    for scenario in ["one IPv4 address", "1,000 IPv6 /64s"] {
+        let app = TestApp::on(backend)
+            .env("MAX_CONCURRENT_LOOKUPS", 1000)
+            .build()
+            .await;
+        app.advance_to((crate::clock::now_ms() / 60_000 + 1) * 60_000);
+        app.flush().await;
+        let first_minute = crate::clock::now_ms() / 60_000;
+        let bytes_before = app.app().store().audit_bytes().await.unwrap();
+        let mut sent = 0u64;
+        for second in 0..SECONDS {
+            let requests = if scenario == "one IPv4 address" {
+                10
+            } else {
+                50
+            };
+            for i in 0..requests {
+                let made_up = ApiKey::generate().unwrap();
+                let reply = if scenario == "one IPv4 address" {
+                    let n = second * requests + i;
+                    let key = match n % 3 {
+                        0 => None,
+                        1 => Some("garbage"),
+                        _ => Some(made_up.expose_secret()),
+                    };
+                    let caller = match key {
+                        Some(key) => app.with_key(key),
+                        None => app.anonymous(),
+                    }
+                    .peer("198.51.100.7:40000");
+                    if n % 4 == 3 {
+                        let body = json!({"key": key.unwrap_or("")});
+                        caller.post("/console/sign-in", body).await
+                    } else {
+                        caller.get(routes[n % 4]).await
+                    }
+                } else {
+                    let source = (second * requests + i) % 1000;
+                    app.with_key(made_up.expose_secret())
+                        .peer(&format!("[2001:db8:0:{source:x}::1]:40000"))
+                        .get("/api/v1/verify")
+                        .await
+                };
+                assert!(
+                    [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS]
+                        .contains(&reply.status),
+                    "{}",
+                    reply.text
+                );
+                sent += 1;
+            }
+            // Flushed at the end of each second, as the service does once a second.
+            app.flush().await;
+            app.advance(Duration::from_secs(1));
+        }
+        // The minutes the flushes fell in (real time passes too, so maybe one more
+        // than ten); the last one's summary is written once it is over.
+        let minutes = (crate::clock::now_ms() / 60_000 - first_minute + 1) as u64;
+        app.advance(Duration::from_secs(60));
+        app.flush().await;
+        let mut rows = vec![];
+        let mut query = "/api/v1/audit?action=auth.failed&limit=1000".to_owned();
+        loop {
+            let page = app.as_admin().get(&query).await.json();
+            rows.extend(page["entries"].as_array().unwrap().iter().cloned());
+            match page["nextBefore"].as_i64() {
+                Some(next) => {
+                    query = format!("/api/v1/audit?action=auth.failed&limit=1000&before={next}")
+                }
+                None => break,
+            }
+        }
+        let bytes = app.app().store().audit_bytes().await.unwrap() - bytes_before;
+        let summaries = rows
+            .iter()
+            .filter(|r| r["detail"]["reason"] == "not itemised")
+            .count() as u64;
+        let counted: u64 = rows
+            .iter()
+            .map(|r| r["detail"]["count"].as_u64().unwrap())
+            .sum();
+        println!(
+            "{backend:?}, {scenario}: {sent} failed requests in {SECONDS} s -> {} rows \
+             ({summaries} summaries), {bytes} bytes on disk",
+            rows.len()
+        );
+        assert_eq!(counted, sent, "every failure counted");
+        assert!(minutes <= (SECONDS / 60) as u64 + 1, "{minutes}");
+        assert!(summaries <= minutes, "{summaries}");
+        assert!(
+            rows.len() as u64 <= minutes * (CAP + 1),
+            "{} rows in {minutes} minutes",
+            rows.len()
+        );
+    }
 }

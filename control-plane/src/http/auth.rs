@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -181,8 +180,9 @@ pub(super) async fn authenticate(
     .await;
     let found = match found {
         Err(limited @ service::Error::TooManyFailures(_)) => {
-            let (reason, id) = (FailureReason::Limited, Some(key.identifier()));
-            record_failure(state, extensions, headers, reason, id);
+            state
+                .auth_failures
+                .record_past_budget(FailureReason::Limited);
             return Err(limited.into());
         }
         found => found?,
@@ -197,9 +197,9 @@ pub(super) async fn authenticate(
     Ok((record, hash))
 }
 
-/// A failed authentication: counted for the audit log (client IP and route read only
-/// here, off the success path) and against the source's budget — 401, or 429 once the
-/// budget is spent.
+/// A failed authentication: spent from the source's budget (client IP and route read
+/// only here, off the success path) and itemised for the audit log — 401; or, once the
+/// budget is spent, 429 and only counted (a source past its budget writes no rows).
 pub(super) fn refuse(
     state: &AppState,
     extensions: &Extensions,
@@ -208,27 +208,20 @@ pub(super) fn refuse(
     identifier: Option<String>,
     message: &'static str,
 ) -> ApiError {
-    let ip = record_failure(state, extensions, headers, reason, identifier);
-    match state.failure_limiter.failed(ip) {
-        Ok(()) => ApiError::Unauthorized(message),
-        Err(limited) => limited.into(),
-    }
-}
-
-/// Counts a failure for the audit log; returns the client IP it was counted for.
-fn record_failure(
-    state: &AppState,
-    extensions: &Extensions,
-    headers: &HeaderMap,
-    reason: FailureReason,
-    identifier: Option<String>,
-) -> Option<IpAddr> {
     let ip = client_ip(extensions, headers, &state.trusted_proxies);
-    state.auth_failures.record(
-        ip.map(|ip| ip.to_string()),
-        reason,
-        identifier,
-        route(extensions),
-    );
-    ip
+    match state.failure_limiter.failed(ip) {
+        Ok(()) => {
+            state.auth_failures.record(
+                ip.map(|ip| ip.to_string()),
+                reason,
+                identifier,
+                route(extensions),
+            );
+            ApiError::Unauthorized(message)
+        }
+        Err(limited) => {
+            state.auth_failures.record_past_budget(reason);
+            limited.into()
+        }
+    }
 }

@@ -288,8 +288,8 @@ async fn failures(app: &TestApp) -> Vec<Value> {
 }
 
 /// Failed authentications are filed per network (IPv4 /24, IPv6 /64), so rotating
-/// addresses makes no new rows; a flush writes at most 100 rows and folds the rest into
-/// one that says how many — and no failure goes uncounted.
+/// addresses makes no new rows; a minute gets at most its cap of rows and one more that
+/// says what was folded — and no failure goes uncounted.
 async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend) {
     let app = TestApp::on(backend)
         .env("AUTH_FAILURES_PER_MINUTE", 0)
@@ -297,6 +297,8 @@ async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend
         .env("TRUSTED_PROXIES", "127.0.0.1")
         .build()
         .await;
+    // At the start of a minute, so that the test stays within one.
+    app.advance_to((crate::clock::now_ms() / 60_000 + 1) * 60_000);
     let fail_from = |xff: String| {
         let app = &app;
         async move {
@@ -328,21 +330,27 @@ async fn failed_authentications_are_filed_by_network_and_capped(backend: Backend
     assert_eq!(v6.len(), 1, "{rows:?}");
     assert_eq!(v6[0]["detail"]["count"], 2);
 
-    // 300 networks at once, one flush: at most 100 rows and one folded row, none lost.
+    // 300 networks at once: the minute's cap of rows (60 by default, the busiest first;
+    // 2 were written above), then one summary row once the minute is over; none lost.
     let before = rows.len();
     let flood: Vec<_> = (0..300)
         .map(|i| fail_from(format!("10.{}.{}.1", i / 256, i % 256)))
         .collect();
     futures_util::future::join_all(flood).await;
     app.flush().await;
+    let itemised = failures(&app).await.len() - before;
+    app.advance(std::time::Duration::from_secs(60));
+    app.flush().await;
     let rows = failures(&app).await;
     let new = &rows[..rows.len() - before];
-    let folded: Vec<_> = new
+    let summaries: Vec<_> = new
         .iter()
-        .filter(|r| r["detail"]["reason"] == "many sources")
+        .filter(|r| r["detail"]["reason"] == "not itemised")
         .collect();
-    assert_eq!(folded.len(), 1, "one overflow row: {new:?}");
-    assert_eq!(new.len(), 101, "100 networks and the overflow row");
+    assert_eq!(summaries.len(), 1, "one summary row: {new:?}");
+    assert_eq!(summaries[0]["detail"]["overCap"], 300 - (itemised as u64));
+    assert_eq!(new.len(), itemised + 1, "{new:?}");
+    assert_eq!(itemised, 60 - 2, "the minute's cap");
     let counted: u64 = new
         .iter()
         .map(|r| r["detail"]["count"].as_u64().unwrap())

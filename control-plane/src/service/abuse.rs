@@ -31,6 +31,7 @@ use metlo_shared::KeyHash;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::Error;
+use crate::clock::instant;
 
 /// Sources tracked at once (per generation); sources beyond that share one bucket (one
 /// source's budget for all of them: a flood from more addresses than this is limited as
@@ -122,10 +123,10 @@ impl FailureLimiter {
             buckets: Mutex::new(Buckets {
                 current: Sources::default(),
                 previous: Sources::default(),
-                since: Instant::now(),
+                since: instant(),
                 overflow: Bucket {
                     tokens: f64::from(per_minute),
-                    at: Instant::now(),
+                    at: instant(),
                 },
             }),
         }
@@ -145,7 +146,7 @@ impl FailureLimiter {
 
     /// `Err(retry after)` when `ip`'s source has no failure left to spend (spends nothing).
     pub fn check(&self, ip: Option<IpAddr>) -> Result<(), Error> {
-        self.check_at(ip, Instant::now())
+        self.check_at(ip, instant())
     }
 
     fn check_at(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Error> {
@@ -168,7 +169,7 @@ impl FailureLimiter {
     /// A failed authentication from `ip`: spends a token, or `Err(retry after)` when there
     /// was none (the caller answers 429 instead of 401).
     pub fn failed(&self, ip: Option<IpAddr>) -> Result<(), Error> {
-        self.failed_at(ip, Instant::now())
+        self.failed_at(ip, instant())
     }
 
     fn failed_at(&self, ip: Option<IpAddr>, now: Instant) -> Result<(), Error> {

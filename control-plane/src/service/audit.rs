@@ -4,9 +4,11 @@
 //! Changes are recorded in the same transaction as the change itself. Failed
 //! authentications are counted in memory per (network, reason, route) — an IPv4 /24 or
 //! an IPv6 /64, with the first few addresses and key identifiers seen — and written once
-//! a second, at most [`MAX_ROWS_PER_FLUSH`] rows (the busiest sources; one more row says
-//! how many sources and failures were folded). A flood of bad keys from any number of
-//! addresses costs a bounded number of rows per second, not a write per request.
+//! a second, the busiest sources first, at most `AUDIT_FAILURE_ROWS_PER_MINUTE` rows a
+//! minute. What is not itemised — rows past that cap, and every failure from a source
+//! that had spent its budget (a 429) — is counted in one summary row per minute and in
+//! `metlo_audit_failures_not_itemised_total`. A flood of bad keys from any number of
+//! addresses costs at most the cap plus one row a minute, not a write per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,8 +31,6 @@ pub const DEFAULT_PAGE: i64 = 50;
 const MAX_PENDING_FAILURES: usize = 10_000;
 /// Key identifiers (and client addresses) kept per failure row (the first ones seen).
 const MAX_IDENTIFIERS: usize = 5;
-/// Failure rows written per flush (per second); the rest are folded into one.
-pub const MAX_ROWS_PER_FLUSH: usize = 100;
 /// Rows deleted per retention statement.
 const PRUNE_BATCH: i64 = 5_000;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -111,17 +111,83 @@ struct FailureCount {
 #[derive(Debug, Default)]
 struct Pending {
     counts: HashMap<FailureSource, FailureCount>,
-    /// Failures not itemised because too many distinct sources were pending.
-    overflow: u64,
+    /// The minute being written, and what it has cost so far.
+    window: Window,
+    /// Summaries of minutes that ended since the last flush.
+    ended: Vec<AuditEntry>,
+}
+
+impl Pending {
+    /// This minute's window (the last one's summary set aside when a new minute began).
+    fn window(&mut self) -> &mut Window {
+        let minute = now_ms().div_euclid(60_000);
+        if self.window.minute != minute {
+            let ended = std::mem::replace(
+                &mut self.window,
+                Window {
+                    minute,
+                    ..Window::default()
+                },
+            );
+            self.ended.extend(ended.summary());
+        }
+        &mut self.window
+    }
+}
+
+/// One minute of failure rows: how many were written, and what was not itemised.
+#[derive(Debug, Default)]
+struct Window {
+    /// Minutes since the epoch.
+    minute: i64,
+    rows: usize,
+    /// Failures from sources that had spent their budget (answered 429).
+    past_budget: u64,
+    /// Failures in rows past the minute's cap, or past [`MAX_PENDING_FAILURES`] sources.
+    over_cap: u64,
+    /// Sources of the `over_cap` failures (a source folded in several flushes counts
+    /// each time).
+    sources: u64,
+}
+
+impl Window {
+    /// The one row saying what the minute did not itemise (none if it itemised all).
+    fn summary(&self) -> Option<AuditEntry> {
+        let count = self.past_budget + self.over_cap;
+        (count > 0).then(|| AuditEntry {
+            actor: None,
+            action: "auth.failed",
+            target: None,
+            ip: None,
+            detail: json!({
+                "reason": "not itemised",
+                "count": count,
+                "pastBudget": self.past_budget,
+                "overCap": self.over_cap,
+                "sources": self.sources,
+                "first": iso8601(self.minute * 60_000),
+                "last": iso8601(self.minute * 60_000 + 59_999),
+            }),
+        })
+    }
 }
 
 /// Failed authentications waiting to be written.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AuthFailures {
+    /// Most failure rows per minute (plus one summary row).
+    rows_per_minute: usize,
     pending: Mutex<Pending>,
 }
 
 impl AuthFailures {
+    pub fn new(rows_per_minute: u32) -> Self {
+        AuthFailures {
+            rows_per_minute: rows_per_minute as usize,
+            pending: Mutex::default(),
+        }
+    }
+
     /// A failed authentication (401).
     pub fn record(
         &self,
@@ -140,6 +206,15 @@ impl AuthFailures {
             ip,
             identifier,
         );
+    }
+
+    /// A failure from a source that had spent its budget (429): counted, never a row of
+    /// its own — a source past its budget costs the log nothing more.
+    pub fn record_past_budget(&self, reason: FailureReason) {
+        metrics::counter!("metlo_auth_failures_total", "reason" => reason.as_str()).increment(1);
+        metrics::counter!("metlo_audit_failures_not_itemised_total", "why" => "past_budget")
+            .increment(1);
+        self.pending.lock().unwrap().window().past_budget += 1;
     }
 
     /// A valid key refused for its role (403): counted like a failed authentication.
@@ -171,7 +246,11 @@ impl AuthFailures {
         let counted = match pending.counts.get_mut(&source) {
             Some(c) => c,
             None if full => {
-                pending.overflow += 1;
+                metrics::counter!("metlo_audit_failures_not_itemised_total", "why" => "over_cap")
+                    .increment(1);
+                let window = pending.window();
+                window.over_cap += 1;
+                window.sources += 1;
                 return;
             }
             None => pending.counts.entry(source).or_insert(FailureCount {
@@ -196,54 +275,51 @@ impl AuthFailures {
         }
     }
 
-    /// The rows to write: the [`MAX_ROWS_PER_FLUSH`] busiest sources, and one row for
-    /// the rest (and for failures not itemised at all).
+    /// The rows to write now: the busiest sources, as many as the minute has left of
+    /// its cap (the rest folded into the minute's summary), and the summary of the
+    /// minute before once it is over.
     fn take(&self) -> Vec<AuditEntry> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap());
-        let mut sources: Vec<(FailureSource, FailureCount)> = pending.counts.into_iter().collect();
+        let mut pending = self.pending.lock().unwrap();
+        pending.window();
+        let mut entries = std::mem::take(&mut pending.ended);
+        let counts = std::mem::take(&mut pending.counts);
+        let mut sources: Vec<(FailureSource, FailureCount)> = counts.into_iter().collect();
         sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.1.count));
-        let folded = sources.split_off(sources.len().min(MAX_ROWS_PER_FLUSH));
-        let mut entries: Vec<AuditEntry> = sources
-            .into_iter()
-            .map(|(source, c)| {
-                let mut detail = json!({
-                    "reason": source.reason.as_str(),
-                    "route": source.route,
-                    "count": c.count,
-                    "identifiers": c.identifiers,
-                    "addresses": c.addresses,
-                    "first": iso8601(c.first_ms),
-                    "last": iso8601(c.last_ms),
-                });
-                let actor = source.refused.map(|(name, role, required)| {
-                    detail["role"] = json!(role.as_str());
-                    detail["required"] =
-                        json!(required.iter().map(|r| r.as_str()).collect::<Vec<_>>());
-                    name
-                });
-                AuditEntry {
-                    actor,
-                    action: "auth.failed",
-                    target: None,
-                    ip: source.network,
-                    detail,
-                }
-            })
-            .collect();
-        let folded_count: u64 = folded.iter().map(|(_, c)| c.count).sum::<u64>() + pending.overflow;
+        let window = pending.window();
+        let room = self.rows_per_minute.saturating_sub(window.rows);
+        let folded = sources.split_off(sources.len().min(room));
+        window.rows += sources.len();
+        let folded_count: u64 = folded.iter().map(|(_, c)| c.count).sum();
         if folded_count > 0 {
-            entries.push(AuditEntry {
-                actor: None,
+            metrics::counter!("metlo_audit_failures_not_itemised_total", "why" => "over_cap")
+                .increment(folded_count);
+        }
+        window.over_cap += folded_count;
+        window.sources += folded.len() as u64;
+        drop(pending);
+        entries.extend(sources.into_iter().map(|(source, c)| {
+            let mut detail = json!({
+                "reason": source.reason.as_str(),
+                "route": source.route,
+                "count": c.count,
+                "identifiers": c.identifiers,
+                "addresses": c.addresses,
+                "first": iso8601(c.first_ms),
+                "last": iso8601(c.last_ms),
+            });
+            let actor = source.refused.map(|(name, role, required)| {
+                detail["role"] = json!(role.as_str());
+                detail["required"] = json!(required.iter().map(|r| r.as_str()).collect::<Vec<_>>());
+                name
+            });
+            AuditEntry {
+                actor,
                 action: "auth.failed",
                 target: None,
-                ip: None,
-                detail: json!({
-                    "reason": "many sources",
-                    "count": folded_count,
-                    "sources": folded.len(),
-                }),
-            });
-        }
+                ip: source.network,
+                detail,
+            }
+        }));
         entries
     }
 }
