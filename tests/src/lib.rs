@@ -21,7 +21,7 @@ pub use control_plane::{
     assert_no_keys_in, control_plane_bin, run_cli, spawn_server, wait_for_listening, ControlPlane,
 };
 pub use process::{
-    free_port, fresh_postgres_database, unique_suffix, wait_for_port, workspace_root,
+    free_port, fresh_postgres_database, memory_kib, unique_suffix, wait_for_port, workspace_root,
     PartitionProxy, Postgres, Redis,
 };
 pub use reqwest::StatusCode;

@@ -60,6 +60,17 @@ pub async fn fresh_postgres_database() -> String {
     format!("{prefix}/{name}")
 }
 
+/// A memory figure of a process from `/proc/<pid>/status`, in KiB: `VmRSS` (resident
+/// now), `VmHWM` (the most it was ever resident).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
+
 pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);

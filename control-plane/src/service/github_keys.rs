@@ -2,14 +2,15 @@
 //! (fetched from `GITHUB_KEYS_URL`, cached), and the check of a report's signature — an
 //! ECDSA P-256 / SHA-256 signature over the raw body bytes, DER, base64 in
 //! `Github-Public-Key-Signature`, by the key named in `Github-Public-Key-Identifier`.
-//! Verified with RustCrypto's `p256`, as crates.io does.
+//! Verified with RustCrypto's `p256`, as crates.io does, over a digest the route computes
+//! while it reads the body (so the headers and the key are checked before any body byte).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
 use serde::Deserialize;
@@ -61,6 +62,22 @@ pub fn parse_signature(header: &str) -> Result<Signature, SignatureError> {
         .decode(header.trim())
         .map_err(|_| SignatureError::NotBase64)?;
     Signature::from_der(&der).map_err(|_| SignatureError::NotDer)
+}
+
+/// A report's signature and the GitHub key that must have made it.
+pub struct ExpectedSignature {
+    key: VerifyingKey,
+    signature: Signature,
+}
+
+impl ExpectedSignature {
+    /// Whether the body whose SHA-256 is `digest` (hashed as it was read) is what was
+    /// signed: ECDSA P-256 over SHA-256, the digest computed by the caller.
+    pub fn matches(&self, digest: &[u8]) -> Result<(), SignatureError> {
+        self.key
+            .verify_prehash(digest, &self.signature)
+            .map_err(|_| SignatureError::Mismatch)
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,15 +141,15 @@ impl GitHubKeys {
         &self.url
     }
 
-    /// Checks `body` against the two headers' values. A listed key that is no longer
+    /// What the two headers' values promise, matched with one of GitHub's keys: all that
+    /// can be checked before a byte of the body is read. A listed key that is no longer
     /// GitHub's current one is accepted (logged): GitHub lists keys it still signs with
     /// while it rotates them, and a report must never be lost to a rotation.
-    pub async fn verify(
+    pub async fn expect(
         &self,
         key_id: Option<&str>,
         signature: Option<&str>,
-        body: &[u8],
-    ) -> Result<(), SignatureError> {
+    ) -> Result<ExpectedSignature, SignatureError> {
         let key_id = key_id.ok_or(SignatureError::MissingKeyId)?;
         let signature = parse_signature(signature.ok_or(SignatureError::MissingSignature)?)?;
         let key = self.key(key_id).await?;
@@ -142,9 +159,10 @@ impl GitHubKeys {
                 "report signed with a GitHub key that is no longer current"
             );
         }
-        key.key
-            .verify(body, &signature)
-            .map_err(|_| SignatureError::Mismatch)
+        Ok(ExpectedSignature {
+            key: key.key,
+            signature,
+        })
     }
 
     async fn key(&self, id: &str) -> Result<GitHubKey, SignatureError> {
@@ -246,5 +264,28 @@ mod tests {
             SignatureError::NotBase64
         );
         assert_eq!(parse_signature("AAAA").unwrap_err(), SignatureError::NotDer);
+    }
+
+    /// The digest the route computes while streaming checks out exactly as the whole
+    /// body would with `Verifier::verify`.
+    #[test]
+    fn a_streamed_digest_checks_the_signature_of_the_body() {
+        use p256::ecdsa::signature::Signer;
+        use p256::ecdsa::SigningKey;
+        use sha2::{Digest, Sha256};
+        let signing = SigningKey::from_slice(&[7u8; 32]).unwrap();
+        let body = br#"[{"token":"t","type":"metlo_api_key"}]"#;
+        let signature: Signature = signing.sign(body);
+        let expected = ExpectedSignature {
+            key: *signing.verifying_key(),
+            signature,
+        };
+        let mut hasher = Sha256::new();
+        for chunk in body.chunks(5) {
+            hasher.update(chunk);
+        }
+        assert_eq!(expected.matches(&hasher.finalize()), Ok(()));
+        let other = Sha256::digest(b"[]");
+        assert_eq!(expected.matches(&other), Err(SignatureError::Mismatch));
     }
 }
