@@ -196,8 +196,10 @@ pub struct KvConfig {
         global = true
     )]
     pub kv_sync_timeout_ms: u64,
-    /// Every KV delete is sent again this long after the first, in case a put that timed
-    /// out on our side was applied by the API later than the delete (0: off).
+    /// Every KV delete, and every put that changes a key's record, is sent again this
+    /// long after the first: in case a put that timed out on our side was applied by the
+    /// API later than the delete, or the edge wrote the record it had just looked up
+    /// after our change (0: off).
     #[arg(
         long,
         env = "KV_SYNC_DELETE_ECHO_SECONDS",

@@ -60,11 +60,11 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         if after.serves_traffic() {
-            self.enqueue_put(&mut tx, &after, &after.key_hash, after.record())
+            self.enqueue_changed_put(&mut tx, &after, &after.key_hash, after.record())
                 .await?;
             for secret in &retired {
                 let record = after.retired_record(&secret.identifier, secret.retires_at_ms);
-                self.enqueue_put(&mut tx, &after, &secret.key_hash, record)
+                self.enqueue_changed_put(&mut tx, &after, &secret.key_hash, record)
                     .await?;
                 self.enqueue_delete(
                     &mut tx,

@@ -23,6 +23,29 @@ impl Store {
         self.enqueue(tx, kv_key, Some(record.to_json()), 0).await
     }
 
+    /// A KV put that changes a record the edge may already hold (an update): sent now,
+    /// and again one echo later. An edge that looked the key up just before the change
+    /// writes the old record into KV itself, and that write can land after ours; the
+    /// echo overwrites it, so a stale record lasts one echo, not the edge's KV TTL.
+    pub(super) async fn enqueue_changed_put(
+        &self,
+        tx: &mut Tx,
+        key: &StoredKey,
+        kv_key: &str,
+        record: KeyRecord,
+    ) -> Result<(), StoreError> {
+        if !key.serves_traffic() {
+            return Ok(());
+        }
+        let json = record.to_json();
+        self.enqueue(tx, kv_key, Some(json.clone()), 0).await?;
+        if self.delete_echo_ms > 0 {
+            let echo_at = now_ms() + self.delete_echo_ms;
+            self.enqueue(tx, kv_key, Some(json), echo_at).await?;
+        }
+        Ok(())
+    }
+
     /// A KV delete at `at_ms` (or at once when that has passed), and its echo.
     pub(super) async fn enqueue_delete(
         &self,
@@ -51,6 +74,8 @@ impl Store {
         if !self.outbox {
             return Ok(());
         }
+        self.drop_superseded_echoes(tx, kv_key, value.is_some(), not_before_ms)
+            .await?;
         let op = if value.is_some() { "put" } else { "delete" };
         sqlx::query(
             "INSERT INTO kv_outbox (kv_key, op, value, created_at_ms, not_before_ms) VALUES ($1, $2, $3, $4, $5)",
@@ -68,6 +93,35 @@ impl Store {
                 .execute(&mut **tx)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Echoed puts (the only puts ever scheduled) still waiting for `kv_key` that the
+    /// update being enqueued makes wrong: any, before a new put (the echo would bring
+    /// back the older record); those due at or after a delete (they would bring back a
+    /// deleted key). Rows a drainer is sending right now are left to it (PostgreSQL's
+    /// `SKIP LOCKED`, so a key change never waits for a KV call): they have lower ids, so
+    /// they reach KV before the update enqueued here.
+    async fn drop_superseded_echoes(
+        &self,
+        tx: &mut Tx,
+        kv_key: &str,
+        put: bool,
+        not_before_ms: i64,
+    ) -> Result<(), StoreError> {
+        let from_ms = if put { 1 } else { not_before_ms.max(now_ms()) };
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        sqlx::query(&format!(
+            "DELETE FROM kv_outbox WHERE id IN (SELECT id FROM kv_outbox \
+             WHERE kv_key = $1 AND op = 'put' AND not_before_ms >= $2{lock})"
+        ))
+        .bind(kv_key)
+        .bind(from_ms)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
@@ -103,9 +157,10 @@ impl Store {
                     keys.sort_unstable();
                     keys.dedup();
                     // Among due rows only: a delete scheduled for later (a roll's overlap
-                    // end, an echo) must not hold back what is due now. Only deletes are
-                    // ever scheduled, and nothing is put for a hash after its deletes, so
-                    // letting due rows pass them keeps every key's end state right.
+                    // end, an echo) must not hold back what is due now. Besides deletes,
+                    // only echoed puts are scheduled, and those are dropped by any later
+                    // update that would make them wrong, so letting due rows pass them
+                    // keeps every key's end state right.
                     let placeholders: Vec<String> =
                         (2..=keys.len() + 1).map(|i| format!("${i}")).collect();
                     let sql = format!(
@@ -310,5 +365,85 @@ mod tests {
         let left = store.claim_outbox(10).await.unwrap();
         assert_eq!(left.rows.len(), 1);
         assert_eq!(left.rows[0].kv_key, b.key_hash);
+    }
+
+    /// A change to a key's record is put into KV now and again one echo later (an edge
+    /// write of the record it looked up just before cannot outlast the echo); a newer
+    /// change replaces the echo, and a delete drops it (it would bring the key back).
+    #[tokio::test]
+    async fn a_changed_record_is_put_again_later_unless_something_newer_came() {
+        use crate::db::rows::KeyChanges;
+        let store = Store::memory()
+            .await
+            .with_outbox(true, Duration::from_secs(60));
+        let k = key("k", KeyType::Generic);
+        store
+            .insert_key(&k, 10, &audit("key.create", "k"))
+            .await
+            .unwrap();
+        let sent = store.claim_outbox(10).await.unwrap();
+        store.finish_claim(sent, Sent::All).await.unwrap();
+        let update = |meta: &str| KeyChanges {
+            meta: Some(Some(meta.to_owned())),
+            ..KeyChanges::default()
+        };
+        let pending = || async {
+            let rows: Vec<(String, Option<String>, i64)> =
+                sqlx::query_as("SELECT op, value, not_before_ms FROM kv_outbox ORDER BY id")
+                    .fetch_all(&store.pool)
+                    .await
+                    .unwrap();
+            rows
+        };
+        for meta in ["{\"v\":1}", "{\"v\":2}"] {
+            store
+                .update_key("k", &update(meta), now_ms(), |_, _| {
+                    audit("key.update", "k")
+                })
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let rows = pending().await;
+        let meta_of = |value: &Option<String>| {
+            metlo_shared::KeyRecord::from_json(value.as_ref().unwrap().as_bytes())
+                .unwrap()
+                .meta
+        };
+        // The first change's put, the second's, and one echo: the second's, a minute on.
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(rows.iter().all(|(op, _, _)| op == "put"));
+        let (_, echo, at) = &rows[2];
+        assert!(*at >= now_ms() + 59_000, "{rows:?}");
+        assert_eq!(meta_of(echo), meta_of(&rows[1].1));
+        assert_ne!(meta_of(echo), meta_of(&rows[0].1));
+        crate::clock::advance(Duration::from_secs(61));
+        let claim = store.claim_outbox(10).await.unwrap();
+        assert_eq!(claim.rows.len(), 3, "the echo is due a minute later");
+        store.finish_claim(claim, Sent::All).await.unwrap();
+
+        // A delete drops a pending echo.
+        store
+            .update_key("k", &update("{\"v\":3}"), now_ms(), |_, _| {
+                audit("key.update", "k")
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .delete_key("k", true, &audit("key.delete", "k"))
+            .await
+            .unwrap();
+        let ops: Vec<(String, bool)> = pending()
+            .await
+            .into_iter()
+            .map(|(op, _, at)| (op, at > now_ms()))
+            .collect();
+        let expected = [("put", false), ("delete", false), ("delete", true)];
+        assert_eq!(
+            ops,
+            expected.map(|(op, later)| (op.to_owned(), later)),
+            "the put, the delete and its echo; no put after the delete"
+        );
     }
 }
