@@ -131,15 +131,20 @@ impl Config {
     }
 }
 
-/// Is the URL's host this machine (`localhost`, `127.x.x.x`, `[::1]`)?
+/// Is the URL's host this machine (`localhost`, `127.x.x.x`, `[::1]`)? Errs towards
+/// "no": a backslash ends the authority (as the runtime's URL parser reads `http:` URLs),
+/// and a URL with user info is never taken for loopback — `http://evil.example\@127.0.0.1`
+/// goes to `evil.example`.
 pub fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = if let Some(v6) = host.strip_prefix('[') {
+    let authority = rest.split(['/', '\\', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
         v6.split(']').next().unwrap_or("")
     } else {
-        host.split(':').next().unwrap_or("")
+        authority.split(':').next().unwrap_or("")
     };
     host.eq_ignore_ascii_case("localhost")
         || host == "::1"
@@ -218,6 +223,9 @@ mod tests {
             "http://10.0.0.1:8080",
             "http://127.0.0.1.evil.example",
             "http://localhost@evil.example",
+            "http://evil.example\\@127.0.0.1",
+            "http://evil.example\\.127.0.0.1",
+            "http://user@127.0.0.1",
         ] {
             let v = [
                 ("ORIGIN_URL", "https://o.example"),

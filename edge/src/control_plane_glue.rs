@@ -30,7 +30,7 @@ pub(crate) async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> 
         return Lookup::Failed("CONTROL_PLANE_KEY is not a valid header value".into());
     }
     let url = format!("{}/api/v1/keys/by-hash/{hex}", config.control_plane_url);
-    let request = match new_request(&url, "GET", &headers, None, false) {
+    let request = match new_request(&url, "GET", &headers, None) {
         Ok(r) => r,
         Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
     };
@@ -123,8 +123,7 @@ async fn send_usage(
         .and_then(|_| headers.set("Content-Type", "application/json"))
         .map_err(|e| e.to_string())?;
     let body = wasm_bindgen::JsValue::from_str(&usage::report_body(batch));
-    let request =
-        new_request(url, "POST", &headers, Some(&body), false).map_err(|e| e.to_string())?;
+    let request = new_request(url, "POST", &headers, Some(&body)).map_err(|e| e.to_string())?;
     match call_control_plane(request, timeout_ms).await {
         Ok((200..=299, _, _)) => Ok(()),
         Ok((status, _, _)) => Err(format!("control plane answered {status}")),
@@ -146,7 +145,6 @@ pub(crate) fn new_request(
     method: &str,
     headers: &Headers,
     body: Option<&wasm_bindgen::JsValue>,
-    manual_redirect: bool,
 ) -> worker::Result<Request> {
     let init = web_sys::RequestInit::new();
     init.set_method(method);
@@ -154,8 +152,9 @@ pub(crate) fn new_request(
     if let Some(body) = body {
         init.set_body(body);
     }
-    if manual_redirect {
-        init.set_redirect(web_sys::RequestRedirect::Manual);
-    }
+    // Never followed: the origin's redirects go back to the client as they are, and a
+    // redirect from the control plane is an answer it did not mean (a lookup or report
+    // that fails, not a request sent, with the Worker's key, wherever it points).
+    init.set_redirect(web_sys::RequestRedirect::Manual);
     Ok(web_sys::Request::new_with_str_and_init(url, &init)?.into())
 }

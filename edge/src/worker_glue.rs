@@ -423,7 +423,7 @@ async fn proxy(
         "GET" | "HEAD" => None,
         _ => req.body().map(JsValue::from),
     };
-    let forwarded = new_request(&url, &method, &headers, body.as_ref(), true)?;
+    let forwarded = new_request(&url, &method, &headers, body.as_ref())?;
     // The origin's response as it is: returned, not rebuilt.
     let response = JsFuture::from(global_fetch(forwarded.inner())).await?;
     Ok(response.unchecked_into())

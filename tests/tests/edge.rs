@@ -821,3 +821,65 @@ async fn silent_control_plane_usage_report_is_aborted_and_kept() {
         report.received
     );
 }
+
+/// Issue 28: the Worker never follows a redirect from the control plane. A stand-in in
+/// front of the real control plane answers the by-hash lookup with a same-origin 307 to
+/// a path it would forward (with the Worker's key) to the control plane: followed, the
+/// key would be admitted from wherever the redirect pointed; not followed, the lookup
+/// fails closed (503) and the redirect's target is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_from_the_control_plane_is_not_followed() {
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    let cp = StackBuilder::new(Backend::Sqlite).build().await.cp;
+    let key = cp.create_key("redirected", "GENERIC").await;
+    #[derive(Clone)]
+    struct Redirector {
+        control_plane: String,
+        followed: Arc<Mutex<u32>>,
+    }
+    async fn answer(State(r): State<Redirector>, request: Request) -> Response {
+        let path = request.uri().path().to_owned();
+        if let Some(rest) = path.strip_prefix("/followed") {
+            *r.followed.lock().unwrap() += 1;
+            let mut forwarded = reqwest::Client::new().get(format!("{}{rest}", r.control_plane));
+            if let Some(auth) = request.headers().get("authorization") {
+                forwarded = forwarded.header("authorization", auth.to_str().unwrap());
+            }
+            let answer = forwarded.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let body = answer.bytes().await.unwrap();
+            return (axum::http::StatusCode::from_u16(status).unwrap(), body).into_response();
+        }
+        (
+            axum::http::StatusCode::TEMPORARY_REDIRECT,
+            [("location", format!("/followed{path}"))],
+        )
+            .into_response()
+    }
+    let redirector = Redirector {
+        control_plane: cp.url.clone(),
+        followed: Arc::new(Mutex::new(0)),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(redirector.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let origin = Origin::start().await;
+    let edge = Edge::start(&url, &cp.edge_key, &origin.url, &[]).await;
+
+    let r = edge.get("/x", Some(&key)).send().await.unwrap();
+    assert_eq!(
+        (r.status(), source(&r).as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "control-plane"),
+        "fail closed"
+    );
+    assert_eq!(
+        *redirector.followed.lock().unwrap(),
+        0,
+        "the redirect was followed"
+    );
+    assert!(origin.requests().is_empty(), "nothing reached the origin");
+}
