@@ -326,11 +326,35 @@ impl Store {
         keep_last_admin: bool,
         audit: &AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
+        self.delete_key_with(name, None, keep_last_admin, audit)
+            .await
+    }
+
+    /// [`Self::delete_key`], only while the key's current secret is `secret_hash` (what
+    /// a caller that found the key by a secret means to delete): `None` as well when the
+    /// key was rolled, or deleted and made again under the same name, meanwhile.
+    pub async fn delete_key_with(
+        &self,
+        name: &str,
+        secret_hash: Option<&str>,
+        keep_last_admin: bool,
+        audit: &AuditEntry,
+    ) -> Result<Option<(StoredKey, Vec<String>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The key's row lock first, as a roll takes it: a roll in progress finishes (and
         // its rolled-away secret is seen below) before this goes on.
         if !Self::lock_key(&mut tx, name).await? {
             return Ok(None);
+        }
+        if let Some(expected) = secret_hash {
+            let current: String =
+                sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if current != expected {
+                return Ok(None);
+            }
         }
         // The quota row next (creates take only this one, so the order is the same
         // everywhere): deletes run one at a time, and the last-admin check below cannot

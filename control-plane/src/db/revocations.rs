@@ -79,6 +79,29 @@ impl Store {
         Ok(true)
     }
 
+    /// A report of the secret `hash` that revokes nothing (notify mode): the first one is
+    /// audited with `audit`, later ones only counted. True if this was the first.
+    pub async fn note_leak(&self, hash: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let reports: i64 = sqlx::query_scalar(
+            "INSERT INTO leak_notices (key_hash, first_at_ms, last_at_ms, reports) \
+             VALUES ($1, $2, $2, 1) ON CONFLICT (key_hash) DO UPDATE \
+             SET last_at_ms = excluded.last_at_ms, reports = leak_notices.reports + 1 \
+             RETURNING reports",
+        )
+        .bind(hash)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let first = reports == 1;
+        if first {
+            self.audit_in(&mut tx, audit).await?;
+        }
+        tx.commit().await?;
+        Ok(first)
+    }
+
     /// Notes that the secret with this hash was ours and is revoked.
     pub(super) async fn record_revoked(
         tx: &mut Tx,

@@ -453,22 +453,27 @@ pub async fn delete_key(
 ) -> Result<(), Error> {
     let name = &normalize_name(name);
     let audit = actor.entry("key.delete", name, json!({}));
-    delete_key_audited(store, cache, name, keep_last_admin, &audit)
+    delete_key_audited(store, cache, name, None, keep_last_admin, &audit)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
     Ok(())
 }
 
-/// Deletes a key with `audit` as its audit entry (a leak report's, say); `None`: no such
-/// key. Its cache entries become tombstones.
+/// Deletes a key with `audit` as its audit entry (a leak report's, say) — with
+/// `secret_hash`, only while that is its current secret; `None`: no such key (or not
+/// with that secret). Its cache entries become tombstones.
 pub(crate) async fn delete_key_audited(
     store: &Store,
     cache: &VerifyCache,
     name: &str,
+    secret_hash: Option<&str>,
     keep_last_admin: bool,
     audit: &AuditEntry,
 ) -> Result<Option<()>, Error> {
-    let Some((deleted, retired)) = store.delete_key(name, keep_last_admin, audit).await? else {
+    let Some((deleted, retired)) = store
+        .delete_key_with(name, secret_hash, keep_last_admin, audit)
+        .await?
+    else {
         return Ok(None);
     };
     let mut all_revoked = true;

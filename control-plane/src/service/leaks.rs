@@ -170,13 +170,22 @@ async fn act(
     };
     tracing::warn!(name = %key.name, identifier = ?identifier, url = %alert.url, action, "leaked key reported by GitHub");
     if !revoke {
-        store.append_audit(&[audit]).await?;
+        // Audited once per secret: retries and replays of a report are only counted.
+        store.note_leak(hash, &audit).await?;
         return Ok(false);
     }
     let done = match owner {
-        SecretOwner::Current(key) => delete_key_audited(store, cache, &key.name, false, &audit)
-            .await?
-            .is_some(),
+        SecretOwner::Current(key) => {
+            let deleted = delete_key_audited(store, cache, &key.name, Some(hash), false, &audit)
+                .await?
+                .is_some();
+            if !deleted {
+                // Rolled, or deleted (and a key made again under its name) since it was
+                // looked up: whatever the secret is now, it is handled as that.
+                return Box::pin(again(store, cache, hash, alert, mode, ip)).await;
+            }
+            true
+        }
         _ => {
             let ended = store.end_rolled_away_secret(hash, &audit).await?;
             if let Ok(h) = KeyHash::from_hex(hash) {
@@ -186,6 +195,24 @@ async fn act(
         }
     };
     Ok(done)
+}
+
+/// [`act`] on what the secret `hash` is now (it changed after the report's lookup): a
+/// rolled-away secret is ended, a revoked or unknown one left alone. A secret is a key's
+/// current one at most once, so this does not come back here more than once.
+async fn again(
+    store: &Store,
+    cache: &VerifyCache,
+    hash: &str,
+    alert: &LeakAlert,
+    mode: LeakMode,
+    ip: &Option<String>,
+) -> Result<bool, Error> {
+    let owners = store.secret_owners(&[hash.to_owned()]).await?;
+    match owners.get(hash) {
+        Some(owner) => act(store, cache, owner, hash, alert, mode, ip).await,
+        None => Ok(false),
+    }
 }
 
 /// What a key-shaped string found in some text is.
@@ -234,6 +261,44 @@ pub async fn check_text(store: &Store, text: &str) -> Result<Vec<FoundKey>, Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Backend;
+    use crate::test_util::{on_both_backends, TestApp};
+
+    on_both_backends!(a_secret_reported_again_in_notify_mode_is_audited_once);
+
+    /// Notify mode revokes nothing, so the same report can come again (GitHub's
+    /// retries, a replay): the secret is audited once, the rest only counted.
+    async fn a_secret_reported_again_in_notify_mode_is_audited_once(backend: Backend) {
+        let app = TestApp::on(backend).build().await;
+        let key = app.create_key("k", "GENERIC").await;
+        let state = &app.app().state;
+        let alerts = [LeakAlert {
+            token: key.clone(),
+            token_type: "metlo_api_key".into(),
+            url: "https://github.com/o/r/blob/main/.env".into(),
+            source: "content".into(),
+        }];
+        for _ in 0..3 {
+            let feedback =
+                handle_report(&state.store, &state.cache, &alerts, LeakMode::Notify, None)
+                    .await
+                    .unwrap();
+            assert_eq!(feedback[0].label, LeakLabel::TruePositive);
+        }
+        let page = app
+            .as_admin()
+            .get("/api/v1/audit?action=key.leaked")
+            .await
+            .json();
+        let entries = page["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 1, "{page}");
+        assert_eq!(entries[0]["detail"]["action"], "notified");
+        assert_eq!(
+            app.verify(&key).await,
+            axum::http::StatusCode::OK,
+            "notify revokes nothing"
+        );
+    }
 
     #[test]
     fn reports_parse_with_missing_optional_fields_and_refuse_other_shapes() {
@@ -262,5 +327,109 @@ mod tests {
         let text = format!("export X={}\n", key.expose_secret());
         let found: Vec<&str> = KEY_REGEX.find_iter(&text).map(|m| m.as_str()).collect();
         assert_eq!(found, [key.expose_secret()]);
+    }
+
+    /// A report acts on the secret as it is when it acts, not when it was looked up: a
+    /// key rolled in between keeps its new secret (the reported one, rolled away, is
+    /// ended); a key deleted and made again under the same name is left alone.
+    #[tokio::test]
+    async fn a_key_changed_after_the_lookup_is_not_deleted_by_name() {
+        use crate::db::keys::fixtures::{audit, roll};
+        use metlo_shared::{KeyType, Role};
+        let store = Store::memory().await;
+        let cache = VerifyCache::memory(std::time::Duration::from_secs(5));
+        let alert = |token: &str| LeakAlert {
+            token: token.to_owned(),
+            token_type: "metlo_api_key".into(),
+            url: String::new(),
+            source: String::new(),
+        };
+        let make = |name: &str| {
+            let secret = ApiKey::generate().unwrap();
+            let row = crate::db::rows::StoredKey::new(
+                &secret,
+                name.to_owned(),
+                KeyType::Generic,
+                Role::Client,
+                crate::clock::now_ms(),
+            );
+            (secret, row)
+        };
+
+        // Rolled between the lookup and the revocation.
+        let (leaked, row) = make("rolled");
+        store
+            .insert_key(&row, 10, &audit("key.create", "rolled"))
+            .await
+            .unwrap();
+        let hash = leaked.hash().to_hex();
+        let owners = store.secret_owners(std::slice::from_ref(&hash)).await.unwrap();
+        let (new, _) = roll(&store, "rolled", std::time::Duration::from_secs(3600)).await;
+        let revoked = act(
+            &store,
+            &cache,
+            &owners[&hash],
+            &hash,
+            &alert(leaked.expose_secret()),
+            LeakMode::Revoke,
+            &None,
+        )
+        .await
+        .unwrap();
+        assert!(
+            revoked,
+            "the reported secret, rolled away meanwhile, is ended"
+        );
+        let now = store
+            .secret_owners(&[hash.clone(), new.hash().to_hex()])
+            .await
+            .unwrap();
+        assert!(
+            matches!(now.get(&hash), Some(SecretOwner::Revoked)),
+            "the reported secret is revoked"
+        );
+        assert!(
+            matches!(now.get(&new.hash().to_hex()), Some(SecretOwner::Current(_))),
+            "the key and its new secret stay"
+        );
+
+        // Deleted and made again under the same name.
+        let (leaked, row) = make("again");
+        store
+            .insert_key(&row, 10, &audit("key.create", "again"))
+            .await
+            .unwrap();
+        let hash = leaked.hash().to_hex();
+        let owners = store.secret_owners(std::slice::from_ref(&hash)).await.unwrap();
+        store
+            .delete_key("again", false, &audit("key.delete", "again"))
+            .await
+            .unwrap()
+            .unwrap();
+        let (other, row) = make("again");
+        store
+            .insert_key(&row, 10, &audit("key.create", "again"))
+            .await
+            .unwrap();
+        let revoked = act(
+            &store,
+            &cache,
+            &owners[&hash],
+            &hash,
+            &alert(leaked.expose_secret()),
+            LeakMode::Revoke,
+            &None,
+        )
+        .await
+        .unwrap();
+        assert!(!revoked);
+        let now = store.secret_owners(&[other.hash().to_hex()]).await.unwrap();
+        assert!(
+            matches!(
+                now.get(&other.hash().to_hex()),
+                Some(SecretOwner::Current(_))
+            ),
+            "the new key is untouched"
+        );
     }
 }
