@@ -479,6 +479,21 @@ pub(crate) mod fixtures {
         (new, rolled)
     }
 
+    /// Inserts `key` as a key made before roles (no key is inserted with the legacy
+    /// role since migration 0017: made as a client key, then given the old default).
+    pub(crate) async fn insert_legacy(store: &Store, key: &StoredKey, audit: &AuditEntry) {
+        let client = StoredKey {
+            role: Role::Client,
+            ..key.clone()
+        };
+        store.insert_key(&client, 10, audit).await.unwrap();
+        sqlx::query("UPDATE api_keys SET role = 'legacy' WHERE name = $1")
+            .bind(&key.name)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+
     /// A new key's row (its secret is dropped: tests work with hashes).
     pub(crate) fn key(name: &str, key_type: KeyType) -> StoredKey {
         let secret = ApiKey::generate().unwrap();

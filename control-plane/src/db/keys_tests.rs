@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use metlo_shared::{ApiKey, KeyHash, KeyType, Role};
 
-use super::keys::fixtures::{audit, key, roll};
+use super::keys::fixtures::{audit, insert_legacy, key, roll};
 use crate::clock::now_ms;
 use crate::db::rows::StoredKey;
 use crate::db::{Store, StoreError};
@@ -177,14 +177,8 @@ async fn the_last_admin_key_cannot_be_deleted_unless_asked() {
         ),
         "an expired admin key does not count"
     );
-    let second = StoredKey {
-        role: Role::Legacy,
-        ..key("old", KeyType::Generic)
-    };
-    store
-        .insert_key(&second, 10, &audit("key.create", "old"))
-        .await
-        .unwrap();
+    let second = key("old", KeyType::Generic);
+    insert_legacy(&store, &second, &audit("key.create", "old")).await;
     assert!(store
         .delete_key("admin", true, &audit("key.delete", "admin"))
         .await
@@ -216,6 +210,10 @@ async fn only_traffic_keys_reach_kv_and_a_legacy_role_is_set_once() {
             role,
             ..key(name, KeyType::Generic)
         };
+        if role == Role::Legacy {
+            insert_legacy(&store, &k, &audit("key.create", name)).await;
+            continue;
+        }
         store
             .insert_key(&k, 10, &audit("key.create", name))
             .await

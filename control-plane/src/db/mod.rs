@@ -367,6 +367,16 @@ mod tests {
         assert_eq!(keys[0].role, metlo_shared::Role::Legacy);
         assert!(keys[0].record().role.serves_traffic() && keys[0].role.administers());
         assert_eq!(store.count_legacy().await.unwrap(), 1);
+        // Once migrated, a row without a role is refused, not given every power (0017:
+        // SQLite keeps 0005's DEFAULT 'legacy').
+        let refused = sqlx::query(
+            "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms) \
+             VALUES ('new', 'h2', 'metlo.new', 'GENERIC', 2)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap_err();
+        assert!(refused.to_string().contains("needs a role"), "{refused}");
         store.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -363,7 +363,10 @@ mod tests {
             .await
             .unwrap();
         let hash = leaked.hash().to_hex();
-        let owners = store.secret_owners(std::slice::from_ref(&hash)).await.unwrap();
+        let owners = store
+            .secret_owners(std::slice::from_ref(&hash))
+            .await
+            .unwrap();
         let (new, _) = roll(&store, "rolled", std::time::Duration::from_secs(3600)).await;
         let revoked = act(
             &store,
@@ -400,7 +403,10 @@ mod tests {
             .await
             .unwrap();
         let hash = leaked.hash().to_hex();
-        let owners = store.secret_owners(std::slice::from_ref(&hash)).await.unwrap();
+        let owners = store
+            .secret_owners(std::slice::from_ref(&hash))
+            .await
+            .unwrap();
         store
             .delete_key("again", false, &audit("key.delete", "again"))
             .await
