@@ -184,7 +184,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     let report = cli_json(cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(
         report["drift"],
-        json!({"strays": 0, "missing": 0, "stale": 0}),
+        json!({"strays": 0, "missing": 0, "stale": 0, "wrongValues": 0}),
         "{report}"
     );
     assert_eq!(report["writes"], 0);
@@ -237,7 +237,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     let dry = cli_json(cp, &["keys", "kv-reconcile", "--dry-run", "--json"]);
     assert_eq!(
         dry["drift"],
-        json!({"strays": 2, "missing": 3, "stale": 2}),
+        json!({"strays": 2, "missing": 3, "stale": 2, "wrongValues": 0}),
         "{dry}"
     );
     assert_eq!(dry["writes"], 0);
@@ -253,7 +253,7 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
     let fixed = cli_json(cp, &["keys", "kv-reconcile", "--json"]);
     assert_eq!(
         fixed["drift"],
-        json!({"strays": 2, "missing": 3, "stale": 2}),
+        json!({"strays": 2, "missing": 3, "stale": 2, "wrongValues": 0}),
         "{fixed}"
     );
     assert_eq!(fixed["writes"], 7);
@@ -274,6 +274,35 @@ async fn reconcile_fixes_drift_and_leaves_a_correct_kv_untouched(backend: Backen
             stats["deleteRequests"].clone()
         ),
         (json!(0), json!(0))
+    );
+
+    // A value changed behind our back with its metadata left alone (what a holder of a KV
+    // token could do): the listing shows nothing wrong; reading the values does.
+    let forged_value = KeyRecord {
+        role: metlo_shared::Role::Admin,
+        ..KeyRecord::from_json(record(cp, &hash(&keys[4])).await.unwrap().as_bytes()).unwrap()
+    }
+    .to_json();
+    let honest_digest = held[&hash(&keys[4])].clone().unwrap();
+    kv.put_raw(&[(
+        hash(&keys[4]),
+        forged_value,
+        Some(json!({"d": honest_digest})),
+    )])
+    .await;
+    let listed_only = cli_json(cp, &["keys", "kv-reconcile", "--dry-run", "--json"]);
+    assert_eq!(listed_only["drift"]["wrongValues"], 0, "{listed_only}");
+    let read = cli_json(cp, &["keys", "kv-reconcile", "--verify-values", "--json"]);
+    assert_eq!(
+        read["drift"],
+        json!({"strays": 0, "missing": 0, "stale": 0, "wrongValues": 1}),
+        "{read}"
+    );
+    assert_eq!(read["writes"], 1);
+    let want = record(cp, &hash(&keys[4])).await.unwrap();
+    assert_eq!(
+        kv.value(&hash(&keys[4])).await.as_deref(),
+        Some(want.as_str())
     );
 
     // A resync rewrites every entry, and each finished one leaves no resume point.
@@ -321,7 +350,7 @@ async fn periodic_reconcile_reports_drift() {
     };
     assert_eq!(
         last["report"]["drift"],
-        json!({"strays": 1, "missing": 1, "stale": 0}),
+        json!({"strays": 1, "missing": 1, "stale": 0, "wrongValues": 0}),
         "{last}"
     );
     assert_eq!(last["error"], Value::Null);

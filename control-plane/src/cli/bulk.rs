@@ -53,6 +53,10 @@ pub struct ReconcileArgs {
     /// Only count what differs; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also read every entry's value (one API call each) and compare it with the record,
+    /// not only the digest in its metadata: after a suspected write to KV by someone else.
+    #[arg(long)]
+    pub verify_values: bool,
 }
 
 pub async fn seed(config: &Config, args: &SeedArgs, json_out: bool) -> anyhow::Result<()> {
@@ -150,7 +154,7 @@ pub async fn kv_reconcile(
 ) -> anyhow::Result<()> {
     let client = kv_client(config)?;
     let store = config.open_store().await?;
-    let result = reconcile(&store, &client, args.dry_run).await;
+    let result = reconcile(&store, &client, args.dry_run, args.verify_values).await;
     store.close().await;
     let report = result.map_err(|e| anyhow::anyhow!("KV reconcile stopped: {e}"))?;
     let d = report.drift;
@@ -159,12 +163,14 @@ pub async fn kv_reconcile(
     } else {
         let verb = if args.dry_run { "would fix" } else { "fixed" };
         eprintln!(
-            "KV reconcile: {} entries listed, {} expected; {} strays, {} missing, {} stale ({verb}); {} writes; {:.1} s.",
+            "KV reconcile: {} entries listed, {} expected; {} strays, {} missing, {} stale, {} wrong values{} ({verb}); {} writes; {:.1} s.",
             report.listed,
             report.expected,
             d.strays,
             d.missing,
             d.stale,
+            d.wrong_values,
+            if args.verify_values { "" } else { " (values not read: --verify-values)" },
             report.writes,
             report.elapsed.as_secs_f64()
         );

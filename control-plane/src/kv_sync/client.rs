@@ -218,6 +218,36 @@ impl KvClient {
         })
     }
 
+    /// The value KV holds under `key` (`None`: no such key). One API call per key: for
+    /// `kv-reconcile --verify-values` only.
+    pub async fn value(&self, key: &str) -> Result<Option<String>, KvError> {
+        let url = self.url(&format!("values/{}", percent_encode_key(key)));
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.target.api_token)
+            .send()
+            .await
+            .map_err(network_error)?;
+        match response.status().as_u16() {
+            // The value itself, not an envelope.
+            200 => Ok(Some(response.text().await.map_err(network_error)?)),
+            404 => Ok(None),
+            429 => Err(KvError::RateLimited {
+                retry_after: response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            }),
+            s if s >= 500 => Err(KvError::Server(s)),
+            status => Err(KvError::Rejected {
+                status,
+                message: "reading a value was refused".into(),
+            }),
+        }
+    }
+
     /// One API call; its `result` (and `result_info`) when it succeeded.
     async fn send<R: serde::de::DeserializeOwned>(
         &self,
@@ -260,6 +290,18 @@ impl KvClient {
             }),
         }
     }
+}
+
+/// A KV key as one path segment (ours are hex hashes; anything else a stray may be).
+fn percent_encode_key(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

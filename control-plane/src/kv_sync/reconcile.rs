@@ -3,6 +3,11 @@
 //! keys): deletes strays (entries of no live key), puts the missing, rewrites the stale
 //! (whose metadata digest is not the current record's). On a KV that is right, it writes
 //! nothing. Runs on demand (`keys kv-reconcile`) and every `KV_RECONCILE_INTERVAL`.
+//!
+//! The listing carries each entry's metadata, not its value: a value changed behind our
+//! back with its metadata left alone looks right. `--verify-values` also reads every
+//! entry whose digest matches (one API call each, a few at a time) and rewrites those
+//! whose value is not the record.
 
 use std::cmp::Ordering;
 use std::collections::VecDeque;
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 use metlo_shared::KeyRecord;
 use serde::Serialize;
 
-use super::client::{KvClient, ListedKey, LIST_PAGE};
+use super::client::{KvClient, KvError, ListedKey, LIST_PAGE};
 use super::writer::{write_checked, Sent, WriteError};
 use crate::clock::now_ms;
 use crate::db::rows::KvEntry;
@@ -20,6 +25,8 @@ use crate::db::Store;
 
 /// Updates gathered before they are written.
 const FLUSH_AT: usize = 1000;
+/// Values read at once with `--verify-values`.
+const VALUE_READS: usize = 8;
 
 /// What differed between KV and the database.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,11 +38,14 @@ pub struct Drift {
     pub missing: u64,
     /// Entries whose record is not the current one (or that carry no digest).
     pub stale: u64,
+    /// Entries whose digest is right but whose value is not the record (only counted
+    /// when values are read: `--verify-values`).
+    pub wrong_values: u64,
 }
 
 impl Drift {
     pub fn total(&self) -> u64 {
-        self.strays + self.missing + self.stale
+        self.strays + self.missing + self.stale + self.wrong_values
     }
 }
 
@@ -55,11 +65,13 @@ pub struct ReconcileReport {
     pub elapsed: Duration,
 }
 
-/// Compares KV with the database and, unless `dry_run`, fixes every difference.
+/// Compares KV with the database and, unless `dry_run`, fixes every difference; with
+/// `verify_values`, values too (not only their digests).
 pub async fn reconcile(
     store: &Store,
     client: &KvClient,
     dry_run: bool,
+    verify_values: bool,
 ) -> Result<ReconcileReport, WriteError> {
     let started = Instant::now();
     let mut kv = Pages::<ListedKey>::default();
@@ -69,6 +81,7 @@ pub async fn reconcile(
     let (mut listed, mut expected) = (0, 0);
     let mut drift = Drift::default();
     let (mut puts, mut deletes) = (vec![], vec![]);
+    let mut to_read: Vec<KvEntry> = vec![];
     let mut sent = Sent::default();
     loop {
         while kv.items.is_empty() && !kv.done {
@@ -110,8 +123,13 @@ pub async fn reconcile(
                 if held.metadata.is_none_or(|m| m.d != current) {
                     drift.stale += 1;
                     puts.push(entry);
+                } else if verify_values {
+                    to_read.push(entry);
                 }
             }
+        }
+        if to_read.len() >= FLUSH_AT {
+            check_values(client, std::mem::take(&mut to_read), &mut drift, &mut puts).await?;
         }
         if !dry_run && puts.len() + deletes.len() >= FLUSH_AT {
             add(
@@ -126,6 +144,7 @@ pub async fn reconcile(
             );
         }
     }
+    check_values(client, to_read, &mut drift, &mut puts).await?;
     if !dry_run {
         add(
             &mut sent,
@@ -140,6 +159,53 @@ pub async fn reconcile(
         sent,
         elapsed: started.elapsed(),
     })
+}
+
+/// Reads the values of `entries` (a few at a time) and queues a put for each that is
+/// not its record (or is gone).
+async fn check_values(
+    client: &KvClient,
+    entries: Vec<KvEntry>,
+    drift: &mut Drift,
+    puts: &mut Vec<KvEntry>,
+) -> Result<(), WriteError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let read: Vec<(KvEntry, Option<String>)> = futures_util::stream::iter(entries)
+        .map(|entry| async move {
+            let held = read_value(client, &entry.key).await?;
+            Ok::<_, WriteError>((entry, held))
+        })
+        .buffered(VALUE_READS)
+        .try_collect()
+        .await?;
+    for (entry, held) in read {
+        match held {
+            Some(value) if value == entry.value => {}
+            Some(_) => {
+                drift.wrong_values += 1;
+                puts.push(entry);
+            }
+            None => {
+                drift.missing += 1;
+                puts.push(entry);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One value, waiting out a 429 (its `Retry-After`, or a second) a few times.
+async fn read_value(client: &KvClient, key: &str) -> Result<Option<String>, KvError> {
+    let mut attempt = 0;
+    loop {
+        match client.value(key).await {
+            Err(KvError::RateLimited { retry_after }) if attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
+            }
+            read => return read,
+        }
+    }
 }
 
 fn add(total: &mut Sent, s: Sent) {
@@ -195,7 +261,7 @@ impl ReconcileStatus {
 pub async fn reconcile_forever(store: Store, client: KvClient, status: Arc<ReconcileStatus>) {
     loop {
         tokio::time::sleep(status.interval.mul_f64(0.9 + fastrand::f64() * 0.2)).await;
-        let result = reconcile(&store, &client, false).await;
+        let result = reconcile(&store, &client, false, false).await;
         let last = match result {
             Ok(report) => {
                 let d = report.drift;
