@@ -84,8 +84,8 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
-  const headers = { Accept: 'application/json' };
+async function api(method, path, body, extra) {
+  const headers = { Accept: 'application/json', ...(extra || {}) };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   if (method !== 'GET' && session) headers['X-CSRF-Token'] = session.csrfToken;
   let response;
@@ -250,9 +250,21 @@ document.getElementById('sign-out').addEventListener('click', async () => {
 // ---- keys ------------------------------------------------------------------------------
 
 /** Which field of the create form an API error is about. */
+/** Roles whose new secrets outlive a session: the console asks for the admin key again. */
+const MINTS = ['admin', 'edge', 'legacy'];
+
+/** The header that gives the session's key again (and clears the field: it is not kept). */
+function confirmHeader(minting, input) {
+  if (!minting) return undefined;
+  const key = input.value.trim();
+  input.value = '';
+  return { 'X-Metlo-Confirm-Key': key };
+}
+
 function errorField(e) {
   const m = e.message.toLowerCase();
   if (e.code === 'limit_reached') return 'create-form';
+  if (m.includes('admin key again')) return 'new-confirm';
   if (m.includes('meta')) return 'new-meta';
   if (m.includes('name')) return 'new-name';
   if (m.includes('keyfor') || m.includes('type')) return 'new-type';
@@ -297,6 +309,12 @@ function createForm(onCreated) {
   const requests = h('input', { type: 'number', min: 1, step: 1, inputmode: 'numeric' });
   const period = h('input', { type: 'number', min: 1, max: 86400, step: 1, value: 60, inputmode: 'numeric' });
   const meta = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const confirmKey = h('input', { type: 'password', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const confirmField = field('new-confirm', 'Your admin key, to confirm', confirmKey,
+    'An admin or edge key outlives this session: give the key you signed in with again.');
+  const showConfirm = () => { confirmField.hidden = !MINTS.includes(role.value); };
+  role.addEventListener('change', showConfirm);
+  showConfirm();
   const form = h('form', { class: 'panel', 'aria-labelledby': 'create-title', novalidate: true },
     h('h2', { id: 'create-title' }, 'Create a key'),
     h('div', { class: 'fields' },
@@ -306,7 +324,8 @@ function createForm(onCreated) {
       field('new-expires', 'Expires (optional)', expires, 'Your local time. Empty: never.'),
       field('new-requests', 'Rate limit: requests (optional)', requests, 'Empty: no limit.'),
       field('new-period', 'per seconds', period),
-      field('new-meta', 'Metadata (optional)', meta, 'A JSON object sent to the origin with each request, e.g. {"tenant":"acme"}.')),
+      field('new-meta', 'Metadata (optional)', meta, 'A JSON object sent to the origin with each request, e.g. {"tenant":"acme"}.'),
+      confirmField),
     h('p', { class: 'error', id: 'create-form-error', role: 'alert' }),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create key')));
   const submit = form.querySelector('button[type=submit]');
@@ -315,7 +334,7 @@ function createForm(onCreated) {
     busy(submit, () => create());
   });
   const create = async () => {
-    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'create-form']) setError(id, '');
+    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'new-confirm', 'create-form']) setError(id, '');
     const body = { name: name.value, keyFor: type.value, role: role.value };
     if (!name.value.trim()) { setError('new-name', 'Enter a name for the key.'); name.focus(); return; }
     if (expires.value) {
@@ -335,9 +354,16 @@ function createForm(onCreated) {
         return;
       }
     }
+    const minting = MINTS.includes(role.value);
+    if (minting && !confirmKey.value.trim()) {
+      setError('new-confirm', 'Enter the admin key you signed in with.');
+      confirmKey.focus();
+      return;
+    }
     try {
-      const created = await api('POST', `${API}/keys/create`, body);
+      const created = await api('POST', `${API}/keys/create`, body, confirmHeader(minting, confirmKey));
       form.reset();
+      showConfirm();
       onCreated(created);
     } catch (e) {
       const id = errorField(e);
@@ -478,10 +504,14 @@ function dialog(title, ...content) {
 function rollDialog(k, showSecret, reload) {
   const overlap = h('input', { type: 'number', min: 0, max: 604800, step: 1, value: 0, inputmode: 'numeric' });
   const own = session && k.name === session.name;
+  const minting = MINTS.includes(k.role);
+  const confirmKey = h('input', { type: 'password', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const form = h('form', { method: 'dialog', novalidate: true },
     h('p', {}, `Issue a new secret for “${k.name}”. The current secret keeps working for the overlap, then is refused everywhere.`),
     own ? h('p', { class: 'error' }, 'This is the key you are signed in with: your session ends when its current secret does. Copy the new key to sign in again.') : null,
     field('roll-overlap', 'Overlap in seconds (0 to 604800)', overlap),
+    minting ? field('roll-confirm', 'Your admin key, to confirm', confirmKey,
+      `A new ${k.role} secret outlives this session: give the key you signed in with again.`) : null,
     h('div', { class: 'actions' },
       h('button', { type: 'submit' }, 'Roll key'),
       h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
@@ -491,8 +521,15 @@ function rollDialog(k, showSecret, reload) {
     event.preventDefault();
     busy(submit, async () => {
       setError('roll-overlap', '');
+      setError('roll-confirm', '');
+      if (minting && !confirmKey.value.trim()) {
+        setError('roll-confirm', 'Enter the admin key you signed in with.');
+        confirmKey.focus();
+        return;
+      }
       try {
-        const rolled = await api('POST', `${API}/keys/${enc(k.name)}/roll`, { overlapSeconds: Number(overlap.value || 0) });
+        const rolled = await api('POST', `${API}/keys/${enc(k.name)}/roll`, { overlapSeconds: Number(overlap.value || 0) },
+          confirmHeader(minting, confirmKey));
         d.close();
         showSecret(secretPanel(`Key “${rolled.name}” rolled`, rolled.apiKey,
           `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}.`));
@@ -501,8 +538,9 @@ function rollDialog(k, showSecret, reload) {
         // rather than reloading into a sign-in page.
         if (!own) reload();
       } catch (e) {
-        setError('roll-overlap', e.message);
-        overlap.focus();
+        const id = minting && e.message.includes('admin key again') ? 'roll-confirm' : 'roll-overlap';
+        setError(id, e.message);
+        document.getElementById(id).focus();
       }
     });
   });
@@ -534,6 +572,29 @@ function deleteDialog(k, reload) {
     });
   });
   typed.focus();
+}
+
+function signOutDialog(name, done) {
+  const confirm = h('button', { type: 'submit', class: 'danger' }, 'End sessions');
+  const form = h('form', { method: 'dialog', novalidate: true },
+    h('p', {}, `End every console session opened with “${name}” (any of its secrets), on every device. The key itself keeps working.`),
+    h('p', { class: 'error', id: 'sign-out-everywhere-error', role: 'alert' }),
+    h('div', { class: 'actions' }, confirm,
+      h('button', { type: 'button', class: 'secondary', onclick: () => d.close() }, 'Cancel')));
+  const d = dialog(`Sign “${name}” out everywhere?`, form);
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    busy(confirm, async () => {
+      try {
+        const result = await api('DELETE', `${API}/keys/${enc(name)}/sessions`);
+        d.close();
+        done(result.ended);
+      } catch (e) {
+        setError('sign-out-everywhere', e.message);
+      }
+    });
+  });
+  confirm.focus();
 }
 
 // ---- one key: its usage ----------------------------------------------------------------
@@ -621,9 +682,21 @@ function keyPage(name) {
     }
   };
 
+  const signedOutLine = h('p', { id: 'sessions-ended', 'aria-live': 'polite' });
+  const signOut = h('button', { type: 'button', class: 'secondary', id: 'sign-out-everywhere' }, 'Sign out everywhere');
+  signOut.addEventListener('click', () => signOutDialog(name, (ended) => {
+    const text = `${ended} console session${ended === 1 ? '' : 's'} ended.`;
+    signedOutLine.textContent = text;
+    signedOutLine.dataset.ended = String(ended);
+    announce(text);
+    // Our own session was one of them.
+    if (session && session.name === name) signedOut('You signed this key out everywhere, this console included: sign in again.');
+  }));
+
   page(name,
     h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
     details,
+    h('div', { class: 'actions' }, signOut), signedOutLine,
     h('section', { 'aria-labelledby': 'chart-title' },
       h('h2', { id: 'chart-title' }, 'Requests per hour'),
       h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),

@@ -438,6 +438,66 @@ async fn the_console_in_chromium() {
     .await;
     b.check_page("audit").await;
 
+    // A new admin key asks for the admin key again (a stolen cookie alone mints nothing
+    // lasting): left empty, then another valid key (refused by the server), then right.
+    b.goto(&format!("{base}/console/keys")).await;
+    b.find("#new-name")
+        .await
+        .send_keys("console-admin")
+        .await
+        .unwrap();
+    b.find("#new-role")
+        .await
+        .select_by_value("admin")
+        .await
+        .unwrap();
+    let confirm_key = b.find("#new-confirm").await;
+    assert!(
+        confirm_key.is_displayed().await.unwrap(),
+        "asked for admin keys"
+    );
+    let submit = "form[aria-labelledby=create-title] button[type=submit]";
+    b.find(submit).await.click().await.unwrap();
+    b.until(
+        "the empty confirmation refused",
+        "return document.getElementById('new-confirm-error').textContent.includes('Enter the admin key');",
+        Duration::from_secs(5),
+    )
+    .await;
+    confirm_key.send_keys(&cp.client_key).await.unwrap();
+    b.find(submit).await.click().await.unwrap();
+    b.until(
+        "another key refused by the server",
+        "return document.getElementById('new-confirm-error').textContent.includes('needs your admin key again');",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!cp.list().await.iter().any(|k| k["name"] == "console-admin"));
+    b.find("#new-confirm")
+        .await
+        .send_keys(&cp.admin_key)
+        .await
+        .unwrap();
+    b.find(submit).await.click().await.unwrap();
+    let minted = b
+        .find("#secret input")
+        .await
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap();
+    cp.secrets.lock().unwrap().push(minted.clone());
+    let (status, _, _) = cp.get("/api/v1/keys/list", Some(&minted)).await;
+    assert_eq!(status, StatusCode::OK, "an admin key was made");
+    assert!(
+        !b.js("return document.documentElement.outerHTML;", vec![])
+            .await
+            .as_str()
+            .unwrap()
+            .contains(&cp.admin_key),
+        "the confirming key is not kept in the page"
+    );
+
     // A cross-site form post (from another origin on this host) is refused.
     let attacker = attacker_page(base).await;
     b.goto(&attacker).await;
@@ -470,6 +530,53 @@ async fn the_console_in_chromium() {
         Duration::from_secs(5),
     )
     .await;
+
+    // Sign out everywhere, from the admin key's page: this console's session and one
+    // opened elsewhere (through the API) both end.
+    let key_input = b.find("input#key").await;
+    key_input.send_keys(&cp.admin_key).await.unwrap();
+    key_input.send_keys("\u{E007}").await.unwrap();
+    b.until(
+        "signed in again",
+        "return location.pathname !== '/console/sign-in';",
+        Duration::from_secs(5),
+    )
+    .await;
+    let elsewhere = reqwest::Client::new()
+        .post(format!("{base}/console/sign-in"))
+        .json(&json!({"key": cp.admin_key}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::OK);
+    let cookie = elsewhere.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let session_elsewhere = || async {
+        reqwest::Client::new()
+            .get(format!("{base}/console/session"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(session_elsewhere().await, StatusCode::OK);
+    b.goto(&format!("{base}/console/keys/admin")).await;
+    b.find("#sign-out-everywhere").await.click().await.unwrap();
+    b.check_page("sign-out-everywhere-dialog").await;
+    b.find("dialog button.danger").await.click().await.unwrap();
+    b.until(
+        "back to sign-in",
+        "return location.pathname === '/console/sign-in';",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(session_elsewhere().await, StatusCode::UNAUTHORIZED);
     b.client.clone().close().await.unwrap();
     cp.assert_log_has_no_secrets();
 }

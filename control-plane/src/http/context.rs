@@ -14,6 +14,9 @@ use metlo_shared::KeyRecord;
 pub struct RequestContext {
     pub peer: Option<SocketAddr>,
     pub caller: Option<Arc<KeyRecord>>,
+    /// A console session's request that did not give the session's key again (in
+    /// `X-Metlo-Confirm-Key`): it may not mint admin or edge secrets.
+    pub unconfirmed_session: bool,
 }
 
 impl RequestContext {
@@ -22,6 +25,7 @@ impl RequestContext {
         RequestContext {
             peer: Some(peer),
             caller: None,
+            unconfirmed_session: false,
         }
     }
 
@@ -33,6 +37,20 @@ impl RequestContext {
         extensions.get::<RequestContext>()?.caller.as_ref()
     }
 
+    pub fn unconfirmed_session(extensions: &Extensions) -> bool {
+        extensions
+            .get::<RequestContext>()
+            .is_some_and(|c| c.unconfirmed_session)
+    }
+
+    /// Marks a console session's request that did not give its key again (after
+    /// [`Self::set_caller`]).
+    pub fn set_unconfirmed_session(extensions: &mut Extensions) {
+        if let Some(context) = extensions.get_mut::<RequestContext>() {
+            context.unconfirmed_session = true;
+        }
+    }
+
     /// Records the verified caller (in a new context if the request came without one).
     pub fn set_caller(extensions: &mut Extensions, caller: Arc<KeyRecord>) {
         match extensions.get_mut::<RequestContext>() {
@@ -41,6 +59,7 @@ impl RequestContext {
                 extensions.insert(RequestContext {
                     peer: None,
                     caller: Some(caller),
+                    unconfirmed_session: false,
                 });
             }
         }

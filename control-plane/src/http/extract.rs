@@ -53,6 +53,7 @@ impl FromRequestParts<AppState> for Audited {
             ip: client_ip(&parts.extensions, &parts.headers, &state.trusted_proxies)
                 .map(|ip| ip.to_string()),
             role: caller.map(|c| c.role),
+            unconfirmed_session: RequestContext::unconfirmed_session(&parts.extensions),
         }))
     }
 }

@@ -42,12 +42,27 @@ pub struct Actor {
     pub ip: Option<String>,
     /// The calling key's role; `None`: the local CLI (root on the database).
     pub role: Option<Role>,
+    /// A console session that did not give its key again with this request: a stolen
+    /// cookie alone must not mint a lasting admin or edge secret.
+    pub unconfirmed_session: bool,
 }
 
 impl Actor {
     /// The local command line: no key, no IP.
     pub fn cli() -> Self {
         Actor::default()
+    }
+
+    /// Refused for a session that did not give its key again: making a new secret of
+    /// this role (admin and edge secrets outlive the session).
+    pub fn may_mint(&self, role: Role) -> Result<(), super::Error> {
+        if self.unconfirmed_session && matches!(role, Role::Admin | Role::Edge | Role::Legacy) {
+            return Err(super::Error::Forbidden(format!(
+                "a new {role} secret from the console needs your admin key again: \
+                 enter it to confirm (sent in X-Metlo-Confirm-Key)"
+            )));
+        }
+        Ok(())
     }
 
     pub fn entry(&self, action: &'static str, target: &str, detail: Value) -> AuditEntry {

@@ -345,6 +345,7 @@ pub async fn create_key(
             new.role
         )));
     }
+    actor.may_mint(new.role)?;
     let key = generate_key()?;
     let mut stored = StoredKey {
         expires_at_ms: new.expires_at_ms,
@@ -382,6 +383,12 @@ pub async fn roll_key(
     actor: &Actor,
 ) -> Result<RolledKey, Error> {
     let name = &normalize_name(name);
+    if actor.unconfirmed_session {
+        // What the roll hands out is a secret of the key's role.
+        if let Some(target) = store.key_by_name(name).await? {
+            actor.may_mint(target.role)?;
+        }
+    }
     let key = generate_key()?;
     let audit = actor.entry(
         "key.roll",

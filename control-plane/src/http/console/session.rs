@@ -7,7 +7,7 @@ use axum::http::{header, Extensions, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use metlo_shared::{KeyHash, KeyRecord, Role};
+use metlo_shared::{ApiKey, KeyHash, KeyRecord, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -96,6 +96,7 @@ pub async fn sign_in(
         name: Some(record.name.clone()),
         ip: ip.map(|ip| ip.to_string()),
         role: Some(record.role),
+        unconfirmed_session: false,
     };
     state
         .store
@@ -229,6 +230,9 @@ async fn admit(state: &AppState, req: &mut Request) -> Result<(), ApiError> {
         record
     };
     RequestContext::set_caller(req.extensions_mut(), record);
+    if !key_confirmed(req.headers(), &session) {
+        RequestContext::set_unconfirmed_session(req.extensions_mut());
+    }
     req.extensions_mut().insert(SignedIn {
         token: token.into(),
         csrf_token: session.csrf_token.into(),
@@ -245,6 +249,16 @@ fn refuse_cookie(state: &AppState, req: &Request) -> ApiError {
         None,
         "not signed in, or the console session has ended: sign in again",
     )
+}
+
+/// Whether the request gives the session's own key again (`X-Metlo-Confirm-Key`), as
+/// the console asks before it makes a new admin or edge secret.
+fn key_confirmed(headers: &HeaderMap, session: &Session) -> bool {
+    headers
+        .get("x-metlo-confirm-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| ApiKey::parse(v.trim()).ok())
+        .is_some_and(|key| key.hash() == session.key_hash)
 }
 
 fn changes_state(method: &Method) -> bool {

@@ -2,7 +2,8 @@
 //! `tests/tests/console.rs`; the whole console in Chromium stays there): page headers,
 //! the session cookie, a session acting as its admin key until idle, sign-out or its key
 //! disabled, CSRF and origin checks, Secure cookies, failed sign-ins audited and limited;
-//! a roll (overlap or not), delete or disable of its key ends a session for good.
+//! a roll (overlap or not), delete or disable of its key ends a session for good; a new
+//! admin or edge secret (created or rolled) from a session needs the session's key again.
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ on_both_backends!(
     a_session_ends_when_its_key_is_rolled_deleted_or_disabled,
     unknown_cookies_spend_the_source_budget,
     signing_a_key_out_everywhere_ends_only_its_sessions,
+    a_new_admin_or_edge_secret_from_a_session_needs_the_key_again,
 );
 
 /// The authority the requests are addressed to (`Host`), and this origin.
@@ -503,4 +505,87 @@ async fn signing_a_key_out_everywhere_ends_only_its_sessions(backend: Backend) {
     assert_eq!(mine.json()["ended"], 1);
     let reply = app.as_admin().delete("/api/v1/keys/nope/sessions").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text);
+}
+
+/// A stolen cookie alone must not mint a lasting secret with power: creating an admin or
+/// edge key, or rolling one (the roll hands out its new secret), from a session needs the
+/// session's own key again in `X-Metlo-Confirm-Key`. Client keys, and any request made
+/// with an API key, do not.
+async fn a_new_admin_or_edge_secret_from_a_session_needs_the_key_again(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let s = session_of(&sign_in(&app, &app.admin_key).await);
+    let (status, made) = app
+        .create(json!({"name": "second-admin", "role": "admin"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    let another_admin = made["apiKey"].as_str().unwrap().to_owned();
+    let refused = |reply: &Reply, what: &str| {
+        reply.assert_error(StatusCode::FORBIDDEN, "forbidden", what);
+        assert!(
+            reply.text.contains("needs your admin key again"),
+            "{}",
+            reply.text
+        );
+    };
+    let send = |method: Method, path: &str, body: Value, confirm: Option<&str>| {
+        let mut caller = s
+            .caller(&app)
+            .header("x-csrf-token", &s.csrf)
+            .header("origin", ORIGIN);
+        if let Some(key) = confirm {
+            caller = caller.header("x-metlo-confirm-key", key);
+        }
+        let path = path.to_owned();
+        async move { caller.send(method, &path, Some(body)).await }
+    };
+    let create = |name: &str, role: &str| json!({ "name": name, "role": role });
+    for role in ["admin", "edge"] {
+        for confirm in [None, Some("garbage"), Some(another_admin.as_str())] {
+            let reply = send(
+                Method::POST,
+                "/console/api/v1/keys/create",
+                create("minted", role),
+                confirm,
+            )
+            .await;
+            refused(&reply, &format!("{role} with {confirm:?}"));
+        }
+        let reply = send(
+            Method::POST,
+            "/console/api/v1/keys/create",
+            create(&format!("minted-{role}"), role),
+            Some(&app.admin_key),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    }
+    assert!(!app.list().await.iter().any(|k| k["name"] == "minted"));
+    // A client key needs nothing more.
+    let reply = send(
+        Method::POST,
+        "/console/api/v1/keys/create",
+        create("a-client", "client"),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    // Rolls: an admin key's new secret needs the key again, a client key's does not.
+    let roll = |name: &str| format!("/console/api/v1/keys/{name}/roll");
+    let reply = send(Method::POST, &roll("second-admin"), json!({}), None).await;
+    refused(&reply, "an admin key's roll");
+    let reply = send(
+        Method::POST,
+        &roll("second-admin"),
+        json!({}),
+        Some(&app.admin_key),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let reply = send(Method::POST, &roll("a-client"), json!({}), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    // The API, with an admin key, is unchanged.
+    let (status, body) = app
+        .create(json!({"name": "api-admin", "role": "admin"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
