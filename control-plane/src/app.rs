@@ -155,8 +155,9 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
             .build(),
         lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_lookups: Lookups::new(config.max_concurrent_lookups),
-        leak_reports: Arc::new(tokio::sync::Semaphore::new(
-            crate::http::limits::MAX_CONCURRENT_LEAK_REPORTS,
+        leak_reports: Arc::new(crate::service::abuse::ReportSlots::new(
+            crate::http::limits::SMALL_LEAK_REPORTS,
+            crate::http::limits::LARGE_LEAK_REPORTS,
         )),
         trusted_proxies: config.trusted_proxies.iter().map(|p| p.0).collect(),
         key_limits: config.key_limits()?,

@@ -179,35 +179,44 @@ type Case<'a> = (
 /// Issue 28: the route checks before it reads. 64 concurrent 8 MiB uploads naming a
 /// made-up key identifier grow the control plane's peak resident memory by less than
 /// 32 MiB (24 grew it by 142 MiB when every body was read first); 64 naming GitHub's
-/// real key with a wrong signature are read two at a time, so they cost what two
-/// bodies cost, not 64. With both slots held by stalled uploads, another report is 503
-/// with Retry-After; once they are gone, reports are read again.
+/// real key with a wrong signature, from 64 addresses, are read two at a time, so they
+/// cost what two bodies cost, not 64. Uploads that stall hold their slot only: two large
+/// ones fill the large pool but a small report still gets through; a source has one
+/// report read at a time; 32 small ones fill the small pool. Once they go, reports are
+/// read again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_reports_cost_memory_only_once_their_headers_check_out() {
     use tokio::io::AsyncWriteExt;
     let github_key = GitHubKey::generate("k1", true);
     let github = GitHubKeysEndpoint::start(&[&github_key]).await;
-    let cp = control_plane(Backend::Sqlite, &github, &[]).await;
+    let cp = control_plane(
+        Backend::Sqlite,
+        &github,
+        &[("TRUSTED_PROXIES", "127.0.0.1")],
+    )
+    .await;
     // GitHub's keys fetched once, so that the figures below are the uploads' alone.
     let small = report(&["metlo.x"]);
     let (status, _) = signed(&cp, &github_key, small.clone()).await;
     assert_eq!(status, StatusCode::OK);
     let pid = cp.pid();
+    let wrong = github_key.sign(b"something else");
+    let upload = |from: String, key_id: &'static str, body: axum::body::Bytes| {
+        let request = cp
+            .request(reqwest::Method::POST, "/api/v1/leaks/github", None)
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", from)
+            .header("Github-Public-Key-Identifier", key_id)
+            .header("Github-Public-Key-Signature", &wrong)
+            .body(body);
+        async move { request.send().await.map(|r| r.status()) }
+    };
 
     let big = axum::body::Bytes::from(vec![b' '; 8 * 1024 * 1024]);
-    let wrong_signature = github_key.sign(b"something else");
     let mut grown = vec![];
     for key_id in ["made-up", "k1"] {
         let before = metlo_tests::memory_kib(pid, "VmRSS");
-        let uploads = (0..64).map(|_| {
-            let request = cp
-                .request(reqwest::Method::POST, "/api/v1/leaks/github", None)
-                .header("content-type", "application/json")
-                .header("Github-Public-Key-Identifier", key_id)
-                .header("Github-Public-Key-Signature", &wrong_signature)
-                .body(big.clone());
-            async move { request.send().await.map(|r| r.status()) }
-        });
+        let uploads = (0..64).map(|i| upload(format!("198.51.100.{i}"), key_id, big.clone()));
         // Refused, or cut off while still sending once the answer was given.
         for status in futures::future::join_all(uploads)
             .await
@@ -236,39 +245,81 @@ async fn big_reports_cost_memory_only_once_their_headers_check_out() {
         grown[1]
     );
 
-    // Two uploads that stall after their head hold both slots…
-    let reading = || cp.metric("metlo_leak_reports_reading", "");
-    let wrong = github_key.sign(b"not this");
-    let mut stalled = vec![];
-    for held in 1..=2 {
-        let mut stream = tokio::net::TcpStream::connect(cp.url.trim_start_matches("http://"))
-            .await
-            .unwrap();
+    // Uploads that send their head and a byte, then nothing.
+    let stall = |from: &str, length: usize| {
         let head = format!(
             "POST /api/v1/leaks/github HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Github-Public-Key-Identifier: k1\r\nGithub-Public-Key-Signature: {wrong}\r\n\
-             Content-Length: 1000\r\n\r\n["
+             X-Forwarded-For: {from}\r\nGithub-Public-Key-Identifier: k1\r\n\
+             Github-Public-Key-Signature: {wrong}\r\nContent-Length: {length}\r\n\r\n["
         );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stalled.push(stream);
+        let addr = cp.url.trim_start_matches("http://").to_owned();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream
+        }
+    };
+    let reading = |pool: &'static str| cp.metric("metlo_leak_reports_reading", pool);
+    let wait_reading = |pool: &'static str, want: f64| async move {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while reading().await != f64::from(held) {
-            assert!(Instant::now() < deadline, "the upload never took a slot");
+        while reading(pool).await != want {
+            assert!(
+                Instant::now() < deadline,
+                "{pool}: never {want} reports being read"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    };
+    let small_probe = |from: &str| upload(from.to_owned(), "k1", small.clone().into());
+    let mut stalled = vec![];
+
+    // Two large ones fill the large pool; a small report still gets through.
+    for (n, from) in ["203.0.113.1", "203.0.113.2"].into_iter().enumerate() {
+        stalled.push(stall(from, 8 * 1024 * 1024).await);
+        wait_reading("pool=\"large\"", n as f64 + 1.0).await;
     }
-    let (status, body, headers) = post(&cp, small.clone(), Some("k1"), Some(&wrong)).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(headers["retry-after"], "1");
+    let large_probe = upload("203.0.113.3".into(), "k1", big.clone()).await;
+    assert!(large_probe.is_err() || large_probe.unwrap() == StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        small_probe("203.0.113.4").await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // One report at a time per source; 32 small ones fill the small pool.
+    stalled.push(stall("203.0.113.5", 1000).await);
+    wait_reading("pool=\"small\"", 1.0).await;
+    assert_eq!(
+        small_probe("203.0.113.5").await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        small_probe("203.0.113.6").await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
+    for i in 1..32 {
+        stalled.push(stall(&format!("192.0.2.{i}"), 1000).await);
+    }
+    wait_reading("pool=\"small\"", 32.0).await;
+    let refused = cp
+        .request(reqwest::Method::POST, "/api/v1/leaks/github", None)
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("Github-Public-Key-Identifier", "k1")
+        .header("Github-Public-Key-Signature", &wrong)
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+
     // …and free them when they go.
     drop(stalled);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reading().await != 0.0 {
-        assert!(Instant::now() < deadline, "the slots were never freed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let (status, body, _) = post(&cp, small, Some("k1"), Some(&wrong)).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    wait_reading("pool=\"small\"", 0.0).await;
+    wait_reading("pool=\"large\"", 0.0).await;
+    assert_eq!(
+        small_probe("203.0.113.7").await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

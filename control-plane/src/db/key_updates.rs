@@ -79,8 +79,10 @@ impl Store {
                 self.enqueue_delete(&mut tx, hash, now_ms).await?;
             }
         }
-        if after.disabled_at_ms.is_some() {
-            // Disabled (enabling it again later does not bring its sessions back).
+        let had_expired = before.expires_at_ms.is_some_and(|t| t <= now_ms);
+        if after.disabled_at_ms.is_some() || had_expired {
+            // Disabled, or expired (enabling or extending it later does not bring its
+            // sessions back, whether or not one was used while it was refused).
             let ended: Vec<String> = std::iter::once(after.key_hash.clone())
                 .chain(retired.iter().map(|r| r.key_hash.clone()))
                 .collect();

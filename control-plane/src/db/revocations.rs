@@ -63,6 +63,16 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The owning key's row lock first, as an update takes it before it reads the
+        // key's rolled-away secrets: otherwise an update running meanwhile could put the
+        // secret's record back into KV after this delete (PostgreSQL, READ COMMITTED).
+        sqlx::query(
+            "UPDATE api_keys SET name = name WHERE id IN \
+             (SELECT key_id FROM retired_secrets WHERE key_hash = $1)",
+        )
+        .bind(hash)
+        .execute(&mut *tx)
+        .await?;
         let ended = sqlx::query("DELETE FROM retired_secrets WHERE key_hash = $1")
             .bind(hash)
             .execute(&mut *tx)

@@ -2,7 +2,8 @@
 //! authenticated (mounted outside the key layer): the signature over the raw body, by one
 //! of GitHub's published keys, is the only credential. The headers (a signature that
 //! parses, a key GitHub lists) are checked before the body is read; the body is hashed as
-//! it streams, a few reports at a time; everything is checked before anything changes.
+//! it streams, a few reports at a time and one per source (`abuse::ReportSlots`);
+//! everything is checked before anything changes.
 
 use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
@@ -10,13 +11,13 @@ use axum::http::HeaderMap;
 use axum::Json;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, SemaphorePermit};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::client_ip::client_ip;
 use super::error::{ApiError, ErrorBody};
 use super::extract::Audited;
-use super::limits::{LEAK_REPORT_READ_TIMEOUT, MAX_LEAK_REPORT_BYTES};
+use super::limits::{leak_report_read_timeout, MAX_LEAK_REPORT_BYTES, SMALL_LEAK_REPORT_BYTES};
 use super::state::AppState;
 use crate::service::audit::Actor;
 use crate::service::github_keys::SignatureError;
@@ -39,9 +40,9 @@ pub fn router() -> OpenApiRouter<AppState> {
         (status = 400, description = "A header or the body is malformed", body = ErrorBody),
         (status = 401, description = "Unknown key identifier, or the signature does not match", body = ErrorBody),
         (status = 404, description = "Leak reports are off (LEAK_REVOCATION=off)", body = ErrorBody),
-        (status = 408, description = "The body took longer than 30 s to arrive", body = ErrorBody),
+        (status = 408, description = "The body took longer than 5 s, plus 1 s per 256 KiB announced, to arrive", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 503, description = "GitHub's keys cannot be fetched, or too many reports are being read at once (GitHub retries)", body = ErrorBody),
+        (status = 503, description = "GitHub's keys cannot be fetched, or too many reports (or one from the same source) are being read (GitHub retries)", body = ErrorBody),
     ),
     security(()))]
 async fn github(
@@ -66,9 +67,14 @@ async fn github(
         )
         .await
         .map_err(|e| refused(e, &actor))?;
-    // A few reports at once (GitHub retries a 503): what a body may hold in memory is
-    // bounded by MAX_CONCURRENT_LEAK_REPORTS × MAX_LEAK_REPORT_BYTES.
-    let Some(_slot) = Slot::take(&state.leak_reports) else {
+    // A few reports at once, one per source (GitHub retries a 503): see ReportSlots.
+    let announced = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let large = announced.is_none_or(|n| n > SMALL_LEAK_REPORT_BYTES as u64);
+    let ip = client_ip(request.extensions(), &headers, &state.trusted_proxies);
+    let Some(_slot) = state.leak_reports.take(ip, large) else {
         metrics::counter!("metlo_leak_reports_total", "result" => "busy").increment(1);
         return Err(ApiError::Service(crate::service::Error::Busy));
     };
@@ -106,7 +112,7 @@ fn refused(e: SignatureError, actor: &Actor) -> ApiError {
 }
 
 /// The body (at most [`MAX_LEAK_REPORT_BYTES`], 413 past it; within
-/// [`LEAK_REPORT_READ_TIMEOUT`], 408 past it) and its SHA-256, hashed as it streams.
+/// [`leak_report_read_timeout`], 408 past it) and its SHA-256, hashed as it streams.
 async fn read_hashed(request: Request) -> Result<(Vec<u8>, [u8; 32]), ApiError> {
     let announced = request
         .headers()
@@ -136,27 +142,10 @@ async fn read_hashed(request: Request) -> Result<(Vec<u8>, [u8; 32]), ApiError> 
         }
         Ok((bytes, hasher.finalize().into()))
     };
-    tokio::time::timeout(LEAK_REPORT_READ_TIMEOUT, read)
+    let deadline = leak_report_read_timeout(announced);
+    tokio::time::timeout(deadline, read)
         .await
-        .map_err(|_| ApiError::RequestTimeout(LEAK_REPORT_READ_TIMEOUT.as_secs()))?
-}
-
-/// One of the [`MAX_CONCURRENT_LEAK_REPORTS`](super::limits::MAX_CONCURRENT_LEAK_REPORTS)
-/// slots, shown in `metlo_leak_reports_reading` while held.
-struct Slot<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
-
-impl<'a> Slot<'a> {
-    fn take(slots: &'a Semaphore) -> Option<Self> {
-        let permit = slots.try_acquire().ok()?;
-        metrics::gauge!("metlo_leak_reports_reading").increment(1.0);
-        Some(Slot(permit))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        metrics::gauge!("metlo_leak_reports_reading").decrement(1.0);
-    }
+        .map_err(|_| ApiError::RequestTimeout(deadline.as_secs()))?
 }
 
 #[cfg(test)]
@@ -268,7 +257,7 @@ mod tests {
             Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
         assert!(matches!(
             read_hashed(request_with(stalled, Some(10))).await,
-            Err(ApiError::RequestTimeout(30))
+            Err(ApiError::RequestTimeout(6))
         ));
     }
 }

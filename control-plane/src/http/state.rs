@@ -68,7 +68,7 @@ pub struct Shared {
     /// caller whose cache entry just expired, into a 503.
     pub trusted_lookups: Lookups,
     /// Slots for leak reports being read and handled (503 when none is free).
-    pub leak_reports: Arc<tokio::sync::Semaphore>,
+    pub leak_reports: Arc<crate::service::abuse::ReportSlots>,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<IpNet>,
     /// Per-key rate limits of `/api/v1/verify`.

@@ -231,6 +231,70 @@ impl RecentlyValid {
     }
 }
 
+/// Leak reports being read at once: their bodies are nobody's until read whole and their
+/// signature checked, so they are bounded in number and per source. Small reports
+/// (GitHub's usual) and large or unannounced ones have pools of their own, so uploads
+/// trickling in large cannot hold up small reports; and a source (an IPv4 address, an
+/// IPv6 /64) has one report read at a time.
+pub struct ReportSlots {
+    small: Semaphore,
+    large: Semaphore,
+    sources: Mutex<std::collections::HashSet<IpNet>>,
+}
+
+/// A report being read; its pool's permit and its source are given back when dropped.
+pub struct ReportSlot<'a> {
+    _permit: SemaphorePermit<'a>,
+    slots: &'a ReportSlots,
+    source: Option<IpNet>,
+    pool: &'static str,
+}
+
+impl ReportSlots {
+    pub fn new(small: usize, large: usize) -> Self {
+        ReportSlots {
+            small: Semaphore::new(small),
+            large: Semaphore::new(large),
+            sources: Mutex::default(),
+        }
+    }
+
+    /// A slot for a report from `ip` in the small or the large pool; `None` when that
+    /// pool is full or the source already has a report being read.
+    pub fn take(&self, ip: Option<IpAddr>, large: bool) -> Option<ReportSlot<'_>> {
+        let (pool, name) = if large {
+            (&self.large, "large")
+        } else {
+            (&self.small, "small")
+        };
+        let permit = pool.try_acquire().ok()?;
+        let source = ip.map(source_of);
+        if let Some(source) = source {
+            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            if !sources.insert(source) {
+                return None;
+            }
+        }
+        metrics::gauge!("metlo_leak_reports_reading", "pool" => name).increment(1.0);
+        Some(ReportSlot {
+            _permit: permit,
+            slots: self,
+            source,
+            pool: name,
+        })
+    }
+}
+
+impl Drop for ReportSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(source) = &self.source {
+            let mut sources = self.slots.sources.lock().unwrap_or_else(|e| e.into_inner());
+            sources.remove(source);
+        }
+        metrics::gauge!("metlo_leak_reports_reading", "pool" => self.pool).decrement(1.0);
+    }
+}
+
 /// How long a lookup waits for a free slot before it is refused.
 const GATE_WAIT: Duration = Duration::from_millis(250);
 
@@ -379,5 +443,39 @@ mod tests {
         assert!(started.elapsed() >= GATE_WAIT);
         drop(a);
         drop(gate.enter().await.unwrap());
+    }
+
+    #[test]
+    fn report_slots_are_bounded_per_pool_and_per_source() {
+        let slots = ReportSlots::new(2, 1);
+        let a = slots
+            .take(ip("192.0.2.1"), false)
+            .expect("a free small slot");
+        assert!(
+            slots.take(ip("192.0.2.1"), false).is_none(),
+            "one per source"
+        );
+        assert!(
+            slots.take(ip("192.0.2.1"), true).is_none(),
+            "in either pool"
+        );
+        let big = slots
+            .take(ip("192.0.2.2"), true)
+            .expect("the large pool is apart");
+        assert!(
+            slots.take(ip("192.0.2.3"), true).is_none(),
+            "the large pool is full"
+        );
+        let b = slots
+            .take(ip("2001:db8::1"), false)
+            .expect("a second small slot");
+        assert!(slots.take(ip("2001:db8::2"), false).is_none(), "same /64");
+        assert!(
+            slots.take(ip("192.0.2.4"), false).is_none(),
+            "the small pool is full"
+        );
+        drop((a, big, b));
+        assert!(slots.take(ip("192.0.2.1"), false).is_some(), "given back");
+        assert!(slots.take(ip("192.0.2.3"), true).is_some(), "given back");
     }
 }

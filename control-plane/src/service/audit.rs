@@ -5,7 +5,8 @@
 //! authentications are counted in memory per (network, reason, route) — an IPv4 /24 or
 //! an IPv6 /64, with the first few addresses and key identifiers seen — and written once
 //! a second, the busiest sources first, at most `AUDIT_FAILURE_ROWS_PER_MINUTE` rows a
-//! minute. What is not itemised — rows past that cap, and every failure from a source
+//! minute per process (valid keys refused for their role, which name their caller, are
+//! always itemised). What is not itemised — rows past that cap, and every failure from a source
 //! that had spent its budget (a 429) — is counted in one summary row per minute and in
 //! `metlo_audit_failures_not_itemised_total`. A flood of bad keys from any number of
 //! addresses costs at most the cap plus one row a minute, not a write per request.
@@ -160,8 +161,8 @@ struct Window {
     past_budget: u64,
     /// Failures in rows past the minute's cap, or past [`MAX_PENDING_FAILURES`] sources.
     over_cap: u64,
-    /// Sources of the `over_cap` failures (a source folded in several flushes counts
-    /// each time).
+    /// Rows folded for the cap (a source folded in several flushes counts each time;
+    /// failures past [`MAX_PENDING_FAILURES`] sources are not told apart at all).
     sources: u64,
 }
 
@@ -263,9 +264,7 @@ impl AuthFailures {
             None if full => {
                 metrics::counter!("metlo_audit_failures_not_itemised_total", "why" => "over_cap")
                     .increment(1);
-                let window = pending.window();
-                window.over_cap += 1;
-                window.sources += 1;
+                pending.window().over_cap += 1;
                 return;
             }
             None => pending.counts.entry(source).or_insert(FailureCount {
@@ -298,12 +297,17 @@ impl AuthFailures {
         pending.window();
         let mut entries = std::mem::take(&mut pending.ended);
         let counts = std::mem::take(&mut pending.counts);
-        let mut sources: Vec<(FailureSource, FailureCount)> = counts.into_iter().collect();
-        sources.sort_unstable_by_key(|s| std::cmp::Reverse(s.1.count));
+        // A valid key refused for its role names its caller: always itemised (there are
+        // only so many keys), outside the cap that bounds anonymous junk.
+        let (mut sources, anonymous): (Vec<_>, Vec<_>) =
+            counts.into_iter().partition(|(s, _)| s.refused.is_some());
+        let mut anonymous: Vec<(FailureSource, FailureCount)> = anonymous;
+        anonymous.sort_unstable_by_key(|s| std::cmp::Reverse(s.1.count));
         let window = pending.window();
         let room = self.rows_per_minute.saturating_sub(window.rows);
-        let folded = sources.split_off(sources.len().min(room));
-        window.rows += sources.len();
+        let folded = anonymous.split_off(anonymous.len().min(room));
+        window.rows += anonymous.len();
+        sources.extend(anonymous);
         let folded_count: u64 = folded.iter().map(|(_, c)| c.count).sum();
         if folded_count > 0 {
             metrics::counter!("metlo_audit_failures_not_itemised_total", "why" => "over_cap")

@@ -384,10 +384,13 @@ pub async fn roll_key(
 ) -> Result<RolledKey, Error> {
     let name = &normalize_name(name);
     if actor.unconfirmed_session {
-        // What the roll hands out is a secret of the key's role.
-        if let Some(target) = store.key_by_name(name).await? {
-            actor.may_mint(target.role)?;
-        }
+        // What the roll hands out is a secret of the key's role (a key's role is set
+        // once, so reading it before the roll is reading it for the roll).
+        let target = store
+            .key_by_name(name)
+            .await?
+            .ok_or(Error::NotFound("no API key with this name"))?;
+        actor.may_mint(target.role)?;
     }
     let key = generate_key()?;
     let audit = actor.entry(

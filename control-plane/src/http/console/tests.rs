@@ -17,7 +17,7 @@ on_both_backends!(
     a_session_acts_as_its_admin_key_until_it_ends,
     changes_need_the_csrf_token_and_this_origin,
     failed_sign_ins_are_audited_and_limited,
-    a_session_ends_when_its_key_is_rolled_deleted_or_disabled,
+    a_session_ends_when_its_key_is_rolled_deleted_disabled_or_expires,
     unknown_cookies_spend_the_source_budget,
     signing_a_key_out_everywhere_ends_only_its_sessions,
     a_new_admin_or_edge_secret_from_a_session_needs_the_key_again,
@@ -360,8 +360,9 @@ async fn failed_sign_ins_are_audited_and_limited(backend: Backend) {
 
 /// A session never outlives a change of its key's secret: a roll ends it even while the
 /// old secret is still in its overlap (a stolen cookie must not outlive the roll that
-/// answers the theft), and a disable ends it even if the key is enabled again.
-async fn a_session_ends_when_its_key_is_rolled_deleted_or_disabled(backend: Backend) {
+/// answers the theft), a disable ends it even if the key is enabled again, and so does an
+/// expiry even if the key is given a later one.
+async fn a_session_ends_when_its_key_is_rolled_deleted_disabled_or_expires(backend: Backend) {
     let app = TestApp::on(backend).build().await;
     let admin = app.admin_key.clone();
     let signed_in = |name: &'static str| {
@@ -405,6 +406,19 @@ async fn a_session_ends_when_its_key_is_rolled_deleted_or_disabled(backend: Back
     assert_eq!(app.delete("deleted", Some(&admin)).await.0, StatusCode::OK);
     let ended = s.get(&app, "/console/session").await;
     assert_eq!(ended.status, StatusCode::UNAUTHORIZED, "{}", ended.text);
+
+    // Expiry: the session ends with its key, and stays ended when the key is extended.
+    let (_, s) = signed_in("expiring").await;
+    let soon = crate::clock::iso8601((crate::clock::now_ms() / 1000 + 120) * 1000);
+    let (status, body) = app.patch("expiring", json!({ "expiresAt": soon })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(s.get(&app, "/console/session").await.status, StatusCode::OK);
+    // Not used while its key is expired: extending the key must not bring it back.
+    app.advance(Duration::from_secs(121));
+    let (status, body) = app.patch("expiring", json!({ "expiresAt": null })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let still = s.get(&app, "/console/session").await;
+    assert_eq!(still.status, StatusCode::UNAUTHORIZED, "{}", still.text);
 }
 
 /// A made-up session cookie costs a lookup only within the source's failed-authentication
