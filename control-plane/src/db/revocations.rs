@@ -194,4 +194,58 @@ mod tests {
         assert_eq!(owners[&old_b], SecretOwner::Revoked);
         assert_eq!(s.list_keys(None).await.unwrap().len(), 2, "b itself stays");
     }
+
+    /// Ending a rolled-away secret takes its key's row lock first, as an update does
+    /// before it reads the key's rolled-away secrets: with an update holding it, the end
+    /// waits (PostgreSQL; SQLite's one writer serializes them anyway). Otherwise the
+    /// update could put the ended secret's record back into KV after the end's delete.
+    #[tokio::test]
+    async fn ending_a_rolled_away_secret_waits_for_an_update_of_its_key() {
+        use crate::test_util::TestApp;
+        let app = TestApp::on(crate::db::Backend::Postgres).build().await;
+        let old = app.create_key("k", "GENERIC").await;
+        let (status, body) = app
+            .roll("k", Some(serde_json::json!({"overlapSeconds": 3600})))
+            .await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{body}");
+        let store = app.app().store().clone();
+        // An update of the key, in progress: its row lock held.
+        let mut update = store.pool.begin().await.unwrap();
+        sqlx::query("UPDATE api_keys SET name = name WHERE name = 'k'")
+            .execute(&mut *update)
+            .await
+            .unwrap();
+        let hash = metlo_shared::KeyHash::of_text(&old).to_hex();
+        let ending = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .end_rolled_away_secret(&hash, &audit("key.leaked", "k"))
+                    .await
+            }
+        });
+        // The end waits on the lock (seen by PostgreSQL), not done meanwhile.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.app().store().pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(!ending.is_finished(), "the end did not wait for the update");
+            assert!(std::time::Instant::now() < deadline, "never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!ending.is_finished());
+        update.commit().await.unwrap();
+        assert!(
+            ending.await.unwrap().unwrap(),
+            "ended once the update committed"
+        );
+    }
 }

@@ -508,3 +508,30 @@ pub async fn page(
         next_before,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Anonymous junk gets the minute's cap; a valid key refused for its role (which
+    /// names its caller) is itemised whatever the junk did.
+    #[test]
+    fn role_refusals_are_itemised_outside_the_cap() {
+        let failures = AuthFailures::new(2);
+        for i in 0..5 {
+            let ip = format!("10.0.{i}.1");
+            failures.record(Some(ip), FailureReason::Invalid, None, None);
+        }
+        let caller = KeyRecord::sample();
+        failures.record_forbidden(Some("10.9.9.9".into()), None, &caller, &[Role::Admin]);
+        let rows = failures.take();
+        let refused: Vec<_> = rows.iter().filter(|r| r.actor.is_some()).collect();
+        assert_eq!(refused.len(), 1, "{rows:?}");
+        assert_eq!(refused[0].actor.as_deref(), Some(caller.name.as_str()));
+        assert_eq!(
+            rows.len(),
+            3,
+            "two anonymous rows (the cap) and the refusal"
+        );
+    }
+}
