@@ -53,7 +53,7 @@ st() { # key, filters…
         --checks all --max-examples "${MAX_EXAMPLES:-50}" --seed 1 \
         --phases examples,coverage,fuzzing "$@"
 }
-edge_paths='^/api/v1/(usage|keys/by-hash/.*)$'
+edge_paths='^/api/v1/(usage|revocations|keys/by-hash/.*)$'
 destructive='/(roll|delete)$'
 st "$admin" --exclude-path-regex "$edge_paths|^/api/v1/verify$|$destructive" --exclude-method PATCH
 st "$roller" --include-path-regex "$destructive"

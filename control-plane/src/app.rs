@@ -20,6 +20,7 @@ use crate::kv_sync::reconcile::{self, ReconcileStatus};
 use crate::service::abuse::{FailureLimiter, RecentlyValid};
 use crate::service::audit::{self, AuthFailures};
 use crate::service::console::SessionRules;
+use crate::service::feed::RevocationFeed;
 use crate::service::github_keys::GitHubKeys;
 use crate::service::usage::{self, Usage};
 use crate::service::verify::Lookups;
@@ -60,6 +61,13 @@ fn task(f: impl Future<Output = ()> + Send + 'static) -> Task {
 pub async fn build(config: &Config) -> anyhow::Result<App> {
     let mut tasks: Vec<Task> = Vec::new();
     let mut store = config.open_store().await?;
+    // The revocation feed's reader is woken by this process's commits (set before any
+    // clone of the store is handed out).
+    let feed = Arc::new(RevocationFeed::new(Duration::from_secs(
+        config.revocation_feed_window_seconds,
+    )));
+    let feed_wake = Arc::new(tokio::sync::Notify::new());
+    store = store.with_feed_wake(feed_wake.clone());
     let kv_sync = match config.kv.target()? {
         Some(target) => {
             let status = Arc::new(SyncStatus::default());
@@ -101,6 +109,15 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
             None
         }
     };
+    let postgres_url = config
+        .database_url
+        .clone()
+        .filter(|u| u.starts_with("postgres"));
+    tasks.push(task(feed.clone().run(
+        store.clone(),
+        feed_wake,
+        postgres_url,
+    )));
     // How long the edge may keep a record: while KV sync is on, as long as pushed records
     // live (deletes are pushed); while off, no longer than this process caches it.
     let edge_keep_seconds = match (&kv_sync, config.kv.kv_sync_ttl_seconds) {
@@ -155,6 +172,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
             .build(),
         lookups: Lookups::new(config.max_concurrent_lookups),
         trusted_lookups: Lookups::new(config.max_concurrent_lookups),
+        feed,
         leak_reports: Arc::new(crate::service::abuse::ReportSlots::new(
             crate::http::limits::SMALL_LEAK_REPORTS,
             crate::http::limits::LARGE_LEAK_REPORTS,
@@ -195,6 +213,9 @@ impl App {
         let audit_rows = audit::flush_failures(store, &self.state.auth_failures).await;
         audit::prune_past(store, self.audit_retention).await;
         let usage_rows = usage::flush(store, &self.state.usage).await;
+        if let Err(e) = self.state.feed.refresh(store).await {
+            tracing::warn!(error = %e, "revocation feed: read failed");
+        }
         if let Some(client) = &self.kv_client {
             drainer::drain_all(store, client).await;
         }

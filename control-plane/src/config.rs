@@ -109,6 +109,16 @@ pub struct Config {
         global = true
     )]
     pub audit_failure_rows_per_minute: u32,
+    /// How long the revocation feed keeps an event (at least the time Workers KV may
+    /// serve a stale value: its read cache plus its propagation).
+    #[arg(
+        long,
+        env = "REVOCATION_FEED_WINDOW_SECONDS",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(10..=86_400),
+        global = true
+    )]
+    pub revocation_feed_window_seconds: u64,
     /// Most database lookups of uncached keys at once; past it, 503 at once.
     #[arg(
         long,

@@ -74,8 +74,11 @@ impl Store {
                 .await?;
             }
         } else if before.serves_traffic() {
-            for hash in std::iter::once(&after.key_hash).chain(retired.iter().map(|r| &r.key_hash))
-            {
+            let hashes: Vec<&str> = std::iter::once(after.key_hash.as_str())
+                .chain(retired.iter().map(|r| r.key_hash.as_str()))
+                .collect();
+            self.feed_refused(&mut tx, &before, &hashes).await?;
+            for hash in hashes {
                 self.enqueue_delete(&mut tx, hash, now_ms).await?;
             }
         }

@@ -164,12 +164,14 @@ impl Store {
             .await?;
         for secret in &changed {
             if secret.retires_at_ms <= now {
+                self.feed_refused(&mut tx, &old, &[&secret.key_hash])
+                    .await?;
                 self.enqueue_delete(&mut tx, &secret.key_hash, now).await?;
             } else {
-                // KV gets the record with its new end at once (the edge refuses it from
-                // then on), and a delete when the overlap is over.
+                // The feed and KV get the record with its new end at once (the edge
+                // refuses it from then on), and KV a delete when the overlap is over.
                 let record = old.retired_record(&secret.identifier, secret.retires_at_ms);
-                self.enqueue_put(&mut tx, &old, &secret.key_hash, record)
+                self.enqueue_changed_put(&mut tx, &old, &secret.key_hash, record)
                     .await?;
                 self.enqueue_delete(&mut tx, &secret.key_hash, secret.retires_at_ms)
                     .await?;
@@ -388,6 +390,11 @@ impl Store {
             return Ok(None);
         };
         let now = now_ms();
+        let hashes: Vec<&str> = std::iter::once(&deleted.key_hash)
+            .chain(&retired)
+            .map(String::as_str)
+            .collect();
+        self.feed_refused(&mut tx, &deleted, &hashes).await?;
         for hash in std::iter::once(&deleted.key_hash).chain(&retired) {
             self.enqueue_delete(&mut tx, hash, now).await?;
             Self::record_revoked(&mut tx, hash, now).await?;
@@ -427,9 +434,15 @@ impl Store {
                 .bind(key.id)
                 .fetch_all(&mut *tx)
                 .await?;
+        let before = key.clone();
         let key = StoredKey { role, ..key };
         if !role.serves_traffic() {
             let now = now_ms();
+            let hashes: Vec<&str> = std::iter::once(&key.key_hash)
+                .chain(&retired)
+                .map(String::as_str)
+                .collect();
+            self.feed_refused(&mut tx, &before, &hashes).await?;
             for hash in std::iter::once(&key.key_hash).chain(&retired) {
                 self.enqueue_delete(&mut tx, hash, now).await?;
             }

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod bulk;
+pub mod feed;
 pub mod key_updates;
 pub mod keys;
 #[cfg(test)]
@@ -132,6 +133,9 @@ pub struct Store {
     delete_echo_ms: i64,
     /// Woken after every commit that wrote the outbox: this process's drainer.
     outbox_wake: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Woken after the same commits (they are the ones that feed): this process's
+    /// revocation-feed reader.
+    feed_wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Store {
@@ -212,6 +216,7 @@ impl Store {
             outbox: false,
             delete_echo_ms: 0,
             outbox_wake: None,
+            feed_wake: None,
         }
     }
 
@@ -238,6 +243,13 @@ impl Store {
         self
     }
 
+    /// Wakes `reader` (this process's revocation-feed reader) after every commit that
+    /// may have fed (other replicas' readers are woken by Postgres `NOTIFY`).
+    pub fn with_feed_wake(mut self, reader: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.feed_wake = Some(reader);
+        self
+    }
+
     /// Wakes `drainer` after each commit that wrote the outbox (other replicas' drainers
     /// are woken by Postgres `NOTIFY`).
     pub fn with_outbox_wake(mut self, drainer: std::sync::Arc<tokio::sync::Notify>) -> Self {
@@ -248,7 +260,7 @@ impl Store {
     /// Commits a transaction that wrote the outbox, then wakes the drainer.
     async fn commit_outbox(&self, tx: Tx) -> Result<(), StoreError> {
         tx.commit().await?;
-        if let Some(wake) = &self.outbox_wake {
+        for wake in [&self.outbox_wake, &self.feed_wake].into_iter().flatten() {
             wake.notify_one();
         }
         Ok(())

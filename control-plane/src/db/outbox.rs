@@ -23,8 +23,8 @@ impl Store {
         self.enqueue(tx, kv_key, Some(record.to_json()), 0).await
     }
 
-    /// A KV put that changes a record the edge may already hold (an update): sent now,
-    /// and again one echo later. An edge that looked the key up just before the change
+    /// A KV put that changes a record the edge may already hold (an update): fed to the
+    /// revocation feed, sent now, and again one echo later. An edge that looked the key up just before the change
     /// writes the old record into KV itself, and that write can land after ours; the
     /// echo overwrites it, so a stale record lasts one echo, not the edge's KV TTL.
     pub(super) async fn enqueue_changed_put(
@@ -37,6 +37,7 @@ impl Store {
         if !key.serves_traffic() {
             return Ok(());
         }
+        self.feed_record(tx, key, kv_key, &record).await?;
         let json = record.to_json();
         self.enqueue(tx, kv_key, Some(json.clone()), 0).await?;
         if self.delete_echo_ms > 0 {

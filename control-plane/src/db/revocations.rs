@@ -66,12 +66,12 @@ impl Store {
         // The owning key's row lock first, as an update takes it before it reads the
         // key's rolled-away secrets: otherwise an update running meanwhile could put the
         // secret's record back into KV after this delete (PostgreSQL, READ COMMITTED).
-        sqlx::query(
+        let owner: Option<StoredKey> = sqlx::query_as(&format!(
             "UPDATE api_keys SET name = name WHERE id IN \
-             (SELECT key_id FROM retired_secrets WHERE key_hash = $1)",
-        )
+             (SELECT key_id FROM retired_secrets WHERE key_hash = $1) RETURNING {KEY_COLUMNS}"
+        ))
         .bind(hash)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
         let ended = sqlx::query("DELETE FROM retired_secrets WHERE key_hash = $1")
             .bind(hash)
@@ -82,6 +82,9 @@ impl Store {
             return Ok(false);
         }
         let now = now_ms();
+        if let Some(owner) = &owner {
+            self.feed_refused(&mut tx, owner, &[hash]).await?;
+        }
         self.enqueue_delete(&mut tx, hash, now).await?;
         Self::record_revoked(&mut tx, hash, now).await?;
         self.audit_in(&mut tx, audit).await?;

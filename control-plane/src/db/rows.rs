@@ -13,6 +13,8 @@ pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 /// Postgres channel the outbox writers notify, so every replica's drainer wakes at once.
 pub const OUTBOX_CHANNEL: &str = "metlo_kv_outbox";
+/// PostgreSQL channel notified when revocation-feed rows commit.
+pub const FEED_CHANNEL: &str = "metlo_revocation_feed";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
@@ -236,6 +238,16 @@ pub struct SessionRow {
     pub csrf_token: String,
     pub created_ms: i64,
     pub last_seen_ms: i64,
+}
+
+/// One revocation-feed event.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct FeedRow {
+    pub seq: i64,
+    pub key_hash: String,
+    /// The secret's record from now on; `None`: refused.
+    pub record: Option<String>,
+    pub at_ms: i64,
 }
 
 /// One pending KV update.

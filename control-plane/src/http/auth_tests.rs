@@ -91,6 +91,7 @@ async fn every_route_for_every_role(backend: Backend) {
             Some(json!({"used": {}})),
             Edge,
         ),
+        (Method::GET, "/api/v1/revocations".into(), None, Edge),
     ];
     let mut refused = 0;
     for (method, path, body, allowed) in &routes {

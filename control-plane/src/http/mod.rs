@@ -17,6 +17,9 @@ mod console;
 pub(crate) mod context;
 pub mod error;
 pub mod extract;
+mod feed;
+#[cfg(test)]
+mod feed_tests;
 #[cfg(test)]
 mod key_lists_tests;
 #[cfg(test)]
@@ -61,6 +64,7 @@ pub fn app(state: AppState) -> Router {
         .merge(keys::router())
         .merge(audit::router())
         .merge(usage::router())
+        .merge(feed::router())
         .layer(
             ServiceBuilder::new()
                 .layer(metrics::TrackRequestsLayer)

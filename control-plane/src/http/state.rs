@@ -67,6 +67,8 @@ pub struct Shared {
     /// fills `lookups` only, so it cannot turn every KV miss at the edge, or a real
     /// caller whose cache entry just expired, into a 503.
     pub trusted_lookups: Lookups,
+    /// The revocation feed, as the edge reads it (held in memory).
+    pub feed: Arc<crate::service::feed::RevocationFeed>,
     /// Slots for leak reports being read and handled (503 when none is free).
     pub leak_reports: Arc<crate::service::abuse::ReportSlots>,
     /// Peers whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).

@@ -6,6 +6,7 @@
 pub mod abuse;
 pub mod audit;
 pub mod console;
+pub mod feed;
 pub mod github_keys;
 pub mod key_limits;
 pub mod key_lists;

@@ -1,0 +1,181 @@
+//! The revocation feed's route, in process on both backends: what each change feeds (and
+//! what it does not), paging with `after`, the window, who may read it, bad queries; and
+//! a reader started afresh finds the same events.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use metlo_shared::KeyHash;
+use serde_json::{json, Value};
+
+use crate::db::Backend;
+use crate::service::feed::RevocationFeed;
+use crate::test_util::{on_both_backends, TestApp};
+
+on_both_backends!(
+    changes_that_stop_or_change_a_secret_are_fed_in_order,
+    the_feed_is_for_the_edge_and_refuses_bad_queries,
+);
+
+fn hash(key: &str) -> String {
+    KeyHash::of_text(key).to_hex()
+}
+
+async fn feed(app: &TestApp, query: &str) -> Value {
+    app.flush().await;
+    let reply = app
+        .as_edge()
+        .get(&format!("/api/v1/revocations{query}"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    reply.json()
+}
+
+/// (hash, refused?, the record's `expires`) of each event.
+fn events(page: &Value) -> Vec<(String, bool, Value)> {
+    page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["hash"].as_str().unwrap().to_owned(),
+                e["record"].is_null(),
+                e["record"]["expires"].clone(),
+            )
+        })
+        .collect()
+}
+
+async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let keys: Vec<String> = {
+        let mut keys = vec![];
+        for name in ["deleted", "disabled", "rolled", "rolled-now", "expiring"] {
+            keys.push(app.create_key(name, "GENERIC").await);
+        }
+        keys
+    };
+    let start = feed(&app, "").await;
+    assert!(
+        start["events"].as_array().unwrap().is_empty(),
+        "creates feed nothing: {start}"
+    );
+    let s0 = start["seq"].as_i64().unwrap();
+
+    assert_eq!(
+        app.delete("deleted", Some(&app.admin_key)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.patch("disabled", json!({"enabled": false})).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.patch("disabled", json!({"enabled": true})).await.0,
+        StatusCode::OK
+    );
+    let (status, rolled) = app
+        .roll("rolled", Some(json!({"overlapSeconds": 3600})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    assert_eq!(app.roll("rolled-now", None).await.0, StatusCode::OK);
+    let soon = crate::clock::iso8601((crate::clock::now_ms() / 1000 + 600) * 1000);
+    assert_eq!(
+        app.patch("expiring", json!({"expiresAt": soon})).await.0,
+        StatusCode::OK
+    );
+    // Keys that do not serve traffic never put a hash in the feed.
+    let (status, admin) = app
+        .create(json!({"name": "an-admin", "role": "admin"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{admin}");
+    assert_eq!(
+        app.delete("an-admin", Some(&app.admin_key)).await.0,
+        StatusCode::OK
+    );
+
+    let page = feed(&app, &format!("?after={s0}")).await;
+    let got = events(&page);
+    let expected: Vec<(String, bool)> = vec![
+        (hash(&keys[0]), true),  // deleted
+        (hash(&keys[1]), true),  // disabled
+        (hash(&keys[1]), false), // enabled again: its record
+        (hash(&keys[2]), false), // rolled with an overlap: its record, ending
+        (hash(&keys[3]), true),  // rolled without one
+        (hash(&keys[4]), false), // an expiry brought forward
+    ];
+    assert_eq!(
+        got.iter()
+            .map(|(h, r, _)| (h.clone(), *r))
+            .collect::<Vec<_>>(),
+        expected,
+        "{page}"
+    );
+    assert!(
+        got[3].2.as_u64().is_some(),
+        "the rolled-away secret's end: {page}"
+    );
+    assert!(got[5].2.as_u64().is_some(), "the new expiry: {page}");
+    let seqs: Vec<i64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "numbered without gaps: {seqs:?}"
+    );
+    assert_eq!(page["seq"].as_i64(), seqs.last().copied());
+
+    // Nothing after the last one; the whole window without `after`.
+    let last = page["seq"].as_i64().unwrap();
+    assert!(feed(&app, &format!("?after={last}")).await["events"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(events(&feed(&app, "").await).len(), 6);
+
+    // A reader started afresh (another replica, a restart) finds the same events.
+    let fresh = RevocationFeed::new(Duration::from_secs(120));
+    fresh.refresh(app.app().store()).await.unwrap();
+    let again = serde_json::to_value(fresh.page(Some(s0))).unwrap();
+    assert_eq!(events(&again), got);
+
+    // Past the window the events are forgotten; `from` says so to a reader behind it.
+    app.advance(Duration::from_secs(121));
+    let later = feed(&app, &format!("?after={s0}")).await;
+    assert!(later["events"].as_array().unwrap().is_empty(), "{later}");
+    assert_eq!(later["from"], later["seq"]);
+    assert!(
+        later["from"].as_i64().unwrap() > s0,
+        "the reader at {s0} must start over"
+    );
+}
+
+async fn the_feed_is_for_the_edge_and_refuses_bad_queries(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let path = "/api/v1/revocations";
+    assert_eq!(
+        app.anonymous().get(path).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    for caller in [app.as_admin(), app.as_client()] {
+        caller
+            .get(path)
+            .await
+            .assert_error(StatusCode::FORBIDDEN, "forbidden", "not the edge");
+    }
+    for bad in ["?after=-1", "?after=x", "?after=1&other=2"] {
+        app.as_edge()
+            .get(&format!("{path}{bad}"))
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "bad_request", bad);
+    }
+    assert_eq!(
+        app.as_edge().get(&format!("{path}?after=0")).await.status,
+        StatusCode::OK
+    );
+}
