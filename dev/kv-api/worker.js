@@ -15,12 +15,20 @@
 // GET /__stats returns what was received (keys put and deleted, the last
 // expiration_ttl per key); POST /__stats clears it. (A refusing
 // target is a stopped one.)
+//
+// Propagation delay (what Workers KV does in production: a write reaches other locations
+// only after a while): POST /__propagation {"delayMs": 60000} (or the PROPAGATION_DELAY_MS
+// var at start) makes every write answer at once and apply only that much later — held by
+// a Durable Object and applied by its alarm, so it happens even with no request here
+// meanwhile. GET /__propagation says the delay and how many writes are still held.
 
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete|keys|values\/[^/]+)$/;
 let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0, after: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, delayed: 0, puts: [], deletes: [], ttls: {} });
 let stats = emptyStats();
+// Writes are applied this much after they are answered (null: the PROPAGATION_DELAY_MS var).
+let propagationMs = null;
 
 const envelope = (status, ok, errors = [], result = null) =>
   new Response(JSON.stringify({ success: ok, errors, messages: [], result }), {
@@ -33,6 +41,12 @@ export default {
     if (url.pathname === "/__faults" && request.method === "POST") {
       faults = await request.json();
       return envelope(200, true);
+    }
+    if (url.pathname === "/__propagation") {
+      if (request.method === "POST") propagationMs = Number((await request.json()).delayMs) || 0;
+      const held = await heldWrites(env).fetch("http://held/count");
+      return new Response(JSON.stringify({ delayMs: delay(env), held: (await held.json()).held }),
+        { headers: { "content-type": "application/json" } });
     }
     if (url.pathname === "/__stats") {
       if (request.method === "POST") stats = emptyStats();
@@ -78,9 +92,57 @@ export default {
       ctx.waitUntil(late);
       return late;
     }
+    if (delay(env) > 0 && skip === 0 && (m[2] === "bulk" || m[2] === "bulk/delete")) {
+      // Answered now (as Cloudflare does), visible to the Worker only later.
+      const due = Date.now() + delay(env);
+      await heldWrites(env).fetch("http://held/hold", {
+        method: "POST", body: JSON.stringify({ due, route: m[2], method: request.method, body }),
+      });
+      const keys = body.length;
+      return envelope(200, true, [], { successful_key_count: keys, unsuccessful_keys: [] });
+    }
     return apply(m[2], request.method, body, env, skip);
   },
 };
+
+const delay = (env) => propagationMs ?? (Number(env.PROPAGATION_DELAY_MS) || 0);
+const heldWrites = (env) => env.HELD.get(env.HELD.idFromName("held"));
+
+// Writes waiting for their propagation delay, in the order they came; the alarm applies
+// those that are due, in that order, and waits for the next.
+export class HeldWrites {
+  constructor(state, env) {
+    this.state = state;
+    this.env = env;
+  }
+
+  async fetch(request) {
+    const url = new URL(request.url);
+    if (url.pathname === "/count") {
+      const held = await this.state.storage.list({ prefix: "w:" });
+      return new Response(JSON.stringify({ held: held.size }));
+    }
+    const write = await request.json();
+    const seq = ((await this.state.storage.get("seq")) ?? 0) + 1;
+    await this.state.storage.put("seq", seq);
+    await this.state.storage.put(`w:${String(seq).padStart(12, "0")}`, write);
+    const alarm = await this.state.storage.getAlarm();
+    if (alarm === null || alarm > write.due) await this.state.storage.setAlarm(write.due);
+    return new Response("held");
+  }
+
+  async alarm() {
+    const held = await this.state.storage.list({ prefix: "w:" });
+    let next = null;
+    for (const [key, write] of held) {
+      if (write.due > Date.now()) { next = write.due; break; }
+      stats.delayed++;
+      await apply(write.route, write.method, write.body, this.env, 0);
+      await this.state.storage.delete(key);
+    }
+    if (next !== null) await this.state.storage.setAlarm(next);
+  }
+}
 
 // `skip`: how many of the first keys to leave unapplied and report as unsuccessful.
 async function apply(route, method, body, env, skip) {

@@ -224,7 +224,9 @@ impl KvApi {
         let config = format!(
             "name = \"metlo-kv-api-test\"\nmain = {main:?}\ncompatibility_date = \"2025-09-01\"\n\n\
              [[kv_namespaces]]\nbinding = \"KEYS\"\nid = \"{KV_NAMESPACE}\"\n\n\
-             [vars]\nNAMESPACE_ID = \"{KV_NAMESPACE}\"\nAPI_TOKEN = \"{KV_API_TOKEN}\"\n",
+             [vars]\nNAMESPACE_ID = \"{KV_NAMESPACE}\"\nAPI_TOKEN = \"{KV_API_TOKEN}\"\n\n\
+             [[durable_objects.bindings]]\nname = \"HELD\"\nclass_name = \"HeldWrites\"\n\n\
+             [[migrations]]\ntag = \"v1\"\nnew_sqlite_classes = [\"HeldWrites\"]\n",
             main = workspace_root().join("dev/kv-api/worker.js").display().to_string(),
         );
         std::fs::write(dir.path().join("wrangler.toml"), config).unwrap();
@@ -305,6 +307,31 @@ impl KvApi {
     pub async fn inject_delay(&self, delay: Duration, count: u32) {
         self.set_faults(json!({"delayMs": delay.as_millis() as u64, "count": count}))
             .await;
+    }
+
+    /// From now on, every write is answered at once and visible to the Worker only `delay`
+    /// later (KV's propagation in production); zero: at once again.
+    pub async fn set_propagation_delay(&self, delay: Duration) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/__propagation", self.url))
+            .json(&json!({"delayMs": delay.as_millis() as u64}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Writes answered but not yet visible to the Worker.
+    pub async fn held_writes(&self) -> u64 {
+        let r: Value = reqwest::Client::new()
+            .get(format!("{}/__propagation", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["held"].as_u64().unwrap()
     }
 
     /// The next `count` API calls succeed as a whole but leave out the first `keys` keys

@@ -969,3 +969,59 @@ async fn scheduled_deletes_do_not_block_later_updates() {
     }
     assert_eq!(edge_status(&s, &b3).await, StatusCode::OK);
 }
+
+/// The KV stand-in's propagation delay (what production KV does between locations): a
+/// delete is answered at once but reaches the Worker only after the delay, so — until the
+/// Worker reads the revocation feed (issue 29) — the edge keeps admitting the deleted key
+/// from KV meanwhile, and refuses it once the held write is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_propagation_delay_is_reproduced_locally() {
+    let s = full(Backend::Sqlite, &[]).await;
+    let kv = &*s.kv;
+    let key = s.cp.create_key("delayed", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    assert_eq!(
+        s.edge.get("/", Some(&key)).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    kv.set_propagation_delay(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.cp.delete("delayed", Some(&s.cp.admin_key)).await.0,
+        StatusCode::OK
+    );
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    // The KV API took the delete; the Worker's KV does not have it yet.
+    assert_eq!(kv.held_writes().await, 1);
+    let deleted = Instant::now();
+    // Once the isolate's entry expires the key comes from KV again: still there.
+    loop {
+        let r = s.edge.get("/", Some(&key)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "admitted during the delay");
+        // The edge tells the origin where the record came from.
+        if s.origin.requests().last().unwrap().headers_source() == "kv" {
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(2),
+            "never served from KV"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once the held delete lands, the edge refuses the key.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kv.held_writes().await > 0 {
+        assert!(Instant::now() < deadline, "the held delete never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge_until(&s, &key, StatusCode::UNAUTHORIZED, Duration::from_secs(5)).await;
+    println!(
+        "the delete reached the Worker's KV {:?} after it was answered",
+        deleted.elapsed()
+    );
+    assert!(
+        deleted.elapsed() >= Duration::from_secs(2),
+        "held for the delay"
+    );
+    kv.set_propagation_delay(Duration::ZERO).await;
+}

@@ -466,7 +466,11 @@ async fn main() -> ExitCode {
                     Some("dev/kv-api/wrangler.toml"),
                     kv,
                     port("DEV_KV_INSPECTOR_PORT"),
-                    &[],
+                    // KV's propagation in production, reproduced (`KV_PROPAGATION_DELAY_MS`).
+                    &[format!(
+                        "PROPAGATION_DELAY_MS:{}",
+                        std::env::var("KV_PROPAGATION_DELAY_MS").unwrap_or_else(|_| "0".into())
+                    )],
                 ),
                 Some(PathBuf::from(".wrangler-kv-api.log")),
                 format!("http://127.0.0.1:{kv}/__stats"),
