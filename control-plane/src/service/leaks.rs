@@ -344,6 +344,20 @@ mod tests {
             url: String::new(),
             source: String::new(),
         };
+        // Revokes as a report would, with what the lookup found back then.
+        let revoke = |owner: &SecretOwner, hash: &str, leaked: &ApiKey| {
+            let (store, cache) = (&store, &cache);
+            let (owner, hash, alert) = (
+                owner.clone(),
+                hash.to_owned(),
+                alert(leaked.expose_secret()),
+            );
+            async move {
+                act(store, cache, &owner, &hash, &alert, LeakMode::Revoke, &None)
+                    .await
+                    .unwrap()
+            }
+        };
         let make = |name: &str| {
             let secret = ApiKey::generate().unwrap();
             let row = crate::db::rows::StoredKey::new(
@@ -368,17 +382,7 @@ mod tests {
             .await
             .unwrap();
         let (new, _) = roll(&store, "rolled", std::time::Duration::from_secs(3600)).await;
-        let revoked = act(
-            &store,
-            &cache,
-            &owners[&hash],
-            &hash,
-            &alert(leaked.expose_secret()),
-            LeakMode::Revoke,
-            &None,
-        )
-        .await
-        .unwrap();
+        let revoked = revoke(&owners[&hash], &hash, &leaked).await;
         assert!(
             revoked,
             "the reported secret, rolled away meanwhile, is ended"
@@ -417,17 +421,7 @@ mod tests {
             .insert_key(&row, 10, &audit("key.create", "again"))
             .await
             .unwrap();
-        let revoked = act(
-            &store,
-            &cache,
-            &owners[&hash],
-            &hash,
-            &alert(leaked.expose_secret()),
-            LeakMode::Revoke,
-            &None,
-        )
-        .await
-        .unwrap();
+        let revoked = revoke(&owners[&hash], &hash, &leaked).await;
         assert!(!revoked);
         let now = store.secret_owners(&[other.hash().to_hex()]).await.unwrap();
         assert!(
