@@ -20,15 +20,21 @@
 // only after a while): POST /__propagation {"delayMs": 60000} (or the PROPAGATION_DELAY_MS
 // var at start) makes every write answer at once and apply only that much later — held by
 // a Durable Object and applied by its alarm, so it happens even with no request here
-// meanwhile. GET /__propagation says the delay and how many writes are still held.
+// meanwhile; once one was held, later writes queue behind it even with no delay, so none
+// overtakes another. GET /__propagation says the delay and how many writes are still held
+// (`held` in /__stats counts those received that way; `puts`/`deletes` list them once
+// applied).
 
 const PREFIX = /^\/client\/v4\/accounts\/[^/]+\/storage\/kv\/namespaces\/([^/]+)\/(bulk|bulk\/delete|keys|values\/[^/]+)$/;
 let faults = { status: 0, count: 0, delayMs: 0, unsuccessful: 0, after: 0 };
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, delayed: 0, puts: [], deletes: [], ttls: {} });
+const emptyStats = () => ({ putRequests: 0, deleteRequests: 0, listRequests: 0, delayed: 0, held: 0, puts: [], deletes: [], ttls: {} });
 let stats = emptyStats();
 // Writes are applied this much after they are answered (null: the PROPAGATION_DELAY_MS var).
 let propagationMs = null;
+// Once a write was held, every later one goes through the same queue, delay or not, so
+// that none overtakes a held one (a later put undone by an older held delete).
+let everHeld = false;
 
 const envelope = (status, ok, errors = [], result = null) =>
   new Response(JSON.stringify({ success: ok, errors, messages: [], result }), {
@@ -92,8 +98,12 @@ export default {
       ctx.waitUntil(late);
       return late;
     }
-    if (delay(env) > 0 && skip === 0 && (m[2] === "bulk" || m[2] === "bulk/delete")) {
+    if ((delay(env) > 0 || everHeld) && skip === 0 && (m[2] === "bulk" || m[2] === "bulk/delete")) {
+      const refused = invalid(m[2], request.method, body);
+      if (refused) return refused;
       // Answered now (as Cloudflare does), visible to the Worker only later.
+      everHeld = true;
+      stats.held++;
       const due = Date.now() + delay(env);
       await heldWrites(env).fetch("http://held/hold", {
         method: "POST", body: JSON.stringify({ due, route: m[2], method: request.method, body }),
@@ -136,7 +146,6 @@ export class HeldWrites {
     let next = null;
     for (const [key, write] of held) {
       if (write.due > Date.now()) { next = write.due; break; }
-      stats.delayed++;
       await apply(write.route, write.method, write.body, this.env, 0);
       await this.state.storage.delete(key);
     }
@@ -144,10 +153,19 @@ export class HeldWrites {
   }
 }
 
-// `skip`: how many of the first keys to leave unapplied and report as unsuccessful.
-async function apply(route, method, body, env, skip) {
+// The error a write's request gets before anything is applied (null: none).
+function invalid(route, method, body) {
   if (!Array.isArray(body) || body.length > 10000)
     return envelope(400, false, [{ code: 10026, message: "body must be an array of at most 10000 items" }]);
+  if (!(route === "bulk" && method === "PUT") && !(route === "bulk/delete" && method === "POST"))
+    return envelope(405, false, [{ code: 10000, message: "method not allowed" }]);
+  return null;
+}
+
+// `skip`: how many of the first keys to leave unapplied and report as unsuccessful.
+async function apply(route, method, body, env, skip) {
+  const refused = invalid(route, method, body);
+  if (refused) return refused;
   const unsuccessful = body.slice(0, skip).map((item) => (typeof item === "string" ? item : item.key));
   body = body.slice(skip);
   const result = { successful_key_count: body.length, unsuccessful_keys: unsuccessful };

@@ -93,6 +93,7 @@ async fn every_route_for_every_role(backend: Backend) {
         ),
         (Method::GET, "/api/v1/revocations".into(), None, Edge),
     ];
+    app.flush().await; // the revocation feed is served once read
     let mut refused = 0;
     for (method, path, body, allowed) in &routes {
         for who in CALLERS {

@@ -30,13 +30,16 @@ pub struct FeedQuery {
 
 /// The events of the feed's window after `after`: each a secret refused from now on
 /// (`record` null), or given a new record (narrowed, or enabled again). `seq` is the
-/// number to ask after next time; a reader whose `after` is below `from` missed events
-/// that left the window and must start over from this page.
+/// number to ask after next time (at once when `more`: the page was full); a reader whose
+/// `after` is below `from` missed events that left the window and must start over from
+/// this page. 503 while this replica's view is not current (not read since its start, or
+/// not for 5 s): a reader must not take it for the whole feed.
 #[utoipa::path(get, path = "/api/v1/revocations", tag = "edge", params(FeedQuery),
     responses((status = 200, body = FeedPage),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "The key's role may not call this route", body = ErrorBody)),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 503, description = "This replica's feed is not current", body = ErrorBody)),
     security(("api_key" = ["edge"])))]
 async fn revocations(
     _: Authorized<EdgeWorkers>,
@@ -48,8 +51,9 @@ async fn revocations(
     if q.after.is_some_and(|a| a < 0) {
         return Err(ApiError::BadRequest("after must be at least 0".into()));
     }
-    Ok((
-        [(header::CACHE_CONTROL, "no-store")],
-        Json(state.feed.page(q.after)),
-    ))
+    let page = state.feed.page(q.after).map_err(|e| {
+        tracing::warn!(error = %e, "revocation feed refused");
+        ApiError::Service(crate::service::Error::Unavailable)
+    })?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(page)))
 }

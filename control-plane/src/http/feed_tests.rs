@@ -15,6 +15,8 @@ use crate::test_util::{on_both_backends, TestApp};
 on_both_backends!(
     changes_that_stop_or_change_a_secret_are_fed_in_order,
     the_feed_is_for_the_edge_and_refuses_bad_queries,
+    a_feed_that_is_not_current_is_not_served,
+    rows_pruned_before_a_reader_saw_them_make_it_start_over,
 );
 
 fn hash(key: &str) -> String {
@@ -141,7 +143,7 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
     // A reader started afresh (another replica, a restart) finds the same events.
     let fresh = RevocationFeed::new(Duration::from_secs(120));
     fresh.refresh(app.app().store()).await.unwrap();
-    let again = serde_json::to_value(fresh.page(Some(s0))).unwrap();
+    let again = serde_json::to_value(fresh.page(Some(s0)).unwrap()).unwrap();
     assert_eq!(events(&again), got);
 
     // Past the window the events are forgotten; `from` says so to a reader behind it.
@@ -157,6 +159,7 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
 
 async fn the_feed_is_for_the_edge_and_refuses_bad_queries(backend: Backend) {
     let app = TestApp::on(backend).build().await;
+    app.flush().await;
     let path = "/api/v1/revocations";
     assert_eq!(
         app.anonymous().get(path).await.status,
@@ -178,4 +181,50 @@ async fn the_feed_is_for_the_edge_and_refuses_bad_queries(backend: Backend) {
         app.as_edge().get(&format!("{path}?after=0")).await.status,
         StatusCode::OK
     );
+}
+
+/// Before its first read, and when it has not read for seconds (the database away), a
+/// replica answers 503 rather than a page a reader would take for the whole feed.
+async fn a_feed_that_is_not_current_is_not_served(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let path = "/api/v1/revocations";
+    app.as_edge().get(path).await.assert_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "not read yet",
+    );
+    app.flush().await;
+    assert_eq!(app.as_edge().get(path).await.status, StatusCode::OK);
+    app.advance(Duration::from_secs(6));
+    app.as_edge().get(path).await.assert_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "not read for 6 s",
+    );
+    app.flush().await;
+    assert_eq!(app.as_edge().get(path).await.status, StatusCode::OK);
+}
+
+/// Rows pruned before this replica read them (another replica's pruner, a clock far
+/// off): the numbers jump, and the reader's view starts over from the rows there are —
+/// `from` moves, so a reader behind it starts over too.
+async fn rows_pruned_before_a_reader_saw_them_make_it_start_over(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    for name in ["a", "b", "c"] {
+        app.create_key(name, "GENERIC").await;
+    }
+    let seen = feed(&app, "").await["seq"].as_i64().unwrap();
+    assert_eq!(
+        app.delete("a", Some(&app.admin_key)).await.0,
+        StatusCode::OK
+    );
+    // Pruned before this replica read it.
+    app.app().store().prune_feed(i64::MAX).await.unwrap();
+    assert_eq!(
+        app.delete("b", Some(&app.admin_key)).await.0,
+        StatusCode::OK
+    );
+    let page = feed(&app, &format!("?after={seen}")).await;
+    assert_eq!(page["from"].as_i64(), Some(seen + 1), "{page}");
+    assert_eq!(events(&page).len(), 1, "only what there is: {page}");
 }

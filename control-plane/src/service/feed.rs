@@ -22,6 +22,11 @@ use crate::db::Store;
 const BATCH: i64 = 1000;
 /// The reader reads at least this often, even without a wake-up.
 const POLL: Duration = Duration::from_secs(1);
+/// A feed not read successfully for this long is not served (503): a reader must never
+/// take a replica's stale view for the whole feed.
+const STALE_AFTER: Duration = Duration::from_secs(5);
+/// Most events one page carries; a reader asks again after the page's `seq`.
+pub const MAX_PAGE: usize = 10_000;
 
 /// One event: the secret `hash` is refused from now on (`record` null), or has `record`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -48,13 +53,24 @@ pub struct FeedPage {
     pub from: i64,
     pub window_seconds: u64,
     pub events: Vec<FeedEvent>,
+    /// More events follow `seq` already (the page was full): ask again at once.
+    pub more: bool,
 }
+
+/// The feed cannot be served: not read yet since the start, or not for a while.
+#[derive(Debug, thiserror::Error)]
+#[error("the revocation feed is not current on this replica: {0}")]
+pub struct NotCurrent(&'static str);
 
 #[derive(Default)]
 struct Held {
     /// Whether the first read (which finds where the stored rows begin) was done.
     started: bool,
-    events: VecDeque<FeedEvent>,
+    /// When the last read succeeded (ms, this process's clock).
+    read_ok_ms: i64,
+    /// Events, each with when this process received it (what the window is kept by: a
+    /// writer's clock may differ from ours).
+    events: VecDeque<(FeedEvent, i64)>,
     /// The last number read.
     head: i64,
     /// Every event after this number is held.
@@ -64,6 +80,8 @@ struct Held {
 pub struct RevocationFeed {
     window: Duration,
     held: RwLock<Held>,
+    /// One read at a time (the task's, and `App::flush`'s in tests).
+    reading: tokio::sync::Mutex<()>,
 }
 
 impl RevocationFeed {
@@ -71,40 +89,57 @@ impl RevocationFeed {
         RevocationFeed {
             window,
             held: RwLock::default(),
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The events after `after` (all that are held when `None`, or when `after` is
-    /// before what is held).
-    pub fn page(&self, after: Option<i64>) -> FeedPage {
+    /// before what is held), at most [`MAX_PAGE`]; refused while the feed is not current.
+    pub fn page(&self, after: Option<i64>) -> Result<FeedPage, NotCurrent> {
         let held = self.held.read().unwrap_or_else(|e| e.into_inner());
+        if !held.started {
+            return Err(NotCurrent("not read since the start"));
+        }
+        if now_ms() - held.read_ok_ms > STALE_AFTER.as_millis() as i64 {
+            return Err(NotCurrent("the database has not been read for seconds"));
+        }
         let after = after.filter(|a| *a >= held.from).unwrap_or(held.from);
-        FeedPage {
-            seq: held.head,
+        let mut events: Vec<FeedEvent> = held
+            .events
+            .iter()
+            .map(|(e, _)| e)
+            .filter(|e| e.seq > after)
+            .take(MAX_PAGE + 1)
+            .cloned()
+            .collect();
+        let more = events.len() > MAX_PAGE;
+        events.truncate(MAX_PAGE);
+        Ok(FeedPage {
+            seq: if more {
+                events.last().map_or(held.head, |e| e.seq)
+            } else {
+                held.head
+            },
             from: held.from,
             window_seconds: self.window.as_secs(),
-            events: held
-                .events
-                .iter()
-                .filter(|e| e.seq > after)
-                .cloned()
-                .collect(),
-        }
+            events,
+            more,
+        })
     }
 
     /// Reads what was committed since the last read, and forgets what left the window.
     /// How many events were read.
     pub async fn refresh(&self, store: &Store) -> Result<usize, Error> {
+        let _one = self.reading.lock().await;
         let mut read = 0;
         let started = self.held.read().unwrap_or_else(|e| e.into_inner()).started;
         if !started {
             // Rows before the oldest one still stored were pruned: the feed is whole only
-            // from there (or from where the numbers stand, when none is stored).
+            // from there, or from where the numbers stood when none is stored (read
+            // first: a commit between the two reads is then among the rows read next).
+            let head = store.feed_head().await?;
             let oldest = store.feed_after(0, 1).await?;
-            let start = match oldest.first() {
-                Some(row) => row.seq - 1,
-                None => store.feed_head().await?,
-            };
+            let start = oldest.first().map_or(head, |row| row.seq - 1);
             let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
             held.head = start;
             held.from = start;
@@ -114,21 +149,32 @@ impl RevocationFeed {
             let after = self.held.read().unwrap_or_else(|e| e.into_inner()).head;
             let rows = store.feed_after(after, BATCH).await?;
             let n = rows.len();
+            let received = now_ms();
             let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
+            if rows.first().is_some_and(|row| row.seq != held.head + 1) {
+                // Rows this reader never saw were pruned meanwhile: what it holds is no
+                // longer whole, so it starts over from the rows there are.
+                tracing::warn!(
+                    held = held.head,
+                    next = rows[0].seq,
+                    "revocation feed: rows missed; starting over"
+                );
+                held.events.clear();
+                held.from = rows[0].seq - 1;
+            }
             for row in rows {
-                if row.seq <= held.head {
-                    continue; // read meanwhile by another refresh
-                }
                 held.head = row.seq;
-                held.events.push_back(FeedEvent {
+                let event = FeedEvent {
                     seq: row.seq,
                     hash: row.key_hash,
                     record: row.record.and_then(|r| serde_json::from_str(&r).ok()),
                     at: row.at_ms,
-                });
+                };
+                held.events.push_back((event, received));
             }
             read += n;
             if n < BATCH as usize {
+                held.read_ok_ms = received;
                 break;
             }
         }
@@ -138,8 +184,12 @@ impl RevocationFeed {
 
     fn forget_before(&self, before_ms: i64) {
         let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
-        while held.events.front().is_some_and(|e| e.at < before_ms) {
-            let gone = held.events.pop_front().expect("checked");
+        while held
+            .events
+            .front()
+            .is_some_and(|(_, received)| *received < before_ms)
+        {
+            let (gone, _) = held.events.pop_front().expect("checked");
             held.from = gone.seq;
         }
         if held.events.is_empty() {
@@ -172,11 +222,13 @@ impl RevocationFeed {
                     tracing::warn!(error = %e, "revocation feed: prune failed; will retry");
                 }
             }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = notified.notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
-            }
+            let woken_by = tokio::select! {
+                _ = wake.notified() => "commit",
+                _ = notified.notified() => "notify",
+                _ = tokio::time::sleep(POLL) => "tick",
+            };
+            metrics::counter!("metlo_revocation_feed_reads_total", "woken_by" => woken_by)
+                .increment(1);
         }
     }
 }
