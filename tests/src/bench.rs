@@ -46,13 +46,9 @@ pub fn wrk(url: &str, key: Option<&str>, script: Option<&str>) -> (f64, u64) {
     parse_wrk(&run_wrk(url, key, script, &[]))
 }
 
+/// Resident memory in KiB (0 once the process is gone).
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    crate::process::memory_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// Runs `f` while sampling `pid`'s RSS; returns f's result and the peak RSS in KiB.

@@ -61,14 +61,13 @@ pub async fn fresh_postgres_database() -> String {
 }
 
 /// A memory figure of a process from `/proc/<pid>/status`, in KiB: `VmRSS` (resident
-/// now), `VmHWM` (the most it was ever resident).
-pub fn memory_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+/// now), `VmHWM` (the most it was ever resident); `None` when the process is gone.
+pub fn memory_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
 }
 
 pub fn unique_suffix() -> String {

@@ -496,6 +496,7 @@ async fn json_logs() {
 async fn the_revocation_feed_is_current_on_every_replica() {
     let a = ControlPlane::start_with(StackBuilder::new(Backend::Postgres)).await;
     let b = a.replica().await;
+    // A replica serves its feed once it has read it (503 before, for a moment at start).
     let feed = |cp: &ControlPlane, after: i64| {
         let request = cp.request(
             reqwest::Method::GET,
@@ -503,9 +504,19 @@ async fn the_revocation_feed_is_current_on_every_replica() {
             Some(&cp.edge_key),
         );
         async move {
-            let r = request.send().await.unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            r.json::<serde_json::Value>().await.unwrap()
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = request.try_clone().unwrap().send().await.unwrap();
+                if r.status() == StatusCode::OK {
+                    return r.json::<serde_json::Value>().await.unwrap();
+                }
+                assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the feed is never read"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     };
     let start = feed(&b, 0).await["seq"].as_i64().unwrap();

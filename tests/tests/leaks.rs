@@ -215,7 +215,7 @@ async fn big_reports_cost_memory_only_once_their_headers_check_out() {
     let big = axum::body::Bytes::from(vec![b' '; 8 * 1024 * 1024]);
     let mut grown = vec![];
     for key_id in ["made-up", "k1"] {
-        let before = metlo_tests::memory_kib(pid, "VmRSS");
+        let before = metlo_tests::memory_kib(pid, "VmRSS").expect("the control plane runs");
         let uploads = (0..64).map(|i| upload(format!("198.51.100.{i}"), key_id, big.clone()));
         // Refused, or cut off while still sending once the answer was given.
         for status in futures::future::join_all(uploads)
@@ -228,7 +228,7 @@ async fn big_reports_cost_memory_only_once_their_headers_check_out() {
                 "{key_id}: {status}"
             );
         }
-        let peak = metlo_tests::memory_kib(pid, "VmHWM");
+        let peak = metlo_tests::memory_kib(pid, "VmHWM").expect("the control plane runs");
         grown.push(peak.saturating_sub(before) / 1024);
         println!("{key_id}: RSS {before} KiB before, peak {peak} KiB after 64 uploads of 8 MiB");
     }

@@ -5,7 +5,7 @@
 use metlo_shared::KeyRecord;
 
 use super::rows::{FeedRow, StoredKey, Tx, FEED_CHANNEL};
-use super::{Backend, Store, StoreError};
+use super::{Store, StoreError};
 use crate::clock::now_ms;
 
 impl Store {
@@ -65,12 +65,7 @@ impl Store {
         // Wakes the feed's readers on every replica once this commits (PostgreSQL folds
         // the notifications of one transaction into one; on SQLite the one process is
         // woken by the store after its commit).
-        if self.backend == Backend::Postgres {
-            sqlx::query(&format!("SELECT pg_notify('{FEED_CHANNEL}', '')"))
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        self.notify_at_commit(tx, FEED_CHANNEL).await
     }
 
     /// Up to `limit` feed rows after `seq`, in order.

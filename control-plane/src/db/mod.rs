@@ -266,6 +266,18 @@ impl Store {
         Ok(())
     }
 
+    /// A PostgreSQL notification on `channel`, delivered when `tx` commits (PostgreSQL
+    /// folds a transaction's identical notifications into one); nothing on SQLite, whose
+    /// one process wakes its own readers after the commit.
+    async fn notify_at_commit(&self, tx: &mut Tx, channel: &str) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(&format!("SELECT pg_notify('{channel}', '')"))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

@@ -88,13 +88,8 @@ impl Store {
         .bind(not_before_ms)
         .execute(&mut **tx)
         .await?;
-        if self.backend == Backend::Postgres {
-            // Delivered at commit: wakes the drainers of every replica.
-            sqlx::query(&format!("SELECT pg_notify('{OUTBOX_CHANNEL}', '')"))
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        // Delivered at commit: wakes the drainers of every replica.
+        self.notify_at_commit(tx, OUTBOX_CHANNEL).await
     }
 
     /// Echoed puts (the only puts ever scheduled) still waiting for `kv_key` that the

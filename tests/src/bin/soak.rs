@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metlo_shared::ApiKey;
+use metlo_tests::bench::rss_kib;
 use metlo_tests::edge::Edge;
 use metlo_tests::Stack;
 use metlo_tests::{Backend, Redis, StackBuilder, StatusCode};
@@ -74,15 +75,6 @@ async fn churn_at_edge(edge: &Edge, tally: &Mutex<Tally>, kind: &str, key: &str,
         .ok()
         .map(|r| r.status());
     tally.lock().unwrap().record(kind, status, t.elapsed(), ok);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::main]
