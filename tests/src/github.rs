@@ -126,3 +126,15 @@ async fn serve_keys(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let keys = shared.keys.lock().unwrap().clone();
     (StatusCode::OK, Json(json!({ "public_keys": keys })))
 }
+
+/// The token type the control plane registers with GitHub's partner program.
+pub const TOKEN_TYPE: &str = "metlo_api_key";
+
+/// A secret-scanning report (the body GitHub POSTs) naming `tokens`.
+pub fn report(tokens: &[&str]) -> Vec<u8> {
+    let alerts: Vec<Value> = tokens
+        .iter()
+        .map(|t| json!({"token": t, "type": TOKEN_TYPE, "url": "https://github.com/o/r/blob/main/x.env", "source": "content"}))
+        .collect();
+    serde_json::to_vec(&alerts).unwrap()
+}

@@ -6,21 +6,11 @@
 use std::time::{Duration, Instant};
 
 use metlo_shared::{ApiKey, KeyHash};
-use metlo_tests::github::{GitHubKey, GitHubKeysEndpoint};
+use metlo_tests::github::{report, GitHubKey, GitHubKeysEndpoint, TOKEN_TYPE as TYPE};
 use metlo_tests::{on_both_backends, Backend, ControlPlane, StackBuilder, StatusCode};
 use serde_json::{json, Value};
 
 on_both_backends!(a_batch_of_ten_thousand_tokens_is_handled_in_one_pass);
-
-const TYPE: &str = "metlo_api_key";
-
-fn report(tokens: &[&str]) -> Vec<u8> {
-    let alerts: Vec<Value> = tokens
-        .iter()
-        .map(|t| json!({"token": t, "type": TYPE, "url": "https://github.com/o/r/blob/main/x.env", "source": "content"}))
-        .collect();
-    serde_json::to_vec(&alerts).unwrap()
-}
 
 fn token_hash(token: &str) -> String {
     KeyHash::of_text(token).to_hex()
@@ -201,9 +191,16 @@ async fn big_reports_cost_memory_only_once_their_headers_check_out() {
     assert_eq!(status, StatusCode::OK);
     let pid = cp.pid();
     let wrong = github_key.sign(b"something else");
+    // Each upload on a connection of its own: the server closes a connection whose body
+    // it refused unread, and one left idle in a pool could be picked up again just as it
+    // closes (the next request then fails with no answer at all).
+    let unpooled = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let upload = |from: String, key_id: &'static str, body: axum::body::Bytes| {
-        let request = cp
-            .request(reqwest::Method::POST, "/api/v1/leaks/github", None)
+        let request = unpooled
+            .post(format!("{}/api/v1/leaks/github", cp.url))
             .header("content-type", "application/json")
             .header("x-forwarded-for", from)
             .header("Github-Public-Key-Identifier", key_id)
