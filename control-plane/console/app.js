@@ -46,6 +46,16 @@ function announce(text) {
   setTimeout(() => { region.textContent = text; }, 50);
 }
 
+// What a revocation promises: a line at the top of the page, until the next one.
+function promise(what, by) {
+  let line = document.getElementById('promise');
+  if (!line) {
+    line = h('p', { id: 'promise', class: 'notice', role: 'status' });
+    main.prepend(line);
+  }
+  line.textContent = `${what}: refused at every edge location by ${when(by)}.`;
+}
+
 function when(iso) {
   if (!iso) return '—';
   const d = new Date(iso);
@@ -441,8 +451,9 @@ function keysPage() {
       'aria-label': `${k.enabled ? 'Disable' : 'Enable'} ${k.name}`,
       onclick: async () => {
         try {
-          await api('PATCH', `${API}/keys/${enc(k.name)}`, { enabled: !k.enabled });
+          const updated = await api('PATCH', `${API}/keys/${enc(k.name)}`, { enabled: !k.enabled });
           announce(`${k.name} ${k.enabled ? 'disabled' : 'enabled'}`);
+          if (updated.refusedEverywhereBy) promise(`${k.name} disabled`, updated.refusedEverywhereBy);
           await load(true);
         } catch (e) { listError.textContent = `${k.name}: ${e.message}`; }
       },
@@ -532,7 +543,7 @@ function rollDialog(k, showSecret, reload) {
           confirmHeader(minting, confirmKey));
         d.close();
         showSecret(secretPanel(`Key “${rolled.name}” rolled`, rolled.apiKey,
-          `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}.`));
+          `The previous secret (${rolled.previousIdentifier}) works until ${when(rolled.previousValidUntil)}; every edge location refuses it by ${when(rolled.refusedEverywhereBy)}.`));
         announce(`Key ${rolled.name} rolled`);
         // Rolling the session's own key may end the session: keep the new key on screen
         // rather than reloading into a sign-in page.
@@ -562,9 +573,10 @@ function deleteDialog(k, reload) {
     if (typed.value !== k.name) { setError('delete-confirm', 'The name does not match.'); return; }
     busy(confirm, async () => {
       try {
-        await api('DELETE', `${API}/keys/${enc(k.name)}/delete`);
+        const deleted = await api('DELETE', `${API}/keys/${enc(k.name)}/delete`);
         d.close();
         announce(`Key ${k.name} deleted`);
+        promise(`Key “${k.name}” deleted`, deleted.refusedEverywhereBy);
         reload();
       } catch (e) {
         setError('delete-confirm', e.message);

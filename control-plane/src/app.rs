@@ -66,6 +66,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     let feed = Arc::new(RevocationFeed::new(Duration::from_secs(
         config.revocation_feed_window_seconds,
     )));
+    crate::service::feed::set_edge_interval(config.edge_revocation_feed_interval_ms);
     let feed_wake = Arc::new(tokio::sync::Notify::new());
     store = store.with_feed_wake(feed_wake.clone());
     let kv_sync = match config.kv.target()? {
@@ -242,6 +243,11 @@ pub async fn serve(config: Config, listen_addr: &str, ops_addr: &str) -> anyhow:
              with `metlo-control-plane keys set-role NAME client|edge|admin`"
         ),
         Err(e) => tracing::warn!(error = %e, "could not count legacy keys"),
+    }
+    // The feed's first read before the first request: ready (and serving the feed) as
+    // soon as it listens. A failure here is retried by the feed's own task.
+    if let Err(e) = app.state.feed.refresh(&store).await {
+        tracing::warn!(error = %e, "revocation feed: first read failed; not ready until it succeeds");
     }
     for task in app.tasks {
         tokio::spawn(task);

@@ -119,6 +119,17 @@ pub struct Config {
         global = true
     )]
     pub revocation_feed_window_seconds: u64,
+    /// The edge Worker's `REVOCATION_FEED_INTERVAL_MS` (keep them equal): what revocation
+    /// answers promise as `refusedEverywhereBy` (twice it after the answer); 0: the
+    /// Worker does not read the feed, and the promise is KV's (90.5 s).
+    #[arg(
+        long,
+        env = "EDGE_REVOCATION_FEED_INTERVAL_MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(0..=60_000),
+        global = true
+    )]
+    pub edge_revocation_feed_interval_ms: u64,
     /// Most database lookups of uncached keys at once; past it, 503 at once.
     #[arg(
         long,

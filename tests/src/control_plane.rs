@@ -186,6 +186,15 @@ impl ControlPlane {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The port the API listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the API's port")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

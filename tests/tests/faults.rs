@@ -97,7 +97,13 @@ async fn postgres_outage_and_recovery() {
         StatusCode::UNAUTHORIZED
     );
     cp.create_key("after-outage", "GENERIC").await;
-    assert_eq!(cp.ops_get("/readyz").await.0, StatusCode::OK);
+    // Ready again once the revocation feed has been read since (its own task reads it
+    // at least once a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cp.ops_get("/readyz").await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         cp.metric("http_requests_total", "status=\"500\"").await,
         0.0,

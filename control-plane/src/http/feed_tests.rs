@@ -17,6 +17,7 @@ on_both_backends!(
     the_feed_is_for_the_edge_and_refuses_bad_queries,
     a_feed_that_is_not_current_is_not_served,
     rows_pruned_before_a_reader_saw_them_make_it_start_over,
+    revocations_answer_by_when_every_edge_location_refuses,
 );
 
 fn hash(key: &str) -> String {
@@ -195,7 +196,15 @@ async fn a_feed_that_is_not_current_is_not_served(backend: Backend) {
     );
     app.flush().await;
     assert_eq!(app.as_edge().get(path).await.status, StatusCode::OK);
-    app.advance(Duration::from_secs(6));
+    // The page says how old this replica's read is, as a duration (no clocks compared).
+    app.advance(Duration::from_millis(1500));
+    let page: Value = app.as_edge().get(path).await.json();
+    let age = page["ageMs"].as_u64().unwrap();
+    assert!(
+        (1500..5000).contains(&age),
+        "1.5 s simulated, plus the test's own time: {page}"
+    );
+    app.advance(Duration::from_millis(4500));
     app.as_edge().get(path).await.assert_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
@@ -227,4 +236,81 @@ async fn rows_pruned_before_a_reader_saw_them_make_it_start_over(backend: Backen
     let page = feed(&app, &format!("?after={seen}")).await;
     assert_eq!(page["from"].as_i64(), Some(seen + 1), "{page}");
     assert_eq!(events(&page).len(), 1, "only what there is: {page}");
+}
+
+fn ms(iso: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(iso.as_str().expect("an ISO 8601 time"))
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// Delete, disable, roll and leak revocation say by when every edge location refuses the
+/// secret (twice the edge's feed interval after the answer, or the secret's own end when
+/// later), in the answer and in the audit entry; other changes promise nothing.
+async fn revocations_answer_by_when_every_edge_location_refuses(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    for name in [
+        "deleted",
+        "disabled",
+        "rolled",
+        "overlapped",
+        "expiring",
+        "renamed-meta",
+    ] {
+        app.create_key(name, "GENERIC").await;
+    }
+    let bound = 2000; // twice the default EDGE_REVOCATION_FEED_INTERVAL_MS
+    let now = crate::clock::now_ms();
+
+    let (status, deleted) = app.delete("deleted", Some(&app.admin_key)).await;
+    assert_eq!((status, &deleted["status"]), (StatusCode::OK, &json!("OK")));
+    let by = ms(&deleted["refusedEverywhereBy"]);
+    assert!((now + bound..now + bound + 1000).contains(&by), "{deleted}");
+
+    let (_, disabled) = app.patch("disabled", json!({"enabled": false})).await;
+    assert!((now + bound..now + bound + 1000).contains(&ms(&disabled["refusedEverywhereBy"])));
+    assert_eq!(disabled["enabled"], false, "the key as before: {disabled}");
+    let (_, enabled) = app.patch("disabled", json!({"enabled": true})).await;
+    assert!(enabled.get("refusedEverywhereBy").is_none(), "{enabled}");
+    let (_, meta) = app.patch("renamed-meta", json!({"meta": {"a": 1}})).await;
+    assert!(meta.get("refusedEverywhereBy").is_none(), "{meta}");
+    // An expiry set: the record itself refuses from then on (whole seconds).
+    let soon = chrono::DateTime::from_timestamp_millis((now + 500_000) / 1000 * 1000)
+        .unwrap()
+        .to_rfc3339();
+    let (_, expiring) = app.patch("expiring", json!({"expiresAt": soon})).await;
+    assert_eq!(ms(&expiring["refusedEverywhereBy"]), ms(&json!(soon)));
+
+    let (_, rolled) = app.roll("rolled", None).await;
+    assert!((now + bound..now + bound + 1000).contains(&ms(&rolled["refusedEverywhereBy"])));
+    let (_, overlapped) = app
+        .roll("overlapped", Some(json!({"overlapSeconds": 60})))
+        .await;
+    assert_eq!(
+        overlapped["refusedEverywhereBy"], overlapped["previousValidUntil"],
+        "refused by its own record at its end"
+    );
+
+    let audit: Value = app.as_admin().get("/api/v1/audit?limit=100").await.json();
+    let promised = |action: &str, target: &str| {
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action && e["target"] == target)
+            .filter_map(|e| e["detail"].get("refusedEverywhereBy").map(ms))
+            .next_back()
+    };
+    for (action, target) in [
+        ("key.delete", "deleted"),
+        ("key.update", "disabled"),
+        ("key.roll", "rolled"),
+        ("key.update", "expiring"),
+    ] {
+        let by = promised(action, target).unwrap_or_else(|| panic!("{action} {target}: {audit}"));
+        assert!(
+            by >= now + bound || action == "key.update",
+            "{action} {target}"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use super::extract::{Admins, Audited, Authorized, Caller, Clients, EdgeWorkers, 
 use super::state::AppState;
 use crate::clock::now_ms;
 use crate::service::key_lists::{self, KeyPage};
-use crate::service::key_updates::{self, UpdateKeyRequest};
+use crate::service::key_updates::{self, UpdateKeyRequest, UpdatedKey};
 use crate::service::keys::{
     self, CreateKeyRequest, CreatedKey, KeyInfo, RollKeyRequest, RolledKey,
 };
@@ -60,6 +60,17 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct StatusOk {
     #[schema(example = "OK")]
     pub status: &'static str,
+}
+
+/// Metlo's answer to a delete, and the edge's promise.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    #[schema(example = "OK")]
+    pub status: &'static str,
+    /// ISO 8601: by when every edge location refuses the key (the edge's revocation
+    /// bound after the delete).
+    #[serde(rename = "refusedEverywhereBy")]
+    pub refused_everywhere_by: String,
 }
 
 /// Create a key. The response is the only time the full key is shown.
@@ -119,7 +130,7 @@ async fn roll(
     params(("name" = String, Path, description = "Key name, URL-encoded")),
     request_body = UpdateKeyRequest,
     responses(
-        (status = 200, body = KeyInfo),
+        (status = 200, body = UpdatedKey),
         (status = 400, description = "Bad JSON, unknown field, nothing to change, invalid expiresAt or meta, or disabling the last admin key", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody), (status = 404, body = ErrorBody),
@@ -131,7 +142,7 @@ async fn update(
     Audited(actor): Audited,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<UpdateKeyRequest>,
-) -> Result<Json<KeyInfo>, ApiError> {
+) -> Result<Json<UpdatedKey>, ApiError> {
     let changes = body.validate(now_ms())?;
     Ok(Json(
         key_updates::update_key(&state.store, &state.cache, &name, &changes, &actor).await?,
@@ -253,7 +264,7 @@ async fn onboarding(
 /// Delete a key by name. It is refused everywhere on the control plane at once.
 #[utoipa::path(delete, path = "/api/v1/keys/{name}/delete", tag = "keys",
     params(("name" = String, Path, description = "Key name, URL-encoded")),
-    responses((status = 200, body = StatusOk), (status = 401, body = ErrorBody),
+    responses((status = 200, body = Deleted), (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("api_key" = ["admin"])))]
@@ -262,9 +273,13 @@ async fn remove(
     State(state): State<AppState>,
     Audited(actor): Audited,
     Path(name): Path<String>,
-) -> Result<Json<StatusOk>, ApiError> {
-    keys::delete_key(&state.store, &state.cache, &name, true, &actor).await?;
-    Ok(Json(StatusOk { status: "OK" }))
+) -> Result<Json<Deleted>, ApiError> {
+    let refused_everywhere_by =
+        keys::delete_key(&state.store, &state.cache, &name, true, &actor).await?;
+    Ok(Json(Deleted {
+        status: "OK",
+        refused_everywhere_by,
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -347,9 +347,15 @@ async fn create_list_onboarding_delete(backend: Backend) {
     assert_eq!(names, onboarding_names, "ONBOARDING only, newest first");
     assert!(onboarding.iter().all(|e| e["for"] == "ONBOARDING"));
 
+    let (status, deleted) = cp.delete("ingestor", Some(&cp.admin_key)).await;
     assert_eq!(
-        cp.delete("ingestor", Some(&cp.admin_key)).await,
-        (StatusCode::OK, json!({"status": "OK"}))
+        (status, &deleted["status"]),
+        (StatusCode::OK, &json!("OK")),
+        "{deleted}"
+    );
+    assert!(
+        deleted["refusedEverywhereBy"].is_string(),
+        "Metlo's answer, and the edge's promise"
     );
     let (status, body) = cp.delete("ingestor", Some(&cp.admin_key)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -42,12 +42,19 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Some(true) => "ok",
         Some(false) => "unreachable",
     };
-    let status = if db {
+    // The edge must never take this replica's feed for the whole one: not ready until
+    // it is current.
+    let feed = state.feed.age_ms();
+    let status = if db && feed.is_ok() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = json!({ "database": if db { "ok" } else { "unreachable" }, "cache": cache });
+    body["revocationFeed"] = match feed {
+        Ok(age_ms) => json!({ "current": true, "ageMs": age_ms }),
+        Err(e) => json!({ "current": false, "error": e.to_string() }),
+    };
     // Off: nothing deletes records at the edge, so the Worker keeps none (see by-hash).
     body["kvSync"] = json!("off");
     if let Some(sync) = &state.kv_sync {
@@ -104,6 +111,11 @@ mod tests {
     // Moved from `tests/tests/roles.rs`.
     async fn ops_routes_are_off_the_api_port(backend: Backend) {
         let app = TestApp::on(backend).build().await;
+        // Not ready until this replica's revocation feed is current.
+        let reply = app.ops_get("/readyz").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.json()["revocationFeed"]["current"], false);
+        app.flush().await;
         assert_eq!(app.anonymous().get("/healthz").await.status, StatusCode::OK);
         for path in ["/readyz", "/metrics"] {
             let reply = app.anonymous().get(path).await;
@@ -122,6 +134,7 @@ mod tests {
         let readyz = app.ops_get("/readyz").await.json();
         assert_eq!(readyz["database"], "ok");
         assert_eq!(readyz["kvSync"], "off");
+        assert_eq!(readyz["revocationFeed"]["current"], true);
         let doc = app.anonymous().get("/openapi.json").await.json();
         assert!(doc["paths"].get("/readyz").is_none());
         assert_eq!(

@@ -6,6 +6,7 @@
 //! follow commit order without gaps, migration 0018), so it never skips one.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::Error;
-use crate::clock::now_ms;
+use crate::clock::{iso8601, now_ms};
 use crate::db::rows::FEED_CHANNEL;
 use crate::db::Store;
 
@@ -27,6 +28,30 @@ const POLL: Duration = Duration::from_secs(1);
 const STALE_AFTER: Duration = Duration::from_secs(5);
 /// Most events one page carries; a reader asks again after the page's `seq`.
 pub const MAX_PAGE: usize = 10_000;
+
+/// The edge Worker's feed interval (`EDGE_REVOCATION_FEED_INTERVAL_MS`), for the promise
+/// revocations answer with.
+static EDGE_INTERVAL_MS: AtomicU64 = AtomicU64::new(1000);
+/// KV's own bound, for a Worker that does not read the feed: its read cache (30 s), its
+/// propagation between locations (60 s) and the isolate cache (500 ms).
+const KV_BOUND_MS: u64 = 90_500;
+
+pub fn set_edge_interval(ms: u64) {
+    EDGE_INTERVAL_MS.store(ms, Ordering::Relaxed);
+}
+
+/// ISO 8601: when every edge location refuses a secret revoked at `at_ms` — or refused by
+/// its own record from `until_ms`, when later — under the configured bounds: twice the
+/// Worker's feed interval (a Worker admits only on a view younger than that), or KV's
+/// without the feed.
+pub fn refused_everywhere_by(at_ms: i64, until_ms: Option<i64>) -> String {
+    let bound = match EDGE_INTERVAL_MS.load(Ordering::Relaxed) {
+        0 => KV_BOUND_MS,
+        interval => interval.saturating_mul(2),
+    };
+    let by = at_ms.saturating_add(bound as i64);
+    iso8601(until_ms.map_or(by, |until| until.max(by)))
+}
 
 /// One event: the secret `hash` is refused from now on (`record` null), or has `record`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -55,6 +80,9 @@ pub struct FeedPage {
     pub events: Vec<FeedEvent>,
     /// More events follow `seq` already (the page was full): ask again at once.
     pub more: bool,
+    /// How long ago (ms) this replica last read the database: the page holds every event
+    /// committed until then. A duration, so a reader's clock need not agree with ours.
+    pub age_ms: u64,
 }
 
 /// The feed cannot be served: not read yet since the start, or not for a while.
@@ -97,12 +125,7 @@ impl RevocationFeed {
     /// before what is held), at most [`MAX_PAGE`]; refused while the feed is not current.
     pub fn page(&self, after: Option<i64>) -> Result<FeedPage, NotCurrent> {
         let held = self.held.read().unwrap_or_else(|e| e.into_inner());
-        if !held.started {
-            return Err(NotCurrent("not read since the start"));
-        }
-        if now_ms() - held.read_ok_ms > STALE_AFTER.as_millis() as i64 {
-            return Err(NotCurrent("the database has not been read for seconds"));
-        }
+        let age_ms = Self::current(&held)?;
         let after = after.filter(|a| *a >= held.from).unwrap_or(held.from);
         let mut events: Vec<FeedEvent> = held
             .events
@@ -124,7 +147,24 @@ impl RevocationFeed {
             window_seconds: self.window.as_secs(),
             events,
             more,
+            age_ms,
         })
+    }
+
+    /// How long ago (ms) the database was last read, while the feed is current.
+    pub fn age_ms(&self) -> Result<u64, NotCurrent> {
+        Self::current(&self.held.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn current(held: &Held) -> Result<u64, NotCurrent> {
+        if !held.started {
+            return Err(NotCurrent("not read since the start"));
+        }
+        let age_ms = now_ms() - held.read_ok_ms;
+        if age_ms > STALE_AFTER.as_millis() as i64 {
+            return Err(NotCurrent("the database has not been read for seconds"));
+        }
+        Ok(age_ms.max(0) as u64)
     }
 
     /// Reads what was committed since the last read, and forgets what left the window.
@@ -147,6 +187,8 @@ impl RevocationFeed {
         }
         loop {
             let after = self.held.read().unwrap_or_else(|e| e.into_inner()).head;
+            // What the read holds is every commit before it started.
+            let asked = now_ms();
             let rows = store.feed_after(after, BATCH).await?;
             let n = rows.len();
             let received = now_ms();
@@ -174,7 +216,7 @@ impl RevocationFeed {
             }
             read += n;
             if n < BATCH as usize {
-                held.read_ok_ms = received;
+                held.read_ok_ms = asked;
                 break;
             }
         }

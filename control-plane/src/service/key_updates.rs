@@ -2,11 +2,12 @@
 //! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
 
 use metlo_shared::{KeyHash, RateLimit};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
+use super::feed::refused_everywhere_by;
 use super::keys::{normalize_name, parse_expires_at, KeyInfo};
 use super::meta::{meta_value, validate_meta};
 use super::Error;
@@ -75,6 +76,20 @@ impl UpdateKeyRequest {
     }
 }
 
+/// A key as a PATCH left it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UpdatedKey {
+    #[serde(flatten)]
+    pub info: KeyInfo,
+    /// ISO 8601, when the change disables the key or sets its expiry: by when every edge
+    /// location refuses it (its expiry, or the edge's revocation bound when later).
+    #[serde(
+        rename = "refusedEverywhereBy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub refused_everywhere_by: Option<String>,
+}
+
 /// Applies `changes` to the key `name`; returns it as it is now.
 pub async fn update_key(
     store: &Store,
@@ -82,11 +97,21 @@ pub async fn update_key(
     name: &str,
     changes: &KeyChanges,
     actor: &Actor,
-) -> Result<KeyInfo, Error> {
+) -> Result<UpdatedKey, Error> {
     let name = &normalize_name(name);
+    let now = now_ms();
+    let refused_by = match (changes.enabled, changes.expires_at_ms) {
+        (Some(false), _) => Some(refused_everywhere_by(now, None)),
+        (_, Some(Some(expires))) => Some(refused_everywhere_by(now, Some(expires))),
+        _ => None,
+    };
     let (key, retired) = store
-        .update_key(name, changes, now_ms(), |before, after| {
-            actor.entry("key.update", name, changed_fields(before, after))
+        .update_key(name, changes, now, |before, after| {
+            let mut detail = changed_fields(before, after);
+            if let (Some(by), Some(fields)) = (&refused_by, detail.as_object_mut()) {
+                fields.insert("refusedEverywhereBy".into(), json!(by));
+            }
+            actor.entry("key.update", name, detail)
         })
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
@@ -118,7 +143,10 @@ pub async fn update_key(
         );
     }
     tracing::info!(name, enabled = key.disabled_at_ms.is_none(), "key updated");
-    Ok(key.into())
+    Ok(UpdatedKey {
+        info: key.into(),
+        refused_everywhere_by: refused_by,
+    })
 }
 
 /// The audit detail: each field that changed, before and after (never a secret).

@@ -12,6 +12,7 @@ use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
+use super::feed::refused_everywhere_by;
 use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
@@ -184,6 +185,10 @@ pub struct RolledKey {
     /// ISO 8601: the previous secret is refused from this instant on.
     #[serde(rename = "previousValidUntil")]
     pub previous_valid_until: String,
+    /// ISO 8601: by when every edge location refuses the previous secret (its end, or the
+    /// edge's revocation bound after the roll when later).
+    #[serde(rename = "refusedEverywhereBy")]
+    pub refused_everywhere_by: String,
 }
 
 impl From<StoredKey> for KeyInfo {
@@ -212,6 +217,7 @@ impl RolledKey {
             api_key: key.expose_secret().to_owned(),
             previous_identifier: previous.identifier.clone(),
             previous_valid_until: iso8601(until),
+            refused_everywhere_by: refused_everywhere_by(now_ms(), Some(until)),
             info: rolled.key.into(),
         }
     }
@@ -393,10 +399,13 @@ pub async fn roll_key(
         actor.may_mint(target.role)?;
     }
     let key = generate_key()?;
+    let now = now_ms();
+    let until = now.saturating_add(overlap.as_millis() as i64);
     let audit = actor.entry(
         "key.roll",
         name,
-        json!({"identifier": key.identifier(), "overlapSeconds": overlap.as_secs()}),
+        json!({"identifier": key.identifier(), "overlapSeconds": overlap.as_secs(),
+            "refusedEverywhereBy": refused_everywhere_by(now, Some(until))}),
     );
     let rolled = store
         .roll_key(
@@ -453,20 +462,25 @@ pub async fn end_sessions(store: &Store, name: &str, actor: &Actor) -> Result<u6
 /// Deletes a key and every secret of it still in a roll's overlap, and revokes them in
 /// the verification cache.
 /// `keep_last_admin`: refuse to delete the last key that can administer (the API
-/// does; the CLI on the database may).
+/// does; the CLI on the database may). Returns by when every edge location refuses it.
 pub async fn delete_key(
     store: &Store,
     cache: &VerifyCache,
     name: &str,
     keep_last_admin: bool,
     actor: &Actor,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     let name = &normalize_name(name);
-    let audit = actor.entry("key.delete", name, json!({}));
+    let refused_by = refused_everywhere_by(now_ms(), None);
+    let audit = actor.entry(
+        "key.delete",
+        name,
+        json!({"refusedEverywhereBy": refused_by}),
+    );
     delete_key_audited(store, cache, name, None, keep_last_admin, &audit)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
-    Ok(())
+    Ok(refused_by)
 }
 
 /// Deletes a key with `audit` as its audit entry (a leak report's, say) — with

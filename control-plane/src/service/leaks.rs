@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
+use super::feed::refused_everywhere_by;
 use super::keys::delete_key_audited;
 use super::Error;
 use crate::cache::VerifyCache;
@@ -166,6 +167,8 @@ async fn act(
         detail: json!({
             "identifier": identifier, "secret": secret, "action": action,
             "url": alert.url, "source": alert.source, "type": alert.token_type,
+            // GitHub's answer has a fixed shape: the promise is kept here.
+            "refusedEverywhereBy": revoke.then(|| refused_everywhere_by(crate::clock::now_ms(), None)),
         }),
     };
     tracing::warn!(name = %key.name, identifier = ?identifier, url = %alert.url, action, "leaked key reported by GitHub");
@@ -267,7 +270,8 @@ mod tests {
     on_both_backends!(a_secret_reported_again_in_notify_mode_is_audited_once);
 
     /// Notify mode revokes nothing, so the same report can come again (GitHub's
-    /// retries, a replay): the secret is audited once, the rest only counted.
+    /// retries, a replay): the secret is audited once, the rest only counted, and
+    /// promises nothing; revoked, its entry says by when the edge refuses it.
     async fn a_secret_reported_again_in_notify_mode_is_audited_once(backend: Backend) {
         let app = TestApp::on(backend).build().await;
         let key = app.create_key("k", "GENERIC").await;
@@ -294,10 +298,27 @@ mod tests {
         assert_eq!(entries.len(), 1, "{page}");
         assert_eq!(entries[0]["detail"]["action"], "notified");
         assert_eq!(
+            entries[0]["detail"]["refusedEverywhereBy"],
+            serde_json::Value::Null,
+            "nothing revoked, nothing promised"
+        );
+        assert_eq!(
             app.verify(&key).await,
             axum::http::StatusCode::OK,
             "notify revokes nothing"
         );
+        // The same report with revocation on: the entry carries the edge's promise.
+        handle_report(&state.store, &state.cache, &alerts, LeakMode::Revoke, None)
+            .await
+            .unwrap();
+        let page = app
+            .as_admin()
+            .get("/api/v1/audit?action=key.leaked")
+            .await
+            .json();
+        let revoked = &page["entries"][0]["detail"];
+        assert_eq!(revoked["action"], "key deleted", "{page}");
+        assert!(revoked["refusedEverywhereBy"].is_string(), "{page}");
     }
 
     #[test]

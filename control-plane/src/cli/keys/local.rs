@@ -67,7 +67,8 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                         &changes,
                         &actor,
                     )
-                    .await?,
+                    .await?
+                    .info,
                 )
             }
             KeysCommand::SetRole { name, role } => {
