@@ -41,5 +41,21 @@ key="$(target/release/metlo-control-plane --data-dir "$data" keys create --name 
 # And one with a rate limit it never reaches: what counting costs.
 limited="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-limited \
     --rate-limit 1000000000/60 2>/dev/null)"
+# The control plane itself, for the revocation feed the Worker reads (once a second per
+# location: what that costs the edge, and what the control plane receives, are measured).
+edge_key="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-edge \
+    --role edge 2>/dev/null)"
+cp_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+ops_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+target/release/metlo-control-plane --data-dir "$data" serve --listen-addr "127.0.0.1:$cp_port" \
+    --ops-listen-addr "127.0.0.1:$ops_port" >"$data/control-plane.log" 2>&1 &
+control_plane=$!
+trap 'kill $origin $control_plane 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://127.0.0.1:$ops_port/readyz" && break
+    sleep 0.1
+done
 ORIGIN_URL="http://127.0.0.1:$port" METLO_KEY="$key" METLO_LIMITED_KEY="$limited" \
+    CONTROL_PLANE_URL="http://127.0.0.1:$cp_port" CONTROL_PLANE_KEY="$edge_key" \
+    CONTROL_PLANE_METRICS="http://127.0.0.1:$ops_port/metrics" \
     BEFORE_WORKER="$before_worker" node tests/bench/edge/run.mjs

@@ -22,3 +22,5 @@ PG_FSYNC=on ./scripts/stack.sh target/release/bench
 PG_FSYNC=on ./scripts/stack.sh target/release/flood
 # Scale: 1,000 vs 1,000,000 keys on PostgreSQL (seeded with `keys seed`).
 PG_FSYNC=on ./scripts/stack.sh target/release/scale
+# The revocation feed read by 300 simulated edge locations, once a second each.
+PG_FSYNC=on ./scripts/stack.sh target/release/feed-load

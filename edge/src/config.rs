@@ -1,6 +1,8 @@
 //! The Worker's settings, from `wrangler.toml` `[vars]` (and the `CONTROL_PLANE_KEY`
 //! secret). Parsed by a plain function so defaults and bad values are tested natively.
 
+pub use crate::revocations::OnFailure;
+
 /// What the Worker needs to run; see `wrangler.toml` for the documented defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -38,6 +40,14 @@ pub struct Config {
     /// `ORIGIN_SECRET` (a Worker secret): sent to the origin on every proxied request as
     /// `X-Metlo-Origin-Secret`, so it can refuse traffic that did not come through here.
     pub origin_secret: Option<String>,
+    /// The revocation feed: a key from the isolate cache or KV is admitted only on a view
+    /// of the feed younger than this (refreshed after the response past it, before the
+    /// response past twice it). 0: the feed is not read (KV's staleness bounds revocation).
+    pub revocation_feed_interval_ms: u64,
+    /// When the feed cannot be read: keep admitting from KV, or refuse.
+    pub revocation_feed_on_failure: OnFailure,
+    /// With `closed`: the oldest view a request may still be decided on.
+    pub revocation_feed_max_staleness_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +108,20 @@ impl Config {
                 .unwrap_or(u32::MAX),
             miss_retry_after_seconds: number("MISS_RETRY_AFTER_SECONDS", 60)?,
             origin_secret: var("ORIGIN_SECRET").filter(|s| !s.is_empty()),
+            revocation_feed_interval_ms: number("REVOCATION_FEED_INTERVAL_MS", 1000)?,
+            revocation_feed_on_failure: match var("REVOCATION_FEED_ON_FAILURE")
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("") | Some("open") => OnFailure::Open,
+                Some("closed") => OnFailure::Closed,
+                Some(_) => {
+                    return Err(ConfigError(
+                        "REVOCATION_FEED_ON_FAILURE must be open or closed".into(),
+                    ))
+                }
+            },
+            revocation_feed_max_staleness_ms: number("REVOCATION_FEED_MAX_STALENESS_MS", 10_000)?,
         };
         if config.control_plane_url.starts_with("http://")
             && !is_loopback_url(&config.control_plane_url)
@@ -117,6 +141,16 @@ impl Config {
             return Err(ConfigError(format!(
                 "KV_CACHE_TTL_SECONDS must be at least {KV_MIN_CACHE_TTL}"
             )));
+        }
+        if config.revocation_feed_interval_ms > 0
+            && config.revocation_feed_max_staleness_ms
+                < config.revocation_feed_interval_ms.saturating_mul(2)
+        {
+            // Closed would refuse requests a healthy feed is still allowed to serve.
+            return Err(ConfigError(
+                "REVOCATION_FEED_MAX_STALENESS_MS must be at least twice REVOCATION_FEED_INTERVAL_MS"
+                    .into(),
+            ));
         }
         if config.control_plane_timeout_ms == 0
             || config.isolate_capacity == 0
@@ -182,6 +216,28 @@ mod tests {
         assert_eq!(c.usage_report_ms, 30_000);
         assert_eq!(c.max_concurrent_lookups, 8);
         assert_eq!(c.miss_retry_after_seconds, 60);
+        assert_eq!(c.revocation_feed_interval_ms, 1000);
+        assert_eq!(c.revocation_feed_on_failure, OnFailure::Open);
+        assert_eq!(c.revocation_feed_max_staleness_ms, 10_000);
+    }
+
+    #[test]
+    fn the_revocation_feed_settings() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut v = BASE.to_vec();
+            v.extend_from_slice(extra);
+            Config::from_vars(vars(&v))
+        };
+        let c = with(&[("REVOCATION_FEED_ON_FAILURE", " Closed ")]).unwrap();
+        assert_eq!(c.revocation_feed_on_failure, OnFailure::Closed);
+        assert!(with(&[("REVOCATION_FEED_ON_FAILURE", "maybe")]).is_err());
+        let err = with(&[("REVOCATION_FEED_MAX_STALENESS_MS", "1999")]).unwrap_err();
+        assert!(err.0.contains("twice"), "{err}");
+        let off = with(&[
+            ("REVOCATION_FEED_INTERVAL_MS", "0"),
+            ("REVOCATION_FEED_MAX_STALENESS_MS", "0"),
+        ]);
+        assert_eq!(off.unwrap().revocation_feed_interval_ms, 0, "the feed off");
     }
 
     #[test]

@@ -134,7 +134,7 @@ async fn send_usage(
 
 /// The Worker's own (edge-role) key: a secret (`wrangler secret put`, or `.dev.vars`
 /// locally), never a `[vars]` entry.
-fn control_plane_key(env: &Env) -> Option<String> {
+pub(crate) fn control_plane_key(env: &Env) -> Option<String> {
     env.secret("CONTROL_PLANE_KEY").map(|s| s.to_string()).ok()
 }
 

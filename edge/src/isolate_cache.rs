@@ -58,6 +58,16 @@ impl IsolateCache {
         }
     }
 
+    /// Forgets `hash` (the revocation feed changed its state).
+    pub fn remove(&mut self, hash: &KeyHash) {
+        self.entries.pop(hash);
+    }
+
+    /// Forgets everything (the revocation feed started over: any entry may be stale).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -110,6 +120,22 @@ mod tests {
         assert_eq!(c.get(&a, 200), None);
         c.put_for(a, Entry::Valid(record()), 0, 0);
         assert!(c.is_empty(), "not at all");
+    }
+
+    #[test]
+    fn entries_can_be_forgotten_one_or_all() {
+        let mut c = IsolateCache::new(10, 1000, 1000);
+        let (a, b) = (
+            ApiKey::generate().unwrap().hash(),
+            ApiKey::generate().unwrap().hash(),
+        );
+        c.put(a, Entry::Valid(record()), 0);
+        c.put(b, Entry::Unknown, 0);
+        c.remove(&a);
+        assert_eq!(c.get(&a, 1), None);
+        assert_eq!(c.get(&b, 1), Some(Entry::Unknown));
+        c.clear();
+        assert!(c.is_empty());
     }
 
     #[test]

@@ -15,8 +15,10 @@ use worker::{console_error, Context, Delay, Env, Headers};
 use crate::config::Config;
 use crate::control_plane_glue::{ask_control_plane, new_request, record_use};
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
+use crate::feed_glue::{self, Consult};
 use crate::isolate_cache::{Entry, IsolateCache};
 use crate::limits;
+use crate::revocations::Applied;
 
 thread_local! {
     // One isolate runs one request at a time on one thread; these live as long as it.
@@ -51,6 +53,8 @@ enum Source {
     Isolate,
     Kv,
     ControlPlane,
+    /// The revocation feed (a refusal it decided).
+    Feed,
 }
 
 impl Source {
@@ -60,6 +64,7 @@ impl Source {
             Source::Isolate => "isolate",
             Source::Kv => "kv",
             Source::ControlPlane => "control-plane",
+            Source::Feed => "feed",
         }
     }
 }
@@ -168,16 +173,29 @@ async fn handle(
     cached: Option<KeyRecord>,
     env: &Env,
     ctx: &Context,
-    config: &Config,
+    config: &std::rc::Rc<Config>,
 ) -> worker::Result<web_sys::Response> {
     let found = match cached {
         Some(record) => Ok((record, Source::Isolate)),
         None => find(&hash, &req, env, config).await,
     };
-    let (record, source) = match found {
+    let (mut record, source) = match found {
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
+    // What the isolate cache and KV hold may be older than a revocation: the feed says.
+    // (The control plane's own answer is current.)
+    let mut stale_ms = None;
+    if config.revocation_feed_interval_ms > 0 && !matches!(source, Source::ControlPlane) {
+        let verdict = feed_glue::consult(&hash, env, ctx, config, forget).await;
+        stale_ms = verdict.stale_ms;
+        match verdict.consult {
+            Consult::Stands => {}
+            Consult::Record(newer) => record = newer,
+            Consult::Refused => return refuse(Refusal::Invalid, config, Source::Feed),
+            Consult::Unavailable => return refuse(Refusal::Unavailable, config, Source::Feed),
+        }
+    }
     let now = now_ms();
     if let Err(refusal) = decision::admit(&record, now / 1000) {
         return refuse(refusal, config, source);
@@ -203,15 +221,53 @@ async fn handle(
     };
     record_use(hash, now, env, ctx, config);
     match proxy(req, &record, config, source).await {
-        Ok(response) => match limited {
-            None => Ok(response),
-            Some((limit, outcome)) => with_headers(response, &outcome.headers(limit)),
-        },
+        Ok(response) => {
+            let mut extra = match limited {
+                None => vec![],
+                Some((limit, outcome)) => outcome.headers(limit).to_vec(),
+            };
+            // Admitted on a view of the feed older than its interval because the feed
+            // could not be read (`open`): how old, for whoever debugs it.
+            if let (Some(age), true) = (stale_ms, config.decision_header) {
+                let age = if age == u64::MAX {
+                    "never".to_owned()
+                } else {
+                    age.to_string()
+                };
+                extra.push((FEED_STALE_HEADER, age));
+                extra.push(("X-Metlo-Feed-Failures", feed_glue::failures().to_string()));
+            }
+            if extra.is_empty() {
+                Ok(response)
+            } else {
+                with_headers(response, &extra)
+            }
+        }
         Err(e) => {
             console_error!("origin unreachable: {e}");
             refuse(Refusal::OriginUnreachable, config, source)
         }
     }
+}
+
+/// The response header (with `DECISION_HEADER`) that says a request was admitted on a view
+/// of the revocation feed older than its interval, and how old (ms; never loaded: the
+/// largest number).
+const FEED_STALE_HEADER: &str = "X-Metlo-Feed-Stale-Ms";
+
+/// Drops from the isolate cache what a refresh of the feed made stale.
+fn forget(applied: &Applied) {
+    ISOLATE_CACHE.with(|cell| {
+        if let Some(cache) = cell.borrow_mut().as_mut() {
+            if applied.reset {
+                cache.clear();
+            } else {
+                for hash in &applied.changed {
+                    cache.remove(hash);
+                }
+            }
+        }
+    });
 }
 
 /// Steps 3–4, for a key the isolate cache does not know: KV, then the control plane.

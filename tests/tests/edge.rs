@@ -738,6 +738,9 @@ async fn silent_control_plane_usage_report_is_aborted_and_kept() {
         &[
             ("CONTROL_PLANE_TIMEOUT_MS", "1000"),
             ("USAGE_REPORT_MS", "1500"),
+            // Only usage reports reach this control plane (the feed's own failure modes,
+            // against one that does not answer, are in revocations.rs).
+            ("REVOCATION_FEED_INTERVAL_MS", "0"),
         ],
     )
     .await;

@@ -971,13 +971,14 @@ async fn scheduled_deletes_do_not_block_later_updates() {
 }
 
 /// The KV stand-in's propagation delay (what production KV does between locations; 10 s
-/// here): a
-/// delete is answered at once but reaches the Worker only after the delay, so — until the
-/// Worker reads the revocation feed (issue 29) — the edge keeps admitting the deleted key
-/// from KV meanwhile, and refuses it once the held write is applied.
+/// here): a delete is answered at once but reaches the Worker only after the delay, so a
+/// Worker without the revocation feed keeps admitting the deleted key from KV meanwhile,
+/// and refuses it once the held write is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_propagation_delay_is_reproduced_locally() {
-    let s = full(Backend::Sqlite, &[]).await;
+    // Without the revocation feed, which would refuse the key within its interval
+    // (tests/tests/revocations.rs): here KV alone decides, as it did before the feed.
+    let s = full(Backend::Sqlite, &[("REVOCATION_FEED_INTERVAL_MS", "0")]).await;
     let kv = &*s.kv;
     let key = s.cp.create_key("delayed", "GENERIC").await;
     s.cp.wait_outbox_drained(Duration::from_secs(10)).await;

@@ -2,7 +2,9 @@
 // Miniflare's API (the engine `wrangler dev` uses, without wrangler's Node proxy in the
 // request path, which otherwise caps every Worker at ~400 req/s here). Load from wrk.
 // Env: ORIGIN_URL (a fast origin), METLO_KEY (a valid key), METLO_LIMITED_KEY (a valid key
-// with a rate limit it never reaches), BEFORE_WORKER (optional: another build of our
+// with a rate limit it never reaches), CONTROL_PLANE_URL / CONTROL_PLANE_KEY (a running
+// control plane and an edge key for it: the Worker reads its revocation feed) and
+// CONTROL_PLANE_METRICS (its /metrics, to count the feed requests), BEFORE_WORKER (optional: another build of our
 // Worker, measured alongside as "before"), ROUNDS, SECONDS.
 import { Miniflare } from "miniflare";
 import { spawnSync } from "node:child_process";
@@ -18,10 +20,14 @@ const ORIGIN_URL = process.env.ORIGIN_URL;
 const KEY = process.env.METLO_KEY;
 const LIMITED_KEY = process.env.METLO_LIMITED_KEY;
 const BEFORE_WORKER = process.env.BEFORE_WORKER || "";
+const CONTROL_PLANE_URL = process.env.CONTROL_PLANE_URL;
+const CONTROL_PLANE_KEY = process.env.CONTROL_PLANE_KEY;
+const CONTROL_PLANE_METRICS = process.env.CONTROL_PLANE_METRICS;
 const ROUNDS = Number(process.env.ROUNDS || 3);
 const SECONDS = Number(process.env.SECONDS || 5);
 const PATH = "/api/v1/verify";
-if (!ORIGIN_URL || !KEY || !LIMITED_KEY) throw new Error("ORIGIN_URL, METLO_KEY and METLO_LIMITED_KEY must be set");
+if (!ORIGIN_URL || !KEY || !LIMITED_KEY || !CONTROL_PLANE_URL || !CONTROL_PLANE_KEY || !CONTROL_PLANE_METRICS)
+  throw new Error("ORIGIN_URL, METLO_KEY, METLO_LIMITED_KEY, CONTROL_PLANE_URL, CONTROL_PLANE_KEY and CONTROL_PLANE_METRICS must be set");
 
 const hash = createHash("sha256").update(KEY).digest("hex");
 const record = JSON.stringify({ v: 1, name: "bench", for: "GENERIC", identifier: KEY.slice(0, 14), created: "2026-01-01T00:00:00.000Z" });
@@ -33,9 +39,12 @@ const ours = { durableObjects: { KEY_LIMITER: { className: "KeyLimiter", useSQLi
   ratelimits: { MISS_LIMITER: { simple: { limit: 30, period: 60 } } },
   modulesRules: [{ type: "CompiledWasm", include: ["**/*.wasm"] }] };
 const common = { compatibilityDate: "2025-09-01", modules: true, kvNamespaces: ["KEYS"],
-  bindings: { ORIGIN_URL, CONTROL_PLANE_URL: "http://127.0.0.1:9", CONTROL_PLANE_KEY: "unused" } };
+  bindings: { ORIGIN_URL, CONTROL_PLANE_URL, CONTROL_PLANE_KEY } };
 const workers = {
   rust: { ...common, ...ours, scriptPath: join(root, "edge/build/index.js") },
+  // The same Worker without the revocation feed: what reading it costs the valid-key path.
+  rustNoFeed: { ...common, ...ours, bindings: { ...common.bindings, REVOCATION_FEED_INTERVAL_MS: "0" },
+    scriptPath: join(root, "edge/build/index.js") },
   // (Without the Durable Object binding: a build from before limits has no such class.)
   ...(BEFORE_WORKER ? { before: { ...common, modulesRules: ours.modulesRules, scriptPath: BEFORE_WORKER } } : {}),
   js: { ...common, scriptPath: join(here, "js-auth.js") },
@@ -98,13 +107,23 @@ for (const name of Object.keys(workers)) started[name] = await start(name);
 if (started.rust.firstStatus !== 200 || started.js.firstStatus !== 200)
   throw new Error(`warm-up failed: rust ${started.rust.firstStatus}, js ${started.js.firstStatus}`);
 
-const runs = { rust: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [], rustLimited: [],
+// Feed requests the control plane received (all routes' counters for it, summed).
+async function feedRequests() {
+  const text = await (await fetch(CONTROL_PLANE_METRICS)).text();
+  return text.split("\n").filter((l) => l.startsWith("http_requests_total") && l.includes('route="/api/v1/revocations"'))
+    .reduce((sum, l) => sum + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
+}
+let feedSeconds = 0, feedCount = 0;
+const runs = { rust: [], rustNoFeed: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [], rustLimited: [],
   ...(BEFORE_WORKER ? { before: [], beforeGarbage: [] } : {}) };
 const cpu = Object.fromEntries(Object.keys(runs).map((k) => [k, []]));
 console.log(`edge throughput under workerd (Miniflare API), wrk -t1 -c16 -d${SECONDS}s, ${ROUNDS} interleaved rounds, medians`);
 for (let round = 1; round <= ROUNDS; round++) {
   const p = wrk(started.passthrough.url, KEY);
+  const feedBefore = await feedRequests();
   const r = wrk(started.rust.url, KEY);
+  feedCount += (await feedRequests()) - feedBefore; feedSeconds += SECONDS;
+  const nf = wrk(started.rustNoFeed.url, KEY);
   const j = wrk(started.js.url, KEY);
   const e = wrk(started.empty.url, "garbage");
   const g = wrk(started.rust.url, "garbage");
@@ -113,24 +132,27 @@ for (let round = 1; round <= ROUNDS; round++) {
   const l = wrk(started.rust.url, LIMITED_KEY);
   const b = BEFORE_WORKER ? wrk(started.before.url, KEY) : null;
   const bg = BEFORE_WORKER ? wrk(started.before.url, "garbage") : null;
-  if (r.non2xx || j.non2xx || p.non2xx || rp.non2xx || l.non2xx || b?.non2xx) throw new Error("a valid-key request failed");
+  runs.rustNoFeed.push(nf.rps); cpu.rustNoFeed.push(nf.cpuUs);
+  if (r.non2xx || nf.non2xx || j.non2xx || p.non2xx || rp.non2xx || l.non2xx || b?.non2xx) throw new Error("a valid-key request failed");
   runs.rustLimited.push(l.rps); cpu.rustLimited.push(l.cpuUs);
   if (b) { runs.before.push(b.rps); runs.beforeGarbage.push(bg.rps); cpu.before.push(b.cpuUs); cpu.beforeGarbage.push(bg.cpuUs); }
   runs.passthrough.push(p.rps); runs.rust.push(r.rps); runs.js.push(j.rps); runs.empty.push(e.rps); runs.rustGarbage.push(g.rps);
   runs.rustPassthrough.push(rp.rps); runs.rustEmpty.push(re.rps);
   for (const [k, v] of Object.entries({ rust: r, js: j, passthrough: p, empty: e, rustGarbage: g, rustPassthrough: rp, rustEmpty: re }))
     cpu[k].push(v.cpuUs);
-  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours limited ${l.rps.toFixed(0)} |${b ? ` before ${b.rps.toFixed(0)} | before garbage ${bg.rps.toFixed(0)} |` : ""} ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
+  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours without the feed ${nf.rps.toFixed(0)} | ours limited ${l.rps.toFixed(0)} |${b ? ` before ${b.rps.toFixed(0)} | before garbage ${bg.rps.toFixed(0)} |` : ""} ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
 }
 const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
+const c = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, median(v)]));
 console.log(`  valid key (isolate/KV hit), proxied: ours ${m.rust.toFixed(0)} req/s`);
 console.log(`    ÷ empty pass-through Worker, Rust (${m.rustPassthrough.toFixed(0)}): ${(m.rust / m.rustPassthrough).toFixed(2)}  (target >= 0.90)`);
 console.log(`    ÷ JavaScript Worker, KV get + WebCrypto SHA-256 (${m.js.toFixed(0)}): ${(m.rust / m.js).toFixed(2)}  (target >= 1.0)`);
 console.log(`    ÷ empty pass-through Worker, JavaScript (${m.passthrough.toFixed(0)}): ${(m.rust / m.passthrough).toFixed(2)}  (for reference)`);
+console.log(`    ÷ the same Worker without the revocation feed (${m.rustNoFeed.toFixed(0)}): ${(m.rust / m.rustNoFeed).toFixed(3)} by req/s, ${(c.rustNoFeed / c.rust).toFixed(3)} by CPU  (target >= 0.97)`);
+console.log(`    feed requests the control plane received meanwhile: ${(feedCount / feedSeconds).toFixed(2)}/s (one location, ${feedCount} in ${feedSeconds} s)`);
 console.log(`  garbage key: ours ${m.rustGarbage.toFixed(0)} req/s`);
 console.log(`    ÷ empty Worker, Rust (${m.rustEmpty.toFixed(0)}): ${(m.rustGarbage / m.rustEmpty).toFixed(2)}  (target >= 0.95)`);
 console.log(`    ÷ empty Worker, JavaScript (${m.empty.toFixed(0)}): ${(m.rustGarbage / m.empty).toFixed(2)}  (for reference: the worker crate's JS↔wasm cost)`);
-const c = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, median(v)]));
 console.log(`  workerd CPU per request (µs, medians; robust to machine load): ours ${c.rust.toFixed(0)} | rust pass-through ${c.rustPassthrough.toFixed(0)} | js auth ${c.js.toFixed(0)} | ours garbage ${c.rustGarbage.toFixed(0)} | rust empty ${c.rustEmpty.toFixed(0)} | js empty ${c.empty.toFixed(0)}`);
 console.log(`  the JavaScript floor for a refusal: garbage ÷ js empty ${(c.empty / c.rustGarbage).toFixed(2)} by CPU, ${(m.rustGarbage / m.empty).toFixed(2)} by req/s (target >= 0.87)`);
 console.log(`  a rate-limited key (one Durable Object call per request): ${c.rustLimited.toFixed(0)} µs CPU, +${(c.rustLimited - c.rust).toFixed(0)} µs over an unlimited key (${(c.rust / c.rustLimited).toFixed(2)}× its throughput by CPU; ${m.rustLimited.toFixed(0)} req/s)`);
