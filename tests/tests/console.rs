@@ -361,6 +361,13 @@ async fn the_console_in_chromium() {
         .unwrap();
     cp.secrets.lock().unwrap().push(rolled.clone());
     assert_ne!(rolled, key);
+    // The edge's promise for the old secret, from the answer's refusedEverywhereBy.
+    b.until(
+        "the roll's promise",
+        "return document.getElementById('secret').textContent.includes('every edge location refuses it by');",
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(cp.verify(&key).await, StatusCode::UNAUTHORIZED);
     cp.wait_outbox_drained(Duration::from_secs(10)).await;
     edge_becomes(&s, &rolled, StatusCode::OK).await;
@@ -385,6 +392,12 @@ async fn the_console_in_chromium() {
     b.until(
         "the row to go",
         "return !document.querySelector('dialog') && !document.querySelector('tr[data-key=\"browser-made\"]') && !!document.querySelector('tr[data-key=\"nudge\"]');",
+        Duration::from_secs(5),
+    )
+    .await;
+    b.until(
+        "the delete's promise",
+        "const p = document.getElementById('promise'); return !!p && p.textContent.startsWith('Key “browser-made” deleted: refused at every edge location by ');",
         Duration::from_secs(5),
     )
     .await;

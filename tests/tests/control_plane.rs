@@ -571,7 +571,7 @@ async fn the_revocation_feed_is_current_on_every_replica() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // b was woken by PostgreSQL's NOTIFY (not only by its one-second tick).
+    // b was woken by PostgreSQL's NOTIFY (not only by its quarter-second tick).
     assert!(
         b.metric("metlo_revocation_feed_reads_total", "notify")
             .await

@@ -8,6 +8,7 @@
 // Worker, measured alongside as "before"), ROUNDS, SECONDS.
 import { Miniflare } from "miniflare";
 import { spawnSync } from "node:child_process";
+import { get } from "node:http";
 import { createHash } from "node:crypto";
 import { gzipSync } from "node:zlib";
 import { readFileSync } from "node:fs";
@@ -108,8 +109,15 @@ if (started.rust.firstStatus !== 200 || started.js.firstStatus !== 200)
   throw new Error(`warm-up failed: rust ${started.rust.firstStatus}, js ${started.js.firstStatus}`);
 
 // Feed requests the control plane received (all routes' counters for it, summed).
+// On a connection of its own each time: the control plane closes idle connections, and
+// one kept between the runs could be closed just as it is used again.
 async function feedRequests() {
-  const text = await (await fetch(CONTROL_PLANE_METRICS)).text();
+  const text = await new Promise((resolve, reject) => {
+    get(CONTROL_PLANE_METRICS, { agent: false }, (res) => {
+      let body = "";
+      res.setEncoding("utf8").on("data", (chunk) => { body += chunk; }).on("end", () => resolve(body));
+    }).on("error", reject);
+  });
   return text.split("\n").filter((l) => l.startsWith("http_requests_total") && l.includes('route="/api/v1/revocations"'))
     .reduce((sum, l) => sum + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
 }
