@@ -109,13 +109,14 @@ pub struct Config {
         global = true
     )]
     pub audit_failure_rows_per_minute: u32,
-    /// How long the revocation feed keeps an event (at least the time Workers KV may
-    /// serve a stale value: its read cache plus its propagation).
+    /// How long the revocation feed keeps an event: at least the time Workers KV may serve
+    /// a stale value (its read cache, 30 s, plus its propagation, 60 s, and the isolate's
+    /// 0.5 s) — an isolate started later learns of the event from the window alone.
     #[arg(
         long,
         env = "REVOCATION_FEED_WINDOW_SECONDS",
         default_value_t = 120,
-        value_parser = clap::value_parser!(u64).range(10..=86_400),
+        value_parser = clap::value_parser!(u64).range(91..=86_400),
         global = true
     )]
     pub revocation_feed_window_seconds: u64,

@@ -15,12 +15,14 @@ use worker::{console_error, Context, Delay, Env};
 
 use crate::config::Config;
 use crate::control_plane_glue::control_plane_key;
-use crate::revocations::{admit_on_failure, Applied, FeedView, Freshness, Page};
+use crate::revocations::{admit_on_failure, Applied, FeedView, Freshness, Page, MAX_HELD};
 
 thread_local! {
     static VIEW: RefCell<FeedView> = RefCell::new(FeedView::new());
-    // A refresh of the view is under way (one at a time per isolate; others wait on it).
-    static REFRESHING: Cell<bool> = const { Cell::new(false) };
+    // When the refresh under way began (ms; 0: none). One at a time per isolate; others
+    // wait on it. A start time, not a flag: a refresh whose request was cut off never
+    // finishes (wasm futures are not dropped), so one past its deadline no longer counts.
+    static REFRESHING: Cell<u64> = const { Cell::new(0) };
     // When the last refresh failed (ms; 0: it did not), and how many have in this isolate.
     static FAILED_AT: Cell<u64> = const { Cell::new(0) };
     static FAILURES: Cell<u64> = const { Cell::new(0) };
@@ -29,12 +31,16 @@ thread_local! {
 /// Most pages one refresh reads (each at most 10,000 events); past them the view is not
 /// current, and the failure mode decides.
 const MAX_PAGES: usize = 20;
+/// Workers KV's propagation between locations, as Cloudflare documents it.
+const KV_PROPAGATION_SECONDS: u64 = 60;
 
 // One read of the feed, in JS (a JSON parser, `fetch` with a timeout and the Cache API
 // cost the wasm nothing there): `asked\nlines` — when it was asked for (ms) and the page
 // as `Page::from_lines` reads it —, or `!why`. `after` < 0: the whole window, first from
 // the location's copy in the Cache API when that would make a view (`asOf`: the view's)
-// younger and still fresh, else from the control plane, then shared for the others.
+// younger and still fresh, else from the control plane, then shared for the others. (A
+// shared copy's time is another machine's clock of the same location: NTP-close.) Cache
+// API calls are bounded by the timeout too: a hung one is a miss.
 #[wasm_bindgen(inline_js = "\
 function lines(text) { \
   let p; try { p = JSON.parse(text); } catch (e) { return null; } \
@@ -44,11 +50,13 @@ function lines(text) { \
     if (!e || !Number.isSafeInteger(e.seq) || !/^[0-9a-f]{64}$/.test(e.hash)) return null; \
     out.push(e.seq + ' ' + e.hash + ' ' + (e.record == null ? '' : JSON.stringify(e.record))); } \
   return [out.join('\\n'), p.ageMs]; } \
+function bounded(p, ms) { \
+  return Promise.race([p.catch(() => null), new Promise((r) => setTimeout(r, ms, null))]); } \
 export async function feed_read(base, key, after, timeoutMs, intervalMs, asOf, maxAge) { \
   const url = base + '/api/v1/revocations'; \
   try { \
     if (after < 0) { \
-      const hit = await caches.default.match(url).catch(() => null); \
+      const hit = await bounded(caches.default.match(url), timeoutMs); \
       if (hit) { \
         const asked = Number(hit.headers.get('x-metlo-asked-at')); \
         const shared = asked - Number(hit.headers.get('x-metlo-age-ms')); \
@@ -60,10 +68,10 @@ export async function feed_read(base, key, after, timeoutMs, intervalMs, asOf, m
     if (r.status !== 200) return '!control plane answered ' + r.status; \
     const page = lines(await r.text()); \
     if (!page) return '!unreadable feed page'; \
-    if (after < 0) await caches.default.put(url, new Response(page[0], { headers: { \
+    if (after < 0) await bounded(caches.default.put(url, new Response(page[0], { headers: { \
       'cache-control': 'max-age=' + maxAge, 'x-metlo-asked-at': String(asked), \
       'x-metlo-age-ms': String(page[1]) } })).catch((e) => \
-      console.error('revocation feed not shared through the Cache API: ' + e)); \
+      console.error('revocation feed not shared through the Cache API: ' + e)), timeoutMs); \
     return asked + '\\n' + page[0]; \
   } catch (e) { return '!control plane unreachable: ' + e; } }")]
 extern "C" {
@@ -114,15 +122,15 @@ pub(crate) async fn consult(
         Freshness::Fresh => {}
         Freshness::RefreshAfter => refresh_later(env, ctx, config, forget),
         Freshness::RefreshNow => {
-            if REFRESHING.get() {
-                wait_for_refresh(config.control_plane_timeout_ms).await;
+            if refreshing(now, config) {
+                wait_for_refresh(config).await;
             } else if FAILED_AT.get() > 0 {
                 // Only the first request after a failure waits on the control plane; until
                 // a refresh succeeds, the next tries are in the background, at most one an
                 // interval.
                 refresh_later(env, ctx, config, forget);
             } else {
-                let _refreshing = Refreshing::start();
+                let _refreshing = Refreshing::start(now);
                 let _ = refresh(env, config, forget).await;
             }
             let now = now_ms();
@@ -158,12 +166,13 @@ fn recently_failed(now: u64, interval: u64) -> bool {
 /// A refresh after the response (`waitUntil`), unless one is under way or the last one
 /// failed less than an interval ago.
 fn refresh_later(env: &Env, ctx: &Context, config: &Rc<Config>, forget: fn(&Applied)) {
-    if REFRESHING.get() || recently_failed(now_ms(), config.revocation_feed_interval_ms) {
+    let now = now_ms();
+    if refreshing(now, config) || recently_failed(now, config.revocation_feed_interval_ms) {
         return;
     }
     // Taken now, so the requests before the task runs do not start their own; given back
-    // when the task ends or is dropped.
-    let refreshing = Refreshing::start();
+    // when the task ends.
+    let refreshing = Refreshing::start(now);
     let (env, config) = (env.clone(), config.clone());
     ctx.wait_until(async move {
         let _refreshing = refreshing;
@@ -171,28 +180,42 @@ fn refresh_later(env: &Env, ctx: &Context, config: &Rc<Config>, forget: fn(&Appl
     });
 }
 
-/// Waits (at most `timeout_ms`) for the refresh another request started.
-async fn wait_for_refresh(timeout_ms: u64) {
-    let deadline = now_ms().saturating_add(timeout_ms);
-    while REFRESHING.get() && now_ms() < deadline {
+/// How long one refresh may take, all its pages included: past it, it fails, and no
+/// request waits on it any more.
+fn refresh_deadline_ms(config: &Config) -> u64 {
+    config.control_plane_timeout_ms.saturating_mul(2)
+}
+
+/// Whether a refresh is under way (begun, and not past its deadline).
+fn refreshing(now: u64, config: &Config) -> bool {
+    let began = REFRESHING.get();
+    began > 0 && now.saturating_sub(began) < refresh_deadline_ms(config)
+}
+
+/// Waits for the refresh another request started (at most until its deadline).
+async fn wait_for_refresh(config: &Config) {
+    while refreshing(now_ms(), config) {
         Delay::from(Duration::from_millis(5)).await;
     }
 }
 
-/// Holds [`REFRESHING`] while a refresh is under way; cleared however it ends (also when
-/// its request is cancelled).
-struct Refreshing;
+/// Marks a refresh under way ([`REFRESHING`]); given back when it ends, unless a later
+/// refresh took the mark meanwhile.
+struct Refreshing(u64);
 
 impl Refreshing {
-    fn start() -> Self {
-        REFRESHING.set(true);
-        Refreshing
+    fn start(now: u64) -> Self {
+        let began = now.max(1);
+        REFRESHING.set(began);
+        Refreshing(began)
     }
 }
 
 impl Drop for Refreshing {
     fn drop(&mut self) {
-        REFRESHING.set(false);
+        if REFRESHING.get() == self.0 {
+            REFRESHING.set(0);
+        }
     }
 }
 
@@ -221,8 +244,19 @@ async fn read_pages(env: &Env, config: &Config, forget: fn(&Applied)) -> Result<
     let key = control_plane_key(env).ok_or("the CONTROL_PLANE_KEY secret is not set")?;
     // A copy in the Cache API is kept a little past its use (never used past the interval).
     let max_age = (config.revocation_feed_interval_ms / 1000 + 2) as u32;
+    // What the view must remember at least: as long as KV may serve a stale record (its
+    // read cache, its propagation between locations, this isolate's cache).
+    let keep_ms = config
+        .kv_cache_ttl_seconds
+        .saturating_add(KV_PROPAGATION_SECONDS)
+        .saturating_mul(1000)
+        .saturating_add(config.isolate_hit_ms);
+    let deadline = now_ms().saturating_add(refresh_deadline_ms(config));
     let mut after = -1.0;
     for _ in 0..MAX_PAGES {
+        if now_ms() >= deadline {
+            return Err("the feed took longer than its deadline".into());
+        }
         let as_of = VIEW
             .with(|v| v.borrow().as_of_ms())
             .map_or(-1.0, |t| t as f64);
@@ -246,10 +280,19 @@ async fn read_pages(env: &Env, config: &Config, forget: fn(&Applied)) -> Result<
             .ok()
             .zip(Page::from_lines(lines))
             .ok_or("unreadable feed page")?;
-        let applied = VIEW.with(|v| v.borrow_mut().apply(page.1, page.0, now_ms()));
+        let applied = VIEW.with(|v| v.borrow_mut().apply(page.1, page.0, now_ms(), keep_ms));
         forget(&applied);
+        if applied.behind {
+            return Err(
+                "the feed is behind this view (a replica lagging, or a database restored)".into(),
+            );
+        }
         if !applied.more {
-            return Ok(());
+            return if applied.current {
+                Ok(())
+            } else {
+                Err(format!("more than {MAX_HELD} secrets in the feed's window"))
+            };
         }
         after = VIEW.with(|v| v.borrow().after()).unwrap_or(0) as f64;
     }

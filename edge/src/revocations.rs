@@ -5,7 +5,9 @@
 //! interval instead of KV's propagation. Time is passed in: tested natively.
 //!
 //! Ages are measured on the Worker's clock from when a page was asked for, less how old
-//! the control plane said its own read was (`ageMs`), so no two clocks are compared.
+//! the control plane said its own read was (`ageMs`), so the control plane's clock is never
+//! compared with the Worker's (a page shared through the Cache API carries the time another
+//! machine of the same location asked for it: NTP-close).
 
 use std::collections::HashMap;
 
@@ -81,6 +83,11 @@ pub struct Applied {
     pub changed: Vec<KeyHash>,
     /// The page was full: ask again, after [`FeedView::after`], before the view is current.
     pub more: bool,
+    /// The view is current now (as of this page's read).
+    pub current: bool,
+    /// The page was behind the view (a lagging replica, or a feed that went back: a
+    /// restored database): ignored, and the view is no younger.
+    pub behind: bool,
 }
 
 /// Most secrets the view holds. The control plane's window bounds the events, this bounds
@@ -140,12 +147,14 @@ impl FeedView {
     /// Applies a page that was asked for at `asked_ms` (this isolate's clock); `now_ms`
     /// is when it arrived. Events already applied are skipped, so a page shared by
     /// several isolates (the whole window, from the Cache API) serves each of them.
-    pub fn apply(&mut self, page: Page, asked_ms: u64, now_ms: u64) -> Applied {
+    /// `keep_ms`: states are kept at least this long (KV's own staleness: a state
+    /// forgotten sooner would let a stale KV record through), the feed's window if longer.
+    pub fn apply(&mut self, page: Page, asked_ms: u64, now_ms: u64, keep_ms: u64) -> Applied {
         let mut applied = Applied {
             more: page.more,
             ..Applied::default()
         };
-        self.window_ms = page.window_seconds.saturating_mul(1000);
+        self.window_ms = page.window_seconds.saturating_mul(1000).max(keep_ms);
         let start_over = match self.seq {
             None => true,
             // Events between ours and the page's first were missed (they left the
@@ -153,12 +162,15 @@ impl FeedView {
             Some(seq) => seq < page.from,
         };
         if start_over {
+            // Not current until the new view is whole (its last page read).
             self.states.clear();
-            self.overflowed = false;
+            self.as_of_ms = None;
             applied.reset = true;
         } else if page.seq < self.seq.unwrap_or(0) {
-            // An older page than the view (a cached copy from before our last read):
-            // nothing new, and no younger than what we hold.
+            // Behind what the view holds: a replica that has not read the latest events
+            // yet, or a feed that went back. Dropping what the view knows could admit a
+            // revoked key: ignored, and no younger.
+            applied.behind = true;
             return applied;
         }
         let after = if start_over { None } else { self.seq };
@@ -180,14 +192,13 @@ impl FeedView {
         }
         self.seq = Some(page.seq);
         self.forget_before(now_ms.saturating_sub(self.window_ms));
-        if self.states.len() > MAX_HELD {
-            self.overflowed = true;
-        }
+        self.overflowed = self.states.len() > MAX_HELD;
         if !page.more && !self.overflowed {
             let as_of = asked_ms.saturating_sub(page.age_ms);
             // Never younger than a page already applied said (pages may arrive out of
             // order when two refreshes overlap).
             self.as_of_ms = Some(self.as_of_ms.map_or(as_of, |t| t.max(as_of)));
+            applied.current = true;
         }
         applied
     }
@@ -196,6 +207,11 @@ impl FeedView {
         if self.window_ms > 0 {
             self.states.retain(|_, (_, learned)| *learned >= before_ms);
         }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.states.len()
     }
 }
 
@@ -225,6 +241,11 @@ mod tests {
 
     fn hash() -> KeyHash {
         ApiKey::generate().unwrap().hash()
+    }
+
+    /// Applies with no minimum keep (the feed's window alone).
+    fn apply(view: &mut FeedView, page: Page<'_>, asked_ms: u64, now_ms: u64) -> Applied {
+        view.apply(page, asked_ms, now_ms, 0)
     }
 
     /// A page's lines, leaked so the borrowed page can outlive the helper.
@@ -262,7 +283,7 @@ mod tests {
             "never loaded"
         );
         assert_eq!(view.age_ms(0), None);
-        view.apply(page(0, 0, &[], false), 10_000, 10_050);
+        apply(&mut view, page(0, 0, &[], false), 10_000, 10_050);
         assert_eq!(view.freshness(10_999, 1000), Freshness::Fresh);
         assert_eq!(view.freshness(11_000, 1000), Freshness::RefreshAfter);
         assert_eq!(view.freshness(12_000, 1000), Freshness::RefreshAfter);
@@ -272,7 +293,12 @@ mod tests {
     #[test]
     fn the_age_counts_the_control_planes_own_read() {
         let mut view = FeedView::new();
-        view.apply(Page::from_lines("4 0 120 700 0").unwrap(), 10_000, 10_100);
+        apply(
+            &mut view,
+            Page::from_lines("4 0 120 700 0").unwrap(),
+            10_000,
+            10_100,
+        );
         assert_eq!(
             view.age_ms(10_100),
             Some(800),
@@ -285,7 +311,8 @@ mod tests {
         let (a, b) = (hash(), hash());
         let mut view = FeedView::new();
         let enabled = record_json(2_000_000_000);
-        let applied = view.apply(
+        let applied = apply(
+            &mut view,
             page(
                 3,
                 0,
@@ -311,11 +338,17 @@ mod tests {
     fn a_shared_page_of_the_whole_window_applies_only_what_is_new() {
         let (a, b) = (hash(), hash());
         let mut view = FeedView::new();
-        view.apply(page(1, 0, &[(1, a, None)], false), 0, 0);
+        apply(&mut view, page(1, 0, &[(1, a, None)], false), 0, 0);
         // Enabled again, then the cached whole window (which still has event 1) comes.
         let enabled = record_json(2_000_000_000);
-        view.apply(page(2, 0, &[(2, a, Some(&enabled))], false), 100, 100);
-        let applied = view.apply(
+        apply(
+            &mut view,
+            page(2, 0, &[(2, a, Some(&enabled))], false),
+            100,
+            100,
+        );
+        let applied = apply(
+            &mut view,
             page(
                 3,
                 0,
@@ -337,8 +370,15 @@ mod tests {
         );
         // An older copy changes nothing and does not make the view younger.
         let age = view.age_ms(300);
-        let applied = view.apply(page(2, 0, &[(1, a, None)], false), 250, 300);
-        assert_eq!(applied, Applied::default());
+        let applied = apply(&mut view, page(2, 0, &[(1, a, None)], false), 250, 300);
+        assert_eq!(
+            applied,
+            Applied {
+                behind: true,
+                ..Applied::default()
+            },
+            "a page behind the view is ignored (and the refresh is not a success)"
+        );
         assert_eq!(view.age_ms(300), age);
     }
 
@@ -346,9 +386,14 @@ mod tests {
     fn missed_events_start_the_view_over() {
         let (a, b) = (hash(), hash());
         let mut view = FeedView::new();
-        view.apply(page(1, 0, &[(1, a, None)], false), 0, 0);
+        apply(&mut view, page(1, 0, &[(1, a, None)], false), 0, 0);
         // The page begins after 5: events 2–5 left the window unseen.
-        let applied = view.apply(page(7, 5, &[(6, b, None), (7, b, None)], false), 10, 10);
+        let applied = apply(
+            &mut view,
+            page(7, 5, &[(6, b, None), (7, b, None)], false),
+            10,
+            10,
+        );
         assert!(applied.reset, "the isolate cache must be cleared too");
         assert_eq!(view.state(&a), None, "what the view held is dropped");
         assert_eq!(view.state(&b), Some(None));
@@ -358,7 +403,7 @@ mod tests {
     fn a_full_page_is_not_current_until_the_rest_is_read() {
         let a = hash();
         let mut view = FeedView::new();
-        let applied = view.apply(page(1, 0, &[(1, a, None)], true), 1000, 1000);
+        let applied = apply(&mut view, page(1, 0, &[(1, a, None)], true), 1000, 1000);
         assert!(applied.more);
         assert_eq!(view.age_ms(1000), None, "not current yet");
         assert_eq!(
@@ -366,7 +411,7 @@ mod tests {
             Some(None),
             "but what it read counts already"
         );
-        view.apply(page(2, 0, &[(2, a, None)], false), 1100, 1100);
+        apply(&mut view, page(2, 0, &[(2, a, None)], false), 1100, 1100);
         assert_eq!(view.age_ms(1100), Some(0));
     }
 
@@ -376,7 +421,7 @@ mod tests {
         let mut view = FeedView::new();
         let newer = r#"{"v":99,"name":"n","for":"GENERIC","identifier":"i","created":"c"}"#;
         let text = format!("2 0 120 0 0\n1 zz \n2 {} {newer}", a.to_hex());
-        view.apply(Page::from_lines(&text).unwrap(), 0, 0);
+        apply(&mut view, Page::from_lines(&text).unwrap(), 0, 0);
         assert_eq!(
             view.state(&a),
             Some(None),
@@ -394,11 +439,69 @@ mod tests {
     fn states_are_forgotten_a_window_after_they_were_learned() {
         let (a, b) = (hash(), hash());
         let mut view = FeedView::new();
-        view.apply(page(1, 0, &[(1, a, None)], false), 0, 0);
-        view.apply(page(2, 0, &[(2, b, None)], false), 100_000, 100_000);
-        view.apply(page(2, 0, &[], false), 120_001, 120_001);
+        apply(&mut view, page(1, 0, &[(1, a, None)], false), 0, 0);
+        apply(
+            &mut view,
+            page(2, 0, &[(2, b, None)], false),
+            100_000,
+            100_000,
+        );
+        apply(&mut view, page(2, 0, &[], false), 120_001, 120_001);
         assert_eq!(view.state(&a), None, "KV has caught up with it");
         assert_eq!(view.state(&b), Some(None));
+    }
+
+    #[test]
+    fn starting_over_is_not_current_until_the_new_view_is_whole() {
+        let (a, b) = (hash(), hash());
+        let mut view = FeedView::new();
+        apply(&mut view, page(1, 0, &[(1, a, None)], false), 0, 0);
+        assert_eq!(view.age_ms(500), Some(500));
+        // Events missed, and the new window comes in two pages.
+        let applied = apply(&mut view, page(10, 5, &[(6, b, None)], true), 600, 600);
+        assert!(applied.reset && !applied.current);
+        assert_eq!(view.age_ms(700), None, "a half-read view is never fresh");
+        let applied = apply(&mut view, page(12, 5, &[(12, a, None)], false), 800, 800);
+        assert!(applied.current);
+        assert_eq!(view.age_ms(900), Some(100));
+    }
+
+    #[test]
+    fn states_are_kept_at_least_as_long_as_kv_may_be_stale() {
+        let a = hash();
+        let mut view = FeedView::new();
+        view.apply(page(1, 0, &[(1, a, None)], false), 0, 0, 200_000);
+        view.apply(page(1, 0, &[], false), 150_000, 150_000, 200_000);
+        assert_eq!(
+            view.state(&a),
+            Some(None),
+            "past the 120 s window, within KV's staleness"
+        );
+        view.apply(page(1, 0, &[], false), 200_001, 200_001, 200_000);
+        assert_eq!(view.state(&a), None);
+    }
+
+    #[test]
+    fn a_view_past_its_bound_is_current_again_once_it_fits() {
+        let mut view = FeedView::new();
+        let many: Vec<(u64, KeyHash, Option<&str>)> = (1..=MAX_HELD as u64 + 1)
+            .map(|i| (i, hash(), None))
+            .collect();
+        let applied = apply(&mut view, page(many.len() as u64, 0, &many, false), 0, 0);
+        assert!(
+            !applied.current,
+            "more secrets than a view holds: not current"
+        );
+        assert_eq!(view.age_ms(0), None);
+        // A window later they are forgotten: the next page makes it current.
+        let applied = apply(
+            &mut view,
+            page(many.len() as u64, 0, &[], false),
+            120_001,
+            120_001,
+        );
+        assert!(applied.current);
+        assert_eq!(view.len(), 0);
     }
 
     #[test]

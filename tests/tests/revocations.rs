@@ -161,14 +161,26 @@ async fn revoked_keys_are_refused_at_the_edge_within_two_seconds_while_kv_lags_a
 
     // A key enabled again is admitted again once the feed says so (its event carries the
     // record), within the same bound.
-    let (_, name, again) = keys.iter().find(|(h, ..)| *h == Revocation::Disable).unwrap();
-    assert_eq!(s.cp.patch(name, json!({"enabled": true})).await.0, StatusCode::OK);
+    let (_, name, again) = keys
+        .iter()
+        .find(|(h, ..)| *h == Revocation::Disable)
+        .unwrap();
+    assert_eq!(
+        s.cp.patch(name, json!({"enabled": true})).await.0,
+        StatusCode::OK
+    );
     let enabled = Instant::now();
     while edge_status(&s, again).await != StatusCode::OK {
-        assert!(enabled.elapsed() <= BOUND, "enabled again, still refused after {BOUND:?}");
+        assert!(
+            enabled.elapsed() <= BOUND,
+            "enabled again, still refused after {BOUND:?}"
+        );
         tokio::time::sleep(POLL).await;
     }
-    println!("enabled again: admitted at the edge after {} ms", enabled.elapsed().as_millis());
+    println!(
+        "enabled again: admitted at the edge after {} ms",
+        enabled.elapsed().as_millis()
+    );
 
     // An isolate that starts after a revocation refuses the key at its first request,
     // though KV still holds its record; a Worker without the feed admits it from there.

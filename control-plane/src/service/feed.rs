@@ -42,17 +42,63 @@ pub fn set_edge_interval(ms: u64) {
     EDGE_INTERVAL_MS.store(ms, Ordering::Relaxed);
 }
 
-/// ISO 8601: when every edge location refuses a secret revoked at `at_ms` — or refused by
-/// its own record from `until_ms`, when later — under the configured bounds: twice the
-/// Worker's feed interval (a Worker admits only on a view younger than that), or KV's
-/// without the feed.
-pub fn refused_everywhere_by(at_ms: i64, until_ms: Option<i64>) -> String {
+/// When every edge location refuses a secret revoked (committed) at `at_ms` — or refused
+/// by its own record from `until_ms`, when later — under the configured bounds: twice the
+/// Worker's feed interval (a Worker admits only on a view younger than that, and the view
+/// holds every event committed before it), or KV's without the feed.
+fn refused_everywhere_by(at_ms: i64, until_ms: Option<i64>) -> i64 {
     let bound = match EDGE_INTERVAL_MS.load(Ordering::Relaxed) {
         0 => KV_BOUND_MS,
         interval => interval.saturating_mul(2),
     };
     let by = at_ms.saturating_add(bound as i64);
-    iso8601(until_ms.map_or(by, |until| until.max(by)))
+    until_ms.map_or(by, |until| until.max(by))
+}
+
+/// An audit entry is written inside the revocation's transaction, before its commit time
+/// is known: it promises as if the commit came within this much.
+const COMMIT_MARGIN_MS: i64 = 1000;
+
+/// The edge's promise for a revocation (`refusedEverywhereBy`): what its audit entry says,
+/// and what the answer says once the change has committed.
+#[derive(Debug, Clone, Copy)]
+pub struct Promise {
+    until_ms: Option<i64>,
+    in_audit_ms: i64,
+}
+
+impl Promise {
+    /// Before the transaction; `until_ms`: when the secret's own record refuses it (a
+    /// roll's overlap, an expiry), if that is the later.
+    pub fn before_commit(until_ms: Option<i64>) -> Self {
+        Promise {
+            until_ms,
+            in_audit_ms: refused_everywhere_by(now_ms().saturating_add(COMMIT_MARGIN_MS), until_ms),
+        }
+    }
+
+    /// The same promise, with the secret's own end as it turned out (a roll's overlap cut
+    /// short by the key's expiry, rounded up to a second).
+    pub fn until(self, until_ms: i64) -> Self {
+        Promise {
+            until_ms: Some(until_ms),
+            ..self
+        }
+    }
+
+    /// ISO 8601, for the audit entry.
+    pub fn in_audit(&self) -> String {
+        iso8601(self.in_audit_ms)
+    }
+
+    /// ISO 8601, for the answer (called after the commit): the audit's promise, or later
+    /// if the commit took longer than the margin.
+    pub fn answered(&self) -> String {
+        iso8601(
+            self.in_audit_ms
+                .max(refused_everywhere_by(now_ms(), self.until_ms)),
+        )
+    }
 }
 
 /// One event: the secret `hash` is refused from now on (`record` null), or has `record`.

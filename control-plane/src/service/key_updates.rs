@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
-use super::feed::refused_everywhere_by;
+use super::feed::Promise;
 use super::keys::{normalize_name, parse_expires_at, KeyInfo};
 use super::meta::{meta_value, validate_meta};
 use super::Error;
@@ -100,16 +100,16 @@ pub async fn update_key(
 ) -> Result<UpdatedKey, Error> {
     let name = &normalize_name(name);
     let now = now_ms();
-    let refused_by = match (changes.enabled, changes.expires_at_ms) {
-        (Some(false), _) => Some(refused_everywhere_by(now, None)),
-        (_, Some(Some(expires))) => Some(refused_everywhere_by(now, Some(expires))),
+    let promise = match (changes.enabled, changes.expires_at_ms) {
+        (Some(false), _) => Some(Promise::before_commit(None)),
+        (_, Some(Some(expires))) => Some(Promise::before_commit(Some(expires))),
         _ => None,
     };
     let (key, retired) = store
         .update_key(name, changes, now, |before, after| {
             let mut detail = changed_fields(before, after);
-            if let (Some(by), Some(fields)) = (&refused_by, detail.as_object_mut()) {
-                fields.insert("refusedEverywhereBy".into(), json!(by));
+            if let (Some(promise), Some(fields)) = (&promise, detail.as_object_mut()) {
+                fields.insert("refusedEverywhereBy".into(), json!(promise.in_audit()));
             }
             actor.entry("key.update", name, detail)
         })
@@ -145,7 +145,7 @@ pub async fn update_key(
     tracing::info!(name, enabled = key.disabled_at_ms.is_none(), "key updated");
     Ok(UpdatedKey {
         info: key.into(),
-        refused_everywhere_by: refused_by,
+        refused_everywhere_by: promise.map(|p| p.answered()),
     })
 }
 

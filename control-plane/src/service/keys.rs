@@ -12,7 +12,7 @@ use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
-use super::feed::refused_everywhere_by;
+use super::feed::Promise;
 use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
@@ -209,7 +209,7 @@ impl From<StoredKey> for KeyInfo {
 }
 
 impl RolledKey {
-    fn new(key: ApiKey, rolled: Rolled) -> Self {
+    fn new(key: ApiKey, rolled: Rolled, promise: Promise) -> Self {
         let previous = &rolled.retired[0];
         // The previous secret stops at its overlap's end, or when the key expires if sooner.
         let until = rolled.key.secret_end(previous.retires_at_ms);
@@ -217,7 +217,7 @@ impl RolledKey {
             api_key: key.expose_secret().to_owned(),
             previous_identifier: previous.identifier.clone(),
             previous_valid_until: iso8601(until),
-            refused_everywhere_by: refused_everywhere_by(now_ms(), Some(until)),
+            refused_everywhere_by: promise.until(until).answered(),
             info: rolled.key.into(),
         }
     }
@@ -399,13 +399,12 @@ pub async fn roll_key(
         actor.may_mint(target.role)?;
     }
     let key = generate_key()?;
-    let now = now_ms();
-    let until = now.saturating_add(overlap.as_millis() as i64);
+    let promise = Promise::before_commit(Some(now_ms().saturating_add(overlap.as_millis() as i64)));
     let audit = actor.entry(
         "key.roll",
         name,
         json!({"identifier": key.identifier(), "overlapSeconds": overlap.as_secs(),
-            "refusedEverywhereBy": refused_everywhere_by(now, Some(until))}),
+            "refusedEverywhereBy": promise.in_audit()}),
     );
     let rolled = store
         .roll_key(
@@ -443,7 +442,7 @@ pub async fn roll_key(
         );
     }
     tracing::info!(name, identifier = %rolled.key.identifier, overlap_seconds = overlap.as_secs(), "key rolled");
-    Ok(RolledKey::new(key, rolled))
+    Ok(RolledKey::new(key, rolled, promise))
 }
 
 /// Ends every console session opened with the key `name` (any of its secrets): "sign
@@ -471,16 +470,16 @@ pub async fn delete_key(
     actor: &Actor,
 ) -> Result<String, Error> {
     let name = &normalize_name(name);
-    let refused_by = refused_everywhere_by(now_ms(), None);
+    let promise = Promise::before_commit(None);
     let audit = actor.entry(
         "key.delete",
         name,
-        json!({"refusedEverywhereBy": refused_by}),
+        json!({"refusedEverywhereBy": promise.in_audit()}),
     );
     delete_key_audited(store, cache, name, None, keep_last_admin, &audit)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
-    Ok(refused_by)
+    Ok(promise.answered())
 }
 
 /// Deletes a key with `audit` as its audit entry (a leak report's, say) — with

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::feed::refused_everywhere_by;
+use super::feed::Promise;
 use super::keys::delete_key_audited;
 use super::Error;
 use crate::cache::VerifyCache;
@@ -168,7 +168,7 @@ async fn act(
             "identifier": identifier, "secret": secret, "action": action,
             "url": alert.url, "source": alert.source, "type": alert.token_type,
             // GitHub's answer has a fixed shape: the promise is kept here.
-            "refusedEverywhereBy": revoke.then(|| refused_everywhere_by(crate::clock::now_ms(), None)),
+            "refusedEverywhereBy": revoke.then(|| Promise::before_commit(None).in_audit()),
         }),
     };
     tracing::warn!(name = %key.name, identifier = ?identifier, url = %alert.url, action, "leaked key reported by GitHub");

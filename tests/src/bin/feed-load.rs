@@ -195,7 +195,8 @@ async fn main() {
             bytes = r.text().await.unwrap().len();
             reads += 1;
         }
-        let busy = (cpu_ticks(pid) - before) as f64 - idle_ticks_per_s * started.elapsed().as_secs_f64();
+        let busy =
+            (cpu_ticks(pid) - before) as f64 - idle_ticks_per_s * started.elapsed().as_secs_f64();
         per_read.push(busy.max(0.0) * 10.0 / f64::from(reads));
     }
     let per_read_ms = median(per_read);
