@@ -162,30 +162,34 @@ async fn redis_flapping() {
 
         network.heal();
         let healed_at = Instant::now();
-        let mut refused = None;
+        // b may accept the key for a moment after Redis returns — its near cache's refusal
+        // from the cut can run out before a has rewritten the tombstone over the stale
+        // entry (README: within the near cache's bound "of that moment") — but never
+        // past it: from then on, refused for good.
+        let mut refused_for_good_after = Duration::ZERO;
         let until = healed_at + Duration::from_millis(2500);
         while Instant::now() < until {
             assert_eq!(a.verify(&doomed).await, StatusCode::UNAUTHORIZED);
             assert_eq!(a.verify(&live).await, StatusCode::OK);
             match b.verify(&doomed).await {
-                StatusCode::UNAUTHORIZED => {
-                    refused.get_or_insert(healed_at.elapsed());
+                StatusCode::UNAUTHORIZED => {}
+                StatusCode::OK => {
+                    refused_for_good_after = healed_at.elapsed();
+                    assert!(
+                        refused_for_good_after < Duration::from_millis(1500),
+                        "replica b accepts a deleted key after Redis returned ({refused_for_good_after:?}, cycle {cycle})"
+                    );
                 }
-                StatusCode::OK => assert!(
-                    refused.is_none() && healed_at.elapsed() < Duration::from_millis(1500),
-                    "replica b accepts a deleted key after Redis returned ({:?}, cycle {cycle})",
-                    healed_at.elapsed()
-                ),
                 other => panic!("unexpected {other}"),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        refusal_after_heal.push(refused.expect("replica b refused the deleted key"));
+        refusal_after_heal.push(refused_for_good_after);
     }
     for cp in [&a, &b] {
         assert_eq!(cp.metric("http_requests_total", "status=\"5").await, 0.0);
     }
     println!(
-        "replica b refused the key deleted during the cut, after healing: {refusal_after_heal:?}"
+        "replica b refused the key deleted during the cut for good, after healing: {refusal_after_heal:?}"
     );
 }
