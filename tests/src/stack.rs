@@ -165,10 +165,26 @@ impl Stack {
     /// A Worker of the test's own (with its own echo origin) on the stack's control plane
     /// and local KV (with `.kv()`; a KV of its own without), beside the stack's parts.
     pub async fn another_edge(&self, vars: &[(&str, &str)]) -> (Origin, Edge) {
+        self.another_edge_via(&self.cp.url, vars).await
+    }
+
+    /// Like [`another_edge`](Self::another_edge), reaching the control plane at
+    /// `control_plane_url` (through a [`crate::PartitionProxy`], say).
+    pub async fn another_edge_via(
+        &self,
+        control_plane_url: &str,
+        vars: &[(&str, &str)],
+    ) -> (Origin, Edge) {
         let origin = Origin::start().await;
         let state = self.kv.is_running().then(|| self.state.path());
-        let edge =
-            Edge::start_on_state(state, &self.cp.url, &self.cp.edge_key, &origin.url, vars).await;
+        let edge = Edge::start_on_state(
+            state,
+            control_plane_url,
+            &self.cp.edge_key,
+            &origin.url,
+            vars,
+        )
+        .await;
         (origin, edge)
     }
 

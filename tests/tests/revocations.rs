@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use metlo_shared::ApiKey;
-use metlo_tests::edge::{Edge, Origin};
 use metlo_tests::github::{report, GitHubKey, GitHubKeysEndpoint};
 use metlo_tests::{Backend, PartitionProxy, Stack, StackBuilder, StatusCode};
 use serde_json::json;
@@ -219,15 +218,6 @@ async fn revoked_keys_are_refused_at_the_edge_within_two_seconds_while_kv_lags_a
     s.kv.set_propagation_delay(Duration::ZERO).await;
 }
 
-/// A Worker (with its own echo origin) that reaches the control plane through `network`.
-async fn edge_behind(s: &Stack, network: &PartitionProxy, vars: &[(&str, &str)]) -> (Origin, Edge) {
-    let origin = Origin::start().await;
-    let url = format!("http://127.0.0.1:{}", network.port);
-    let edge =
-        Edge::start_on_state(Some(s.kv_state()), &url, &s.cp.edge_key, &origin.url, vars).await;
-    (origin, edge)
-}
-
 const CLOSED: [(&str, &str); 2] = [
     ("REVOCATION_FEED_ON_FAILURE", "closed"),
     ("REVOCATION_FEED_MAX_STALENESS_MS", "4000"),
@@ -237,10 +227,11 @@ const CLOSED: [(&str, &str); 2] = [
 async fn when_the_feed_cannot_be_read_each_failure_mode_does_what_it_says() {
     let s = StackBuilder::new(Backend::Sqlite).kv().build().await;
     let network = PartitionProxy::start(s.cp.port()).await;
+    let via = format!("http://127.0.0.1:{}", network.port);
     let key = s.cp.create_key("k", "GENERIC").await;
     s.cp.wait_outbox_drained(Duration::from_secs(30)).await;
-    let (_o1, open) = edge_behind(&s, &network, &[]).await;
-    let (_o2, closed) = edge_behind(&s, &network, &CLOSED).await;
+    let (_o1, open) = s.another_edge_via(&via, &[]).await;
+    let (_o2, closed) = s.another_edge_via(&via, &CLOSED).await;
     for edge in [&open, &closed] {
         let r = edge.get("/", Some(&key)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -293,10 +284,10 @@ async fn when_the_feed_cannot_be_read_each_failure_mode_does_what_it_says() {
     );
 
     // Isolates that never read the feed: `closed` refuses at once, `open` admits from KV.
-    let (_o3, fresh_closed) = edge_behind(&s, &network, &CLOSED).await;
+    let (_o3, fresh_closed) = s.another_edge_via(&via, &CLOSED).await;
     let r = fresh_closed.get("/", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let (_o4, fresh_open) = edge_behind(&s, &network, &[]).await;
+    let (_o4, fresh_open) = s.another_edge_via(&via, &[]).await;
     let r = fresh_open.get("/", Some(&key)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-metlo-feed-stale-ms"], "never");
