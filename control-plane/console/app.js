@@ -276,6 +276,7 @@ function errorField(e) {
   if (e.code === 'limit_reached') return 'create-form';
   if (m.includes('admin key again')) return 'new-confirm';
   if (m.includes('meta')) return 'new-meta';
+  if (m.includes('permission')) return 'new-permissions';
   if (m.includes('name')) return 'new-name';
   if (m.includes('keyfor') || m.includes('type')) return 'new-type';
   if (m.includes('role')) return 'new-role';
@@ -319,6 +320,7 @@ function createForm(onCreated) {
   const requests = h('input', { type: 'number', min: 1, step: 1, inputmode: 'numeric' });
   const period = h('input', { type: 'number', min: 1, max: 86400, step: 1, value: 60, inputmode: 'numeric' });
   const meta = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const permissions = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const confirmKey = h('input', { type: 'password', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const confirmField = field('new-confirm', 'Your admin key, to confirm', confirmKey,
     'An admin or edge key outlives this session: give the key you signed in with again.');
@@ -335,6 +337,7 @@ function createForm(onCreated) {
       field('new-requests', 'Rate limit: requests (optional)', requests, 'Empty: no limit.'),
       field('new-period', 'per seconds', period),
       field('new-meta', 'Metadata (optional)', meta, 'A JSON object sent to the origin with each request, e.g. {"tenant":"acme"}.'),
+      field('new-permissions', 'Permissions (optional)', permissions, 'Client keys: what the route policy lets them call, e.g. orders:read, orders:write.'),
       confirmField),
     h('p', { class: 'error', id: 'create-form-error', role: 'alert' }),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create key')));
@@ -344,7 +347,7 @@ function createForm(onCreated) {
     busy(submit, () => create());
   });
   const create = async () => {
-    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'new-confirm', 'create-form']) setError(id, '');
+    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'new-permissions', 'new-confirm', 'create-form']) setError(id, '');
     const body = { name: name.value, keyFor: type.value, role: role.value };
     if (!name.value.trim()) { setError('new-name', 'Enter a name for the key.'); name.focus(); return; }
     if (expires.value) {
@@ -364,6 +367,7 @@ function createForm(onCreated) {
         return;
       }
     }
+    if (permissions.value.trim()) body.permissions = permissionList(permissions.value);
     const minting = MINTS.includes(role.value);
     if (minting && !confirmKey.value.trim()) {
       setError('new-confirm', 'Enter the admin key you signed in with.');
@@ -383,6 +387,15 @@ function createForm(onCreated) {
     }
   };
   return form;
+}
+
+/** Permissions as typed: separated by commas or spaces. */
+function permissionList(text) {
+  return text.split(/[\s,]+/).filter(Boolean);
+}
+
+function permissionsText(list) {
+  return list && list.length ? list.join(', ') : '—';
 }
 
 function rateText(limit) {
@@ -468,6 +481,7 @@ function keysPage() {
       h('td', { class: 'nowrap' }, k.lastUsed ? when(k.lastUsed) : 'never'),
       h('td', {}, h('span', { class: k.enabled ? 'tag' : 'tag off' }, k.enabled ? 'enabled' : 'disabled')),
       h('td', {}, rateText(k.rateLimit)),
+      h('td', { class: 'mono' }, permissionsText(k.permissions)),
       h('td', {}, h('div', { class: 'actions' },
         h('button', { type: 'button', class: 'secondary small', 'aria-label': `Roll ${k.name}`, onclick: () => rollDialog(k, showSecret, () => load(true)) }, 'Roll'),
         toggle,
@@ -484,7 +498,7 @@ function keysPage() {
 
   const table = h('div', { class: 'table-wrap', role: 'region', 'aria-label': 'Keys', tabindex: '0' },
     h('table', {},
-      h('thead', {}, h('tr', {}, ['Name', 'Identifier', 'Type', 'Role', 'Created', 'Expires', 'Last used', 'Status', 'Rate limit', 'Actions']
+      h('thead', {}, h('tr', {}, ['Name', 'Identifier', 'Type', 'Role', 'Created', 'Expires', 'Last used', 'Status', 'Rate limit', 'Permissions', 'Actions']
         .map((c) => h('th', { scope: 'col' }, c)))),
       tbody));
   page('API keys',
@@ -674,8 +688,32 @@ function keyPage(name) {
       ['Expires', when(k.expiresAt)], ['Last used', k.lastUsed ? when(k.lastUsed) : 'never'],
       ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
       ['Metadata', k.meta ? JSON.stringify(k.meta) : '—'],
-    ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', {}, value)]));
+      ['Permissions', permissionsText(k.permissions)],
+    ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
+    permissionsEdit.hidden = !['client', 'legacy'].includes(k.role);
+    permissionsInput.value = (k.permissions || []).join(', ');
   };
+
+  // Permissions are edited here (client keys only): the whole set is replaced.
+  const permissionsInput = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const permissionsEdit = h('form', { class: 'panel', 'aria-labelledby': 'permissions-title', novalidate: true, hidden: true },
+    h('h2', { id: 'permissions-title' }, 'Permissions'),
+    field('edit-permissions', 'Permissions', permissionsInput, 'Separated by commas or spaces; empty: none. Applies at the edge within the revocation bound.'),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save permissions')));
+  permissionsEdit.addEventListener('submit', (event) => {
+    event.preventDefault();
+    busy(permissionsEdit.querySelector('button[type=submit]'), async () => {
+      setError('edit-permissions', '');
+      try {
+        const updated = await api('PATCH', `${API}/keys/${enc(name)}`, { permissions: permissionList(permissionsInput.value) });
+        show(updated);
+        announce(`Permissions of ${name} saved`);
+      } catch (e) {
+        setError('edit-permissions', e.message);
+        permissionsInput.focus();
+      }
+    });
+  });
 
   const loadDetails = async () => {
     // GET /keys/list and /keys/onboarding are the lists: keys of those names are found
@@ -708,6 +746,7 @@ function keyPage(name) {
   page(name,
     h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
     details,
+    permissionsEdit,
     h('div', { class: 'actions' }, signOut), signedOutLine,
     h('section', { 'aria-labelledby': 'chart-title' },
       h('h2', { id: 'chart-title' }, 'Requests per hour'),

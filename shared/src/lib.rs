@@ -14,6 +14,8 @@
 mod authorization;
 mod base62;
 mod key;
+pub mod permissions;
+pub mod policy;
 mod rate_limit;
 mod record;
 

@@ -12,8 +12,10 @@ use crate::rate_limit::RateLimit;
 /// versions they don't know (fail closed) so an old Worker never misreads a newer record.
 /// Version 2 added `rateLimit`: a record is written as 2 only when it carries one (see
 /// [`KeyRecord::version_for`]), so Workers from before limits keep reading every other
-/// record and refuse — rather than admit unlimited — a limited key.
-pub const RECORD_VERSION: u32 = 2;
+/// record and refuse — rather than admit unlimited — a limited key. Version 3 added
+/// `permissions`, written only when a key has some: a Worker from before permissions
+/// refuses such a key rather than admit it past a route policy it cannot check.
+pub const RECORD_VERSION: u32 = 3;
 
 /// Metlo's key types (`keyFor` on create, `for` in responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -172,9 +174,13 @@ pub struct KeyRecord {
     /// the control plane, so the Worker only copies it. Absent: no metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<String>,
-    /// The key's rate limit; absent: none. Only in version-2 records.
+    /// The key's rate limit; absent: none. Only in version-2 records and later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// The key's permissions, sorted, no duplicates ([`crate::permissions`]); absent:
+    /// none. Only in version-3 records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
 }
 
 /// The request header that carries a key's `meta` to the origin.
@@ -190,19 +196,23 @@ pub enum RecordError {
 
 impl KeyRecord {
     /// The version a record must be written as: the oldest that has all it says.
-    pub fn version_for(rate_limit: Option<RateLimit>) -> u32 {
-        if rate_limit.is_some() {
+    pub fn version_for(rate_limit: Option<RateLimit>, permissions: &[String]) -> u32 {
+        if !permissions.is_empty() {
+            3
+        } else if rate_limit.is_some() {
             2
         } else {
             1
         }
     }
 
-    /// Decodes a record, refusing unknown versions (and a limit in a version-1 record,
-    /// which a Worker from before limits would have admitted without it).
+    /// Decodes a record, refusing unknown versions (and a limit in a version-1 record, or
+    /// permissions below version 3, which an older Worker would have ignored).
     pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         let record: KeyRecord = serde_json::from_slice(bytes)?;
-        if !(KeyRecord::version_for(record.rate_limit)..=RECORD_VERSION).contains(&record.v) {
+        if !(KeyRecord::version_for(record.rate_limit, &record.permissions)..=RECORD_VERSION)
+            .contains(&record.v)
+        {
             return Err(RecordError::UnsupportedVersion(record.v));
         }
         Ok(record)
@@ -239,6 +249,7 @@ impl KeyRecord {
             role: Role::Client,
             meta: None,
             rate_limit: None,
+            permissions: Vec::new(),
         }
     }
 }
@@ -272,6 +283,7 @@ mod tests {
             role: Role::Client,
             meta: None,
             rate_limit: None,
+            permissions: Vec::new(),
         }
     }
 
@@ -335,11 +347,34 @@ mod tests {
     }
 
     #[test]
+    fn records_with_permissions_are_version_3_and_only_those() {
+        let scoped = KeyRecord {
+            v: 3,
+            permissions: vec!["orders:read".into(), "orders:write".into()],
+            ..sample()
+        };
+        let json = scoped.to_json();
+        assert!(
+            json.contains(r#""permissions":["orders:read","orders:write"]"#),
+            "{json}"
+        );
+        assert_eq!(KeyRecord::from_json(json.as_bytes()).unwrap(), scoped);
+        // An older Worker would admit the key past any route policy: never below 3.
+        for older in [r#""v":1"#, r#""v":2"#] {
+            let json = json.replace(r#""v":3"#, older);
+            assert!(KeyRecord::from_json(json.as_bytes()).is_err(), "{older}");
+        }
+        assert!(!sample().to_json().contains("permissions"));
+        assert_eq!(KeyRecord::version_for(None, &scoped.permissions), 3);
+        assert_eq!(KeyRecord::version_for(None, &[]), 1);
+    }
+
+    #[test]
     fn refuses_other_versions_and_garbage() {
-        let json = sample().to_json().replace(r#""v":1"#, r#""v":3"#);
+        let json = sample().to_json().replace(r#""v":1"#, r#""v":4"#);
         assert!(matches!(
             KeyRecord::from_json(json.as_bytes()),
-            Err(RecordError::UnsupportedVersion(3))
+            Err(RecordError::UnsupportedVersion(4))
         ));
         assert!(KeyRecord::from_json(b"{}").is_err());
         assert!(KeyRecord::from_json(b"").is_err());

@@ -222,6 +222,49 @@ async fn the_console_in_chromium() {
     )
     .await;
 
+    // Permissions: edited on the key's page, the whole set replaced; a bad one is refused
+    // next to the field, with nothing changed.
+    let permissions = b.find("#edit-permissions").await;
+    permissions.clear().await.unwrap();
+    permissions
+        .send_keys("orders:write, orders:read orders:read")
+        .await
+        .unwrap();
+    b.find("form[aria-labelledby=permissions-title] button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    b.until(
+        "the saved permissions",
+        "const d = document.querySelector('dd[data-term=Permissions]'); return d && d.textContent === 'orders:read, orders:write';",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        cp.listed("browser-made").await["permissions"],
+        json!(["orders:read", "orders:write"])
+    );
+    let permissions = b.find("#edit-permissions").await;
+    permissions.clear().await.unwrap();
+    permissions.send_keys("orders read!").await.unwrap();
+    b.find("form[aria-labelledby=permissions-title] button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    b.until(
+        "the permission error",
+        "return document.getElementById('edit-permissions-error').textContent.includes('invalid permission');",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        cp.listed("browser-made").await["permissions"],
+        json!(["orders:read", "orders:write"]),
+        "nothing changed"
+    );
+
     // Disable, then enable: the edge follows.
     b.goto(&format!("{base}/console/keys")).await;
     b.find("button[aria-label='Disable browser-made']")

@@ -385,6 +385,7 @@ async fn expired_record_is_refused() {
         role: metlo_shared::Role::Client,
         meta: None,
         rate_limit: None,
+        permissions: vec![],
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -586,6 +587,7 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         role: metlo_shared::Role::Client,
         meta: None,
         rate_limit: None,
+        permissions: vec![],
     }
 }
 

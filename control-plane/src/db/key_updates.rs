@@ -23,6 +23,12 @@ impl Store {
             return Ok(None);
         };
         let after = changes.apply(&before, now_ms);
+        if after.permissions.is_some()
+            && after.permissions != before.permissions
+            && !after.role.serves_traffic()
+        {
+            return Err(StoreError::NoTraffic(after.role));
+        }
         // Disabled, or given an expiry (or an earlier one): it will stop administering.
         let ends_sooner = match (before.expires_at_ms, after.expires_at_ms) {
             (_, None) => false,
@@ -41,13 +47,14 @@ impl Store {
         }
         sqlx::query(
             "UPDATE api_keys SET disabled_at_ms = $1, expires_at_ms = $2, meta = $3, \
-             rate_limit_requests = $4, rate_limit_period_seconds = $5 WHERE id = $6",
+             rate_limit_requests = $4, rate_limit_period_seconds = $5, permissions = $6 WHERE id = $7",
         )
         .bind(after.disabled_at_ms)
         .bind(after.expires_at_ms)
         .bind(after.meta.as_deref())
         .bind(after.rate_limit_requests)
         .bind(after.rate_limit_period_seconds)
+        .bind(after.permissions.as_deref())
         .bind(after.id)
         .execute(&mut *tx)
         .await?;

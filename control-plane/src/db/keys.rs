@@ -8,7 +8,7 @@ use super::rows::{AuditEntry, RetiredSecret, Rolled, StoredKey, Tx, KEY_COLUMNS}
 use super::{Store, StoreError};
 use crate::clock::{ceil_to_second, now_ms};
 
-/// Rows per INSERT: 10 parameters each stays under SQLite's limit of 32,766 (and
+/// Rows per INSERT: 11 parameters each stays under SQLite's limit of 32,766 (and
 /// Postgres's 65,535).
 const ROWS_PER_INSERT: usize = 500;
 
@@ -57,13 +57,13 @@ impl Store {
         for chunk in keys.chunks(ROWS_PER_INSERT) {
             let values = (0..chunk.len())
                 .map(|i| {
-                    let p: Vec<String> = (1..=10).map(|j| format!("${}", i * 10 + j)).collect();
+                    let p: Vec<String> = (1..=11).map(|j| format!("${}", i * 11 + j)).collect();
                     format!("({})", p.join(", "))
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!(
-                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds) VALUES {values}"
+                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds, permissions) VALUES {values}"
             );
             let mut query = sqlx::query(&sql);
             for key in chunk {
@@ -77,7 +77,8 @@ impl Store {
                     .bind(key.role.as_str())
                     .bind(key.meta.as_deref())
                     .bind(key.rate_limit_requests)
-                    .bind(key.rate_limit_period_seconds);
+                    .bind(key.rate_limit_period_seconds)
+                    .bind(key.permissions.as_deref());
             }
             query.execute(&mut **tx).await?;
         }
@@ -308,7 +309,7 @@ impl Store {
              SELECT k.id, k.name, r.key_hash, r.identifier, k.key_type, k.created_at_ms, \
                CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
                  THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
-               k.last_used_ms, k.role, k.disabled_at_ms, k.meta, k.rate_limit_requests, k.rate_limit_period_seconds \
+               k.last_used_ms, k.role, k.disabled_at_ms, k.meta, k.rate_limit_requests, k.rate_limit_period_seconds, k.permissions \
              FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
              WHERE r.key_hash = $2 AND r.retires_at_ms > $3 AND k.disabled_at_ms IS NULL"
         ))

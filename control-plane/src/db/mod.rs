@@ -85,6 +85,9 @@ pub enum StoreError {
     /// Only a legacy key's role may be set.
     #[error("the key's role is already {0}")]
     RoleFixed(metlo_shared::Role),
+    /// Permissions given to a key whose role does not serve traffic.
+    #[error("permissions are for client keys; a {0} key cannot carry them")]
+    NoTraffic(metlo_shared::Role),
     /// The database could not be reached (down, pool exhausted, timed out): retryable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),

@@ -18,7 +18,7 @@ pub const FEED_CHANNEL: &str = "metlo_revocation_feed";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds, permissions";
 
 /// [`KEY_COLUMNS`], each as `alias.column` (for joins).
 pub(super) fn key_columns_of(alias: &str) -> String {
@@ -52,6 +52,8 @@ pub struct StoredKey {
     /// The rate limit, both set or neither ([`StoredKey::rate_limit`]).
     pub rate_limit_requests: Option<i64>,
     pub rate_limit_period_seconds: Option<i64>,
+    /// Space-separated, sorted, no duplicates ([`StoredKey::permissions`]); `None`: none.
+    pub permissions: Option<String>,
 }
 
 impl StoredKey {
@@ -78,7 +80,23 @@ impl StoredKey {
             meta: None,
             rate_limit_requests: None,
             rate_limit_period_seconds: None,
+            permissions: None,
         }
+    }
+
+    /// The key's permissions, sorted (as stored).
+    pub fn permissions(&self) -> Vec<String> {
+        self.permissions
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Sets the permissions column (`permissions` already normalised).
+    pub fn set_permissions(&mut self, permissions: &[String]) {
+        self.permissions = (!permissions.is_empty()).then(|| permissions.join(" "));
     }
 
     /// The key's rate limit. A stored pair out of range (written by hand) reads as the
@@ -107,9 +125,11 @@ impl StoredKey {
     /// The record the edge caches in KV for this key.
     pub fn record(&self) -> KeyRecord {
         let rate_limit = self.rate_limit();
+        let permissions = self.permissions();
         KeyRecord {
-            v: KeyRecord::version_for(rate_limit),
+            v: KeyRecord::version_for(rate_limit, &permissions),
             rate_limit,
+            permissions,
             name: self.name.clone(),
             key_type: self.key_type,
             identifier: self.identifier.clone(),
@@ -154,6 +174,8 @@ pub struct KeyChanges {
     pub meta: Option<Option<String>>,
     /// `Some(None)`: no limit.
     pub rate_limit: Option<Option<RateLimit>>,
+    /// Normalised; `Some(vec![])`: none.
+    pub permissions: Option<Vec<String>>,
 }
 
 impl KeyChanges {
@@ -175,6 +197,9 @@ impl KeyChanges {
         };
         if let Some(limit) = self.rate_limit {
             changed.set_rate_limit(limit);
+        }
+        if let Some(permissions) = &self.permissions {
+            changed.set_permissions(permissions);
         }
         changed
     }

@@ -35,6 +35,9 @@ pub enum ApiError {
         role: Role,
         required: &'static [Role],
     },
+    /// A valid key whose permissions do not satisfy what was asked (the expression, canonical).
+    #[error("this key's permissions do not satisfy {0}")]
+    InsufficientPermission(String),
     /// The key's rate limit is spent; the window ends in this many seconds.
     #[error("this key's rate limit is spent; retry in {0} s")]
     RateLimited(u64),
@@ -84,9 +87,9 @@ impl ApiError {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             ApiError::Service(E::LimitReached(_)) => (StatusCode::BAD_REQUEST, "limit_reached"),
-            ApiError::Forbidden { .. } | ApiError::Service(E::Forbidden(_)) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
+            ApiError::Forbidden { .. }
+            | ApiError::InsufficientPermission(_)
+            | ApiError::Service(E::Forbidden(_)) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -130,6 +133,14 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(r#"Bearer realm="metlo", error="insufficient_scope""#),
                 );
+            }
+            ApiError::InsufficientPermission(scope) => {
+                // Canonical expressions hold no quote or backslash: a valid quoted string.
+                if let Ok(value) = HeaderValue::from_str(&format!(
+                    r#"Bearer realm="metlo", error="insufficient_scope", scope="{scope}""#
+                )) {
+                    headers.insert(header::WWW_AUTHENTICATE, value);
+                }
             }
             ApiError::Service(
                 service::Error::Unavailable

@@ -6,6 +6,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use axum::Json;
+use metlo_shared::permissions::Expression;
 use metlo_shared::{KeyHash, KeyRecord, KeyType};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -306,15 +307,28 @@ async fn end_sessions(
     Ok(Json(SessionsEnded { ended }))
 }
 
-/// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this). A key
+/// The query of `/api/v1/verify`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct VerifyQuery {
+    /// A permission expression the key must satisfy (`orders:read AND (a OR b)`); 403
+    /// when it does not.
+    permission: Option<String>,
+}
+
+/// Answers 200 `OK` when the request's key is valid (Metlo's ingestors ping this); with
+/// `Accept: application/json`, the key's name, identifier, type, role, permissions and
+/// meta instead. `?permission=` checks an expression of the key's permissions: 403
+/// `insufficient_scope` when it does not hold (checked before the rate limit counts). A key
 /// with a rate limit is counted here (apart from the edge's count): past it, 429 with
 /// `Retry-After`; its answers carry `RateLimit-Policy` and `RateLimit`.
-#[utoipa::path(get, path = "/api/v1/verify", tag = "keys",
-    responses((status = 200, body = String, content_type = "text/plain", headers(
+#[utoipa::path(get, path = "/api/v1/verify", tag = "keys", params(VerifyQuery),
+    responses((status = 200, content((String = "text/plain"), (VerifiedKey = "application/json")), headers(
             ("RateLimit-Policy" = String, description = "Keys with a rate limit: `\"key\";q=<requests>;w=<seconds>`"),
             ("RateLimit" = String, description = "Keys with a rate limit: `\"key\";r=<remaining>;t=<seconds to the window's end>`"))),
+        (status = 400, description = "A malformed permission expression", body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route, or its permissions do not satisfy `permission`", body = ErrorBody),
         (status = 429, description = "The key's rate limit is spent until the window ends (`Retry-After`)", body = ErrorBody),
         (status = 503, body = ErrorBody)),
     security(("api_key" = ["client"])))]
@@ -322,19 +336,39 @@ async fn verify(
     _: Authorized<Clients>,
     State(state): State<AppState>,
     Caller(caller): Caller,
+    RawQuery(query): RawQuery,
+    headers: header::HeaderMap,
 ) -> Result<Response, ApiError> {
     // A `&str` answers as `text/plain; charset=utf-8` by itself (a header set again
     // from a string would be parsed and inserted for every call).
     const OK: &str = "OK";
+    if let Some(query) = query.as_deref().filter(|q| !q.is_empty()) {
+        let q: VerifyQuery = serde_urlencoded::from_str(query)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+        if let Some(text) = q.permission {
+            let required = Expression::parse(&text)
+                .map_err(|e| ApiError::BadRequest(format!("permission: {e}")))?;
+            if !required.holds(&caller.permissions) {
+                return Err(ApiError::InsufficientPermission(required.to_string()));
+            }
+        }
+    }
+    let answer = || -> Response {
+        if wants_json(&headers) {
+            Json(VerifiedKey::from(caller.as_ref())).into_response()
+        } else {
+            OK.into_response()
+        }
+    };
     let Some(limit) = caller.rate_limit else {
-        return Ok(OK.into_response());
+        return Ok(answer());
     };
     let outcome = state
         .key_limits
         .hit(&caller.name, limit, now_ms().max(0) as u64)
         .await?;
     let mut response = if outcome.allowed {
-        OK.into_response()
+        answer()
     } else {
         ApiError::RateLimited(outcome.reset_seconds).into_response()
     };
@@ -346,6 +380,61 @@ async fn verify(
         }
     }
     Ok(response)
+}
+
+/// `/api/v1/verify`'s answer with `Accept: application/json`: who the key is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifiedKey {
+    pub name: String,
+    /// `metlo.<key_identifier>`.
+    pub identifier: String,
+    #[serde(rename = "for")]
+    pub key_for: KeyType,
+    pub role: metlo_shared::Role,
+    /// Sorted; empty: none.
+    pub permissions: Vec<String>,
+    /// The key's meta object; null: none.
+    #[schema(value_type = Option<Object>)]
+    pub meta: Option<serde_json::Value>,
+}
+
+impl From<&KeyRecord> for VerifiedKey {
+    fn from(r: &KeyRecord) -> Self {
+        VerifiedKey {
+            name: r.name.clone(),
+            identifier: r.identifier.clone(),
+            key_for: r.key_type,
+            role: r.role,
+            permissions: r.permissions.clone(),
+            meta: record_meta(r),
+        }
+    }
+}
+
+/// Does the client ask for JSON (`Accept` naming `application/json`)? Metlo's ingestors
+/// send no `Accept` and keep their plain `OK`.
+fn wants_json(headers: &header::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
+}
+
+/// The key's meta as JSON, from the record's base64url (how the edge forwards it).
+fn record_meta(r: &KeyRecord) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(r.meta.as_deref()?)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The response header of `by-hash` saying how long the Worker may keep the record.

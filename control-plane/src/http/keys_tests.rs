@@ -268,6 +268,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
             "lastUsed",
             "meta",
             "name",
+            "permissions",
             "rateLimit",
             "role"
         ]
@@ -325,6 +326,7 @@ async fn create_list_onboarding_delete(backend: Backend) {
                 "lastUsed",
                 "meta",
                 "name",
+                "permissions",
                 "rateLimit",
                 "role"
             ],

@@ -34,6 +34,8 @@ pub mod limits;
 mod metrics;
 mod openapi;
 mod ops;
+#[cfg(test)]
+mod permissions_tests;
 pub mod server;
 pub mod state;
 pub mod usage;

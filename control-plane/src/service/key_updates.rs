@@ -1,6 +1,7 @@
 //! Changing a key without re-issuing it: enable / disable, expiry, metadata, rate limit. The change
 //! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
 
+use metlo_shared::permissions::normalize_permissions;
 use metlo_shared::{KeyHash, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
@@ -38,6 +39,10 @@ pub struct UpdateKeyRequest {
     #[serde(rename = "rateLimit", default, deserialize_with = "present")]
     #[schema(value_type = Option<RateLimit>)]
     pub rate_limit: Option<Option<RateLimit>>,
+    /// The key's permissions, replacing all it had (client keys only); null or `[]`: none.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<String>>, example = json!(["orders:read"]))]
+    pub permissions: Option<Option<Vec<String>>>,
 }
 
 /// A field that may be absent but, when present, not `null` (nothing to clear).
@@ -66,10 +71,15 @@ impl UpdateKeyRequest {
                 .map(|m| validate_meta(m.unwrap_or_default()))
                 .transpose()?,
             rate_limit: self.rate_limit,
+            permissions: self
+                .permissions
+                .map(|p| normalize_permissions(p.unwrap_or_default()))
+                .transpose()
+                .map_err(|e| Error::invalid(e.to_string()))?,
         };
         if changes.is_empty() {
             return Err(Error::invalid(
-                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit",
+                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit, permissions",
             ));
         }
         Ok(changes)
@@ -177,6 +187,11 @@ fn changed_fields(before: &StoredKey, after: &StoredKey) -> Value {
         "rateLimit",
         json!(before.rate_limit()),
         json!(after.rate_limit()),
+    );
+    field(
+        "permissions",
+        json!(before.permissions()),
+        json!(after.permissions()),
     );
     json!({"before": old, "after": new})
 }

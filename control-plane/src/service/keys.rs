@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use metlo_shared::permissions::normalize_permissions;
 use metlo_shared::{ApiKey, KeyHash, KeyType, RateLimit, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -56,6 +57,11 @@ pub struct CreateKeyRequest {
     /// `/api/v1/verify`; past it, 429. Absent or null: no limit.
     #[serde(rename = "rateLimit")]
     pub rate_limit: Option<RateLimit>,
+    /// What the key may do past the edge's route policy and `/api/v1/verify?permission=`:
+    /// up to 50 of 1–64 characters (`A-Z a-z 0-9 _ - . : /`, starting with a letter or
+    /// digit). Only for keys whose role serves traffic. Absent: none.
+    #[schema(value_type = Option<Vec<String>>, example = json!(["orders:read"]))]
+    pub permissions: Option<Vec<String>>,
 }
 
 /// A validated create request.
@@ -69,15 +75,19 @@ pub struct NewKey {
     /// Compact JSON object.
     pub meta: Option<String>,
     pub rate_limit: Option<RateLimit>,
+    /// Normalised ([`metlo_shared::permissions::normalize_permissions`]).
+    pub permissions: Vec<String>,
 }
 
 impl CreateKeyRequest {
     /// The key to make, or what is wrong with the request.
     pub fn validate(self, now_ms: i64) -> Result<NewKey, Error> {
+        let role = parse_role(self.role.as_deref())?;
         Ok(NewKey {
             name: validate_name(self.name.as_deref())?,
             key_type: parse_key_type(self.key_for.as_deref())?,
-            role: parse_role(self.role.as_deref())?,
+            permissions: validate_permissions(self.permissions.unwrap_or_default(), role)?,
+            role,
             expires_at_ms: self
                 .expires_at
                 .map(|v| parse_expires_at(&v, now_ms))
@@ -170,6 +180,9 @@ pub struct KeyInfo {
     /// The key's rate limit; null: none.
     #[serde(rename = "rateLimit")]
     pub rate_limit: Option<RateLimit>,
+    /// The key's permissions, sorted; empty: none.
+    #[serde(default)]
+    pub permissions: Vec<String>,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -195,6 +208,7 @@ impl From<StoredKey> for KeyInfo {
     fn from(k: StoredKey) -> Self {
         KeyInfo {
             rate_limit: k.rate_limit(),
+            permissions: k.permissions(),
             created: iso8601(k.created_at_ms),
             name: k.name,
             identifier: k.identifier,
@@ -332,6 +346,19 @@ pub fn parse_expires_at(value: &str, now_ms: i64) -> Result<i64, Error> {
     Ok(ms)
 }
 
+/// A key's permissions, normalised; only keys that serve traffic carry any (the edge and
+/// `/api/v1/verify` are where they are checked).
+pub fn validate_permissions(permissions: Vec<String>, role: Role) -> Result<Vec<String>, Error> {
+    let permissions =
+        normalize_permissions(permissions).map_err(|e| Error::invalid(e.to_string()))?;
+    if !permissions.is_empty() && !role.serves_traffic() {
+        return Err(Error::invalid(format!(
+            "permissions are for client keys; a {role} key cannot carry them"
+        )));
+    }
+    Ok(permissions)
+}
+
 fn generate_key() -> Result<ApiKey, Error> {
     ApiKey::generate().map_err(|e| Error::Internal(anyhow::anyhow!("no randomness: {e}")))
 }
@@ -359,6 +386,7 @@ pub async fn create_key(
         ..StoredKey::new(&key, new.name.clone(), new.key_type, new.role, now_ms())
     };
     stored.set_rate_limit(new.rate_limit);
+    stored.set_permissions(&new.permissions);
     let audit = actor.entry(
         "key.create",
         &new.name,
@@ -369,6 +397,7 @@ pub async fn create_key(
             "expiresAt": new.expires_at_ms.map(iso8601),
             "meta": meta_value(new.meta.as_deref()),
             "rateLimit": new.rate_limit,
+            "permissions": new.permissions,
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;

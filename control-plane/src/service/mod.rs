@@ -73,6 +73,7 @@ impl From<StoreError> for Error {
                 "this key's role is {role}: a key's role is set once (only a legacy key, made \
                  before roles, can be given one)"
             )),
+            e @ StoreError::NoTraffic(_) => Error::invalid(e.to_string()),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
                 Error::Unavailable

@@ -40,6 +40,9 @@ pub enum KeysCommand {
         /// At most REQUESTS per SECONDS, e.g. 100/60 (429 past it).
         #[arg(long, value_name = "REQUESTS/SECONDS", value_parser = parse_rate_limit)]
         rate_limit: Option<RateLimit>,
+        /// A permission the key carries (repeat, or separate with commas), e.g. orders:read.
+        #[arg(long = "permission", value_delimiter = ',')]
+        permissions: Vec<String>,
     },
     /// Change a key without re-issuing it (only what is given changes).
     Update {
@@ -69,6 +72,16 @@ pub enum KeysCommand {
         /// Remove the key's rate limit.
         #[arg(long)]
         no_rate_limit: bool,
+        /// The key's permissions, replacing all it had (repeat, or separate with commas).
+        #[arg(
+            long = "permission",
+            value_delimiter = ',',
+            conflicts_with = "no_permissions"
+        )]
+        permissions: Vec<String>,
+        /// Remove all the key's permissions.
+        #[arg(long)]
+        no_permissions: bool,
     },
     /// Refuse a key everywhere until it is enabled again (`keys update NAME --disable`).
     Disable { name: String },
@@ -169,6 +182,8 @@ pub(super) fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
             no_meta,
             rate_limit,
             no_rate_limit,
+            permissions,
+            no_permissions,
             ..
         } => {
             if *enable || *disable {
@@ -188,6 +203,11 @@ pub(super) fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
                 body.insert("rateLimit".into(), json!(limit));
             } else if *no_rate_limit {
                 body.insert("rateLimit".into(), Value::Null);
+            }
+            if !permissions.is_empty() {
+                body.insert("permissions".into(), json!(permissions));
+            } else if *no_permissions {
+                body.insert("permissions".into(), json!([]));
             }
         }
         _ => unreachable!("only update, disable and enable have an update body"),

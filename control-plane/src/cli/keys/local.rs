@@ -25,6 +25,7 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                 role,
                 meta,
                 rate_limit,
+                permissions,
             } => {
                 let new = CreateKeyRequest {
                     name: Some(name.clone()),
@@ -33,6 +34,7 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                     role: Some(role.clone()),
                     meta: meta_arg(meta)?,
                     rate_limit: *rate_limit,
+                    permissions: Some(permissions.clone()),
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)

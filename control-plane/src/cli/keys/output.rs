@@ -58,12 +58,13 @@ pub(super) fn print(output: &Output, as_json: bool) -> anyhow::Result<()> {
         Output::Deleted(name) => eprintln!("Deleted key {name:?}"),
         Output::RoleSet(k) => eprintln!("Key {:?} now has the role {}", k.name, k.role),
         Output::Updated(k) => eprintln!(
-            "Key {:?} updated: {}, expires {}, meta {}, rate limit {}",
+            "Key {:?} updated: {}, expires {}, meta {}, rate limit {}, permissions {}",
             k.name,
             if k.enabled { "enabled" } else { "disabled" },
             or_dash(&k.expires_at),
             k.meta.as_ref().map_or("-".to_owned(), Value::to_string),
             rate_limit_text(k.rate_limit),
+            permissions_text(&k.permissions),
         ),
         Output::Keys(keys) => print_keys(keys, None),
         Output::KeyPage(page) => print_keys(&page.keys, page.next_cursor.as_deref()),
@@ -105,6 +106,7 @@ fn print_keys(keys: &[KeyInfo], next: Option<&str>) {
         "LAST USED",
         "ENABLED",
         "RATE LIMIT",
+        "PERMISSIONS",
     ]);
     for k in keys {
         table.add_row([
@@ -117,6 +119,7 @@ fn print_keys(keys: &[KeyInfo], next: Option<&str>) {
             or_dash(&k.last_used),
             if k.enabled { "yes" } else { "no" }.to_owned(),
             rate_limit_text(k.rate_limit),
+            permissions_text(&k.permissions),
         ]);
     }
     println!("{table}");
@@ -147,6 +150,14 @@ where
             Some(next) => cursor = Some(next),
             None => return Ok(Output::Keys(all)),
         }
+    }
+}
+
+fn permissions_text(permissions: &[String]) -> String {
+    if permissions.is_empty() {
+        "-".to_owned()
+    } else {
+        permissions.join(",")
     }
 }
 

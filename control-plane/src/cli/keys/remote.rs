@@ -39,13 +39,15 @@ pub(super) async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Outpu
             role,
             meta,
             rate_limit,
+            permissions,
         } => Output::Created(
             api.send(
                 reqwest::Method::POST,
                 &["api", "v1", "keys", "create"],
                 Some(
                     json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role,
-                    "meta": meta_arg(meta)?, "rateLimit": rate_limit}),
+                    "meta": meta_arg(meta)?, "rateLimit": rate_limit,
+                    "permissions": permissions}),
                 ),
             )
             .await?,

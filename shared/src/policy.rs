@@ -1,0 +1,726 @@
+//! The route policy: which permissions a request needs, by method and path, decided at
+//! the edge before the origin is called.
+//!
+//! An ordered list of rules `{methods, path, require}` and a default (`allow` any valid
+//! key, or `deny`). The first rule whose methods and path match decides: the key must
+//! satisfy the rule's [`Expression`]. No rule matches: the default.
+//!
+//! **Paths** are matched after [`normalize_path`], and the origin is sent that same
+//! normalised path, so what was checked is what is fetched: `%XX` of an unreserved
+//! character is decoded, `.` and `..` segments are resolved (never above the root),
+//! empty segments (`//`) dropped, `;` parameters ignored for matching (`/admin;x` and
+//! `/..;/` are `/admin` and `..`, as Tomcat reads them), a trailing slash ignored, and
+//! literal segments compared without regard to ASCII case. An encoded separator (`%2F`,
+//! `%5C`), `%00`, a double encoding (`%252e`) or a malformed escape is refused (400), as
+//! is a path over [`MAX_PATH_LEN`] bytes (414): origins disagree on what those mean.
+//!
+//! **Patterns** are `/`-separated literal segments (letters, digits and `-._~!$&'()+,=:@`),
+//! `*` for exactly one segment, and `**` as the last segment for any number (none too).
+//!
+//! **Methods**: a list of `GET HEAD POST PUT PATCH DELETE OPTIONS`, or `*` for any. A `HEAD`
+//! request matches the rules for `GET`. A rule's `methods` left out means `*`.
+
+use core::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::permissions::{Expression, ExpressionError};
+
+/// Most rules in a policy.
+pub const MAX_RULES: usize = 200;
+/// Longest path pattern, in bytes.
+pub const MAX_PATTERN_LEN: usize = 256;
+/// Longest request path the edge matches, in bytes (longer: 414).
+pub const MAX_PATH_LEN: usize = 2048;
+
+/// What happens to a request no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Any valid key passes (the behaviour with no policy at all).
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A rule as written in the policy document (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RuleDocument {
+    /// Methods the rule applies to; absent or `["*"]`: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(example = json!(["GET"])))]
+    pub methods: Option<Vec<String>>,
+    /// Path pattern: literal segments, `*` (one segment), `**` (last: any number).
+    #[cfg_attr(feature = "utoipa", schema(example = "/v1/orders/*"))]
+    pub path: String,
+    /// Permission expression the key must satisfy (`AND`, `OR`, parentheses).
+    #[cfg_attr(feature = "utoipa", schema(example = "orders:read"))]
+    pub require: String,
+}
+
+/// The policy document an administrator writes (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// When no rule matches: `allow` (any valid key) or `deny`.
+    #[serde(default)]
+    pub default: Fallback,
+    /// First match wins; at most 200.
+    #[serde(default)]
+    pub rules: Vec<RuleDocument>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("too many rules: at most 200")]
+    TooManyRules,
+    #[error("rule {rule}: {message}")]
+    Rule { rule: usize, message: String },
+    #[error("unreadable policy line {line}")]
+    Unreadable { line: usize },
+}
+
+/// A checked policy, ready to decide.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RoutePolicy {
+    /// Starts at 1 and grows by one with each change; 0: no policy was ever set.
+    pub version: u64,
+    pub fallback: Fallback,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub methods: Methods,
+    pub path: PathPattern,
+    pub require: Expression,
+}
+
+/// What the policy says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'p> {
+    Allow,
+    /// Refused: the rule's expression the key does not satisfy, or `None` for the default.
+    Deny(Option<&'p Expression>),
+}
+
+impl RoutePolicy {
+    /// Is a policy in force? (Without one, paths are forwarded as they came.)
+    pub fn is_active(&self) -> bool {
+        !self.rules.is_empty() || self.fallback == Fallback::Deny
+    }
+
+    pub fn from_document(version: u64, doc: &PolicyDocument) -> Result<Self, PolicyError> {
+        if doc.rules.len() > MAX_RULES {
+            return Err(PolicyError::TooManyRules);
+        }
+        let rules = doc
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let err = |message: String| PolicyError::Rule { rule: i, message };
+                Ok(Rule {
+                    methods: Methods::parse(r.methods.as_deref().unwrap_or(&[])).map_err(err)?,
+                    path: PathPattern::parse(&r.path).map_err(err)?,
+                    require: Expression::parse(&r.require)
+                        .map_err(|e: ExpressionError| err(format!("require: {e}")))?,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(RoutePolicy {
+            version,
+            fallback: doc.default,
+            rules,
+        })
+    }
+
+    /// The document, canonical (methods and expressions as the policy reads them).
+    pub fn to_document(&self) -> PolicyDocument {
+        PolicyDocument {
+            default: self.fallback,
+            rules: self
+                .rules
+                .iter()
+                .map(|r| RuleDocument {
+                    methods: (r.methods != Methods::ANY).then(|| r.methods.names()),
+                    path: r.path.text.clone(),
+                    require: r.require.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn decide(&self, method: &str, path: &NormalPath, permissions: &[String]) -> Verdict<'_> {
+        for rule in &self.rules {
+            if rule.methods.matches(method) && rule.path.matches(&path.segments) {
+                return if rule.require.holds(permissions) {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny(Some(&rule.require))
+                };
+            }
+        }
+        match self.fallback {
+            Fallback::Allow => Verdict::Allow,
+            Fallback::Deny => Verdict::Deny(None),
+        }
+    }
+
+    /// The compact text the edge reads ([`RoutePolicy::from_lines`]): `version default`,
+    /// then one `methods pattern expression` line per rule. Neither methods nor a pattern
+    /// hold spaces, so the expression is the rest of the line.
+    pub fn to_lines(&self) -> String {
+        let mut out = format!("{} {}\n", self.version, self.fallback.as_str());
+        for r in &self.rules {
+            out.push_str(&format!(
+                "{} {} {}\n",
+                r.methods.names().join(","),
+                r.path.text,
+                r.require
+            ));
+        }
+        out
+    }
+
+    pub fn from_lines(text: &str) -> Result<Self, PolicyError> {
+        let mut lines = text.lines();
+        let bad = |line| PolicyError::Unreadable { line };
+        let head = lines.next().ok_or(bad(0))?;
+        let (version, fallback) = head.split_once(' ').ok_or(bad(0))?;
+        let mut doc = PolicyDocument {
+            default: match fallback {
+                "allow" => Fallback::Allow,
+                "deny" => Fallback::Deny,
+                _ => return Err(bad(0)),
+            },
+            rules: Vec::new(),
+        };
+        for (i, line) in lines.enumerate() {
+            let mut parts = line.splitn(3, ' ');
+            let (Some(methods), Some(path), Some(require)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad(i + 1));
+            };
+            doc.rules.push(RuleDocument {
+                methods: Some(methods.split(',').map(str::to_owned).collect()),
+                path: path.to_owned(),
+                require: require.to_owned(),
+            });
+        }
+        RoutePolicy::from_document(version.parse().map_err(|_| bad(0))?, &doc)
+    }
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Allow => "allow",
+            Fallback::Deny => "deny",
+        }
+    }
+}
+
+/// The methods a rule applies to, as bits of [`METHODS`]; all bits: any method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Methods(u8);
+
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+impl Methods {
+    pub const ANY: Methods = Methods(u8::MAX);
+
+    fn parse(names: &[String]) -> Result<Methods, String> {
+        if names.is_empty() || names == ["*"] {
+            return Ok(Methods::ANY);
+        }
+        let mut bits = 0;
+        for name in names {
+            let i = METHODS.iter().position(|m| m == name).ok_or_else(|| {
+                format!(
+                    "unknown method {name:?}: one of {} or [\"*\"]",
+                    METHODS.join(" ")
+                )
+            })?;
+            bits |= 1 << i;
+        }
+        Ok(Methods(bits))
+    }
+
+    fn names(self) -> Vec<String> {
+        if self == Methods::ANY {
+            return vec!["*".into()];
+        }
+        (0..METHODS.len())
+            .filter(|i| self.0 & (1 << i) != 0)
+            .map(|i| METHODS[i].to_owned())
+            .collect()
+    }
+
+    /// Does a request with `method` match? (`HEAD` matches rules for `GET` too.)
+    pub fn matches(self, method: &str) -> bool {
+        if self == Methods::ANY {
+            return true;
+        }
+        match METHODS.iter().position(|m| *m == method) {
+            Some(1) => self.0 & 0b11 != 0,
+            Some(i) => self.0 & (1 << i) != 0,
+            None => false,
+        }
+    }
+}
+
+/// A checked path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    text: String,
+    segments: Vec<PatternSegment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PatternSegment {
+    /// Lower case (requests are compared lower-cased).
+    Literal(String),
+    One,
+    Rest,
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<PathPattern, String> {
+        let fail = |why: &str| Err(format!("path {text:?}: {why}"));
+        if text.len() > MAX_PATTERN_LEN {
+            return fail("longer than 256 bytes");
+        }
+        let Some(rest) = text.strip_prefix('/') else {
+            return fail("must start with /");
+        };
+        let mut segments = Vec::new();
+        let parts: Vec<&str> = if rest.is_empty() {
+            vec![]
+        } else {
+            rest.split('/').collect()
+        };
+        for (i, part) in parts.iter().enumerate() {
+            segments.push(match *part {
+                "*" => PatternSegment::One,
+                "**" if i + 1 == parts.len() => PatternSegment::Rest,
+                "**" => return fail("** may only be the last segment"),
+                "" => return fail("empty segment (// or a trailing /)"),
+                "." | ".." => return fail(". and .. segments are not allowed"),
+                p if p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,=:@".contains(&b)) => {
+                    PatternSegment::Literal(p.to_ascii_lowercase())
+                }
+                _ => return fail("a segment holds a character other than letters, digits and -._~!$&'()+,=:@ (and * only as a whole segment)"),
+            });
+        }
+        Ok(PathPattern {
+            text: text.to_owned(),
+            segments,
+        })
+    }
+
+    pub fn matches(&self, path: &[String]) -> bool {
+        let mut i = 0;
+        for segment in &self.segments {
+            match segment {
+                PatternSegment::Rest => return true,
+                PatternSegment::One if i < path.len() => {}
+                PatternSegment::Literal(l) if path.get(i) == Some(l) => {}
+                _ => return false,
+            }
+            i += 1;
+        }
+        i == path.len()
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A request path, normalised ([`normalize_path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalPath {
+    /// What the origin is sent: dot segments resolved, `//` dropped, unreserved escapes
+    /// decoded; parameters and case kept.
+    pub forward: String,
+    /// What rules match: the same segments without parameters, lower case.
+    segments: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request path is longer than 2048 bytes")]
+    TooLong,
+    #[error("the request path holds an encoded / or \\ (%2F, %5C)")]
+    EncodedSeparator,
+    #[error("the request path holds a malformed, double or NUL percent-encoding")]
+    BadEncoding,
+}
+
+impl PathError {
+    pub fn status(self) -> u16 {
+        match self {
+            PathError::TooLong => 414,
+            _ => 400,
+        }
+    }
+}
+
+/// Normalises a request path (without its query), as the module docs say.
+pub fn normalize_path(raw: &str) -> Result<NormalPath, PathError> {
+    if raw.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    let mut forward: Vec<String> = Vec::new();
+    let mut segments: Vec<String> = Vec::new();
+    for part in raw.split(['/', '\\']) {
+        let decoded = decode_segment(part)?;
+        let bare = decoded.split(';').next().unwrap_or("");
+        match bare {
+            "" | "." => {}
+            ".." => {
+                forward.pop();
+                segments.pop();
+            }
+            _ => {
+                segments.push(bare.to_ascii_lowercase());
+                forward.push(decoded);
+            }
+        }
+    }
+    let mut path = String::with_capacity(raw.len());
+    for segment in &forward {
+        path.push('/');
+        path.push_str(segment);
+    }
+    if path.is_empty() || raw.ends_with('/') {
+        path.push('/');
+    }
+    Ok(NormalPath {
+        forward: path,
+        segments,
+    })
+}
+
+/// `%XX` of an unreserved character decoded; other escapes kept, in upper case.
+fn decode_segment(part: &str) -> Result<String, PathError> {
+    let bytes = part.as_bytes();
+    let mut out = String::with_capacity(part.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i] as char);
+            i += 1;
+            continue;
+        }
+        let byte = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| core::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or(PathError::BadEncoding)?;
+        match byte {
+            b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+            0 => return Err(PathError::BadEncoding),
+            // `%25XX`: a second decoding (which some origins do) would see another escape.
+            b'%' if bytes
+                .get(i + 3..i + 5)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                return Err(PathError::BadEncoding)
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
+            b => out.push_str(&format!("%{b:02X}")),
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(default: Fallback, rules: &[(&[&str], &str, &str)]) -> RoutePolicy {
+        RoutePolicy::from_document(
+            1,
+            &PolicyDocument {
+                default,
+                rules: rules
+                    .iter()
+                    .map(|(m, p, r)| RuleDocument {
+                        methods: Some(m.iter().map(|s| s.to_string()).collect()),
+                        path: p.to_string(),
+                        require: r.to_string(),
+                    })
+                    .collect(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn orders() -> RoutePolicy {
+        policy(
+            Fallback::Deny,
+            &[
+                (&["GET"], "/v1/orders/*", "orders:read"),
+                (&["POST"], "/v1/orders", "orders:write"),
+                (&["*"], "/admin/**", "admin"),
+                (&["*"], "/public/**", "orders:read OR public"),
+            ],
+        )
+    }
+
+    fn decide(p: &RoutePolicy, method: &str, raw: &str, perms: &[&str]) -> Result<bool, PathError> {
+        let perms: Vec<String> = perms.iter().map(|s| s.to_string()).collect();
+        let path = normalize_path(raw)?;
+        Ok(p.decide(method, &path, &perms) == Verdict::Allow)
+    }
+
+    #[test]
+    fn first_matching_rule_decides_then_the_default() {
+        let p = orders();
+        assert_eq!(
+            decide(&p, "GET", "/v1/orders/1", &["orders:read"]),
+            Ok(true)
+        );
+        assert_eq!(
+            decide(&p, "HEAD", "/v1/orders/1", &["orders:read"]),
+            Ok(true)
+        );
+        assert_eq!(
+            decide(&p, "POST", "/v1/orders", &["orders:read"]),
+            Ok(false)
+        );
+        assert_eq!(
+            decide(&p, "POST", "/v1/orders", &["orders:write"]),
+            Ok(true)
+        );
+        assert_eq!(
+            decide(&p, "GET", "/v1/orders/1/items", &["orders:read"]),
+            Ok(false),
+            "* is one segment"
+        );
+        assert_eq!(
+            decide(&p, "GET", "/admin", &["admin"]),
+            Ok(true),
+            "** matches none"
+        );
+        assert_eq!(decide(&p, "DELETE", "/admin/a/b/c", &["admin"]), Ok(true));
+        assert_eq!(
+            decide(&p, "GET", "/elsewhere", &["admin"]),
+            Ok(false),
+            "default deny"
+        );
+        let open = policy(
+            Fallback::Allow,
+            &[(&["GET"], "/v1/orders/*", "orders:read")],
+        );
+        assert_eq!(decide(&open, "GET", "/elsewhere", &[]), Ok(true));
+        let v = orders();
+        let path = normalize_path("/v1/orders").unwrap();
+        match v.decide("POST", &path, &[]) {
+            Verdict::Deny(Some(e)) => assert_eq!(e.to_string(), "orders:write"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            v.decide("GET", &normalize_path("/x").unwrap(), &[]),
+            Verdict::Deny(None)
+        );
+        assert!(!RoutePolicy::default().is_active());
+        assert!(v.is_active());
+    }
+
+    /// Every way of writing a forbidden route reaches that route's rule, or is refused.
+    #[test]
+    fn path_tricks_never_reach_a_route_the_key_may_not_call() {
+        let p = policy(
+            Fallback::Allow,
+            &[
+                (&["*"], "/admin/**", "admin"),
+                (&["POST"], "/v1/orders", "orders:write"),
+            ],
+        );
+        let key = ["orders:read"];
+        let long = format!("/{}", "a/".repeat(1100));
+        for raw in [
+            "/admin",
+            "/admin/",
+            "/ADMIN/users",
+            "/Admin",
+            "/%61dmin",
+            "/%41DMIN/x",
+            "//admin",
+            "/./admin",
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/%2E%2E/admin",
+            "/public/.%2e/admin",
+            "/public/..;/admin",
+            "/public;x/..;y/admin",
+            "/admin;jsessionid=1",
+            "/admin;/x",
+            "/;x/admin",
+            "/public\\..\\admin",
+            "/../../admin",
+            "/a/b/../../admin/x",
+        ] {
+            assert_eq!(decide(&p, "GET", raw, &key), Ok(false), "{raw}");
+            assert!(
+                normalize_path(raw)
+                    .unwrap()
+                    .forward
+                    .to_ascii_lowercase()
+                    .starts_with("/admin"),
+                "{raw}"
+            );
+        }
+        for (raw, err) in [
+            ("/public%2F..%2Fadmin", PathError::EncodedSeparator),
+            ("/public%2f..%2fadmin", PathError::EncodedSeparator),
+            ("/public%5C..%5Cadmin", PathError::EncodedSeparator),
+            ("/public/%252e%252e/admin", PathError::BadEncoding),
+            ("/admin%00", PathError::BadEncoding),
+            ("/admin%", PathError::BadEncoding),
+            ("/admin%zz", PathError::BadEncoding),
+            (long.as_str(), PathError::TooLong),
+        ] {
+            assert_eq!(decide(&p, "GET", raw, &key), Err(err), "{raw}");
+        }
+        for raw in [
+            "/v1/orders",
+            "/v1/orders/",
+            "/v1//orders",
+            "/V1/Orders",
+            "/v1/x/../orders",
+            "/v1/orders;a=b",
+        ] {
+            assert_eq!(decide(&p, "POST", raw, &key), Ok(false), "{raw}");
+        }
+        assert_eq!(
+            decide(&p, "POST", "/v1/orders/1", &key),
+            Ok(true),
+            "another route"
+        );
+        assert_eq!(decide(&p, "GET", "/v1/orders", &key), Ok(true));
+    }
+
+    #[test]
+    fn the_origin_gets_what_was_matched() {
+        for (raw, forward) in [
+            ("/", "/"),
+            ("", "/"),
+            ("/a/./b/../c", "/a/c"),
+            ("/a//b/", "/a/b/"),
+            ("/%61%7e%2D", "/a~-"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/a;p=1/b", "/a;p=1/b"),
+            ("/../..", "/"),
+            ("/A/B", "/A/B"),
+        ] {
+            assert_eq!(normalize_path(raw).unwrap().forward, forward, "{raw}");
+        }
+    }
+
+    #[test]
+    fn bad_documents_name_the_rule() {
+        let doc = |path: &str, methods: &[&str], require: &str| PolicyDocument {
+            default: Fallback::Allow,
+            rules: vec![
+                RuleDocument {
+                    methods: None,
+                    path: "/ok".into(),
+                    require: "a".into(),
+                },
+                RuleDocument {
+                    methods: Some(methods.iter().map(|s| s.to_string()).collect()),
+                    path: path.into(),
+                    require: require.into(),
+                },
+            ],
+        };
+        for (path, methods, require) in [
+            ("no-slash", &["GET"][..], "a"),
+            ("/a//b", &["GET"], "a"),
+            ("/a/**/b", &["GET"], "a"),
+            ("/a/../b", &["GET"], "a"),
+            ("/a%2Fb", &["GET"], "a"),
+            ("/a*", &["GET"], "a"),
+            ("/a", &["get"], "a"),
+            ("/a", &["TRACE"], "a"),
+            ("/a", &["GET"], "a AND"),
+            ("/a", &["GET"], ""),
+        ] {
+            match RoutePolicy::from_document(1, &doc(path, methods, require)) {
+                Err(PolicyError::Rule { rule: 1, message }) => assert!(!message.is_empty()),
+                other => panic!("{path} {methods:?} {require:?}: {other:?}"),
+            }
+        }
+        let many = PolicyDocument {
+            default: Fallback::Deny,
+            rules: vec![
+                RuleDocument {
+                    methods: None,
+                    path: "/a".into(),
+                    require: "a".into()
+                };
+                201
+            ],
+        };
+        assert_eq!(
+            RoutePolicy::from_document(1, &many),
+            Err(PolicyError::TooManyRules)
+        );
+    }
+
+    #[test]
+    fn lines_round_trip() {
+        let p = RoutePolicy {
+            version: 7,
+            ..orders()
+        };
+        let text = p.to_lines();
+        assert!(
+            text.starts_with("7 deny\nGET /v1/orders/* orders:read\n"),
+            "{text}"
+        );
+        assert_eq!(RoutePolicy::from_lines(&text).unwrap(), p);
+        assert_eq!(RoutePolicy::from_document(7, &p.to_document()).unwrap(), p);
+        let empty = RoutePolicy::default();
+        assert_eq!(RoutePolicy::from_lines(&empty.to_lines()).unwrap(), empty);
+        for bad in [
+            "",
+            "x allow",
+            "1 maybe",
+            "1 allow\nGET /a",
+            "1 allow\nGET /a a AND",
+        ] {
+            assert!(RoutePolicy::from_lines(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the path, the forwarded form is normalised: matching it again changes
+        /// nothing, and it never holds a dot segment or an empty one.
+        #[test]
+        fn normalising_is_idempotent(raw in "[/a-c.;%2eEfF5\\\\]{0,40}") {
+            if let Ok(once) = normalize_path(&raw) {
+                let twice = normalize_path(&once.forward).unwrap();
+                prop_assert_eq!(&twice.segments, &once.segments);
+                prop_assert_eq!(&twice.forward, &once.forward);
+                for s in once.forward.split('/').skip(1) {
+                    let bare = s.split(';').next().unwrap();
+                    prop_assert!(bare != "." && bare != "..");
+                }
+            }
+        }
+    }
+}
