@@ -38,15 +38,17 @@ impl Store {
         if !key.serves_traffic() {
             return Ok(());
         }
-        self.feed_in(tx, hash, Some(&record.to_json())).await
+        self.feed_in(tx, hash, Some(&record.to_json())).await?;
+        Ok(())
     }
 
-    async fn feed_in(
+    /// Writes one event; its number.
+    pub(super) async fn feed_in(
         &self,
         tx: &mut Tx,
         hash: &str,
         record: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         // The counter row stays locked until this transaction commits: the next writer
         // gets the next number only then, so numbers follow commit order, without gaps.
         let seq: i64 =
@@ -65,7 +67,8 @@ impl Store {
         // Wakes the feed's readers on every replica once this commits (PostgreSQL folds
         // the notifications of one transaction into one; on SQLite the one process is
         // woken by the store after its commit).
-        self.notify_at_commit(tx, FEED_CHANNEL).await
+        self.notify_at_commit(tx, FEED_CHANNEL).await?;
+        Ok(seq)
     }
 
     /// Up to `limit` feed rows after `seq`, in order.

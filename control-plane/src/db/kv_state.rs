@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use metlo_shared::Role;
 
+use super::policy::POLICY_KV_KEY;
 use super::rows::{KvEntry, ResyncCheckpoint, StoredKey};
 use super::{Backend, Store, StoreError};
 use crate::clock::now_ms;
@@ -92,7 +93,17 @@ impl Store {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.into_iter().map(EntryRow::entry).collect())
+        let mut entries: Vec<KvEntry> = rows.into_iter().map(EntryRow::entry).collect();
+        // The policy's entry sorts after every hash: it ends the last page.
+        if entries.len() < limit as usize && after < POLICY_KV_KEY {
+            if let Some(value) = self.policy_kv_value().await? {
+                entries.push(KvEntry {
+                    key: POLICY_KV_KEY.to_owned(),
+                    value,
+                });
+            }
+        }
+        Ok(entries)
     }
 
     /// What KV should hold under each of `hashes` (those it should not hold are absent).
@@ -101,6 +112,11 @@ impl Store {
         hashes: &[String],
     ) -> Result<HashMap<String, String>, StoreError> {
         let mut found = HashMap::with_capacity(hashes.len());
+        if hashes.iter().any(|h| h == POLICY_KV_KEY) {
+            if let Some(value) = self.policy_kv_value().await? {
+                found.insert(POLICY_KV_KEY.to_owned(), value);
+            }
+        }
         for chunk in hashes.chunks(500) {
             let list = (0..chunk.len())
                 .map(|i| format!("${}", i + 2))
@@ -123,17 +139,18 @@ impl Store {
         Ok(found)
     }
 
-    /// How many entries KV should hold (live keys that serve traffic, and rolled-away
-    /// secrets still in their overlap).
+    /// How many entries KV should hold (live keys that serve traffic, rolled-away secrets
+    /// still in their overlap, and the route policy once one was set).
     pub async fn kv_entry_count(&self) -> Result<i64, StoreError> {
         let sql = format!(
             "SELECT COUNT(*) FROM ({}) t",
             self.entries_sql("1 = 1", "1 = 1", "")
         );
-        Ok(sqlx::query_scalar(&sql)
+        let keys: i64 = sqlx::query_scalar(&sql)
             .bind(now_ms())
             .fetch_one(&self.pool)
-            .await?)
+            .await?;
+        Ok(keys + i64::from(self.policy_kv_value().await?.is_some()))
     }
 
     pub async fn resync_checkpoint(&self) -> Result<Option<ResyncCheckpoint>, StoreError> {

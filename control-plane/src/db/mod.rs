@@ -15,6 +15,7 @@ pub mod keys;
 mod keys_tests;
 pub mod kv_state;
 pub mod outbox;
+pub mod policy;
 pub mod revocations;
 pub mod rows;
 pub mod secrets;

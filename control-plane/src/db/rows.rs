@@ -275,6 +275,20 @@ pub struct FeedRow {
     pub at_ms: i64,
 }
 
+/// One version of the route policy.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PolicyRow {
+    pub version: i64,
+    /// Canonical JSON (`shared::policy::PolicyDocument`).
+    pub document: String,
+    /// What the edge reads (`RoutePolicy::to_lines`).
+    pub lines: String,
+    pub created_at_ms: i64,
+    /// Who set it (a key's name); `None`: the local CLI.
+    pub actor: Option<String>,
+    pub feed_seq: i64,
+}
+
 /// One pending KV update.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OutboxRow {

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// A valid key whose permissions do not satisfy what was asked (the expression, canonical).
     #[error("this key's permissions do not satisfy {0}")]
     InsufficientPermission(String),
+    /// A conditional change (`If-Match`) whose condition no longer holds.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// The key's rate limit is spent; the window ends in this many seconds.
     #[error("this key's rate limit is spent; retry in {0} s")]
     RateLimited(u64),
@@ -103,6 +106,9 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
             }
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::PreconditionFailed(_) => {
+                (StatusCode::PRECONDITION_FAILED, "precondition_failed")
+            }
             ApiError::Service(E::Internal(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

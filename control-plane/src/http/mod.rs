@@ -36,6 +36,9 @@ mod openapi;
 mod ops;
 #[cfg(test)]
 mod permissions_tests;
+mod policy;
+#[cfg(test)]
+mod policy_tests;
 pub mod server;
 pub mod state;
 pub mod usage;
@@ -67,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .merge(audit::router())
         .merge(usage::router())
         .merge(feed::router())
+        .merge(policy::router())
         .layer(
             ServiceBuilder::new()
                 .layer(metrics::TrackRequestsLayer)

@@ -10,12 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use metlo_shared::policy::RoutePolicy;
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::Error;
 use crate::clock::{iso8601, now_ms};
+use crate::db::policy::POLICY_FEED_HASH;
 use crate::db::rows::FEED_CHANNEL;
 use crate::db::Store;
 
@@ -131,6 +133,21 @@ pub struct FeedPage {
     /// How long ago (ms) this replica last read the database: the page holds every event
     /// committed until then. A duration, so a reader's clock need not agree with ours.
     pub age_ms: u64,
+    /// The route policy, when the reader has not seen it: on every page that starts
+    /// from `from` (a reader starting over), and on pages after a change (`seq` is the
+    /// change's event). Absent: the reader's policy stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<FeedPolicy>,
+}
+
+/// The route policy on a feed page.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FeedPolicy {
+    /// The feed event that carried it (0: no policy was ever set).
+    pub seq: i64,
+    /// The policy as the edge reads it (`RoutePolicy::to_lines`): `version default`, then
+    /// `methods pattern expression` per rule, one per line.
+    pub text: String,
 }
 
 /// The feed cannot be served: not read yet since the start, or not for a while.
@@ -151,6 +168,8 @@ struct Held {
     head: i64,
     /// Every event after this number is held.
     from: i64,
+    /// The current route policy, and the event that carried it (`None`: none ever set).
+    policy: Option<FeedPolicy>,
 }
 
 pub struct RevocationFeed {
@@ -174,7 +193,17 @@ impl RevocationFeed {
     pub fn page(&self, after: Option<i64>) -> Result<FeedPage, NotCurrent> {
         let held = self.held.read().unwrap_or_else(|e| e.into_inner());
         let age_ms = Self::current(&held)?;
+        let whole = after.is_none_or(|a| a < held.from);
         let after = after.filter(|a| *a >= held.from).unwrap_or(held.from);
+        let policy = match &held.policy {
+            Some(p) if whole || p.seq > after => Some(p.clone()),
+            Some(_) => None,
+            None if whole => Some(FeedPolicy {
+                seq: 0,
+                text: RoutePolicy::default().to_lines(),
+            }),
+            None => None,
+        };
         let mut events: Vec<FeedEvent> = held
             .events
             .iter()
@@ -196,6 +225,7 @@ impl RevocationFeed {
             events,
             more,
             age_ms,
+            policy,
         })
     }
 
@@ -228,9 +258,16 @@ impl RevocationFeed {
             let head = store.feed_head().await?;
             let oldest = store.feed_after(0, 1).await?;
             let start = oldest.first().map_or(head, |row| row.seq - 1);
+            // Read after the head: a change committed before it is in this read (a later
+            // one comes again with the rows, and is kept only if newer).
+            let policy = store.current_policy().await?.map(|row| FeedPolicy {
+                seq: row.feed_seq,
+                text: row.lines,
+            });
             let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
             held.head = start;
             held.from = start;
+            held.policy = policy;
             held.started = true;
         }
         loop {
@@ -254,6 +291,12 @@ impl RevocationFeed {
             }
             for row in rows {
                 held.head = row.seq;
+                if row.key_hash == POLICY_FEED_HASH {
+                    if held.policy.as_ref().is_none_or(|p| p.seq < row.seq) {
+                        held.policy = row.record.map(|text| FeedPolicy { seq: row.seq, text });
+                    }
+                    continue;
+                }
                 let event = FeedEvent {
                     seq: row.seq,
                     hash: row.key_hash,

@@ -14,6 +14,7 @@ pub mod key_updates;
 pub mod keys;
 pub mod leaks;
 pub mod meta;
+pub mod policy;
 pub mod seed;
 pub mod usage;
 pub mod verify;
