@@ -74,9 +74,10 @@ features=(--enable-mutable-globals --enable-sign-ext --enable-nontrapping-float-
 mv "$wasm.stripped" "$wasm"
 gzipped="$(gzip -9 -c "$wasm" | wc -c)"
 echo "Worker built: $(wc -c <"$wasm") bytes wasm, $gzipped gzipped" >&2
-# The project's budget for the Worker's wasm (Cloudflare's free plan allows 3 MB for the
-# whole Worker; a small module starts isolates faster). Checked on every build.
-limit=$((128 * 1024))
+# The project's budget for the Worker's wasm: 144 KB gzip (issue 30 raised it from 128 KiB
+# for the route policy and the signed assertion; Cloudflare's free plan allows 3 MB for
+# the whole Worker, but a small module starts isolates faster). Checked on every build.
+limit=144000
 if [ "$crate" = edge ] && [ "$gzipped" -gt "$limit" ]; then
     echo "error: the Worker's wasm is $gzipped bytes gzipped, over its budget of $limit" >&2
     exit 1

@@ -15,7 +15,9 @@ use worker::{console_error, Context, Delay, Env};
 
 use crate::config::Config;
 use crate::control_plane_glue::control_plane_key;
-use crate::revocations::{admit_on_failure, Applied, FeedView, Freshness, Page, MAX_HELD};
+use crate::revocations::{
+    admit_on_failure, Applied, FeedView, Freshness, Page, PolicyState, MAX_HELD,
+};
 
 thread_local! {
     static VIEW: RefCell<FeedView> = RefCell::new(FeedView::new());
@@ -49,6 +51,9 @@ function lines(text) { \
   for (const e of p.events) { \
     if (!e || !Number.isSafeInteger(e.seq) || !/^[0-9a-f]{64}$/.test(e.hash)) return null; \
     out.push(e.seq + ' ' + e.hash + ' ' + (e.record == null ? '' : JSON.stringify(e.record))); } \
+  const q = p.policy; \
+  if (q) { if (!Number.isSafeInteger(q.seq) || typeof q.text !== 'string') return null; \
+    out.push('P ' + q.seq + ' ' + q.text.replace(/\\n/g, '|')); } \
   return [out.join('\\n'), p.ageMs]; } \
 function bounded(p, ms) { \
   return Promise.race([p.catch(() => null), new Promise((r) => setTimeout(r, ms, null))]); } \
@@ -94,27 +99,23 @@ pub(crate) enum Consult {
     Record(KeyRecord),
     /// The feed refused the secret.
     Refused,
-    /// The feed cannot be read and the failure mode (`closed`) refuses.
-    Unavailable,
 }
 
-/// [`Consult`], and how old the view was when the feed could not be read and the request
-/// was decided on it anyway (`open`, or `closed` within its bound).
-pub(crate) struct Verdict {
-    pub consult: Consult,
-    pub stale_ms: Option<u64>,
-}
+/// The feed cannot be read and the failure mode (`closed`) refuses.
+pub(crate) struct Unavailable;
 
-/// Consults the view for `hash`, refreshing it first when it is older than twice the
+/// Makes the view fit to decide on: refreshed first when it is older than twice the
 /// interval (or was never loaded), after the response when older than the interval.
-/// `forget` drops what a refresh made stale from the isolate cache.
-pub(crate) async fn consult(
-    hash: &KeyHash,
+/// `forget` drops what a refresh made stale from the isolate cache. `Ok(Some(age))`: the
+/// feed could not be read and the request is decided on a view this old anyway (`open`,
+/// or `closed` within its bound; never loaded: `u64::MAX`). Called before a request's key
+/// is looked up, so a refresh that empties the isolate cache never drops what it found.
+pub(crate) async fn freshen(
     env: &Env,
     ctx: &Context,
     config: &Rc<Config>,
     forget: fn(&Applied),
-) -> Verdict {
+) -> Result<Option<u64>, Unavailable> {
     let interval = config.revocation_feed_interval_ms;
     let now = now_ms();
     let mut stale_ms = None;
@@ -141,21 +142,22 @@ pub(crate) async fn consult(
                     age,
                     config.revocation_feed_max_staleness_ms,
                 ) {
-                    return Verdict {
-                        consult: Consult::Unavailable,
-                        stale_ms: age,
-                    };
+                    return Err(Unavailable);
                 }
                 stale_ms = Some(age.unwrap_or(u64::MAX));
             }
         }
     }
-    let consult = VIEW.with(|v| match v.borrow().state(hash) {
+    Ok(stale_ms)
+}
+
+/// What the view (made fit by [`freshen`]) says of `hash`.
+pub(crate) fn consult(hash: &KeyHash) -> Consult {
+    VIEW.with(|v| match v.borrow().state(hash) {
         None => Consult::Stands,
         Some(None) => Consult::Refused,
         Some(Some(record)) => Consult::Record(record.clone()),
-    });
-    Verdict { consult, stale_ms }
+    })
 }
 
 fn recently_failed(now: u64, interval: u64) -> bool {
@@ -297,6 +299,11 @@ async fn read_pages(env: &Env, config: &Config, forget: fn(&Applied)) -> Result<
         after = VIEW.with(|v| v.borrow().after()).unwrap_or(0) as f64;
     }
     Err(format!("the feed has more than {MAX_PAGES} pages"))
+}
+
+/// The route policy the feed last sent this isolate; `None`: none yet (never read).
+pub(crate) fn policy() -> Option<PolicyState> {
+    VIEW.with(|v| v.borrow().policy().cloned())
 }
 
 /// How many refreshes failed in this isolate (shown with a stale decision).

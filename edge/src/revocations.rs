@@ -8,9 +8,15 @@
 //! the control plane said its own read was (`ageMs`), so the control plane's clock is never
 //! compared with the Worker's (a page shared through the Cache API carries the time another
 //! machine of the same location asked for it: NTP-close).
+//!
+//! The feed also carries the route policy (issue 30): a page names it when the reader has
+//! not seen its latest change (and always when it starts over), so a policy change reaches
+//! every isolate within the same bound as a revocation.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
+use metlo_shared::policy::RoutePolicy;
 use metlo_shared::{KeyHash, KeyRecord};
 /// One page of the feed (`seq`, `from`, `windowSeconds`, `events`, `more`, `ageMs`).
 #[derive(Debug, PartialEq, Eq)]
@@ -21,6 +27,9 @@ pub struct Page<'a> {
     pub events: Vec<Event<'a>>,
     pub more: bool,
     pub age_ms: u64,
+    /// The route policy: the event that carried it (0: none was ever set) and its text
+    /// with `|` for line breaks.
+    pub policy: Option<(u64, &'a str)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -36,7 +45,8 @@ impl<'a> Page<'a> {
     /// Reads the page in the lines the glue makes of the control plane's JSON with the
     /// runtime's `JSON.parse` (a JSON parser in the bundle costs kilobytes): first
     /// `seq from windowSeconds ageMs more(0|1)`, then per event `seq hash record` (the
-    /// record's JSON; nothing after the hash: refused). `None`: not a page.
+    /// record's JSON; nothing after the hash: refused), and a `P seq policy` line when the
+    /// page carries the route policy. `None`: not a page.
     pub fn from_lines(text: &'a str) -> Option<Page<'a>> {
         let mut lines = text.split('\n');
         let mut head = lines.next()?.split(' ');
@@ -44,7 +54,13 @@ impl<'a> Page<'a> {
         let (seq, from, window, age, more) =
             (number()?, number()?, number()?, number()?, number()?);
         let mut events = Vec::new();
+        let mut policy = None;
         for line in lines.filter(|l| !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("P ") {
+                let (seq, text) = rest.split_once(' ')?;
+                policy = Some((seq.parse().ok()?, text));
+                continue;
+            }
             let mut parts = line.splitn(3, ' ');
             let seq = parts.next()?.parse().ok()?;
             let hash = parts.next()?;
@@ -58,6 +74,7 @@ impl<'a> Page<'a> {
             events,
             more: more == 1,
             age_ms: age,
+            policy,
         })
     }
 }
@@ -90,6 +107,25 @@ pub struct Applied {
     pub behind: bool,
 }
 
+/// The route policy as an isolate holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyState {
+    Known(Rc<RoutePolicy>),
+    /// Sent, but this Worker cannot read it (a newer grammar): every request is refused
+    /// (503) until one it can read arrives — never a guess at what it allows.
+    Unreadable,
+}
+
+impl PolicyState {
+    /// Reads a policy's text (`RoutePolicy::to_lines`, line breaks or `|`).
+    pub fn read(text: &str) -> PolicyState {
+        match RoutePolicy::from_lines(text) {
+            Ok(policy) => PolicyState::Known(Rc::new(policy)),
+            Err(_) => PolicyState::Unreadable,
+        }
+    }
+}
+
 /// Most secrets the view holds. The control plane's window bounds the events, this bounds
 /// the isolate whatever it is sent: past it the view is not current (the failure mode
 /// decides), never silently partial.
@@ -107,6 +143,8 @@ pub struct FeedView {
     window_ms: u64,
     /// A page overflowed [`MAX_HELD`]: not current until a page fits.
     overflowed: bool,
+    /// The route policy the feed last sent, and the event that carried it.
+    policy: Option<(u64, PolicyState)>,
 }
 
 impl FeedView {
@@ -144,6 +182,11 @@ impl FeedView {
         self.seq
     }
 
+    /// The route policy the feed sent; `None`: no page has said yet.
+    pub fn policy(&self) -> Option<&PolicyState> {
+        self.policy.as_ref().map(|(_, p)| p)
+    }
+
     /// Applies a page that was asked for at `asked_ms` (this isolate's clock); `now_ms`
     /// is when it arrived. Events already applied are skipped, so a page shared by
     /// several isolates (the whole window, from the Cache API) serves each of them.
@@ -172,6 +215,13 @@ impl FeedView {
             // revoked key: ignored, and no younger.
             applied.behind = true;
             return applied;
+        }
+        if let Some((seq, text)) = page.policy {
+            // A newer change, or any policy a whole window sends (a view starting over
+            // takes what the control plane holds now, even if its number went back).
+            if start_over || self.policy.as_ref().is_none_or(|(held, _)| seq > *held) {
+                self.policy = Some((seq, PolicyState::read(text)));
+            }
         }
         let after = if start_over { None } else { self.seq };
         for event in page
@@ -512,6 +562,61 @@ mod tests {
         assert!(
             !admit_on_failure(OnFailure::Closed, None, 5000),
             "never current: closed"
+        );
+    }
+
+    fn policy_version(view: &FeedView) -> Option<u64> {
+        match view.policy()? {
+            PolicyState::Known(p) => Some(p.version),
+            PolicyState::Unreadable => Some(u64::MAX),
+        }
+    }
+
+    #[test]
+    fn the_feed_carries_the_route_policy_newest_first() {
+        let mut view = FeedView::new();
+        assert_eq!(view.policy(), None, "nothing said yet");
+        let first = "5 0 120 0 0\nP 4 1 deny|GET /v1/orders/* orders:read";
+        apply(&mut view, Page::from_lines(first).unwrap(), 0, 0);
+        assert_eq!(policy_version(&view), Some(1));
+        let Some(PolicyState::Known(p)) = view.policy() else {
+            panic!()
+        };
+        assert_eq!(p.rules.len(), 1);
+        // An older change (a lagging replica's page) never replaces a newer one.
+        let older = "6 0 120 0 0\nP 3 0 allow";
+        apply(&mut view, Page::from_lines(older).unwrap(), 0, 0);
+        assert_eq!(policy_version(&view), Some(1));
+        // A page without one leaves it; a newer change replaces it.
+        apply(&mut view, Page::from_lines("7 0 120 0 0").unwrap(), 0, 0);
+        assert_eq!(policy_version(&view), Some(1));
+        apply(
+            &mut view,
+            Page::from_lines("8 0 120 0 0\nP 8 2 allow").unwrap(),
+            0,
+            0,
+        );
+        assert_eq!(policy_version(&view), Some(2));
+        // One this Worker cannot read is held as such (requests are refused), not dropped.
+        apply(
+            &mut view,
+            Page::from_lines("9 0 120 0 0\nP 9 3 allow|GET /a a XOR b").unwrap(),
+            0,
+            0,
+        );
+        assert_eq!(view.policy(), Some(&PolicyState::Unreadable));
+        // Starting over (events were missed) takes what the whole window says, even a
+        // lower number (a database restored).
+        apply(
+            &mut view,
+            Page::from_lines("30 20 120 0 0\nP 0 0 allow").unwrap(),
+            0,
+            0,
+        );
+        assert_eq!(policy_version(&view), Some(0));
+        assert!(
+            Page::from_lines("1 0 120 0 0\nP x 0 allow").is_none(),
+            "unreadable page"
         );
     }
 }

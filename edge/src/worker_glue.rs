@@ -15,10 +15,11 @@ use worker::{console_error, Context, Delay, Env, Headers};
 use crate::config::Config;
 use crate::control_plane_glue::{ask_control_plane, new_request, record_use};
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
-use crate::feed_glue::{self, Consult};
+use crate::feed_glue::{self, Consult, Unavailable};
 use crate::isolate_cache::{Entry, IsolateCache};
 use crate::limits;
-use crate::revocations::Applied;
+use crate::policy;
+use crate::revocations::{Applied, PolicyState};
 
 thread_local! {
     // One isolate runs one request at a time on one thread; these live as long as it.
@@ -31,6 +32,9 @@ thread_local! {
     static REFUSALS: RefCell<Vec<((Refusal, &'static str), (JsValue, web_sys::ResponseInit))>> = const { RefCell::new(Vec::new()) };
     // Control-plane lookups this isolate has in flight.
     static LOOKUPS_IN_FLIGHT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    // The route policy as KV holds it, and when it was read (ms): for a Worker without
+    // the feed, or one whose feed has not said yet.
+    static KV_POLICY: RefCell<(u64, Option<PolicyState>)> = const { RefCell::new((0, None)) };
 }
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
@@ -109,6 +113,15 @@ extern "C" {
     ) -> Result<js_sys::Promise, JsValue>;
 }
 
+// A KV read with `cacheTtl`, as text (`null` when absent); the `worker` crate's builder
+// costs a copy of its future per caller.
+#[wasm_bindgen(inline_js = "export function kv_text(env, key, ttl) { \
+    return env.KEYS.get(key, { cacheTtl: ttl }); }")]
+extern "C" {
+    #[wasm_bindgen(catch)]
+    fn kv_text(env: &JsValue, key: &str, ttl: u32) -> Result<js_sys::Promise, JsValue>;
+}
+
 fn new_response(
     body: &JsValue,
     init: &web_sys::ResponseInit,
@@ -176,30 +189,59 @@ async fn handle(
     config: &std::rc::Rc<Config>,
 ) -> worker::Result<web_sys::Response> {
     let found = match cached {
-        Some(record) => Ok((record, Source::Isolate)),
+        Some(record) => Ok((record, Source::Isolate, None)),
         None => find(&hash, &req, env, config).await,
     };
-    let (mut record, source) = match found {
+    let (mut record, source, keep_ms) = match found {
         Ok(found) => found,
         Err((refusal, source)) => return refuse(refusal, config, source),
     };
+    // The feed's view, fit to decide on (it also carries the route policy).
+    let feed = config.revocation_feed_interval_ms > 0;
+    let mut stale_ms = None;
+    if feed {
+        match feed_glue::freshen(env, ctx, config, forget).await {
+            Ok(age) => stale_ms = age,
+            Err(Unavailable) => return refuse(Refusal::Unavailable, config, Source::Feed),
+        }
+    }
+    // The control plane's answer is kept in the isolate after the refresh (which may have
+    // emptied the isolate cache).
+    if let Some(keep_ms) = keep_ms {
+        with_cache(config, |c| {
+            c.put_for(hash, Entry::Valid(record.clone()), now_ms(), keep_ms)
+        });
+    }
     // What the isolate cache and KV hold may be older than a revocation: the feed says.
     // (The control plane's own answer is current.)
-    let mut stale_ms = None;
-    if config.revocation_feed_interval_ms > 0 && !matches!(source, Source::ControlPlane) {
-        let verdict = feed_glue::consult(&hash, env, ctx, config, forget).await;
-        stale_ms = verdict.stale_ms;
-        match verdict.consult {
+    if feed && !matches!(source, Source::ControlPlane) {
+        match feed_glue::consult(&hash) {
             Consult::Stands => {}
             Consult::Record(newer) => record = newer,
             Consult::Refused => return refuse(Refusal::Invalid, config, Source::Feed),
-            Consult::Unavailable => return refuse(Refusal::Unavailable, config, Source::Feed),
         }
     }
     let now = now_ms();
     if let Err(refusal) = decision::admit(&record, now / 1000) {
         return refuse(refusal, config, source);
     }
+    // The route policy, before anything is counted or forwarded.
+    let url = req.url();
+    let target = match route_policy(env, config).await {
+        Err(()) => return refuse(Refusal::Unavailable, config, source),
+        Ok(policy) => {
+            match policy::authorize(policy.as_ref(), &req.method(), &url, &record.permissions) {
+                Ok(target) => target,
+                Err(refusal) => {
+                    return plain(
+                        policy::refusal_response(&refusal),
+                        config.decision_header,
+                        source,
+                    )
+                }
+            }
+        }
+    };
     // Keys without a limit pay nothing here: no I/O, no allocation.
     let limited = match record.rate_limit {
         None => None,
@@ -220,7 +262,7 @@ async fn handle(
         },
     };
     record_use(hash, now, env, ctx, config);
-    match proxy(req, &record, config, source).await {
+    match proxy(req, &url, target, &record, config, source).await {
         Ok(response) => {
             let mut extra = match limited {
                 None => vec![],
@@ -255,6 +297,41 @@ async fn handle(
 /// largest number).
 const FEED_STALE_HEADER: &str = "X-Metlo-Feed-Stale-Ms";
 
+/// The route policy in force: what the feed sent, or else what KV holds (read at most once
+/// a second per isolate). `Ok(None)`: none was ever set; `Err`: it cannot be known (KV
+/// failed), so nothing may pass unchecked.
+async fn route_policy(env: &Env, config: &Config) -> Result<Option<PolicyState>, ()> {
+    if config.revocation_feed_interval_ms > 0 {
+        if let Some(policy) = feed_glue::policy() {
+            return Ok(Some(policy));
+        }
+    }
+    let now = now_ms();
+    if let Some(held) = KV_POLICY.with(|p| {
+        let p = p.borrow();
+        (p.0 > 0 && now.saturating_sub(p.0) < KV_POLICY_KEEP_MS).then(|| p.1.clone())
+    }) {
+        return Ok(held);
+    }
+    let read = kv_text(
+        env.as_ref(),
+        POLICY_KV_KEY,
+        config.kv_cache_ttl_seconds as u32,
+    )
+    .map(JsFuture::from)
+    .map_err(|e| console_error!("route policy not read from KV: {e:?}"))?
+    .await
+    .map_err(|e| console_error!("route policy not read from KV: {e:?}"))?;
+    let policy = read.as_string().map(|text| PolicyState::read(&text));
+    KV_POLICY.with(|p| *p.borrow_mut() = (now.max(1), policy.clone()));
+    Ok(policy)
+}
+
+/// The route policy's KV key (the control plane's `db::policy::POLICY_KV_KEY`).
+const POLICY_KV_KEY: &str = "policy";
+/// How long an isolate uses the policy it read from KV before reading it again.
+const KV_POLICY_KEEP_MS: u64 = 1000;
+
 /// Drops from the isolate cache what a refresh of the feed made stale.
 fn forget(applied: &Applied) {
     ISOLATE_CACHE.with(|cell| {
@@ -270,13 +347,14 @@ fn forget(applied: &Applied) {
     });
 }
 
-/// Steps 3–4, for a key the isolate cache does not know: KV, then the control plane.
+/// Steps 3–4, for a key the isolate cache does not know: KV, then the control plane (with
+/// how long the isolate may keep its answer, ms).
 async fn find(
     hash: &KeyHash,
     req: &web_sys::Request,
     env: &Env,
     config: &Config,
-) -> Result<(KeyRecord, Source), (Refusal, Source)> {
+) -> Result<(KeyRecord, Source, Option<u64>), (Refusal, Source)> {
     let now_ms = now_ms();
     let hex = hash.to_hex();
     let kv = env.kv("KEYS").map_err(|e| {
@@ -294,7 +372,7 @@ async fn find(
                 with_cache(config, |c| {
                     c.put(*hash, Entry::Valid(record.clone()), now_ms)
                 });
-                return Ok((record, Source::Kv));
+                return Ok((record, Source::Kv, None));
             }
         }
         Ok(None) => {}
@@ -328,11 +406,12 @@ async fn find(
                     console_error!("KV write failed: {e:?}");
                 }
             }
-            let keep_ms = keep_seconds.saturating_mul(1000);
-            with_cache(config, |c| {
-                c.put_for(*hash, Entry::Valid(record.clone()), now_ms, keep_ms)
-            });
-            Ok((record, Source::ControlPlane))
+            // Kept in the isolate cache by the caller, after the feed's refresh.
+            Ok((
+                record,
+                Source::ControlPlane,
+                Some(keep_seconds.saturating_mul(1000)),
+            ))
         }
         Lookup::NotFound => {
             // Remembered in the isolate only: an attacker must never make us write KV.
@@ -445,13 +524,19 @@ fn with_headers(
 }
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
+/// `target`: the path and query the route policy checked (`None`: the request's own).
 async fn proxy(
     req: web_sys::Request,
+    request_url: &str,
+    target: Option<String>,
     record: &KeyRecord,
     config: &Config,
     source: Source,
 ) -> worker::Result<web_sys::Response> {
-    let url = decision::origin_request_url(&config.origin_url, &req.url());
+    let url = match target {
+        Some(path) => format!("{}{path}", config.origin_url.trim_end_matches('/')),
+        None => decision::origin_request_url(&config.origin_url, request_url),
+    };
     let headers = Headers(web_sys::Headers::new_with_headers(&req.headers())?);
     let changes = decision::origin_headers(record, config.forward_authorization);
     for name in changes.remove {

@@ -124,9 +124,18 @@ impl RoutePolicy {
             .enumerate()
             .map(|(i, r)| {
                 let err = |message: String| PolicyError::Rule { rule: i, message };
+                let names = r.methods.as_deref().unwrap_or(&[]);
                 Ok(Rule {
-                    methods: Methods::parse(r.methods.as_deref().unwrap_or(&[])).map_err(err)?,
-                    path: PathPattern::parse(&r.path).map_err(err)?,
+                    methods: Methods::from_names(names.iter().map(String::as_str)).ok_or_else(
+                        || {
+                            err(format!(
+                                "methods {names:?}: each one of {} (or [\"*\"] for any)",
+                                METHODS.join(" ")
+                            ))
+                        },
+                    )?,
+                    path: PathPattern::parse(&r.path)
+                        .map_err(|e| err(format!("path {:?}: {e}", r.path)))?,
                     require: Expression::parse(&r.require)
                         .map_err(|e: ExpressionError| err(format!("require: {e}")))?,
                 })
@@ -187,13 +196,17 @@ impl RoutePolicy {
         out
     }
 
+    /// Reads [`RoutePolicy::to_lines`] (`|` may stand for a line break: no policy holds
+    /// one): checked as a document is, but without the words (the edge only needs to know
+    /// that it cannot read a line, and carries no messages).
     pub fn from_lines(text: &str) -> Result<Self, PolicyError> {
-        let mut lines = text.lines();
+        let mut lines = text.split(['\n', '|']).filter(|l| !l.is_empty());
         let bad = |line| PolicyError::Unreadable { line };
         let head = lines.next().ok_or(bad(0))?;
         let (version, fallback) = head.split_once(' ').ok_or(bad(0))?;
-        let mut doc = PolicyDocument {
-            default: match fallback {
+        let mut policy = RoutePolicy {
+            version: version.parse().map_err(|_| bad(0))?,
+            fallback: match fallback {
                 "allow" => Fallback::Allow,
                 "deny" => Fallback::Deny,
                 _ => return Err(bad(0)),
@@ -202,18 +215,19 @@ impl RoutePolicy {
         };
         for (i, line) in lines.enumerate() {
             let mut parts = line.splitn(3, ' ');
-            let (Some(methods), Some(path), Some(require)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                return Err(bad(i + 1));
-            };
-            doc.rules.push(RuleDocument {
-                methods: Some(methods.split(',').map(str::to_owned).collect()),
-                path: path.to_owned(),
-                require: require.to_owned(),
-            });
+            let rule = (|| {
+                Some(Rule {
+                    methods: Methods::from_names(parts.next()?.split(','))?,
+                    path: PathPattern::parse(parts.next()?).ok()?,
+                    require: Expression::parse(parts.next()?).ok()?,
+                })
+            })();
+            policy.rules.push(rule.ok_or(bad(i + 1))?);
         }
-        RoutePolicy::from_document(version.parse().map_err(|_| bad(0))?, &doc)
+        if policy.rules.len() > MAX_RULES {
+            return Err(PolicyError::TooManyRules);
+        }
+        Ok(policy)
     }
 }
 
@@ -235,21 +249,22 @@ const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 impl Methods {
     pub const ANY: Methods = Methods(u8::MAX);
 
-    fn parse(names: &[String]) -> Result<Methods, String> {
-        if names.is_empty() || names == ["*"] {
-            return Ok(Methods::ANY);
-        }
-        let mut bits = 0;
+    /// Methods by name; none, or `*` alone: any. `None`: a name that is not a method.
+    fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Methods> {
+        let mut bits = 0u8;
+        let mut any = false;
         for name in names {
-            let i = METHODS.iter().position(|m| m == name).ok_or_else(|| {
-                format!(
-                    "unknown method {name:?}: one of {} or [\"*\"]",
-                    METHODS.join(" ")
-                )
-            })?;
-            bits |= 1 << i;
+            if name == "*" {
+                any = true;
+            } else {
+                bits |= 1 << METHODS.iter().position(|m| *m == name)?;
+            }
         }
-        Ok(Methods(bits))
+        match (any, bits) {
+            (_, 0) => Some(Methods::ANY),
+            (true, _) => None,
+            (false, bits) => Some(Methods(bits)),
+        }
     }
 
     fn names(self) -> Vec<String> {
@@ -290,14 +305,30 @@ enum PatternSegment {
     Rest,
 }
 
+/// What is wrong with a path pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("longer than 256 bytes")]
+    TooLong,
+    #[error("must start with /")]
+    Relative,
+    #[error("** may only be the last segment")]
+    RestNotLast,
+    #[error("empty segment (// or a trailing /)")]
+    EmptySegment,
+    #[error(". and .. segments are not allowed")]
+    DotSegment,
+    #[error("a segment holds a character other than letters, digits and -._~!$&'()+,=:@ (and * only as a whole segment)")]
+    Character,
+}
+
 impl PathPattern {
-    pub fn parse(text: &str) -> Result<PathPattern, String> {
-        let fail = |why: &str| Err(format!("path {text:?}: {why}"));
+    pub fn parse(text: &str) -> Result<PathPattern, PatternError> {
         if text.len() > MAX_PATTERN_LEN {
-            return fail("longer than 256 bytes");
+            return Err(PatternError::TooLong);
         }
         let Some(rest) = text.strip_prefix('/') else {
-            return fail("must start with /");
+            return Err(PatternError::Relative);
         };
         let mut segments = Vec::new();
         let parts: Vec<&str> = if rest.is_empty() {
@@ -309,13 +340,16 @@ impl PathPattern {
             segments.push(match *part {
                 "*" => PatternSegment::One,
                 "**" if i + 1 == parts.len() => PatternSegment::Rest,
-                "**" => return fail("** may only be the last segment"),
-                "" => return fail("empty segment (// or a trailing /)"),
-                "." | ".." => return fail(". and .. segments are not allowed"),
-                p if p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,=:@".contains(&b)) => {
+                "**" => return Err(PatternError::RestNotLast),
+                "" => return Err(PatternError::EmptySegment),
+                "." | ".." => return Err(PatternError::DotSegment),
+                p if p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,=:@".contains(&b)) =>
+                {
                     PatternSegment::Literal(p.to_ascii_lowercase())
                 }
-                _ => return fail("a segment holds a character other than letters, digits and -._~!$&'()+,=:@ (and * only as a whole segment)"),
+                _ => return Err(PatternError::Character),
             });
         }
         Ok(PathPattern {
