@@ -7,7 +7,7 @@
 const TYPES = ['GENERIC', 'ONBOARDING', 'GCP', 'AWS'];
 const ROLES = ['client', 'edge', 'admin'];
 const ACTIONS = ['key.create', 'key.delete', 'key.roll', 'key.update', 'key.set_role', 'key.leaked', 'key.seed',
-  'auth.failed', 'console.sign_in', 'console.sign_out'];
+  'policy.update', 'assertion_key.create', 'assertion_key.retire', 'auth.failed', 'console.sign_in', 'console.sign_out'];
 const API = '/console/api/v1';
 
 let session = null; // {name, role, csrfToken, idleTimeoutSeconds} while signed in

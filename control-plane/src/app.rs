@@ -187,6 +187,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
             idle: config.console_idle_timeout,
             secure_cookie: config.console_secure_cookie,
         },
+        jwks: Default::default(),
     });
     let limits = http::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.max(1)),

@@ -6,6 +6,7 @@
 //! `usage`, `sessions` (the console's), and `kv_state` (what Workers KV should hold); the row types they share are in `rows`. Each file's tests run in-crate on
 //! `sqlite::memory:`.
 
+pub mod assertion_keys;
 pub mod audit;
 pub mod bulk;
 pub mod feed;

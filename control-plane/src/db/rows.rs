@@ -275,6 +275,19 @@ pub struct FeedRow {
     pub at_ms: i64,
 }
 
+/// The public half of a key the edge signs assertions with.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AssertionKeyRow {
+    pub kid: String,
+    /// `ES256`.
+    pub alg: String,
+    /// The public JWK (JSON).
+    pub public_jwk: String,
+    pub created_at_ms: i64,
+    /// When it left the JWKS; `None`: published.
+    pub retired_at_ms: Option<i64>,
+}
+
 /// One version of the route policy.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PolicyRow {

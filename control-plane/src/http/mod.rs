@@ -5,6 +5,9 @@
 //! Handlers only translate: HTTP in (extractors, DTOs), a `service` call, HTTP out
 //! ([`error::ApiError`] for every failure).
 
+mod assertion_keys;
+#[cfg(test)]
+mod assertion_keys_tests;
 pub mod audit;
 #[cfg(test)]
 mod audit_tests;
@@ -71,6 +74,7 @@ pub fn app(state: AppState) -> Router {
         .merge(usage::router())
         .merge(feed::router())
         .merge(policy::router())
+        .merge(assertion_keys::router())
         .layer(
             ServiceBuilder::new()
                 .layer(metrics::TrackRequestsLayer)
@@ -79,6 +83,7 @@ pub fn app(state: AppState) -> Router {
         .merge(
             ops::api_router()
                 .merge(leaks::router())
+                .merge(assertion_keys::public_router())
                 .layer(metrics::TrackRequestsLayer),
         )
         .split_for_parts();

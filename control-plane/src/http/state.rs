@@ -83,4 +83,6 @@ pub struct Shared {
     pub github_keys: Arc<GitHubKeys>,
     /// Console sessions' idle timeout and cookie (`CONSOLE_*`).
     pub console: SessionRules,
+    /// The published assertion keys, as served.
+    pub jwks: crate::service::assertion_keys::Jwks,
 }

@@ -4,6 +4,7 @@
 //! and each entry point says it in its own terms.
 
 pub mod abuse;
+pub mod assertion_keys;
 pub mod audit;
 pub mod console;
 pub mod feed;
