@@ -11,7 +11,7 @@ source scripts/phases.sh
 trap print_phases EXIT
 
 phase "install (system packages, Worker tools)" \
-    bash -c './scripts/install-deps.sh && ./scripts/install-edge-tools.sh'
+    bash -c './scripts/install-deps.sh && ./scripts/install-edge-tools.sh && ./scripts/install-verifiers.sh >/dev/null'
 # Dependency audit (licenses, bans, sources; advisories when their database is reachable).
 phase "audit (cargo-deny)" ./scripts/audit.sh
 # No module cycle in any crate (ARCHITECTURE.md states the rule).

@@ -48,7 +48,36 @@ pub struct Config {
     pub revocation_feed_on_failure: OnFailure,
     /// With `closed`: the oldest view a request may still be decided on.
     pub revocation_feed_max_staleness_ms: u64,
+    /// The signed assertion to the origin (`X-Metlo-Assertion`); `None`: not sent.
+    pub assertion: Option<AssertionConfig>,
 }
+
+/// The signed assertion's settings: the `ASSERTION_SIGNING_KEY` secret (a private ES256
+/// JWK, as `POST /api/v1/assertion-keys` gives it) and its claims' `iss`, `aud`, lifetime.
+#[derive(Clone, PartialEq)]
+pub struct AssertionConfig {
+    pub signing_key: String,
+    /// `ASSERTION_ISSUER`; default: `CONTROL_PLANE_URL`.
+    pub issuer: String,
+    /// `ASSERTION_AUDIENCE`; default: `ORIGIN_URL`.
+    pub audience: String,
+    /// `ASSERTION_TTL_SECONDS`: 2 to 60 (default 60).
+    pub ttl_seconds: u64,
+}
+
+/// Never prints the private key.
+impl std::fmt::Debug for AssertionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssertionConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest an assertion lives.
+pub const MAX_ASSERTION_TTL_SECONDS: u64 = 60;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -122,7 +151,35 @@ impl Config {
                 }
             },
             revocation_feed_max_staleness_ms: number("REVOCATION_FEED_MAX_STALENESS_MS", 10_000)?,
+            assertion: None,
         };
+        let mut config = config;
+        if let Some(key) = var("ASSERTION_SIGNING_KEY").filter(|k| !k.trim().is_empty()) {
+            if !(key.trim_start().starts_with('{') && key.contains("\"d\"")) {
+                return Err(ConfigError(
+                    "ASSERTION_SIGNING_KEY must be a private JWK (the privateJwk of POST /api/v1/assertion-keys)"
+                        .into(),
+                ));
+            }
+            let text = |name: &str, default: &str| {
+                var(name)
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| default.to_owned())
+            };
+            let ttl_seconds = number("ASSERTION_TTL_SECONDS", MAX_ASSERTION_TTL_SECONDS)?;
+            if !(2..=MAX_ASSERTION_TTL_SECONDS).contains(&ttl_seconds) {
+                return Err(ConfigError(
+                    "ASSERTION_TTL_SECONDS must be from 2 to 60".into(),
+                ));
+            }
+            config.assertion = Some(AssertionConfig {
+                signing_key: key,
+                issuer: text("ASSERTION_ISSUER", &config.control_plane_url),
+                audience: text("ASSERTION_AUDIENCE", &config.origin_url),
+                ttl_seconds,
+            });
+        }
         if config.control_plane_url.starts_with("http://")
             && !is_loopback_url(&config.control_plane_url)
         {
@@ -219,6 +276,42 @@ mod tests {
         assert_eq!(c.revocation_feed_interval_ms, 1000);
         assert_eq!(c.revocation_feed_on_failure, OnFailure::Open);
         assert_eq!(c.revocation_feed_max_staleness_ms, 10_000);
+    }
+
+    #[test]
+    fn the_assertion_settings() {
+        assert_eq!(Config::from_vars(vars(&BASE)).unwrap().assertion, None);
+        let key = r#"{"kty":"EC","crv":"P-256","x":"x","y":"y","d":"secret-d","kid":"k"}"#;
+        let mut with = BASE.to_vec();
+        with.push(("ASSERTION_SIGNING_KEY", key));
+        let a = Config::from_vars(vars(&with)).unwrap().assertion.unwrap();
+        assert_eq!(
+            a.audience, "https://origin.example",
+            "the origin by default"
+        );
+        assert!(a.issuer.starts_with("http"), "the control plane by default");
+        assert_eq!(a.ttl_seconds, 60);
+        assert!(
+            !format!("{a:?}").contains("secret-d"),
+            "the key never prints"
+        );
+        with.extend([
+            ("ASSERTION_AUDIENCE", "orders-api"),
+            ("ASSERTION_TTL_SECONDS", "10"),
+        ]);
+        let a = Config::from_vars(vars(&with)).unwrap().assertion.unwrap();
+        assert_eq!((a.audience.as_str(), a.ttl_seconds), ("orders-api", 10));
+        for (name, bad) in [
+            ("ASSERTION_TTL_SECONDS", "61"),
+            ("ASSERTION_TTL_SECONDS", "1"),
+            ("ASSERTION_SIGNING_KEY", "not a jwk"),
+            ("ASSERTION_SIGNING_KEY", r#"{"kty":"EC","x":"public only"}"#),
+        ] {
+            let mut v = with.clone();
+            v.retain(|(k, _)| *k != name);
+            v.push((name, bad));
+            assert!(Config::from_vars(vars(&v)).is_err(), "{name}={bad}");
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! `control_plane_glue` for its calls to the control plane, and `limiter_glue` for the
 //! Durable Object class) moves bytes between those functions and the Workers runtime.
 
+pub mod assertion;
 pub mod config;
 pub mod decision;
 pub mod isolate_cache;

@@ -12,7 +12,8 @@ use wasm_bindgen::{JsCast, JsValue};
 use worker::wasm_bindgen_futures::{self, JsFuture};
 use worker::{console_error, Context, Delay, Env, Headers};
 
-use crate::config::Config;
+use crate::assertion::{AssertionCache, ASSERTION_HEADER};
+use crate::config::{AssertionConfig, Config};
 use crate::control_plane_glue::{ask_control_plane, new_request, record_use};
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
 use crate::feed_glue::{self, Consult, Unavailable};
@@ -35,6 +36,8 @@ thread_local! {
     // The route policy as KV holds it, and when it was read (ms): for a Worker without
     // the feed, or one whose feed has not said yet.
     static KV_POLICY: RefCell<(u64, Option<PolicyState>)> = const { RefCell::new((0, None)) };
+    // The assertions this isolate signed, per key.
+    static ASSERTIONS: RefCell<Option<AssertionCache>> = const { RefCell::new(None) };
 }
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
@@ -43,7 +46,7 @@ fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> 
     }
     let parsed = std::rc::Rc::new(Config::from_vars(|name| match name {
         // Secrets, never `[vars]` (which anyone with dashboard access reads).
-        "ORIGIN_SECRET" => env.secret(name).ok().map(|v| v.to_string()),
+        "ORIGIN_SECRET" | "ASSERTION_SIGNING_KEY" => env.secret(name).ok().map(|v| v.to_string()),
         _ => env.var(name).ok().map(|v| v.to_string()),
     })?);
     CONFIG.with(|c| *c.borrow_mut() = Some(parsed.clone()));
@@ -242,6 +245,18 @@ async fn handle(
             }
         }
     };
+    // The signed assertion: from this isolate's cache, or signed now (then kept for half
+    // its lifetime). A configured key that cannot sign fails closed: the origin expects it.
+    let assertion = match &config.assertion {
+        None => None,
+        Some(settings) => match assertion_for(&hash, &record, settings, config).await {
+            Ok(token) => Some(token),
+            Err(e) => {
+                console_error!("assertion not signed: {e}");
+                return refuse(Refusal::Unavailable, config, source);
+            }
+        },
+    };
     // Keys without a limit pay nothing here: no I/O, no allocation.
     let limited = match record.rate_limit {
         None => None,
@@ -262,7 +277,17 @@ async fn handle(
         },
     };
     record_use(hash, now, env, ctx, config);
-    match proxy(req, &url, target, &record, config, source).await {
+    match proxy(
+        req,
+        &url,
+        target,
+        assertion.as_deref(),
+        &record,
+        config,
+        source,
+    )
+    .await
+    {
         Ok(response) => {
             let mut extra = match limited {
                 None => vec![],
@@ -296,6 +321,88 @@ async fn handle(
 /// of the revocation feed older than its interval, and how old (ms; never loaded: the
 /// largest number).
 const FEED_STALE_HEADER: &str = "X-Metlo-Feed-Stale-Ms";
+
+// Signs an assertion with WebCrypto (ECDSA P-256, SHA-256: a JWS `ES256` signature is the
+// raw r‖s WebCrypto gives). The claims are built here, where `JSON.stringify` escapes them;
+// the imported key is kept for the isolate's life (per secret text).
+#[wasm_bindgen(inline_js = "\
+let held = null; \
+function b64u(bytes) { let s = ''; for (const b of bytes) s += String.fromCharCode(b); \
+  return btoa(s).replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, ''); } \
+const text = (t) => b64u(new TextEncoder().encode(t)); \
+export async function sign_assertion(jwk, iss, aud, ttl, sub, name, type, role, perms, meta, now) { \
+  if (!held || held.jwk !== jwk) { const k = JSON.parse(jwk); held = { jwk, kid: k.kid, \
+    key: await crypto.subtle.importKey('jwk', k, { name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']) }; } \
+  const claims = { iss, aud, sub, iat: now, exp: now + ttl, name, type, role, \
+    permissions: perms ? perms.split(' ') : [] }; \
+  if (meta) { try { claims.meta = JSON.parse(new TextDecoder().decode(Uint8Array.from( \
+    atob(meta.replace(/-/g, '+').replace(/_/g, '/')), (c) => c.charCodeAt(0)))); } catch (e) {} } \
+  const input = text(JSON.stringify({ alg: 'ES256', kid: held.kid, typ: 'JWT' })) + '.' + \
+    text(JSON.stringify(claims)); \
+  const sig = await crypto.subtle.sign({ name: 'ECDSA', hash: 'SHA-256' }, held.key, \
+    new TextEncoder().encode(input)); \
+  return input + '.' + b64u(new Uint8Array(sig)); }")]
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    #[wasm_bindgen(catch)]
+    fn sign_assertion(
+        jwk: &str,
+        iss: &str,
+        aud: &str,
+        ttl: f64,
+        sub: &str,
+        name: &str,
+        key_type: &str,
+        role: &str,
+        permissions: &str,
+        meta: &str,
+        now: f64,
+    ) -> Result<js_sys::Promise, JsValue>;
+}
+
+/// The assertion for `record`'s key: held, or signed now and held for half its lifetime.
+async fn assertion_for(
+    hash: &KeyHash,
+    record: &KeyRecord,
+    settings: &AssertionConfig,
+    config: &Config,
+) -> Result<String, String> {
+    let now = now_ms();
+    let held = ASSERTIONS.with(|cell| {
+        cell.borrow_mut()
+            .get_or_insert_with(|| AssertionCache::new(config.isolate_capacity))
+            .get(hash, record, now)
+            .map(str::to_owned)
+    });
+    if let Some(token) = held {
+        return Ok(token);
+    }
+    let signed = sign_assertion(
+        &settings.signing_key,
+        &settings.issuer,
+        &settings.audience,
+        settings.ttl_seconds as f64,
+        &record.identifier,
+        &record.name,
+        record.key_type.as_str(),
+        record.role.as_str(),
+        &record.permissions.join(" "),
+        record.meta.as_deref().unwrap_or(""),
+        (now / 1000) as f64,
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    let token = JsFuture::from(signed)
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .as_string()
+        .ok_or("the signature is not text")?;
+    ASSERTIONS.with(|cell| {
+        if let Some(cache) = cell.borrow_mut().as_mut() {
+            cache.put(*hash, record, token.clone(), now, settings.ttl_seconds);
+        }
+    });
+    Ok(token)
+}
 
 /// The route policy in force: what the feed sent, or else what KV holds (read at most once
 /// a second per isolate). `Ok(None)`: none was ever set; `Err`: it cannot be known (KV
@@ -525,10 +632,12 @@ fn with_headers(
 
 /// Step 5: forward to the origin, body streamed, and return its response unchanged.
 /// `target`: the path and query the route policy checked (`None`: the request's own).
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     req: web_sys::Request,
     request_url: &str,
     target: Option<String>,
+    assertion: Option<&str>,
     record: &KeyRecord,
     config: &Config,
     source: Source,
@@ -558,6 +667,9 @@ async fn proxy(
     }
     if let Some(secret) = &config.origin_secret {
         headers.set(decision::ORIGIN_SECRET_HEADER, secret)?;
+    }
+    if let Some(token) = assertion {
+        headers.set(ASSERTION_HEADER, token)?;
     }
     let method = req.method();
     let body = match method.as_str() {

@@ -17,7 +17,11 @@ use serde_json::{json, Value};
 use crate::{free_port, workspace_root};
 
 /// The Worker's settings that are secrets, never `[vars]`.
-pub const SECRETS: [&str; 2] = ["CONTROL_PLANE_KEY", "ORIGIN_SECRET"];
+pub const SECRETS: [&str; 3] = [
+    "CONTROL_PLANE_KEY",
+    "ORIGIN_SECRET",
+    "ASSERTION_SIGNING_KEY",
+];
 
 /// Not a `[vars]` entry: the `MISS_LIMITER` binding's limit per client and minute
 /// (default [`DEFAULT_MISS_LIMIT`]: high, so only tests that ask for it meet it).
@@ -510,7 +514,9 @@ impl Edge {
                 continue;
             }
             if SECRETS.contains(k) {
-                secrets.push_str(&format!("{k} = {v:?}\n"));
+                // Single quotes are literal in `.dev.vars` (a JWK's double quotes stay).
+                assert!(!v.contains(['\'', '\n']), "a secret the test can quote");
+                secrets.push_str(&format!("{k} = '{v}'\n"));
                 continue;
             }
             all_vars.retain(|(name, _)| name != k);
