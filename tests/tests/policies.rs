@@ -107,6 +107,50 @@ async fn the_cli_updates_disables_and_enables(backend: Backend) {
     );
     let table = remote(&["list"]).unwrap();
     assert!(table.lines().next().unwrap().contains("ENABLED"), "{table}");
+
+    // Permissions: set at create (repeated or comma-separated), replaced, removed.
+    let made = remote(&[
+        "create",
+        "--name",
+        "scoped-cli",
+        "--permission",
+        "orders:write",
+        "--permission",
+        "orders:read,billing:read",
+        "--json",
+    ])
+    .unwrap();
+    let made: Value = serde_json::from_str(&made).unwrap();
+    assert_eq!(
+        made["permissions"],
+        json!(["billing:read", "orders:read", "orders:write"])
+    );
+    cp.secrets
+        .lock()
+        .unwrap()
+        .push(made["apiKey"].as_str().unwrap().to_owned());
+    let out = remote(&[
+        "update",
+        "scoped-cli",
+        "--permission",
+        "orders:read",
+        "--json",
+    ])
+    .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["permissions"],
+        json!(["orders:read"])
+    );
+    let err = remote(&["update", "scoped-cli", "--permission", "not valid!"]).unwrap_err();
+    assert!(err.contains("invalid permission"), "{err}");
+    let local = cp.cli(&["keys", "update", "scoped-cli", "--no-permissions"]);
+    assert!(local.is_ok(), "{local:?}");
+    assert_eq!(cp.listed("scoped-cli").await["permissions"], json!([]));
+    let table = remote(&["list"]).unwrap();
+    assert!(
+        table.lines().next().unwrap().contains("PERMISSIONS"),
+        "{table}"
+    );
 }
 
 /// With Redis, replicas share one count: 4 requests spread over two replicas of a key

@@ -32,7 +32,7 @@ pub fn public_router() -> OpenApiRouter<AppState> {
 /// and is the only time it is shown: the control plane keeps the public half only.
 #[utoipa::path(post, path = "/api/v1/assertion-keys", tag = "assertions",
     responses((status = 200, body = NewAssertionKey),
-        (status = 400, description = "Too many keys are published: retire one first", body = ErrorBody),
+        (status = 409, description = "Five keys are published: retire one first", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 503, body = ErrorBody)),
@@ -77,7 +77,8 @@ pub struct RetireRequest {
     params(("kid" = String, Path, description = "The key's id")),
     request_body(content = Option<RetireRequest>),
     responses((status = 200, body = AssertionKey),
-        (status = 400, description = "The newest published key, without force", body = ErrorBody),
+        (status = 400, body = ErrorBody),
+        (status = 409, description = "The newest published key, without force", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The key's role may not call this route", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),

@@ -110,8 +110,8 @@ async fn retired_keys_leave_the_jwks_and_the_newest_stays_unless_forced(backend:
         }
     };
     retire(new.clone(), json!(null)).await.assert_error(
-        StatusCode::BAD_REQUEST,
-        "bad_request",
+        StatusCode::CONFLICT,
+        "conflict",
         "the newest, unforced",
     );
     let reply = retire(old.clone(), json!(null)).await;
@@ -147,7 +147,7 @@ async fn retired_keys_leave_the_jwks_and_the_newest_stays_unless_forced(backend:
     app.as_admin()
         .post("/api/v1/assertion-keys", json!(null))
         .await
-        .assert_error(StatusCode::BAD_REQUEST, "bad_request", "a sixth");
+        .assert_error(StatusCode::CONFLICT, "conflict", "a sixth");
     assert_eq!(jwks(&app).await.len(), 5);
 }
 

@@ -93,6 +93,7 @@ impl ApiError {
             ApiError::Forbidden { .. }
             | ApiError::InsufficientPermission(_)
             | ApiError::Service(E::Forbidden(_)) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Service(E::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

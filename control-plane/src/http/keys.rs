@@ -313,6 +313,7 @@ async fn end_sessions(
 struct VerifyQuery {
     /// A permission expression the key must satisfy (`orders:read AND (a OR b)`); 403
     /// when it does not.
+    #[param(min_length = 1, max_length = 512)]
     permission: Option<String>,
 }
 

@@ -67,7 +67,8 @@ async fn show_version(
 /// location by `appliedEverywhereBy` (the revocation feed's bound). `If-Match: "<version>"`
 /// makes the change only if the policy is still at that version (412 otherwise).
 #[utoipa::path(put, path = "/api/v1/policy", tag = "policy", request_body = PolicyDocument,
-    params(("If-Match" = Option<String>, Header, description = "The version this change was made from, quoted (an ETag)")),
+    params(("If-Match" = Option<String>, Header, description = "The version this change was made from, quoted (an ETag)",
+        pattern = r#"^(W/)?"[0-9]{1,18}"$"#)),
     responses((status = 200, body = PolicyAnswer, headers(("ETag" = String, description = "The new version, quoted"))),
         (status = 400, description = "Bad JSON, an unknown field, or a rule that does not hold", body = ErrorBody),
         (status = 401, body = ErrorBody),
@@ -85,9 +86,11 @@ async fn replace(
     let if_version = match headers.get(header::IF_MATCH) {
         None => None,
         Some(v) => Some(
+            // An entity tag, quoted (RFC 9110): `"3"` or `W/"3"`.
             v.to_str()
                 .ok()
-                .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+                .map(|v| v.trim().trim_start_matches("W/"))
+                .and_then(|v| v.strip_prefix('"')?.strip_suffix('"'))
                 .and_then(|v| v.parse::<i64>().ok())
                 .ok_or_else(|| {
                     ApiError::BadRequest("If-Match must be a version, e.g. \"3\"".into())

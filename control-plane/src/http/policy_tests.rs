@@ -172,10 +172,17 @@ async fn if_match_makes_a_change_conditional(backend: Backend) {
             .status,
         StatusCode::OK
     );
-    put(&app, json!({}), Some("one")).await.assert_error(
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        "not a version",
+    for bad in ["one", "2", "\"2", "*"] {
+        put(&app, json!({}), Some(bad)).await.assert_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            bad,
+        );
+    }
+    assert_eq!(
+        put(&app, json!({}), Some("W/\"2\"")).await.status,
+        StatusCode::OK,
+        "a weak tag names the version too"
     );
 }
 

@@ -122,7 +122,7 @@ pub async fn create(store: &Store, actor: &Actor) -> Result<NewAssertionKey, Err
         .insert_assertion_key(&row, MAX_PUBLISHED, &audit)
         .await?
     else {
-        return Err(Error::invalid(format!(
+        return Err(Error::Conflict(format!(
             "{MAX_PUBLISHED} assertion keys are published already: retire one first"
         )));
     };
@@ -158,9 +158,10 @@ pub async fn retire(
     let keys = store.assertion_keys().await?;
     let newest = keys.iter().find(|k| k.retired_at_ms.is_none());
     if !force && newest.is_some_and(|k| k.kid == kid) {
-        return Err(Error::invalid(
+        return Err(Error::Conflict(
             "this is the newest published assertion key, which the Worker should be signing \
-             with: make a new one and switch the Worker to it first (or retire with force)",
+             with: make a new one and switch the Worker to it first (or retire with force)"
+                .into(),
         ));
     }
     let audit = actor.entry("assertion_key.retire", kid, json!({"force": force}));

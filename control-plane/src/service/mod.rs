@@ -32,6 +32,10 @@ pub enum Error {
     /// The caller's key is valid but its role may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// What is asked cannot be done in the state things are in (409): retire the newest
+    /// assertion key, make a sixth.
+    #[error("{0}")]
+    Conflict(String),
     #[error("An API key with this name already exists")]
     DuplicateName,
     #[error("Maximum API Key Limit Reached: {0}. Consider deleting any that are not in use.")]
