@@ -108,8 +108,9 @@ pub(crate) struct Unavailable;
 /// interval (or was never loaded), after the response when older than the interval.
 /// `forget` drops what a refresh made stale from the isolate cache. `Ok(Some(age))`: the
 /// feed could not be read and the request is decided on a view this old anyway (`open`,
-/// or `closed` within its bound; never loaded: `u64::MAX`). Called before a request's key
-/// is looked up, so a refresh that empties the isolate cache never drops what it found.
+/// or `closed` within its bound; never loaded: `u64::MAX`). Called after the request's
+/// key was found; the caller keeps a control-plane answer in the isolate cache only then,
+/// as a refresh may empty it.
 pub(crate) async fn freshen(
     env: &Env,
     ctx: &Context,

@@ -20,12 +20,32 @@ pub enum PolicyRefusal {
     Unreadable,
 }
 
+/// Does a policy decide requests (one that cannot be read does: it refuses them)?
+pub fn in_force(policy: Option<&PolicyState>) -> bool {
+    match policy {
+        None => false,
+        Some(PolicyState::Unreadable) => true,
+        Some(PolicyState::Known(p)) => p.is_active(),
+    }
+}
+
+/// The request headers by which a client asks an origin framework to run another method
+/// than the request's (Express's method-override, Rails, Spring's HiddenHttpMethodFilter
+/// read them): while a policy is in force, the methods they name must be allowed too.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+];
+
 /// The policy's decision for `method` on `request_url` (absolute) by a key with
-/// `permissions`: `Ok(None)`, forward as it came (no policy in force); `Ok(Some(path and
-/// query))`, forward to that; or the refusal.
+/// `permissions`; `overrides`: the methods the client's override headers name
+/// (comma-separated), each of which must be allowed too. `Ok(None)`: forward as it came
+/// (no policy in force); `Ok(Some(path and query))`: forward to that; or the refusal.
 pub fn authorize(
     policy: Option<&PolicyState>,
     method: &str,
+    overrides: Option<&str>,
     request_url: &str,
     permissions: &[String],
 ) -> Result<Option<String>, PolicyRefusal> {
@@ -37,13 +57,20 @@ pub fn authorize(
     };
     let (path, query) = path_and_query(request_url);
     let path = normalize_path(path).map_err(PolicyRefusal::Path)?;
-    match policy.decide(method, &path, permissions) {
-        Verdict::Allow => Ok(Some(match query {
-            Some(q) => format!("{}?{q}", path.forward),
-            None => path.forward,
-        })),
-        Verdict::Deny(required) => Err(PolicyRefusal::Forbidden(required.map(|e| e.to_string()))),
+    let mut verdict = policy.decide(method, &path, permissions);
+    for named in overrides.into_iter().flat_map(|o| o.split(',')) {
+        if verdict != Verdict::Allow {
+            break;
+        }
+        verdict = policy.decide(&named.trim().to_ascii_uppercase(), &path, permissions);
     }
+    if let Verdict::Deny(required) = verdict {
+        return Err(PolicyRefusal::Forbidden(required.map(|e| e.to_string())));
+    }
+    Ok(Some(match query {
+        Some(q) => format!("{}?{q}", path.forward),
+        None => path.forward,
+    }))
 }
 
 /// The path and the query of an absolute URL (the fragment never reaches a server).
@@ -116,7 +143,7 @@ mod tests {
     fn no_policy_forwards_as_it_came() {
         for policy in [None, Some(known("0 allow\n")), Some(known("3 allow\n"))] {
             assert_eq!(
-                authorize(policy.as_ref(), "GET", "https://e.dev/a//b?x", &[]),
+                authorize(policy.as_ref(), "GET", None, "https://e.dev/a//b?x", &[]),
                 Ok(None)
             );
         }
@@ -130,32 +157,86 @@ mod tests {
             authorize(
                 Some(&p),
                 "GET",
+                None,
                 "https://e.dev/v1/x/../orders/%31?q=a/../b#frag",
                 &read
             ),
             Ok(Some("/v1/orders/1?q=a/../b".into()))
         );
         assert_eq!(
-            authorize(Some(&p), "POST", "https://e.dev/v1/orders", &read),
+            authorize(Some(&p), "POST", None, "https://e.dev/v1/orders", &read),
             Err(PolicyRefusal::Forbidden(Some("orders:write".into())))
         );
         assert_eq!(
-            authorize(Some(&p), "GET", "https://e.dev/", &read),
+            authorize(Some(&p), "GET", None, "https://e.dev/", &read),
             Err(PolicyRefusal::Forbidden(None)),
             "default deny"
         );
         assert_eq!(
-            authorize(Some(&p), "GET", "https://e.dev/v1/orders%2F1", &read),
+            authorize(Some(&p), "GET", None, "https://e.dev/v1/orders%2F1", &read),
             Err(PolicyRefusal::Path(PathError::EncodedSeparator))
         );
         assert_eq!(
             authorize(
                 Some(&PolicyState::Unreadable),
                 "GET",
+                None,
                 "https://e.dev/",
                 &read
             ),
             Err(PolicyRefusal::Unreadable)
+        );
+        // A method override names a method the policy must allow too.
+        let p = known("2 allow\nGET /v1/orders/* orders:read\nDELETE /v1/orders/* orders:delete");
+        for overrides in ["DELETE", "delete", "GET, DELETE", " Delete "] {
+            assert_eq!(
+                authorize(
+                    Some(&p),
+                    "GET",
+                    Some(overrides),
+                    "https://e.dev/v1/orders/1",
+                    &read
+                ),
+                Err(PolicyRefusal::Forbidden(Some("orders:delete".into()))),
+                "{overrides}"
+            );
+        }
+        assert_eq!(
+            authorize(
+                Some(&p),
+                "GET",
+                Some("PROPFIND"),
+                "https://e.dev/v1/x",
+                &read
+            ),
+            Err(PolicyRefusal::Forbidden(None)),
+            "a method no rule names"
+        );
+        assert!(authorize(
+            Some(&p),
+            "GET",
+            Some("GET"),
+            "https://e.dev/v1/orders/1",
+            &read
+        )
+        .is_ok());
+        assert!(in_force(Some(&p)) && in_force(Some(&PolicyState::Unreadable)));
+        assert!(!in_force(None) && !in_force(Some(&known("4 allow"))));
+    }
+
+    #[test]
+    fn the_later_copy_of_a_policy_wins() {
+        let (v1, v2) = (known("1 allow"), known("2 deny"));
+        assert_eq!(v1.clone().later(Some(v2.clone())), v2);
+        assert_eq!(v2.clone().later(Some(v1.clone())), v2);
+        assert_eq!(v1.clone().later(None), v1);
+        assert_eq!(
+            v2.clone().later(Some(PolicyState::Unreadable)),
+            PolicyState::Unreadable
+        );
+        assert_eq!(
+            PolicyState::Unreadable.later(Some(v2)),
+            PolicyState::Unreadable
         );
     }
 

@@ -117,6 +117,19 @@ pub enum PolicyState {
 }
 
 impl PolicyState {
+    /// Of two copies of the policy (the feed's view, KV's), the later: by version, one this
+    /// Worker cannot read counting as the latest (it refuses, never guesses).
+    pub fn later(self, other: Option<PolicyState>) -> PolicyState {
+        let rank = |p: &PolicyState| match p {
+            PolicyState::Known(p) => p.version,
+            PolicyState::Unreadable => u64::MAX,
+        };
+        match other {
+            Some(other) if rank(&other) > rank(&self) => other,
+            _ => self,
+        }
+    }
+
     /// Reads a policy's text (`RoutePolicy::to_lines`, line breaks or `|`).
     pub fn read(text: &str) -> PolicyState {
         match RoutePolicy::from_lines(text) {

@@ -91,6 +91,17 @@ extern "C" {
     fn new(body: &JsValue, init: &web_sys::ResponseInit) -> Result<NewResponse, JsValue>;
 }
 
+// `METHOD URL`, then a line with the methods the client's override headers name
+// (policy::METHOD_OVERRIDE_HEADERS, comma-separated) if it sent any: one JS call (a URL
+// holds no space or line break).
+#[wasm_bindgen(inline_js = "export function request_line(r) { const h = r.headers; \
+    const o = [h.get('x-http-method-override'), h.get('x-http-method'), \
+      h.get('x-method-override')].filter((x) => x !== null); \
+    return r.method + ' ' + r.url + (o.length ? '\\n' + o.join(',') : ''); }")]
+extern "C" {
+    fn request_line(request: &web_sys::Request) -> String;
+}
+
 // The request's `Authorization` in one JS call (web_sys takes two, and copies the header's
 // name across each time): every request needs it, refused ones most of all.
 #[wasm_bindgen(
@@ -229,11 +240,19 @@ async fn handle(
         return refuse(refusal, config, source);
     }
     // The route policy, before anything is counted or forwarded.
-    let url = req.url();
-    let target = match route_policy(env, config).await {
+    // Method, URL and any method-override headers, in one JS call.
+    let line = request_line(&req);
+    let (request, overrides) = match line.split_once('\n') {
+        Some((request, overrides)) => (request, Some(overrides)),
+        None => (line.as_str(), None),
+    };
+    let (method, url) = request.split_once(' ').unwrap_or((request, ""));
+    let target = match route_policy(env, config, stale_ms.is_some()).await {
         Err(()) => return refuse(Refusal::Unavailable, config, source),
         Ok(policy) => {
-            match policy::authorize(policy.as_ref(), &req.method(), &url, &record.permissions) {
+            let decided =
+                policy::authorize(policy.as_ref(), method, overrides, url, &record.permissions);
+            match decided {
                 Ok(target) => target,
                 Err(refusal) => {
                     return plain(
@@ -279,7 +298,8 @@ async fn handle(
     record_use(hash, now, env, ctx, config);
     match proxy(
         req,
-        &url,
+        method,
+        url,
         target,
         assertion.as_deref(),
         &record,
@@ -331,8 +351,9 @@ function b64u(bytes) { let s = ''; for (const b of bytes) s += String.fromCharCo
   return btoa(s).replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, ''); } \
 const text = (t) => b64u(new TextEncoder().encode(t)); \
 export async function sign_assertion(jwk, iss, aud, ttl, sub, name, type, role, perms, meta, now) { \
-  if (!held || held.jwk !== jwk) { const k = JSON.parse(jwk); held = { jwk, kid: k.kid, \
+  if (!held || held.jwk !== jwk) { try { const k = JSON.parse(jwk); held = { jwk, kid: k.kid, \
     key: await crypto.subtle.importKey('jwk', k, { name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']) }; } \
+    catch (e) { throw new Error('ASSERTION_SIGNING_KEY is not an ES256 private JWK (' + e.name + ')'); } } \
   const claims = { iss, aud, sub, iat: now, exp: now + ttl, name, type, role, \
     permissions: perms ? perms.split(' ') : [] }; \
   if (meta) { try { claims.meta = JSON.parse(new TextDecoder().decode(Uint8Array.from( \
@@ -404,15 +425,29 @@ async fn assertion_for(
     Ok(token)
 }
 
-/// The route policy in force: what the feed sent, or else what KV holds (read at most once
-/// a second per isolate). `Ok(None)`: none was ever set; `Err`: it cannot be known (KV
-/// failed), so nothing may pass unchecked.
-async fn route_policy(env: &Env, config: &Config) -> Result<Option<PolicyState>, ()> {
+/// The route policy in force: what the feed sent (or KV's copy, if later, while the feed
+/// cannot be read), or else what KV holds. `Ok(None)`: none was ever set; `Err`: it cannot
+/// be known (KV failed), so nothing may pass unchecked.
+async fn route_policy(
+    env: &Env,
+    config: &Config,
+    feed_stale: bool,
+) -> Result<Option<PolicyState>, ()> {
     if config.revocation_feed_interval_ms > 0 {
         if let Some(policy) = feed_glue::policy() {
-            return Ok(Some(policy));
+            if !feed_stale {
+                return Ok(Some(policy));
+            }
+            // A view the feed could not refresh: KV's copy may be later (KV's own bound
+            // then applies, as it does to revocations).
+            return Ok(Some(policy.later(kv_policy(env, config).await?)));
         }
     }
+    kv_policy(env, config).await
+}
+
+/// The route policy as KV holds it, read at most once a second per isolate.
+async fn kv_policy(env: &Env, config: &Config) -> Result<Option<PolicyState>, ()> {
     let now = now_ms();
     if let Some(held) = KV_POLICY.with(|p| {
         let p = p.borrow();
@@ -635,6 +670,7 @@ fn with_headers(
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
     req: web_sys::Request,
+    method: &str,
     request_url: &str,
     target: Option<String>,
     assertion: Option<&str>,
@@ -671,12 +707,11 @@ async fn proxy(
     if let Some(token) = assertion {
         headers.set(ASSERTION_HEADER, token)?;
     }
-    let method = req.method();
-    let body = match method.as_str() {
+    let body = match method {
         "GET" | "HEAD" => None,
         _ => req.body().map(JsValue::from),
     };
-    let forwarded = new_request(&url, &method, &headers, body.as_ref())?;
+    let forwarded = new_request(&url, method, &headers, body.as_ref())?;
     // The origin's response as it is: returned, not rebuilt.
     let response = JsFuture::from(global_fetch(forwarded.inner())).await?;
     Ok(response.unchecked_into())

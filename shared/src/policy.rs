@@ -6,19 +6,23 @@
 //! satisfy the rule's [`Expression`]. No rule matches: the default.
 //!
 //! **Paths** are matched after [`normalize_path`], and the origin is sent that same
-//! normalised path, so what was checked is what is fetched: `%XX` of an unreserved
-//! character is decoded, `.` and `..` segments are resolved (never above the root),
+//! normalised path, so what was checked is what is fetched: `%XX` of a character a path
+//! segment may hold as it is (letters, digits, `-._~!$&'()*+,=:@`) is decoded, `.` and
+//! `..` segments are resolved (never above the root),
 //! empty segments (`//`) dropped, `;` parameters ignored for matching (`/admin;x` and
 //! `/..;/` are `/admin` and `..`, as Tomcat reads them), a trailing slash ignored, and
 //! literal segments compared without regard to ASCII case. An encoded separator (`%2F`,
-//! `%5C`), `%00`, a double encoding (`%252e`) or a malformed escape is refused (400), as
-//! is a path over [`MAX_PATH_LEN`] bytes (414): origins disagree on what those mean.
+//! `%5C`), `%00`, an encoded `%` (`%25`: a double encoding) or a malformed escape is
+//! refused (400), as is a path over [`MAX_PATH_LEN`] bytes (414): origins disagree on what
+//! those mean.
 //!
 //! **Patterns** are `/`-separated literal segments (letters, digits and `-._~!$&'()+,=:@`),
 //! `*` for exactly one segment, and `**` as the last segment for any number (none too).
 //!
 //! **Methods**: a list of `GET HEAD POST PUT PATCH DELETE OPTIONS`, or `*` for any. A `HEAD`
-//! request matches the rules for `GET`. A rule's `methods` left out means `*`.
+//! request matches the rules for `GET`. A rule's `methods` left out means `*` (an empty
+//! list is refused). A request with any other method passes only a `*` rule: no rule
+//! matching it, it is refused whatever the default.
 
 use core::fmt;
 
@@ -124,7 +128,15 @@ impl RoutePolicy {
             .enumerate()
             .map(|(i, r)| {
                 let err = |message: String| PolicyError::Rule { rule: i, message };
-                let names = r.methods.as_deref().unwrap_or(&[]);
+                let any = ["*".to_owned()];
+                let names = match r.methods.as_deref() {
+                    None => &any[..],
+                    Some([]) => return Err(err(
+                        "methods is empty: list the methods, or [\"*\"] (or leave it out) for any"
+                            .into(),
+                    )),
+                    Some(names) => names,
+                };
                 Ok(Rule {
                     methods: Methods::from_names(names.iter().map(String::as_str)).ok_or_else(
                         || {
@@ -173,6 +185,11 @@ impl RoutePolicy {
                     Verdict::Deny(Some(&rule.require))
                 };
             }
+        }
+        // A method no rule could name (`PROPFIND`, `QUERY`…) passes only a rule for any
+        // method: an origin handler that takes every method must not be reached by one.
+        if !METHODS.contains(&method) {
+            return Verdict::Deny(None);
         }
         match self.fallback {
             Fallback::Allow => Verdict::Allow,
@@ -462,15 +479,14 @@ fn decode_segment(part: &str) -> Result<String, PathError> {
             .ok_or(PathError::BadEncoding)?;
         match byte {
             b'/' | b'\\' => return Err(PathError::EncodedSeparator),
-            0 => return Err(PathError::BadEncoding),
-            // `%25XX`: a second decoding (which some origins do) would see another escape.
-            b'%' if bytes
-                .get(i + 3..i + 5)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
-            {
-                return Err(PathError::BadEncoding)
+            // `%25` in any form: an origin that decodes twice would see another escape
+            // (`%25%32%65` is `%2e` once decoded, `.` twice).
+            0 | b'%' => return Err(PathError::BadEncoding),
+            // What a path segment may hold as it is (RFC 3986 pchar, but `;`, whose
+            // meaning origins disagree on): decoded, so `%3A` is the `:` a rule names.
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b) => {
+                out.push(b as char)
             }
-            b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
             b => out.push_str(&format!("%{b:02X}")),
         }
         i += 3;
@@ -606,6 +622,7 @@ mod tests {
             "/public\\..\\admin",
             "/../../admin",
             "/a/b/../../admin/x",
+            "/%61%64%6D%69%6E",
         ] {
             assert_eq!(decide(&p, "GET", raw, &key), Ok(false), "{raw}");
             assert!(
@@ -622,6 +639,9 @@ mod tests {
             ("/public%2f..%2fadmin", PathError::EncodedSeparator),
             ("/public%5C..%5Cadmin", PathError::EncodedSeparator),
             ("/public/%252e%252e/admin", PathError::BadEncoding),
+            ("/public/%25%32%65%25%32%65/admin", PathError::BadEncoding),
+            ("/public%25%32%46..%25%32%46admin", PathError::BadEncoding),
+            ("/100%25", PathError::BadEncoding),
             ("/admin%00", PathError::BadEncoding),
             ("/admin%", PathError::BadEncoding),
             ("/admin%zz", PathError::BadEncoding),
@@ -645,6 +665,41 @@ mod tests {
             "another route"
         );
         assert_eq!(decide(&p, "GET", "/v1/orders", &key), Ok(true));
+        // Characters a rule may name, escaped: the rule still applies.
+        let colon = policy(
+            Fallback::Allow,
+            &[
+                (&["POST"], "/v1/orders:cancel", "orders:write"),
+                (&["*"], "/v1/users/@me/**", "me"),
+            ],
+        );
+        for raw in [
+            "/v1/orders%3Acancel",
+            "/v1/orders%3acancel",
+            "/v1/ORDERS%3ACANCEL",
+        ] {
+            assert_eq!(decide(&colon, "POST", raw, &key), Ok(false), "{raw}");
+        }
+        assert_eq!(decide(&colon, "GET", "/v1/users/%40me/x", &key), Ok(false));
+        assert_eq!(
+            normalize_path("/v1/orders%3Acancel").unwrap().forward,
+            "/v1/orders:cancel"
+        );
+        // Methods no rule can name pass only a rule for any method.
+        for method in ["PROPFIND", "QUERY", "get", "PURGE"] {
+            assert_eq!(
+                decide(&p, method, "/v1/orders", &key),
+                Ok(false),
+                "{method}"
+            );
+            assert_eq!(
+                decide(&p, method, "/public", &key),
+                Ok(false),
+                "{method}: no default"
+            );
+        }
+        let any = policy(Fallback::Deny, &[(&["*"], "/dav/**", "orders:read")]);
+        assert_eq!(decide(&any, "PROPFIND", "/dav/x", &key), Ok(true));
     }
 
     #[test]
@@ -692,6 +747,7 @@ mod tests {
             ("/a", &["TRACE"], "a"),
             ("/a", &["GET"], "a AND"),
             ("/a", &["GET"], ""),
+            ("/a", &[], "a"),
         ] {
             match RoutePolicy::from_document(1, &doc(path, methods, require)) {
                 Err(PolicyError::Rule { rule: 1, message }) => assert!(!message.is_empty()),
@@ -745,7 +801,7 @@ mod tests {
         /// Whatever the path, the forwarded form is normalised: matching it again changes
         /// nothing, and it never holds a dot segment or an empty one.
         #[test]
-        fn normalising_is_idempotent(raw in "[/a-c.;%2eEfF5\\\\]{0,40}") {
+        fn normalising_is_idempotent(raw in "[/a-f.;%0-9A-F\\\\]{0,40}") {
             if let Ok(once) = normalize_path(&raw) {
                 let twice = normalize_path(&once.forward).unwrap();
                 prop_assert_eq!(&twice.segments, &once.segments);

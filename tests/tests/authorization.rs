@@ -188,6 +188,7 @@ async fn the_route_policy_is_enforced_at_the_edge_before_the_origin() {
         "/public%2F..%2Fadmin",
         "/public%2f..%2fadmin",
         "/public/%252e%252e/admin",
+        "/public/%25%32%65%25%32%65/admin",
         "/admin%00",
         "/../../admin",
         "/a/b/../../admin/x",
@@ -214,6 +215,28 @@ async fn the_route_policy_is_enforced_at_the_edge_before_the_origin() {
     ] {
         let status = raw_status(&s.edge.url, "POST", target, &reader).await;
         assert_eq!(status, 403, "POST {target}");
+    }
+    // A method no rule names is refused even where the default allows; a method override
+    // header must name an allowed method too.
+    assert_eq!(
+        raw_status(&s.edge.url, "PROPFIND", "/elsewhere", &reader).await,
+        403
+    );
+    for header in [
+        "X-HTTP-Method-Override",
+        "x-http-method",
+        "X-Method-Override",
+    ] {
+        let r = s
+            .edge
+            .client
+            .get(format!("{}/v1/orders", s.edge.url))
+            .header("authorization", &reader)
+            .header(header, "post")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{header}");
     }
     let seen = s.origin.requests();
     assert_eq!(

@@ -68,7 +68,7 @@ async fn show_version(
 /// makes the change only if the policy is still at that version (412 otherwise).
 #[utoipa::path(put, path = "/api/v1/policy", tag = "policy", request_body = PolicyDocument,
     params(("If-Match" = Option<String>, Header, description = "The version this change was made from, quoted (an ETag)",
-        pattern = r#"^(W/)?"[0-9]{1,18}"$"#)),
+        pattern = r#"^"[0-9]{1,18}"$"#)),
     responses((status = 200, body = PolicyAnswer, headers(("ETag" = String, description = "The new version, quoted"))),
         (status = 400, description = "Bad JSON, an unknown field, or a rule that does not hold", body = ErrorBody),
         (status = 401, body = ErrorBody),
@@ -85,18 +85,21 @@ async fn replace(
 ) -> Result<Response, ApiError> {
     let if_version = match headers.get(header::IF_MATCH) {
         None => None,
+        // Compared strongly (RFC 9110): a weak tag matches no version.
+        Some(v) if v.as_bytes().starts_with(b"W/") => Some(-1),
         Some(v) => Some(
-            // An entity tag, quoted (RFC 9110): `"3"` or `W/"3"`.
+            // An entity tag, quoted: `"3"`.
             v.to_str()
                 .ok()
-                .map(|v| v.trim().trim_start_matches("W/"))
-                .and_then(|v| v.strip_prefix('"')?.strip_suffix('"'))
+                .and_then(|v| v.trim().strip_prefix('"')?.strip_suffix('"'))
                 .and_then(|v| v.parse::<i64>().ok())
+                .filter(|v| *v >= 0)
                 .ok_or_else(|| {
                     ApiError::BadRequest("If-Match must be a version, e.g. \"3\"".into())
                 })?,
         ),
     };
+
     match policy::replace(&state.store, &doc, if_version, &actor).await {
         Ok(policy) => Ok(answer(policy)),
         Err(e @ ReplaceError::Conflict(_)) => Err(ApiError::PreconditionFailed(e.to_string())),

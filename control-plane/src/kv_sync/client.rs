@@ -28,6 +28,21 @@ pub fn item_ttl(configured: Option<u64>, record_json: &str, now_unix_seconds: u6
     }
 }
 
+/// The `expiration_ttl` of the entry `key`: [`item_ttl`] for a record; none for the route
+/// policy's, which lives until replaced (a Worker that reads it takes a missing one for
+/// "no policy").
+pub fn entry_ttl(
+    configured: Option<u64>,
+    key: &str,
+    value: &str,
+    now_unix_seconds: u64,
+) -> Option<u64> {
+    if key == crate::db::policy::POLICY_KV_KEY {
+        return None;
+    }
+    item_ttl(configured, value, now_unix_seconds)
+}
+
 #[derive(Debug, Clone)]
 pub struct KvTarget {
     /// e.g. `https://api.cloudflare.com/client/v4` (configurable so tests and local dev
@@ -174,7 +189,7 @@ impl KvClient {
                 .map(|(k, v)| BulkPutItem {
                     key: k,
                     value: v,
-                    expiration_ttl: item_ttl(self.target.expiration_ttl, v, now),
+                    expiration_ttl: entry_ttl(self.target.expiration_ttl, k, v, now),
                     metadata: Digest {
                         d: metlo_shared::KeyRecord::digest(v),
                     },
@@ -307,6 +322,20 @@ fn percent_encode_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_policy_never_expires_in_kv() {
+        let policy = "3 deny\nGET /a a\n";
+        assert_eq!(
+            entry_ttl(Some(86_400), crate::db::policy::POLICY_KV_KEY, policy, 0),
+            None
+        );
+        let hash = "ab".repeat(32);
+        assert_eq!(
+            entry_ttl(Some(86_400), &hash, &record(None), 0),
+            Some(86_400)
+        );
+    }
 
     fn record(expires: Option<u64>) -> String {
         metlo_shared::KeyRecord {

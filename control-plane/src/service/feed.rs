@@ -277,10 +277,21 @@ impl RevocationFeed {
             let rows = store.feed_after(after, BATCH).await?;
             let n = rows.len();
             let received = now_ms();
+            // Rows this reader never saw were pruned meanwhile: what it holds is no longer
+            // whole, so it starts over from the rows there are — and the route policy may
+            // have changed among those it missed: read again (a later change is in rows
+            // still to come, and kept only if newer).
+            let missed = rows.first().is_some_and(|row| row.seq != after + 1);
+            let policy_now = if missed {
+                Some(store.current_policy().await?.map(|row| FeedPolicy {
+                    seq: row.feed_seq,
+                    text: row.lines,
+                }))
+            } else {
+                None
+            };
             let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
-            if rows.first().is_some_and(|row| row.seq != held.head + 1) {
-                // Rows this reader never saw were pruned meanwhile: what it holds is no
-                // longer whole, so it starts over from the rows there are.
+            if let Some(policy) = policy_now {
                 tracing::warn!(
                     held = held.head,
                     next = rows[0].seq,
@@ -288,6 +299,7 @@ impl RevocationFeed {
                 );
                 held.events.clear();
                 held.from = rows[0].seq - 1;
+                held.policy = policy;
             }
             for row in rows {
                 held.head = row.seq;
