@@ -224,17 +224,7 @@ async fn the_console_in_chromium() {
 
     // Permissions: edited on the key's page, the whole set replaced; a bad one is refused
     // next to the field, with nothing changed.
-    let permissions = b.find("#edit-permissions").await;
-    permissions.clear().await.unwrap();
-    permissions
-        .send_keys("orders:write, orders:read orders:read")
-        .await
-        .unwrap();
-    b.find("form[aria-labelledby=permissions-title] button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    save_permissions(&b, "orders:write, orders:read orders:read").await;
     b.until(
         "the saved permissions",
         "const d = document.querySelector('dd[data-term=Permissions]'); return d && d.textContent === 'orders:read, orders:write';",
@@ -245,14 +235,7 @@ async fn the_console_in_chromium() {
         cp.listed("browser-made").await["permissions"],
         json!(["orders:read", "orders:write"])
     );
-    let permissions = b.find("#edit-permissions").await;
-    permissions.clear().await.unwrap();
-    permissions.send_keys("orders read!").await.unwrap();
-    b.find("form[aria-labelledby=permissions-title] button[type=submit]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    save_permissions(&b, "orders read!").await;
     b.until(
         "the permission error",
         "return document.getElementById('edit-permissions-error').textContent.includes('invalid permission');",
@@ -674,4 +657,16 @@ async fn attacker_page(console: &str) -> String {
     let url = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
+}
+
+/// Types `text` as the key page's permissions and saves them.
+async fn save_permissions(b: &Browser, text: &str) {
+    let field = b.find("#edit-permissions").await;
+    field.clear().await.unwrap();
+    field.send_keys(text).await.unwrap();
+    b.find("form[aria-labelledby=permissions-title] button[type=submit]")
+        .await
+        .click()
+        .await
+        .unwrap();
 }

@@ -24,17 +24,6 @@ fn hash(key: &str) -> String {
     KeyHash::of_text(key).to_hex()
 }
 
-async fn feed(app: &TestApp, query: &str) -> Value {
-    app.flush().await;
-    let reply = app
-        .as_edge()
-        .get(&format!("/api/v1/revocations{query}"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    assert_eq!(reply.header("cache-control"), Some("no-store"));
-    reply.json()
-}
-
 /// (hash, refused?, the record's `expires`) of each event.
 fn events(page: &Value) -> Vec<(String, bool, Value)> {
     page["events"]
@@ -60,7 +49,7 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
         }
         keys
     };
-    let start = feed(&app, "").await;
+    let start = app.feed_page("").await;
     assert!(
         start["events"].as_array().unwrap().is_empty(),
         "creates feed nothing: {start}"
@@ -99,7 +88,7 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
         StatusCode::OK
     );
 
-    let page = feed(&app, &format!("?after={s0}")).await;
+    let page = app.feed_page(&format!("?after={s0}")).await;
     let got = events(&page);
     let expected: Vec<(String, bool)> = vec![
         (hash(&keys[0]), true),  // deleted
@@ -135,11 +124,11 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
 
     // Nothing after the last one; the whole window without `after`.
     let last = page["seq"].as_i64().unwrap();
-    assert!(feed(&app, &format!("?after={last}")).await["events"]
+    assert!(app.feed_page(&format!("?after={last}")).await["events"]
         .as_array()
         .unwrap()
         .is_empty());
-    assert_eq!(events(&feed(&app, "").await).len(), 6);
+    assert_eq!(events(&app.feed_page("").await).len(), 6);
 
     // A reader started afresh (another replica, a restart) finds the same events.
     let fresh = RevocationFeed::new(Duration::from_secs(120));
@@ -149,7 +138,7 @@ async fn changes_that_stop_or_change_a_secret_are_fed_in_order(backend: Backend)
 
     // Past the window the events are forgotten; `from` says so to a reader behind it.
     app.advance(Duration::from_secs(121));
-    let later = feed(&app, &format!("?after={s0}")).await;
+    let later = app.feed_page(&format!("?after={s0}")).await;
     assert!(later["events"].as_array().unwrap().is_empty(), "{later}");
     assert_eq!(later["from"], later["seq"]);
     assert!(
@@ -222,7 +211,7 @@ async fn rows_pruned_before_a_reader_saw_them_make_it_start_over(backend: Backen
     for name in ["a", "b", "c"] {
         app.create_key(name, "GENERIC").await;
     }
-    let seen = feed(&app, "").await["seq"].as_i64().unwrap();
+    let seen = app.feed_page("").await["seq"].as_i64().unwrap();
     assert_eq!(
         app.delete("a", Some(&app.admin_key)).await.0,
         StatusCode::OK
@@ -233,7 +222,7 @@ async fn rows_pruned_before_a_reader_saw_them_make_it_start_over(backend: Backen
         app.delete("b", Some(&app.admin_key)).await.0,
         StatusCode::OK
     );
-    let page = feed(&app, &format!("?after={seen}")).await;
+    let page = app.feed_page(&format!("?after={seen}")).await;
     assert_eq!(page["from"].as_i64(), Some(seen + 1), "{page}");
     assert_eq!(events(&page).len(), 1, "only what there is: {page}");
 }

@@ -209,16 +209,6 @@ async fn only_administrators_read_or_change_it(backend: Backend) {
     );
 }
 
-async fn feed(app: &TestApp, query: &str) -> Value {
-    app.flush().await;
-    let reply = app
-        .as_edge()
-        .get(&format!("/api/v1/revocations{query}"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    reply.json()
-}
-
 /// The policy on a page, as the edge reads it.
 fn policy_on(page: &Value) -> Option<RoutePolicy> {
     let text = page.get("policy")?["text"].as_str()?;
@@ -228,22 +218,22 @@ fn policy_on(page: &Value) -> Option<RoutePolicy> {
 async fn the_feed_carries_the_policy_to_the_edge(backend: Backend) {
     let app = TestApp::on(backend).build().await;
     // None set: a reader starting over learns there is none.
-    let page = feed(&app, "").await;
+    let page = app.feed_page("").await;
     let none = policy_on(&page).expect("every whole-window page says");
     assert_eq!((none.version, none.is_active()), (0, false));
     let seen = page["seq"].as_i64().unwrap();
-    assert!(policy_on(&feed(&app, &format!("?after={seen}")).await).is_none());
+    assert!(policy_on(&app.feed_page(&format!("?after={seen}")).await).is_none());
 
     assert_eq!(put(&app, orders(), None).await.status, StatusCode::OK);
-    let page = feed(&app, &format!("?after={seen}")).await;
+    let page = app.feed_page(&format!("?after={seen}")).await;
     let carried = policy_on(&page).expect("a reader that has not seen the change gets it");
     assert_eq!(carried.version, 1);
     assert_eq!(carried.rules.len(), 3);
     assert_eq!(page["events"], json!([]), "a policy is not a key's event");
     let after_change = page["seq"].as_i64().unwrap();
     assert!(after_change > seen);
-    assert!(policy_on(&feed(&app, &format!("?after={after_change}")).await).is_none());
-    assert_eq!(policy_on(&feed(&app, "").await).unwrap().version, 1);
+    assert!(policy_on(&app.feed_page(&format!("?after={after_change}")).await).is_none());
+    assert_eq!(policy_on(&app.feed_page("").await).unwrap().version, 1);
 
     // A reader started afresh (another replica, a restart) serves the same.
     let fresh = RevocationFeed::new(std::time::Duration::from_secs(120));

@@ -290,6 +290,19 @@ impl TestApp {
         self.with_key(key).get("/api/v1/verify").await.status
     }
 
+    /// The revocation feed's page `GET /api/v1/revocations{query}` as the edge reads it,
+    /// after a flush (so the feed has read every commit); asserts a 200 not to be cached.
+    pub async fn feed_page(&self, query: &str) -> Value {
+        self.flush().await;
+        let reply = self
+            .as_edge()
+            .get(&format!("/api/v1/revocations{query}"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_eq!(reply.header("cache-control"), Some("no-store"));
+        reply.json()
+    }
+
     /// A GET on the ops routes (`/readyz`, `/metrics`).
     pub async fn ops_get(&self, path: &str) -> Reply {
         let request = Request::get(path).body(Body::empty()).unwrap();
