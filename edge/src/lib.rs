@@ -25,6 +25,7 @@
 //! Everything that decides is plain Rust in [`decision`], [`config`], [`isolate_cache`],
 //! [`revocations`], [`policy`], [`limits`] and [`usage`], unit-tested natively; the
 //! wasm-only glue (`worker_glue`, `feed_glue` for the isolate's view of the feed,
+//! `policy_glue` for the route policy's source, `assertion_glue` for signing,
 //! `control_plane_glue` for its calls to the control plane, and `limiter_glue` for the
 //! Durable Object class) moves bytes between those functions and the Workers runtime.
 
@@ -38,10 +39,14 @@ pub mod revocations;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
+mod assertion_glue;
+#[cfg(target_arch = "wasm32")]
 mod control_plane_glue;
 #[cfg(target_arch = "wasm32")]
 mod feed_glue;
 #[cfg(target_arch = "wasm32")]
 mod limiter_glue;
+#[cfg(target_arch = "wasm32")]
+mod policy_glue;
 #[cfg(target_arch = "wasm32")]
 mod worker_glue;

@@ -12,15 +12,17 @@ use wasm_bindgen::{JsCast, JsValue};
 use worker::wasm_bindgen_futures::{self, JsFuture};
 use worker::{console_error, Context, Delay, Env, Headers};
 
-use crate::assertion::{AssertionCache, ASSERTION_HEADER};
-use crate::config::{AssertionConfig, Config};
+use crate::assertion::ASSERTION_HEADER;
+use crate::assertion_glue;
+use crate::config::Config;
 use crate::control_plane_glue::{ask_control_plane, new_request, record_use};
 use crate::decision::{self, Lookup, PlainResponse, Refusal};
 use crate::feed_glue::{self, Consult, Unavailable};
 use crate::isolate_cache::{Entry, IsolateCache};
 use crate::limits;
 use crate::policy;
-use crate::revocations::{Applied, PolicyState};
+use crate::policy_glue;
+use crate::revocations::Applied;
 
 thread_local! {
     // One isolate runs one request at a time on one thread; these live as long as it.
@@ -33,11 +35,6 @@ thread_local! {
     static REFUSALS: RefCell<Vec<((Refusal, &'static str), (JsValue, web_sys::ResponseInit))>> = const { RefCell::new(Vec::new()) };
     // Control-plane lookups this isolate has in flight.
     static LOOKUPS_IN_FLIGHT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-    // The route policy as KV holds it, and when it was read (ms): for a Worker without
-    // the feed, or one whose feed has not said yet.
-    static KV_POLICY: RefCell<(u64, Option<PolicyState>)> = const { RefCell::new((0, None)) };
-    // The assertions this isolate signed, per key.
-    static ASSERTIONS: RefCell<Option<AssertionCache>> = const { RefCell::new(None) };
 }
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
@@ -125,15 +122,6 @@ extern "C" {
         ttl: u32,
         digest: &str,
     ) -> Result<js_sys::Promise, JsValue>;
-}
-
-// A KV read with `cacheTtl`, as text (`null` when absent); the `worker` crate's builder
-// costs a copy of its future per caller.
-#[wasm_bindgen(inline_js = "export function kv_text(env, key, ttl) { \
-    return env.KEYS.get(key, { cacheTtl: ttl }); }")]
-extern "C" {
-    #[wasm_bindgen(catch)]
-    fn kv_text(env: &JsValue, key: &str, ttl: u32) -> Result<js_sys::Promise, JsValue>;
 }
 
 fn new_response(
@@ -247,7 +235,7 @@ async fn handle(
         None => (line.as_str(), None),
     };
     let (method, url) = request.split_once(' ').unwrap_or((request, ""));
-    let target = match route_policy(env, config, stale_ms.is_some()).await {
+    let target = match policy_glue::route_policy(env, config, stale_ms.is_some()).await {
         Err(()) => return refuse(Refusal::Unavailable, config, source),
         Ok(policy) => {
             let decided =
@@ -268,13 +256,15 @@ async fn handle(
     // its lifetime). A configured key that cannot sign fails closed: the origin expects it.
     let assertion = match &config.assertion {
         None => None,
-        Some(settings) => match assertion_for(&hash, &record, settings, config).await {
-            Ok(token) => Some(token),
-            Err(e) => {
-                console_error!("assertion not signed: {e}");
-                return refuse(Refusal::Unavailable, config, source);
+        Some(settings) => {
+            match assertion_glue::assertion_for(&hash, &record, settings, config).await {
+                Ok(token) => Some(token),
+                Err(e) => {
+                    console_error!("assertion not signed: {e}");
+                    return refuse(Refusal::Unavailable, config, source);
+                }
             }
-        },
+        }
     };
     // Keys without a limit pay nothing here: no I/O, no allocation.
     let limited = match record.rate_limit {
@@ -341,138 +331,6 @@ async fn handle(
 /// of the revocation feed older than its interval, and how old (ms; never loaded: the
 /// largest number).
 const FEED_STALE_HEADER: &str = "X-Metlo-Feed-Stale-Ms";
-
-// Signs an assertion with WebCrypto (ECDSA P-256, SHA-256: a JWS `ES256` signature is the
-// raw r‖s WebCrypto gives). The claims are built here, where `JSON.stringify` escapes them;
-// the imported key is kept for the isolate's life (per secret text).
-#[wasm_bindgen(inline_js = "\
-let held = null; \
-function b64u(bytes) { let s = ''; for (const b of bytes) s += String.fromCharCode(b); \
-  return btoa(s).replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, ''); } \
-const text = (t) => b64u(new TextEncoder().encode(t)); \
-export async function sign_assertion(jwk, iss, aud, ttl, sub, name, type, role, perms, meta, now) { \
-  if (!held || held.jwk !== jwk) { try { const k = JSON.parse(jwk); held = { jwk, kid: k.kid, \
-    key: await crypto.subtle.importKey('jwk', k, { name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']) }; } \
-    catch (e) { throw new Error('ASSERTION_SIGNING_KEY is not an ES256 private JWK (' + e.name + ')'); } } \
-  const claims = { iss, aud, sub, iat: now, exp: now + ttl, name, type, role, \
-    permissions: perms ? perms.split(' ') : [] }; \
-  if (meta) { try { claims.meta = JSON.parse(new TextDecoder().decode(Uint8Array.from( \
-    atob(meta.replace(/-/g, '+').replace(/_/g, '/')), (c) => c.charCodeAt(0)))); } catch (e) {} } \
-  const input = text(JSON.stringify({ alg: 'ES256', kid: held.kid, typ: 'JWT' })) + '.' + \
-    text(JSON.stringify(claims)); \
-  const sig = await crypto.subtle.sign({ name: 'ECDSA', hash: 'SHA-256' }, held.key, \
-    new TextEncoder().encode(input)); \
-  return input + '.' + b64u(new Uint8Array(sig)); }")]
-extern "C" {
-    #[allow(clippy::too_many_arguments)]
-    #[wasm_bindgen(catch)]
-    fn sign_assertion(
-        jwk: &str,
-        iss: &str,
-        aud: &str,
-        ttl: f64,
-        sub: &str,
-        name: &str,
-        key_type: &str,
-        role: &str,
-        permissions: &str,
-        meta: &str,
-        now: f64,
-    ) -> Result<js_sys::Promise, JsValue>;
-}
-
-/// The assertion for `record`'s key: held, or signed now and held for half its lifetime.
-async fn assertion_for(
-    hash: &KeyHash,
-    record: &KeyRecord,
-    settings: &AssertionConfig,
-    config: &Config,
-) -> Result<String, String> {
-    let now = now_ms();
-    let held = ASSERTIONS.with(|cell| {
-        cell.borrow_mut()
-            .get_or_insert_with(|| AssertionCache::new(config.isolate_capacity))
-            .get(hash, record, now)
-            .map(str::to_owned)
-    });
-    if let Some(token) = held {
-        return Ok(token);
-    }
-    let signed = sign_assertion(
-        &settings.signing_key,
-        &settings.issuer,
-        &settings.audience,
-        settings.ttl_seconds as f64,
-        &record.identifier,
-        &record.name,
-        record.key_type.as_str(),
-        record.role.as_str(),
-        &record.permissions.join(" "),
-        record.meta.as_deref().unwrap_or(""),
-        (now / 1000) as f64,
-    )
-    .map_err(|e| format!("{e:?}"))?;
-    let token = JsFuture::from(signed)
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .as_string()
-        .ok_or("the signature is not text")?;
-    ASSERTIONS.with(|cell| {
-        if let Some(cache) = cell.borrow_mut().as_mut() {
-            cache.put(*hash, record, token.clone(), now, settings.ttl_seconds);
-        }
-    });
-    Ok(token)
-}
-
-/// The route policy in force: what the feed sent (or KV's copy, if later, while the feed
-/// cannot be read), or else what KV holds. `Ok(None)`: none was ever set; `Err`: it cannot
-/// be known (KV failed), so nothing may pass unchecked.
-async fn route_policy(
-    env: &Env,
-    config: &Config,
-    feed_stale: bool,
-) -> Result<Option<PolicyState>, ()> {
-    if config.revocation_feed_interval_ms > 0 {
-        if let Some(policy) = feed_glue::policy() {
-            if !feed_stale {
-                return Ok(Some(policy));
-            }
-            // A view the feed could not refresh: KV's copy may be later (KV's own bound
-            // then applies, as it does to revocations).
-            return Ok(Some(policy.later(kv_policy(env, config).await?)));
-        }
-    }
-    kv_policy(env, config).await
-}
-
-/// The route policy as KV holds it, read at most once a second per isolate.
-async fn kv_policy(env: &Env, config: &Config) -> Result<Option<PolicyState>, ()> {
-    let now = now_ms();
-    if let Some(held) = KV_POLICY.with(|p| {
-        let p = p.borrow();
-        (p.0 > 0 && now.saturating_sub(p.0) < KV_POLICY_KEEP_MS).then(|| p.1.clone())
-    }) {
-        return Ok(held);
-    }
-    let read = kv_text(
-        env.as_ref(),
-        POLICY_KV_KEY,
-        config.kv_cache_ttl_seconds as u32,
-    )
-    .map(JsFuture::from)
-    .map_err(|e| console_error!("route policy not read from KV: {e:?}"))?
-    .await
-    .map_err(|e| console_error!("route policy not read from KV: {e:?}"))?;
-    let policy = read.as_string().map(|text| PolicyState::read(&text));
-    KV_POLICY.with(|p| *p.borrow_mut() = (now.max(1), policy.clone()));
-    Ok(policy)
-}
-
-/// The route policy's KV key (the control plane's `db::policy::POLICY_KV_KEY`).
-const POLICY_KV_KEY: &str = "policy";
-/// How long an isolate uses the policy it read from KV before reading it again.
-const KV_POLICY_KEEP_MS: u64 = 1000;
 
 /// Drops from the isolate cache what a refresh of the feed made stale.
 fn forget(applied: &Applied) {
