@@ -495,5 +495,4 @@ fn decode_segment(part: &str) -> Result<String, PathError> {
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
 mod tests;
