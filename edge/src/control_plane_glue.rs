@@ -1,13 +1,14 @@
 //! Wasm glue for the Worker's calls to the control plane: key lookups by hash and usage
-//! reports, each bounded by CONTROL_PLANE_TIMEOUT_MS and aborted past it; and the
-//! `web_sys` request builder they and the proxy share.
+//! reports, each bounded by CONTROL_PLANE_TIMEOUT_MS and aborted past it (one JS
+//! function); and the `web_sys` request builder the proxy uses.
 
 use std::cell::RefCell;
-use std::time::Duration;
 
-use futures_util::future::{select, Either};
 use metlo_shared::KeyHash;
-use worker::{console_error, AbortController, Context, Delay, Env, Fetch, Headers, Request};
+use wasm_bindgen::prelude::wasm_bindgen;
+use wasm_bindgen::JsValue;
+use worker::wasm_bindgen_futures::JsFuture;
+use worker::{console_error, Context, Env, Headers, Request};
 
 use crate::config::Config;
 use crate::decision::{self, Lookup};
@@ -22,56 +23,70 @@ pub(crate) async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> 
     let Some(key) = control_plane_key(env) else {
         return Lookup::Failed("the CONTROL_PLANE_KEY secret is not set".into());
     };
-    let headers = Headers::new();
-    if headers
-        .set("Authorization", &format!("Bearer {key}"))
-        .is_err()
-    {
-        return Lookup::Failed("CONTROL_PLANE_KEY is not a valid header value".into());
-    }
     let url = format!("{}/api/v1/keys/by-hash/{hex}", config.control_plane_url);
-    let request = match new_request(&url, "GET", &headers, None) {
-        Ok(r) => r,
-        Err(e) => return Lookup::Failed(format!("bad control-plane URL: {e}")),
-    };
-    match call_control_plane(request, config.control_plane_timeout_ms).await {
-        Ok((status, keep, body)) => decision::interpret_lookup(status, &body, keep.as_deref()),
-        Err(CallFailure::Failed(e)) => Lookup::Failed(format!("control plane unreachable: {e}")),
-        Err(CallFailure::TimedOut) => Lookup::Failed("control plane timed out".into()),
-    }
-}
-
-/// Why a call to the control plane brought no answer.
-enum CallFailure {
-    TimedOut,
-    Failed(worker::Error),
-}
-
-/// Sends `request` and reads the whole answer (status, [`decision::KEEP_HEADER`], body)
-/// within `timeout_ms`. On
-/// timeout the fetch is aborted, which closes its connection: a fetch merely no longer
-/// awaited would run on for as long as the invocation does (its `waitUntil` work included).
-async fn call_control_plane(
-    request: Request,
-    timeout_ms: u64,
-) -> Result<(u16, Option<String>, Vec<u8>), CallFailure> {
-    let controller = AbortController::default();
-    let signal = controller.signal();
-    let call = async move {
-        let mut response = Fetch::Request(request).send_with_signal(&signal).await?;
-        let status = response.status_code();
-        let keep = response.headers().get(decision::KEEP_HEADER)?;
-        let body = response.bytes().await?;
-        Ok::<_, worker::Error>((status, keep, body))
-    };
-    let timeout = Delay::from(Duration::from_millis(timeout_ms));
-    match select(Box::pin(call), timeout).await {
-        Either::Left((answer, _)) => answer.map_err(CallFailure::Failed),
-        Either::Right(_) => {
-            controller.abort();
-            Err(CallFailure::TimedOut)
+    match call_control_plane(&url, &key, None, config.control_plane_timeout_ms).await {
+        Ok((status, keep, body)) => {
+            decision::interpret_lookup(status, body.as_bytes(), keep.as_deref())
         }
+        Err(e) => Lookup::Failed(format!("control plane unreachable: {e}")),
     }
+}
+
+// A call to the control plane with the Worker's key: GET, or POST of a JSON `body`;
+// redirects never followed (a redirect from the control plane is an answer it did not
+// mean: a lookup or report that fails, not the Worker's key sent wherever it points);
+// aborted past `ms` (a fetch merely no longer awaited would run on for as long as the
+// invocation does, its `waitUntil` work included). Answers `[status, keep, text]`.
+// One JS function: the `worker` crate's fetch, headers and body reading cost ~4 KB gzip.
+// Error messages are fixed: none may quote the key.
+#[wasm_bindgen(
+    inline_js = "export async function call_control_plane(url, key, body, ms, keep) { \
+    let headers; \
+    try { headers = new Headers({ Authorization: 'Bearer ' + key }); } \
+    catch { throw new Error('CONTROL_PLANE_KEY is not a valid header value'); } \
+    if (body !== undefined) headers.set('Content-Type', 'application/json'); \
+    const c = new AbortController(); const t = setTimeout(() => c.abort(), ms); \
+    try { \
+      const r = await fetch(url, { method: body === undefined ? 'GET' : 'POST', headers, body, \
+        redirect: 'manual', signal: c.signal }); \
+      return [r.status, r.headers.get(keep), await r.text()]; \
+    } catch (e) { throw new Error(c.signal.aborted ? 'timed out' : String(e && e.message)); } \
+    finally { clearTimeout(t); } }"
+)]
+extern "C" {
+    #[wasm_bindgen(catch, js_name = call_control_plane)]
+    fn call_control_plane_js(
+        url: &str,
+        key: &str,
+        body: Option<String>,
+        ms: f64,
+        keep: &str,
+    ) -> Result<js_sys::Promise, JsValue>;
+}
+
+/// Sends a request to the control plane and reads the whole answer (status,
+/// [`decision::KEEP_HEADER`], body) within `timeout_ms`, or says why not.
+async fn call_control_plane(
+    url: &str,
+    key: &str,
+    body: Option<String>,
+    timeout_ms: u64,
+) -> Result<(u16, Option<String>, String), String> {
+    let message = |e: JsValue| {
+        js_sys::Error::from(e)
+            .message()
+            .as_string()
+            .unwrap_or_default()
+    };
+    let promise = call_control_plane_js(url, key, body, timeout_ms as f64, decision::KEEP_HEADER)
+        .map_err(message)?;
+    let answer = js_sys::Array::from(&JsFuture::from(promise).await.map_err(message)?);
+    let status = answer.get(0).as_f64().unwrap_or(0.0) as u16;
+    Ok((
+        status,
+        answer.get(1).as_string(),
+        answer.get(2).as_string().unwrap_or_default(),
+    ))
 }
 
 /// Step 6: notes the key's use; when this isolate's report is due, sends it after the
@@ -117,18 +132,10 @@ async fn send_usage(
     batch: &[usage::Use],
     timeout_ms: u64,
 ) -> Result<(), String> {
-    let headers = Headers::new();
-    headers
-        .set("Authorization", &format!("Bearer {key}"))
-        .and_then(|_| headers.set("Content-Type", "application/json"))
-        .map_err(|e| e.to_string())?;
-    let body = wasm_bindgen::JsValue::from_str(&usage::report_body(batch));
-    let request = new_request(url, "POST", &headers, Some(&body)).map_err(|e| e.to_string())?;
-    match call_control_plane(request, timeout_ms).await {
-        Ok((200..=299, _, _)) => Ok(()),
-        Ok((status, _, _)) => Err(format!("control plane answered {status}")),
-        Err(CallFailure::Failed(e)) => Err(e.to_string()),
-        Err(CallFailure::TimedOut) => Err("control plane timed out".into()),
+    let body = usage::report_body(batch);
+    match call_control_plane(url, key, Some(body), timeout_ms).await? {
+        (200..=299, _, _) => Ok(()),
+        (status, _, _) => Err(format!("control plane answered {status}")),
     }
 }
 

@@ -8,6 +8,9 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 use metlo_shared::{KeyHash, KeyRecord};
 
+// Most entries are `Valid`: boxing the record would cost an allocation per key for
+// nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     Valid(KeyRecord),

@@ -1,61 +1,58 @@
-//! The Durable Object class that counts one key's rate-limit window (wasm only). One
-//! object per key name: the runtime runs each object's events one at a time in one
-//! place, so the count is exact wherever the key's requests arrive. The window lives in
-//! memory and, for an object evicted while idle, in the object's storage.
+//! The Durable Object class that counts one key's rate-limit window and credit balance
+//! (wasm only). One object per key name: the runtime runs each object's events one at a
+//! time in one place, so the counts are exact wherever the key's requests arrive. The
+//! decision is [`Counter::serve`]; the state lives in memory and, for an object
+//! evicted while idle, in the object's storage.
 
 use std::cell::Cell;
 
-use metlo_shared::{RateLimit, RateLimitWindow};
 use worker::wasm_bindgen_futures::JsFuture;
 use worker::{durable_object, DurableObject, Env, Request, Response, Result, State};
 
-use crate::limits;
+use crate::limits::{Ask, Counter};
 
-/// The storage key of the window.
-const WINDOW_KEY: &str = "w";
+/// The storage key of the state ([`Counter::encode`]; the name it had when it held only
+/// the window, which it still reads).
+const STATE_KEY: &str = "w";
 
 #[durable_object(fetch)]
 pub struct KeyLimiter {
     state: State,
-    /// The window once read (with the limit it counts under).
-    window: Cell<Option<(RateLimitWindow, RateLimit)>>,
+    /// The state once read.
+    counter: Cell<Option<Counter>>,
 }
 
 impl DurableObject for KeyLimiter {
     fn new(state: State, _env: Env) -> Self {
         KeyLimiter {
             state,
-            window: Cell::new(None),
+            counter: Cell::new(None),
         }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
-        let Some(limit) = limits::parse_limiter_url(&req.inner().url()) else {
+        let Some(ask) = Ask::decode(&req.inner().url()) else {
             return Response::error("not a limiter request", 400);
         };
-        let mut window = match self.window.get() {
-            Some((window, counted_under)) if counted_under == limit => window,
-            Some(_) => RateLimitWindow::default(),
+        let mut counter = match self.counter.get() {
+            Some(counter) => counter,
             // Storage reads hold the object's input gate: no other request of this key
-            // runs before this one has its window.
-            None => {
-                let stored = JsFuture::from(self.state.storage().as_raw().get(WINDOW_KEY)?)
-                    .await?
-                    .as_string();
-                stored.map_or_else(RateLimitWindow::default, |s| {
-                    limits::decode_window(&s, limit)
-                })
-            }
+            // runs before this one has the state.
+            None => JsFuture::from(self.state.storage().as_raw().get(STATE_KEY)?)
+                .await?
+                .as_string()
+                .map_or_else(Counter::default, |s| Counter::decode(&s)),
         };
-        let outcome = window.hit(limit, js_sys::Date::now() as u64);
-        self.window.set(Some((window, limit)));
-        if outcome.allowed {
+        let before = counter;
+        let answer = counter.serve(&ask, js_sys::Date::now() as u64);
+        self.counter.set(Some(counter));
+        if counter != before {
             // Awaited: the answer leaves only once the count is durable (output gate).
             self.state
                 .storage()
-                .put_raw(WINDOW_KEY, limits::encode_window(window, limit))
+                .put_raw(STATE_KEY, counter.encode())
                 .await?;
         }
-        Response::ok(limits::encode_outcome(outcome))
+        Response::ok(answer.encode())
     }
 }

@@ -1,89 +1,402 @@
-//! Per-key rate limits at the edge: one Durable Object per key name counts the key's
-//! fixed window ([`metlo_shared::RateLimitWindow`]), so the count is exact across
-//! isolates and locations. This module holds what the Worker and the object exchange
-//! (the limit in the object's URL, the outcome in its answer), the window as stored, and
-//! the responses; the wasm glue only moves them.
+//! Per-key rate limits and credits at the edge, with leases.
+//!
+//! One Durable Object per key name is the authority: it counts the key's fixed window
+//! ([`metlo_shared::RateLimitWindow`]) and keeps its credit [`Balance`], so both are
+//! exact across isolates and locations. So that most requests need no round trip, the
+//! object hands an isolate a small *lease* — a few more requests of the window and
+//! credits — that the isolate spends locally ([`Lease`]); what it grants counts as spent
+//! at once, so the object never grants more than the limit or the balance. The isolate
+//! gives the unused part back on its next call ([`Unused`]); rate tokens are worth
+//! nothing past their window and credits nothing past a set or refill (they would be
+//! counted twice), so those are dropped rather than given back. A lease grows with the
+//! isolate's demand ([`next_want`], at most [`MAX_LEASE`]) and never beyond an eighth of
+//! what is left, so a limit's last requests and a balance's last credits go one by one.
+//!
+//! This module holds the object's decision ([`Counter::serve`]), the isolate's
+//! ([`Lease::spend`]), what they exchange (text, both ways) and the responses; the wasm
+//! glue only moves them.
 
+use metlo_shared::credits::{Balance, Grant};
 use metlo_shared::{RateLimit, RateLimitOutcome, RateLimitWindow};
 
 use crate::decision::PlainResponse;
 
-/// The Durable Object namespace binding (`[[durable_objects.bindings]]`).
-pub const LIMITER_BINDING: &str = "KEY_LIMITER";
+/// The most requests one lease covers besides the one that asked.
+pub const MAX_LEASE: u32 = 64;
+/// How long an isolate may spend leased credits (a top-up or another isolate's demand
+/// sees unused ones again after at most this long plus that isolate's next request).
+pub const CREDIT_LEASE_MS: u64 = 10_000;
 
-/// The URL the Worker asks a key's object with: the limit travels in the path, so the
-/// object needs no copy of the record (and a changed limit applies at once).
-pub fn limiter_url(limit: RateLimit) -> String {
-    format!(
-        "https://key-limiter/{}/{}",
-        limit.requests, limit.period_seconds
-    )
+/// What an isolate asks its key's object: admit one request costing `cost` credits,
+/// lease up to `want` more, and take back what is left of its previous lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub limit: Option<RateLimit>,
+    pub credits: Option<Grant>,
+    pub cost: u64,
+    pub want: u32,
+    pub back: Unused,
 }
 
-/// The limit in a [`limiter_url`]; `None` for anything else.
-pub fn parse_limiter_url(url: &str) -> Option<RateLimit> {
-    let path = url.strip_prefix("https://key-limiter/")?;
-    let (requests, period) = path.split_once('/')?;
-    RateLimit::new(requests.parse().ok()?, period.parse().ok()?).ok()
+/// What an isolate gives back: rate tokens of the window starting at `window_start`,
+/// credits of the pool `pool` ([`Balance::pool`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unused {
+    pub window_start: u64,
+    pub requests: u32,
+    pub pool: (u64, u64),
+    pub credits: u64,
 }
 
-/// A window as the object stores it: `start_ms:count:requests:period`. The limit it was
-/// counted under is kept so a changed limit starts a new window, as on the control plane.
-pub fn encode_window(window: RateLimitWindow, limit: RateLimit) -> String {
-    format!(
-        "{}:{}:{}:{}",
-        window.start_ms, window.count, limit.requests, limit.period_seconds
-    )
+/// The object's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Admitted: the lease covers `requests` requests (this one included) and `credits`
+    /// credits (this one's cost included).
+    Admitted(Lease),
+    /// The window is spent: retry after `reset_seconds`.
+    RateLimited(RateLimitOutcome),
+    /// Not enough credits; `retry_after`: seconds until the next refill, if one comes.
+    CreditsExhausted { retry_after: Option<u64> },
 }
 
-/// The stored window if it was counted under `limit`; a fresh one otherwise.
-pub fn decode_window(stored: &str, limit: RateLimit) -> RateLimitWindow {
-    let mut parts = stored.split(':').map(str::parse::<u64>);
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some(Ok(start_ms)), Some(Ok(count)), Some(Ok(requests)), Some(Ok(period)), None)
-            if requests == u64::from(limit.requests)
-                && period == u64::from(limit.period_seconds) =>
-        {
-            RateLimitWindow {
-                start_ms,
-                count: u32::try_from(count).unwrap_or(u32::MAX),
+/// A lease as the isolate holds it (and the object sends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Requests left (rate-limited keys; unlimited keys: `u32::MAX`).
+    pub requests: u32,
+    /// The window the requests belong to; they are worthless from `window_end` on.
+    pub window_start: u64,
+    pub window_end: u64,
+    /// The object's remaining count after the grant (for `RateLimit` headers).
+    pub window_remaining: u32,
+    /// Credits left (metered keys; unmetered: `u64::MAX`), of `pool`, until `credits_end`.
+    pub credits: u64,
+    pub pool: (u64, u64),
+    pub credits_end: u64,
+    /// Requests served from this lease (sizes the next).
+    pub used: u32,
+}
+
+/// The object's state: the window (with the limit it counts under) and the balance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub window: Option<(RateLimitWindow, RateLimit)>,
+    pub balance: Balance,
+}
+
+impl Counter {
+    /// Decides `ask` at `now_ms`: gives back the unused part, then admits (and leases)
+    /// or refuses. A refusal takes nothing.
+    pub fn serve(&mut self, ask: &Ask, now_ms: u64) -> Answer {
+        let mut window = match (self.window, ask.limit) {
+            (Some((w, under)), Some(limit)) if under == limit => w,
+            _ => RateLimitWindow::default(),
+        };
+        if let Some(limit) = ask.limit {
+            if window.start_ms == ask.back.window_start && window.start_ms != 0 {
+                window.count = window.count.saturating_sub(ask.back.requests);
+            }
+            if now_ms >= window.start_ms.saturating_add(limit.period_ms())
+                || now_ms < window.start_ms
+                || window.count == 0
+            {
+                window = RateLimitWindow {
+                    start_ms: now_ms,
+                    count: 0,
+                };
             }
         }
-        _ => RateLimitWindow::default(),
+        if let Some(grant) = &ask.credits {
+            self.balance.apply(grant, now_ms / 1000);
+            if self.balance.pool() == ask.back.pool {
+                self.balance.remaining = self.balance.remaining.saturating_add(ask.back.credits);
+            }
+        }
+        // Rate first: a request refused by its limit spends no credit.
+        let mut extra = ask.want.min(MAX_LEASE);
+        let mut end = u64::MAX;
+        if let Some(limit) = ask.limit {
+            let left = limit.requests.saturating_sub(window.count);
+            end = window.start_ms + limit.period_ms();
+            if left == 0 {
+                self.window = Some((window, limit));
+                return Answer::RateLimited(RateLimitOutcome::new(
+                    limit,
+                    false,
+                    window.count,
+                    end - now_ms,
+                ));
+            }
+            extra = extra.min((left - 1) / 8);
+        }
+        let mut credits_end = u64::MAX;
+        let mut taken = u64::MAX;
+        if let Some(grant) = &ask.credits {
+            let remaining = self.balance.remaining;
+            if remaining < ask.cost {
+                // Nothing taken: the window keeps what was given back, not this request.
+                if let Some(limit) = ask.limit {
+                    self.window = Some((window, limit));
+                }
+                let refill = grant.refill.filter(|r| r.amount >= ask.cost);
+                return Answer::CreditsExhausted {
+                    retry_after: refill.map(|r| r.next(now_ms / 1000) - now_ms / 1000),
+                };
+            }
+            let spare = (remaining - ask.cost) / 8;
+            if let Some(covered) = spare.checked_div(ask.cost) {
+                extra = extra.min(u32::try_from(covered).unwrap_or(u32::MAX));
+            }
+            taken = ask.cost + u64::from(extra) * ask.cost;
+            self.balance.remaining -= taken;
+            credits_end = now_ms + CREDIT_LEASE_MS;
+            if let Some(refill) = grant.refill {
+                credits_end = credits_end.min(refill.next(now_ms / 1000) * 1000);
+            }
+        }
+        let mut window_remaining = u32::MAX;
+        let mut requests = u32::MAX;
+        if let Some(limit) = ask.limit {
+            window.count += 1 + extra;
+            window_remaining = limit.requests - window.count;
+            requests = 1 + extra;
+            self.window = Some((window, limit));
+        }
+        Answer::Admitted(Lease {
+            requests,
+            window_start: window.start_ms,
+            window_end: end,
+            window_remaining,
+            credits: taken,
+            pool: self.balance.pool(),
+            credits_end,
+            used: 0,
+        })
+    }
+
+    /// Storage form: the window (`start:count:requests:period`, empty without one) and
+    /// the balance ([`Balance::encode`]), joined by `|`.
+    pub fn encode(&self) -> String {
+        let window = self.window.map_or(String::new(), |(w, l)| {
+            format!(
+                "{}:{}:{}:{}",
+                w.start_ms, w.count, l.requests, l.period_seconds
+            )
+        });
+        format!("{window}|{}", self.balance.encode())
+    }
+
+    /// The stored state; what cannot be read starts afresh (a window written before
+    /// credits, with no `|`, is still read).
+    pub fn decode(stored: &str) -> Counter {
+        let (window, balance) = stored.split_once('|').unwrap_or((stored, ""));
+        let n: Option<Vec<u32>> = window.split(':').skip(2).map(|p| p.parse().ok()).collect();
+        let mut parts = window.split(':').map(str::parse::<u64>);
+        let window = match (parts.next(), parts.next(), n.as_deref()) {
+            (Some(Ok(start_ms)), Some(Ok(count)), Some(&[requests, period])) => {
+                RateLimit::new(requests, period).ok().map(|limit| {
+                    let count = u32::try_from(count).unwrap_or(u32::MAX);
+                    (RateLimitWindow { start_ms, count }, limit)
+                })
+            }
+            _ => None,
+        };
+        Counter {
+            window,
+            balance: Balance::decode(balance),
+        }
     }
 }
 
-/// The object's answer body: `allowed remaining reset_seconds`.
-pub fn encode_outcome(outcome: RateLimitOutcome) -> String {
-    format!(
-        "{} {} {}",
-        u8::from(outcome.allowed),
-        outcome.remaining,
-        outcome.reset_seconds
-    )
+impl Lease {
+    /// Spends one request costing `cost` at `now_ms` if this lease still covers it;
+    /// returns the `RateLimit` headers' remaining count.
+    pub fn spend(&mut self, cost: u64, now_ms: u64) -> Option<u32> {
+        if self.requests == 0
+            || now_ms >= self.window_end
+            || self.credits < cost
+            || (self.credits != u64::MAX && now_ms >= self.credits_end)
+        {
+            return None;
+        }
+        if self.requests != u32::MAX {
+            self.requests -= 1;
+        }
+        if self.credits != u64::MAX {
+            self.credits -= cost;
+        }
+        self.used += 1;
+        Some(self.window_remaining.saturating_add(self.requests))
+    }
+
+    /// What can be given back at `now_ms` (nothing the object would drop anyway).
+    pub fn unused(&self, now_ms: u64) -> Unused {
+        let live = |left: bool| left && now_ms < self.window_end;
+        Unused {
+            window_start: self.window_start,
+            requests: if live(self.requests != u32::MAX) {
+                self.requests
+            } else {
+                0
+            },
+            pool: self.pool,
+            credits: if self.credits != u64::MAX && now_ms < self.credits_end {
+                self.credits
+            } else {
+                0
+            },
+        }
+    }
+
+    /// Two leases of one key held at once (answers to concurrent asks): the later window's
+    /// requests and pool's credits, summed when they are the same.
+    pub fn merge(&mut self, other: Lease) {
+        if other.window_start == self.window_start {
+            self.requests = self.requests.saturating_add(other.requests);
+        } else if other.window_start > self.window_start {
+            self.requests = other.requests;
+            self.window_start = other.window_start;
+            self.window_end = other.window_end;
+        }
+        self.window_remaining = other.window_remaining;
+        if other.pool == self.pool {
+            self.credits = self.credits.saturating_add(other.credits);
+            self.credits_end = self.credits_end.min(other.credits_end);
+        } else if other.pool > self.pool {
+            self.credits = other.credits;
+            self.pool = other.pool;
+            self.credits_end = other.credits_end;
+        }
+        self.used = self.used.max(other.used);
+    }
 }
 
-/// The outcome in an object's answer; `None` (the Worker fails closed) if garbled.
-pub fn decode_outcome(body: &str) -> Option<RateLimitOutcome> {
-    let mut parts = body.split(' ');
-    let allowed = match parts.next()? {
-        "1" => true,
-        "0" => false,
-        _ => return None,
-    };
-    let remaining = parts.next()?.parse().ok()?;
-    let reset_seconds = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some(RateLimitOutcome {
-        allowed,
-        remaining,
-        reset_seconds,
-    })
+/// The next lease's size from the last one's use: twice what was used, at most
+/// [`MAX_LEASE`] — a key used once a minute asks for nothing extra.
+pub fn next_want(used: u32) -> u32 {
+    used.saturating_mul(2).min(MAX_LEASE)
+}
+
+/// The start of the object's URL ([`Ask::encode`]).
+pub const LIMITER_URL: &str = "https://key-limiter/";
+
+impl Ask {
+    /// The object's URL with the ask in its path: numbers separated by `/`; 0 stands for
+    /// "no limit" and "no credits" (a limit has at least 1 request, a grant's `set` is at
+    /// least 1). The object needs no copy of the record, and a changed one applies at once.
+    pub fn encode(&self) -> String {
+        let (requests, period) = self
+            .limit
+            .map_or((0, 0), |l| (l.requests, l.period_seconds));
+        let grant = self
+            .credits
+            .map_or("0/0/0/0/0/0".to_owned(), |g| g.encode());
+        let b = &self.back;
+        format!(
+            "{LIMITER_URL}{requests}/{period}/{grant}/{}/{}/{}/{}/{}/{}/{}",
+            self.cost, self.want, b.window_start, b.requests, b.pool.0, b.pool.1, b.credits
+        )
+    }
+
+    /// The ask in an [`Ask::encode`]d URL; `None` for anything else.
+    pub fn decode(url: &str) -> Option<Ask> {
+        let parts: Vec<&str> = url.strip_prefix(LIMITER_URL)?.split('/').collect();
+        let [requests, period, g0, g1, g2, g3, g4, g5, rest @ ..] = &parts[..] else {
+            return None;
+        };
+        let n: Vec<u64> = [requests, period]
+            .into_iter()
+            .chain(rest)
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [requests, period, cost, want, ws, br, p0, p1, bc] = n[..] else {
+            return None;
+        };
+        let u32_of = |v: u64| u32::try_from(v).ok();
+        let limit = match (requests, period) {
+            (0, 0) => None,
+            (r, p) => Some(RateLimit::new(u32_of(r)?, u32_of(p)?).ok()?),
+        };
+        let grant = [*g0, g1, g2, g3, g4, g5].join("/");
+        let credits = match grant.as_str() {
+            "0/0/0/0/0/0" => None,
+            text => Some(Grant::decode(text)?),
+        };
+        Some(Ask {
+            limit,
+            credits,
+            cost,
+            want: u32_of(want)?,
+            back: Unused {
+                window_start: ws,
+                requests: u32_of(br)?,
+                pool: (p0, p1),
+                credits: bc,
+            },
+        })
+    }
+}
+
+impl Answer {
+    /// `A requests window_start window_end window_remaining credits pool.0 pool.1
+    /// credits_end`, `R remaining reset_seconds` or `C retry_after` (`-`: none).
+    pub fn encode(&self) -> String {
+        match self {
+            Answer::Admitted(l) => format!(
+                "A {} {} {} {} {} {} {} {}",
+                l.requests,
+                l.window_start,
+                l.window_end,
+                l.window_remaining,
+                l.credits,
+                l.pool.0,
+                l.pool.1,
+                l.credits_end
+            ),
+            Answer::RateLimited(o) => format!("R {} {}", o.remaining, o.reset_seconds),
+            Answer::CreditsExhausted { retry_after: None } => "C -".to_owned(),
+            Answer::CreditsExhausted {
+                retry_after: Some(s),
+            } => format!("C {s}"),
+        }
+    }
+
+    /// The answer in an object's body; `None` (the Worker fails closed) if garbled.
+    pub fn decode(body: &str) -> Option<Answer> {
+        let (kind, rest) = body.split_once(' ')?;
+        let n: Vec<u64> = match rest {
+            "-" => vec![],
+            _ => rest
+                .split(' ')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(match (kind, &n[..]) {
+            ("A", &[requests, ws, we, wr, credits, p0, p1, ce]) => Answer::Admitted(Lease {
+                requests: u32::try_from(requests).ok()?,
+                window_start: ws,
+                window_end: we,
+                window_remaining: u32::try_from(wr).ok()?,
+                credits,
+                pool: (p0, p1),
+                credits_end: ce,
+                used: 0,
+            }),
+            ("R", &[remaining, reset_seconds]) => Answer::RateLimited(RateLimitOutcome {
+                allowed: false,
+                remaining: u32::try_from(remaining).ok()?,
+                reset_seconds,
+            }),
+            ("C", &[]) => Answer::CreditsExhausted { retry_after: None },
+            ("C", &[s]) => Answer::CreditsExhausted {
+                retry_after: Some(s),
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// 429 for a key past its limit: the origin is not called. The body is the control
@@ -101,6 +414,20 @@ pub fn rate_limited_response(limit: RateLimit, outcome: RateLimitOutcome) -> Pla
     }
 }
 
+/// 429 for a key whose credits cannot pay for the request: the origin is not called.
+/// `Retry-After` until the next refill, when one comes.
+pub fn credits_exhausted_response(retry_after: Option<u64>) -> PlainResponse {
+    let mut headers = vec![("Content-Type", "application/json".to_owned())];
+    if let Some(seconds) = retry_after {
+        headers.push(("Retry-After", seconds.max(1).to_string()));
+    }
+    PlainResponse {
+        status: 429,
+        headers,
+        body: r#"{"error":"credits_exhausted","message":"this key's credits are spent"}"#,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,52 +436,311 @@ mod tests {
         RateLimit::new(requests, period).unwrap()
     }
 
+    fn grant(to: u64) -> Grant {
+        Grant {
+            set: 1,
+            to,
+            added: 0,
+            refill: None,
+        }
+    }
+
+    fn ask(limit: Option<RateLimit>, credits: Option<Grant>, want: u32, back: Unused) -> Ask {
+        Ask {
+            limit,
+            credits,
+            cost: 1,
+            want,
+            back,
+        }
+    }
+
+    use metlo_shared::credits::{Interval, Refill};
+
     #[test]
-    fn the_limit_travels_in_the_url() {
-        let l = limit(100, 60);
-        assert_eq!(limiter_url(l), "https://key-limiter/100/60");
-        assert_eq!(parse_limiter_url(&limiter_url(l)), Some(l));
+    fn asks_and_answers_travel_as_text() {
+        let refill = Refill::new(7, Interval::Monthly, Some(31), None).unwrap();
+        let a = Ask {
+            limit: Some(limit(100, 60)),
+            credits: Some(Grant {
+                set: 3,
+                to: 10,
+                added: 5,
+                refill: Some(refill),
+            }),
+            cost: 2,
+            want: 9,
+            back: Unused {
+                window_start: 5,
+                requests: 2,
+                pool: (3, 4),
+                credits: 6,
+            },
+        };
+        assert_eq!(Ask::decode(&a.encode()), Some(a));
+        let plain = ask(None, None, 0, Unused::default());
+        assert_eq!(Ask::decode(&plain.encode()), Some(plain));
+        assert!(a
+            .encode()
+            .starts_with("https://key-limiter/100/60/3/10/5/2/7/31/2/9/"));
         for bad in [
-            "https://key-limiter/0/60",
-            "https://key-limiter/5/0",
-            "https://key-limiter/5",
-            "https://key-limiter/5/60/1",
-            "https://other/5/60",
-            "https://key-limiter/-1/60",
+            "",
+            "1/2",
+            "0/5/0/0/0/0/0/0/1/0/0/0/0/0/0",
+            "1/1/1/1/1/9/1/1/1/1/1/1/1/1/1",
+            "1/1/1/1/1/0/0/0/1/1/1/1/1/1/-1",
         ] {
-            assert_eq!(parse_limiter_url(bad), None, "{bad}");
+            assert_eq!(Ask::decode(&format!("{LIMITER_URL}{bad}")), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn a_stored_window_counts_only_under_its_own_limit() {
-        let l = limit(3, 10);
-        let w = RateLimitWindow {
-            start_ms: 1_700_000_000_000,
-            count: 2,
-        };
-        assert_eq!(decode_window(&encode_window(w, l), l), w);
         assert_eq!(
-            decode_window(&encode_window(w, l), limit(4, 10)),
-            RateLimitWindow::default()
+            Ask::decode("https://other/0/0/0/0/0/0/0/0/1/0/0/0/0/0/0"),
+            None
         );
-        for garbage in ["", "1:2", "a:b:c:d", "1:2:3:10:5x"] {
-            assert_eq!(decode_window(garbage, l), RateLimitWindow::default());
+        let mut counter = Counter::default();
+        for answer in [
+            counter.serve(&a, 1_000),
+            Answer::RateLimited(RateLimitOutcome {
+                allowed: false,
+                remaining: 0,
+                reset_seconds: 4,
+            }),
+            Answer::CreditsExhausted { retry_after: None },
+            Answer::CreditsExhausted {
+                retry_after: Some(30),
+            },
+        ] {
+            assert_eq!(Answer::decode(&answer.encode()), Some(answer));
+        }
+        for bad in ["", "A 1", "R 1", "C", "C x", "X 1 2", "A 1 2 3 4 5 6 7 8 9"] {
+            assert_eq!(Answer::decode(bad), None, "{bad}");
+        }
+        assert_eq!(Counter::decode(&counter.encode()), counter);
+        // A window stored before credits.
+        let old = Counter::decode("1000:2:100:60");
+        assert_eq!(
+            old.window,
+            Some((
+                RateLimitWindow {
+                    start_ms: 1000,
+                    count: 2
+                },
+                limit(100, 60)
+            ))
+        );
+        assert_eq!(Counter::decode("garbage").window, None);
+    }
+
+    /// A tiny deterministic generator for the simulations.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        *seed >> 33
+    }
+
+    /// Isolates asking one object in random order, each spending its lease locally and
+    /// giving back the rest on its next ask.
+    struct Isolate {
+        lease: Option<Lease>,
+        used: u32,
+    }
+
+    /// Serves one request in isolate `i`: from its lease, or through the object.
+    fn request(
+        isolates: &mut [Isolate],
+        i: usize,
+        counter: &mut Counter,
+        limit: Option<RateLimit>,
+        credits: Option<Grant>,
+        now: u64,
+    ) -> Option<u64> {
+        let iso = &mut isolates[i];
+        if let Some(lease) = iso.lease.as_mut() {
+            if lease.spend(1, now).is_some() {
+                return Some(lease.window_start);
+            }
+        }
+        let back = iso.lease.take().map(|l| l.unused(now)).unwrap_or_default();
+        let used = iso.used;
+        match counter.serve(&ask(limit, credits, next_want(used), back), now) {
+            Answer::Admitted(mut lease) => {
+                assert!(
+                    lease.spend(1, now).is_some(),
+                    "a grant covers its own request"
+                );
+                iso.used = lease.requests.min(MAX_LEASE + 1);
+                let start = lease.window_start;
+                iso.lease = Some(lease);
+                Some(start)
+            }
+            _ => {
+                iso.used = 0;
+                None
+            }
         }
     }
 
     #[test]
-    fn outcomes_round_trip_and_garbage_is_refused() {
-        let o = RateLimitOutcome {
-            allowed: false,
-            remaining: 0,
-            reset_seconds: 42,
-        };
-        assert_eq!(encode_outcome(o), "0 0 42");
-        assert_eq!(decode_outcome(&encode_outcome(o)), Some(o));
-        for bad in ["", "1", "2 0 1", "1 x 1", "1 0 1 9", "1 0 -1"] {
-            assert_eq!(decode_outcome(bad), None, "{bad}");
+    fn leases_never_exceed_a_window() {
+        for seed in 0..20u64 {
+            let mut rng = seed;
+            let l = limit(
+                1 + (lcg(&mut rng) % 300) as u32,
+                1 + (lcg(&mut rng) % 3) as u32,
+            );
+            let mut isolates: Vec<_> = (0..1 + lcg(&mut rng) % 6)
+                .map(|_| Isolate {
+                    lease: None,
+                    used: 0,
+                })
+                .collect();
+            let mut counter = Counter::default();
+            let mut per_window = std::collections::BTreeMap::<u64, u32>::new();
+            let mut now = 1_700_000_000_000u64;
+            for _ in 0..10_000 {
+                now += lcg(&mut rng) % 3; // ~1,000 a second: above every limit here
+                let i = (lcg(&mut rng) % isolates.len() as u64) as usize;
+                if let Some(start) = request(&mut isolates, i, &mut counter, Some(l), None, now) {
+                    *per_window.entry(start).or_default() += 1;
+                }
+            }
+            assert!(per_window.len() > 1, "several windows");
+            for (start, n) in &per_window {
+                assert!(
+                    *n <= l.requests,
+                    "seed {seed}: {n} in window {start} > {l:?}"
+                );
+            }
+            // Demand above the limit fills most of each full window.
+            let busy = per_window
+                .values()
+                .filter(|n| **n * 2 >= l.requests)
+                .count();
+            assert!(busy * 2 >= per_window.len(), "seed {seed}: {per_window:?}");
         }
+    }
+
+    #[test]
+    fn leased_credits_are_spent_exactly_once_settled() {
+        for seed in 0..20u64 {
+            let mut rng = seed;
+            let total = 1 + lcg(&mut rng) % 3_000;
+            let credits = Some(grant(total));
+            let l = (seed % 2 == 0).then(|| limit(1_000_000, 60));
+            let mut isolates: Vec<_> = (0..1 + lcg(&mut rng) % 8)
+                .map(|_| Isolate {
+                    lease: None,
+                    used: 0,
+                })
+                .collect();
+            let mut counter = Counter::default();
+            let mut admitted = 0;
+            let now = 1_700_000_000_000u64;
+            for _ in 0..(total * 2) {
+                let i = (lcg(&mut rng) % isolates.len() as u64) as usize;
+                admitted +=
+                    u64::from(request(&mut isolates, i, &mut counter, l, credits, now).is_some());
+            }
+            // Settle: each isolate asks until refused (giving its lease back first).
+            for i in 0..isolates.len() {
+                while request(&mut isolates, i, &mut counter, l, credits, now).is_some() {
+                    admitted += 1;
+                }
+            }
+            for i in 0..isolates.len() {
+                while request(&mut isolates, i, &mut counter, l, credits, now).is_some() {
+                    admitted += 1;
+                }
+            }
+            assert_eq!(admitted, total, "seed {seed}");
+            assert_eq!(counter.balance.remaining, 0);
+        }
+    }
+
+    #[test]
+    fn credits_refuse_without_taking_and_name_the_refill() {
+        let rule = Refill::new(5, Interval::Seconds, None, Some(60)).unwrap();
+        let g = Grant {
+            set: 1,
+            to: 2,
+            added: 0,
+            refill: Some(rule),
+        };
+        let l = limit(10, 60);
+        let mut c = Counter::default();
+        let t = 1_700_000_000_000; // 20 s into a minute
+        let mut costly = ask(Some(l), Some(g), 0, Unused::default());
+        costly.cost = 3;
+        assert_eq!(
+            c.serve(&costly, t),
+            Answer::CreditsExhausted {
+                retry_after: Some(40)
+            }
+        );
+        assert!(matches!(
+            c.serve(&ask(Some(l), Some(g), 0, Unused::default()), t),
+            Answer::Admitted(_)
+        ));
+        assert_eq!(
+            c.window.unwrap().0.count,
+            1,
+            "the refused request was not counted"
+        );
+        assert_eq!(c.balance.remaining, 1);
+        // A top-up (a record with more `added`) counts once, however often it is seen.
+        let topped = Grant { added: 10, ..g };
+        for _ in 0..3 {
+            let _ = c.serve(&ask(Some(l), Some(topped), 0, Unused::default()), t);
+        }
+        assert_eq!(c.balance.remaining, 11 - 3);
+        // The next refill sets the balance to its amount.
+        let _ = c.serve(
+            &ask(Some(l), Some(topped), 0, Unused::default()),
+            t + 40_000,
+        );
+        assert_eq!(c.balance.remaining, 4);
+        // A rule larger than any refill: no Retry-After.
+        costly.cost = 6;
+        assert_eq!(
+            c.serve(&costly, t + 40_000),
+            Answer::CreditsExhausted { retry_after: None }
+        );
+    }
+
+    #[test]
+    fn leases_are_spent_locally_and_merged() {
+        let mut c = Counter::default();
+        let l = limit(1_000, 60);
+        let t = 1_700_000_000_000;
+        let Answer::Admitted(mut lease) =
+            c.serve(&ask(Some(l), Some(grant(10_000)), 64, Unused::default()), t)
+        else {
+            panic!()
+        };
+        assert_eq!((lease.requests, lease.credits), (65, 65));
+        assert_eq!(lease.spend(1, t), Some(935 + 64));
+        assert_eq!(
+            lease.spend(1, t + CREDIT_LEASE_MS),
+            None,
+            "credits past their lease"
+        );
+        assert_eq!(lease.unused(t + CREDIT_LEASE_MS).credits, 0);
+        assert_eq!(lease.unused(t).credits, 64);
+        let Answer::Admitted(other) =
+            c.serve(&ask(Some(l), Some(grant(10_000)), 2, Unused::default()), t)
+        else {
+            panic!()
+        };
+        lease.merge(other);
+        assert_eq!((lease.requests, lease.credits), (64 + 3, 64 + 3));
+        // An unlimited, unmetered lease covers everything.
+        let mut free = Counter::default();
+        let Answer::Admitted(mut all) = free.serve(&ask(None, None, 64, Unused::default()), t)
+        else {
+            panic!()
+        };
+        assert!(all.spend(1, t).is_some() && all.spend(1_000, t + 1).is_some());
+        assert_eq!(next_want(0), 0);
+        assert_eq!(next_want(3), 6);
+        assert_eq!(next_want(1_000), MAX_LEASE);
     }
 
     #[test]
@@ -177,5 +763,9 @@ mod tests {
         assert_eq!(get("ratelimit-policy"), Some(r#""key";q=5;w=60"#));
         assert_eq!(get("ratelimit"), Some(r#""key";r=0;t=17"#));
         assert!(r.body.contains("rate_limited"));
+        let c = credits_exhausted_response(Some(0));
+        assert_eq!((c.status, c.headers[1].1.as_str()), (429, "1"));
+        assert!(c.body.contains("credits_exhausted"));
+        assert_eq!(credits_exhausted_response(None).headers.len(), 1);
     }
 }

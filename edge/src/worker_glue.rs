@@ -33,9 +33,15 @@ thread_local! {
     // A refusal's body and init (status, headers) are the same every time: made once per
     // isolate, so each refused request costs one JS call to answer.
     static REFUSALS: RefCell<Vec<((Refusal, &'static str), (JsValue, web_sys::ResponseInit))>> = const { RefCell::new(Vec::new()) };
+    // Leases of rate-limit requests and credits this isolate holds, by key name, with the
+    // limit and grant they were lent under (`limits`).
+    static LEASES: RefCell<std::collections::HashMap<String, (LeaseTerms, limits::Lease)>> = RefCell::new(Default::default());
     // Control-plane lookups this isolate has in flight.
     static LOOKUPS_IN_FLIGHT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
+
+/// What a lease was lent under: the key's limit and the `set` of its credit grant.
+type LeaseTerms = (Option<RateLimit>, Option<u64>);
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
     if let Some(c) = CONFIG.with(|c| c.borrow().clone()) {
@@ -124,6 +130,17 @@ extern "C" {
     ) -> Result<js_sys::Promise, JsValue>;
 }
 
+// One ask of a key's Durable Object, its answer's text (or a throw for any other status).
+// Called directly: the `worker` crate's stub builds its request through serde.
+#[wasm_bindgen(inline_js = "export async function ask_limiter(env, name, url) { \
+    const ns = env.KEY_LIMITER; const r = await ns.get(ns.idFromName(name)).fetch(url); \
+    if (r.status !== 200) throw new Error('limiter answered ' + r.status); return r.text(); }")]
+extern "C" {
+    #[wasm_bindgen(catch)]
+    fn ask_limiter(env: &JsValue, name: &str, url: &str) -> Result<js_sys::Promise, JsValue>;
+}
+
+#[inline(never)]
 fn new_response(
     body: &JsValue,
     init: &web_sys::ResponseInit,
@@ -266,24 +283,22 @@ async fn handle(
             }
         }
     };
-    // Keys without a limit pay nothing here: no I/O, no allocation.
-    let limited = match record.rate_limit {
-        None => None,
-        Some(limit) => match count(&record.name, limit, env, config).await {
-            Ok(outcome) if outcome.allowed => Some((limit, outcome)),
-            Ok(outcome) => {
-                return plain(
-                    limits::rate_limited_response(limit, outcome),
-                    config.decision_header,
-                    source,
-                )
+    // Keys without a limit or credits pay nothing here: no I/O, no allocation. The
+    // others spend from this isolate's lease, asking their object only when it is spent.
+    let limited = if record.rate_limit.is_none() && record.credits.is_none() {
+        None
+    } else {
+        match spend(&record, 1, env, config).await {
+            Ok(outcome) => record.rate_limit.zip(outcome),
+            Err(Spent::Refused(response)) => {
+                return plain(response, config.decision_header, source)
             }
-            Err(e) => {
+            Err(Spent::Unavailable(e)) => {
                 // Fail closed: an uncounted request is not let through.
-                console_error!("rate limit not counted: {e}");
+                console_error!("rate limit or credits not counted: {e}");
                 return refuse(Refusal::Unavailable, config, source);
             }
-        },
+        }
     };
     record_use(hash, now, env, ctx, config);
     match proxy(
@@ -333,6 +348,7 @@ async fn handle(
 const FEED_STALE_HEADER: &str = "X-Metlo-Feed-Stale-Ms";
 
 /// Drops from the isolate cache what a refresh of the feed made stale.
+#[inline(never)]
 fn forget(applied: &Applied) {
     ISOLATE_CACHE.with(|cell| {
         if let Some(cache) = cell.borrow_mut().as_mut() {
@@ -476,35 +492,144 @@ impl Drop for LookupSlot {
     }
 }
 
-/// Counts one request of the key `name` in its Durable Object, within the control-plane
-/// timeout (a limiter that does not answer fails the request, closed).
-async fn count(
-    name: &str,
-    limit: RateLimit,
+/// Why [`spend`] did not admit.
+enum Spent {
+    /// Past the limit or out of credits: the 429 to send.
+    Refused(PlainResponse),
+    /// The object could not be asked (fails closed).
+    Unavailable(String),
+}
+
+/// The most keys whose leases an isolate holds; past it, new keys ask without a lease
+/// (nothing held is ever dropped: a dropped lease's credits would be lost).
+const MAX_LEASES: usize = 4096;
+
+/// Spends one request costing `cost` of the key's limit and credits: from this isolate's
+/// lease, or through the key's Durable Object (which gets back what is left of the lease
+/// and may lend a new one), within the control-plane timeout. Admitted: the outcome for
+/// the `RateLimit` headers (for a rate-limited key).
+async fn spend(
+    record: &KeyRecord,
+    cost: u64,
     env: &Env,
     config: &Config,
-) -> Result<RateLimitOutcome, String> {
+) -> Result<Option<RateLimitOutcome>, Spent> {
+    let now = now_ms();
+    let url = match from_lease(record, cost, now) {
+        Ok(outcome) => return Ok(Some(outcome)),
+        Err(ask) => ask.encode(),
+    };
     let call = async {
-        let stub = env
-            .durable_object(limits::LIMITER_BINDING)?
-            .get_by_name(name)?;
-        let mut response = stub.fetch_with_str(&limits::limiter_url(limit)).await?;
-        let status = response.status_code();
-        Ok::<_, worker::Error>((status, response.text().await?))
+        let text = JsFuture::from(ask_limiter(env.as_ref(), &record.name, &url)?).await?;
+        text.as_string()
+            .ok_or_else(|| JsValue::from_str("not text"))
     };
     let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
-    match select(Box::pin(call), timeout).await {
-        Either::Left((Ok((200, body)), _)) => {
-            limits::decode_outcome(&body).ok_or_else(|| "garbled limiter answer".to_owned())
+    let raced = select(Box::pin(call), timeout).await;
+    match raced {
+        Either::Left((Ok(body), _)) => settle(record, cost, now, &body),
+        Either::Left((Err(e), _)) => Err(Spent::Unavailable(
+            js_sys::Error::from(e)
+                .message()
+                .as_string()
+                .unwrap_or_default(),
+        )),
+        Either::Right(_) => Err(Spent::Unavailable("limiter timed out".to_owned())),
+    }
+}
+
+/// What a lease was lent under: the key's limit and the `set` of its credit grant.
+fn terms(record: &KeyRecord) -> LeaseTerms {
+    (record.rate_limit, record.credits.map(|g| g.set))
+}
+
+/// The `RateLimit` outcome of a request admitted from `lease` with `remaining` left.
+fn admitted(lease: &limits::Lease, remaining: u32, now: u64) -> RateLimitOutcome {
+    RateLimitOutcome {
+        allowed: true,
+        remaining,
+        reset_seconds: lease.window_end.saturating_sub(now).div_ceil(1000).max(1),
+    }
+}
+
+/// Spends from this isolate's lease of the key; if it cannot, takes the lease out and
+/// returns the ask that gives its unused part back.
+#[inline(never)]
+fn from_lease(record: &KeyRecord, cost: u64, now: u64) -> Result<RateLimitOutcome, limits::Ask> {
+    let terms = terms(record);
+    let held = LEASES.with(|l| {
+        let mut leases = l.borrow_mut();
+        let entry = leases.get_mut(&record.name)?;
+        if entry.0 == terms {
+            if let Some(remaining) = entry.1.spend(cost, now) {
+                return Some(Ok(admitted(&entry.1, remaining, now)));
+            }
         }
-        Either::Left((Ok((status, _)), _)) => Err(format!("limiter answered {status}")),
-        Either::Left((Err(e), _)) => Err(e.to_string()),
-        Either::Right(_) => Err("limiter timed out".to_owned()),
+        leases.remove(&record.name).map(|(_, lease)| Err(lease))
+    });
+    let (back, want) = match held {
+        Some(Ok(outcome)) => return Ok(outcome),
+        Some(Err(lease)) => (lease.unused(now), limits::next_want(lease.used)),
+        None => (Default::default(), 0),
+    };
+    Err(limits::Ask {
+        limit: record.rate_limit,
+        credits: record.credits,
+        cost,
+        want,
+        back,
+    })
+}
+
+/// The object's answer `body`: admitted (the new lease kept, merged with one another
+/// request of the key got meanwhile) or the refusal.
+#[inline(never)]
+fn settle(
+    record: &KeyRecord,
+    cost: u64,
+    now: u64,
+    body: &str,
+) -> Result<Option<RateLimitOutcome>, Spent> {
+    let refused = |r| Err(Spent::Refused(r));
+    match limits::Answer::decode(body) {
+        Some(limits::Answer::Admitted(mut lease)) => {
+            let Some(remaining) = lease.spend(cost, now) else {
+                return Err(Spent::Unavailable(
+                    "a lease short of its request".to_owned(),
+                ));
+            };
+            let outcome = admitted(&lease, remaining, now);
+            let terms = terms(record);
+            LEASES.with(|l| {
+                let mut leases = l.borrow_mut();
+                let room = leases.len() < MAX_LEASES;
+                match leases.get_mut(&record.name) {
+                    Some(held) if held.0 == terms => held.1.merge(lease),
+                    Some(held) => *held = (terms, lease),
+                    None if room => {
+                        leases.insert(record.name.clone(), (terms, lease));
+                    }
+                    None => {}
+                }
+            });
+            Ok(Some(outcome))
+        }
+        Some(limits::Answer::RateLimited(outcome)) => match record.rate_limit {
+            Some(limit) => refused(limits::rate_limited_response(limit, outcome)),
+            None => Err(Spent::Unavailable(
+                "rate limited without a limit".to_owned(),
+            )),
+        },
+        Some(limits::Answer::CreditsExhausted { retry_after }) => {
+            refused(limits::credits_exhausted_response(retry_after))
+        }
+        None => Err(Spent::Unavailable("garbled limiter answer".to_owned())),
     }
 }
 
 /// The origin's response with `extra` headers (its own headers are immutable: copied),
 /// its body streamed through.
+#[inline(never)]
 fn with_headers(
     response: web_sys::Response,
     extra: &[(&'static str, String)],
@@ -580,6 +705,7 @@ fn now_ms() -> u64 {
     js_sys::Date::now() as u64
 }
 
+#[inline(never)]
 fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
     ISOLATE_CACHE.with(|cell| {
         let mut slot = cell.borrow_mut();
@@ -594,6 +720,7 @@ fn with_cache<T>(config: &Config, f: impl FnOnce(&mut IsolateCache) -> T) -> T {
     })
 }
 
+#[inline(never)]
 fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<web_sys::Response> {
     let tag = if config.decision_header {
         source.as_str()
@@ -623,6 +750,7 @@ fn refuse(refusal: Refusal, config: &Config, source: Source) -> worker::Result<w
     })
 }
 
+#[inline(never)]
 fn plain(
     r: PlainResponse,
     decision_header: bool,
@@ -638,6 +766,7 @@ fn plain(
     )?)
 }
 
+#[inline(never)]
 fn to_headers(r: &PlainResponse, decision_header: bool, source: Source) -> worker::Result<Headers> {
     let headers = Headers::new();
     for (name, value) in &r.headers {

@@ -13,6 +13,7 @@
 
 mod authorization;
 mod base62;
+pub mod credits;
 mod key;
 pub mod permissions;
 pub mod policy;

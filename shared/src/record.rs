@@ -6,16 +6,19 @@ use core::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::credits::Grant;
 use crate::rate_limit::RateLimit;
 
 /// The newest record version, bumped when the record's meaning changes; readers refuse
 /// versions they don't know (fail closed) so an old Worker never misreads a newer record.
 /// Version 2 added `rateLimit`: a record is written as 2 only when it carries one (see
-/// [`KeyRecord::version_for`]), so Workers from before limits keep reading every other
+/// [`KeyRecord::min_version`]), so Workers from before limits keep reading every other
 /// record and refuse — rather than admit unlimited — a limited key. Version 3 added
 /// `permissions`, written only when a key has some: a Worker from before permissions
-/// refuses such a key rather than admit it past a route policy it cannot check.
-pub const RECORD_VERSION: u32 = 3;
+/// refuses such a key rather than admit it past a route policy it cannot check. Version 4
+/// added `credits`, likewise: an older Worker refuses a metered key rather than admit it
+/// without spending.
+pub const RECORD_VERSION: u32 = 4;
 
 /// Metlo's key types (`keyFor` on create, `for` in responses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -181,6 +184,11 @@ pub struct KeyRecord {
     /// none. Only in version-3 records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub permissions: Vec<String>,
+    /// The key's credits as granted ([`crate::credits`]); absent: unmetered. Only in
+    /// version-4 records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>, example = "1/1000/0/0/0/0"))]
+    pub credits: Option<Grant>,
 }
 
 /// The request header that carries a key's `meta` to the origin.
@@ -196,10 +204,12 @@ pub enum RecordError {
 
 impl KeyRecord {
     /// The version a record must be written as: the oldest that has all it says.
-    pub fn version_for(rate_limit: Option<RateLimit>, permissions: &[String]) -> u32 {
-        if !permissions.is_empty() {
+    pub fn min_version(&self) -> u32 {
+        if self.credits.is_some() {
+            4
+        } else if !self.permissions.is_empty() {
             3
-        } else if rate_limit.is_some() {
+        } else if self.rate_limit.is_some() {
             2
         } else {
             1
@@ -210,9 +220,7 @@ impl KeyRecord {
     /// permissions below version 3, which an older Worker would have ignored).
     pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         let record: KeyRecord = serde_json::from_slice(bytes)?;
-        if !(KeyRecord::version_for(record.rate_limit, &record.permissions)..=RECORD_VERSION)
-            .contains(&record.v)
-        {
+        if !(record.min_version()..=RECORD_VERSION).contains(&record.v) {
             return Err(RecordError::UnsupportedVersion(record.v));
         }
         Ok(record)
@@ -250,6 +258,7 @@ impl KeyRecord {
             meta: None,
             rate_limit: None,
             permissions: Vec::new(),
+            credits: None,
         }
     }
 }
@@ -284,6 +293,7 @@ mod tests {
             meta: None,
             rate_limit: None,
             permissions: Vec::new(),
+            credits: None,
         }
     }
 
@@ -365,16 +375,37 @@ mod tests {
             assert!(KeyRecord::from_json(json.as_bytes()).is_err(), "{older}");
         }
         assert!(!sample().to_json().contains("permissions"));
-        assert_eq!(KeyRecord::version_for(None, &scoped.permissions), 3);
-        assert_eq!(KeyRecord::version_for(None, &[]), 1);
+        assert_eq!(scoped.min_version(), 3);
+        assert_eq!(sample().min_version(), 1);
+    }
+
+    #[test]
+    fn records_with_credits_are_version_4_and_only_those() {
+        let metered = KeyRecord {
+            v: 4,
+            credits: Some(Grant {
+                set: 2,
+                to: 1000,
+                added: 50,
+                refill: None,
+            }),
+            ..sample()
+        };
+        let json = metered.to_json();
+        assert!(json.contains(r#""credits":"2/1000/50/0/0/0""#), "{json}");
+        assert_eq!(KeyRecord::from_json(json.as_bytes()).unwrap(), metered);
+        // An older Worker would admit the key without spending: never below 4.
+        let json3 = json.replace(r#""v":4"#, r#""v":3"#);
+        assert!(KeyRecord::from_json(json3.as_bytes()).is_err());
+        assert_eq!(metered.min_version(), 4);
     }
 
     #[test]
     fn refuses_other_versions_and_garbage() {
-        let json = sample().to_json().replace(r#""v":1"#, r#""v":4"#);
+        let json = sample().to_json().replace(r#""v":1"#, r#""v":5"#);
         assert!(matches!(
             KeyRecord::from_json(json.as_bytes()),
-            Err(RecordError::UnsupportedVersion(4))
+            Err(RecordError::UnsupportedVersion(5))
         ));
         assert!(KeyRecord::from_json(b"{}").is_err());
         assert!(KeyRecord::from_json(b"").is_err());

@@ -386,6 +386,7 @@ async fn expired_record_is_refused() {
         meta: None,
         rate_limit: None,
         permissions: vec![],
+        credits: None,
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -588,6 +589,7 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         meta: None,
         rate_limit: None,
         permissions: vec![],
+        credits: None,
     }
 }
 

@@ -88,8 +88,12 @@ pub enum StoreError {
     #[error("the key's role is already {0}")]
     RoleFixed(metlo_shared::Role),
     /// Permissions given to a key whose role does not serve traffic.
-    #[error("permissions are for client keys; a {0} key cannot carry them")]
+    #[error("permissions and credits are for client keys; a {0} key cannot carry them")]
     NoTraffic(metlo_shared::Role),
+    #[error("this key has no credits to add to: set them first (PATCH with credits)")]
+    NoCredits,
+    #[error("credits granted would pass 1000000000000")]
+    TooManyCredits,
     /// The database could not be reached (down, pool exhausted, timed out): retryable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),

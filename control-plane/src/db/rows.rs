@@ -4,6 +4,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use metlo_shared::credits::{Grant, Refill};
 use metlo_shared::{KeyRecord, KeyType, RateLimit, Role};
 
 use crate::clock::{iso8601, unix_seconds};
@@ -18,7 +19,7 @@ pub const FEED_CHANNEL: &str = "metlo_revocation_feed";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds, permissions";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds, permissions, credits_set, credits_to, credits_added, credits_refill";
 
 /// [`KEY_COLUMNS`], each as `alias.column` (for joins).
 pub(super) fn key_columns_of(alias: &str) -> String {
@@ -54,6 +55,12 @@ pub struct StoredKey {
     pub rate_limit_period_seconds: Option<i64>,
     /// Space-separated, sorted, no duplicates ([`StoredKey::permissions`]); `None`: none.
     pub permissions: Option<String>,
+    /// Credits as granted ([`StoredKey::credits`]): the last set's number, value (`None`:
+    /// unmetered), what was added since, the refill rule (JSON).
+    pub credits_set: i64,
+    pub credits_to: Option<i64>,
+    pub credits_added: i64,
+    pub credits_refill: Option<String>,
 }
 
 impl StoredKey {
@@ -81,6 +88,43 @@ impl StoredKey {
             rate_limit_requests: None,
             rate_limit_period_seconds: None,
             permissions: None,
+            credits_set: 0,
+            credits_to: None,
+            credits_added: 0,
+            credits_refill: None,
+        }
+    }
+
+    /// The key's credits as granted; `None`: unmetered. A refill stored unreadable (by
+    /// hand) reads as none: the balance still only falls.
+    pub fn credits(&self) -> Option<Grant> {
+        let to = self.credits_to?;
+        Some(Grant {
+            set: u64::try_from(self.credits_set).unwrap_or(0).max(1),
+            to: u64::try_from(to).unwrap_or(0),
+            added: u64::try_from(self.credits_added).unwrap_or(0),
+            refill: self
+                .credits_refill
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok()),
+        })
+    }
+
+    /// Sets the credits (a new set: the edge's balance becomes `remaining`), or removes
+    /// them; either way what was added is forgotten.
+    pub fn set_credits(&mut self, credits: Option<(u64, Option<Refill>)>) {
+        self.credits_added = 0;
+        match credits {
+            Some((remaining, refill)) => {
+                self.credits_set += 1;
+                self.credits_to = Some(i64::try_from(remaining).unwrap_or(i64::MAX));
+                self.credits_refill =
+                    refill.map(|r| serde_json::to_string(&r).expect("a refill always serializes"));
+            }
+            None => {
+                self.credits_to = None;
+                self.credits_refill = None;
+            }
         }
     }
 
@@ -124,12 +168,11 @@ impl StoredKey {
 
     /// The record the edge caches in KV for this key.
     pub fn record(&self) -> KeyRecord {
-        let rate_limit = self.rate_limit();
-        let permissions = self.permissions();
-        KeyRecord {
-            v: KeyRecord::version_for(rate_limit, &permissions),
-            rate_limit,
-            permissions,
+        let mut record = KeyRecord {
+            v: 0,
+            rate_limit: self.rate_limit(),
+            permissions: self.permissions(),
+            credits: self.credits(),
             name: self.name.clone(),
             key_type: self.key_type,
             identifier: self.identifier.clone(),
@@ -137,7 +180,9 @@ impl StoredKey {
             expires: self.expires_at_ms.map(unix_seconds),
             role: self.role,
             meta: self.meta.as_deref().map(|m| URL_SAFE_NO_PAD.encode(m)),
-        }
+        };
+        record.v = record.min_version();
+        record
     }
 
     /// Is this key's traffic let through (its role serves traffic and it is enabled)? Only
@@ -176,6 +221,16 @@ pub struct KeyChanges {
     pub rate_limit: Option<Option<RateLimit>>,
     /// Normalised; `Some(vec![])`: none.
     pub permissions: Option<Vec<String>>,
+    pub credits: Option<CreditsChange>,
+}
+
+/// A change to a key's credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditsChange {
+    /// A new balance and refill rule; `None`: unmetered.
+    Set(Option<(u64, Option<Refill>)>),
+    /// A top-up.
+    Add(u64),
 }
 
 impl KeyChanges {
@@ -200,6 +255,15 @@ impl KeyChanges {
         }
         if let Some(permissions) = &self.permissions {
             changed.set_permissions(permissions);
+        }
+        match self.credits {
+            None => {}
+            Some(CreditsChange::Set(credits)) => changed.set_credits(credits),
+            Some(CreditsChange::Add(n)) => {
+                changed.credits_added = changed
+                    .credits_added
+                    .saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         changed
     }

@@ -17,6 +17,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Admins, Audited, Authorized, Caller, Clients, EdgeWorkers, JsonBody};
 use super::state::AppState;
 use crate::clock::now_ms;
+use crate::service::credits::TopUp;
 use crate::service::key_lists::{self, KeyPage};
 use crate::service::key_updates::{self, UpdateKeyRequest, UpdatedKey};
 use crate::service::keys::{
@@ -33,6 +34,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(end_sessions))
         .routes(routes!(roll))
         .routes(routes!(update))
+        .routes(routes!(add_credits))
         .routes(routes!(show))
         .routes(routes!(by_hash))
         .routes(routes!(verify));
@@ -147,6 +149,32 @@ async fn update(
     let changes = body.validate(now_ms())?;
     Ok(Json(
         key_updates::update_key(&state.store, &state.cache, &name, &changes, &actor).await?,
+    ))
+}
+
+/// Add credits to a key that has some (a top-up): concurrent top-ups all count, once
+/// each, at the edge as on the control plane. Audited as a `key.update` of `credits`.
+#[utoipa::path(post, path = "/api/v1/keys/{name}/credits", tag = "keys",
+    params(("name" = String, Path, description = "Key name, URL-encoded")),
+    request_body = TopUp,
+    responses(
+        (status = 200, body = UpdatedKey),
+        (status = 400, description = "Bad JSON, unknown field, or `add` out of range", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The key has no credits (set them with PATCH first)", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
+    ), security(("api_key" = ["admin"])))]
+async fn add_credits(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+    Audited(actor): Audited,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<TopUp>,
+) -> Result<Json<UpdatedKey>, ApiError> {
+    Ok(Json(
+        key_updates::add_credits(&state.store, &state.cache, &name, body, &actor).await?,
     ))
 }
 

@@ -18,6 +18,8 @@ mod client_ip;
 mod conn_timer;
 mod console;
 pub(crate) mod context;
+#[cfg(test)]
+mod credits_tests;
 pub mod error;
 pub mod extract;
 mod feed;

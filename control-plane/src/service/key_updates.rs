@@ -1,6 +1,7 @@
 //! Changing a key without re-issuing it: enable / disable, expiry, metadata, rate limit. The change
 //! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
 
+use metlo_shared::credits::MAX_CREDITS;
 use metlo_shared::permissions::normalize_permissions;
 use metlo_shared::{KeyHash, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -8,13 +9,14 @@ use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
+use super::credits::{Credits, TopUp};
 use super::feed::Promise;
 use super::keys::{normalize_name, parse_expires_at, KeyInfo};
 use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
 use crate::clock::{iso8601, now_ms};
-use crate::db::rows::{KeyChanges, StoredKey};
+use crate::db::rows::{CreditsChange, KeyChanges, StoredKey};
 use crate::db::Store;
 
 /// The body of an update: only the fields given change; `null` clears `expiresAt`,
@@ -43,6 +45,11 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<String>>, example = json!(["orders:read"]))]
     pub permissions: Option<Option<Vec<String>>>,
+    /// Sets the key's credits anew (the balance at the edge becomes `remaining`; top-ups
+    /// since the last set are forgotten); null: unmetered. Client keys only.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Credits>)]
+    pub credits: Option<Option<Credits>>,
 }
 
 /// A field that may be absent but, when present, not `null` (nothing to clear).
@@ -76,10 +83,15 @@ impl UpdateKeyRequest {
                 .map(|p| normalize_permissions(p.unwrap_or_default()))
                 .transpose()
                 .map_err(|e| Error::invalid(e.to_string()))?,
+            credits: self
+                .credits
+                .map(|c| c.map(Credits::validate).transpose())
+                .transpose()?
+                .map(CreditsChange::Set),
         };
         if changes.is_empty() {
             return Err(Error::invalid(
-                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit, permissions",
+                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit, permissions, credits",
             ));
         }
         Ok(changes)
@@ -193,7 +205,38 @@ fn changed_fields(before: &StoredKey, after: &StoredKey) -> Value {
         json!(before.permissions()),
         json!(after.permissions()),
     );
+    // With the set's number: setting the same balance again is a change (the edge's
+    // balance starts over).
+    let credits = |k: &StoredKey| {
+        json!(k.credits().map(|g| {
+            let info = crate::service::credits::CreditsInfo::from(g);
+            json!({"set": g.set, "granted": info.granted, "added": info.added, "refill": info.refill})
+        }))
+    };
+    field("credits", credits(before), credits(after));
     json!({"before": old, "after": new})
+}
+
+/// Adds `top_up.add` credits to the key `name`: one addition under the key's row lock, so
+/// concurrent top-ups all count, once each; the edge adds the difference once however
+/// often it reads the record. 409 for a key without credits.
+pub async fn add_credits(
+    store: &Store,
+    cache: &VerifyCache,
+    name: &str,
+    top_up: TopUp,
+    actor: &Actor,
+) -> Result<UpdatedKey, Error> {
+    if !(1..=MAX_CREDITS).contains(&top_up.add) {
+        return Err(Error::invalid(format!(
+            "add must be a whole number from 1 to {MAX_CREDITS}"
+        )));
+    }
+    let changes = KeyChanges {
+        credits: Some(CreditsChange::Add(top_up.add)),
+        ..KeyChanges::default()
+    };
+    update_key(store, cache, name, &changes, actor).await
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use metlo_shared::credits::Refill;
 use metlo_shared::permissions::normalize_permissions;
 use metlo_shared::{ApiKey, KeyHash, KeyType, RateLimit, Role};
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 use utoipa::ToSchema;
 
 use super::audit::Actor;
+use super::credits::{Credits, CreditsInfo};
 use super::feed::Promise;
 use super::meta::{meta_value, validate_meta};
 use super::Error;
@@ -62,6 +64,9 @@ pub struct CreateKeyRequest {
     /// digit). Only for keys whose role serves traffic. Absent: none.
     #[schema(value_type = Option<Vec<String>>, example = json!(["orders:read"]))]
     pub permissions: Option<Vec<String>>,
+    /// A balance each request admitted at the edge spends, with an optional refill; past
+    /// it, 429 `credits_exhausted`. Only for keys whose role serves traffic. Absent: none.
+    pub credits: Option<Credits>,
 }
 
 /// A validated create request.
@@ -77,6 +82,7 @@ pub struct NewKey {
     pub rate_limit: Option<RateLimit>,
     /// Normalised ([`metlo_shared::permissions::normalize_permissions`]).
     pub permissions: Vec<String>,
+    pub credits: Option<(u64, Option<Refill>)>,
 }
 
 impl CreateKeyRequest {
@@ -94,6 +100,14 @@ impl CreateKeyRequest {
                 .transpose()?,
             meta: validate_meta(self.meta.unwrap_or_default())?,
             rate_limit: self.rate_limit,
+            credits: match self.credits {
+                Some(_) if !role.serves_traffic() => {
+                    return Err(Error::invalid(format!(
+                        "credits are for client keys; a {role} key cannot carry them"
+                    )))
+                }
+                c => c.map(Credits::validate).transpose()?,
+            },
         })
     }
 }
@@ -183,6 +197,9 @@ pub struct KeyInfo {
     /// The key's permissions, sorted; empty: none.
     #[serde(default)]
     pub permissions: Vec<String>,
+    /// The key's credits as granted (what is left is counted at the edge); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsInfo>,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -209,6 +226,7 @@ impl From<StoredKey> for KeyInfo {
         KeyInfo {
             rate_limit: k.rate_limit(),
             permissions: k.permissions(),
+            credits: k.credits().map(CreditsInfo::from),
             created: iso8601(k.created_at_ms),
             name: k.name,
             identifier: k.identifier,
@@ -387,6 +405,9 @@ pub async fn create_key(
     };
     stored.set_rate_limit(new.rate_limit);
     stored.set_permissions(&new.permissions);
+    if new.credits.is_some() {
+        stored.set_credits(new.credits);
+    }
     let audit = actor.entry(
         "key.create",
         &new.name,
@@ -398,6 +419,7 @@ pub async fn create_key(
             "meta": meta_value(new.meta.as_deref()),
             "rateLimit": new.rate_limit,
             "permissions": new.permissions,
+            "credits": stored.credits().map(CreditsInfo::from),
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;

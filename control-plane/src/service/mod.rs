@@ -7,6 +7,7 @@ pub mod abuse;
 pub mod assertion_keys;
 pub mod audit;
 pub mod console;
+pub mod credits;
 pub mod feed;
 pub mod github_keys;
 pub mod key_limits;
@@ -80,6 +81,8 @@ impl From<StoreError> for Error {
                  before roles, can be given one)"
             )),
             e @ StoreError::NoTraffic(_) => Error::invalid(e.to_string()),
+            e @ StoreError::NoCredits => Error::Conflict(e.to_string()),
+            e @ StoreError::TooManyCredits => Error::invalid(e.to_string()),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
                 Error::Unavailable

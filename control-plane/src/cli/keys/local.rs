@@ -35,6 +35,7 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                     meta: meta_arg(meta)?,
                     rate_limit: *rate_limit,
                     permissions: Some(permissions.clone()),
+                    credits: None,
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)

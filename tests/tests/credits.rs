@@ -1,0 +1,189 @@
+//! Credits and leased rate limits under `wrangler dev` (real workerd, the key's Durable
+//! Object, KV): a metered key is refused with 429 `credits_exhausted` once its balance is
+//! spent, without an origin call; 50 concurrent clients on 1,000 credits get exactly
+//! 1,000 admitted once every lease has settled; top-ups under load count once each; a
+//! refill restores the balance on schedule; and leases never let a window admit more
+//! than its limit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use metlo_tests::{Backend, Stack, StackBuilder, StatusCode};
+use serde_json::{json, Value};
+
+async fn stack() -> Stack {
+    StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .edge(&[])
+        .build()
+        .await
+}
+
+async fn metered(s: &Stack, name: &str, credits: Value) -> String {
+    let (status, body) = s.cp.create(json!({"name": name, "credits": credits})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["apiKey"].as_str().unwrap().to_owned()
+}
+
+/// Sends requests with `key` from `clients` concurrent clients until each has seen a
+/// refusal; the number admitted (200s).
+async fn spend_until_refused(s: &Stack, key: &str, clients: usize) -> u64 {
+    let admitted = AtomicU64::new(0);
+    futures::future::join_all((0..clients).map(|_| async {
+        loop {
+            let r = s.edge.get("/spend", Some(key)).send().await.unwrap();
+            match r.status() {
+                StatusCode::OK => {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                StatusCode::TOO_MANY_REQUESTS => {
+                    let body: Value = r.json().await.unwrap();
+                    assert_eq!(body["error"], "credits_exhausted", "{body}");
+                    return;
+                }
+                other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+            }
+        }
+    }))
+    .await;
+    admitted.into_inner()
+}
+
+/// Concurrent spending, then one client until refused: a refusal to a lone client comes
+/// only once no lease holds a credit (the isolate gives its lease back on each ask).
+async fn spend_all(s: &Stack, key: &str, clients: usize) -> u64 {
+    spend_until_refused(s, key, clients).await + spend_until_refused(s, key, 1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_exact_under_concurrency_and_top_ups() {
+    let s = stack().await;
+    let key = metered(&s, "thousand", json!({"remaining": 1000})).await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let reached = s.origin.requests().len();
+    let admitted = spend_all(&s, &key, 50).await;
+    assert_eq!(
+        admitted,
+        1000,
+        "exactly the balance, with 50 clients\n{}",
+        s.edge.log()
+    );
+    assert_eq!(
+        s.origin.requests().len() - reached,
+        1000,
+        "refused requests never reach the origin"
+    );
+    let r = s.edge.get("/spend", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        r.headers().get("retry-after").is_none(),
+        "no refill, no Retry-After"
+    );
+
+    // Top-ups while 20 clients spend: each counts once.
+    let topped = metered(&s, "topped", json!({"remaining": 200})).await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let spending = async {
+        let mut total = 0;
+        let started = Instant::now();
+        // Until the last top-up has reached the edge and been spent.
+        while total < 700 {
+            total += spend_until_refused(&s, &topped, 20).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{total} admitted so far"
+            );
+        }
+        total
+    };
+    let topping = async {
+        for _ in 0..10 {
+            let (status, body) =
+                s.cp.post("/api/v1/keys/topped/credits", Some(json!({"add": 50})))
+                    .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    };
+    let (total, ()) = tokio::join!(spending, topping);
+    let total = total + spend_all(&s, &topped, 5).await;
+    assert_eq!(total, 700, "200 + 10 × 50, none lost or counted twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_credits_refill_on_schedule() {
+    let s = stack().await;
+    let key = metered(
+        &s,
+        "refilled",
+        json!({"remaining": 3, "refill": {"amount": 4, "interval": "seconds", "periodSeconds": 3}}),
+    )
+    .await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let first = spend_all(&s, &key, 1).await;
+    assert!(
+        first == 3 || first == 4,
+        "3, or 4 if a refill came meanwhile: {first}"
+    );
+    let r = s.edge.get("/spend", Some(&key)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&retry), "until the next refill: {retry}");
+    // Waiting for the refill instant itself (the wall clock), then the new balance.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let started = Instant::now();
+    let refilled = loop {
+        let n = spend_until_refused(&s, &key, 1).await;
+        if n > 0 {
+            break n;
+        }
+        assert!(started.elapsed() < Duration::from_secs(4), "no refill");
+    };
+    assert!(
+        refilled == 4 || refilled == 8,
+        "a refill sets the balance to 4: {refilled}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_rate_limits_never_exceed_a_window() {
+    let s = stack().await;
+    let (status, body) =
+        s.cp.create(json!({"name": "limited", "rateLimit": {"requests": 40, "periodSeconds": 2}}))
+            .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    // 20 clients for 6 s. A window starts at the first request after the previous one
+    // ended, so at most three start within 6 s of the first request: at most 3 × 40
+    // admitted, however the leases were spread.
+    let admitted = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
+    let started = Instant::now();
+    futures::future::join_all((0..20).map(|_| async {
+        while started.elapsed() < Duration::from_secs(6) {
+            let r = s.edge.get("/limited", Some(&key)).send().await.unwrap();
+            match r.status() {
+                StatusCode::OK => admitted.fetch_add(1, Ordering::Relaxed),
+                StatusCode::TOO_MANY_REQUESTS => refused.fetch_add(1, Ordering::Relaxed),
+                other => panic!("unexpected {other}"),
+            };
+        }
+    }))
+    .await;
+    let (admitted, refused) = (admitted.into_inner(), refused.into_inner());
+    assert!(refused > 0, "the clients asked for more than the limit");
+    assert!(
+        admitted <= 3 * 40,
+        "{admitted} admitted in three windows of 40"
+    );
+    assert!(
+        admitted >= 2 * 40,
+        "leases do not starve the key: {admitted}"
+    );
+}
