@@ -41,6 +41,9 @@ key="$(target/release/metlo-control-plane --data-dir "$data" keys create --name 
 # And one with a rate limit it never reaches: what counting costs.
 limited="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-limited \
     --rate-limit 1000000000/60 2>/dev/null)"
+# And one with credits it never spends: what metering costs.
+metered="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-metered \
+    --credits 1000000000000 2>/dev/null)"
 # The control plane itself, for the revocation feed the Worker reads (once a second per
 # location: what that costs the edge, and what the control plane receives, are measured).
 edge_key="$(target/release/metlo-control-plane --data-dir "$data" keys create --name bench-edge \
@@ -55,7 +58,7 @@ for _ in $(seq 100); do
     curl -sf -o /dev/null "http://127.0.0.1:$ops_port/readyz" && break
     sleep 0.1
 done
-ORIGIN_URL="http://127.0.0.1:$port" METLO_KEY="$key" METLO_LIMITED_KEY="$limited" \
+ORIGIN_URL="http://127.0.0.1:$port" METLO_KEY="$key" METLO_LIMITED_KEY="$limited" METLO_METERED_KEY="$metered" \
     CONTROL_PLANE_URL="http://127.0.0.1:$cp_port" CONTROL_PLANE_KEY="$edge_key" \
     CONTROL_PLANE_METRICS="http://127.0.0.1:$ops_port/metrics" \
     BEFORE_WORKER="$before_worker" node tests/bench/edge/run.mjs

@@ -4,7 +4,8 @@
 //! when a held token still serves; the token's claims are the key's record's fields.
 //!
 //! Claims: `iss`, `aud`, `sub` (the key's identifier), `iat`, `exp` (≤ 60 s later),
-//! `name`, `type`, `role`, `permissions` and `meta` (the key's meta object); the header
+//! `name`, `type`, `role`, `permissions`, `meta` (the key's meta object) and, for a key
+//! of an identity, `identity` (its `externalId`); the header
 //! names the signing key's `kid`, published in the control plane's JWKS.
 
 use std::collections::HashMap;
@@ -85,6 +86,7 @@ pub fn fingerprint(record: &KeyRecord) -> u64 {
     eat(record.key_type.as_str().as_bytes());
     eat(record.role.as_str().as_bytes());
     eat(record.meta.as_deref().unwrap_or("").as_bytes());
+    eat(record.identity.as_deref().unwrap_or("").as_bytes());
     eat(&record.expires.unwrap_or(0).to_le_bytes());
     for p in &record.permissions {
         eat(p.as_bytes());

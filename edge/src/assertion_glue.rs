@@ -24,12 +24,13 @@ let held = null; \
 function b64u(bytes) { let s = ''; for (const b of bytes) s += String.fromCharCode(b); \
   return btoa(s).replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, ''); } \
 const text = (t) => b64u(new TextEncoder().encode(t)); \
-export async function sign_assertion(jwk, iss, aud, ttl, sub, name, type, role, perms, meta, now) { \
+export async function sign_assertion(jwk, iss, aud, ttl, sub, name, type, role, perms, meta, identity, now) { \
   if (!held || held.jwk !== jwk) { try { const k = JSON.parse(jwk); held = { jwk, kid: k.kid, \
     key: await crypto.subtle.importKey('jwk', k, { name: 'ECDSA', namedCurve: 'P-256' }, false, ['sign']) }; } \
     catch (e) { throw new Error('ASSERTION_SIGNING_KEY is not an ES256 private JWK (' + e.name + ')'); } } \
   const claims = { iss, aud, sub, iat: now, exp: now + ttl, name, type, role, \
     permissions: perms ? perms.split(' ') : [] }; \
+  if (identity) claims.identity = identity; \
   if (meta) { try { claims.meta = JSON.parse(new TextDecoder().decode(Uint8Array.from( \
     atob(meta.replace(/-/g, '+').replace(/_/g, '/')), (c) => c.charCodeAt(0)))); } catch (e) {} } \
   const input = text(JSON.stringify({ alg: 'ES256', kid: held.kid, typ: 'JWT' })) + '.' + \
@@ -51,6 +52,7 @@ extern "C" {
         role: &str,
         permissions: &str,
         meta: &str,
+        identity: &str,
         now: f64,
     ) -> Result<js_sys::Promise, JsValue>;
 }
@@ -83,6 +85,7 @@ pub(crate) async fn assertion_for(
         record.role.as_str(),
         &record.permissions.join(" "),
         record.meta.as_deref().unwrap_or(""),
+        record.identity.as_deref().unwrap_or(""),
         (now / 1000) as f64,
     )
     .map_err(|e| format!("{e:?}"))?;

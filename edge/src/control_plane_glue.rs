@@ -25,9 +25,7 @@ pub(crate) async fn ask_control_plane(hex: &str, env: &Env, config: &Config) -> 
     };
     let url = format!("{}/api/v1/keys/by-hash/{hex}", config.control_plane_url);
     match call_control_plane(&url, &key, None, config.control_plane_timeout_ms).await {
-        Ok((status, keep, body)) => {
-            decision::interpret_lookup(status, body.as_bytes(), keep.as_deref())
-        }
+        Ok((status, keep, body)) => decision::interpret_lookup(status, body, keep.as_deref()),
         Err(e) => Lookup::Failed(format!("control plane unreachable: {e}")),
     }
 }

@@ -64,6 +64,9 @@ pub enum Lookup {
     /// isolate cache), in seconds.
     Found {
         record: KeyRecord,
+        /// The record as the control plane wrote it: what KV gets (so the Worker needs no
+        /// JSON writer of its own).
+        json: String,
         keep_seconds: u64,
     },
     NotFound,
@@ -79,11 +82,12 @@ pub const KEEP_HEADER: &str = "X-Metlo-Kv-Ttl-Seconds";
 /// Interprets the control plane's answer to `GET /api/v1/keys/by-hash/{hash}`; `keep` is
 /// its [`KEEP_HEADER`]. Without one (or unreadable), the record is kept nowhere: safe
 /// against a control plane that cannot say.
-pub fn interpret_lookup(status: u16, body: &[u8], keep: Option<&str>) -> Lookup {
+pub fn interpret_lookup(status: u16, body: String, keep: Option<&str>) -> Lookup {
     match status {
-        200 => match KeyRecord::from_json(body) {
+        200 => match KeyRecord::from_json(body.as_bytes()) {
             Ok(record) => Lookup::Found {
                 record,
+                json: body,
                 keep_seconds: keep.and_then(|v| v.trim().parse().ok()).unwrap_or(0),
             },
             Err(e) => Lookup::Failed(format!("unreadable record from the control plane: {e}")),
@@ -138,6 +142,11 @@ pub fn is_edge_header(name: &str) -> bool {
     name.len() >= 8 && name.as_bytes()[..8].eq_ignore_ascii_case(b"x-metlo-")
 }
 
+/// The request header that carries the `externalId` of the key's identity to the origin.
+pub const IDENTITY_HEADER: &str = "X-Metlo-Identity";
+
+/// What the origin request changes: the key's headers set (name, type, identifier, meta,
+/// the identity's `externalId`), `Host` and (unless forwarded) `Authorization` removed.
 pub fn origin_headers(record: &KeyRecord, forward_authorization: bool) -> OriginHeaders {
     let mut remove = vec!["Host"];
     if !forward_authorization {
@@ -152,6 +161,9 @@ pub fn origin_headers(record: &KeyRecord, forward_authorization: bool) -> Origin
     // value that is not a valid header would fail the whole request).
     if let Some(meta) = record.meta.as_deref().filter(|m| is_base64url(m)) {
         set.push((META_HEADER, meta.to_owned()));
+    }
+    if let Some(identity) = &record.identity {
+        set.push((IDENTITY_HEADER, header_safe(identity)));
     }
     OriginHeaders { remove, set }
 }
@@ -323,37 +335,39 @@ mod tests {
     fn lookups() {
         let r = record(None);
         assert_eq!(
-            interpret_lookup(200, r.to_json().as_bytes(), Some("300")),
+            interpret_lookup(200, r.to_json(), Some("300")),
             Lookup::Found {
                 record: r.clone(),
+                json: r.to_json(),
                 keep_seconds: 300
             }
         );
         for missing in [None, Some("soon"), Some("-1")] {
             assert_eq!(
-                interpret_lookup(200, r.to_json().as_bytes(), missing),
+                interpret_lookup(200, r.to_json(), missing),
                 Lookup::Found {
                     record: r.clone(),
+                    json: r.to_json(),
                     keep_seconds: 0
                 },
                 "{missing:?}: kept nowhere"
             );
         }
-        assert_eq!(interpret_lookup(404, b"{}", None), Lookup::NotFound);
+        assert_eq!(interpret_lookup(404, "{}".into(), None), Lookup::NotFound);
         assert!(matches!(
-            interpret_lookup(200, b"<html>", None),
+            interpret_lookup(200, "<html>".into(), None),
             Lookup::Failed(_)
         ));
         assert!(matches!(
-            interpret_lookup(401, b"", None),
+            interpret_lookup(401, "".into(), None),
             Lookup::Failed(_)
         ));
         assert!(matches!(
-            interpret_lookup(500, b"", None),
+            interpret_lookup(500, "".into(), None),
             Lookup::Failed(_)
         ));
         assert!(matches!(
-            interpret_lookup(503, b"", None),
+            interpret_lookup(503, "".into(), None),
             Lookup::Failed(_)
         ));
     }
@@ -417,6 +431,14 @@ mod tests {
             ..record(None)
         };
         assert_eq!(origin_headers(&bad, false).set.len(), 3);
+        let owned = KeyRecord {
+            identity: Some("acme corp".into()),
+            ..record(None)
+        };
+        assert_eq!(
+            origin_headers(&owned, false).set.last().unwrap(),
+            &("X-Metlo-Identity", "acme corp".to_owned())
+        );
     }
 
     #[test]

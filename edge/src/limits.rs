@@ -17,10 +17,61 @@
 //! glue only moves them.
 
 use metlo_shared::credits::{Balance, Grant};
-use metlo_shared::{RateLimit, RateLimitOutcome, RateLimitWindow};
+use metlo_shared::{KeyRecord, RateLimit, RateLimitOutcome, RateLimitWindow};
 
 use crate::decision::PlainResponse;
 
+/// One counter a request must pass, in a Durable Object of its own: a key's (its limit
+/// and credits), or an identity's (its credits, or one of its named limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    /// The object's name: the key's name, or the identity's `externalId` after a byte no
+    /// key name holds (`\u{1}`), and the limit's name after another.
+    pub name: String,
+    pub limit: Option<RateLimit>,
+    pub credits: Option<Grant>,
+    /// The key's own meter (its outcome makes the `RateLimit` headers).
+    pub key: bool,
+}
+
+/// The meters of a request with `record`'s key, in the order they are spent: rate limits
+/// before credits (a request a limit refuses spends no credit), the identity's credits
+/// last. Empty for a key with no limit, no credits and no identity limits or credits.
+pub fn meters(record: &KeyRecord) -> Vec<Meter> {
+    let mut meters = Vec::new();
+    if let Some(identity) = &record.identity {
+        for named in &record.identity_limits.0 {
+            meters.push(Meter {
+                name: format!("\u{1}{identity}\u{1}{}", named.name),
+                limit: Some(named.limit),
+                credits: None,
+                key: false,
+            });
+        }
+    }
+    if record.rate_limit.is_some() || record.credits.is_some() {
+        meters.push(Meter {
+            name: record.name.clone(),
+            limit: record.rate_limit,
+            credits: record.credits,
+            key: true,
+        });
+    }
+    if let (Some(identity), Some(grant)) = (&record.identity, record.identity_credits) {
+        meters.push(Meter {
+            name: format!("\u{1}{identity}"),
+            limit: None,
+            credits: Some(grant),
+            key: false,
+        });
+    }
+    meters
+}
+
+/// How long before its window's (or its credits') end an isolate stops spending a lease on
+/// its own: the object's clock, on another machine, may run that much ahead, and a token
+/// spent after the object started a new window would count in none.
+pub const CLOCK_MARGIN_MS: u64 = 50;
 /// The most requests one lease covers besides the one that asked.
 pub const MAX_LEASE: u32 = 64;
 /// How long an isolate may spend leased credits (a top-up or another isolate's demand
@@ -210,24 +261,42 @@ impl Counter {
 }
 
 impl Lease {
-    /// Spends one request costing `cost` at `now_ms` if this lease still covers it;
-    /// returns the `RateLimit` headers' remaining count.
+    /// Spends one request costing `cost` at `now_ms` if this lease still covers it (ending
+    /// [`CLOCK_MARGIN_MS`] early); returns the `RateLimit` headers' remaining count.
     pub fn spend(&mut self, cost: u64, now_ms: u64) -> Option<u32> {
+        let now = now_ms.saturating_add(CLOCK_MARGIN_MS);
         if self.requests == 0
-            || now_ms >= self.window_end
+            || now >= self.window_end
             || self.credits < cost
-            || (self.credits != u64::MAX && now_ms >= self.credits_end)
+            || (self.credits != u64::MAX && now >= self.credits_end)
         {
             return None;
         }
+        Some(self.take(cost))
+    }
+
+    /// Spends the request the object granted this lease for (counted there already, so
+    /// whatever the clock says); the `RateLimit` headers' remaining count.
+    pub fn take(&mut self, cost: u64) -> u32 {
         if self.requests != u32::MAX {
-            self.requests -= 1;
+            self.requests = self.requests.saturating_sub(1);
         }
         if self.credits != u64::MAX {
-            self.credits -= cost;
+            self.credits = self.credits.saturating_sub(cost);
         }
         self.used += 1;
-        Some(self.window_remaining.saturating_add(self.requests))
+        self.window_remaining.saturating_add(self.requests)
+    }
+
+    /// Undoes one [`Lease::spend`] of `cost` (a later meter refused the request).
+    pub fn refund(&mut self, cost: u64) {
+        if self.requests != u32::MAX {
+            self.requests += 1;
+        }
+        if self.credits != u64::MAX {
+            self.credits += cost;
+        }
+        self.used = self.used.saturating_sub(1);
     }
 
     /// What can be given back at `now_ms` (nothing the object would drop anyway).
@@ -741,6 +810,42 @@ mod tests {
         assert_eq!(next_want(0), 0);
         assert_eq!(next_want(3), 6);
         assert_eq!(next_want(1_000), MAX_LEASE);
+    }
+
+    #[test]
+    fn meters_go_limits_first_identity_credits_last() {
+        let plain = KeyRecord::sample();
+        assert!(meters(&plain).is_empty(), "an unmetered key pays nothing");
+        let record = KeyRecord {
+            name: "k".into(),
+            rate_limit: Some(limit(10, 1)),
+            identity: Some("acme".into()),
+            identity_credits: Some(grant(5)),
+            identity_limits: metlo_shared::identity::NamedLimits::decode("a=1/1,b=2/2").unwrap(),
+            ..KeyRecord::sample()
+        };
+        let names: Vec<_> = meters(&record)
+            .into_iter()
+            .map(|m| (m.name, m.key))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("\u{1}acme\u{1}a".to_owned(), false),
+                ("\u{1}acme\u{1}b".to_owned(), false),
+                ("k".to_owned(), true),
+                ("\u{1}acme".to_owned(), false),
+            ]
+        );
+        let mut lease =
+            match Counter::default().serve(&ask(None, Some(grant(10)), 0, Unused::default()), 1) {
+                Answer::Admitted(l) => l,
+                other => panic!("{other:?}"),
+            };
+        lease.take(1);
+        assert!(lease.spend(1, 1).is_none());
+        lease.refund(1);
+        assert!(lease.spend(1, 1).is_some(), "a refund can be spent again");
     }
 
     #[test]

@@ -40,26 +40,31 @@ pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 
 /// The policy's decision for `method` on `request_url` (absolute) by a key with
 /// `permissions`; `overrides`: the methods the client's override headers name
-/// (comma-separated), each of which must be allowed too. `Ok(None)`: forward as it came
-/// (no policy in force); `Ok(Some(path and query))`: forward to that; or the refusal.
+/// (comma-separated), each of which must be allowed too. Admitted: where to forward —
+/// `None`: as it came (no policy in force), `Some(path and query)`: there — and the
+/// credits the request costs (its rule's, 1 without one); or the refusal.
 pub fn authorize(
     policy: Option<&PolicyState>,
     method: &str,
     overrides: Option<&str>,
     request_url: &str,
     permissions: &[String],
-) -> Result<Option<String>, PolicyRefusal> {
+) -> Result<(Option<String>, u64), PolicyRefusal> {
     let policy = match policy {
-        None => return Ok(None),
+        None => return Ok((None, 1)),
         Some(PolicyState::Unreadable) => return Err(PolicyRefusal::Unreadable),
-        Some(PolicyState::Known(p)) if !p.is_active() => return Ok(None),
+        Some(PolicyState::Known(p)) if !p.is_active() => return Ok((None, 1)),
         Some(PolicyState::Known(p)) => p,
     };
     let (path, query) = path_and_query(request_url);
     let path = normalize_path(path).map_err(PolicyRefusal::Path)?;
     let mut verdict = policy.decide(method, &path, permissions);
+    let cost = match verdict {
+        Verdict::Allow(cost) => cost,
+        Verdict::Deny(_) => 1,
+    };
     for named in overrides.into_iter().flat_map(|o| o.split(',')) {
-        if verdict != Verdict::Allow {
+        if !matches!(verdict, Verdict::Allow(_)) {
             break;
         }
         verdict = policy.decide(&named.trim().to_ascii_uppercase(), &path, permissions);
@@ -67,10 +72,11 @@ pub fn authorize(
     if let Verdict::Deny(required) = verdict {
         return Err(PolicyRefusal::Forbidden(required.map(|e| e.to_string())));
     }
-    Ok(Some(match query {
+    let target = match query {
         Some(q) => format!("{}?{q}", path.forward),
         None => path.forward,
-    }))
+    };
+    Ok((Some(target), cost))
 }
 
 /// The path and the query of an absolute URL (the fragment never reaches a server).
@@ -144,7 +150,7 @@ mod tests {
         for policy in [None, Some(known("0 allow\n")), Some(known("3 allow\n"))] {
             assert_eq!(
                 authorize(policy.as_ref(), "GET", None, "https://e.dev/a//b?x", &[]),
-                Ok(None)
+                Ok((None, 1))
             );
         }
     }
@@ -161,7 +167,19 @@ mod tests {
                 "https://e.dev/v1/x/../orders/%31?q=a/../b#frag",
                 &read
             ),
-            Ok(Some("/v1/orders/1?q=a/../b".into()))
+            Ok((Some("/v1/orders/1?q=a/../b".into()), 1))
+        );
+        // A rule's cost comes with it.
+        let priced = known("2 allow\nGET /v1/search cost=7 search");
+        assert_eq!(
+            authorize(
+                Some(&priced),
+                "GET",
+                None,
+                "https://e.dev/v1/search",
+                &perms(&["search"])
+            ),
+            Ok((Some("/v1/search".into()), 7))
         );
         assert_eq!(
             authorize(Some(&p), "POST", None, "https://e.dev/v1/orders", &read),

@@ -252,13 +252,13 @@ async fn handle(
         None => (line.as_str(), None),
     };
     let (method, url) = request.split_once(' ').unwrap_or((request, ""));
-    let target = match policy_glue::route_policy(env, config, stale_ms.is_some()).await {
+    let (target, cost) = match policy_glue::route_policy(env, config, stale_ms.is_some()).await {
         Err(()) => return refuse(Refusal::Unavailable, config, source),
         Ok(policy) => {
             let decided =
                 policy::authorize(policy.as_ref(), method, overrides, url, &record.permissions);
             match decided {
-                Ok(target) => target,
+                Ok(admitted) => admitted,
                 Err(refusal) => {
                     return plain(
                         policy::refusal_response(&refusal),
@@ -285,10 +285,11 @@ async fn handle(
     };
     // Keys without a limit or credits pay nothing here: no I/O, no allocation. The
     // others spend from this isolate's lease, asking their object only when it is spent.
-    let limited = if record.rate_limit.is_none() && record.credits.is_none() {
+    let meters = limits::meters(&record);
+    let limited = if meters.is_empty() {
         None
     } else {
-        match spend(&record, 1, env, config).await {
+        match spend_all(&meters, cost, env, config).await {
             Ok(outcome) => record.rate_limit.zip(outcome),
             Err(Spent::Refused(response)) => {
                 return plain(response, config.decision_header, source)
@@ -406,12 +407,12 @@ async fn find(
     match ask_control_plane(&hex, env, config).await {
         Lookup::Found {
             record,
+            json,
             keep_seconds,
         } => {
             let now = now_ms / 1000;
             let kv_ttl = config.kv_ttl_seconds.min(keep_seconds);
             if let Some(ttl) = decision::kv_ttl(&record, kv_ttl, now) {
-                let json = record.to_json();
                 let digest = KeyRecord::digest(&json);
                 let ttl = u32::try_from(ttl).unwrap_or(u32::MAX);
                 let put = kv_put(env.as_ref(), &hex, &json, ttl, &digest);
@@ -445,27 +446,30 @@ async fn find(
 /// not know? The `MISS_LIMITER` binding counts per location; a binding that is missing or
 /// fails says no (fail closed: a flood must not reach the control plane unchecked).
 async fn within_miss_budget(req: &web_sys::Request, env: &Env) -> bool {
-    // Set by Cloudflare on every request (and by `wrangler dev`); never absent there.
-    let client = req
-        .headers()
-        .get("CF-Connecting-IP")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    let limiter = match env.rate_limiter(MISS_LIMITER) {
-        Ok(l) => l,
+    match miss_budget(env.as_ref(), req) {
+        Ok(promise) => match JsFuture::from(promise).await {
+            Ok(success) => success.as_bool() == Some(true),
+            Err(e) => {
+                console_error!("rate-limit binding {MISS_LIMITER} failed: {e:?}");
+                false
+            }
+        },
         Err(e) => {
-            console_error!("rate-limit binding {MISS_LIMITER} missing: {e}");
-            return false;
-        }
-    };
-    match limiter.limit(client).await {
-        Ok(outcome) => outcome.success,
-        Err(e) => {
-            console_error!("rate-limit binding {MISS_LIMITER} failed: {e}");
+            console_error!("rate-limit binding {MISS_LIMITER} missing: {e:?}");
             false
         }
     }
+}
+
+// The client's lookup budget from the Rate Limiting binding, keyed by `CF-Connecting-IP`
+// (set by Cloudflare on every request, and by `wrangler dev`): one JS call (the `worker`
+// crate's binding goes through serde for its one option, +2 KB gzip).
+#[wasm_bindgen(inline_js = "export async function miss_budget(env, r) { \
+    const o = await env.MISS_LIMITER.limit({ key: r.headers.get('CF-Connecting-IP') || '' }); \
+    return o.success === true; }")]
+extern "C" {
+    #[wasm_bindgen(catch)]
+    fn miss_budget(env: &JsValue, request: &web_sys::Request) -> Result<js_sys::Promise, JsValue>;
 }
 
 /// The Rate Limiting binding that counts each client's lookups past KV.
@@ -504,30 +508,54 @@ enum Spent {
 /// (nothing held is ever dropped: a dropped lease's credits would be lost).
 const MAX_LEASES: usize = 4096;
 
-/// Spends one request costing `cost` of the key's limit and credits: from this isolate's
-/// lease, or through the key's Durable Object (which gets back what is left of the lease
-/// and may lend a new one), within the control-plane timeout. Admitted: the outcome for
-/// the `RateLimit` headers (for a rate-limited key).
+/// Spends one request costing `cost` on every meter of the key ([`limits::meters`]); if
+/// one refuses, what the earlier ones spent goes back to this isolate's leases. Admitted:
+/// the key's own outcome for the `RateLimit` headers (for a rate-limited key).
+async fn spend_all(
+    meters: &[limits::Meter],
+    cost: u64,
+    env: &Env,
+    config: &Config,
+) -> Result<Option<RateLimitOutcome>, Spent> {
+    let mut outcome = None;
+    for (i, meter) in meters.iter().enumerate() {
+        match spend(meter, cost, env, config).await {
+            Ok(o) if meter.key => outcome = o,
+            Ok(_) => {}
+            Err(refused) => {
+                for done in &meters[..i] {
+                    refund(done, cost);
+                }
+                return Err(refused);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Spends one request costing `cost` of a meter: from this isolate's lease, or through
+/// the meter's Durable Object (which gets back what is left of the lease and may lend a
+/// new one), within the control-plane timeout.
 async fn spend(
-    record: &KeyRecord,
+    meter: &limits::Meter,
     cost: u64,
     env: &Env,
     config: &Config,
 ) -> Result<Option<RateLimitOutcome>, Spent> {
     let now = now_ms();
-    let url = match from_lease(record, cost, now) {
+    let url = match from_lease(meter, cost, now) {
         Ok(outcome) => return Ok(Some(outcome)),
         Err(ask) => ask.encode(),
     };
     let call = async {
-        let text = JsFuture::from(ask_limiter(env.as_ref(), &record.name, &url)?).await?;
+        let text = JsFuture::from(ask_limiter(env.as_ref(), &meter.name, &url)?).await?;
         text.as_string()
             .ok_or_else(|| JsValue::from_str("not text"))
     };
     let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
     let raced = select(Box::pin(call), timeout).await;
     match raced {
-        Either::Left((Ok(body), _)) => settle(record, cost, now, &body),
+        Either::Left((Ok(body), _)) => settle(meter, cost, now, &body),
         Either::Left((Err(e), _)) => Err(Spent::Unavailable(
             js_sys::Error::from(e)
                 .message()
@@ -538,9 +566,9 @@ async fn spend(
     }
 }
 
-/// What a lease was lent under: the key's limit and the `set` of its credit grant.
-fn terms(record: &KeyRecord) -> LeaseTerms {
-    (record.rate_limit, record.credits.map(|g| g.set))
+/// What a lease was lent under: the meter's limit and the `set` of its credit grant.
+fn terms(meter: &limits::Meter) -> LeaseTerms {
+    (meter.limit, meter.credits.map(|g| g.set))
 }
 
 /// The `RateLimit` outcome of a request admitted from `lease` with `remaining` left.
@@ -552,20 +580,19 @@ fn admitted(lease: &limits::Lease, remaining: u32, now: u64) -> RateLimitOutcome
     }
 }
 
-/// Spends from this isolate's lease of the key; if it cannot, takes the lease out and
+/// Spends from this isolate's lease of the meter; if it cannot, takes the lease out and
 /// returns the ask that gives its unused part back.
-#[inline(never)]
-fn from_lease(record: &KeyRecord, cost: u64, now: u64) -> Result<RateLimitOutcome, limits::Ask> {
-    let terms = terms(record);
+fn from_lease(meter: &limits::Meter, cost: u64, now: u64) -> Result<RateLimitOutcome, limits::Ask> {
+    let terms = terms(meter);
     let held = LEASES.with(|l| {
         let mut leases = l.borrow_mut();
-        let entry = leases.get_mut(&record.name)?;
+        let entry = leases.get_mut(&meter.name)?;
         if entry.0 == terms {
             if let Some(remaining) = entry.1.spend(cost, now) {
                 return Some(Ok(admitted(&entry.1, remaining, now)));
             }
         }
-        leases.remove(&record.name).map(|(_, lease)| Err(lease))
+        leases.remove(&meter.name).map(|(_, lease)| Err(lease))
     });
     let (back, want) = match held {
         Some(Ok(outcome)) => return Ok(outcome),
@@ -573,19 +600,30 @@ fn from_lease(record: &KeyRecord, cost: u64, now: u64) -> Result<RateLimitOutcom
         None => (Default::default(), 0),
     };
     Err(limits::Ask {
-        limit: record.rate_limit,
-        credits: record.credits,
+        limit: meter.limit,
+        credits: meter.credits,
         cost,
         want,
         back,
     })
 }
 
+/// Gives back one spend of `cost` to the meter's lease (if this isolate still holds it:
+/// otherwise it stays counted, which only makes the meter stricter).
+fn refund(meter: &limits::Meter, cost: u64) {
+    LEASES.with(|l| {
+        if let Some((terms_held, lease)) = l.borrow_mut().get_mut(&meter.name) {
+            if *terms_held == terms(meter) {
+                lease.refund(cost);
+            }
+        }
+    });
+}
+
 /// The object's answer `body`: admitted (the new lease kept, merged with one another
-/// request of the key got meanwhile) or the refusal.
-#[inline(never)]
+/// request of the meter got meanwhile) or the refusal.
 fn settle(
-    record: &KeyRecord,
+    meter: &limits::Meter,
     cost: u64,
     now: u64,
     body: &str,
@@ -593,28 +631,24 @@ fn settle(
     let refused = |r| Err(Spent::Refused(r));
     match limits::Answer::decode(body) {
         Some(limits::Answer::Admitted(mut lease)) => {
-            let Some(remaining) = lease.spend(cost, now) else {
-                return Err(Spent::Unavailable(
-                    "a lease short of its request".to_owned(),
-                ));
-            };
+            let remaining = lease.take(cost);
             let outcome = admitted(&lease, remaining, now);
-            let terms = terms(record);
+            let terms = terms(meter);
             LEASES.with(|l| {
                 let mut leases = l.borrow_mut();
                 let room = leases.len() < MAX_LEASES;
-                match leases.get_mut(&record.name) {
+                match leases.get_mut(&meter.name) {
                     Some(held) if held.0 == terms => held.1.merge(lease),
                     Some(held) => *held = (terms, lease),
                     None if room => {
-                        leases.insert(record.name.clone(), (terms, lease));
+                        leases.insert(meter.name.clone(), (terms, lease));
                     }
                     None => {}
                 }
             });
             Ok(Some(outcome))
         }
-        Some(limits::Answer::RateLimited(outcome)) => match record.rate_limit {
+        Some(limits::Answer::RateLimited(outcome)) => match meter.limit {
             Some(limit) => refused(limits::rate_limited_response(limit, outcome)),
             None => Err(Spent::Unavailable(
                 "rate limited without a limit".to_owned(),

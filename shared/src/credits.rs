@@ -37,22 +37,31 @@ pub enum Interval {
 #[serde(rename_all = "camelCase", deny_unknown_fields, try_from = "RawRefill")]
 pub struct Refill {
     /// The balance after each refill: 1 to 1,000,000,000,000.
+    #[cfg_attr(
+        feature = "utoipa",
+        schema(minimum = 1, maximum = 1_000_000_000_000_u64, example = 1000)
+    )]
     pub amount: u64,
     pub interval: Interval,
+    /// `monthly` only: the day of the month (1–31; the month's last day when shorter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(minimum = 1, maximum = 31))]
     pub refill_day: Option<u8>,
+    /// `seconds` only (and required there): every this many seconds from the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(minimum = 1, maximum = 31_536_000))]
     pub period_seconds: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawRefill {
+    #[serde(deserialize_with = "crate::whole::number")]
     amount: u64,
     interval: Interval,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::optional")]
     refill_day: Option<u8>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::optional")]
     period_seconds: Option<u32>,
 }
 

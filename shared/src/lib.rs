@@ -14,11 +14,13 @@
 mod authorization;
 mod base62;
 pub mod credits;
+pub mod identity;
 mod key;
 pub mod permissions;
 pub mod policy;
 mod rate_limit;
 mod record;
+pub mod whole;
 
 pub use authorization::{parse_authorization, AuthorizationError};
 pub use key::{

@@ -7,6 +7,7 @@ use core::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::credits::Grant;
+use crate::identity::NamedLimits;
 use crate::rate_limit::RateLimit;
 
 /// The newest record version, bumped when the record's meaning changes; readers refuse
@@ -189,6 +190,17 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>, example = "1/1000/0/0/0/0"))]
     pub credits: Option<Grant>,
+    /// The `externalId` of the identity the key belongs to ([`crate::identity`]); absent:
+    /// none. Only in version-4 records, with the identity's credits and named limits,
+    /// which all its keys share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>))]
+    pub identity_credits: Option<Grant>,
+    #[serde(default, skip_serializing_if = "NamedLimits::is_empty")]
+    #[cfg_attr(feature = "utoipa", schema(value_type = Option<String>, example = "requests=100/60"))]
+    pub identity_limits: NamedLimits,
 }
 
 /// The request header that carries a key's `meta` to the origin.
@@ -205,7 +217,7 @@ pub enum RecordError {
 impl KeyRecord {
     /// The version a record must be written as: the oldest that has all it says.
     pub fn min_version(&self) -> u32 {
-        if self.credits.is_some() {
+        if self.credits.is_some() || self.identity.is_some() {
             4
         } else if !self.permissions.is_empty() {
             3
@@ -259,6 +271,9 @@ impl KeyRecord {
             rate_limit: None,
             permissions: Vec::new(),
             credits: None,
+            identity: None,
+            identity_credits: None,
+            identity_limits: NamedLimits::default(),
         }
     }
 }
@@ -294,6 +309,9 @@ mod tests {
             rate_limit: None,
             permissions: Vec::new(),
             credits: None,
+            identity: None,
+            identity_credits: None,
+            identity_limits: NamedLimits::default(),
         }
     }
 
@@ -398,6 +416,23 @@ mod tests {
         let json3 = json.replace(r#""v":4"#, r#""v":3"#);
         assert!(KeyRecord::from_json(json3.as_bytes()).is_err());
         assert_eq!(metered.min_version(), 4);
+        let owned = KeyRecord {
+            v: 4,
+            identity: Some("acme".into()),
+            identity_limits: NamedLimits::decode("rps=5/1").unwrap(),
+            ..sample()
+        };
+        let json = owned.to_json();
+        assert!(
+            json.contains(r#""identity":"acme","identityLimits":"rps=5/1""#),
+            "{json}"
+        );
+        assert_eq!(KeyRecord::from_json(json.as_bytes()).unwrap(), owned);
+        let json3 = json.replace(r#""v":4"#, r#""v":3"#);
+        assert!(
+            KeyRecord::from_json(json3.as_bytes()).is_err(),
+            "an older Worker would ignore the identity"
+        );
     }
 
     #[test]

@@ -187,3 +187,159 @@ async fn leased_rate_limits_never_exceed_a_window() {
         "leases do not starve the key: {admitted}"
     );
 }
+
+/// Sends requests alternating between `keys` until each has been refused once; how many
+/// were admitted, and the refusals' error codes.
+async fn alternate_until_refused(s: &Stack, keys: &[&str]) -> (u64, Vec<String>) {
+    let mut admitted = 0;
+    let mut refused = vec![None; keys.len()];
+    while refused.iter().any(Option::is_none) {
+        for (i, key) in keys.iter().enumerate() {
+            let r = s.edge.get("/shared", Some(key)).send().await.unwrap();
+            match r.status() {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    let body: Value = r.json().await.unwrap();
+                    refused[i] = Some(body["error"].as_str().unwrap().to_owned());
+                }
+                other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+            }
+        }
+    }
+    (admitted, refused.into_iter().flatten().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identitys_keys_share_one_balance_and_one_limit() {
+    let s = stack().await;
+    let (status, body) =
+        s.cp.post(
+            "/api/v1/identities",
+            Some(json!({"externalId": "acme", "credits": {"remaining": 20}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut keys = vec![];
+    for name in ["acme-1", "acme-2"] {
+        let (status, body) = s.cp.create(json!({"name": name, "identity": "acme"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        keys.push(body["apiKey"].as_str().unwrap().to_owned());
+    }
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let reached = s.origin.requests().len();
+    let (admitted, refusals) = alternate_until_refused(&s, &[&keys[0], &keys[1]]).await;
+    assert_eq!(admitted, 20, "one balance for both keys\n{}", s.edge.log());
+    assert_eq!(refusals, ["credits_exhausted", "credits_exhausted"]);
+    let seen = s.origin.requests();
+    assert_eq!(seen.len() - reached, 20);
+    assert!(
+        seen[reached..].iter().all(|r| r
+            .headers
+            .get("x-metlo-identity")
+            .is_some_and(|v| v == "acme")),
+        "the origin is told the identity"
+    );
+
+    // A named limit instead of credits: both keys count against it.
+    let r = s
+        .cp
+        .request(reqwest::Method::PATCH, "/api/v1/identities/acme", Some(&s.cp.admin_key))
+        .json(&json!({"credits": null, "rateLimits": [{"name": "per-minute", "requests": 12, "periodSeconds": 60}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    // The edge reads the new records within the revocation feed's bound; until then the
+    // old ones admit nothing (their credits are spent), so every admission counts.
+    let started = Instant::now();
+    let mut admitted = 0;
+    loop {
+        let (n, refusals) = alternate_until_refused(&s, &[&keys[0], &keys[1]]).await;
+        admitted += n;
+        if refusals.iter().all(|e| e == "rate_limited") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{refusals:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(admitted, 12, "one limit for both keys");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_costs_what_the_policy_names() {
+    let s = stack().await;
+    let r =
+        s.cp.request(
+            reqwest::Method::PUT,
+            "/api/v1/policy",
+            Some(&s.cp.admin_key),
+        )
+        .json(&json!({"default": "allow", "rules": [
+            {"path": "/v1/search", "require": "search", "cost": 5},
+            {"path": "/v1/free", "require": "search", "cost": 0},
+            {"path": "/deny", "require": "nobody"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
+    let plain = s.cp.create_key("plain", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let started = Instant::now();
+    while s
+        .edge
+        .get("/deny", Some(&plain))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::FORBIDDEN
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the policy never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) =
+        s.cp.create(
+            json!({"name": "searcher", "permissions": ["search"], "credits": {"remaining": 12}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["apiKey"].as_str().unwrap().to_owned();
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let mut seen = vec![];
+    for path in [
+        "/v1/search",
+        "/v1/search",
+        "/v1/search",
+        "/v1/free",
+        "/v1/other",
+        "/v1/other",
+        "/v1/other",
+    ] {
+        seen.push((
+            path,
+            s.edge
+                .get(path, Some(&key))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("/v1/search", 200),
+            ("/v1/search", 200),
+            ("/v1/search", 429), // 2 left: not enough for 5
+            ("/v1/free", 200),
+            ("/v1/other", 200),
+            ("/v1/other", 200),
+            ("/v1/other", 429),
+        ]
+    );
+}

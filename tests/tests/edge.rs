@@ -387,6 +387,9 @@ async fn expired_record_is_refused() {
         rate_limit: None,
         permissions: vec![],
         credits: None,
+        identity: None,
+        identity_credits: None,
+        identity_limits: Default::default(),
     };
     s.edge.kv_put(&key.hash().to_hex(), &record.to_json());
     let r = s
@@ -590,6 +593,9 @@ fn kv_record(key: &ApiKey, name: &str) -> KeyRecord {
         rate_limit: None,
         permissions: vec![],
         credits: None,
+        identity: None,
+        identity_credits: None,
+        identity_limits: Default::default(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Changes to a key that keep its secret: enable or disable, expiry, metadata. Each
 //! commits the row, its KV updates and its audit row in one transaction.
 
-use super::rows::{AuditEntry, CreditsChange, KeyChanges, RetiredSecret, StoredKey};
+use super::rows::{AuditEntry, KeyChanges, RetiredSecret, StoredKey};
 use super::{Store, StoreError};
 
 impl Store {
@@ -29,21 +29,16 @@ impl Store {
         {
             return Err(StoreError::NoTraffic(after.role));
         }
-        if after.credits_to.is_some() && before.credits_to.is_none() && !after.role.serves_traffic()
+        if (after.credits.credits_to.is_some() && before.credits.credits_to.is_none()
+            || after.identity_id.is_some() && after.identity_id != before.identity_id)
+            && !after.role.serves_traffic()
         {
             return Err(StoreError::NoTraffic(after.role));
         }
-        if let Some(CreditsChange::Add(_)) = changes.credits {
-            // Under this row's lock: concurrent top-ups add up, none is lost or counted twice.
-            if before.credits_to.is_none() {
-                return Err(StoreError::NoCredits);
-            }
-            let granted = after
-                .credits_added
-                .saturating_add(after.credits_to.unwrap_or(0));
-            if granted > metlo_shared::credits::MAX_CREDITS as i64 {
-                return Err(StoreError::TooManyCredits);
-            }
+        if let Some(change) = changes.credits {
+            // Checked on the row as read under its lock: concurrent top-ups add up, none is
+            // lost or counted twice.
+            before.credits.clone().apply(change)?;
         }
         // Disabled, or given an expiry (or an earlier one): it will stop administering.
         let ends_sooner = match (before.expires_at_ms, after.expires_at_ms) {
@@ -64,7 +59,8 @@ impl Store {
         sqlx::query(
             "UPDATE api_keys SET disabled_at_ms = $1, expires_at_ms = $2, meta = $3, \
              rate_limit_requests = $4, rate_limit_period_seconds = $5, permissions = $6, \
-             credits_set = $7, credits_to = $8, credits_added = $9, credits_refill = $10 WHERE id = $11",
+             credits_set = $7, credits_to = $8, credits_added = $9, credits_refill = $10, \
+             identity_id = $11, identity_record = $12 WHERE id = $13",
         )
         .bind(after.disabled_at_ms)
         .bind(after.expires_at_ms)
@@ -72,10 +68,12 @@ impl Store {
         .bind(after.rate_limit_requests)
         .bind(after.rate_limit_period_seconds)
         .bind(after.permissions.as_deref())
-        .bind(after.credits_set)
-        .bind(after.credits_to)
-        .bind(after.credits_added)
-        .bind(after.credits_refill.as_deref())
+        .bind(after.credits.credits_set)
+        .bind(after.credits.credits_to)
+        .bind(after.credits.credits_added)
+        .bind(after.credits.credits_refill.as_deref())
+        .bind(after.identity_id)
+        .bind(after.identity_record.as_deref())
         .bind(after.id)
         .execute(&mut *tx)
         .await?;

@@ -8,7 +8,7 @@ use super::rows::{AuditEntry, RetiredSecret, Rolled, StoredKey, Tx, KEY_COLUMNS}
 use super::{Store, StoreError};
 use crate::clock::{ceil_to_second, now_ms};
 
-/// Rows per INSERT: 15 parameters each stays under SQLite's limit of 32,766 (and
+/// Rows per INSERT: 17 parameters each stays under SQLite's limit of 32,766 (and
 /// Postgres's 65,535).
 const ROWS_PER_INSERT: usize = 500;
 
@@ -57,13 +57,13 @@ impl Store {
         for chunk in keys.chunks(ROWS_PER_INSERT) {
             let values = (0..chunk.len())
                 .map(|i| {
-                    let p: Vec<String> = (1..=15).map(|j| format!("${}", i * 15 + j)).collect();
+                    let p: Vec<String> = (1..=17).map(|j| format!("${}", i * 17 + j)).collect();
                     format!("({})", p.join(", "))
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
             let sql = format!(
-                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds, permissions, credits_set, credits_to, credits_added, credits_refill) VALUES {values}"
+                "INSERT INTO api_keys (name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, role, meta, rate_limit_requests, rate_limit_period_seconds, permissions, credits_set, credits_to, credits_added, credits_refill, identity_id, identity_record) VALUES {values}"
             );
             let mut query = sqlx::query(&sql);
             for key in chunk {
@@ -79,10 +79,12 @@ impl Store {
                     .bind(key.rate_limit_requests)
                     .bind(key.rate_limit_period_seconds)
                     .bind(key.permissions.as_deref())
-                    .bind(key.credits_set)
-                    .bind(key.credits_to)
-                    .bind(key.credits_added)
-                    .bind(key.credits_refill.as_deref());
+                    .bind(key.credits.credits_set)
+                    .bind(key.credits.credits_to)
+                    .bind(key.credits.credits_added)
+                    .bind(key.credits.credits_refill.as_deref())
+                    .bind(key.identity_id)
+                    .bind(key.identity_record.as_deref());
             }
             query.execute(&mut **tx).await?;
         }
@@ -314,7 +316,8 @@ impl Store {
                CASE WHEN k.expires_at_ms IS NOT NULL AND k.expires_at_ms < r.retires_at_ms \
                  THEN k.expires_at_ms ELSE r.retires_at_ms END AS expires_at_ms, \
                k.last_used_ms, k.role, k.disabled_at_ms, k.meta, k.rate_limit_requests, k.rate_limit_period_seconds, k.permissions, \
-               k.credits_set, k.credits_to, k.credits_added, k.credits_refill \
+               k.credits_set, k.credits_to, k.credits_added, k.credits_refill, \
+               k.identity_id, k.identity_record \
              FROM retired_secrets r JOIN api_keys k ON k.id = r.key_id \
              WHERE r.key_hash = $2 AND r.retires_at_ms > $3 AND k.disabled_at_ms IS NULL"
         ))

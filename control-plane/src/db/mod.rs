@@ -10,6 +10,7 @@ pub mod assertion_keys;
 pub mod audit;
 pub mod bulk;
 pub mod feed;
+pub mod identities;
 pub mod key_updates;
 pub mod keys;
 #[cfg(test)]
@@ -94,6 +95,8 @@ pub enum StoreError {
     NoCredits,
     #[error("credits granted would pass 1000000000000")]
     TooManyCredits,
+    #[error("{0} keys belong to this identity: delete them first, or delete with ?cascade=true")]
+    IdentityHasKeys(i64),
     /// The database could not be reached (down, pool exhausted, timed out): retryable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),

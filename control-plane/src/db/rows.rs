@@ -5,6 +5,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use metlo_shared::credits::{Grant, Refill};
+use metlo_shared::identity::NamedLimits;
 use metlo_shared::{KeyRecord, KeyType, RateLimit, Role};
 
 use crate::clock::{iso8601, unix_seconds};
@@ -19,7 +20,7 @@ pub const FEED_CHANNEL: &str = "metlo_revocation_feed";
 
 /// The columns of a [`StoredKey`], in `SELECT`s.
 pub(super) const KEY_COLUMNS: &str =
-    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds, permissions, credits_set, credits_to, credits_added, credits_refill";
+    "id, name, key_hash, identifier, key_type, created_at_ms, expires_at_ms, last_used_ms, role, disabled_at_ms, meta, rate_limit_requests, rate_limit_period_seconds, permissions, credits_set, credits_to, credits_added, credits_refill, identity_id, identity_record";
 
 /// [`KEY_COLUMNS`], each as `alias.column` (for joins).
 pub(super) fn key_columns_of(alias: &str) -> String {
@@ -55,13 +56,127 @@ pub struct StoredKey {
     pub rate_limit_period_seconds: Option<i64>,
     /// Space-separated, sorted, no duplicates ([`StoredKey::permissions`]); `None`: none.
     pub permissions: Option<String>,
-    /// Credits as granted ([`StoredKey::credits`]): the last set's number, value (`None`:
-    /// unmetered), what was added since, the refill rule (JSON).
+    #[sqlx(flatten)]
+    pub credits: CreditColumns,
+    /// The identity the key belongs to; `None`: none.
+    pub identity_id: Option<i64>,
+    /// What of the identity the key's record carries ([`IdentityPart`] as JSON), kept in
+    /// step with the identity.
+    pub identity_record: Option<String>,
+}
+
+/// Credits as granted, as a key's or an identity's columns: the last set's number (only
+/// grows), its value (`None`: unmetered), what was added since, the refill rule (JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct CreditColumns {
     pub credits_set: i64,
     pub credits_to: Option<i64>,
     pub credits_added: i64,
     pub credits_refill: Option<String>,
 }
+
+impl CreditColumns {
+    /// The grant; `None`: unmetered. A refill stored unreadable (by hand) reads as none:
+    /// the balance still only falls.
+    pub fn grant(&self) -> Option<Grant> {
+        let to = self.credits_to?;
+        Some(Grant {
+            set: u64::try_from(self.credits_set).unwrap_or(0).max(1),
+            to: u64::try_from(to).unwrap_or(0),
+            added: u64::try_from(self.credits_added).unwrap_or(0),
+            refill: self
+                .credits_refill
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok()),
+        })
+    }
+
+    /// Sets the credits (a new set: the edge's balance becomes `remaining`), or removes
+    /// them; either way what was added is forgotten.
+    pub fn set(&mut self, credits: Option<(u64, Option<Refill>)>) {
+        self.credits_added = 0;
+        match credits {
+            Some((remaining, refill)) => {
+                self.credits_set += 1;
+                self.credits_to = Some(i64::try_from(remaining).unwrap_or(i64::MAX));
+                self.credits_refill =
+                    refill.map(|r| serde_json::to_string(&r).expect("a refill always serializes"));
+            }
+            None => {
+                self.credits_to = None;
+                self.credits_refill = None;
+            }
+        }
+    }
+
+    /// Applies a change; a top-up of credits there are none of, or past the most a grant
+    /// may hold, is refused.
+    pub fn apply(&mut self, change: CreditsChange) -> Result<(), super::StoreError> {
+        match change {
+            CreditsChange::Set(credits) => self.set(credits),
+            CreditsChange::Add(n) => {
+                let Some(to) = self.credits_to else {
+                    return Err(super::StoreError::NoCredits);
+                };
+                let added = self
+                    .credits_added
+                    .saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+                if added.saturating_add(to) > metlo_shared::credits::MAX_CREDITS as i64 {
+                    return Err(super::StoreError::TooManyCredits);
+                }
+                self.credits_added = added;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The identity fields of a key's edge record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityPart {
+    pub identity: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_credits: Option<Grant>,
+    #[serde(default, skip_serializing_if = "NamedLimits::is_empty")]
+    pub identity_limits: NamedLimits,
+}
+
+/// An identity's row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredIdentity {
+    pub id: i64,
+    pub external_id: String,
+    /// Compact JSON object, at most 1 KB.
+    pub meta: Option<String>,
+    pub created_at_ms: i64,
+    /// [`NamedLimits::encode`]d.
+    pub rate_limits: String,
+    #[sqlx(flatten)]
+    pub credits: CreditColumns,
+}
+
+impl StoredIdentity {
+    pub fn limits(&self) -> NamedLimits {
+        NamedLimits::decode(&self.rate_limits).unwrap_or_default()
+    }
+
+    /// What its keys' records carry of it.
+    pub fn part(&self) -> IdentityPart {
+        IdentityPart {
+            identity: self.external_id.clone(),
+            identity_credits: self.credits.grant(),
+            identity_limits: self.limits(),
+        }
+    }
+
+    pub fn part_json(&self) -> String {
+        serde_json::to_string(&self.part()).expect("an identity part always serializes")
+    }
+}
+
+/// The columns of [`StoredIdentity`], in its order.
+pub(super) const IDENTITY_COLUMNS: &str = "id, external_id, meta, created_at_ms, rate_limits, credits_set, credits_to, credits_added, credits_refill";
 
 impl StoredKey {
     /// A new key's row for `secret`: enabled, never used, no expiry, meta or limit (its
@@ -88,44 +203,22 @@ impl StoredKey {
             rate_limit_requests: None,
             rate_limit_period_seconds: None,
             permissions: None,
-            credits_set: 0,
-            credits_to: None,
-            credits_added: 0,
-            credits_refill: None,
+            credits: CreditColumns::default(),
+            identity_id: None,
+            identity_record: None,
         }
     }
 
-    /// The key's credits as granted; `None`: unmetered. A refill stored unreadable (by
-    /// hand) reads as none: the balance still only falls.
+    /// The key's credits as granted; `None`: unmetered.
     pub fn credits(&self) -> Option<Grant> {
-        let to = self.credits_to?;
-        Some(Grant {
-            set: u64::try_from(self.credits_set).unwrap_or(0).max(1),
-            to: u64::try_from(to).unwrap_or(0),
-            added: u64::try_from(self.credits_added).unwrap_or(0),
-            refill: self
-                .credits_refill
-                .as_deref()
-                .and_then(|r| serde_json::from_str(r).ok()),
-        })
+        self.credits.grant()
     }
 
-    /// Sets the credits (a new set: the edge's balance becomes `remaining`), or removes
-    /// them; either way what was added is forgotten.
-    pub fn set_credits(&mut self, credits: Option<(u64, Option<Refill>)>) {
-        self.credits_added = 0;
-        match credits {
-            Some((remaining, refill)) => {
-                self.credits_set += 1;
-                self.credits_to = Some(i64::try_from(remaining).unwrap_or(i64::MAX));
-                self.credits_refill =
-                    refill.map(|r| serde_json::to_string(&r).expect("a refill always serializes"));
-            }
-            None => {
-                self.credits_to = None;
-                self.credits_refill = None;
-            }
-        }
+    /// The identity the key's record names, if any.
+    pub fn identity(&self) -> Option<IdentityPart> {
+        self.identity_record
+            .as_deref()
+            .and_then(|j| serde_json::from_str(j).ok())
     }
 
     /// The key's permissions, sorted (as stored).
@@ -173,6 +266,9 @@ impl StoredKey {
             rate_limit: self.rate_limit(),
             permissions: self.permissions(),
             credits: self.credits(),
+            identity: None,
+            identity_credits: None,
+            identity_limits: NamedLimits::default(),
             name: self.name.clone(),
             key_type: self.key_type,
             identifier: self.identifier.clone(),
@@ -181,6 +277,11 @@ impl StoredKey {
             role: self.role,
             meta: self.meta.as_deref().map(|m| URL_SAFE_NO_PAD.encode(m)),
         };
+        if let Some(part) = self.identity() {
+            record.identity = Some(part.identity);
+            record.identity_credits = part.identity_credits;
+            record.identity_limits = part.identity_limits;
+        }
         record.v = record.min_version();
         record
     }
@@ -222,9 +323,11 @@ pub struct KeyChanges {
     /// Normalised; `Some(vec![])`: none.
     pub permissions: Option<Vec<String>>,
     pub credits: Option<CreditsChange>,
+    /// `Some(None)`: no identity.
+    pub identity: Option<Option<StoredIdentity>>,
 }
 
-/// A change to a key's credits.
+/// A change to a key's or an identity's credits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreditsChange {
     /// A new balance and refill rule; `None`: unmetered.
@@ -256,14 +359,13 @@ impl KeyChanges {
         if let Some(permissions) = &self.permissions {
             changed.set_permissions(permissions);
         }
-        match self.credits {
-            None => {}
-            Some(CreditsChange::Set(credits)) => changed.set_credits(credits),
-            Some(CreditsChange::Add(n)) => {
-                changed.credits_added = changed
-                    .credits_added
-                    .saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+        if let Some(change) = self.credits {
+            // A refused top-up is caught by the store before it applies the changes.
+            let _ = changed.credits.apply(change);
+        }
+        if let Some(identity) = &self.identity {
+            changed.identity_id = identity.as_ref().map(|i| i.id);
+            changed.identity_record = identity.as_ref().map(StoredIdentity::part_json);
         }
         changed
     }

@@ -146,7 +146,7 @@ async fn update(
     Path(name): Path<String>,
     JsonBody(body): JsonBody<UpdateKeyRequest>,
 ) -> Result<Json<UpdatedKey>, ApiError> {
-    let changes = body.validate(now_ms())?;
+    let changes = body.resolve(&state.store, now_ms()).await?;
     Ok(Json(
         key_updates::update_key(&state.store, &state.cache, &name, &changes, &actor).await?,
     ))

@@ -25,6 +25,9 @@ pub mod extract;
 mod feed;
 #[cfg(test)]
 mod feed_tests;
+mod identities;
+#[cfg(test)]
+mod identities_tests;
 #[cfg(test)]
 mod key_lists_tests;
 #[cfg(test)]
@@ -77,6 +80,7 @@ pub fn app(state: AppState) -> Router {
         .merge(feed::router())
         .merge(policy::router())
         .merge(assertion_keys::router())
+        .merge(identities::router())
         .layer(
             ServiceBuilder::new()
                 .layer(metrics::TrackRequestsLayer)

@@ -16,6 +16,7 @@ use super::Error;
 pub struct Credits {
     /// The balance: 0 to 1,000,000,000,000. Each request admitted at the edge spends 1.
     #[schema(maximum = 1_000_000_000_000_u64, example = 1000)]
+    #[serde(deserialize_with = "metlo_shared::whole::number")]
     pub remaining: u64,
     /// Sets the balance to `amount` at each refill instant; absent or null: never.
     #[serde(default)]
@@ -60,5 +61,19 @@ impl From<Grant> for CreditsInfo {
 pub struct TopUp {
     /// Credits to add: 1 to 1,000,000,000,000.
     #[schema(minimum = 1, maximum = 1_000_000_000_000_u64, example = 500)]
+    #[serde(deserialize_with = "metlo_shared::whole::number")]
     pub add: u64,
+}
+
+impl TopUp {
+    /// The credits to add, if in range.
+    pub fn validate(self) -> Result<u64, Error> {
+        if (1..=MAX_CREDITS).contains(&self.add) {
+            Ok(self.add)
+        } else {
+            Err(Error::invalid(format!(
+                "add must be a whole number from 1 to {MAX_CREDITS}"
+            )))
+        }
+    }
 }

@@ -1,7 +1,6 @@
 //! Changing a key without re-issuing it: enable / disable, expiry, metadata, rate limit. The change
 //! reaches the edge through the KV outbox and this process's (and Redis's) cache at once.
 
-use metlo_shared::credits::MAX_CREDITS;
 use metlo_shared::permissions::normalize_permissions;
 use metlo_shared::{KeyHash, RateLimit};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -50,6 +49,11 @@ pub struct UpdateKeyRequest {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Credits>)]
     pub credits: Option<Option<Credits>>,
+    /// The `externalId` of the identity the key belongs to from now on; null: none.
+    /// Client keys only.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, example = "acme-corp")]
+    pub identity: Option<Option<String>>,
 }
 
 /// A field that may be absent but, when present, not `null` (nothing to clear).
@@ -65,8 +69,30 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 }
 
 impl UpdateKeyRequest {
-    /// The changes asked for, or what is wrong with them.
+    /// The changes asked for, with the identity named looked up, or what is wrong.
+    pub async fn resolve(mut self, store: &Store, now_ms: i64) -> Result<KeyChanges, Error> {
+        let identity = match self.identity.take() {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(external_id)) => {
+                Some(Some(store.identity(&external_id).await?.ok_or_else(
+                    || Error::invalid("no identity with this externalId"),
+                )?))
+            }
+        };
+        let mut changes = self.validate_with(now_ms, identity.is_some())?;
+        changes.identity = identity;
+        Ok(changes)
+    }
+
+    /// The changes asked for, or what is wrong with them (an identity is not looked up:
+    /// [`UpdateKeyRequest::resolve`]).
     pub fn validate(self, now_ms: i64) -> Result<KeyChanges, Error> {
+        let identity = self.identity.is_some();
+        self.validate_with(now_ms, identity)
+    }
+
+    fn validate_with(self, now_ms: i64, identity: bool) -> Result<KeyChanges, Error> {
         let changes = KeyChanges {
             enabled: self.enabled,
             expires_at_ms: self
@@ -88,10 +114,11 @@ impl UpdateKeyRequest {
                 .map(|c| c.map(Credits::validate).transpose())
                 .transpose()?
                 .map(CreditsChange::Set),
+            identity: None,
         };
-        if changes.is_empty() {
+        if changes.is_empty() && !identity {
             return Err(Error::invalid(
-                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit, permissions, credits",
+                "nothing to change: give at least one of enabled, expiresAt, meta, rateLimit, permissions, credits, identity",
             ));
         }
         Ok(changes)
@@ -214,6 +241,11 @@ fn changed_fields(before: &StoredKey, after: &StoredKey) -> Value {
         }))
     };
     field("credits", credits(before), credits(after));
+    field(
+        "identity",
+        json!(before.identity().map(|i| i.identity)),
+        json!(after.identity().map(|i| i.identity)),
+    );
     json!({"before": old, "after": new})
 }
 
@@ -227,13 +259,8 @@ pub async fn add_credits(
     top_up: TopUp,
     actor: &Actor,
 ) -> Result<UpdatedKey, Error> {
-    if !(1..=MAX_CREDITS).contains(&top_up.add) {
-        return Err(Error::invalid(format!(
-            "add must be a whole number from 1 to {MAX_CREDITS}"
-        )));
-    }
     let changes = KeyChanges {
-        credits: Some(CreditsChange::Add(top_up.add)),
+        credits: Some(CreditsChange::Add(top_up.validate()?)),
         ..KeyChanges::default()
     };
     update_key(store, cache, name, &changes, actor).await

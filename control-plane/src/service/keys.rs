@@ -67,6 +67,10 @@ pub struct CreateKeyRequest {
     /// A balance each request admitted at the edge spends, with an optional refill; past
     /// it, 429 `credits_exhausted`. Only for keys whose role serves traffic. Absent: none.
     pub credits: Option<Credits>,
+    /// The `externalId` of the identity the key belongs to (it shares the identity's
+    /// credits and named limits, and the edge forwards the `externalId`). Client keys only.
+    #[schema(example = "acme-corp")]
+    pub identity: Option<String>,
 }
 
 /// A validated create request.
@@ -83,6 +87,8 @@ pub struct NewKey {
     /// Normalised ([`metlo_shared::permissions::normalize_permissions`]).
     pub permissions: Vec<String>,
     pub credits: Option<(u64, Option<Refill>)>,
+    /// An identity's `externalId` (checked to exist when the key is made).
+    pub identity: Option<String>,
 }
 
 impl CreateKeyRequest {
@@ -107,6 +113,14 @@ impl CreateKeyRequest {
                     )))
                 }
                 c => c.map(Credits::validate).transpose()?,
+            },
+            identity: match self.identity {
+                Some(_) if !role.serves_traffic() => {
+                    return Err(Error::invalid(format!(
+                        "identities are for client keys; a {role} key cannot belong to one"
+                    )))
+                }
+                i => i,
             },
         })
     }
@@ -200,6 +214,9 @@ pub struct KeyInfo {
     /// The key's credits as granted (what is left is counted at the edge); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<CreditsInfo>,
+    /// The `externalId` of the identity the key belongs to; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Returned by a roll: the new key (shown only this once) and when the previous one stops.
@@ -227,6 +244,7 @@ impl From<StoredKey> for KeyInfo {
             rate_limit: k.rate_limit(),
             permissions: k.permissions(),
             credits: k.credits().map(CreditsInfo::from),
+            identity: k.identity().map(|i| i.identity),
             created: iso8601(k.created_at_ms),
             name: k.name,
             identifier: k.identifier,
@@ -406,7 +424,15 @@ pub async fn create_key(
     stored.set_rate_limit(new.rate_limit);
     stored.set_permissions(&new.permissions);
     if new.credits.is_some() {
-        stored.set_credits(new.credits);
+        stored.credits.set(new.credits);
+    }
+    if let Some(external_id) = &new.identity {
+        let identity = store
+            .identity(external_id)
+            .await?
+            .ok_or_else(|| Error::invalid("no identity with this externalId"))?;
+        stored.identity_id = Some(identity.id);
+        stored.identity_record = Some(identity.part_json());
     }
     let audit = actor.entry(
         "key.create",
@@ -420,6 +446,7 @@ pub async fn create_key(
             "rateLimit": new.rate_limit,
             "permissions": new.permissions,
             "credits": stored.credits().map(CreditsInfo::from),
+            "identity": new.identity,
         }),
     );
     store.insert_key(&stored, max_keys, &audit).await?;

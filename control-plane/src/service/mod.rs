@@ -10,6 +10,7 @@ pub mod console;
 pub mod credits;
 pub mod feed;
 pub mod github_keys;
+pub mod identities;
 pub mod key_limits;
 pub mod key_lists;
 pub mod key_updates;
@@ -83,6 +84,7 @@ impl From<StoreError> for Error {
             e @ StoreError::NoTraffic(_) => Error::invalid(e.to_string()),
             e @ StoreError::NoCredits => Error::Conflict(e.to_string()),
             e @ StoreError::TooManyCredits => Error::invalid(e.to_string()),
+            e @ StoreError::IdentityHasKeys(_) => Error::Conflict(e.to_string()),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
                 Error::Unavailable

@@ -63,7 +63,22 @@ pub struct RuleDocument {
     /// Permission expression the key must satisfy (`AND`, `OR`, parentheses).
     #[cfg_attr(feature = "utoipa", schema(example = "orders:read"))]
     pub require: String,
+    /// Credits a request this rule admits spends (keys or identities with credits): 0 to
+    /// 1,000,000; absent: 1.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::optional"
+    )]
+    #[cfg_attr(
+        feature = "utoipa",
+        schema(minimum = 0, maximum = 1_000_000, example = 5)
+    )]
+    pub cost: Option<u64>,
 }
+
+/// The most credits one request may cost.
+pub const MAX_COST: u64 = 1_000_000;
 
 /// The policy document an administrator writes (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -102,12 +117,15 @@ pub struct Rule {
     pub methods: Methods,
     pub path: PathPattern,
     pub require: Expression,
+    /// Credits a request it admits spends.
+    pub cost: u64,
 }
 
 /// What the policy says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'p> {
-    Allow,
+    /// Admitted, at this cost in credits.
+    Allow(u64),
     /// Refused: the rule's expression the key does not satisfy, or `None` for the default.
     Deny(Option<&'p Expression>),
 }
@@ -150,6 +168,11 @@ impl RoutePolicy {
                         .map_err(|e| err(format!("path {:?}: {e}", r.path)))?,
                     require: Expression::parse(&r.require)
                         .map_err(|e: ExpressionError| err(format!("require: {e}")))?,
+                    cost: match r.cost {
+                        None => 1,
+                        Some(c) if c <= MAX_COST => c,
+                        Some(_) => return Err(err(format!("cost: at most {MAX_COST}"))),
+                    },
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -171,6 +194,7 @@ impl RoutePolicy {
                     methods: (r.methods != Methods::ANY).then(|| r.methods.names()),
                     path: r.path.text.clone(),
                     require: r.require.to_string(),
+                    cost: (r.cost != 1).then_some(r.cost),
                 })
                 .collect(),
         }
@@ -180,7 +204,7 @@ impl RoutePolicy {
         for rule in &self.rules {
             if rule.methods.matches(method) && rule.path.matches(&path.segments) {
                 return if rule.require.holds(permissions) {
-                    Verdict::Allow
+                    Verdict::Allow(rule.cost)
                 } else {
                     Verdict::Deny(Some(&rule.require))
                 };
@@ -192,7 +216,7 @@ impl RoutePolicy {
             return Verdict::Deny(None);
         }
         match self.fallback {
-            Fallback::Allow => Verdict::Allow,
+            Fallback::Allow => Verdict::Allow(1),
             Fallback::Deny => Verdict::Deny(None),
         }
     }
@@ -203,8 +227,15 @@ impl RoutePolicy {
     pub fn to_lines(&self) -> String {
         let mut out = format!("{} {}\n", self.version, self.fallback.as_str());
         for r in &self.rules {
+            // A cost other than 1 goes before the expression, where a Worker from before
+            // costs cannot read it (so it fails closed rather than charge nothing).
+            let cost = if r.cost == 1 {
+                String::new()
+            } else {
+                format!("cost={} ", r.cost)
+            };
             out.push_str(&format!(
-                "{} {} {}\n",
+                "{} {} {cost}{}\n",
                 r.methods.names().join(","),
                 r.path.text,
                 r.require
@@ -233,10 +264,21 @@ impl RoutePolicy {
         for (i, line) in lines.enumerate() {
             let mut parts = line.splitn(3, ' ');
             let rule = (|| {
+                let methods = Methods::from_names(parts.next()?.split(','))?;
+                let path = PathPattern::parse(parts.next()?).ok()?;
+                let rest = parts.next()?;
+                let (cost, require) = match rest.strip_prefix("cost=") {
+                    None => (1, rest),
+                    Some(r) => {
+                        let (cost, require) = r.split_once(' ')?;
+                        (cost.parse().ok().filter(|c| *c <= MAX_COST)?, require)
+                    }
+                };
                 Some(Rule {
-                    methods: Methods::from_names(parts.next()?.split(','))?,
-                    path: PathPattern::parse(parts.next()?).ok()?,
-                    require: Expression::parse(parts.next()?).ok()?,
+                    methods,
+                    path,
+                    require: Expression::parse(require).ok()?,
+                    cost,
                 })
             })();
             policy.rules.push(rule.ok_or(bad(i + 1))?);

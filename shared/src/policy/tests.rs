@@ -14,6 +14,7 @@ fn policy(default: Fallback, rules: &[(&[&str], &str, &str)]) -> RoutePolicy {
                     methods: Some(m.iter().map(|s| s.to_string()).collect()),
                     path: p.to_string(),
                     require: r.to_string(),
+                    cost: None,
                 })
                 .collect(),
         },
@@ -36,7 +37,7 @@ fn orders() -> RoutePolicy {
 fn decide(p: &RoutePolicy, method: &str, raw: &str, perms: &[&str]) -> Result<bool, PathError> {
     let perms: Vec<String> = perms.iter().map(|s| s.to_string()).collect();
     let path = normalize_path(raw)?;
-    Ok(p.decide(method, &path, &perms) == Verdict::Allow)
+    Ok(matches!(p.decide(method, &path, &perms), Verdict::Allow(_)))
 }
 
 #[test]
@@ -232,11 +233,13 @@ fn bad_documents_name_the_rule() {
                 methods: None,
                 path: "/ok".into(),
                 require: "a".into(),
+                cost: None,
             },
             RuleDocument {
                 methods: Some(methods.iter().map(|s| s.to_string()).collect()),
                 path: path.into(),
                 require: require.into(),
+                cost: None,
             },
         ],
     };
@@ -264,7 +267,8 @@ fn bad_documents_name_the_rule() {
             RuleDocument {
                 methods: None,
                 path: "/a".into(),
-                require: "a".into()
+                require: "a".into(),
+                cost: None,
             };
             201
         ],
@@ -315,5 +319,41 @@ proptest! {
                 prop_assert!(bare != "." && bare != "..");
             }
         }
+    }
+}
+
+#[test]
+fn rules_name_a_cost_that_travels_in_lines() {
+    let doc: PolicyDocument = serde_json::from_str(
+        r#"{"rules": [{"path": "/v1/search", "require": "a", "cost": 5},
+                       {"path": "/v1/free", "require": "a", "cost": 0},
+                       {"path": "/v1/**", "require": "a"}]}"#,
+    )
+    .unwrap();
+    let p = RoutePolicy::from_document(3, &doc).unwrap();
+    let perms = ["a".to_owned()];
+    let at = |path: &str| p.decide("GET", &normalize_path(path).unwrap(), &perms);
+    assert_eq!(at("/v1/search"), Verdict::Allow(5));
+    assert_eq!(at("/v1/free"), Verdict::Allow(0));
+    assert_eq!(at("/v1/other"), Verdict::Allow(1));
+    assert_eq!(at("/elsewhere"), Verdict::Allow(1), "the default costs 1");
+    let lines = p.to_lines();
+    assert!(lines.contains("* /v1/search cost=5 a\n"), "{lines}");
+    assert!(
+        lines.contains("* /v1/** a\n"),
+        "a cost of 1 is not written: {lines}"
+    );
+    assert_eq!(RoutePolicy::from_lines(&lines).unwrap(), p);
+    assert_eq!(p.to_document(), doc);
+    let too_dear: PolicyDocument =
+        serde_json::from_str(r#"{"rules": [{"path": "/x", "require": "a", "cost": 1000001}]}"#)
+            .unwrap();
+    assert!(RoutePolicy::from_document(1, &too_dear).is_err());
+    for bad in [
+        "1 allow\n* /x cost=x a",
+        "1 allow\n* /x cost=5",
+        "1 allow\n* /x cost=1000001 a",
+    ] {
+        assert!(RoutePolicy::from_lines(bad).is_err(), "{bad}");
     }
 }

@@ -2,7 +2,8 @@
 // Miniflare's API (the engine `wrangler dev` uses, without wrangler's Node proxy in the
 // request path, which otherwise caps every Worker at ~400 req/s here). Load from wrk.
 // Env: ORIGIN_URL (a fast origin), METLO_KEY (a valid key), METLO_LIMITED_KEY (a valid key
-// with a rate limit it never reaches), CONTROL_PLANE_URL / CONTROL_PLANE_KEY (a running
+// with a rate limit it never reaches), METLO_METERED_KEY (one with credits it never spends),
+// CONTROL_PLANE_URL / CONTROL_PLANE_KEY (a running
 // control plane and an edge key for it: the Worker reads its revocation feed) and
 // CONTROL_PLANE_METRICS (its /metrics, to count the feed requests), BEFORE_WORKER (optional: another build of our
 // Worker, measured alongside as "before"), ROUNDS, SECONDS.
@@ -20,6 +21,7 @@ const root = join(here, "..", "..", "..");
 const ORIGIN_URL = process.env.ORIGIN_URL;
 const KEY = process.env.METLO_KEY;
 const LIMITED_KEY = process.env.METLO_LIMITED_KEY;
+const METERED_KEY = process.env.METLO_METERED_KEY;
 const BEFORE_WORKER = process.env.BEFORE_WORKER || "";
 const CONTROL_PLANE_URL = process.env.CONTROL_PLANE_URL;
 const CONTROL_PLANE_KEY = process.env.CONTROL_PLANE_KEY;
@@ -27,8 +29,8 @@ const CONTROL_PLANE_METRICS = process.env.CONTROL_PLANE_METRICS;
 const ROUNDS = Number(process.env.ROUNDS || 3);
 const SECONDS = Number(process.env.SECONDS || 5);
 const PATH = "/api/v1/verify";
-if (!ORIGIN_URL || !KEY || !LIMITED_KEY || !CONTROL_PLANE_URL || !CONTROL_PLANE_KEY || !CONTROL_PLANE_METRICS)
-  throw new Error("ORIGIN_URL, METLO_KEY, METLO_LIMITED_KEY, CONTROL_PLANE_URL, CONTROL_PLANE_KEY and CONTROL_PLANE_METRICS must be set");
+if (!ORIGIN_URL || !KEY || !LIMITED_KEY || !METERED_KEY || !CONTROL_PLANE_URL || !CONTROL_PLANE_KEY || !CONTROL_PLANE_METRICS)
+  throw new Error("ORIGIN_URL, METLO_KEY, METLO_LIMITED_KEY, METLO_METERED_KEY, CONTROL_PLANE_URL, CONTROL_PLANE_KEY and CONTROL_PLANE_METRICS must be set");
 
 const hash = createHash("sha256").update(KEY).digest("hex");
 const record = JSON.stringify({ v: 1, name: "bench", for: "GENERIC", identifier: KEY.slice(0, 14), created: "2026-01-01T00:00:00.000Z" });
@@ -47,6 +49,10 @@ const signingJwk = JSON.stringify({ ...(await crypto.subtle.exportKey("jwk", sig
 const limitedHash = createHash("sha256").update(LIMITED_KEY).digest("hex");
 const limitedRecord = JSON.stringify({ v: 2, name: "bench-limited", for: "GENERIC", identifier: LIMITED_KEY.slice(0, 14),
   created: "2026-01-01T00:00:00.000Z", rateLimit: { requests: 1000000000, periodSeconds: 60 } });
+// And a metered one (credits it never spends: 10^12), as the control plane writes it.
+const meteredHash = createHash("sha256").update(METERED_KEY).digest("hex");
+const meteredRecord = JSON.stringify({ v: 4, name: "bench-metered", for: "GENERIC", identifier: METERED_KEY.slice(0, 14),
+  created: "2026-01-01T00:00:00.000Z", credits: "1/1000000000000/0/0/0/0" });
 // Our Worker's bindings besides KV: the per-key limiter and the miss limiter.
 const ours = { durableObjects: { KEY_LIMITER: { className: "KeyLimiter", useSQLite: true } },
   ratelimits: { MISS_LIMITER: { simple: { limit: 30, period: 60 } } },
@@ -86,6 +92,7 @@ async function start(name) {
   await kv.put(hash, name === "rustAuthz" ? scopedRecord : record);
   if (name === "rustAuthz") await kv.put("policy", policy);
   await kv.put(limitedHash, limitedRecord);
+  await kv.put(meteredHash, meteredRecord);
   const first = await fetch(url + PATH, { headers: { Authorization: KEY } });
   await first.arrayBuffer();
   return { mf, url, startupMs: performance.now() - t0, firstStatus: first.status };
@@ -145,7 +152,7 @@ async function feedRequests() {
     .reduce((sum, l) => sum + Number(l.slice(l.lastIndexOf(" ") + 1)), 0);
 }
 let feedSeconds = 0, feedCount = 0;
-const runs = { rust: [], rustNoFeed: [], rustAuthz: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [], rustLimited: [],
+const runs = { rust: [], rustNoFeed: [], rustAuthz: [], js: [], passthrough: [], empty: [], rustGarbage: [], rustPassthrough: [], rustEmpty: [], rustLimited: [], rustMetered: [],
   ...(BEFORE_WORKER ? { before: [], beforeGarbage: [] } : {}) };
 const cpu = Object.fromEntries(Object.keys(runs).map((k) => [k, []]));
 console.log(`edge throughput under workerd (Miniflare API), wrk -t1 -c16 -d${SECONDS}s, ${ROUNDS} interleaved rounds, medians`);
@@ -162,18 +169,20 @@ for (let round = 1; round <= ROUNDS; round++) {
   const rp = wrk(started.rustPassthrough.url, KEY);
   const re = wrk(started.rustEmpty.url, "garbage");
   const l = wrk(started.rust.url, LIMITED_KEY);
+  const mt = wrk(started.rust.url, METERED_KEY);
   const b = BEFORE_WORKER ? wrk(started.before.url, KEY) : null;
   const bg = BEFORE_WORKER ? wrk(started.before.url, "garbage") : null;
   runs.rustNoFeed.push(nf.rps); cpu.rustNoFeed.push(nf.cpuUs);
   runs.rustAuthz.push(az.rps); cpu.rustAuthz.push(az.cpuUs);
-  if (r.non2xx || nf.non2xx || az.non2xx || j.non2xx || p.non2xx || rp.non2xx || l.non2xx || b?.non2xx) throw new Error("a valid-key request failed");
+  if (r.non2xx || nf.non2xx || az.non2xx || j.non2xx || p.non2xx || rp.non2xx || l.non2xx || mt.non2xx || b?.non2xx) throw new Error("a valid-key request failed");
   runs.rustLimited.push(l.rps); cpu.rustLimited.push(l.cpuUs);
+  runs.rustMetered.push(mt.rps); cpu.rustMetered.push(mt.cpuUs);
   if (b) { runs.before.push(b.rps); runs.beforeGarbage.push(bg.rps); cpu.before.push(b.cpuUs); cpu.beforeGarbage.push(bg.cpuUs); }
   runs.passthrough.push(p.rps); runs.rust.push(r.rps); runs.js.push(j.rps); runs.empty.push(e.rps); runs.rustGarbage.push(g.rps);
   runs.rustPassthrough.push(rp.rps); runs.rustEmpty.push(re.rps);
   for (const [k, v] of Object.entries({ rust: r, js: j, passthrough: p, empty: e, rustGarbage: g, rustPassthrough: rp, rustEmpty: re }))
     cpu[k].push(v.cpuUs);
-  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours without the feed ${nf.rps.toFixed(0)} | ours with policy + assertion ${az.rps.toFixed(0)} | ours limited ${l.rps.toFixed(0)} |${b ? ` before ${b.rps.toFixed(0)} | before garbage ${bg.rps.toFixed(0)} |` : ""} ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
+  console.log(`  round ${round}: ours ${r.rps.toFixed(0)} | ours without the feed ${nf.rps.toFixed(0)} | ours with policy + assertion ${az.rps.toFixed(0)} | ours limited ${l.rps.toFixed(0)} | ours metered ${mt.rps.toFixed(0)} |${b ? ` before ${b.rps.toFixed(0)} | before garbage ${bg.rps.toFixed(0)} |` : ""} ours garbage ${g.rps.toFixed(0)} | rust pass-through ${rp.rps.toFixed(0)} | rust empty ${re.rps.toFixed(0)} | js auth ${j.rps.toFixed(0)} | js pass-through ${p.rps.toFixed(0)} | js empty ${e.rps.toFixed(0)} req/s`);
 }
 const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]));
 const c = Object.fromEntries(Object.entries(cpu).map(([k, v]) => [k, median(v)]));
@@ -189,7 +198,8 @@ console.log(`    ÷ empty Worker, Rust (${m.rustEmpty.toFixed(0)}): ${(m.rustGar
 console.log(`    ÷ empty Worker, JavaScript (${m.empty.toFixed(0)}): ${(m.rustGarbage / m.empty).toFixed(2)}  (for reference: the worker crate's JS↔wasm cost)`);
 console.log(`  workerd CPU per request (µs, medians; robust to machine load): ours ${c.rust.toFixed(0)} | rust pass-through ${c.rustPassthrough.toFixed(0)} | js auth ${c.js.toFixed(0)} | ours garbage ${c.rustGarbage.toFixed(0)} | rust empty ${c.rustEmpty.toFixed(0)} | js empty ${c.empty.toFixed(0)}`);
 console.log(`  the JavaScript floor for a refusal: garbage ÷ js empty ${(c.empty / c.rustGarbage).toFixed(2)} by CPU, ${(m.rustGarbage / m.empty).toFixed(2)} by req/s (target >= 0.87)`);
-console.log(`  a rate-limited key (one Durable Object call per request): ${c.rustLimited.toFixed(0)} µs CPU, +${(c.rustLimited - c.rust).toFixed(0)} µs over an unlimited key (${(c.rust / c.rustLimited).toFixed(2)}× its throughput by CPU; ${m.rustLimited.toFixed(0)} req/s)`);
+console.log(`  a rate-limited key (leases: one Durable Object call per up to 65 requests): ${c.rustLimited.toFixed(0)} µs CPU, +${(c.rustLimited - c.rust).toFixed(0)} µs over an unlimited key; ÷ unlimited ${(m.rustLimited / m.rust).toFixed(2)} by req/s, ${(c.rust / c.rustLimited).toFixed(2)} by CPU (target >= 0.8; ${m.rustLimited.toFixed(0)} req/s)`);
+console.log(`  a metered key (credits, leased alike): ${c.rustMetered.toFixed(0)} µs CPU, +${(c.rustMetered - c.rust).toFixed(0)} µs over an unlimited key; ÷ unlimited ${(m.rustMetered / m.rust).toFixed(2)} by req/s, ${(c.rust / c.rustMetered).toFixed(2)} by CPU (target >= 0.8; ${m.rustMetered.toFixed(0)} req/s)`);
 if (BEFORE_WORKER)
   console.log(`  against the build before (EDGE_BASELINE): unlimited valid key ${c.rust.toFixed(0)} vs ${c.before.toFixed(0)} µs CPU (${((c.rust / c.before - 1) * 100).toFixed(1)} %, target within 3 %), req/s ratio ${(m.rust / m.before).toFixed(2)}; garbage ${c.rustGarbage.toFixed(0)} vs ${c.beforeGarbage.toFixed(0)} µs (${((c.rustGarbage / c.beforeGarbage - 1) * 100).toFixed(1)} %)`);
 console.log(`    as throughput ratios: valid ÷ rust pass-through ${(c.rustPassthrough / c.rust).toFixed(2)} (target >= 0.90), ÷ js auth ${(c.js / c.rust).toFixed(2)} (target >= 1.0); garbage ÷ rust empty ${(c.rustEmpty / c.rustGarbage).toFixed(2)} (target >= 0.95)`);

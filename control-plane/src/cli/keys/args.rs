@@ -43,6 +43,12 @@ pub enum KeysCommand {
         /// A permission the key carries (repeat, or separate with commas), e.g. orders:read.
         #[arg(long = "permission", value_delimiter = ',')]
         permissions: Vec<String>,
+        /// Credits the key spends at the edge, one per request (429 once spent).
+        #[arg(long)]
+        credits: Option<u64>,
+        /// The externalId of the identity the key belongs to.
+        #[arg(long)]
+        identity: Option<String>,
     },
     /// Change a key without re-issuing it (only what is given changes).
     Update {

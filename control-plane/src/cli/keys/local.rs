@@ -8,6 +8,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::db::rows::AuditFilter;
 use crate::service::audit::{self, Actor};
+use crate::service::credits::Credits;
 use crate::service::key_lists;
 use crate::service::key_updates::{self, UpdateKeyRequest};
 use crate::service::keys::{self, CreateKeyRequest};
@@ -26,6 +27,8 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                 meta,
                 rate_limit,
                 permissions,
+                credits,
+                identity,
             } => {
                 let new = CreateKeyRequest {
                     name: Some(name.clone()),
@@ -35,7 +38,11 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
                     meta: meta_arg(meta)?,
                     rate_limit: *rate_limit,
                     permissions: Some(permissions.clone()),
-                    credits: None,
+                    credits: credits.map(|remaining| Credits {
+                        remaining,
+                        refill: None,
+                    }),
+                    identity: identity.clone(),
                 }
                 .validate(now_ms())?;
                 Output::Created(keys::create_key(&store, &new, config.max_api_keys, &actor).await?)

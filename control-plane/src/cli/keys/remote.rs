@@ -40,6 +40,8 @@ pub(super) async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Outpu
             meta,
             rate_limit,
             permissions,
+            credits,
+            identity,
         } => Output::Created(
             api.send(
                 reqwest::Method::POST,
@@ -47,7 +49,8 @@ pub(super) async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Outpu
                 Some(
                     json!({"name": name, "keyFor": key_type, "expiresAt": expires_at, "role": role,
                     "meta": meta_arg(meta)?, "rateLimit": rate_limit,
-                    "permissions": permissions}),
+                    "permissions": permissions,
+                    "credits": credits.map(|c| json!({"remaining": c})), "identity": identity}),
                 ),
             )
             .await?,
