@@ -791,15 +791,23 @@ mod tests {
             None,
             "credits past their lease"
         );
+        assert_eq!(
+            lease.spend(1, t + CREDIT_LEASE_MS - CLOCK_MARGIN_MS),
+            None,
+            "nor within the margin for another machine's clock"
+        );
+        assert!(lease
+            .spend(1, t + CREDIT_LEASE_MS - CLOCK_MARGIN_MS - 1)
+            .is_some());
         assert_eq!(lease.unused(t + CREDIT_LEASE_MS).credits, 0);
-        assert_eq!(lease.unused(t).credits, 64);
+        assert_eq!(lease.unused(t).credits, 63);
         let Answer::Admitted(other) =
             c.serve(&ask(Some(l), Some(grant(10_000)), 2, Unused::default()), t)
         else {
             panic!()
         };
         lease.merge(other);
-        assert_eq!((lease.requests, lease.credits), (64 + 3, 64 + 3));
+        assert_eq!((lease.requests, lease.credits), (63 + 3, 63 + 3));
         // An unlimited, unmetered lease covers everything.
         let mut free = Counter::default();
         let Answer::Admitted(mut all) = free.serve(&ask(None, None, 64, Unused::default()), t)

@@ -76,6 +76,15 @@ fn tls_failure(e: &sqlx::Error) -> bool {
             .any(|word| text.contains(word))
 }
 
+impl From<rows::CreditsRefused> for StoreError {
+    fn from(refused: rows::CreditsRefused) -> Self {
+        match refused {
+            rows::CreditsRefused::NoCredits => StoreError::NoCredits,
+            rows::CreditsRefused::TooMany => StoreError::TooManyCredits,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("an API key with this name already exists")]

@@ -111,24 +111,33 @@ impl CreditColumns {
 
     /// Applies a change; a top-up of credits there are none of, or past the most a grant
     /// may hold, is refused.
-    pub fn apply(&mut self, change: CreditsChange) -> Result<(), super::StoreError> {
+    pub fn apply(&mut self, change: CreditsChange) -> Result<(), CreditsRefused> {
         match change {
             CreditsChange::Set(credits) => self.set(credits),
             CreditsChange::Add(n) => {
                 let Some(to) = self.credits_to else {
-                    return Err(super::StoreError::NoCredits);
+                    return Err(CreditsRefused::NoCredits);
                 };
                 let added = self
                     .credits_added
                     .saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
                 if added.saturating_add(to) > metlo_shared::credits::MAX_CREDITS as i64 {
-                    return Err(super::StoreError::TooManyCredits);
+                    return Err(CreditsRefused::TooMany);
                 }
                 self.credits_added = added;
             }
         }
         Ok(())
     }
+}
+
+/// Why a credits change cannot apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditsRefused {
+    /// A top-up of credits there are none of.
+    NoCredits,
+    /// Past the most a grant may hold.
+    TooMany,
 }
 
 /// The identity fields of a key's edge record.

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use super::audit::Actor;
 use super::credits::{Credits, CreditsInfo, TopUp};
 use super::key_lists::{DEFAULT_LIST_PAGE, MAX_LIST_PAGE};
+use super::key_updates::present;
 use super::meta::{meta_value, validate_meta};
 use super::Error;
 use crate::cache::VerifyCache;
@@ -78,12 +79,6 @@ mod shared_schema {
         #[schema(minimum = 1, maximum = 86_400)]
         period_seconds: u32,
     }
-}
-
-fn present<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// An identity as the API shows it.

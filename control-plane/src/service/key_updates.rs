@@ -62,7 +62,7 @@ fn not_null<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Opti
 }
 
 /// A field that is present (`Some`, holding `None` for `null`), as opposed to absent.
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+pub(crate) fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
