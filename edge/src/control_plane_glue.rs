@@ -87,9 +87,16 @@ async fn call_control_plane(
     ))
 }
 
-/// Step 6: notes the key's use; when this isolate's report is due, sends it after the
-/// response. A failed report is kept for the next one.
-pub(crate) fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, config: &Config) {
+/// Step 6: notes the key's use (`refused`: why it was refused); when this isolate's report
+/// is due, sends it after the response. A failed report is kept for the next one.
+pub(crate) fn record_use(
+    hash: KeyHash,
+    now: u64,
+    refused: Option<usage::Outcome>,
+    env: &Env,
+    ctx: &Context,
+    config: &Config,
+) {
     if config.usage_report_ms == 0 {
         return;
     }
@@ -97,7 +104,7 @@ pub(crate) fn record_use(hash: KeyHash, now: u64, env: &Env, ctx: &Context, conf
         let mut slot = cell.borrow_mut();
         // A new isolate reports its first use at once: isolates can be short-lived.
         let buffer = slot.get_or_insert_with(|| UsageBuffer::new(config.usage_report_ms, 0));
-        buffer.seen(hash, now);
+        buffer.note(hash, now, refused);
         buffer.due(now)
     });
     let Some(batches) = due else { return };

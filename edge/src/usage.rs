@@ -1,7 +1,7 @@
 //! Key use seen by this isolate, reported to the control plane in batches (each key's
-//! latest use, for `lastUsed`, and how many requests it made, for the hourly counts): at
-//! most one report per `USAGE_REPORT_MS` per isolate, sent after the response
-//! (`waitUntil`), never on a request's path.
+//! latest use, for `lastUsed`, how many requests it made, and how many were refused and
+//! why, for the hourly counts by outcome): at most one report per `USAGE_REPORT_MS` per
+//! isolate, sent after the response (`waitUntil`), never on a request's path.
 
 use std::collections::HashMap;
 
@@ -10,12 +10,55 @@ use metlo_shared::KeyHash;
 /// The control plane takes at most this many entries per report.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
 
-/// A key's use in a report: (hash, latest use in ms, requests).
-pub type Use = (KeyHash, u64, u64);
+/// Why a request of a known key was refused, as reported ([`Outcome::NAMES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    RateLimited,
+    CreditsExhausted,
+    /// The route policy refused it (403).
+    Forbidden,
+    /// The revocation feed refused it (disabled, revoked).
+    Disabled,
+    Expired,
+}
+
+impl Outcome {
+    /// The report's field names, in the order of [`Use::refused`].
+    pub const NAMES: [&'static str; 5] = [
+        "rateLimited",
+        "creditsExhausted",
+        "forbidden",
+        "disabled",
+        "expired",
+    ];
+}
+
+/// A key's use in a report: its latest admitted request (ms; 0: none since the last
+/// report), how many were admitted, how many were refused by [`Outcome`] and the latest
+/// refusal (ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Use {
+    pub hash: Option<KeyHash>,
+    pub last_ms: u64,
+    pub count: u64,
+    pub refused: [u64; 5],
+    pub refused_ms: u64,
+}
+
+impl Use {
+    fn add(&mut self, other: &Use) {
+        self.last_ms = self.last_ms.max(other.last_ms);
+        self.count += other.count;
+        for (mine, theirs) in self.refused.iter_mut().zip(other.refused) {
+            *mine += theirs;
+        }
+        self.refused_ms = self.refused_ms.max(other.refused_ms);
+    }
+}
 
 pub struct UsageBuffer {
-    /// Latest use and requests since the last report, per key.
-    pending: HashMap<KeyHash, (u64, u64)>,
+    /// What happened since the last report, per key.
+    pending: HashMap<KeyHash, Use>,
     interval_ms: u64,
     last_report_ms: u64,
 }
@@ -32,10 +75,27 @@ impl UsageBuffer {
 
     /// A request with this key was let through at `now_ms`.
     pub fn seen(&mut self, hash: KeyHash, now_ms: u64) {
-        if self.interval_ms > 0 {
-            let (last, count) = self.pending.entry(hash).or_insert((now_ms, 0));
-            *last = (*last).max(now_ms);
-            *count += 1;
+        self.note(hash, now_ms, None);
+    }
+
+    /// A request with this key was let through (`None`) or refused at `now_ms`.
+    pub fn note(&mut self, hash: KeyHash, now_ms: u64, refused: Option<Outcome>) {
+        if self.interval_ms == 0 {
+            return;
+        }
+        let entry = self.pending.entry(hash).or_insert(Use {
+            hash: Some(hash),
+            ..Use::default()
+        });
+        match refused {
+            None => {
+                entry.last_ms = entry.last_ms.max(now_ms);
+                entry.count += 1;
+            }
+            Some(outcome) => {
+                entry.refused[outcome as usize] += 1;
+                entry.refused_ms = entry.refused_ms.max(now_ms);
+            }
         }
     }
 
@@ -48,41 +108,75 @@ impl UsageBuffer {
             return None;
         }
         self.last_report_ms = now_ms;
-        let all: Vec<Use> = self.pending.drain().map(|(h, (t, n))| (h, t, n)).collect();
+        let all: Vec<Use> = self.pending.drain().map(|(_, u)| u).collect();
         Some(all.chunks(MAX_REPORT_ENTRIES).map(<[_]>::to_vec).collect())
     }
 
-    /// A batch whose report failed: kept for the next one (later uses win, requests add
+    /// A batch whose report failed: kept for the next one (later uses win, counts add
     /// up). A report that timed out after the control plane took it is counted twice:
     /// uses are never lost, rarely counted twice.
     pub fn put_back(&mut self, batch: Vec<Use>) {
-        for (hash, at, n) in batch {
-            let (last, count) = self.pending.entry(hash).or_insert((at, 0));
-            *last = (*last).max(at);
-            *count += n;
+        for u in batch {
+            if let Some(hash) = u.hash {
+                self.pending
+                    .entry(hash)
+                    .or_insert(Use {
+                        hash: Some(hash),
+                        ..Use::default()
+                    })
+                    .add(&u);
+            }
         }
     }
 }
 
 /// The body of `POST /api/v1/usage` for a batch:
-/// `{"used":{"<sha256 hex>":<ms>,…},"counts":{"<sha256 hex>":<n>,…}}`.
+/// `{"used":{"<sha256 hex>":<ms>,…},"counts":{"<sha256 hex>":<n>,…},
+/// "refused":{"<sha256 hex>":{"at":<ms>,"rateLimited":<n>,…},…}}` (keys admitted in
+/// `used` and `counts`, keys refused in `refused`, each field only when not 0).
 /// Written by hand: building a `serde_json::Value` would add kilobytes to the wasm.
 pub fn report_body(batch: &[Use]) -> String {
-    let mut body = String::with_capacity(24 + batch.len() * 160);
-    for (field, i) in [(r#"{"used":{"#, 0), (r#"},"counts":{"#, 1)] {
+    let mut body = String::with_capacity(40 + batch.len() * 200);
+    let admitted = || batch.iter().filter(|u| u.count > 0);
+    for (field, counts) in [(r#"{"used":{"#, false), (r#"},"counts":{"#, true)] {
         body.push_str(field);
-        for (n, (hash, at, count)) in batch.iter().enumerate() {
+        for (n, u) in admitted().enumerate() {
             if n > 0 {
                 body.push(',');
             }
-            body.push('"');
-            body.push_str(&hash.to_hex());
-            body.push_str("\":");
-            body.push_str(&if i == 0 { *at } else { *count }.to_string());
+            push_hash(&mut body, u);
+            body.push_str(&if counts { u.count } else { u.last_ms }.to_string());
         }
+    }
+    body.push_str(r#"},"refused":{"#);
+    for (n, u) in batch.iter().filter(|u| u.refused_ms > 0).enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        push_hash(&mut body, u);
+        body.push_str(r#"{"at":"#);
+        body.push_str(&u.refused_ms.to_string());
+        for (name, count) in Outcome::NAMES.iter().zip(u.refused) {
+            if count > 0 {
+                body.push_str(",\"");
+                body.push_str(name);
+                body.push_str("\":");
+                body.push_str(&count.to_string());
+            }
+        }
+        body.push('}');
     }
     body.push_str("}}");
     body
+}
+
+/// `"<hash>":`
+fn push_hash(body: &mut String, u: &Use) {
+    body.push('"');
+    if let Some(hash) = u.hash {
+        body.push_str(&hash.to_hex());
+    }
+    body.push_str("\":");
 }
 
 #[cfg(test)]
@@ -104,7 +198,10 @@ mod tests {
         assert!(u.due(999).is_none(), "not before the interval");
         let batches = u.due(1000).expect("due");
         assert_eq!(batches.len(), 1);
-        let mut batch = batches[0].clone();
+        let mut batch: Vec<_> = batches[0]
+            .iter()
+            .map(|u| (u.hash.unwrap(), u.last_ms, u.count))
+            .collect();
         batch.sort_by_key(|(_, t, _)| *t);
         assert_eq!(batch, vec![(b, 15, 1), (a, 20, 2)]);
         u.seen(a, 1001);
@@ -126,13 +223,18 @@ mod tests {
             vec![1000, 1000, 500]
         );
         u.put_back(batches[2].clone());
-        u.seen(batches[2][0].0, 1500);
+        let first = batches[2][0].hash.unwrap();
+        u.seen(first, 1500);
+        u.note(first, 1600, Some(Outcome::Expired));
         let again = u.due(2000).unwrap();
         assert_eq!(again[0].len(), 500);
-        assert!(
-            again[0].contains(&(batches[2][0].0, 1500, 2)),
+        let merged = again[0].iter().find(|x| x.hash == Some(first)).unwrap();
+        assert_eq!(
+            (merged.last_ms, merged.count),
+            (1500, 2),
             "the use put back counts too"
         );
+        assert_eq!((merged.refused[4], merged.refused_ms), (1, 1600));
     }
 
     #[test]
@@ -144,13 +246,34 @@ mod tests {
 
     #[test]
     fn body_is_what_the_control_plane_takes() {
-        let (a, b) = (hash(), hash());
-        let body: serde_json::Value =
-            serde_json::from_str(&report_body(&[(a, 42, 3), (b, 7, 1)])).unwrap();
+        let (a, b, c) = (hash(), hash(), hash());
+        let mut u = UsageBuffer::new(1, 0);
+        for _ in 0..3 {
+            u.seen(a, 42);
+        }
+        u.seen(b, 7);
+        u.note(b, 9, Some(Outcome::RateLimited));
+        u.note(c, 11, Some(Outcome::CreditsExhausted));
+        u.note(c, 12, Some(Outcome::CreditsExhausted));
+        u.note(c, 10, Some(Outcome::Forbidden));
+        let batch = u.due(100).unwrap().remove(0);
+        let body: serde_json::Value = serde_json::from_str(&report_body(&batch)).unwrap();
         assert_eq!(body["used"][a.to_hex()], 42);
         assert_eq!(body["used"][b.to_hex()], 7);
         assert_eq!(body["counts"][a.to_hex()], 3);
         assert_eq!(body["counts"][b.to_hex()], 1);
+        assert!(
+            body["used"].get(c.to_hex()).is_none(),
+            "refused only: not a use"
+        );
+        assert_eq!(
+            body["refused"][b.to_hex()],
+            serde_json::json!({"at": 9, "rateLimited": 1})
+        );
+        assert_eq!(
+            body["refused"][c.to_hex()],
+            serde_json::json!({"at": 12, "creditsExhausted": 2, "forbidden": 1})
+        );
         let empty: serde_json::Value = serde_json::from_str(&report_body(&[])).unwrap();
         assert_eq!(empty["used"].as_object().unwrap().len(), 0);
         assert_eq!(empty["counts"].as_object().unwrap().len(), 0);

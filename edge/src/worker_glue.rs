@@ -23,6 +23,7 @@ use crate::limits;
 use crate::policy;
 use crate::policy_glue;
 use crate::revocations::Applied;
+use crate::usage::Outcome;
 
 thread_local! {
     // One isolate runs one request at a time on one thread; these live as long as it.
@@ -237,11 +238,17 @@ async fn handle(
         match feed_glue::consult(&hash) {
             Consult::Stands => {}
             Consult::Record(newer) => record = newer,
-            Consult::Refused => return refuse(Refusal::Invalid, config, Source::Feed),
+            Consult::Refused => {
+                record_use(hash, now_ms(), Some(Outcome::Disabled), env, ctx, config);
+                return refuse(Refusal::Invalid, config, Source::Feed);
+            }
         }
     }
     let now = now_ms();
     if let Err(refusal) = decision::admit(&record, now / 1000) {
+        if record.is_expired(now / 1000) {
+            record_use(hash, now, Some(Outcome::Expired), env, ctx, config);
+        }
         return refuse(refusal, config, source);
     }
     // The route policy, before anything is counted or forwarded.
@@ -260,11 +267,14 @@ async fn handle(
             match decided {
                 Ok(admitted) => admitted,
                 Err(refusal) => {
+                    if let policy::PolicyRefusal::Forbidden(_) = refusal {
+                        record_use(hash, now, Some(Outcome::Forbidden), env, ctx, config);
+                    }
                     return plain(
                         policy::refusal_response(&refusal),
                         config.decision_header,
                         source,
-                    )
+                    );
                 }
             }
         }
@@ -291,8 +301,9 @@ async fn handle(
     } else {
         match spend_all(&meters, cost, env, config).await {
             Ok(outcome) => record.rate_limit.zip(outcome),
-            Err(Spent::Refused(response)) => {
-                return plain(response, config.decision_header, source)
+            Err(Spent::Refused(response, outcome)) => {
+                record_use(hash, now, Some(outcome), env, ctx, config);
+                return plain(response, config.decision_header, source);
             }
             Err(Spent::Unavailable(e)) => {
                 // Fail closed: an uncounted request is not let through.
@@ -301,7 +312,7 @@ async fn handle(
             }
         }
     };
-    record_use(hash, now, env, ctx, config);
+    record_use(hash, now, None, env, ctx, config);
     match proxy(
         req,
         method,
@@ -498,8 +509,8 @@ impl Drop for LookupSlot {
 
 /// Why [`spend`] did not admit.
 enum Spent {
-    /// Past the limit or out of credits: the 429 to send.
-    Refused(PlainResponse),
+    /// Past the limit or out of credits: the 429 to send, and which.
+    Refused(PlainResponse, Outcome),
     /// The object could not be asked (fails closed).
     Unavailable(String),
 }
@@ -628,7 +639,7 @@ fn settle(
     now: u64,
     body: &str,
 ) -> Result<Option<RateLimitOutcome>, Spent> {
-    let refused = |r| Err(Spent::Refused(r));
+    let refused = |r, outcome| Err(Spent::Refused(r, outcome));
     match limits::Answer::decode(body) {
         Some(limits::Answer::Admitted(mut lease)) => {
             let remaining = lease.take(cost);
@@ -649,14 +660,18 @@ fn settle(
             Ok(Some(outcome))
         }
         Some(limits::Answer::RateLimited(outcome)) => match meter.limit {
-            Some(limit) => refused(limits::rate_limited_response(limit, outcome)),
+            Some(limit) => refused(
+                limits::rate_limited_response(limit, outcome),
+                Outcome::RateLimited,
+            ),
             None => Err(Spent::Unavailable(
                 "rate limited without a limit".to_owned(),
             )),
         },
-        Some(limits::Answer::CreditsExhausted { retry_after }) => {
-            refused(limits::credits_exhausted_response(retry_after))
-        }
+        Some(limits::Answer::CreditsExhausted { retry_after }) => refused(
+            limits::credits_exhausted_response(retry_after),
+            Outcome::CreditsExhausted,
+        ),
         None => Err(Spent::Unavailable("garbled limiter answer".to_owned())),
     }
 }

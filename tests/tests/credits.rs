@@ -343,3 +343,52 @@ async fn a_route_costs_what_the_policy_names() {
         ]
     );
 }
+
+/// The edge reports what it refused with the usage it already reports: a key's hourly
+/// counts show its admitted and its refused requests by why, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_reported_by_outcome() {
+    let s = StackBuilder::new(Backend::Sqlite)
+        .kv()
+        .edge(&[("USAGE_REPORT_MS", "100")])
+        .env("LAST_USED_FLUSH_SECONDS", "1")
+        .build()
+        .await;
+    let key = metered(&s, "counted", json!({"remaining": 2})).await;
+    let other = s.cp.create_key("other", "GENERIC").await;
+    s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let mut statuses = vec![];
+    for _ in 0..4 {
+        statuses.push(
+            s.edge
+                .get("/x", Some(&key))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // Requests of another key make the isolate send its report once it is due; the
+    // control plane writes it within its flush interval.
+    let started = Instant::now();
+    loop {
+        s.edge.get("/x", Some(&other)).send().await.unwrap();
+        let (status, _, body) =
+            s.cp.get("/api/v1/keys/counted/usage", Some(&s.cp.admin_key))
+                .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let usage: Value = serde_json::from_str(&body).unwrap();
+        if usage["refused"]["creditsExhausted"] == 2 {
+            assert_eq!(usage["total"], 2, "{usage}");
+            assert_eq!(usage["refused"]["rateLimited"], 0, "{usage}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reported: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}

@@ -538,13 +538,25 @@ pub enum SecretOwner {
 /// Milliseconds in an hour: usage is counted per hour since the epoch.
 pub const HOUR_MS: i64 = 3_600_000;
 
-/// One key's uses since the last flush: its latest time, and requests per hour.
+/// One key's uses since the last flush: its latest time (0: none, only refusals), requests
+/// per hour, and refused requests per hour and [`OUTCOMES`] index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Uses {
     pub last_ms: i64,
     /// (hour since the epoch, requests); a flush a minute sees one or two hours.
     pub hours: Vec<(i64, u64)>,
+    /// (hour, outcome, requests).
+    pub refused: Vec<(i64, usize, u64)>,
 }
+
+/// Why the edge refused a request of a known key, as reports and queries name it.
+pub const OUTCOMES: [&str; 5] = [
+    "rateLimited",
+    "creditsExhausted",
+    "forbidden",
+    "disabled",
+    "expired",
+];
 
 impl Uses {
     /// `count` requests, the last at `at_ms`.
@@ -560,6 +572,21 @@ impl Uses {
         }
     }
 
+    /// Refused requests, `counts` by [`OUTCOMES`] index, the last at `at_ms`.
+    pub fn add_refused(&mut self, at_ms: i64, counts: [u64; 5]) {
+        let hour = at_ms.div_euclid(HOUR_MS);
+        for (outcome, count) in counts.into_iter().enumerate().filter(|(_, c)| *c > 0) {
+            match self
+                .refused
+                .iter_mut()
+                .find(|(h, o, _)| *h == hour && *o == outcome)
+            {
+                Some((_, _, n)) => *n += count,
+                None => self.refused.push((hour, outcome, count)),
+            }
+        }
+    }
+
     pub fn merge(&mut self, other: Uses) {
         self.last_ms = self.last_ms.max(other.last_ms);
         for (hour, count) in other.hours {
@@ -567,6 +594,11 @@ impl Uses {
                 Some((_, n)) => *n += count,
                 None => self.hours.push((hour, count)),
             }
+        }
+        for (hour, outcome, count) in other.refused {
+            let mut counts = [0; 5];
+            counts[outcome] = count;
+            self.add_refused(hour * HOUR_MS, counts);
         }
     }
 }

@@ -1,7 +1,15 @@
-//! Key use, written in batches by the usage flusher: last-use times and requests per hour.
+//! Key use, written in batches by the usage flusher: last-use times, requests per hour,
+//! and refused requests per hour and outcome.
 
-use super::rows::Uses;
+use super::rows::{Uses, OUTCOMES};
 use super::{Store, StoreError};
+
+/// Requests per hour: admitted `(hour, n)`, refused `(hour, outcome, n)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HourlyCounts {
+    pub admitted: Vec<(i64, i64)>,
+    pub refused: Vec<(i64, String, i64)>,
+}
 
 /// Keys per transaction: short statements, so a flush never holds SQLite's writer lock
 /// (or Postgres row locks) for long.
@@ -12,14 +20,17 @@ const PAIRS_PER_STATEMENT: usize = 5_000;
 
 impl Store {
     /// Records the uses of keys given by secret hash (current or rolled away), in one
-    /// transaction: each key's last-use time (never moving backwards) and its requests per
-    /// hour (added). Unknown hashes change nothing.
+    /// transaction: each key's last-use time (never moving backwards), its requests per
+    /// hour and its refused ones per hour and outcome (added). Unknown hashes change
+    /// nothing.
     pub async fn record_usage(&self, used: &[(String, Uses)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        let values: Vec<String> = (0..used.len())
+        // Keys only refused since the last flush were not used: their lastUsed stays.
+        let touched: Vec<&(String, Uses)> = used.iter().filter(|(_, u)| u.last_ms > 0).collect();
+        let values: Vec<String> = (0..touched.len())
             .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
             .collect();
         let sql = format!(
@@ -34,11 +45,13 @@ impl Store {
              AND (last_used_ms IS NULL OR last_used_ms < (SELECT t FROM latest WHERE latest.id = api_keys.id))",
             values.join(", ")
         );
-        let mut q = sqlx::query(&sql);
-        for (hash, uses) in used {
-            q = q.bind(hash).bind(uses.last_ms);
+        if !touched.is_empty() {
+            let mut q = sqlx::query(&sql);
+            for (hash, uses) in touched {
+                q = q.bind(hash).bind(uses.last_ms);
+            }
+            q.execute(&mut *tx).await?;
         }
-        q.execute(&mut *tx).await?;
         let counted: Vec<(&String, i64, i64)> = used
             .iter()
             .flat_map(|(hash, uses)| {
@@ -71,6 +84,47 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
+        let refused: Vec<(&String, i64, &str, i64)> = used
+            .iter()
+            .flat_map(|(hash, uses)| {
+                uses.refused.iter().map(move |(hour, outcome, n)| {
+                    (
+                        hash,
+                        *hour,
+                        OUTCOMES[*outcome],
+                        i64::try_from(*n).unwrap_or(i64::MAX),
+                    )
+                })
+            })
+            .collect();
+        for refused in refused.chunks(PAIRS_PER_STATEMENT * 3 / 4) {
+            let values: Vec<String> = (0..refused.len())
+                .map(|i| {
+                    format!(
+                        "(${}, ${}, ${}, ${})",
+                        4 * i + 1,
+                        4 * i + 2,
+                        4 * i + 3,
+                        4 * i + 4
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "WITH counted (h, hour, outcome, n) AS (VALUES {}), \
+                 secrets (id, h) AS (SELECT id, key_hash FROM api_keys \
+                   UNION ALL SELECT key_id, key_hash FROM retired_secrets) \
+                 INSERT INTO key_outcomes (key_id, hour, outcome, requests) \
+                 SELECT s.id, c.hour, c.outcome, SUM(c.n) FROM counted c JOIN secrets s ON s.h = c.h \
+                 WHERE true GROUP BY s.id, c.hour, c.outcome \
+                 ON CONFLICT (key_id, hour, outcome) DO UPDATE SET requests = key_outcomes.requests + excluded.requests",
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (hash, hour, outcome, n) in refused {
+                q = q.bind(*hash).bind(*hour).bind(*outcome).bind(*n);
+            }
+            q.execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -82,26 +136,67 @@ impl Store {
         name: &str,
         from_hour: i64,
         to_hour: i64,
-    ) -> Result<Option<Vec<(i64, i64)>>, StoreError> {
+    ) -> Result<Option<HourlyCounts>, StoreError> {
         let id: Option<i64> = sqlx::query_scalar("SELECT id FROM api_keys WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
         let Some(id) = id else { return Ok(None) };
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT hour, requests FROM key_usage WHERE key_id = $1 AND hour >= $2 AND hour <= $3 ORDER BY hour",
+        Ok(Some(
+            self.hourly("key_id = $1", id, from_hour, to_hour).await?,
+        ))
+    }
+
+    /// The requests of the keys that belong to identity `id` now, per hour.
+    pub async fn identity_usage(
+        &self,
+        id: i64,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<HourlyCounts, StoreError> {
+        self.hourly(
+            "key_id IN (SELECT id FROM api_keys WHERE identity_id = $1)",
+            id,
+            from_hour,
+            to_hour,
         )
+        .await
+    }
+
+    /// Admitted requests per hour, and refused ones per hour and outcome, of the keys
+    /// `keys` (a condition on `key_id` with `$1` = `id`) summed.
+    async fn hourly(
+        &self,
+        keys: &str,
+        id: i64,
+        from_hour: i64,
+        to_hour: i64,
+    ) -> Result<HourlyCounts, StoreError> {
+        let admitted: Vec<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT hour, CAST(SUM(requests) AS BIGINT) FROM key_usage \
+             WHERE {keys} AND hour >= $2 AND hour <= $3 GROUP BY hour ORDER BY hour"
+        ))
         .bind(id)
         .bind(from_hour)
         .bind(to_hour)
         .fetch_all(&self.pool)
         .await?;
-        Ok(Some(rows))
+        let refused: Vec<(i64, String, i64)> = sqlx::query_as(&format!(
+            "SELECT hour, outcome, CAST(SUM(requests) AS BIGINT) FROM key_outcomes \
+             WHERE {keys} AND hour >= $2 AND hour <= $3 GROUP BY hour, outcome ORDER BY hour"
+        ))
+        .bind(id)
+        .bind(from_hour)
+        .bind(to_hour)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(HourlyCounts { admitted, refused })
     }
 
-    /// Deletes hourly counts older than `before_hour`, at most `limit` rows; how many.
+    /// Deletes hourly counts older than `before_hour`, at most `limit` rows of each
+    /// table; how many (the more of the two).
     pub async fn prune_usage(&self, before_hour: i64, limit: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+        let admitted = sqlx::query(
             "DELETE FROM key_usage WHERE (key_id, hour) IN \
              (SELECT key_id, hour FROM key_usage WHERE hour < $1 LIMIT $2)",
         )
@@ -109,7 +204,17 @@ impl Store {
         .bind(limit)
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        let refused = sqlx::query(
+            "DELETE FROM key_outcomes WHERE (key_id, hour, outcome) IN \
+             (SELECT key_id, hour, outcome FROM key_outcomes WHERE hour < $1 LIMIT $2)",
+        )
+        .bind(before_hour)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(admitted.max(refused))
     }
 
     /// Which of these secret hashes belong to a key (current or rolled away, still in its
@@ -150,7 +255,7 @@ mod tests {
     fn at(t: i64) -> Uses {
         Uses {
             last_ms: t,
-            hours: vec![],
+            ..Uses::default()
         }
     }
 
@@ -179,19 +284,55 @@ mod tests {
             .record_usage(&[(k.key_hash.clone(), old), (new.hash().to_hex(), current)])
             .await
             .unwrap();
+        let admitted = |hours: Vec<(i64, i64)>| {
+            Some(super::HourlyCounts {
+                admitted: hours,
+                refused: vec![],
+            })
+        };
         assert_eq!(
             store.key_usage("k", 0, 100).await.unwrap(),
-            Some(vec![(5, 3), (6, 7)])
+            admitted(vec![(5, 3), (6, 7)])
         );
         assert_eq!(
             store.key_usage("k", 6, 6).await.unwrap(),
-            Some(vec![(6, 7)])
+            admitted(vec![(6, 7)])
         );
         assert_eq!(store.key_usage("nope", 0, 100).await.unwrap(), None);
         assert_eq!(store.prune_usage(6, 100).await.unwrap(), 1);
         assert_eq!(
             store.key_usage("k", 0, 100).await.unwrap(),
-            Some(vec![(6, 7)])
+            admitted(vec![(6, 7)])
+        );
+        // Refusals by outcome, both secrets, and pruned alike; a refusal is not a use.
+        let mut refused = Uses::default();
+        refused.add_refused(6 * HOUR_MS + 5, [1, 0, 2, 0, 0]);
+        refused.add_refused(7 * HOUR_MS, [0, 0, 0, 0, 3]);
+        let mut again = Uses::default();
+        again.add_refused(6 * HOUR_MS + 9, [4, 0, 0, 0, 0]);
+        store
+            .record_usage(&[(k.key_hash.clone(), refused), (new.hash().to_hex(), again)])
+            .await
+            .unwrap();
+        let counted = store.key_usage("k", 0, 100).await.unwrap().unwrap();
+        assert_eq!(
+            counted.refused,
+            vec![
+                (6, "forbidden".to_owned(), 2),
+                (6, "rateLimited".to_owned(), 5),
+                (7, "expired".to_owned(), 3)
+            ]
+        );
+        assert_eq!(store.prune_usage(7, 100).await.unwrap(), 2);
+        assert_eq!(
+            store
+                .key_usage("k", 0, 100)
+                .await
+                .unwrap()
+                .unwrap()
+                .refused
+                .len(),
+            1
         );
     }
 
@@ -220,7 +361,12 @@ mod tests {
             rows.push((hash, uses));
         }
         store.record_usage(&rows).await.unwrap();
-        let counted = store.key_usage("k", 0, 100).await.unwrap().unwrap();
+        let counted = store
+            .key_usage("k", 0, 100)
+            .await
+            .unwrap()
+            .unwrap()
+            .admitted;
         assert_eq!(counted.len(), 49);
         assert!(counted.iter().all(|(_, n)| *n == 1));
     }

@@ -13,12 +13,13 @@ use super::extract::{Admins, Authorized, EdgeWorkers, JsonBody};
 use super::limits::MAX_REPORT_BYTES;
 use super::state::AppState;
 use crate::clock::now_ms;
-use crate::service::usage::{self, KeyUsage, UsageReport};
+use crate::service::usage::{self, IdentityUsage, KeyUsage, UsageReport};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(report))
         .routes(routes!(key_usage))
+        .routes(routes!(identity_usage))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -33,7 +34,8 @@ pub struct UsageQuery {
 }
 
 /// A key's requests per hour (verifications here and requests let through at the edge,
-/// counted up to the last flush of `LAST_USED_FLUSH_SECONDS`).
+/// counted up to the last flush of `LAST_USED_FLUSH_SECONDS`), and those the edge refused,
+/// by why (rate limit, credits, route policy, disabled, expired).
 #[utoipa::path(get, path = "/api/v1/keys/{name}/usage", tag = "keys",
     params(("name" = String, Path, description = "Key name, URL-encoded"), UsageQuery),
     responses((status = 200, body = KeyUsage), (status = 400, body = ErrorBody),
@@ -53,6 +55,29 @@ async fn key_usage(
     let name = crate::service::keys::normalize_name(&name);
     Ok(Json(
         usage::key_usage(&state.store, &name, first, last).await?,
+    ))
+}
+
+/// An identity's requests per hour, admitted and refused by why: those of the keys that
+/// belong to it now.
+#[utoipa::path(get, path = "/api/v1/identities/{externalId}/usage", tag = "identities",
+    params(("externalId" = String, Path, description = "URL-encoded"), UsageQuery),
+    responses((status = 200, body = IdentityUsage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's role may not call this route", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("api_key" = ["admin"])))]
+async fn identity_usage(
+    _: Authorized<Admins>,
+    State(state): State<AppState>,
+    Path(external_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<IdentityUsage>, ApiError> {
+    let q: UsageQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let (first, last) = usage::usage_window(q.from.as_deref(), q.to.as_deref(), now_ms())?;
+    Ok(Json(
+        usage::identity_usage(&state.store, &external_id, first, last).await?,
     ))
 }
 

@@ -14,7 +14,8 @@ use crate::test_util::{on_both_backends, TestApp};
 on_both_backends!(
     usage_reports_take_only_existing_keys,
     last_used_is_coalesced,
-    uses_older_than_two_days_are_not_counted
+    uses_older_than_two_days_are_not_counted,
+    refusals_are_counted_by_outcome_per_key_and_identity
 );
 
 /// Edge usage reports are taken only for hashes of existing keys (made-up ones used to
@@ -193,5 +194,100 @@ async fn uses_older_than_two_days_are_not_counted(backend: Backend) {
         5,
         "only the use within 48 hours: {}",
         reply.text
+    );
+}
+
+/// Refusals the edge reports are counted per hour and outcome, for the key and for its
+/// identity (summed over its keys); they are not uses (`lastUsed` stays); a refusal of a
+/// made-up hash is not taken; a bad report changes nothing.
+async fn refusals_are_counted_by_outcome_per_key_and_identity(backend: Backend) {
+    let app = TestApp::on(backend).build().await;
+    let admin = app.as_admin();
+    admin
+        .post("/api/v1/identities", json!({"externalId": "acme"}))
+        .await;
+    let mut hashes = vec![];
+    for name in ["a1", "a2"] {
+        let (status, body) = app.create(json!({"name": name, "identity": "acme"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        hashes.push(
+            ApiKey::parse(body["apiKey"].as_str().unwrap())
+                .unwrap()
+                .hash()
+                .to_hex(),
+        );
+    }
+    let now = crate::clock::now_ms();
+    let made_up = ApiKey::generate().unwrap().hash().to_hex();
+    let reply = app
+        .as_edge()
+        .post(
+            "/api/v1/usage",
+            json!({
+                "used": {&hashes[0]: now},
+                "counts": {&hashes[0]: 4},
+                "refused": {
+                    &hashes[0]: {"at": now, "rateLimited": 2, "forbidden": 1},
+                    &hashes[1]: {"at": now, "creditsExhausted": 3, "expired": 1, "disabled": 5},
+                    &made_up: {"at": now, "rateLimited": 9},
+                },
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(
+        reply.json(),
+        json!({"accepted": 3, "unknown": 1, "stale": 0})
+    );
+    for bad in [
+        json!({"used": {}, "refused": {"zz": {"at": now}}}),
+        json!({"used": {}, "refused": {&hashes[0]: {"at": -1}}}),
+        json!({"used": {}, "refused": {&hashes[0]: {"at": now, "other": 1}}}),
+        json!({"used": {}, "refused": {&hashes[0]: {"at": now, "rateLimited": 1_000_000_001}}}),
+    ] {
+        let reply = app.as_edge().post("/api/v1/usage", bad.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            reply.text
+        );
+    }
+    app.flush().await;
+
+    let a1 = admin.get("/api/v1/keys/a1/usage").await.json();
+    assert_eq!(a1["total"], 4);
+    assert_eq!(
+        a1["refused"],
+        json!({"rateLimited": 2, "creditsExhausted": 0, "forbidden": 1, "disabled": 0, "expired": 0})
+    );
+    let this_hour = a1["hours"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(this_hour["requests"], 4);
+    assert_eq!(this_hour["refused"]["rateLimited"], 2);
+    let a2 = admin.get("/api/v1/keys/a2/usage").await.json();
+    assert_eq!(a2["total"], 0);
+    assert_eq!(a2["refused"]["creditsExhausted"], 3);
+    assert!(
+        app.listed("a2").await["lastUsed"].is_null(),
+        "a refusal is not a use"
+    );
+
+    let acme = admin.get("/api/v1/identities/acme/usage").await.json();
+    assert_eq!(acme["externalId"], "acme");
+    assert_eq!(acme["total"], 4);
+    assert_eq!(
+        acme["refused"],
+        json!({"rateLimited": 2, "creditsExhausted": 3, "forbidden": 1, "disabled": 5, "expired": 1})
+    );
+    assert_eq!(
+        admin.get("/api/v1/identities/none/usage").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.as_client()
+            .get("/api/v1/identities/acme/usage")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
     );
 }

@@ -19,6 +19,7 @@ use utoipa::ToSchema;
 use super::Error;
 use crate::clock::iso8601;
 use crate::db::rows::{Uses, HOUR_MS};
+use crate::db::usage::HourlyCounts;
 use crate::db::usage::USAGE_BATCH;
 use crate::db::Store;
 
@@ -78,14 +79,33 @@ impl Usage {
 
     /// `count` uses, the last at `at_ms` (from the edge: counted in that hour).
     pub fn used_at(&self, uses: &[(KeyHash, i64, u64)]) {
+        self.merge_in(uses.iter().map(|(hash, at_ms, count)| {
+            let mut u = Uses::default();
+            u.add(*at_ms, *count);
+            (*hash, u)
+        }));
+    }
+
+    /// Refused requests by [`crate::db::rows::OUTCOMES`] index, the last at `at_ms`.
+    pub fn refused_at(&self, refused: &[(KeyHash, i64, [u64; 5])]) {
+        self.merge_in(refused.iter().map(|(hash, at_ms, counts)| {
+            let mut u = Uses::default();
+            u.add_refused(*at_ms, *counts);
+            (*hash, u)
+        }));
+    }
+
+    /// Adds `items` to what is pending: a key already pending is merged; a new one takes
+    /// a place if there is one (dropped and counted otherwise).
+    fn merge_in(&self, items: impl Iterator<Item = (KeyHash, Uses)>) {
         if !self.enabled {
             return;
         }
         let mut dropped = 0;
         let mut pending = self.shard().lock().unwrap_or_else(|e| e.into_inner());
-        for (hash, at_ms, count) in uses {
-            if let Some(u) = pending.get_mut(hash) {
-                u.add(*at_ms, *count);
+        for (hash, uses) in items {
+            if let Some(u) = pending.get_mut(&hash) {
+                u.merge(uses);
                 continue;
             }
             // A new entry, if there is room (claimed before it is added, so two threads
@@ -100,9 +120,7 @@ impl Usage {
                 dropped += 1;
                 continue;
             }
-            let mut u = Uses::default();
-            u.add(*at_ms, *count);
-            pending.insert(*hash, u);
+            pending.insert(hash, uses);
         }
         drop(pending);
         if dropped > 0 {
@@ -228,12 +246,30 @@ pub const MAX_USAGE_HOURS: i64 = 31 * 24;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyUsage {
     pub name: String,
+    #[serde(flatten)]
+    pub usage: Hourly,
+}
+
+/// One identity's requests per hour: those of the keys that belong to it now.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityUsage {
+    pub external_id: String,
+    #[serde(flatten)]
+    pub usage: Hourly,
+}
+
+/// Requests per hour by outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Hourly {
     /// The first hour's start (RFC 3339).
     pub from: String,
     /// The last hour's end (RFC 3339).
     pub to: String,
-    /// Requests in the whole window.
+    /// Requests admitted in the whole window.
     pub total: u64,
+    /// Requests refused in the whole window, by why.
+    pub refused: RefusedCounts,
     /// Every hour of the window, oldest first (hours without requests count 0).
     pub hours: Vec<HourUsage>,
 }
@@ -242,7 +278,74 @@ pub struct KeyUsage {
 pub struct HourUsage {
     /// The hour's start (RFC 3339).
     pub start: String,
+    /// Requests admitted (at the edge, and by `/api/v1/verify`).
     pub requests: u64,
+    /// Requests the edge refused, by why.
+    pub refused: RefusedCounts,
+}
+
+/// Refused requests by why: past a rate limit, out of credits, refused by the route
+/// policy, disabled or revoked (the revocation feed), expired.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedCounts {
+    pub rate_limited: u64,
+    pub credits_exhausted: u64,
+    pub forbidden: u64,
+    pub disabled: u64,
+    pub expired: u64,
+}
+
+impl RefusedCounts {
+    fn add(&mut self, outcome: &str, n: u64) {
+        let slot = match outcome {
+            "rateLimited" => &mut self.rate_limited,
+            "creditsExhausted" => &mut self.credits_exhausted,
+            "forbidden" => &mut self.forbidden,
+            "disabled" => &mut self.disabled,
+            "expired" => &mut self.expired,
+            _ => return,
+        };
+        *slot += n;
+    }
+
+    fn sum(&mut self, other: &RefusedCounts) {
+        self.rate_limited += other.rate_limited;
+        self.credits_exhausted += other.credits_exhausted;
+        self.forbidden += other.forbidden;
+        self.disabled += other.disabled;
+        self.expired += other.expired;
+    }
+}
+
+/// Every hour from `first` to `last` with what was counted.
+fn hourly(counted: HourlyCounts, first: i64, last: i64) -> Hourly {
+    let admitted: HashMap<i64, i64> = counted.admitted.into_iter().collect();
+    let mut refused: HashMap<i64, RefusedCounts> = HashMap::new();
+    for (hour, outcome, n) in counted.refused {
+        refused
+            .entry(hour)
+            .or_default()
+            .add(&outcome, n.max(0) as u64);
+    }
+    let hours: Vec<HourUsage> = (first..=last)
+        .map(|h| HourUsage {
+            start: iso8601(h * HOUR_MS),
+            requests: admitted.get(&h).copied().unwrap_or(0).max(0) as u64,
+            refused: refused.get(&h).copied().unwrap_or_default(),
+        })
+        .collect();
+    let mut total_refused = RefusedCounts::default();
+    for h in &hours {
+        total_refused.sum(&h.refused);
+    }
+    Hourly {
+        from: iso8601(first * HOUR_MS),
+        to: iso8601((last + 1) * HOUR_MS),
+        total: hours.iter().map(|h| h.requests).sum(),
+        refused: total_refused,
+        hours,
+    }
 }
 
 /// The hours a query covers (`from` and `to` RFC 3339, both optional: `to` is now, `from`
@@ -285,19 +388,27 @@ pub async fn key_usage(
         .key_usage(name, first, last)
         .await?
         .ok_or(Error::NotFound("no API key with this name"))?;
-    let counted: HashMap<i64, i64> = counted.into_iter().collect();
-    let hours: Vec<HourUsage> = (first..=last)
-        .map(|h| HourUsage {
-            start: iso8601(h * HOUR_MS),
-            requests: counted.get(&h).copied().unwrap_or(0).max(0) as u64,
-        })
-        .collect();
     Ok(KeyUsage {
         name: name.to_owned(),
-        from: iso8601(first * HOUR_MS),
-        to: iso8601((last + 1) * HOUR_MS),
-        total: hours.iter().map(|h| h.requests).sum(),
-        hours,
+        usage: hourly(counted, first, last),
+    })
+}
+
+/// The requests per hour of the keys that belong to the identity `external_id` now.
+pub async fn identity_usage(
+    store: &Store,
+    external_id: &str,
+    first: i64,
+    last: i64,
+) -> Result<IdentityUsage, Error> {
+    let identity = store
+        .identity(external_id)
+        .await?
+        .ok_or(Error::NotFound("no identity with this externalId"))?;
+    let counted = store.identity_usage(identity.id, first, last).await?;
+    Ok(IdentityUsage {
+        external_id: external_id.to_owned(),
+        usage: hourly(counted, first, last),
     })
 }
 
@@ -333,26 +444,44 @@ pub const MAX_REPORT_AGE: Duration = Duration::from_secs(48 * 3600);
 pub async fn report(
     store: &Store,
     usage: &Usage,
-    uses: Vec<(KeyHash, i64, u64)>,
+    report: Reported,
     now_ms: i64,
 ) -> Result<(usize, usize, usize), Error> {
     let oldest = now_ms - MAX_REPORT_AGE.as_millis() as i64;
-    let reported = uses.len();
-    let uses: Vec<(KeyHash, i64, u64)> = uses
+    let reported = report.used.len() + report.refused.len();
+    let uses: Vec<(KeyHash, i64, u64)> = report
+        .used
         .into_iter()
         .filter(|(_, at, _)| *at >= oldest)
         .collect();
-    let stale = reported - uses.len();
-    let hexes: Vec<String> = uses.iter().map(|(h, _, _)| h.to_hex()).collect();
-    let known = store.known_hashes(&hexes).await?;
-    let taken: Vec<(KeyHash, i64, u64)> = uses
+    let refused: Vec<(KeyHash, i64, [u64; 5])> = report
+        .refused
         .into_iter()
-        .zip(&hexes)
-        .filter(|(_, hex)| known.contains(*hex))
-        .map(|(use_, _)| use_)
+        .filter(|(_, at, _)| *at >= oldest)
         .collect();
+    let fresh = uses.len() + refused.len();
+    let hexes: Vec<String> = uses
+        .iter()
+        .map(|(h, _, _)| h.to_hex())
+        .chain(refused.iter().map(|(h, _, _)| h.to_hex()))
+        .collect();
+    let known = store.known_hashes(&hexes).await?;
+    let is_known = |h: &KeyHash| known.contains(&h.to_hex());
+    let taken: Vec<(KeyHash, i64, u64)> = uses.into_iter().filter(|u| is_known(&u.0)).collect();
+    let refused: Vec<(KeyHash, i64, [u64; 5])> =
+        refused.into_iter().filter(|r| is_known(&r.0)).collect();
     usage.used_at(&taken);
-    Ok((taken.len(), hexes.len() - taken.len(), stale))
+    usage.refused_at(&refused);
+    let accepted = taken.len() + refused.len();
+    Ok((accepted, fresh - accepted, reported - fresh))
+}
+
+/// A report, checked: uses `(hash, last ms, requests)` and refusals `(hash, last ms,
+/// counts by outcome)`.
+#[derive(Debug, Default)]
+pub struct Reported {
+    pub used: Vec<(KeyHash, i64, u64)>,
+    pub refused: Vec<(KeyHash, i64, [u64; 5])>,
 }
 
 /// A batch of key uses seen by an edge Worker.
@@ -368,6 +497,29 @@ pub struct UsageReport {
     /// counts send none).
     #[serde(default)]
     pub counts: HashMap<String, u64>,
+    /// Requests of keys the edge refused since the last report, by why, counted in the hour
+    /// of `at` (the latest refusal, ms). At most 1,000 entries.
+    #[serde(default)]
+    pub refused: HashMap<String, RefusedReport>,
+}
+
+/// A key's refused requests in a report.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RefusedReport {
+    /// The latest refusal, in milliseconds since the epoch.
+    #[schema(value_type = u64)]
+    pub at: i64,
+    #[serde(default)]
+    pub rate_limited: u64,
+    #[serde(default)]
+    pub credits_exhausted: u64,
+    #[serde(default)]
+    pub forbidden: u64,
+    #[serde(default)]
+    pub disabled: u64,
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// Most requests one report may count for a key.
@@ -376,8 +528,8 @@ pub const MAX_REPORTED_COUNT: u64 = 1_000_000_000;
 impl UsageReport {
     /// The uses reported, or what is wrong with the report: every hash well-formed,
     /// every time a non-negative integer (times in the future count as now).
-    pub fn validate(mut self, now_ms: i64) -> Result<Vec<(KeyHash, i64, u64)>, Error> {
-        if self.used.len() > MAX_REPORT_ENTRIES {
+    pub fn validate(mut self, now_ms: i64) -> Result<Reported, Error> {
+        if self.used.len() > MAX_REPORT_ENTRIES || self.refused.len() > MAX_REPORT_ENTRIES {
             return Err(Error::invalid(format!(
                 "at most {MAX_REPORT_ENTRIES} entries per report"
             )));
@@ -387,7 +539,8 @@ impl UsageReport {
                 "counts.{stray}: every key of `counts` must also be in `used`"
             )));
         }
-        self.used
+        let used = self
+            .used
             .into_iter()
             .map(|(hex, at)| {
                 let hash = KeyHash::from_hex(&hex).map_err(|_| {
@@ -404,7 +557,33 @@ impl UsageReport {
                 }
                 Ok((hash, at.min(now_ms), count))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let refused = self
+            .refused
+            .into_iter()
+            .map(|(hex, r)| {
+                let hash = KeyHash::from_hex(&hex).map_err(|_| {
+                    Error::invalid("every key of `refused` must be a SHA-256 in lowercase hex")
+                })?;
+                if r.at < 0 {
+                    return Err(Error::invalid("times must be milliseconds since the epoch"));
+                }
+                let counts = [
+                    r.rate_limited,
+                    r.credits_exhausted,
+                    r.forbidden,
+                    r.disabled,
+                    r.expired,
+                ];
+                if counts.iter().any(|n| *n > MAX_REPORTED_COUNT) {
+                    return Err(Error::invalid(format!(
+                        "refused: at most {MAX_REPORTED_COUNT} per key and outcome per report"
+                    )));
+                }
+                Ok((hash, r.at.min(now_ms), counts))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Reported { used, refused })
     }
 }
 
@@ -528,9 +707,10 @@ mod tests {
         let report = |counts: Vec<(&str, u64)>| UsageReport {
             used: HashMap::from([(a.clone(), 10)]),
             counts: counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            refused: HashMap::new(),
         };
-        assert_eq!(report(vec![(&a, 7)]).validate(100).unwrap()[0].2, 7);
-        assert_eq!(report(vec![]).validate(100).unwrap()[0].2, 0);
+        assert_eq!(report(vec![(&a, 7)]).validate(100).unwrap().used[0].2, 7);
+        assert_eq!(report(vec![]).validate(100).unwrap().used[0].2, 0);
         assert!(report(vec![(&b, 1)]).validate(100).is_err());
         assert!(report(vec![(&a, MAX_REPORTED_COUNT + 1)])
             .validate(100)
