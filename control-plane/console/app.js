@@ -205,6 +205,10 @@ async function render() {
   let name = null;
   try { name = match && decodeURIComponent(match[1]); } catch (e) { name = null; }
   if (name) return keyPage(name);
+  const identity = path.match(/^\/console\/identities\/([^/]+)$/);
+  let externalId = null;
+  try { externalId = identity && decodeURIComponent(identity[1]); } catch (e) { externalId = null; }
+  if (externalId) return identityPage(externalId);
   page('Not found', h('p', {}, 'No console page here. ', h('a', { href: '/console/keys', 'data-nav': '' }, 'Go to the keys.')));
 }
 
@@ -625,20 +629,41 @@ function signOutDialog(name, done) {
 
 // ---- one key: its usage ----------------------------------------------------------------
 
-/** Requests per hour as bars, drawn by hand: 24 or 168 rectangles need no chart library. */
+const OUTCOMES = [['rateLimited', 'rate limited'], ['creditsExhausted', 'out of credits'],
+  ['forbidden', 'forbidden by the route policy'], ['disabled', 'disabled or revoked'], ['expired', 'expired']];
+
+/** Refused requests in one of the usage answers' `refused` objects. */
+function refusedTotal(refused) {
+  return OUTCOMES.reduce((sum, [k]) => sum + ((refused && refused[k]) || 0), 0);
+}
+
+/** "3 refused: 2 rate limited, 1 expired", or nothing refused. */
+function refusedText(refused) {
+  const parts = OUTCOMES.filter(([k]) => refused && refused[k]).map(([k, label]) => `${refused[k]} ${label}`);
+  return parts.length ? `${refusedTotal(refused)} refused at the edge: ${parts.join(', ')}.` : 'None refused at the edge.';
+}
+
+/** Requests per hour as bars (admitted, and refused stacked above in another colour),
+ * drawn by hand: 24 or 168 pairs of rectangles need no chart library. */
 function usageChart(usage) {
   const width = 720; const height = 220; const left = 44; const bottom = 28; const top = 12;
   const hours = usage.hours;
-  const peak = Math.max(1, ...hours.map((x) => x.requests));
+  const peak = Math.max(1, ...hours.map((x) => x.requests + refusedTotal(x.refused)));
   const plotW = width - left - 8; const plotH = height - top - bottom;
   const slot = plotW / hours.length;
-  const bars = hours.map((x, i) => {
+  const bars = hours.flatMap((x, i) => {
+    const refused = refusedTotal(x.refused);
     const barH = (x.requests / peak) * plotH;
+    const refusedH = (refused / peak) * plotH;
     const start = new Date(x.start);
-    return svg('rect', {
-      class: 'bar-rect', x: (left + i * slot + slot * 0.1).toFixed(2), y: (top + plotH - barH).toFixed(2),
-      width: Math.max(1, slot * 0.8).toFixed(2), height: barH.toFixed(2), 'data-requests': x.requests,
-    }, svg('title', {}, `${start.toLocaleString()}: ${x.requests} request${x.requests === 1 ? '' : 's'}`));
+    const at = { x: (left + i * slot + slot * 0.1).toFixed(2), width: Math.max(1, slot * 0.8).toFixed(2) };
+    const label = `${start.toLocaleString()}: ${x.requests} request${x.requests === 1 ? '' : 's'}${refused ? `, ${refused} refused` : ''}`;
+    return [svg('rect', {
+      class: 'bar-rect', ...at, y: (top + plotH - barH).toFixed(2), height: barH.toFixed(2), 'data-requests': x.requests,
+    }, svg('title', {}, label)),
+    svg('rect', {
+      class: 'bar-refused', ...at, y: (top + plotH - barH - refusedH).toFixed(2), height: refusedH.toFixed(2), 'data-refused': refused,
+    }, svg('title', {}, label))];
   });
   const labelEvery = hours.length > 48 ? 24 : 6;
   const labels = hours.map((x, i) => (i % labelEvery === 0
@@ -653,6 +678,15 @@ function usageChart(usage) {
   svg('text', { x: 4, y: top + 10 }, String(peak)),
   svg('text', { x: 4, y: top + plotH }, '0'),
   ...labels, ...bars);
+}
+
+/** A grant as the API shows it: what was granted, and the refill. */
+function creditsText(c) {
+  if (!c) return '—';
+  const r = c.refill;
+  const refill = !r ? '' : `, refilled to ${r.amount} ${r.interval === 'daily' ? 'daily'
+    : r.interval === 'monthly' ? `monthly on day ${r.refillDay || 1}` : `every ${r.periodSeconds} s`}`;
+  return `${c.granted} granted${c.added ? ` (${c.added} added)` : ''}${refill}; what is left is counted at the edge`;
 }
 
 function keyPage(name) {
@@ -673,8 +707,9 @@ function keyPage(name) {
     const params = new URLSearchParams({ from: from.toISOString(), to: to.toISOString() });
     try {
       const usage = await api('GET', `${API}/keys/${enc(name)}/usage?${params}`);
-      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush).`;
+      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush). ${refusedText(usage.refused)}`;
       summary.dataset.total = String(usage.total);
+      summary.dataset.refused = String(refusedTotal(usage.refused));
       chartSlot.replaceChildren(usageChart(usage));
     } catch (e) {
       error.textContent = e.status === 404 ? `There is no key named “${name}”.` : `Could not load the usage: ${e.message}`;
@@ -689,6 +724,9 @@ function keyPage(name) {
       ['Status', k.enabled ? 'enabled' : 'disabled'], ['Rate limit', rateText(k.rateLimit)],
       ['Metadata', k.meta ? JSON.stringify(k.meta) : '—'],
       ['Permissions', permissionsText(k.permissions)],
+      ['Credits', creditsText(k.credits)],
+      ['Identity', k.identity
+        ? h('a', { href: `/console/identities/${enc(k.identity)}`, 'data-nav': '' }, k.identity) : '—'],
     ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
     permissionsEdit.hidden = !['client', 'legacy'].includes(k.role);
     permissionsInput.value = (k.permissions || []).join(', ');
@@ -754,6 +792,60 @@ function keyPage(name) {
       summary, error, h('figure', { class: 'chart' }, chartSlot)));
   loadDetails().catch((e) => {
     if (e.status !== 404) error.textContent = `Could not load the key: ${e.message}`;
+  });
+  loadUsage();
+}
+
+// ---- one identity: its keys and usage ----------------------------------------------------
+
+function identityPage(externalId) {
+  const chartSlot = h('div');
+  const summary = h('p', { id: 'chart-summary', 'aria-live': 'polite' });
+  const error = h('p', { class: 'error', role: 'alert' });
+  const details = h('dl', { class: 'meta' });
+  const keys = h('ul', { class: 'identity-keys' });
+  let span = 24;
+  const buttons = [24, 168].map((hours) => h('button', {
+    type: 'button', 'aria-pressed': String(hours === span), 'data-hours': hours,
+    onclick: () => { span = hours; for (const b of buttons) b.setAttribute('aria-pressed', String(Number(b.dataset.hours) === span)); loadUsage(); },
+  }, hours === 24 ? 'Last 24 hours' : 'Last 7 days'));
+  const loadUsage = async () => {
+    error.textContent = '';
+    const to = new Date();
+    const from = new Date(to.getTime() - (span - 1) * 3600 * 1000);
+    const params = new URLSearchParams({ from: from.toISOString(), to: to.toISOString() });
+    try {
+      const usage = await api('GET', `${API}/identities/${enc(externalId)}/usage?${params}`);
+      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} by its keys in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush). ${refusedText(usage.refused)}`;
+      summary.dataset.total = String(usage.total);
+      summary.dataset.refused = String(refusedTotal(usage.refused));
+      chartSlot.replaceChildren(usageChart(usage));
+    } catch (e) {
+      error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the usage: ${e.message}`;
+      chartSlot.replaceChildren();
+    }
+  };
+  const load = async () => {
+    const i = await api('GET', `${API}/identities/${enc(externalId)}`);
+    const limits = (i.rateLimits || []).map((l) => `${l.name}: ${l.requests} per ${l.periodSeconds} s`).join(', ') || '—';
+    details.replaceChildren(...[
+      ['Created', when(i.created)], ['Credits', creditsText(i.credits)], ['Shared limits', limits],
+      ['Metadata', i.meta ? JSON.stringify(i.meta) : '—'],
+    ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
+    const owned = await api('GET', `${API}/identities/${enc(externalId)}/keys`);
+    keys.replaceChildren(...(owned.keys.length ? owned.keys.map((k) => h('li', {},
+      h('a', { href: `/console/keys/${enc(k.name)}`, 'data-nav': '' }, k.name))) : [h('li', {}, 'No keys.')]));
+  };
+  page(externalId,
+    h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
+    details,
+    h('section', { 'aria-labelledby': 'keys-title' }, h('h2', { id: 'keys-title' }, 'Its keys'), keys),
+    h('section', { 'aria-labelledby': 'chart-title' },
+      h('h2', { id: 'chart-title' }, 'Requests per hour'),
+      h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
+      summary, error, h('figure', { class: 'chart' }, chartSlot)));
+  load().catch((e) => {
+    error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the identity: ${e.message}`;
   });
   loadUsage();
 }

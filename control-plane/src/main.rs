@@ -1,5 +1,5 @@
 use clap::Parser;
-use metlo_control_plane::cli::{keys, Cli, Command};
+use metlo_control_plane::cli::{identities, keys, Cli, Command};
 use metlo_control_plane::{app, telemetry};
 
 // glibc's malloc was a sixth of the verify path's CPU (many small, short-lived
@@ -18,6 +18,7 @@ async fn main() -> std::process::ExitCode {
         } => app::serve(cli.config, &listen_addr, &ops_listen_addr).await,
         Command::Migrate => app::migrate(cli.config).await,
         Command::Keys(args) => keys::run(&cli.config, args).await,
+        Command::Identities(args) => identities::run(&cli.config, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

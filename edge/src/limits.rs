@@ -68,6 +68,10 @@ pub fn meters(record: &KeyRecord) -> Vec<Meter> {
     meters
 }
 
+/// A lease serving this many requests is busy enough to be renewed ahead ([`Lease::wants_more`]).
+pub const PREFETCH_AFTER: u32 = 8;
+/// Renewed ahead once fewer than this many requests are left in it.
+pub const PREFETCH_BELOW: u32 = 16;
 /// How long before its window's (or its credits') end an isolate stops spending a lease on
 /// its own: the object's clock, on another machine, may run that much ahead, and a token
 /// spent after the object started a new window would count in none.
@@ -288,6 +292,17 @@ impl Lease {
         self.window_remaining.saturating_add(self.requests)
     }
 
+    /// Should the isolate ask for the next lease now, while this one still serves? When a
+    /// busy lease (used [`PREFETCH_AFTER`] times) has fewer than [`PREFETCH_BELOW`]
+    /// requests, or credits for as many requests of `cost`, left: concurrent requests then
+    /// keep spending locally instead of each asking the object once it runs out.
+    pub fn wants_more(&self, cost: u64) -> bool {
+        self.used >= PREFETCH_AFTER
+            && (self.requests < PREFETCH_BELOW
+                || (self.credits != u64::MAX
+                    && self.credits < u64::from(PREFETCH_BELOW) * cost.max(1)))
+    }
+
     /// Undoes one [`Lease::spend`] of `cost` (a later meter refused the request).
     pub fn refund(&mut self, cost: u64) {
         if self.requests != u32::MAX {
@@ -434,34 +449,39 @@ impl Answer {
 
     /// The answer in an object's body; `None` (the Worker fails closed) if garbled.
     pub fn decode(body: &str) -> Option<Answer> {
-        let (kind, rest) = body.split_once(' ')?;
-        let n: Vec<u64> = match rest {
-            "-" => vec![],
-            _ => rest
-                .split(' ')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .ok()?,
-        };
-        Some(match (kind, &n[..]) {
-            ("A", &[requests, ws, we, wr, credits, p0, p1, ce]) => Answer::Admitted(Lease {
-                requests: u32::try_from(requests).ok()?,
-                window_start: ws,
-                window_end: we,
-                window_remaining: u32::try_from(wr).ok()?,
-                credits,
-                pool: (p0, p1),
-                credits_end: ce,
+        let mut parts = body.split(' ');
+        let kind = parts.next()?;
+        let mut n = [0u64; 8];
+        let mut len = 0;
+        for part in parts {
+            if len == n.len() {
+                return None;
+            }
+            n[len] = match (kind, part) {
+                ("C", "-") if len == 0 => u64::MAX,
+                _ => part.parse().ok()?,
+            };
+            len += 1;
+        }
+        let u32_of = |v: u64| u32::try_from(v).ok();
+        Some(match (kind, len) {
+            ("A", 8) => Answer::Admitted(Lease {
+                requests: u32_of(n[0])?,
+                window_start: n[1],
+                window_end: n[2],
+                window_remaining: u32_of(n[3])?,
+                credits: n[4],
+                pool: (n[5], n[6]),
+                credits_end: n[7],
                 used: 0,
             }),
-            ("R", &[remaining, reset_seconds]) => Answer::RateLimited(RateLimitOutcome {
+            ("R", 2) => Answer::RateLimited(RateLimitOutcome {
                 allowed: false,
-                remaining: u32::try_from(remaining).ok()?,
-                reset_seconds,
+                remaining: u32_of(n[0])?,
+                reset_seconds: n[1],
             }),
-            ("C", &[]) => Answer::CreditsExhausted { retry_after: None },
-            ("C", &[s]) => Answer::CreditsExhausted {
-                retry_after: Some(s),
+            ("C", 1) => Answer::CreditsExhausted {
+                retry_after: (n[0] != u64::MAX).then_some(n[0]),
             },
             _ => return None,
         })
@@ -818,6 +838,48 @@ mod tests {
         assert_eq!(next_want(0), 0);
         assert_eq!(next_want(3), 6);
         assert_eq!(next_want(1_000), MAX_LEASE);
+    }
+
+    #[test]
+    fn busy_leases_ask_ahead() {
+        let mut c = Counter::default();
+        let t = 1_700_000_000_000;
+        let Answer::Admitted(mut lease) = c.serve(
+            &ask(Some(limit(10_000, 60)), None, 64, Unused::default()),
+            t,
+        ) else {
+            panic!()
+        };
+        lease.take(1);
+        assert!(!lease.wants_more(1), "a fresh lease");
+        while lease.requests >= PREFETCH_BELOW {
+            lease.spend(1, t).unwrap();
+        }
+        assert!(lease.wants_more(1), "busy and running low: {lease:?}");
+        // A renewal's lease (its own request unspent) merges in: nothing lost.
+        let Answer::Admitted(more) = c.serve(
+            &ask(Some(limit(10_000, 60)), None, 64, Unused::default()),
+            t,
+        ) else {
+            panic!()
+        };
+        let before = lease.requests;
+        lease.merge(more);
+        assert_eq!(lease.requests, before + 65);
+        assert_eq!(
+            c.window.unwrap().0.count,
+            65 + 65,
+            "the object counted both leases whole"
+        );
+        // A quiet key never asks ahead.
+        let mut quiet = Counter::default();
+        let Answer::Admitted(mut one) =
+            quiet.serve(&ask(None, Some(grant(100)), 0, Unused::default()), t)
+        else {
+            panic!()
+        };
+        one.take(1);
+        assert!(!one.wants_more(1));
     }
 
     #[test]

@@ -36,13 +36,24 @@ thread_local! {
     static REFUSALS: RefCell<Vec<((Refusal, &'static str), (JsValue, web_sys::ResponseInit))>> = const { RefCell::new(Vec::new()) };
     // Leases of rate-limit requests and credits this isolate holds, by key name, with the
     // limit and grant they were lent under (`limits`).
-    static LEASES: RefCell<std::collections::HashMap<String, (LeaseTerms, limits::Lease)>> = RefCell::new(Default::default());
+    static LEASES: RefCell<std::collections::HashMap<String, Held>> = RefCell::new(Default::default());
     // Control-plane lookups this isolate has in flight.
     static LOOKUPS_IN_FLIGHT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// What a lease was lent under: the key's limit and the `set` of its credit grant.
 type LeaseTerms = (Option<RateLimit>, Option<u64>);
+
+/// A lease this isolate holds for a meter.
+struct Held {
+    terms: LeaseTerms,
+    lease: limits::Lease,
+    /// When a renewal ahead was asked for (ms; 0: none in flight). One at a time; one
+    /// older than [`RENEWAL_STALE_MS`] (its request cancelled) no longer counts.
+    renewing_since: u64,
+}
+
+const RENEWAL_STALE_MS: u64 = 5_000;
 
 fn config(env: &Env) -> Result<std::rc::Rc<Config>, crate::config::ConfigError> {
     if let Some(c) = CONFIG.with(|c| c.borrow().clone()) {
@@ -546,7 +557,9 @@ async fn spend_all(
 
 /// Spends one request costing `cost` of a meter: from this isolate's lease, or through
 /// the meter's Durable Object (which gets back what is left of the lease and may lend a
-/// new one), within the control-plane timeout.
+/// new one), within the control-plane timeout. A busy lease running low is renewed ahead
+/// by the request that notices (admitted already, it waits for the object; the others
+/// go on spending what is left).
 async fn spend(
     meter: &limits::Meter,
     cost: u64,
@@ -554,27 +567,81 @@ async fn spend(
     config: &Config,
 ) -> Result<Option<RateLimitOutcome>, Spent> {
     let now = now_ms();
-    let url = match from_lease(meter, cost, now) {
-        Ok(outcome) => return Ok(Some(outcome)),
-        Err(ask) => ask.encode(),
+    let (url, admitted_ahead) = match from_lease(meter, cost, now) {
+        Ok((outcome, None)) => return Ok(Some(outcome)),
+        Ok((outcome, Some(ahead))) => (ahead.encode(), Some(outcome)),
+        Err(ask) => (ask.encode(), None),
     };
+    let answer = ask_object(&meter.name, &url, env, config.control_plane_timeout_ms).await;
+    match (admitted_ahead, answer) {
+        // The renewal's lease, whole (the request the object counted with it is spent
+        // later, here); refused or failed, nothing was taken.
+        (Some(outcome), answer) => {
+            let lease = match answer.as_deref().map(limits::Answer::decode) {
+                Ok(Some(limits::Answer::Admitted(lease))) => Some(lease),
+                _ => None,
+            };
+            keep(meter, lease, true);
+            Ok(Some(outcome))
+        }
+        (None, Ok(body)) => settle(meter, cost, now, &body),
+        (None, Err(e)) => Err(Spent::Unavailable(e)),
+    }
+}
+
+/// One ask of a meter's object, within `timeout_ms`: its answer's text.
+async fn ask_object(name: &str, url: &str, env: &Env, timeout_ms: u64) -> Result<String, String> {
     let call = async {
-        let text = JsFuture::from(ask_limiter(env.as_ref(), &meter.name, &url)?).await?;
+        let text = JsFuture::from(ask_limiter(env.as_ref(), name, url)?).await?;
         text.as_string()
             .ok_or_else(|| JsValue::from_str("not text"))
     };
-    let timeout = Delay::from(Duration::from_millis(config.control_plane_timeout_ms));
+    let timeout = Delay::from(Duration::from_millis(timeout_ms));
     let raced = select(Box::pin(call), timeout).await;
     match raced {
-        Either::Left((Ok(body), _)) => settle(meter, cost, now, &body),
-        Either::Left((Err(e), _)) => Err(Spent::Unavailable(
-            js_sys::Error::from(e)
-                .message()
-                .as_string()
-                .unwrap_or_default(),
-        )),
-        Either::Right(_) => Err(Spent::Unavailable("limiter timed out".to_owned())),
+        Either::Left((Ok(body), _)) => Ok(body),
+        Either::Left((Err(e), _)) => Err(js_sys::Error::from(e)
+            .message()
+            .as_string()
+            .unwrap_or_default()),
+        Either::Right(_) => Err("limiter timed out".to_owned()),
     }
+}
+
+/// Keeps a lease the object lent (merged with one another request of the meter got
+/// meanwhile); `renewed`: it answers this isolate's renewal ahead.
+fn keep(meter: &limits::Meter, lease: Option<limits::Lease>, renewed: bool) {
+    let terms = terms(meter);
+    LEASES.with(|l| {
+        let mut leases = l.borrow_mut();
+        let room = leases.len() < MAX_LEASES;
+        match (leases.get_mut(&meter.name), lease) {
+            (Some(held), lease) => {
+                if renewed {
+                    held.renewing_since = 0;
+                }
+                match lease {
+                    Some(lease) if held.terms == terms => held.lease.merge(lease),
+                    Some(lease) => {
+                        held.terms = terms;
+                        held.lease = lease;
+                    }
+                    None => {}
+                }
+            }
+            (None, Some(lease)) if room => {
+                leases.insert(
+                    meter.name.clone(),
+                    Held {
+                        terms,
+                        lease,
+                        renewing_since: 0,
+                    },
+                );
+            }
+            (None, _) => {}
+        }
+    });
 }
 
 /// What a lease was lent under: the meter's limit and the `set` of its credit grant.
@@ -591,41 +658,54 @@ fn admitted(lease: &limits::Lease, remaining: u32, now: u64) -> RateLimitOutcome
     }
 }
 
-/// Spends from this isolate's lease of the meter; if it cannot, takes the lease out and
-/// returns the ask that gives its unused part back.
-fn from_lease(meter: &limits::Meter, cost: u64, now: u64) -> Result<RateLimitOutcome, limits::Ask> {
+/// Spends from this isolate's lease of the meter (with the ask for a renewal ahead when it
+/// is due); if it cannot, takes the lease out and returns the ask that gives its unused
+/// part back.
+fn from_lease(
+    meter: &limits::Meter,
+    cost: u64,
+    now: u64,
+) -> Result<(RateLimitOutcome, Option<limits::Ask>), limits::Ask> {
     let terms = terms(meter);
-    let held = LEASES.with(|l| {
-        let mut leases = l.borrow_mut();
-        let entry = leases.get_mut(&meter.name)?;
-        if entry.0 == terms {
-            if let Some(remaining) = entry.1.spend(cost, now) {
-                return Some(Ok(admitted(&entry.1, remaining, now)));
-            }
-        }
-        leases.remove(&meter.name).map(|(_, lease)| Err(lease))
-    });
-    let (back, want) = match held {
-        Some(Ok(outcome)) => return Ok(outcome),
-        Some(Err(lease)) => (lease.unused(now), limits::next_want(lease.used)),
-        None => (Default::default(), 0),
-    };
-    Err(limits::Ask {
+    let ask = |want, back| limits::Ask {
         limit: meter.limit,
         credits: meter.credits,
         cost,
         want,
         back,
-    })
+    };
+    let held = LEASES.with(|l| {
+        let mut leases = l.borrow_mut();
+        let entry = leases.get_mut(&meter.name)?;
+        if entry.terms == terms {
+            if let Some(remaining) = entry.lease.spend(cost, now) {
+                let idle = now.saturating_sub(entry.renewing_since) > RENEWAL_STALE_MS;
+                let ahead = (idle && entry.lease.wants_more(cost)).then(|| {
+                    entry.renewing_since = now;
+                    ask(
+                        limits::next_want(entry.lease.used),
+                        limits::Unused::default(),
+                    )
+                });
+                return Some(Ok((admitted(&entry.lease, remaining, now), ahead)));
+            }
+        }
+        leases.remove(&meter.name).map(|held| Err(held.lease))
+    });
+    match held {
+        Some(Ok(spent)) => Ok(spent),
+        Some(Err(lease)) => Err(ask(limits::next_want(lease.used), lease.unused(now))),
+        None => Err(ask(0, limits::Unused::default())),
+    }
 }
 
 /// Gives back one spend of `cost` to the meter's lease (if this isolate still holds it:
 /// otherwise it stays counted, which only makes the meter stricter).
 fn refund(meter: &limits::Meter, cost: u64) {
     LEASES.with(|l| {
-        if let Some((terms_held, lease)) = l.borrow_mut().get_mut(&meter.name) {
-            if *terms_held == terms(meter) {
-                lease.refund(cost);
+        if let Some(held) = l.borrow_mut().get_mut(&meter.name) {
+            if held.terms == terms(meter) {
+                held.lease.refund(cost);
             }
         }
     });
@@ -644,19 +724,7 @@ fn settle(
         Some(limits::Answer::Admitted(mut lease)) => {
             let remaining = lease.take(cost);
             let outcome = admitted(&lease, remaining, now);
-            let terms = terms(meter);
-            LEASES.with(|l| {
-                let mut leases = l.borrow_mut();
-                let room = leases.len() < MAX_LEASES;
-                match leases.get_mut(&meter.name) {
-                    Some(held) if held.0 == terms => held.1.merge(lease),
-                    Some(held) => *held = (terms, lease),
-                    None if room => {
-                        leases.insert(meter.name.clone(), (terms, lease));
-                    }
-                    None => {}
-                }
-            });
+            keep(meter, Some(lease), false);
             Ok(Some(outcome))
         }
         Some(limits::Answer::RateLimited(outcome)) => match meter.limit {

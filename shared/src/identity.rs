@@ -127,7 +127,9 @@ impl NamedLimits {
             .join(",")
     }
 
-    /// The limits in [`NamedLimits::encode`]'s text; `None` for anything else.
+    /// The limits in [`NamedLimits::encode`]'s text; `None` for text that is not limits
+    /// (the names' rules are the control plane's: the edge only needs each limit and a
+    /// name to count it under).
     pub fn decode(text: &str) -> Option<NamedLimits> {
         let limits = text
             .split(',')
@@ -139,9 +141,10 @@ impl NamedLimits {
                     name: name.to_owned(),
                     limit: RateLimit::new(requests.parse().ok()?, period.parse().ok()?).ok()?,
                 })
+                .filter(|l| !l.name.is_empty())
             })
             .collect::<Option<Vec<_>>>()?;
-        NamedLimits::new(limits).ok()
+        (limits.len() <= MAX_NAMED_LIMITS).then_some(NamedLimits(limits))
     }
 }
 
@@ -196,7 +199,14 @@ mod tests {
         ] {
             assert!(NamedLimits::new(bad.clone()).is_err(), "{bad:?}");
         }
-        for bad in ["a", "a=1", "a=0/1", "a=1/0", "a=1/1,a=2/2", "A=1/1"] {
+        for bad in [
+            "a",
+            "a=1",
+            "a=0/1",
+            "a=1/0",
+            "=1/1",
+            "a=1/1,b=1/1,c=1/1,d=1/1,e=1/1,f=1/1",
+        ] {
             assert_eq!(NamedLimits::decode(bad), None, "{bad}");
         }
         let parsed: NamedLimit =

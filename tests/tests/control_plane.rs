@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use metlo_shared::ApiKey;
-use metlo_tests::{on_both_backends, Backend, ControlPlane, Redis, StackBuilder, StatusCode};
+use metlo_tests::{
+    on_both_backends, run_cli, Backend, ControlPlane, Redis, StackBuilder, StatusCode,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -18,6 +20,7 @@ on_both_backends!(
     the_cli_obeys_the_key_limit,
     deleted_key_is_refused_at_once_with_redis,
     cli_manages_keys,
+    cli_manages_identities,
     ops_routes,
 );
 
@@ -229,6 +232,69 @@ async fn cli_manages_keys(backend: Backend) {
         .unwrap_err()
         .contains("no API key with this name"));
     assert!(!cp.cli(&["keys", "list"]).unwrap().contains("from cli"));
+}
+
+/// `identities` on the database and through the API (`--url`): made, shown with their
+/// keys, topped up, listed, deleted (refused while keys belong, unless cascading).
+async fn cli_manages_identities(backend: Backend) {
+    let cp = ControlPlane::start(backend).await;
+    let made: Value = serde_json::from_str(
+        &cp.cli(&["identities", "create", "acme", "--credits", "10"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            made["externalId"].as_str(),
+            made["credits"]["granted"].as_u64()
+        ),
+        (Some("acme"), Some(10))
+    );
+    assert!(cp
+        .cli(&["identities", "create", "acme"])
+        .unwrap_err()
+        .contains("already exists"));
+    let key = cp
+        .cli(&[
+            "keys",
+            "create",
+            "--name",
+            "acme-1",
+            "--identity",
+            "acme",
+            "--credits",
+            "5",
+        ])
+        .unwrap();
+    cp.secrets.lock().unwrap().push(key);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let remote = |args: &[&str]| {
+        let env = vec![("METLO_API_KEY".to_owned(), cp.admin_key.clone())];
+        let mut full = vec!["identities", "--url", cp.url.as_str()];
+        full.extend_from_slice(args);
+        run_cli(&env, &full, log.path())
+    };
+    let shown: Value = serde_json::from_str(&remote(&["show", "acme"]).unwrap()).unwrap();
+    assert_eq!(shown["keys"][0]["name"], "acme-1");
+    assert_eq!(shown["keys"][0]["credits"]["granted"], 5);
+    let topped: Value =
+        serde_json::from_str(&remote(&["add-credits", "acme", "7"]).unwrap()).unwrap();
+    assert_eq!(topped["credits"]["granted"], 17);
+    remote(&["create", "other"]).unwrap();
+    let listed: Value = serde_json::from_str(&cp.cli(&["identities", "list"]).unwrap()).unwrap();
+    assert_eq!(listed["identities"].as_array().unwrap().len(), 2);
+    assert!(remote(&["delete", "acme"]).unwrap_err().contains("409"));
+    assert!(cp
+        .cli(&["identities", "delete", "acme"])
+        .unwrap_err()
+        .contains("belong to this identity"));
+    remote(&["delete", "acme", "--cascade"]).unwrap();
+    assert!(!cp.cli(&["keys", "list"]).unwrap().contains("acme-1"));
+    cp.cli(&["identities", "delete", "other"]).unwrap();
+    assert!(cp
+        .cli(&["identities", "show", "other"])
+        .unwrap_err()
+        .contains("no identity"));
 }
 
 async fn ops_routes(backend: Backend) {

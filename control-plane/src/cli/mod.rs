@@ -1,6 +1,7 @@
-//! The command line: `serve`, `migrate`, and the `keys` admin commands.
+//! The command line: `serve`, `migrate`, and the `keys` and `identities` admin commands.
 
 pub mod bulk;
+pub mod identities;
 pub mod keys;
 
 use clap::{Parser, Subcommand};
@@ -35,4 +36,7 @@ pub enum Command {
     /// Manage keys: directly in the database (this is how the first key is made), or
     /// through a running control plane with --url.
     Keys(keys::KeysArgs),
+    /// Manage identities (customers owning keys, with shared credits and limits): in the
+    /// database, or through a running control plane with --url.
+    Identities(identities::IdentitiesArgs),
 }

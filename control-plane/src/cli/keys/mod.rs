@@ -6,7 +6,7 @@
 mod args;
 mod local;
 mod output;
-mod remote;
+pub(crate) mod remote;
 
 pub use args::{KeysArgs, KeysCommand};
 

@@ -11,26 +11,7 @@ use crate::service::key_lists::KeyPage;
 
 /// Through the REST API.
 pub(super) async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Output> {
-    let key = std::env::var("METLO_API_KEY")
-        .map_err(|_| anyhow::anyhow!("set METLO_API_KEY to the API key to use with --url"))?;
-    let base = url.trim_end_matches('/');
-    let api = Api {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?,
-        base: reqwest::Url::parse(&format!("{base}/"))
-            .map_err(|e| anyhow::anyhow!("invalid --url {base}: {e}"))?,
-        key,
-    };
-    if !matches!(api.base.scheme(), "http" | "https") || api.base.cannot_be_a_base() {
-        anyhow::bail!("--url must be an http:// or https:// URL");
-    }
-    if api.base.scheme() == "http" && !is_loopback(&api.base) {
-        eprintln!(
-            "warning: {base} is plain http:// to another host: the admin key and every new \
-             key cross the network unencrypted; use https://"
-        );
-    }
+    let api = Api::new(url)?;
     Ok(match cmd {
         KeysCommand::Create {
             name,
@@ -138,7 +119,7 @@ pub(super) async fn remote(url: &str, cmd: &KeysCommand) -> anyhow::Result<Outpu
 }
 
 /// A running control plane's REST API.
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     /// Ends with `/`.
     base: reqwest::Url,
@@ -146,8 +127,33 @@ struct Api {
 }
 
 impl Api {
+    /// The API at `url`, with the key from `METLO_API_KEY`.
+    pub(crate) fn new(url: &str) -> anyhow::Result<Api> {
+        let key = std::env::var("METLO_API_KEY")
+            .map_err(|_| anyhow::anyhow!("set METLO_API_KEY to the API key to use with --url"))?;
+        let base = url.trim_end_matches('/');
+        let api = Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            base: reqwest::Url::parse(&format!("{base}/"))
+                .map_err(|e| anyhow::anyhow!("invalid --url {base}: {e}"))?,
+            key,
+        };
+        if !matches!(api.base.scheme(), "http" | "https") || api.base.cannot_be_a_base() {
+            anyhow::bail!("--url must be an http:// or https:// URL");
+        }
+        if api.base.scheme() == "http" && !is_loopback(&api.base) {
+            eprintln!(
+                "warning: {base} is plain http:// to another host: the admin key and every new \
+             key cross the network unencrypted; use https://"
+            );
+        }
+        Ok(api)
+    }
+
     /// The URL of these path segments (each percent-encoded: names may hold `/`, `?`…).
-    fn url(&self, segments: &[&str]) -> reqwest::Url {
+    pub(crate) fn url(&self, segments: &[&str]) -> reqwest::Url {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("checked in `remote`: an http(s) URL has a path")
@@ -156,7 +162,7 @@ impl Api {
         url
     }
 
-    async fn send<T: DeserializeOwned>(
+    pub(crate) async fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         segments: &[&str],
@@ -165,7 +171,7 @@ impl Api {
         self.send_to(method, self.url(segments), body).await
     }
 
-    async fn send_to<T: DeserializeOwned>(
+    pub(crate) async fn send_to<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         url: reqwest::Url,

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use super::state::AppState;
-use super::{audit, keys, usage};
+use super::{audit, identities, keys, usage};
 
 pub fn router(state: &AppState) -> Router<AppState> {
     // The same handlers as /api/v1: each still states who may call it (`Authorized`),
@@ -24,6 +24,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
     let (api, _) = keys::router()
         .merge(audit::router())
         .merge(usage::router())
+        .merge(identities::router())
         .split_for_parts();
     let signed_in = Router::new()
         .nest("/console", api)
@@ -35,6 +36,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console", get(assets::page))
         .route("/console/keys", get(assets::page))
         .route("/console/keys/{name}", get(assets::page))
+        .route("/console/identities/{external_id}", get(assets::page))
         .route("/console/audit", get(assets::page))
         .route("/console/assets/{file}", get(assets::asset))
         .merge(signed_in)

@@ -1,0 +1,166 @@
+//! `metlo-control-plane identities …`: identities, in the database or through a running
+//! control plane's REST API with `--url` (the key from `METLO_API_KEY`). Prints the API's
+//! JSON.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::keys::remote::Api;
+use crate::config::Config;
+use crate::service::audit::Actor;
+use crate::service::credits::{Credits, TopUp};
+use crate::service::identities::{self, CreateIdentityRequest, IdentityInfo};
+use crate::service::keys::KeyInfo;
+
+#[derive(Debug, Args)]
+pub struct IdentitiesArgs {
+    /// Manage the identities of a running control plane at this URL, through its REST
+    /// API, instead of the database. The API key is read from METLO_API_KEY.
+    #[arg(long, env = "METLO_URL", global = true)]
+    pub url: Option<String>,
+    #[command(subcommand)]
+    pub command: IdentitiesCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentitiesCommand {
+    /// Make an identity.
+    Create {
+        /// Your name for the customer (1–255 visible ASCII characters).
+        external_id: String,
+        /// Credits all its keys share.
+        #[arg(long)]
+        credits: Option<u64>,
+        /// A JSON object, for you.
+        #[arg(long)]
+        meta: Option<String>,
+    },
+    /// The identities (the first 1,000).
+    List,
+    /// One identity and its keys.
+    Show { external_id: String },
+    /// Add credits to an identity that has some.
+    AddCredits { external_id: String, add: u64 },
+    /// Delete an identity (with --cascade, its keys first).
+    Delete {
+        external_id: String,
+        #[arg(long)]
+        cascade: bool,
+    },
+}
+
+pub async fn run(config: &Config, args: IdentitiesArgs) -> anyhow::Result<()> {
+    let out = match &args.url {
+        Some(url) => remote(url, &args.command).await?,
+        None => local(config, &args.command).await?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn meta_of(meta: &Option<String>) -> anyhow::Result<Option<Value>> {
+    meta.as_deref()
+        .map(|m| serde_json::from_str(m).map_err(|e| anyhow::anyhow!("--meta must be JSON: {e}")))
+        .transpose()
+}
+
+async fn local(config: &Config, cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
+    let store = config.open_store().await?;
+    let cache = config.cache(&store).await?;
+    let actor = Actor::cli();
+    let result: anyhow::Result<Value> = async {
+        Ok(match cmd {
+            IdentitiesCommand::Create {
+                external_id,
+                credits,
+                meta,
+            } => {
+                let body = CreateIdentityRequest {
+                    external_id: Some(external_id.clone()),
+                    meta: meta_of(meta)?,
+                    credits: credits.map(|remaining| Credits {
+                        remaining,
+                        refill: None,
+                    }),
+                    rate_limits: None,
+                };
+                serde_json::to_value(identities::create(&store, body, &actor).await?)?
+            }
+            IdentitiesCommand::List => {
+                serde_json::to_value(identities::list(&store, Some(1000), None).await?)?
+            }
+            IdentitiesCommand::Show { external_id } => {
+                let identity = identities::get(&store, external_id).await?;
+                let keys: Vec<KeyInfo> = store
+                    .keys_of_identity(identity.id)
+                    .await?
+                    .into_iter()
+                    .map(KeyInfo::from)
+                    .collect();
+                json!({"identity": IdentityInfo::from(&identity), "keys": keys})
+            }
+            IdentitiesCommand::AddCredits { external_id, add } => serde_json::to_value(
+                identities::add_credits(&store, &cache, external_id, TopUp { add: *add }, &actor)
+                    .await?,
+            )?,
+            IdentitiesCommand::Delete {
+                external_id,
+                cascade,
+            } => {
+                identities::delete(&store, &cache, external_id, *cascade, &actor).await?;
+                json!({"status": "OK"})
+            }
+        })
+    }
+    .await;
+    store.close().await;
+    result
+}
+
+async fn remote(url: &str, cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
+    let api = Api::new(url)?;
+    let get = reqwest::Method::GET;
+    Ok(match cmd {
+        IdentitiesCommand::Create {
+            external_id,
+            credits,
+            meta,
+        } => {
+            let body = json!({"externalId": external_id, "meta": meta_of(meta)?,
+                "credits": credits.map(|c| json!({"remaining": c}))});
+            api.send(
+                reqwest::Method::POST,
+                &["api", "v1", "identities"],
+                Some(body),
+            )
+            .await?
+        }
+        IdentitiesCommand::List => api.send(get, &["api", "v1", "identities"], None).await?,
+        IdentitiesCommand::Show { external_id } => {
+            let identity: Value = api
+                .send(get.clone(), &["api", "v1", "identities", external_id], None)
+                .await?;
+            let keys: Value = api
+                .send(get, &["api", "v1", "identities", external_id, "keys"], None)
+                .await?;
+            json!({"identity": identity, "keys": keys["keys"]})
+        }
+        IdentitiesCommand::AddCredits { external_id, add } => {
+            api.send(
+                reqwest::Method::POST,
+                &["api", "v1", "identities", external_id, "credits"],
+                Some(json!({"add": add})),
+            )
+            .await?
+        }
+        IdentitiesCommand::Delete {
+            external_id,
+            cascade,
+        } => {
+            let mut url = api.url(&["api", "v1", "identities", external_id]);
+            url.query_pairs_mut()
+                .append_pair("cascade", &cascade.to_string());
+            api.send_to(reqwest::Method::DELETE, url, None).await?
+        }
+    })
+}
