@@ -175,6 +175,7 @@ async fn origins_verify_the_edge_assertions_with_standard_libraries() {
     assert_eq!(claims["role"], "client");
     assert_eq!(claims["permissions"], json!(["orders:read"]));
     assert_eq!(claims["meta"], json!({"tenant": "acme ✓"}));
+    assert!(claims.get("identity").is_none(), "a key of no identity");
     assert_eq!(
         claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
         60
@@ -188,11 +189,19 @@ async fn origins_verify_the_edge_assertions_with_standard_libraries() {
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(last_assertion(&s.origin), signed_by_old);
     }
-    // A changed key is signed again (within the feed's bound).
+    // A changed key is signed again (within the feed's bound): here it gains a
+    // permission and joins an identity, which the assertion names.
+    let (status, _) =
+        s.cp.post(
+            "/api/v1/identities",
+            Some(json!({"externalId": "acme-corp"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
         s.cp.patch(
             "caller",
-            json!({"permissions": ["orders:read", "orders:write"]})
+            json!({"permissions": ["orders:read", "orders:write"], "identity": "acme-corp"})
         )
         .await
         .0,
@@ -209,6 +218,7 @@ async fn origins_verify_the_edge_assertions_with_standard_libraries() {
                 claims["permissions"],
                 json!(["orders:read", "orders:write"])
             );
+            assert_eq!(claims["identity"], "acme-corp");
             break;
         }
         assert!(

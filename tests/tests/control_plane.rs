@@ -280,6 +280,30 @@ async fn cli_manages_identities(backend: Backend) {
     let topped: Value =
         serde_json::from_str(&remote(&["add-credits", "acme", "7"]).unwrap()).unwrap();
     assert_eq!(topped["credits"]["granted"], 17);
+    // A key joins and leaves an identity, and its credits are set anew, by `keys update`.
+    cp.cli(&[
+        "keys",
+        "update",
+        "acme-1",
+        "--no-identity",
+        "--credits",
+        "3",
+    ])
+    .unwrap();
+    let shown: Value = serde_json::from_str(&remote(&["show", "acme"]).unwrap()).unwrap();
+    assert_eq!(shown["keys"], json!([]));
+    assert_eq!(cp.listed("acme-1").await["credits"]["granted"], 3);
+    cp.cli(&[
+        "keys",
+        "update",
+        "acme-1",
+        "--identity",
+        "acme",
+        "--no-credits",
+    ])
+    .unwrap();
+    assert!(cp.listed("acme-1").await.get("credits").is_none());
+    assert_eq!(cp.listed("acme-1").await["identity"], "acme");
     remote(&["create", "other"]).unwrap();
     let listed: Value = serde_json::from_str(&cp.cli(&["identities", "list"]).unwrap()).unwrap();
     assert_eq!(listed["identities"].as_array().unwrap().len(), 2);

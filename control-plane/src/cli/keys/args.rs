@@ -88,6 +88,18 @@ pub enum KeysCommand {
         /// Remove all the key's permissions.
         #[arg(long)]
         no_permissions: bool,
+        /// Set the key's credits anew (the edge's balance becomes this).
+        #[arg(long, conflicts_with = "no_credits")]
+        credits: Option<u64>,
+        /// Remove the key's credits (unmetered).
+        #[arg(long)]
+        no_credits: bool,
+        /// The externalId of the identity the key belongs to from now on.
+        #[arg(long, conflicts_with = "no_identity")]
+        identity: Option<String>,
+        /// Take the key out of its identity.
+        #[arg(long)]
+        no_identity: bool,
     },
     /// Refuse a key everywhere until it is enabled again (`keys update NAME --disable`).
     Disable { name: String },
@@ -190,6 +202,10 @@ pub(super) fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
             no_rate_limit,
             permissions,
             no_permissions,
+            credits,
+            no_credits,
+            identity,
+            no_identity,
             ..
         } => {
             if *enable || *disable {
@@ -214,6 +230,16 @@ pub(super) fn update_body(cmd: &KeysCommand) -> anyhow::Result<Value> {
                 body.insert("permissions".into(), json!(permissions));
             } else if *no_permissions {
                 body.insert("permissions".into(), json!([]));
+            }
+            if let Some(remaining) = credits {
+                body.insert("credits".into(), json!({"remaining": remaining}));
+            } else if *no_credits {
+                body.insert("credits".into(), Value::Null);
+            }
+            if let Some(identity) = identity {
+                body.insert("identity".into(), identity.clone().into());
+            } else if *no_identity {
+                body.insert("identity".into(), Value::Null);
             }
         }
         _ => unreachable!("only update, disable and enable have an update body"),

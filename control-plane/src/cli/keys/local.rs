@@ -68,7 +68,8 @@ pub(super) async fn local(config: &Config, cmd: &KeysCommand) -> anyhow::Result<
             | KeysCommand::Disable { name }
             | KeysCommand::Enable { name } => {
                 let changes = serde_json::from_value::<UpdateKeyRequest>(update_body(cmd)?)?
-                    .validate(now_ms())?;
+                    .resolve(&store, now_ms())
+                    .await?;
                 Output::Updated(
                     key_updates::update_key(
                         &store,
