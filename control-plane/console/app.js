@@ -689,33 +689,43 @@ function creditsText(c) {
   return `${c.granted} granted${c.added ? ` (${c.added} added)` : ''}${refill}; what is left is counted at the edge`;
 }
 
-function keyPage(name) {
+/** The "Requests per hour" section: span buttons, a summary, the chart. `path`: the
+ * usage route; `who`: how the summary names whose requests; `missing`: the 404's words. */
+function usageSection(path, who, missing) {
   const chartSlot = h('div');
   const summary = h('p', { id: 'chart-summary', 'aria-live': 'polite' });
   const error = h('p', { class: 'error', role: 'alert' });
-  const details = h('dl', { class: 'meta' });
   let span = 24;
-  const buttons = [24, 168].map((hours) => h('button', {
-    type: 'button', 'aria-pressed': String(hours === span), 'data-hours': hours,
-    onclick: () => { span = hours; for (const b of buttons) b.setAttribute('aria-pressed', String(Number(b.dataset.hours) === span)); loadUsage(); },
-  }, hours === 24 ? 'Last 24 hours' : 'Last 7 days'));
-
-  const loadUsage = async () => {
+  const load = async () => {
     error.textContent = '';
     const to = new Date();
     const from = new Date(to.getTime() - (span - 1) * 3600 * 1000);
     const params = new URLSearchParams({ from: from.toISOString(), to: to.toISOString() });
     try {
-      const usage = await api('GET', `${API}/keys/${enc(name)}/usage?${params}`);
-      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush). ${refusedText(usage.refused)}`;
+      const usage = await api('GET', `${path}?${params}`);
+      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'}${who} in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush). ${refusedText(usage.refused)}`;
       summary.dataset.total = String(usage.total);
       summary.dataset.refused = String(refusedTotal(usage.refused));
       chartSlot.replaceChildren(usageChart(usage));
     } catch (e) {
-      error.textContent = e.status === 404 ? `There is no key named “${name}”.` : `Could not load the usage: ${e.message}`;
+      error.textContent = e.status === 404 ? missing : `Could not load the usage: ${e.message}`;
       chartSlot.replaceChildren();
     }
   };
+  const buttons = [24, 168].map((hours) => h('button', {
+    type: 'button', 'aria-pressed': String(hours === span), 'data-hours': hours,
+    onclick: () => { span = hours; for (const b of buttons) b.setAttribute('aria-pressed', String(Number(b.dataset.hours) === span)); load(); },
+  }, hours === 24 ? 'Last 24 hours' : 'Last 7 days'));
+  const section = h('section', { 'aria-labelledby': 'chart-title' },
+    h('h2', { id: 'chart-title' }, 'Requests per hour'),
+    h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
+    summary, error, h('figure', { class: 'chart' }, chartSlot));
+  return { section, load, error };
+}
+
+function keyPage(name) {
+  const details = h('dl', { class: 'meta' });
+  const usage = usageSection(`${API}/keys/${enc(name)}/usage`, '', `There is no key named “${name}”.`);
 
   const show = (k) => {
     details.replaceChildren(...[
@@ -786,45 +796,20 @@ function keyPage(name) {
     details,
     permissionsEdit,
     h('div', { class: 'actions' }, signOut), signedOutLine,
-    h('section', { 'aria-labelledby': 'chart-title' },
-      h('h2', { id: 'chart-title' }, 'Requests per hour'),
-      h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
-      summary, error, h('figure', { class: 'chart' }, chartSlot)));
+    usage.section);
   loadDetails().catch((e) => {
-    if (e.status !== 404) error.textContent = `Could not load the key: ${e.message}`;
+    if (e.status !== 404) usage.error.textContent = `Could not load the key: ${e.message}`;
   });
-  loadUsage();
+  usage.load();
 }
 
 // ---- one identity: its keys and usage ----------------------------------------------------
 
 function identityPage(externalId) {
-  const chartSlot = h('div');
-  const summary = h('p', { id: 'chart-summary', 'aria-live': 'polite' });
-  const error = h('p', { class: 'error', role: 'alert' });
   const details = h('dl', { class: 'meta' });
   const keys = h('ul', { class: 'identity-keys' });
-  let span = 24;
-  const buttons = [24, 168].map((hours) => h('button', {
-    type: 'button', 'aria-pressed': String(hours === span), 'data-hours': hours,
-    onclick: () => { span = hours; for (const b of buttons) b.setAttribute('aria-pressed', String(Number(b.dataset.hours) === span)); loadUsage(); },
-  }, hours === 24 ? 'Last 24 hours' : 'Last 7 days'));
-  const loadUsage = async () => {
-    error.textContent = '';
-    const to = new Date();
-    const from = new Date(to.getTime() - (span - 1) * 3600 * 1000);
-    const params = new URLSearchParams({ from: from.toISOString(), to: to.toISOString() });
-    try {
-      const usage = await api('GET', `${API}/identities/${enc(externalId)}/usage?${params}`);
-      summary.textContent = `${usage.total} request${usage.total === 1 ? '' : 's'} by its keys in the ${span === 24 ? 'last 24 hours' : 'last 7 days'} (hourly, up to the last flush). ${refusedText(usage.refused)}`;
-      summary.dataset.total = String(usage.total);
-      summary.dataset.refused = String(refusedTotal(usage.refused));
-      chartSlot.replaceChildren(usageChart(usage));
-    } catch (e) {
-      error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the usage: ${e.message}`;
-      chartSlot.replaceChildren();
-    }
-  };
+  const usage = usageSection(`${API}/identities/${enc(externalId)}/usage`, ' by its keys',
+    `There is no identity “${externalId}”.`);
   const load = async () => {
     const i = await api('GET', `${API}/identities/${enc(externalId)}`);
     const limits = (i.rateLimits || []).map((l) => `${l.name}: ${l.requests} per ${l.periodSeconds} s`).join(', ') || '—';
@@ -840,14 +825,11 @@ function identityPage(externalId) {
     h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
     details,
     h('section', { 'aria-labelledby': 'keys-title' }, h('h2', { id: 'keys-title' }, 'Its keys'), keys),
-    h('section', { 'aria-labelledby': 'chart-title' },
-      h('h2', { id: 'chart-title' }, 'Requests per hour'),
-      h('div', { class: 'chart-controls', role: 'group', 'aria-label': 'Time span' }, buttons),
-      summary, error, h('figure', { class: 'chart' }, chartSlot)));
+    usage.section);
   load().catch((e) => {
-    error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the identity: ${e.message}`;
+    usage.error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the identity: ${e.message}`;
   });
-  loadUsage();
+  usage.load();
 }
 
 // ---- the audit log ---------------------------------------------------------------------

@@ -304,6 +304,35 @@ async fn cli_manages_identities(backend: Backend) {
     .unwrap();
     assert!(cp.listed("acme-1").await.get("credits").is_none());
     assert_eq!(cp.listed("acme-1").await["identity"], "acme");
+    // Changed on the database and through the API.
+    let changed: Value = serde_json::from_str(
+        &cp.cli(&[
+            "identities",
+            "update",
+            "acme",
+            "--limit",
+            "per-minute=600/60",
+            "--meta",
+            r#"{"plan":"pro"}"#,
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        changed["rateLimits"],
+        json!([{"name": "per-minute", "requests": 600, "periodSeconds": 60}])
+    );
+    assert_eq!(changed["meta"], json!({"plan": "pro"}));
+    let changed: Value = serde_json::from_str(
+        &remote(&["update", "acme", "--no-limits", "--credits", "4"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(changed["rateLimits"], json!([]));
+    assert_eq!(changed["credits"]["granted"], 4);
+    assert!(cp
+        .cli(&["identities", "update", "acme", "--limit", "nope"])
+        .unwrap_err()
+        .contains("NAME=REQUESTS/SECONDS"));
     remote(&["create", "other"]).unwrap();
     let listed: Value = serde_json::from_str(&cp.cli(&["identities", "list"]).unwrap()).unwrap();
     assert_eq!(listed["identities"].as_array().unwrap().len(), 2);

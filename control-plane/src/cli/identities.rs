@@ -9,7 +9,9 @@ use super::keys::remote::Api;
 use crate::config::Config;
 use crate::service::audit::Actor;
 use crate::service::credits::{Credits, TopUp};
-use crate::service::identities::{self, CreateIdentityRequest, IdentityInfo};
+use crate::service::identities::{
+    self, CreateIdentityRequest, IdentityInfo, UpdateIdentityRequest,
+};
 use crate::service::keys::KeyInfo;
 
 #[derive(Debug, Args)]
@@ -35,6 +37,29 @@ pub enum IdentitiesCommand {
         #[arg(long)]
         meta: Option<String>,
     },
+    /// Change an identity (only what is given changes).
+    Update {
+        external_id: String,
+        /// A JSON object, for you (replaces its meta).
+        #[arg(long, conflicts_with = "no_meta")]
+        meta: Option<String>,
+        #[arg(long)]
+        no_meta: bool,
+        /// Set its credits anew (the edge's shared balance becomes this).
+        #[arg(long, conflicts_with = "no_credits")]
+        credits: Option<u64>,
+        #[arg(long)]
+        no_credits: bool,
+        /// A limit all its keys share, NAME=REQUESTS/SECONDS (repeat; replaces them all).
+        #[arg(
+            long = "limit",
+            value_name = "NAME=REQUESTS/SECONDS",
+            conflicts_with = "no_limits"
+        )]
+        limits: Vec<String>,
+        #[arg(long)]
+        no_limits: bool,
+    },
     /// The identities (the first 1,000).
     List,
     /// One identity and its keys.
@@ -56,6 +81,50 @@ pub async fn run(config: &Config, args: IdentitiesArgs) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// The PATCH body of an `update`.
+fn update_body(cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
+    let IdentitiesCommand::Update {
+        meta,
+        no_meta,
+        credits,
+        no_credits,
+        limits,
+        no_limits,
+        ..
+    } = cmd
+    else {
+        unreachable!("only update has a body")
+    };
+    let mut body = serde_json::Map::new();
+    if let Some(meta) = meta_of(meta)? {
+        body.insert("meta".into(), meta);
+    } else if *no_meta {
+        body.insert("meta".into(), Value::Null);
+    }
+    if let Some(remaining) = credits {
+        body.insert("credits".into(), json!({"remaining": remaining}));
+    } else if *no_credits {
+        body.insert("credits".into(), Value::Null);
+    }
+    if !limits.is_empty() || *no_limits {
+        let parsed: Vec<Value> = limits
+            .iter()
+            .map(|l| {
+                let (name, rest) = l.split_once('=').unwrap_or((l, ""));
+                let (requests, period) = rest.split_once('/').unwrap_or((rest, ""));
+                match (requests.parse::<u32>(), period.parse::<u32>()) {
+                    (Ok(r), Ok(p)) => Ok(json!({"name": name, "requests": r, "periodSeconds": p})),
+                    _ => anyhow::bail!(
+                        "--limit must be NAME=REQUESTS/SECONDS, e.g. per-minute=600/60"
+                    ),
+                }
+            })
+            .collect::<anyhow::Result<_>>()?;
+        body.insert("rateLimits".into(), json!(parsed));
+    }
+    Ok(Value::Object(body))
 }
 
 fn meta_of(meta: &Option<String>) -> anyhow::Result<Option<Value>> {
@@ -85,6 +154,13 @@ async fn local(config: &Config, cmd: &IdentitiesCommand) -> anyhow::Result<Value
                     rate_limits: None,
                 };
                 serde_json::to_value(identities::create(&store, body, &actor).await?)?
+            }
+            IdentitiesCommand::Update { external_id, .. } => {
+                let changes = serde_json::from_value::<UpdateIdentityRequest>(update_body(cmd)?)?
+                    .validate()?;
+                serde_json::to_value(
+                    identities::update(&store, &cache, external_id, &changes, &actor).await?,
+                )?
             }
             IdentitiesCommand::List => {
                 serde_json::to_value(identities::list(&store, Some(1000), None).await?)?
@@ -132,6 +208,14 @@ async fn remote(url: &str, cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
                 reqwest::Method::POST,
                 &["api", "v1", "identities"],
                 Some(body),
+            )
+            .await?
+        }
+        IdentitiesCommand::Update { external_id, .. } => {
+            api.send(
+                reqwest::Method::PATCH,
+                &["api", "v1", "identities", external_id],
+                Some(update_body(cmd)?),
             )
             .await?
         }

@@ -6,8 +6,7 @@
 
 use axum::http::StatusCode;
 use metlo_shared::credits::Grant;
-use metlo_shared::ApiKey;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::db::Backend;
 use crate::test_util::{on_both_backends, TestApp};
@@ -27,11 +26,11 @@ async fn verify_on_the_control_plane_neither_spends_nor_checks_credits(backend: 
         .create(json!({"name": "empty", "credits": {"remaining": 0}}))
         .await;
     let key = body["apiKey"].as_str().unwrap().to_owned();
-    let before = record(&cp, &key).await;
+    let before = cp.edge_record(&key).await;
     for _ in 0..3 {
         assert_eq!(cp.verify(&key).await, StatusCode::OK);
     }
-    assert_eq!(record(&cp, &key).await["credits"], before["credits"]);
+    assert_eq!(cp.edge_record(&key).await["credits"], before["credits"]);
     assert_eq!(cp.listed("empty").await["credits"]["granted"], 0);
 }
 
@@ -186,7 +185,7 @@ async fn the_edge_record_carries_the_grant_as_version_4(backend: Backend) {
         .create(json!({"name": "metered", "credits": {"remaining": 50, "refill": {"amount": 10, "interval": "seconds", "periodSeconds": 60}}}))
         .await;
     let key = body["apiKey"].as_str().unwrap().to_owned();
-    let first = record(&cp, &key).await;
+    let first = cp.edge_record(&key).await;
     assert_eq!(first["v"], 4);
     let grant = Grant::decode(first["credits"].as_str().unwrap()).unwrap();
     assert_eq!((grant.to, grant.added), (50, 0));
@@ -195,7 +194,7 @@ async fn the_edge_record_carries_the_grant_as_version_4(backend: Backend) {
     cp.as_admin()
         .post("/api/v1/keys/metered/credits", json!({"add": 3}))
         .await;
-    let topped = Grant::decode(record(&cp, &key).await["credits"].as_str().unwrap()).unwrap();
+    let topped = Grant::decode(cp.edge_record(&key).await["credits"].as_str().unwrap()).unwrap();
     assert_eq!(
         (topped.set, topped.added),
         (grant.set, 3),
@@ -203,27 +202,16 @@ async fn the_edge_record_carries_the_grant_as_version_4(backend: Backend) {
     );
     cp.patch("metered", json!({"credits": {"remaining": 50}}))
         .await;
-    let reset = Grant::decode(record(&cp, &key).await["credits"].as_str().unwrap()).unwrap();
+    let reset = Grant::decode(cp.edge_record(&key).await["credits"].as_str().unwrap()).unwrap();
     assert!(reset.set > grant.set, "a set gets a new number");
     cp.patch("metered", json!({"credits": null})).await;
-    let plain = record(&cp, &key).await;
+    let plain = cp.edge_record(&key).await;
     assert_eq!(plain["v"], 1, "{plain}");
     cp.patch("metered", json!({"credits": {"remaining": 1}}))
         .await;
-    let again = Grant::decode(record(&cp, &key).await["credits"].as_str().unwrap()).unwrap();
+    let again = Grant::decode(cp.edge_record(&key).await["credits"].as_str().unwrap()).unwrap();
     assert!(
         again.set > reset.set,
         "numbers keep growing across removals"
     );
-}
-
-/// The record the edge gets for `key` (`by-hash`).
-async fn record(cp: &TestApp, key: &str) -> Value {
-    let hash = ApiKey::parse(key).unwrap().hash().to_hex();
-    let reply = cp
-        .as_edge()
-        .get(&format!("/api/v1/keys/by-hash/{hash}"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    reply.json()
 }

@@ -5,7 +5,6 @@
 
 use axum::http::StatusCode;
 use metlo_shared::credits::Grant;
-use metlo_shared::ApiKey;
 use serde_json::{json, Value};
 
 use crate::db::Backend;
@@ -184,7 +183,7 @@ async fn keys_carry_their_identity_to_the_edge(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "an admin key: {body}");
 
-    let r = record(&cp, &key).await;
+    let r = cp.edge_record(&key).await;
     assert_eq!(
         (r["v"].as_u64(), r["identity"].as_str()),
         (Some(4), Some("acme"))
@@ -203,7 +202,7 @@ async fn keys_carry_their_identity_to_the_edge(backend: Backend) {
     admin
         .post("/api/v1/identities/acme/credits", json!({"add": 5}))
         .await;
-    let r = record(&cp, &key).await;
+    let r = cp.edge_record(&key).await;
     assert_eq!(r["identityLimits"], "rpm=60/60");
     assert_eq!(
         Grant::decode(r["identityCredits"].as_str().unwrap())
@@ -221,7 +220,7 @@ async fn keys_carry_their_identity_to_the_edge(backend: Backend) {
     let (status, body) = cp.patch("a1", json!({"identity": null})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.get("identity").is_none(), "{body}");
-    let r = record(&cp, &key).await;
+    let r = cp.edge_record(&key).await;
     assert!(
         r.get("identity").is_none() && r.get("identityLimits").is_none(),
         "{r}"
@@ -304,15 +303,4 @@ async fn identity_top_ups_add_once_each(backend: Backend) {
         info["credits"],
         json!({"granted": 70, "added": 60, "refill": null})
     );
-}
-
-/// The record the edge gets for `key` (`by-hash`).
-async fn record(cp: &TestApp, key: &str) -> Value {
-    let hash = ApiKey::parse(key).unwrap().hash().to_hex();
-    let reply = cp
-        .as_edge()
-        .get(&format!("/api/v1/keys/by-hash/{hash}"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    reply.json()
 }

@@ -4,7 +4,6 @@
 //! whose JSON answer says who the key is.
 
 use axum::http::StatusCode;
-use metlo_shared::ApiKey;
 use serde_json::{json, Value};
 
 use crate::db::Backend;
@@ -136,26 +135,15 @@ async fn the_edge_record_carries_permissions_as_version_3(backend: Backend) {
         .await;
     let key = body["apiKey"].as_str().unwrap().to_owned();
     let plain = cp.create_key("plain", "GENERIC").await;
-    let scoped = record(&cp, &key).await;
+    let scoped = cp.edge_record(&key).await;
     assert_eq!(scoped["v"], 3);
     assert_eq!(scoped["permissions"], json!(["orders:read"]));
-    let plain = record(&cp, &plain).await;
+    let plain = cp.edge_record(&plain).await;
     assert_eq!(
         plain["v"], 1,
         "only keys with permissions need a Worker that reads them"
     );
     assert!(plain.get("permissions").is_none());
-}
-
-/// The record the edge gets for `key` (`by-hash`).
-async fn record(cp: &TestApp, key: &str) -> Value {
-    let hash = ApiKey::parse(key).unwrap().hash().to_hex();
-    let reply = cp
-        .as_edge()
-        .get(&format!("/api/v1/keys/by-hash/{hash}"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    reply.json()
 }
 
 async fn verify_checks_a_permission_expression(backend: Backend) {

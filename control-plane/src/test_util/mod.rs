@@ -303,6 +303,17 @@ impl TestApp {
         reply.json()
     }
 
+    /// The record the edge gets for `key` (`GET /api/v1/keys/by-hash/…`); asserts a 200.
+    pub async fn edge_record(&self, key: &str) -> Value {
+        let hash = metlo_shared::ApiKey::parse(key).unwrap().hash().to_hex();
+        let reply = self
+            .as_edge()
+            .get(&format!("/api/v1/keys/by-hash/{hash}"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        reply.json()
+    }
+
     /// A GET on the ops routes (`/readyz`, `/metrics`).
     pub async fn ops_get(&self, path: &str) -> Reply {
         let request = Request::get(path).body(Body::empty()).unwrap();
