@@ -78,8 +78,7 @@ pub const PREFETCH_BELOW: u32 = 16;
 pub const CLOCK_MARGIN_MS: u64 = 50;
 /// The most requests one lease covers besides the one that asked.
 pub const MAX_LEASE: u32 = 64;
-/// How long an isolate may spend leased credits (a top-up or another isolate's demand
-/// sees unused ones again after at most this long plus that isolate's next request).
+/// How long an isolate may spend leased credits (the unspent ones go back on its next ask).
 pub const CREDIT_LEASE_MS: u64 = 10_000;
 
 /// What an isolate asks its key's object: admit one request costing `cost` credits,
@@ -325,7 +324,9 @@ impl Lease {
                 0
             },
             pool: self.pool,
-            credits: if self.credits != u64::MAX && now_ms < self.credits_end {
+            // Unspent credits always go back (this isolate stopped spending them at
+            // `credits_end`); the object takes them only into the pool they came from.
+            credits: if self.credits != u64::MAX {
                 self.credits
             } else {
                 0
@@ -819,7 +820,11 @@ mod tests {
         assert!(lease
             .spend(1, t + CREDIT_LEASE_MS - CLOCK_MARGIN_MS - 1)
             .is_some());
-        assert_eq!(lease.unused(t + CREDIT_LEASE_MS).credits, 0);
+        assert_eq!(
+            lease.unused(t + CREDIT_LEASE_MS).credits,
+            63,
+            "unspent credits go back, however late"
+        );
         assert_eq!(lease.unused(t).credits, 63);
         let Answer::Admitted(other) =
             c.serve(&ask(Some(l), Some(grant(10_000)), 2, Unused::default()), t)

@@ -59,7 +59,9 @@ pub fn authorize(
     let (path, query) = path_and_query(request_url);
     let path = normalize_path(path).map_err(PolicyRefusal::Path)?;
     let mut verdict = policy.decide(method, &path, permissions);
-    let cost = match verdict {
+    // The dearest of the method's rule and those of the methods its override headers
+    // name: an override must not make a request cheaper.
+    let mut cost = match verdict {
         Verdict::Allow(cost) => cost,
         Verdict::Deny(_) => 1,
     };
@@ -68,6 +70,9 @@ pub fn authorize(
             break;
         }
         verdict = policy.decide(&named.trim().to_ascii_uppercase(), &path, permissions);
+        if let Verdict::Allow(c) = verdict {
+            cost = cost.max(c);
+        }
     }
     if let Verdict::Deny(required) = verdict {
         return Err(PolicyRefusal::Forbidden(required.map(|e| e.to_string())));
@@ -180,6 +185,18 @@ mod tests {
                 &perms(&["search"])
             ),
             Ok((Some("/v1/search".into()), 7))
+        );
+        let priced = known("2 allow\nGET /v1/x cost=0 a\nPOST /v1/x cost=100 a");
+        assert_eq!(
+            authorize(
+                Some(&priced),
+                "GET",
+                Some("POST"),
+                "https://e.dev/v1/x",
+                &perms(&["a"])
+            ),
+            Ok((Some("/v1/x".into()), 100)),
+            "an override pays the dearer method"
         );
         assert_eq!(
             authorize(Some(&p), "POST", None, "https://e.dev/v1/orders", &read),

@@ -276,8 +276,10 @@ pub struct Balance {
 
 impl Balance {
     /// Brings the balance up to date with `grant` and the clock (`now`, Unix seconds):
-    /// a newer set replaces it, a larger `added` adds the difference once, an older
-    /// grant changes nothing, a new refill period sets it to the refill amount.
+    /// a newer set replaces it, a new refill period sets it to the refill amount, then a
+    /// larger `added` adds the difference once (a top-up the object first sees after a
+    /// refill instant counts: it is never wiped by a refill it may have followed), and an
+    /// older grant changes nothing.
     pub fn apply(&mut self, grant: &Grant, now: u64) {
         let period = grant.refill.map_or(0, |r| r.period(now));
         if grant.set > self.set {
@@ -287,15 +289,20 @@ impl Balance {
                 period,
                 remaining: grant.to.saturating_add(grant.added).min(MAX_CREDITS),
             };
-        } else if grant.set == self.set && grant.added > self.added {
-            self.remaining = (self.remaining + (grant.added - self.added)).min(MAX_CREDITS);
-            self.added = grant.added;
+            return;
         }
-        if let Some(refill) = grant.refill.filter(|_| grant.set == self.set) {
+        if grant.set != self.set {
+            return;
+        }
+        if let Some(refill) = grant.refill {
             if period > self.period {
                 self.remaining = refill.amount;
                 self.period = period;
             }
+        }
+        if grant.added > self.added {
+            self.remaining = (self.remaining + (grant.added - self.added)).min(MAX_CREDITS);
+            self.added = grant.added;
         }
     }
 
@@ -480,5 +487,12 @@ mod tests {
         b.remaining = 4;
         b.apply(&grant, 700);
         assert_eq!(b.remaining, 4);
+        // A top-up the object first sees after a refill instant is not wiped by it.
+        let topped = Grant {
+            added: 500,
+            ..grant
+        };
+        b.apply(&topped, 720);
+        assert_eq!(b.remaining, 10 + 500);
     }
 }

@@ -66,6 +66,26 @@ impl Store {
         .await?)
     }
 
+    /// What a key's record carries of the identity `id`, read under the identity's row
+    /// lock: a change of the identity committing meanwhile either comes first (and is
+    /// read here) or waits (and rewrites this key with the others).
+    /// [`StoreError::IdentityGone`] if it was deleted meanwhile.
+    pub(super) async fn lock_identity_part(tx: &mut Tx, id: i64) -> Result<String, StoreError> {
+        sqlx::query("UPDATE identities SET external_id = external_id WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        let identity: Option<StoredIdentity> = sqlx::query_as(&format!(
+            "SELECT {IDENTITY_COLUMNS} FROM identities WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        identity
+            .map(|i| i.part_json())
+            .ok_or(StoreError::IdentityGone)
+    }
+
     /// The identity with this `externalId`.
     pub async fn identity(&self, external_id: &str) -> Result<Option<StoredIdentity>, StoreError> {
         Ok(sqlx::query_as(&format!(

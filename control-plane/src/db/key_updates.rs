@@ -19,10 +19,19 @@ impl Store {
         audit: impl FnOnce(&StoredKey, &StoredKey) -> AuditEntry,
     ) -> Result<Option<(StoredKey, Vec<RetiredSecret>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // A key joining an identity: the identity as it is now, under its lock, taken
+        // before the key's (the order an identity's own change takes them in).
+        let joined = match &changes.identity {
+            Some(Some(identity)) => Some(Self::lock_identity_part(&mut tx, identity.id).await?),
+            _ => None,
+        };
         let Some(before) = Self::lock_and_read_key(&mut tx, name).await? else {
             return Ok(None);
         };
-        let after = changes.apply(&before, now_ms);
+        let mut after = changes.apply(&before, now_ms);
+        if joined.is_some() {
+            after.identity_record = joined;
+        }
         if after.permissions.is_some()
             && after.permissions != before.permissions
             && !after.role.serves_traffic()

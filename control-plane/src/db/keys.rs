@@ -24,6 +24,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::reserve_quota(&mut tx, 1, max_keys).await?;
+        // Its identity as it is now, under the identity's lock (not as read before).
+        let mut key = key.clone();
+        if let Some(id) = key.identity_id {
+            key.identity_record = Some(Self::lock_identity_part(&mut tx, id).await?);
+        }
+        let key = &key;
         Self::insert_rows(&mut tx, std::slice::from_ref(key)).await?;
         self.enqueue_put(&mut tx, key, &key.key_hash, key.record())
             .await?;

@@ -106,6 +106,8 @@ pub enum StoreError {
     TooManyCredits,
     #[error("{0} keys belong to this identity: delete them first, or delete with ?cascade=true")]
     IdentityHasKeys(i64),
+    #[error("the identity was deleted meanwhile")]
+    IdentityGone,
     /// The database could not be reached (down, pool exhausted, timed out): retryable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),

@@ -97,7 +97,10 @@ impl CreditColumns {
         self.credits_added = 0;
         match credits {
             Some((remaining, refill)) => {
-                self.credits_set += 1;
+                // Unique for all time, not only for this row: a meter's Durable Object is
+                // named after the key or identity and outlives a delete, so a key made
+                // again under the same name must not look older than the one deleted.
+                self.credits_set = (self.credits_set + 1).max(crate::clock::now_ms());
                 self.credits_to = Some(i64::try_from(remaining).unwrap_or(i64::MAX));
                 self.credits_refill =
                     refill.map(|r| serde_json::to_string(&r).expect("a refill always serializes"));

@@ -85,6 +85,7 @@ impl From<StoreError> for Error {
             e @ StoreError::NoCredits => Error::Conflict(e.to_string()),
             e @ StoreError::TooManyCredits => Error::invalid(e.to_string()),
             e @ StoreError::IdentityHasKeys(_) => Error::Conflict(e.to_string()),
+            e @ StoreError::IdentityGone => Error::Conflict(e.to_string()),
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "key store unavailable");
                 Error::Unavailable
