@@ -26,8 +26,8 @@
 //! [`revocations`], [`policy`], [`limits`] and [`usage`], unit-tested natively; the
 //! wasm-only glue (`worker_glue`, `feed_glue` for the isolate's view of the feed,
 //! `policy_glue` for the route policy's source, `assertion_glue` for signing,
-//! `control_plane_glue` for its calls to the control plane, and `limiter_glue` for the
-//! Durable Object class) moves bytes between those functions and the Workers runtime.
+//! `control_plane_glue` for its calls to the control plane, `meter_glue` for the meters'
+//! leases and Durable Object calls, and `limiter_glue` for the Durable Object class) moves bytes between those functions and the Workers runtime.
 
 pub mod assertion;
 pub mod config;
@@ -46,6 +46,8 @@ mod control_plane_glue;
 mod feed_glue;
 #[cfg(target_arch = "wasm32")]
 mod limiter_glue;
+#[cfg(target_arch = "wasm32")]
+mod meter_glue;
 #[cfg(target_arch = "wasm32")]
 mod policy_glue;
 #[cfg(target_arch = "wasm32")]
