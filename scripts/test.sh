@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/phases.sh
+# No incremental state: a fresh build never reuses it, and it is a quarter of target/.
+export CARGO_INCREMENTAL=0
 trap print_phases EXIT
 
 phase "install (system packages, Worker tools)" \
