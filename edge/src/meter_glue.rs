@@ -70,13 +70,18 @@ pub(crate) async fn spend_all(
     config: &Config,
 ) -> Result<Option<RateLimitOutcome>, Spent> {
     let mut outcome = None;
-    for (i, meter) in meters.iter().enumerate() {
+    let mut sources = Vec::with_capacity(meters.len());
+    for meter in meters {
         match spend(meter, cost, env, config).await {
-            Ok(o) if meter.key => outcome = o,
-            Ok(_) => {}
+            Ok((o, source)) => {
+                if meter.key {
+                    outcome = Some(o);
+                }
+                sources.push(source);
+            }
             Err(refused) => {
-                for done in &meters[..i] {
-                    refund(done, cost);
+                for (done, source) in meters.iter().zip(sources) {
+                    refund(done, cost, source);
                 }
                 return Err(refused);
             }
@@ -89,30 +94,30 @@ pub(crate) async fn spend_all(
 /// the meter's Durable Object (which gets back what is left of the lease and may lend a
 /// new one), within the control-plane timeout. A busy lease running low is renewed ahead
 /// by the request that notices (admitted already, it waits for the object; the others
-/// go on spending what is left).
+/// go on spending what is left). Admitted: where the spend came from.
 async fn spend(
     meter: &limits::Meter,
     cost: u64,
     env: &Env,
     config: &Config,
-) -> Result<Option<RateLimitOutcome>, Spent> {
+) -> Result<FromLease, Spent> {
     let now = now_ms();
     let (url, admitted_ahead) = match from_lease(meter, cost, now) {
-        Ok((outcome, None)) => return Ok(Some(outcome)),
-        Ok((outcome, Some(ahead))) => (ahead.encode(), Some(outcome)),
+        Ok((spent, None)) => return Ok(spent),
+        Ok((spent, Some(ahead))) => (ahead.encode(), Some(spent)),
         Err(ask) => (ask.encode(), None),
     };
     let answer = ask_object(&meter.name, &url, env, config.control_plane_timeout_ms).await;
     match (admitted_ahead, answer) {
         // The renewal's lease, whole (the request the object counted with it is spent
         // later, here); refused or failed, nothing was taken.
-        (Some(outcome), answer) => {
+        (Some(spent), answer) => {
             let lease = match answer.as_deref().map(limits::Answer::decode) {
                 Ok(Some(limits::Answer::Admitted(lease))) => Some(lease),
                 _ => None,
             };
             keep(meter, lease, true);
-            Ok(Some(outcome))
+            Ok(spent)
         }
         (None, Ok(body)) => settle(meter, cost, now, &body),
         (None, Err(e)) => Err(Spent::Unavailable(e)),
@@ -188,6 +193,9 @@ fn admitted(lease: &limits::Lease, remaining: u32, now: u64) -> RateLimitOutcome
     }
 }
 
+/// A spend admitted: its `RateLimit` outcome and where it came from (see [`refund`]).
+type FromLease = (RateLimitOutcome, limits::Source);
+
 /// Spends from this isolate's lease of the meter (with the ask for a renewal ahead when it
 /// is due); if it cannot, takes the lease out and returns the ask that gives its unused
 /// part back.
@@ -195,7 +203,7 @@ fn from_lease(
     meter: &limits::Meter,
     cost: u64,
     now: u64,
-) -> Result<(RateLimitOutcome, Option<limits::Ask>), limits::Ask> {
+) -> Result<(FromLease, Option<limits::Ask>), limits::Ask> {
     let terms = terms(meter);
     let ask = |want, back| limits::Ask {
         limit: meter.limit,
@@ -208,6 +216,7 @@ fn from_lease(
         let mut leases = l.borrow_mut();
         let entry = leases.get_mut(&meter.name)?;
         if entry.terms == terms {
+            let source = entry.lease.source();
             if let Some(remaining) = entry.lease.spend(cost, now) {
                 let idle = now.saturating_sub(entry.renewing_since) > RENEWAL_STALE_MS;
                 let ahead = (idle && entry.lease.wants_more(cost)).then(|| {
@@ -217,7 +226,8 @@ fn from_lease(
                         limits::Unused::default(),
                     )
                 });
-                return Some(Ok((admitted(&entry.lease, remaining, now), ahead)));
+                let outcome = admitted(&entry.lease, remaining, now);
+                return Some(Ok(((outcome, source), ahead)));
             }
         }
         leases.remove(&meter.name).map(|held| Err(held.lease))
@@ -229,13 +239,13 @@ fn from_lease(
     }
 }
 
-/// Gives back one spend of `cost` to the meter's lease (if this isolate still holds it:
-/// otherwise it stays counted, which only makes the meter stricter).
-fn refund(meter: &limits::Meter, cost: u64) {
+/// Gives back one spend of `cost` from `source` to the meter's lease (if this isolate
+/// still holds it: otherwise it stays counted, which only makes the meter stricter).
+fn refund(meter: &limits::Meter, cost: u64, source: limits::Source) {
     LEASES.with(|l| {
         if let Some(held) = l.borrow_mut().get_mut(&meter.name) {
             if held.terms == terms(meter) {
-                held.lease.refund(cost);
+                held.lease.refund(cost, source);
             }
         }
     });
@@ -243,19 +253,15 @@ fn refund(meter: &limits::Meter, cost: u64) {
 
 /// The object's answer `body`: admitted (the new lease kept, merged with one another
 /// request of the meter got meanwhile) or the refusal.
-fn settle(
-    meter: &limits::Meter,
-    cost: u64,
-    now: u64,
-    body: &str,
-) -> Result<Option<RateLimitOutcome>, Spent> {
+fn settle(meter: &limits::Meter, cost: u64, now: u64, body: &str) -> Result<FromLease, Spent> {
     let refused = |r, outcome| Err(Spent::Refused(r, outcome));
     match limits::Answer::decode(body) {
         Some(limits::Answer::Admitted(mut lease)) => {
             let remaining = lease.take(cost);
             let outcome = admitted(&lease, remaining, now);
+            let source = lease.source();
             keep(meter, Some(lease), false);
-            Ok(Some(outcome))
+            Ok((outcome, source))
         }
         Some(limits::Answer::RateLimited(outcome)) => match meter.limit {
             Some(limit) => refused(

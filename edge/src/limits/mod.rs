@@ -114,6 +114,9 @@ pub enum Answer {
     CreditsExhausted { retry_after: Option<u64> },
 }
 
+/// Where a spend came from: the lease's window (its start) and credit pool.
+pub type Source = (u64, (u64, u64));
+
 /// A lease as the isolate holds it (and the object sends it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
@@ -302,12 +305,19 @@ impl Lease {
                     && self.credits < u64::from(PREFETCH_BELOW) * cost.max(1)))
     }
 
-    /// Undoes one [`Lease::spend`] of `cost` (a later meter refused the request).
-    pub fn refund(&mut self, cost: u64) {
-        if self.requests != u32::MAX {
+    /// The window and pool a spend from this lease now comes from.
+    pub fn source(&self) -> Source {
+        (self.window_start, self.pool)
+    }
+
+    /// Undoes one spend of `cost` from `source` (a later meter refused the request): only
+    /// into the same window and pool — a newer one (this lease was replaced meanwhile)
+    /// never lent that request or credit.
+    pub fn refund(&mut self, cost: u64, source: Source) {
+        if self.requests != u32::MAX && source.0 == self.window_start {
             self.requests += 1;
         }
-        if self.credits != u64::MAX {
+        if self.credits != u64::MAX && source.1 == self.pool {
             self.credits += cost;
         }
         self.used = self.used.saturating_sub(1);

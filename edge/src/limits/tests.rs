@@ -397,10 +397,48 @@ fn meters_go_limits_first_identity_credits_last() {
             Answer::Admitted(l) => l,
             other => panic!("{other:?}"),
         };
+    let source = lease.source();
     lease.take(1);
     assert!(lease.spend(1, 1).is_none());
-    lease.refund(1);
+    lease.refund(1, source);
     assert!(lease.spend(1, 1).is_some(), "a refund can be spent again");
+}
+
+#[test]
+fn a_refund_goes_only_into_the_window_and_pool_it_came_from() {
+    let l = limit(4, 60);
+    let lent = |counter: &mut Counter, now| match counter
+        .serve(&ask(Some(l), Some(grant(100)), 4, Unused::default()), now)
+    {
+        Answer::Admitted(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    let mut counter = Counter::default();
+    let mut lease = lent(&mut counter, 1_000);
+    let spent_from = lease.source();
+    lease.take(1);
+    // Another request replaced the lease with the next window's before this request's
+    // later meter refused it.
+    let next = lent(&mut counter, 61_000);
+    assert!(next.window_start > lease.window_start);
+    lease.merge(next);
+    let before = lease;
+    lease.refund(1, spent_from);
+    assert_eq!(
+        (lease.requests, lease.credits),
+        (before.requests, before.credits + 1),
+        "the request stays out of the new window; the credit (same pool) comes back"
+    );
+    // Into the same window and pool, both come back.
+    let mut same = lent(&mut Counter::default(), 1_000);
+    let source = same.source();
+    let whole = same;
+    same.take(1);
+    same.refund(1, source);
+    assert_eq!(
+        (same.requests, same.credits),
+        (whole.requests, whole.credits)
+    );
 }
 
 #[test]
