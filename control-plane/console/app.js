@@ -1,5 +1,6 @@
 // The admin console: plain JavaScript, no framework, no build step. Every page is drawn
-// from the path (/console/keys, /console/keys/<name>, /console/audit, /console/sign-in);
+// from the path (/console/keys, /console/keys/<name>, /console/identities[/<id>] — in
+// identities.js —, /console/audit, /console/sign-in);
 // every change goes to /console/api/v1/* with the session's CSRF token. Text from the
 // server is only ever set as text (never parsed as HTML).
 'use strict';
@@ -201,6 +202,7 @@ async function render() {
   }
   if (path === '/console' || path === '/console/keys') return keysPage();
   if (path === '/console/audit') return auditPage();
+  if (path === '/console/identities') return identitiesPage();
   const match = path.match(/^\/console\/keys\/([^/]+)$/);
   let name = null;
   try { name = match && decodeURIComponent(match[1]); } catch (e) { name = null; }
@@ -266,6 +268,8 @@ document.getElementById('sign-out').addEventListener('click', async () => {
 /** Which field of the create form an API error is about. */
 /** Roles whose new secrets outlive a session: the console asks for the admin key again. */
 const MINTS = ['admin', 'edge', 'legacy'];
+/** Roles whose keys carry API traffic: only they have permissions, credits, an identity. */
+const SERVES_TRAFFIC = ['client', 'legacy'];
 
 /** The header that gives the session's key again (and clears the field: it is not kept). */
 function confirmHeader(minting, input) {
@@ -280,6 +284,7 @@ function errorField(e) {
   if (e.code === 'limit_reached') return 'create-form';
   if (m.includes('admin key again')) return 'new-confirm';
   if (m.includes('meta')) return 'new-meta';
+  if (m.includes('identit')) return 'new-identity';
   if (m.includes('permission')) return 'new-permissions';
   if (m.includes('name')) return 'new-name';
   if (m.includes('keyfor') || m.includes('type')) return 'new-type';
@@ -325,10 +330,19 @@ function createForm(onCreated) {
   const period = h('input', { type: 'number', min: 1, max: 86400, step: 1, value: 60, inputmode: 'numeric' });
   const meta = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const permissions = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const identity = h('input', { type: 'text', maxlength: 255, autocomplete: 'off', spellcheck: 'false' });
+  const identityField = field('new-identity', 'Identity (optional)', identity, 'The external ID of the identity it belongs to: it shares its credits and limits.');
+  const credits = creditsFields('new', 'Credits (optional)', 'Each request admitted at the edge spends 1 (or its route’s cost). Empty: not metered.');
   const confirmKey = h('input', { type: 'password', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
   const confirmField = field('new-confirm', 'Your admin key, to confirm', confirmKey,
     'An admin or edge key outlives this session: give the key you signed in with again.');
-  const showConfirm = () => { confirmField.hidden = !MINTS.includes(role.value); };
+  // Credits and identities are for keys that serve traffic.
+  const traffic = credits.fields.slice(0, 2).concat([identityField]);
+  const showConfirm = () => {
+    confirmField.hidden = !MINTS.includes(role.value);
+    for (const f of traffic) f.hidden = !SERVES_TRAFFIC.includes(role.value);
+    credits.reset();
+  };
   role.addEventListener('change', showConfirm);
   showConfirm();
   const form = h('form', { class: 'panel', 'aria-labelledby': 'create-title', novalidate: true },
@@ -342,6 +356,7 @@ function createForm(onCreated) {
       field('new-period', 'per seconds', period),
       field('new-meta', 'Metadata (optional)', meta, 'A JSON object sent to the origin with each request, e.g. {"tenant":"acme"}.'),
       field('new-permissions', 'Permissions (optional)', permissions, 'Client keys: what the route policy lets them call, e.g. orders:read, orders:write.'),
+      identityField, credits.fields,
       confirmField),
     h('p', { class: 'error', id: 'create-form-error', role: 'alert' }),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create key')));
@@ -351,7 +366,7 @@ function createForm(onCreated) {
     busy(submit, () => create());
   });
   const create = async () => {
-    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'new-permissions', 'new-confirm', 'create-form']) setError(id, '');
+    for (const id of ['new-name', 'new-type', 'new-role', 'new-expires', 'new-requests', 'new-period', 'new-meta', 'new-permissions', 'new-identity', ...credits.ids, 'new-confirm', 'create-form']) setError(id, '');
     const body = { name: name.value, keyFor: type.value, role: role.value };
     if (!name.value.trim()) { setError('new-name', 'Enter a name for the key.'); name.focus(); return; }
     if (expires.value) {
@@ -372,6 +387,13 @@ function createForm(onCreated) {
       }
     }
     if (permissions.value.trim()) body.permissions = permissionList(permissions.value);
+    if (SERVES_TRAFFIC.includes(role.value)) {
+      if (identity.value.trim()) body.identity = identity.value.trim();
+      try {
+        const c = credits.read();
+        if (c) body.credits = c;
+      } catch (e) { showFieldError(e, e.id); return; }
+    }
     const minting = MINTS.includes(role.value);
     if (minting && !confirmKey.value.trim()) {
       setError('new-confirm', 'Enter the admin key you signed in with.');
@@ -384,7 +406,7 @@ function createForm(onCreated) {
       showConfirm();
       onCreated(created);
     } catch (e) {
-      const id = errorField(e);
+      const id = credits.errorField(e.message) || errorField(e);
       setError(id, e.message);
       const control = document.getElementById(id);
       if (control && control.focus && id !== 'create-form') control.focus();
@@ -738,8 +760,9 @@ function keyPage(name) {
       ['Identity', k.identity
         ? h('a', { href: `/console/identities/${enc(k.identity)}`, 'data-nav': '' }, k.identity) : '—'],
     ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
-    permissionsEdit.hidden = !['client', 'legacy'].includes(k.role);
     permissionsInput.value = (k.permissions || []).join(', ');
+    identityInput.value = k.identity || '';
+    for (const panel of [permissionsEdit, creditsEdit, identityEdit]) panel.hidden = !SERVES_TRAFFIC.includes(k.role);
   };
 
   // Permissions are edited here (client keys only): the whole set is replaced.
@@ -759,6 +782,28 @@ function keyPage(name) {
       } catch (e) {
         setError('edit-permissions', e.message);
         permissionsInput.focus();
+      }
+    });
+  });
+
+  const creditsEdit = creditsPanel(`${API}/keys/${enc(name)}`, 'key-credits', show);
+  creditsEdit.hidden = true;
+
+  // The identity it belongs to (empty: none).
+  const identityInput = h('input', { type: 'text', maxlength: 255, autocomplete: 'off', spellcheck: 'false' });
+  const identityEdit = h('form', { class: 'panel', 'aria-labelledby': 'identity-title', novalidate: true, hidden: true },
+    h('h2', { id: 'identity-title' }, 'Identity'),
+    field('edit-identity', 'Identity', identityInput, 'The external ID of the identity it belongs to. Empty: none.'),
+    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save identity')));
+  identityEdit.addEventListener('submit', (event) => {
+    event.preventDefault();
+    busy(identityEdit.querySelector('button[type=submit]'), async () => {
+      setError('edit-identity', '');
+      try {
+        show(await api('PATCH', `${API}/keys/${enc(name)}`, { identity: identityInput.value.trim() || null }));
+        announce(`Identity of ${name} saved`);
+      } catch (e) {
+        showFieldError(e, 'edit-identity');
       }
     });
   });
@@ -794,40 +839,11 @@ function keyPage(name) {
   page(name,
     h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
     details,
-    permissionsEdit,
+    permissionsEdit, creditsEdit, identityEdit,
     h('div', { class: 'actions' }, signOut), signedOutLine,
     usage.section);
   loadDetails().catch((e) => {
     if (e.status !== 404) usage.error.textContent = `Could not load the key: ${e.message}`;
-  });
-  usage.load();
-}
-
-// ---- one identity: its keys and usage ----------------------------------------------------
-
-function identityPage(externalId) {
-  const details = h('dl', { class: 'meta' });
-  const keys = h('ul', { class: 'identity-keys' });
-  const usage = usageSection(`${API}/identities/${enc(externalId)}/usage`, ' by its keys',
-    `There is no identity “${externalId}”.`);
-  const load = async () => {
-    const i = await api('GET', `${API}/identities/${enc(externalId)}`);
-    const limits = (i.rateLimits || []).map((l) => `${l.name}: ${l.requests} per ${l.periodSeconds} s`).join(', ') || '—';
-    details.replaceChildren(...[
-      ['Created', when(i.created)], ['Credits', creditsText(i.credits)], ['Shared limits', limits],
-      ['Metadata', i.meta ? JSON.stringify(i.meta) : '—'],
-    ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
-    const owned = await api('GET', `${API}/identities/${enc(externalId)}/keys`);
-    keys.replaceChildren(...(owned.keys.length ? owned.keys.map((k) => h('li', {},
-      h('a', { href: `/console/keys/${enc(k.name)}`, 'data-nav': '' }, k.name))) : [h('li', {}, 'No keys.')]));
-  };
-  page(externalId,
-    h('p', {}, h('a', { href: '/console/keys', 'data-nav': '' }, '← All keys')),
-    details,
-    h('section', { 'aria-labelledby': 'keys-title' }, h('h2', { id: 'keys-title' }, 'Its keys'), keys),
-    usage.section);
-  load().catch((e) => {
-    usage.error.textContent = e.status === 404 ? `There is no identity “${externalId}”.` : `Could not load the identity: ${e.message}`;
   });
   usage.load();
 }

@@ -340,6 +340,8 @@ async fn the_console_in_chromium() {
         .contains("2 out of credits"));
     b.check_page("identity").await;
 
+    console_edits_identities_and_credits(&s, &b).await;
+
     // Disable, then enable: the edge follows.
     b.goto(&format!("{base}/console/keys")).await;
     b.find("button[aria-label='Disable browser-made']")
@@ -556,14 +558,15 @@ async fn the_console_in_chromium() {
     b.until("the older page", &older_page, Duration::from_secs(5))
         .await;
 
-    // The audit log, filtered by action.
+    // The audit log, filtered by action: this delete, newest first, then globex-key's
+    // (deleted with its identity).
     b.goto(&format!("{base}/console/audit")).await;
     let action = b.find("#audit-action").await;
     action.send_keys("key.delete").await.unwrap();
     action.send_keys("\u{E007}").await.unwrap();
     b.until(
         "the filtered audit log",
-        "const rows = [...document.querySelectorAll('tbody tr')]; return rows.length === 1 && rows[0].textContent.includes('browser-made') && rows[0].textContent.includes('key.delete');",
+        "const rows = [...document.querySelectorAll('tbody tr')]; return rows.length === 2 && rows[0].textContent.includes('browser-made') && rows[0].textContent.includes('key.delete') && rows[1].textContent.includes('globex-key');",
         Duration::from_secs(5),
     )
     .await;
@@ -749,6 +752,230 @@ async fn attacker_page(console: &str) -> String {
     let url = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
+}
+
+/// Identities and credits made and changed in the console: an identity created from the
+/// identities page, topped up and its limits edited on its page; a key created with an
+/// identity and credits (which the edge then enforces), its credits set and its identity
+/// left on its page; the identity deleted with its keys.
+async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
+    let cp = &s.cp;
+    let base = &cp.url;
+    let api = |path: String| async move {
+        let (status, _, body) = cp.get(&path, Some(&cp.admin_key)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+
+    b.goto(&format!("{base}/console/keys")).await;
+    b.find("nav a[href='/console/identities']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    type_into(b, "#identity-external-id", "globex").await;
+    type_into(b, "#identity-credits", "5").await;
+    b.find("#identity-refill")
+        .await
+        .select_by_value("monthly")
+        .await
+        .unwrap();
+    type_into(b, "#identity-refill-amount", "50").await;
+    type_into(b, "#identity-refill-day", "15").await;
+    // A limit that is not one is refused next to its field, nothing is sent.
+    type_into(b, "#identity-limits", "rpm 100 per minute").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-create-title] button[type=submit]",
+    )
+    .await;
+    b.until(
+        "the limits' error",
+        "return document.getElementById('identity-limits-error').textContent.includes('is not a limit');",
+        Duration::from_secs(5),
+    )
+    .await;
+    type_into(b, "#identity-limits", "rpm: 100/60").await;
+    type_into(b, "#identity-meta", r#"{"plan":"pro"}"#).await;
+    b.check_page("identities").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-create-title] button[type=submit]",
+    )
+    .await;
+    b.until(
+        "the new identity's page",
+        "return location.pathname === '/console/identities/globex' && ((document.querySelector('dd[data-term=Credits]') || {}).textContent || '').startsWith('5 granted');",
+        Duration::from_secs(5),
+    )
+    .await;
+    let made = api("/api/v1/identities/globex".into()).await;
+    assert_eq!(
+        made["credits"],
+        json!({"granted": 5, "added": 0, "refill": {"amount": 50, "interval": "monthly", "refillDay": 15}})
+    );
+    assert_eq!(
+        made["rateLimits"],
+        json!([{"name": "rpm", "requests": 100, "periodSeconds": 60}])
+    );
+    assert_eq!(made["meta"], json!({"plan": "pro"}));
+
+    // Its page: a top-up, then its limits and metadata replaced.
+    type_into(b, "#identity-credits-add", "10").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-credits-title] button[data-action=add]",
+    )
+    .await;
+    b.until(
+        "the top-up",
+        "return (document.querySelector('dd[data-term=Credits]') || {}).textContent.startsWith('15 granted (10 added)');",
+        Duration::from_secs(5),
+    )
+    .await;
+    type_into(b, "#edit-limits", "rpm: 50/60, burst: 5/1").await;
+    type_into(b, "#edit-meta", "").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-edit-title] button[type=submit]",
+    )
+    .await;
+    b.until(
+        "the saved limits",
+        "return (document.querySelector('dd[data-term=\"Shared limits\"]') || {}).textContent === 'burst: 5/1, rpm: 50/60';",
+        Duration::from_secs(5),
+    )
+    .await;
+    let edited = api("/api/v1/identities/globex".into()).await;
+    assert_eq!(edited["rateLimits"].as_array().unwrap().len(), 2);
+    assert_eq!(edited["meta"], Value::Null, "emptied metadata is removed");
+    b.check_page("identity-edit").await;
+
+    // A key made in the console with the identity and one credit: the edge admits one
+    // request and refuses the next.
+    b.goto(&format!("{base}/console/keys")).await;
+    type_into(b, "#new-name", "globex-key").await;
+    type_into(b, "#new-identity", "globex").await;
+    type_into(b, "#new-credits", "1").await;
+    click(b, "form[aria-labelledby=create-title] button[type=submit]").await;
+    let key = b
+        .find("#secret input")
+        .await
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap();
+    cp.secrets.lock().unwrap().push(key.clone());
+    let listed = cp.listed("globex-key").await;
+    assert_eq!(listed["identity"], json!("globex"));
+    assert_eq!(listed["credits"]["granted"], json!(1));
+    cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    let first = s.edge.get("/", Some(&key)).send().await.unwrap().status();
+    let second = s.edge.get("/", Some(&key)).send().await.unwrap().status();
+    assert_eq!(
+        (first.as_u16(), second.as_u16()),
+        (200, 429),
+        "one credit: one request"
+    );
+
+    // Its page: credits set (a balance with a refill every 60 s), the identity left.
+    b.goto(&format!("{base}/console/keys/globex-key")).await;
+    type_into(b, "#key-credits-credits", "7").await;
+    b.find("#key-credits-refill")
+        .await
+        .select_by_value("seconds")
+        .await
+        .unwrap();
+    type_into(b, "#key-credits-refill-amount", "7").await;
+    type_into(b, "#key-credits-refill-seconds", "60").await;
+    click(
+        b,
+        "form[aria-labelledby=key-credits-title] button[data-action=set]",
+    )
+    .await;
+    b.until(
+        "the credits set",
+        "return (document.querySelector('dd[data-term=Credits]') || {}).textContent.startsWith('7 granted, refilled to 7 every 60 s');",
+        Duration::from_secs(5),
+    )
+    .await;
+    type_into(b, "#edit-identity", "no-such-identity").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-title] button[type=submit]",
+    )
+    .await;
+    b.until(
+        "the unknown identity's error",
+        "return document.getElementById('edit-identity-error').textContent.includes('no identity');",
+        Duration::from_secs(5),
+    )
+    .await;
+    b.check_page("key-credits").await;
+    type_into(b, "#edit-identity", "").await;
+    click(
+        b,
+        "form[aria-labelledby=identity-title] button[type=submit]",
+    )
+    .await;
+    b.until(
+        "the identity left",
+        "return (document.querySelector('dd[data-term=Identity]') || {}).textContent === '—';",
+        Duration::from_secs(5),
+    )
+    .await;
+    let key_now = cp.listed("globex-key").await;
+    assert_eq!(key_now["identity"], Value::Null);
+    assert_eq!(
+        key_now["credits"],
+        json!({"granted": 7, "added": 0, "refill": {"amount": 7, "interval": "seconds", "periodSeconds": 60}})
+    );
+
+    // Back in the identity, then the identity deleted: refused while it has keys, done
+    // with them when asked.
+    let (status, body) = cp.patch("globex-key", json!({"identity": "globex"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    b.goto(&format!("{base}/console/identities/globex")).await;
+    b.find("ul.identity-keys a[href='/console/keys/globex-key']")
+        .await;
+    let remove = "main > div.actions button.danger";
+    click(b, remove).await;
+    type_into(b, "dialog #delete-confirm", "globex").await;
+    click(b, "dialog button[type=submit]").await;
+    b.until(
+        "the refusal while keys belong",
+        "return document.getElementById('delete-confirm-error').textContent.length > 0;",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(cp.listed("globex-key").await["name"], json!("globex-key"));
+    click(b, "dialog #delete-cascade").await;
+    click(b, "dialog button[type=submit]").await;
+    b.until(
+        "the identities page again",
+        "return location.pathname === '/console/identities' && !document.querySelector('tr[data-identity=globex]') && !document.querySelector('dialog');",
+        Duration::from_secs(5),
+    )
+    .await;
+    let (status, _, _) = cp
+        .get("/api/v1/identities/globex", Some(&cp.admin_key))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = cp.get("/api/v1/keys/globex-key", Some(&cp.admin_key)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "its key went with it");
+}
+
+/// Replaces a field's text.
+async fn type_into(b: &Browser, css: &str, text: &str) {
+    let field = b.find(css).await;
+    field.clear().await.unwrap();
+    if !text.is_empty() {
+        field.send_keys(text).await.unwrap();
+    }
+}
+
+async fn click(b: &Browser, css: &str) {
+    b.find(css).await.click().await.unwrap();
 }
 
 /// Types `text` as the key page's permissions and saves them.

@@ -1,5 +1,5 @@
 //! The console's files, embedded at build time (no CDN, no Node at run time): one HTML
-//! page for every console path (the script draws the page the path names), its script,
+//! page for every console path (the script draws the page the path names), its scripts,
 //! its style sheet and its icon. Every answer forbids inline script, framing and any
 //! request to another origin.
 
@@ -11,6 +11,7 @@ use crate::http::error::ApiError;
 
 const INDEX_HTML: &str = include_str!("../../../console/index.html");
 const APP_JS: &str = include_str!("../../../console/app.js");
+const IDENTITIES_JS: &str = include_str!("../../../console/identities.js");
 const APP_CSS: &str = include_str!("../../../console/app.css");
 const ICON_SVG: &str = include_str!("../../../console/icon.svg");
 
@@ -51,6 +52,7 @@ pub async fn page() -> Response {
 pub async fn asset(Path(file): Path<String>) -> Response {
     let (body, content_type) = match file.as_str() {
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
+        "identities.js" => (IDENTITIES_JS, "text/javascript; charset=utf-8"),
         "app.css" => (APP_CSS, "text/css; charset=utf-8"),
         "icon.svg" => (ICON_SVG, "image/svg+xml"),
         _ => return ApiError::NotFound("no such console file".into()).into_response(),

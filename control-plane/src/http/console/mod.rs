@@ -36,6 +36,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console", get(assets::page))
         .route("/console/keys", get(assets::page))
         .route("/console/keys/{name}", get(assets::page))
+        .route("/console/identities", get(assets::page))
         .route("/console/identities/{external_id}", get(assets::page))
         .route("/console/audit", get(assets::page))
         .route("/console/assets/{file}", get(assets::asset))

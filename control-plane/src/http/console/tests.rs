@@ -83,7 +83,10 @@ async fn a_session_acts_as_its_admin_key_until_it_ends(backend: Backend) {
         "/console",
         "/console/keys",
         "/console/sign-in",
+        "/console/identities",
+        "/console/identities/acme",
         "/console/assets/app.js",
+        "/console/assets/identities.js",
     ] {
         let page = browser(&app).get(path).await;
         assert_eq!(page.status, StatusCode::OK, "{path}");
