@@ -224,6 +224,12 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<Option<StoredIdentity>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The identity's row lock first, as a key joining it takes it: a join either
+        // commits before (and its key is counted below) or waits and finds it gone.
+        sqlx::query("UPDATE identities SET external_id = external_id WHERE external_id = $1")
+            .bind(external_id)
+            .execute(&mut *tx)
+            .await?;
         let Some(identity) = Self::read_identity(&mut tx, external_id).await? else {
             return Ok(None);
         };

@@ -1,5 +1,6 @@
 //! Identities, in process on both backends: made, read, listed a page at a time, changed
-//! and deleted (409 while keys belong to one, unless cascading); keys join and leave one;
+//! and deleted (409 while keys belong to one — one joining meanwhile included —, unless
+//! cascading); keys join and leave one;
 //! the keys' edge records carry the identity's externalId, credits and named limits and
 //! follow its changes; concurrent top-ups all count; everything audited.
 
@@ -16,6 +17,62 @@ on_both_backends!(
     deleting_an_identity_refuses_while_keys_belong_to_it,
     identity_top_ups_add_once_each,
 );
+
+/// A key joining an identity (its row locked, the key's `identity_id` set, not yet
+/// committed) while the identity is deleted: the delete waits for the join and refuses
+/// with 409 — never a foreign-key error (500). PostgreSQL only: SQLite runs one writer
+/// at a time.
+#[tokio::test]
+async fn a_delete_waits_for_a_key_joining_and_refuses() {
+    use sqlx::{Connection, PgConnection};
+
+    let cp = start(Backend::Postgres).await;
+    let admin = cp.as_admin();
+    let reply = admin
+        .post("/api/v1/identities", json!({"externalId": "racy"}))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    cp.create_key("joiner", "GENERIC").await;
+    let url = cp.database_url.clone().unwrap();
+    let mut joining = PgConnection::connect(&url).await.unwrap();
+    let mut watcher = PgConnection::connect(&url).await.unwrap();
+    let mut join = joining.begin().await.unwrap();
+    // What a key's join does in its transaction (`db::identities::lock_identity_part`).
+    sqlx::query("UPDATE identities SET external_id = external_id WHERE external_id = 'racy'")
+        .execute(&mut *join)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE api_keys SET identity_id = (SELECT id FROM identities WHERE external_id = 'racy') \
+         WHERE name = 'joiner'",
+    )
+    .execute(&mut *join)
+    .await
+    .unwrap();
+    let commit_once_the_delete_waits = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        join.commit().await.unwrap();
+    };
+    let (deleted, ()) = tokio::join!(
+        admin.delete("/api/v1/identities/racy"),
+        commit_once_the_delete_waits
+    );
+    assert_eq!(deleted.status, StatusCode::CONFLICT, "{}", deleted.text);
+    let reply = admin.get("/api/v1/identities/racy/keys").await;
+    assert_eq!(reply.json()["keys"][0]["name"], json!("joiner"));
+}
 
 async fn start(backend: Backend) -> TestApp {
     TestApp::on(backend).build().await

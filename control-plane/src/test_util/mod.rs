@@ -105,6 +105,7 @@ impl TestAppBuilder {
         let mut test_app = TestApp {
             app,
             backend: self.backend,
+            database_url: config.database_url.clone(),
             admin_key: String::new(),
             edge_key: String::new(),
             client_key: String::new(),
@@ -122,6 +123,8 @@ impl TestAppBuilder {
 pub struct TestApp {
     app: App,
     pub backend: Backend,
+    /// The PostgreSQL database's URL (None on SQLite): for a test that holds a lock.
+    pub database_url: Option<String>,
     pub admin_key: String,
     pub edge_key: String,
     pub client_key: String,
