@@ -129,13 +129,14 @@ impl Store {
 
     /// Applies `changes` to the identity `external_id` under its row's lock (concurrent
     /// top-ups all count), rewrites its keys' records and sends them to the edge. The
-    /// identity after, and its keys; `None`: no such identity.
+    /// identity after, and its keys with their secrets still in a roll's overlap (whose
+    /// records changed too); `None`: no such identity.
     pub async fn update_identity(
         &self,
         external_id: &str,
         changes: &IdentityChanges,
         audit: impl FnOnce(&StoredIdentity, &StoredIdentity) -> AuditEntry,
-    ) -> Result<Option<(StoredIdentity, Vec<StoredKey>)>, StoreError> {
+    ) -> Result<Option<(StoredIdentity, Vec<(StoredKey, Vec<RetiredSecret>)>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let locked =
             sqlx::query("UPDATE identities SET external_id = external_id WHERE external_id = $1")
@@ -184,20 +185,29 @@ impl Store {
         .bind(after.id)
         .fetch_all(&mut *tx)
         .await?;
-        if part != before.part_json() {
-            let now = crate::clock::now_ms();
-            for key in &keys {
-                self.republish(&mut tx, key, now).await?;
-            }
+        let mut published = Vec::with_capacity(keys.len());
+        let now = crate::clock::now_ms();
+        for key in keys {
+            let retired = if part != before.part_json() {
+                self.republish(&mut tx, &key, now).await?
+            } else {
+                Vec::new()
+            };
+            published.push((key, retired));
         }
         self.audit_in(&mut tx, &audit(&before, &after)).await?;
         self.commit_outbox(tx).await?;
-        Ok(Some((after, keys)))
+        Ok(Some((after, published)))
     }
 
     /// Sends `key`'s records (its secret's, and those of secrets still in a roll's
-    /// overlap) to the edge again.
-    async fn republish(&self, tx: &mut Tx, key: &StoredKey, now_ms: i64) -> Result<(), StoreError> {
+    /// overlap) to the edge again; the latter secrets.
+    async fn republish(
+        &self,
+        tx: &mut Tx,
+        key: &StoredKey,
+        now_ms: i64,
+    ) -> Result<Vec<RetiredSecret>, StoreError> {
         self.enqueue_changed_put(tx, key, &key.key_hash, key.record())
             .await?;
         let retired: Vec<RetiredSecret> = sqlx::query_as(
@@ -213,7 +223,7 @@ impl Store {
             self.enqueue_changed_put(tx, key, &secret.key_hash, record)
                 .await?;
         }
-        Ok(())
+        Ok(retired)
     }
 
     /// Deletes the identity `external_id` if no key belongs to it

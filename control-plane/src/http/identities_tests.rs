@@ -249,7 +249,14 @@ async fn keys_carry_their_identity_to_the_edge(backend: Backend) {
     let grant = Grant::decode(r["identityCredits"].as_str().unwrap()).unwrap();
     assert_eq!(grant.to, 100);
 
-    // An identity's change reaches its keys' records.
+    // A roll with an overlap: the old secret still belongs to the identity (its record
+    // read once here, so cached).
+    let (status, rolled) = cp.roll("a1", Some(json!({"overlapSeconds": 600}))).await;
+    assert_eq!(status, StatusCode::OK, "{rolled}");
+    let new_key = rolled["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(cp.edge_record(&key).await["identityLimits"], "rps=5/1");
+
+    // An identity's change reaches its keys' records: every secret's.
     admin
         .patch(
             "/api/v1/identities/acme",
@@ -259,14 +266,16 @@ async fn keys_carry_their_identity_to_the_edge(backend: Backend) {
     admin
         .post("/api/v1/identities/acme/credits", json!({"add": 5}))
         .await;
-    let r = cp.edge_record(&key).await;
-    assert_eq!(r["identityLimits"], "rpm=60/60");
-    assert_eq!(
-        Grant::decode(r["identityCredits"].as_str().unwrap())
-            .unwrap()
-            .added,
-        5
-    );
+    for secret in [&new_key, &key] {
+        let r = cp.edge_record(secret).await;
+        assert_eq!(r["identityLimits"], "rpm=60/60");
+        assert_eq!(
+            Grant::decode(r["identityCredits"].as_str().unwrap())
+                .unwrap()
+                .added,
+            5
+        );
+    }
 
     let keys = admin.get("/api/v1/identities/acme/keys").await.json();
     assert_eq!(keys["keys"].as_array().unwrap().len(), 1);

@@ -20,7 +20,7 @@ use super::Error;
 use crate::cache::VerifyCache;
 use crate::clock::{iso8601, now_ms};
 use crate::db::identities::IdentityChanges;
-use crate::db::rows::{CreditColumns, CreditsChange, StoredIdentity, StoredKey};
+use crate::db::rows::{CreditColumns, CreditsChange, RetiredSecret, StoredIdentity, StoredKey};
 use crate::db::{Store, StoreError};
 
 /// `POST /api/v1/identities`.
@@ -253,11 +253,18 @@ pub async fn update(
     Ok(IdentityInfo::from(&identity))
 }
 
-/// The keys' records in the verify cache, as they are now.
-async fn refresh_cache(cache: &VerifyCache, keys: &[StoredKey]) {
-    for key in keys.iter().filter(|k| k.serves_traffic()) {
+/// The keys' records in the verify cache, as they are now: each secret's, those still in
+/// a roll's overlap included.
+async fn refresh_cache(cache: &VerifyCache, keys: &[(StoredKey, Vec<RetiredSecret>)]) {
+    for (key, retired) in keys.iter().filter(|(k, _)| k.serves_traffic()) {
         if let Ok(hash) = KeyHash::from_hex(&key.key_hash) {
             cache.replace(&hash, key.record()).await;
+        }
+        for secret in retired {
+            if let Ok(hash) = KeyHash::from_hex(&secret.key_hash) {
+                let record = key.retired_record(&secret.identifier, secret.retires_at_ms);
+                cache.replace(&hash, record).await;
+            }
         }
     }
 }
