@@ -760,9 +760,13 @@ function keyPage(name) {
       ['Identity', k.identity
         ? h('a', { href: `/console/identities/${enc(k.identity)}`, 'data-nav': '' }, k.identity) : '—'],
     ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
+    for (const panel of [permissionsEdit, creditsEdit, identityEdit]) panel.hidden = !SERVES_TRAFFIC.includes(k.role);
+  };
+  // The edit forms' fields as loaded (each form refills its own after a save, so unsaved
+  // edits in the others stay).
+  const fill = (k) => {
     permissionsInput.value = (k.permissions || []).join(', ');
     identityInput.value = k.identity || '';
-    for (const panel of [permissionsEdit, creditsEdit, identityEdit]) panel.hidden = !SERVES_TRAFFIC.includes(k.role);
   };
 
   // Permissions are edited here (client keys only): the whole set is replaced.
@@ -778,6 +782,7 @@ function keyPage(name) {
       try {
         const updated = await api('PATCH', `${API}/keys/${enc(name)}`, { permissions: permissionList(permissionsInput.value) });
         show(updated);
+        permissionsInput.value = (updated.permissions || []).join(', ');
         announce(`Permissions of ${name} saved`);
       } catch (e) {
         setError('edit-permissions', e.message);
@@ -800,7 +805,9 @@ function keyPage(name) {
     busy(identityEdit.querySelector('button[type=submit]'), async () => {
       setError('edit-identity', '');
       try {
-        show(await api('PATCH', `${API}/keys/${enc(name)}`, { identity: identityInput.value.trim() || null }));
+        const updated = await api('PATCH', `${API}/keys/${enc(name)}`, { identity: identityInput.value.trim() || null });
+        show(updated);
+        identityInput.value = updated.identity || '';
         announce(`Identity of ${name} saved`);
       } catch (e) {
         showFieldError(e, 'edit-identity');
@@ -812,14 +819,16 @@ function keyPage(name) {
     // GET /keys/list and /keys/onboarding are the lists: keys of those names are found
     // in the list.
     if (name !== 'list' && name !== 'onboarding') {
-      show(await api('GET', `${API}/keys/${enc(name)}`));
+      const k = await api('GET', `${API}/keys/${enc(name)}`);
+      show(k);
+      fill(k);
       return;
     }
     let cursor = '';
     for (;;) {
       const found = await api('GET', `${API}/keys/list?${new URLSearchParams({ limit: '1000', cursor })}`);
       const k = found.keys.find((x) => x.name === name);
-      if (k) { show(k); return; }
+      if (k) { show(k); fill(k); return; }
       if (!found.nextCursor) return;
       cursor = found.nextCursor;
     }

@@ -53,9 +53,11 @@ function creditsFields(prefix, label, balanceHint) {
       }
       return credits;
     },
-    /** Which of these fields an API error is about, if any. */
+    /** Which of these fields an API error is about, if any (a rate limit's
+     * `periodSeconds` is not: only errors that name credits are). */
     errorField(message) {
       const m = message.toLowerCase();
+      if (!m.includes('credit')) return null;
       if (m.includes('refillday')) return `${prefix}-refill-day`;
       if (m.includes('periodseconds')) return `${prefix}-refill-seconds`;
       if (m.includes('refill')) return `${prefix}-refill-amount`;
@@ -74,18 +76,20 @@ function showFieldError(e, id, fallback) {
   if (control && target !== fallback) control.focus();
 }
 
-/** The credits of a key or an identity (`base`: its API path), set or topped up. */
+/** The credits of a key or an identity (`base`: its API path): set, or topped up — two
+ * forms, so Enter in one never submits the other. */
 function creditsPanel(base, prefix, onSaved) {
   const set = creditsFields(prefix, 'Balance', 'Replaces what is left at the edge. Empty: no credits (not metered).');
   const add = h('input', { type: 'number', min: 1, step: 1, inputmode: 'numeric' });
-  const form = h('form', { class: 'panel', 'aria-labelledby': `${prefix}-title`, novalidate: true },
-    h('h2', { id: `${prefix}-title` }, 'Credits'),
+  const form = h('form', { novalidate: true, 'aria-label': 'Set credits' },
     h('div', { class: 'fields' }, set.fields),
     h('p', { class: 'error', id: `${prefix}-form-error`, role: 'alert' }),
-    h('div', { class: 'actions' }, h('button', { type: 'submit', 'data-action': 'set' }, 'Set credits')),
-    h('div', { class: 'topup' },
-      field(`${prefix}-add`, 'Add credits', add, 'A top-up: added to what is left, kept until the next refill.'),
-      h('div', { class: 'actions' }, h('button', { type: 'button', class: 'secondary', 'data-action': 'add' }, 'Add credits'))));
+    h('div', { class: 'actions' }, h('button', { type: 'submit', 'data-action': 'set' }, 'Set credits')));
+  const topUp = h('form', { class: 'topup', novalidate: true, 'aria-label': 'Add credits' },
+    field(`${prefix}-add`, 'Add credits', add, 'A top-up: added to what is left, kept until the next refill.'),
+    h('div', { class: 'actions' }, h('button', { type: 'submit', class: 'secondary', 'data-action': 'add' }, 'Add credits')));
+  const panel = h('section', { class: 'panel', 'aria-labelledby': `${prefix}-title` },
+    h('h2', { id: `${prefix}-title` }, 'Credits'), form, topUp);
   const clear = () => { for (const id of [...set.ids, `${prefix}-add`, `${prefix}-form-error`]) setError(id, ''); };
   const send = async (method, path, body, what) => {
     try {
@@ -106,14 +110,19 @@ function creditsPanel(base, prefix, onSaved) {
       if (await send('PATCH', base, { credits }, credits ? 'Credits set' : 'Credits removed')) set.reset();
     });
   });
-  const addButton = form.querySelector('[data-action=add]');
-  addButton.addEventListener('click', () => busy(addButton, async () => {
-    clear();
-    const n = Number(add.value);
-    if (!Number.isInteger(n) || n < 1) { showFieldError({ message: 'Give a whole number of credits, 1 or more.' }, `${prefix}-add`); return; }
-    if (await send('POST', `${base}/credits`, { add: n }, `${n} credits added`)) add.value = '';
-  }));
-  return form;
+  topUp.addEventListener('submit', (event) => {
+    event.preventDefault();
+    busy(topUp.querySelector('[data-action=add]'), async () => {
+      clear();
+      const n = Number(add.value);
+      if (add.value.trim() === '' || !Number.isInteger(n) || n < 1) {
+        showFieldError({ message: 'Give a whole number of credits, 1 or more.' }, `${prefix}-add`);
+        return;
+      }
+      if (await send('POST', `${base}/credits`, { add: n }, `${n} credits added`)) add.value = '';
+    });
+  });
+  return panel;
 }
 
 /** Shared limits as typed: "rpm: 600/60, burst: 20/1" (name: requests/seconds). */
@@ -231,6 +240,9 @@ function identityPage(externalId) {
       ['Created', when(i.created)], ['Credits', creditsText(i.credits)], ['Shared limits', limitsText(i.rateLimits) || '—'],
       ['Metadata', i.meta ? JSON.stringify(i.meta) : '—'],
     ].flatMap(([term, value]) => [h('dt', {}, term), h('dd', { 'data-term': term }, value)]));
+  };
+  // The edit form's fields as saved (not on a credits change: unsaved edits stay).
+  const fill = (i) => {
     limits.value = limitsText(i.rateLimits);
     meta.value = i.meta ? JSON.stringify(i.meta) : '';
   };
@@ -241,20 +253,25 @@ function identityPage(externalId) {
     h('div', { class: 'fields' },
       field('edit-limits', 'Shared limits', limits, 'Up to 5: rpm: 600/60, burst: 20/1. Empty: none.'),
       field('edit-meta', 'Metadata', meta, 'A JSON object. Empty: none.')),
+    h('p', { class: 'error', id: 'identity-edit-form-error', role: 'alert' }),
     h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save')));
   edit.addEventListener('submit', (event) => {
     event.preventDefault();
     busy(edit.querySelector('button[type=submit]'), async () => {
-      setError('edit-limits', ''); setError('edit-meta', '');
+      for (const id of ['edit-limits', 'edit-meta', 'identity-edit-form']) setError(id, '');
       const body = {};
       try {
         try { body.rateLimits = parseLimits(limits.value); } catch (e) { e.id = 'edit-limits'; throw e; }
         try { body.meta = parseMeta(meta.value); } catch (e) { e.id = 'edit-meta'; throw e; }
         if (!body.rateLimits.length) body.rateLimits = null;
-        show(await api('PATCH', base, body));
+        const saved = await api('PATCH', base, body);
+        show(saved);
+        fill(saved);
         announce(`${externalId} saved`);
       } catch (e) {
-        showFieldError(e, e.id || (e.message.toLowerCase().includes('meta') ? 'edit-meta' : 'edit-limits'));
+        const m = e.message.toLowerCase();
+        showFieldError(e, e.id || (m.includes('meta') ? 'edit-meta' : m.includes('limit') ? 'edit-limits' : null),
+          'identity-edit-form');
       }
     });
   });
@@ -263,7 +280,9 @@ function identityPage(externalId) {
   remove.addEventListener('click', () => deleteIdentityDialog(externalId));
 
   const load = async () => {
-    show(await api('GET', base));
+    const i = await api('GET', base);
+    show(i);
+    fill(i);
     const owned = await api('GET', `${base}/keys`);
     keys.replaceChildren(...(owned.keys.length ? owned.keys.map((k) => h('li', {},
       h('a', { href: `/console/keys/${enc(k.name)}`, 'data-nav': '' }, k.name))) : [h('li', {}, 'No keys.')]));
@@ -304,7 +323,8 @@ function deleteIdentityDialog(externalId) {
         announce(`Identity ${externalId} deleted`);
         go('/console/identities');
       } catch (e) {
-        setError('delete-confirm', e.message);
+        setError('delete-confirm', e.status === 409
+          ? `${e.message.split(':')[0]}: tick “Delete its keys too” to delete them with it.` : e.message);
       }
     });
   });

@@ -820,16 +820,12 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
     );
     assert_eq!(made["meta"], json!({"plan": "pro"}));
 
-    // Its page: a top-up, then its limits and metadata replaced.
-    type_into(b, "#identity-credits-add", "10").await;
-    click(
-        b,
-        "form[aria-labelledby=identity-credits-title] button[data-action=add]",
-    )
-    .await;
+    // Its page: a top-up (Enter in its field adds, and sets nothing), then its limits and
+    // metadata replaced.
+    type_into(b, "#identity-credits-add", "10\u{E007}").await;
     b.until(
         "the top-up",
-        "return (document.querySelector('dd[data-term=Credits]') || {}).textContent.startsWith('15 granted (10 added)');",
+        "return ((document.querySelector('dd[data-term=Credits]') || {}).textContent || '').startsWith('15 granted (10 added)');",
         Duration::from_secs(5),
     )
     .await;
@@ -880,6 +876,12 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
 
     // Its page: credits set (a balance with a refill every 60 s), the identity left.
     b.goto(&format!("{base}/console/keys/globex-key")).await;
+    b.until(
+        "the key's page",
+        "return ((document.querySelector('dd[data-term=Credits]') || {}).textContent || '').startsWith('1 granted') && !document.querySelector('section[aria-labelledby=key-credits-title]').hidden;",
+        Duration::from_secs(5),
+    )
+    .await;
     type_into(b, "#key-credits-credits", "7").await;
     b.find("#key-credits-refill")
         .await
@@ -890,12 +892,12 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
     type_into(b, "#key-credits-refill-seconds", "60").await;
     click(
         b,
-        "form[aria-labelledby=key-credits-title] button[data-action=set]",
+        "section[aria-labelledby=key-credits-title] button[data-action=set]",
     )
     .await;
     b.until(
         "the credits set",
-        "return (document.querySelector('dd[data-term=Credits]') || {}).textContent.startsWith('7 granted, refilled to 7 every 60 s');",
+        "return ((document.querySelector('dd[data-term=Credits]') || {}).textContent || '').startsWith('7 granted, refilled to 7 every 60 s');",
         Duration::from_secs(5),
     )
     .await;
@@ -944,7 +946,7 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
     click(b, "dialog button[type=submit]").await;
     b.until(
         "the refusal while keys belong",
-        "return document.getElementById('delete-confirm-error').textContent.length > 0;",
+        "return document.getElementById('delete-confirm-error').textContent.includes('Delete its keys too');",
         Duration::from_secs(5),
     )
     .await;
@@ -953,7 +955,7 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
     click(b, "dialog button[type=submit]").await;
     b.until(
         "the identities page again",
-        "return location.pathname === '/console/identities' && !document.querySelector('tr[data-identity=globex]') && !document.querySelector('dialog');",
+        "return location.pathname === '/console/identities' && !!document.querySelector('tr[data-identity=acme]') && !document.querySelector('tr[data-identity=globex]') && !document.querySelector('dialog');",
         Duration::from_secs(5),
     )
     .await;
