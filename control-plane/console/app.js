@@ -765,55 +765,48 @@ function keyPage(name) {
   // The edit forms' fields as loaded (each form refills its own after a save, so unsaved
   // edits in the others stay).
   const fill = (k) => {
-    permissionsInput.value = (k.permissions || []).join(', ');
-    identityInput.value = k.identity || '';
+    permissionsInput.value = permissionsOf(k);
+    identityInput.value = identityOf(k);
   };
 
-  // Permissions are edited here (client keys only): the whole set is replaced.
-  const permissionsInput = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
-  const permissionsEdit = h('form', { class: 'panel', 'aria-labelledby': 'permissions-title', novalidate: true, hidden: true },
-    h('h2', { id: 'permissions-title' }, 'Permissions'),
-    field('edit-permissions', 'Permissions', permissionsInput, 'Separated by commas or spaces; empty: none. Applies at the edge within the revocation bound.'),
-    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save permissions')));
-  permissionsEdit.addEventListener('submit', (event) => {
-    event.preventDefault();
-    busy(permissionsEdit.querySelector('button[type=submit]'), async () => {
-      setError('edit-permissions', '');
-      try {
-        const updated = await api('PATCH', `${API}/keys/${enc(name)}`, { permissions: permissionList(permissionsInput.value) });
-        show(updated);
-        permissionsInput.value = (updated.permissions || []).join(', ');
-        announce(`Permissions of ${name} saved`);
-      } catch (e) {
-        setError('edit-permissions', e.message);
-        permissionsInput.focus();
-      }
+  // A form that PATCHes one field of the key (client keys only) and refills it as saved.
+  const oneFieldEdit = (id, title, input, hint, toBody, fromKey) => {
+    const form = h('form', { class: 'panel', 'aria-labelledby': `${id}-title`, novalidate: true, hidden: true },
+      h('h2', { id: `${id}-title` }, title),
+      field(`edit-${id}`, title, input, hint),
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, `Save ${title.toLowerCase()}`)));
+    form.addEventListener('submit', (event) => {
+      event.preventDefault();
+      busy(form.querySelector('button[type=submit]'), async () => {
+        setError(`edit-${id}`, '');
+        try {
+          const updated = await api('PATCH', `${API}/keys/${enc(name)}`, toBody());
+          show(updated);
+          input.value = fromKey(updated);
+          announce(`${title} of ${name} saved`);
+        } catch (e) {
+          setError(`edit-${id}`, e.message);
+          input.focus();
+        }
+      });
     });
-  });
+    return form;
+  };
+  const permissionsOf = (k) => (k.permissions || []).join(', ');
+  const identityOf = (k) => k.identity || '';
 
+  // Permissions: the whole set is replaced.
+  const permissionsInput = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', class: 'mono' });
+  const permissionsEdit = oneFieldEdit('permissions', 'Permissions', permissionsInput,
+    'Separated by commas or spaces; empty: none. Applies at the edge within the revocation bound.',
+    () => ({ permissions: permissionList(permissionsInput.value) }), permissionsOf);
   const creditsEdit = creditsPanel(`${API}/keys/${enc(name)}`, 'key-credits', show);
   creditsEdit.hidden = true;
-
   // The identity it belongs to (empty: none).
   const identityInput = h('input', { type: 'text', maxlength: 255, autocomplete: 'off', spellcheck: 'false' });
-  const identityEdit = h('form', { class: 'panel', 'aria-labelledby': 'identity-title', novalidate: true, hidden: true },
-    h('h2', { id: 'identity-title' }, 'Identity'),
-    field('edit-identity', 'Identity', identityInput, 'The external ID of the identity it belongs to. Empty: none.'),
-    h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save identity')));
-  identityEdit.addEventListener('submit', (event) => {
-    event.preventDefault();
-    busy(identityEdit.querySelector('button[type=submit]'), async () => {
-      setError('edit-identity', '');
-      try {
-        const updated = await api('PATCH', `${API}/keys/${enc(name)}`, { identity: identityInput.value.trim() || null });
-        show(updated);
-        identityInput.value = updated.identity || '';
-        announce(`Identity of ${name} saved`);
-      } catch (e) {
-        showFieldError(e, 'edit-identity');
-      }
-    });
-  });
+  const identityEdit = oneFieldEdit('identity', 'Identity', identityInput,
+    'The external ID of the identity it belongs to. Empty: none.',
+    () => ({ identity: identityInput.value.trim() || null }), identityOf);
 
   const loadDetails = async () => {
     // GET /keys/list and /keys/onboarding are the lists: keys of those names are found

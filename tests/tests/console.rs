@@ -436,11 +436,7 @@ async fn the_console_in_chromium() {
     )
     .await;
     b.find("#filter-name").await.clear().await.unwrap();
-    b.find("#filter-type")
-        .await
-        .select_by_value("ONBOARDING")
-        .await
-        .unwrap();
+    choose(&b, "#filter-type", "ONBOARDING").await;
     b.until(
         "the type filter",
         "return document.querySelectorAll('tbody tr').length === 0 && document.querySelector('section p.muted').textContent.startsWith('0 keys');",
@@ -580,11 +576,7 @@ async fn the_console_in_chromium() {
         .send_keys("console-admin")
         .await
         .unwrap();
-    b.find("#new-role")
-        .await
-        .select_by_value("admin")
-        .await
-        .unwrap();
+    choose(&b, "#new-role", "admin").await;
     let confirm_key = b.find("#new-confirm").await;
     assert!(
         confirm_key.is_displayed().await.unwrap(),
@@ -775,11 +767,7 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
         .unwrap();
     type_into(b, "#identity-external-id", "globex").await;
     type_into(b, "#identity-credits", "5").await;
-    b.find("#identity-refill")
-        .await
-        .select_by_value("monthly")
-        .await
-        .unwrap();
+    choose(b, "#identity-refill", "monthly").await;
     type_into(b, "#identity-refill-amount", "50").await;
     type_into(b, "#identity-refill-day", "15").await;
     // A limit that is not one is refused next to its field, nothing is sent.
@@ -883,11 +871,7 @@ async fn console_edits_identities_and_credits(s: &Stack, b: &Browser) {
     )
     .await;
     type_into(b, "#key-credits-credits", "7").await;
-    b.find("#key-credits-refill")
-        .await
-        .select_by_value("seconds")
-        .await
-        .unwrap();
+    choose(b, "#key-credits-refill", "seconds").await;
     type_into(b, "#key-credits-refill-amount", "7").await;
     type_into(b, "#key-credits-refill-seconds", "60").await;
     click(
@@ -974,6 +958,11 @@ async fn type_into(b: &Browser, css: &str, text: &str) {
     if !text.is_empty() {
         field.send_keys(text).await.unwrap();
     }
+}
+
+/// Picks the option `value` of a select.
+async fn choose(b: &Browser, css: &str, value: &str) {
+    b.find(css).await.select_by_value(value).await.unwrap();
 }
 
 async fn click(b: &Browser, css: &str) {
