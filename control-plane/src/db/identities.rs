@@ -185,10 +185,11 @@ impl Store {
         .bind(after.id)
         .fetch_all(&mut *tx)
         .await?;
+        let changed = part != before.part_json();
         let mut published = Vec::with_capacity(keys.len());
         let now = crate::clock::now_ms();
         for key in keys {
-            let retired = if part != before.part_json() {
+            let retired = if changed {
                 self.republish(&mut tx, &key, now).await?
             } else {
                 Vec::new()
