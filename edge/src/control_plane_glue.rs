@@ -116,8 +116,13 @@ pub(crate) fn record_use(
     let timeout_ms = config.control_plane_timeout_ms;
     ctx.wait_until(async move {
         for batch in batches {
-            if let Err(e) = send_usage(&url, &key, &batch, timeout_ms).await {
+            if let Err((e, retry)) = send_usage(&url, &key, &batch, timeout_ms).await {
                 console_error!("usage report failed: {e}");
+                // Refused as malformed or too large, it always would be: not kept (kept,
+                // it would stop every later report of this isolate too).
+                if !retry {
+                    continue;
+                }
                 USAGE.with(|cell| {
                     if let Some(buffer) = cell.borrow_mut().as_mut() {
                         buffer.put_back(batch);
@@ -131,16 +136,22 @@ pub(crate) fn record_use(
 /// A report the control plane does not answer within `timeout_ms` fails (and its fetch is
 /// aborted): left waiting, it would hold the `waitUntil` until the runtime cancels it, and
 /// the batch with it.
+/// Err: what failed, and whether the batch is worth sending again (not when the control
+/// plane refused it as malformed or too large).
 async fn send_usage(
     url: &str,
     key: &str,
     batch: &[usage::Use],
     timeout_ms: u64,
-) -> Result<(), String> {
+) -> Result<(), (String, bool)> {
     let body = usage::report_body(batch);
-    match call_control_plane(url, key, Some(body), timeout_ms).await? {
-        (200..=299, _, _) => Ok(()),
-        (status, _, _) => Err(format!("control plane answered {status}")),
+    match call_control_plane(url, key, Some(body), timeout_ms).await {
+        Ok((200..=299, _, _)) => Ok(()),
+        Ok((status, _, _)) => Err((
+            format!("control plane answered {status}"),
+            !matches!(status, 400 | 413),
+        )),
+        Err(e) => Err((e, true)),
     }
 }
 

@@ -9,6 +9,12 @@ use metlo_shared::KeyHash;
 
 /// The control plane takes at most this many entries per report.
 pub const MAX_REPORT_ENTRIES: usize = 1000;
+/// The control plane's largest report (its `http::limits::MAX_REPORT_BYTES`): a batch of
+/// [`MAX_REPORT_ENTRIES`] keys, each admitted and refused for every reason, always fits.
+pub const MAX_REPORT_BYTES: usize = 512 * 1024;
+/// The largest count the control plane takes per key and report (its
+/// `service::usage::MAX_REPORTED_COUNT`); larger ones are reported as this.
+pub const MAX_REPORTED_COUNT: u64 = 1_000_000_000;
 
 /// Why a request of a known key was refused, as reported ([`Outcome::NAMES`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +151,12 @@ pub fn report_body(batch: &[Use]) -> String {
                 body.push(',');
             }
             push_hash(&mut body, u);
-            body.push_str(&if counts { u.count } else { u.last_ms }.to_string());
+            let n = if counts {
+                u.count.min(MAX_REPORTED_COUNT)
+            } else {
+                u.last_ms
+            };
+            body.push_str(&n.to_string());
         }
     }
     body.push_str(r#"},"refused":{"#);
@@ -161,7 +172,7 @@ pub fn report_body(batch: &[Use]) -> String {
                 body.push_str(",\"");
                 body.push_str(name);
                 body.push_str("\":");
-                body.push_str(&count.to_string());
+                body.push_str(&count.min(MAX_REPORTED_COUNT).to_string());
             }
         }
         body.push('}');
@@ -277,5 +288,32 @@ mod tests {
         let empty: serde_json::Value = serde_json::from_str(&report_body(&[])).unwrap();
         assert_eq!(empty["used"].as_object().unwrap().len(), 0);
         assert_eq!(empty["counts"].as_object().unwrap().len(), 0);
+    }
+
+    /// The largest batch, every key admitted and refused for every reason with counts past
+    /// the control plane's cap: within its size limit, counts capped.
+    #[test]
+    fn a_full_batch_fits_the_control_planes_limit() {
+        let batch: Vec<Use> = (0..MAX_REPORT_ENTRIES)
+            .map(|_| Use {
+                hash: Some(hash()),
+                last_ms: 9_999_999_999_999,
+                count: u64::MAX,
+                refused: [u64::MAX; 5],
+                refused_ms: 9_999_999_999_999,
+            })
+            .collect();
+        let body = report_body(&batch);
+        assert!(body.len() <= MAX_REPORT_BYTES, "{} bytes", body.len());
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let refused = body["refused"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap();
+        assert_eq!(refused["expired"], MAX_REPORTED_COUNT);
+        let counts = body["counts"].as_object().unwrap().values().next().unwrap();
+        assert_eq!(*counts, MAX_REPORTED_COUNT);
     }
 }

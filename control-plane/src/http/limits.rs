@@ -5,8 +5,10 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Largest request head (target URI plus every header's name and value) accepted. hyper's
 /// own caps (100 headers, ~400 KB of buffer) stay as the outer bound.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Largest usage report: one of 1,000 entries is about 85 KB.
-pub const MAX_REPORT_BYTES: usize = 128 * 1024;
+/// Largest usage report (an edge key's, read after its key is checked): 1,000 keys, each
+/// admitted and refused for every reason, are at most ~430 KB (the edge's
+/// `usage::MAX_REPORT_BYTES` mirrors this; its test measures a full batch).
+pub const MAX_REPORT_BYTES: usize = 512 * 1024;
 /// Largest leak report: GitHub may send many tokens at once (10,000 are about 2 MB).
 pub const MAX_LEAK_REPORT_BYTES: usize = 8 * 1024 * 1024;
 /// A leak report announced at most this long is read in the small pool (GitHub's reports

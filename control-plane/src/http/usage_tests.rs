@@ -73,6 +73,35 @@ async fn usage_reports_take_only_existing_keys(backend: Backend) {
     assert!(app.listed("k299").await["lastUsed"].is_string());
 }
 
+/// The largest report an edge sends — 1,000 keys, each admitted and refused for every
+/// reason at the largest counts — is taken, not refused as too large (a refused report is
+/// one the edge could never deliver). One backend: the limit is the route's.
+#[tokio::test]
+async fn a_full_report_is_within_the_size_limit() {
+    let app = TestApp::new().await;
+    let now = crate::clock::now_ms();
+    let cap = crate::service::usage::MAX_REPORTED_COUNT;
+    let hashes: Vec<String> = (0..crate::service::usage::MAX_REPORT_ENTRIES)
+        .map(|_| ApiKey::generate().unwrap().hash().to_hex())
+        .collect();
+    let map = |value: Value| -> Map<String, Value> {
+        hashes.iter().map(|h| (h.clone(), value.clone())).collect()
+    };
+    let report = json!({
+        "used": map(json!(now)),
+        "counts": map(json!(cap)),
+        "refused": map(json!({"at": now, "rateLimited": cap, "creditsExhausted": cap,
+                              "forbidden": cap, "disabled": cap, "expired": cap})),
+    });
+    let size = report.to_string().len();
+    assert!(
+        size > 128 * 1024,
+        "the old limit was too small: {size} bytes"
+    );
+    let reply = app.as_edge().post("/api/v1/usage", report).await;
+    assert_eq!(reply.status, StatusCode::OK, "{size} bytes: {}", reply.text);
+}
+
 fn ms_of(iso: &Value) -> i64 {
     chrono::DateTime::parse_from_rfc3339(iso.as_str().expect("a date-time string"))
         .unwrap()
