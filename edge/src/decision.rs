@@ -58,6 +58,9 @@ pub fn admit(record: &KeyRecord, now_unix_seconds: u64) -> Result<(), Refusal> {
 }
 
 /// What the control plane said about a hash.
+// One per lookup, moved once and never stored: boxing the record would cost an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
     /// The record, and how long the control plane allows the edge to keep it (KV and
