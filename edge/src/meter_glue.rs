@@ -56,8 +56,9 @@ pub(crate) enum Spent {
     Unavailable(String),
 }
 
-/// The most keys whose leases an isolate holds; past it, new keys ask without a lease
-/// (nothing held is ever dropped: a dropped lease's credits would be lost).
+/// The most rate-limit leases an isolate holds; past it, such keys ask without a lease
+/// (nothing held is ever dropped, and leases with credits are always kept: a dropped
+/// lease's credits would be lost).
 const MAX_LEASES: usize = 4096;
 
 /// Spends one request costing `cost` on every meter of the key ([`limits::meters`]); if
@@ -149,7 +150,9 @@ fn keep(meter: &limits::Meter, lease: Option<limits::Lease>, renewed: bool) {
     let terms = terms(meter);
     LEASES.with(|l| {
         let mut leases = l.borrow_mut();
-        let room = leases.len() < MAX_LEASES;
+        // A lease with credits is always kept (dropped, its credits would be lost; there
+        // are at most as many as metered keys); the cap stops only rate-limit leases.
+        let room = leases.len() < MAX_LEASES || lease.is_some_and(|l| l.credits != u64::MAX);
         match (leases.get_mut(&meter.name), lease) {
             (Some(held), lease) => {
                 if renewed {
@@ -158,8 +161,9 @@ fn keep(meter: &limits::Meter, lease: Option<limits::Lease>, renewed: bool) {
                 match lease {
                     Some(lease) if held.terms == terms => held.lease.merge(lease),
                     Some(lease) => {
-                        held.terms = terms;
-                        held.lease = lease;
+                        if held.lease.supersede(lease) {
+                            held.terms = terms;
+                        }
                     }
                     None => {}
                 }

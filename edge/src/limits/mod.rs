@@ -344,6 +344,26 @@ impl Lease {
         }
     }
 
+    /// Another lease of the meter, lent under different terms (its record changed while
+    /// both asks were in flight), takes this one's place — unless it is of an older credit
+    /// pool (an answer arriving late): then it is dropped (false), as the object no longer
+    /// lends from that pool. Credits of the same pool carry over (lent, spent nowhere);
+    /// the displaced requests are given up (which only makes their window stricter).
+    pub fn supersede(&mut self, other: Lease) -> bool {
+        if other.pool < self.pool {
+            return false;
+        }
+        let metered = self.credits != u64::MAX && other.credits != u64::MAX;
+        let carried =
+            (metered && other.pool == self.pool).then_some((self.credits, self.credits_end));
+        *self = other;
+        if let Some((credits, end)) = carried {
+            self.credits = self.credits.saturating_add(credits);
+            self.credits_end = self.credits_end.min(end);
+        }
+        true
+    }
+
     /// Two leases of one key held at once (answers to concurrent asks): the later window's
     /// requests and pool's credits, summed when they are the same.
     pub fn merge(&mut self, other: Lease) {

@@ -466,3 +466,40 @@ fn refusal_carries_retry_after_and_the_draft_headers() {
     assert!(c.body.contains("credits_exhausted"));
     assert_eq!(credits_exhausted_response(None).headers.len(), 1);
 }
+
+#[test]
+fn a_lease_under_new_terms_keeps_its_pools_credits_and_a_late_older_one_is_dropped() {
+    let lend = |counter: &mut Counter, limit: RateLimit, credits: Grant, now| match counter
+        .serve(&ask(Some(limit), Some(credits), 64, Unused::default()), now)
+    {
+        Answer::Admitted(lease) => lease,
+        other => panic!("{other:?}"),
+    };
+    // Two answers of one object, to asks under the key's old and new limit: the same pool.
+    let mut counter = Counter::default();
+    let mut held = lend(&mut counter, limit(1000, 60), grant(1000), 1_000);
+    let answer = lend(&mut counter, limit(500, 60), grant(1000), 1_001);
+    assert_eq!(held.pool, answer.pool);
+    let (held_credits, answer_credits) = (held.credits, answer.credits);
+    assert!(held_credits > 0 && answer_credits > 0);
+    assert!(held.supersede(answer));
+    assert_eq!(
+        held.credits,
+        held_credits + answer_credits,
+        "the displaced lease's credits stay spendable"
+    );
+    // A new grant (set 2): its lease is not replaced by a late answer from the old pool.
+    let newer = Grant {
+        set: 2,
+        ..grant(300)
+    };
+    let mut current = lend(&mut counter, limit(500, 60), newer, 1_002);
+    let late = lend(&mut Counter::default(), limit(1000, 60), grant(1000), 1_000);
+    assert!(late.pool < current.pool);
+    let before = current;
+    assert!(
+        !current.supersede(late),
+        "the older pool's answer is dropped"
+    );
+    assert_eq!(current, before);
+}
