@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::keys::remote::Api;
 use crate::config::Config;
 use crate::service::audit::Actor;
-use crate::service::credits::{Credits, TopUp};
+use crate::service::credits::TopUp;
 use crate::service::identities::{
     self, CreateIdentityRequest, IdentityInfo, UpdateIdentityRequest,
 };
@@ -83,21 +83,31 @@ pub async fn run(config: &Config, args: IdentitiesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The PATCH body of an `update`.
-fn update_body(cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
-    let IdentitiesCommand::Update {
-        meta,
-        no_meta,
-        credits,
-        no_credits,
-        limits,
-        no_limits,
-        ..
-    } = cmd
-    else {
-        unreachable!("only update has a body")
-    };
+/// The API's body for a `create` (POST) or an `update` (PATCH), the same on the database
+/// and through `--url`.
+fn body(cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
     let mut body = serde_json::Map::new();
+    let (meta, no_meta, credits, no_credits, limits, no_limits): (_, _, _, _, &[String], _) =
+        match cmd {
+            IdentitiesCommand::Create {
+                external_id,
+                credits,
+                meta,
+            } => {
+                body.insert("externalId".into(), json!(external_id));
+                (meta, &false, credits, &false, &[], &false)
+            }
+            IdentitiesCommand::Update {
+                meta,
+                no_meta,
+                credits,
+                no_credits,
+                limits,
+                no_limits,
+                ..
+            } => (meta, no_meta, credits, no_credits, limits, no_limits),
+            _ => unreachable!("only create and update have a body"),
+        };
     if let Some(meta) = meta_of(meta)? {
         body.insert("meta".into(), meta);
     } else if *no_meta {
@@ -139,25 +149,13 @@ async fn local(config: &Config, cmd: &IdentitiesCommand) -> anyhow::Result<Value
     let actor = Actor::cli();
     let result: anyhow::Result<Value> = async {
         Ok(match cmd {
-            IdentitiesCommand::Create {
-                external_id,
-                credits,
-                meta,
-            } => {
-                let body = CreateIdentityRequest {
-                    external_id: Some(external_id.clone()),
-                    meta: meta_of(meta)?,
-                    credits: credits.map(|remaining| Credits {
-                        remaining,
-                        refill: None,
-                    }),
-                    rate_limits: None,
-                };
-                serde_json::to_value(identities::create(&store, body, &actor).await?)?
+            IdentitiesCommand::Create { .. } => {
+                let request = serde_json::from_value::<CreateIdentityRequest>(body(cmd)?)?;
+                serde_json::to_value(identities::create(&store, request, &actor).await?)?
             }
             IdentitiesCommand::Update { external_id, .. } => {
-                let changes = serde_json::from_value::<UpdateIdentityRequest>(update_body(cmd)?)?
-                    .validate()?;
+                let changes =
+                    serde_json::from_value::<UpdateIdentityRequest>(body(cmd)?)?.validate()?;
                 serde_json::to_value(
                     identities::update(&store, &cache, external_id, &changes, &actor).await?,
                 )?
@@ -197,17 +195,11 @@ async fn remote(url: &str, cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
     let api = Api::new(url)?;
     let get = reqwest::Method::GET;
     Ok(match cmd {
-        IdentitiesCommand::Create {
-            external_id,
-            credits,
-            meta,
-        } => {
-            let body = json!({"externalId": external_id, "meta": meta_of(meta)?,
-                "credits": credits.map(|c| json!({"remaining": c}))});
+        IdentitiesCommand::Create { .. } => {
             api.send(
                 reqwest::Method::POST,
                 &["api", "v1", "identities"],
-                Some(body),
+                Some(body(cmd)?),
             )
             .await?
         }
@@ -215,7 +207,7 @@ async fn remote(url: &str, cmd: &IdentitiesCommand) -> anyhow::Result<Value> {
             api.send(
                 reqwest::Method::PATCH,
                 &["api", "v1", "identities", external_id],
-                Some(update_body(cmd)?),
+                Some(body(cmd)?),
             )
             .await?
         }
