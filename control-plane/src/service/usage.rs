@@ -543,31 +543,21 @@ impl UsageReport {
             .used
             .into_iter()
             .map(|(hex, at)| {
-                let hash = KeyHash::from_hex(&hex).map_err(|_| {
-                    Error::invalid("every key of `used` must be a SHA-256 in lowercase hex")
-                })?;
-                if at < 0 {
-                    return Err(Error::invalid("times must be milliseconds since the epoch"));
-                }
+                let (hash, at) = hash_and_time("used", &hex, at, now_ms)?;
                 let count = self.counts.remove(&hex).unwrap_or(0);
                 if count > MAX_REPORTED_COUNT {
                     return Err(Error::invalid(format!(
                         "counts: at most {MAX_REPORTED_COUNT} per key per report"
                     )));
                 }
-                Ok((hash, at.min(now_ms), count))
+                Ok((hash, at, count))
             })
             .collect::<Result<_, _>>()?;
         let refused = self
             .refused
             .into_iter()
             .map(|(hex, r)| {
-                let hash = KeyHash::from_hex(&hex).map_err(|_| {
-                    Error::invalid("every key of `refused` must be a SHA-256 in lowercase hex")
-                })?;
-                if r.at < 0 {
-                    return Err(Error::invalid("times must be milliseconds since the epoch"));
-                }
+                let (hash, at) = hash_and_time("refused", &hex, r.at, now_ms)?;
                 let counts = [
                     r.rate_limited,
                     r.credits_exhausted,
@@ -580,11 +570,25 @@ impl UsageReport {
                         "refused: at most {MAX_REPORTED_COUNT} per key and outcome per report"
                     )));
                 }
-                Ok((hash, r.at.min(now_ms), counts))
+                Ok((hash, at, counts))
             })
             .collect::<Result<_, _>>()?;
         Ok(Reported { used, refused })
     }
+}
+
+/// An entry of the report's `field`: its hash and time (the future counts as now), or
+/// what is wrong with them.
+fn hash_and_time(field: &str, hex: &str, at: i64, now_ms: i64) -> Result<(KeyHash, i64), Error> {
+    let hash = KeyHash::from_hex(hex).map_err(|_| {
+        Error::invalid(format!(
+            "every key of `{field}` must be a SHA-256 in lowercase hex"
+        ))
+    })?;
+    if at < 0 {
+        return Err(Error::invalid("times must be milliseconds since the epoch"));
+    }
+    Ok((hash, at.min(now_ms)))
 }
 
 #[cfg(test)]
