@@ -121,6 +121,9 @@ async fn exhausted_credits_refill_on_schedule() {
     )
     .await;
     s.cp.wait_outbox_drained(Duration::from_secs(10)).await;
+    // Spend at the start of a refill period (waiting for the wall clock's refill instant),
+    // so no refill falls in the middle of spending: 3, or 4 once a refill came.
+    after_next_refill_instant(3).await;
     let first = spend_all(&s, &key, 1).await;
     assert!(
         first == 3 || first == 4,
@@ -148,6 +151,17 @@ async fn exhausted_credits_refill_on_schedule() {
         refilled == 4 || refilled == 8,
         "a refill sets the balance to 4: {refilled}"
     );
+}
+
+/// Returns just after the wall clock passes the next multiple of `period` seconds since
+/// the epoch (a refill instant of `"interval": "seconds"`).
+async fn after_next_refill_instant(period: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let period_ms = period * 1000;
+    tokio::time::sleep(Duration::from_millis(period_ms - now % period_ms + 100)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
